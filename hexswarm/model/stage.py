@@ -1,0 +1,175 @@
+"""The part of a Llama model one rank runs: a contiguous layer range at one TP shard,
+plus the embedding (first-stage leader) and final norm + lm_head (last-stage leader)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexswarm.model.checkpoint import CheckpointReader
+from hexswarm.model.config import LlamaConfig
+from hexswarm.model.kv_cache import KVCache
+from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm
+from hexswarm.model.rope import cos_sin, inverse_frequencies
+from hexswarm.model.shard import TensorShard
+
+
+@dataclass(frozen=True)
+class StagePart:
+    """What one rank holds: layers [layer_start, layer_end) at `shard`, with or without ends."""
+
+    layer_start: int
+    layer_end: int
+    shard: TensorShard
+    with_embedding: bool
+    with_head: bool
+
+    @property
+    def n_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+
+class StageModel(nn.Module):
+    def __init__(self, cfg: LlamaConfig, part: StagePart, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.cfg = cfg
+        self.part = part
+        self.dtype = dtype
+        self.device = device
+        self.layers = nn.ModuleList(
+            DecoderLayerShard(cfg, part.shard, dtype, device) for _ in range(part.n_layers)
+        )
+        self.embedding = (
+            nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            if part.with_embedding
+            else None
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device) if part.with_head else None
+        self.lm_head = (
+            nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+            if part.with_head
+            else None
+        )
+        self.register_buffer("inv_freq", inverse_frequencies(cfg).to(device), persistent=False)
+
+    def new_kv_cache(self, n_slots: int, max_len: int) -> KVCache:
+        return KVCache(
+            self.part.n_layers, n_slots, max_len, self.part.shard.n_kv_heads, self.cfg.head_dim, self.dtype, self.device
+        )
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embedding)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: KVCache,
+        slots: list[int],
+        start: list[int],
+        all_reduce: AllReduce | None = None,
+    ) -> torch.Tensor:
+        """Run this rank's layers on x [B, T, H]; row b is slot slots[b] at positions start[b]+[0,T)."""
+        from hexswarm.model.kv_cache import slot_index
+
+        B, T, _ = x.shape
+        start_t = torch.tensor(start, dtype=torch.long, device=x.device)
+        positions = start_t[:, None] + torch.arange(T, device=x.device)[None, :]
+        cos, sin = cos_sin(self.inv_freq, positions, x.dtype)
+        fresh = T > 1 and not any(start)
+        total = start_t + T
+        idx = slot_index(slots, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv, i, idx, start_t, total, fresh, all_reduce)
+        return x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head; float32 logits."""
+        return F.linear(self.norm(h), self.lm_head).float()
+
+
+def _progress(total_bytes: int, enabled: bool):
+    """A rich progress bar for big loads; a no-op otherwise."""
+    if not enabled or total_bytes < (256 << 20):
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("loading shard"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True
+    )
+
+
+def load_stage(
+    reader: CheckpointReader,
+    cfg: LlamaConfig,
+    part: StagePart,
+    dtype: torch.dtype,
+    device: torch.device,
+    show_progress: bool = False,
+) -> StageModel:
+    """Build the stage and fill it with only this rank's slices of the checkpoint."""
+    model = StageModel(cfg, part, dtype, device)
+    hd = cfg.head_dim
+    s = part.shard
+    q0, q1 = s.q_heads[0] * hd, s.q_heads[1] * hd
+    k0, k1 = s.kv_heads[0] * hd, s.kv_heads[1] * hd
+    f0, f1 = s.ffn
+    # (destination, [(checkpoint name, dim, start, stop)]) in load order; several
+    # sources are concatenated along dim 0 (fused projections).
+    jobs: list[tuple[torch.Tensor, list[tuple[str, int | None, int, int | None]]]] = []
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{part.layer_start + i}."
+        a, m = p + "self_attn.", p + "mlp."
+        jobs += [
+            (layer.input_norm.weight, [(p + "input_layernorm.weight", None, 0, None)]),
+            (layer.post_norm.weight, [(p + "post_attention_layernorm.weight", None, 0, None)]),
+            (layer.qkv_weight, [(a + "q_proj.weight", 0, q0, q1), (a + "k_proj.weight", 0, k0, k1), (a + "v_proj.weight", 0, k0, k1)]),
+            (layer.o_weight, [(a + "o_proj.weight", 1, q0, q1)]),
+            (layer.gate_up_weight, [(m + "gate_proj.weight", 0, f0, f1), (m + "up_proj.weight", 0, f0, f1)]),
+            (layer.down_weight, [(m + "down_proj.weight", 1, f0, f1)]),
+        ]
+        if layer.qkv_bias is not None:
+            jobs += [
+                (layer.qkv_bias, [(a + "q_proj.bias", 0, q0, q1), (a + "k_proj.bias", 0, k0, k1), (a + "v_proj.bias", 0, k0, k1)]),
+                (layer.o_bias, [(a + "o_proj.bias", None, 0, None)]),
+            ]
+        if layer.gate_up_bias is not None:
+            jobs += [
+                (layer.gate_up_bias, [(m + "gate_proj.bias", 0, f0, f1), (m + "up_proj.bias", 0, f0, f1)]),
+                (layer.down_bias, [(m + "down_proj.bias", None, 0, None)]),
+            ]
+    if model.embedding is not None:
+        jobs.append((model.embedding, [("model.embed_tokens.weight", None, 0, None)]))
+    if model.lm_head is not None:
+        head_name = "lm_head.weight"
+        if cfg.tie_word_embeddings or not reader.has(head_name):
+            head_name = "model.embed_tokens.weight"
+        jobs.append((model.norm.weight, [("model.norm.weight", None, 0, None)]))
+        jobs.append((model.lm_head, [(head_name, None, 0, None)]))
+
+    total = sum(dest.numel() * dest.element_size() for dest, _ in jobs)
+    bar = _progress(total, show_progress)
+    task = bar.add_task("load", total=total) if bar else None
+    if bar:
+        bar.start()
+    try:
+        with torch.no_grad():
+            for dest, sources in jobs:
+                parts = [reader.read(name, dim, a, b) for name, dim, a, b in sources]
+                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+                if tuple(value.shape) != tuple(dest.shape):
+                    from hexswarm.errors import UserError
+
+                    names = ", ".join(n for n, *_ in sources)
+                    raise UserError(
+                        f"checkpoint tensor {names} has shape {list(value.shape)}, expected {list(dest.shape)} from config.json"
+                    )
+                dest.copy_(value.to(dtype))
+                if bar:
+                    bar.advance(task, dest.numel() * dest.element_size())
+    finally:
+        if bar:
+            bar.stop()
+    return model
