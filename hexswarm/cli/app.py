@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 
-import click
 import typer
 
 from hexswarm.errors import UserError
@@ -22,12 +21,51 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+# Flags that take several values after one flag (HexGen style: --hetero-config 4 2 2).
+# typer takes one value per flag, so they are expanded to repeated flags first.
+MULTI_VALUE_FLAGS = {"--hetero-config", "--pp-partition", "--bootstrap", "--listen"}
+
+
+@app.callback()
+def _root() -> None:
+    """Serve Llama-family models over a peer-to-peer swarm of heterogeneous GPU hosts."""
+
 
 def _register_commands() -> None:
     from hexswarm.cli import generate_cmd, node_cmd, plan_cmd, submit_cmd
 
     for module in (generate_cmd, plan_cmd, node_cmd, submit_cmd):
         module.register(app)
+
+
+def expand_multi_value_flags(argv: list[str]) -> list[str]:
+    """`--pp-partition 8 16 8` -> `--pp-partition 8 --pp-partition 16 --pp-partition 8`."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg in MULTI_VALUE_FLAGS:
+            first = True
+            while i < len(argv) and not argv[i].startswith("--"):
+                if not first:
+                    out.append(arg)
+                out.append(argv[i])
+                first = False
+                i += 1
+    return out
+
+
+def _click_error_types() -> tuple[type, ...]:
+    """Usage-error classes of whichever click typer uses (typer >= 0.20 vendors its own)."""
+    kinds = []
+    for mod in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            kinds.append(__import__(mod, fromlist=["ClickException"]).ClickException)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(kinds)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -38,14 +76,20 @@ def fail(message: str, code: int = 2) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     _register_commands()
+    args = expand_multi_value_flags(list(sys.argv[1:] if argv is None else argv))
     try:
-        app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+        rc = app(args=args, standalone_mode=False, prog_name="hexswarm")
+        if isinstance(rc, int) and rc:
+            raise SystemExit(rc)
+    except typer.Exit as e:
         raise SystemExit(e.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         fail("aborted", 130)
-    except click.ClickException as e:  # usage errors: one line, exit 2
-        fail(e.format_message(), 2)
+    except _click_error_types() as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare command: show its help
+            print(e.format_message(), file=sys.stderr)
+            raise SystemExit(2)
+        fail(" ".join(e.format_message().split()), 2)  # usage errors: one line, exit 2
     except UserError as e:
         fail(str(e), 2)
     except KeyboardInterrupt:
