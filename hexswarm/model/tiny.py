@@ -110,7 +110,10 @@ def random_weights(spec: TinySpec, vocab: int) -> dict[str, torch.Tensor]:
     def vec(n, center=0.0, scale=0.1):
         return center + scale * torch.randn(n, generator=g)
 
-    w = {"model.embed_tokens.weight": torch.randn(vocab, H, generator=g)}
+    # A tied head reads logits off the embedding: keep it small beside the layers'
+    # outputs, or the residual stream predicts its own input token forever.
+    embed_scale = 0.3 if spec.tie_embeddings else 1.0
+    w = {"model.embed_tokens.weight": embed_scale * torch.randn(vocab, H, generator=g)}
     for i in range(spec.layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = vec(H, 1.0)

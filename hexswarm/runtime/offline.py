@@ -241,6 +241,9 @@ def _rank_main(rank: int, prep: _Prepared, port: int, results) -> None:
     try:
         out = _run_rank(rank, prep, port)
         if out is not None:
+            # plain lists: a tensor would travel as a shared-memory handle that dies with this process
+            if "logits" in out:
+                out["logits"] = out["logits"].tolist()
             results.put(("result", rank, out))
     except UserError as e:
         results.put(("error", rank, str(e)))
@@ -291,6 +294,8 @@ def generate(job: GenerateJob) -> dict:
         result = _run_rank(0, prep, None)
     else:
         result = _run_multiprocess(prep)
+        if "logits" in result:
+            result["logits"] = torch.tensor(result["logits"], dtype=torch.float32)
     result["device"] = job.device
     result["dtype"] = prep.dtype
     return result
