@@ -1,7 +1,159 @@
-"""Placeholder: commands are added by their owning issue."""
+"""`hexswarm node`, `hexswarm id`, `hexswarm peers`: run the daemon, show identity, ask a node for its table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from hexswarm.errors import UserError
+
+SHUTDOWN_GRACE_S = 5.0
+
+
+def setup_logging(level: str) -> None:
+    """Readable one-line logs on stderr; py-libp2p's own chatter only when debugging."""
+    import libp2p  # noqa: F401  (its import resets the libp2p logger; configure after it)
+
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.handlers.clear()
+    libp2p_logger.propagate = True
+    # py-libp2p logs normal stream ends as warnings and failed optional
+    # protocol probes as errors; they drown our logs unless asked for.
+    libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+
+
+def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | None = None):
+    from hexswarm.swarm.config import load_config
+
+    return load_config(config, {"bootstrap": bootstrap or None, "listen": listen or None})
+
+
+async def _stop_on_signals(node) -> None:
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logging.getLogger("hexswarm.node").info("%s: stopping", signal.Signals(signum).name)
+            node.stop()
+            break
+        # A second signal, or a stop that hangs, ends the process at once.
+        with trio.move_on_after(SHUTDOWN_GRACE_S):
+            async for _ in signals:
+                break
+        logging.getLogger("hexswarm.node").error("shutdown did not finish; exiting now")
+        os._exit(1)
+
+
+async def _run_node(node) -> None:
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signals, node)
+        try:
+            await node.run()
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def node_command(
+    config: Path = typer.Option(..., "--config", "-c", help="Node YAML config."),
+    bootstrap: Optional[list[str]] = typer.Option(
+        None, "--bootstrap", "-b", help="Bootstrap multiaddr .../p2p/<PeerID> (repeatable; replaces the config's)."
+    ),
+    listen: Optional[list[str]] = typer.Option(None, "--listen", "-l", help="Listen multiaddr (repeatable; replaces the config's)."),
+) -> None:
+    """Run the node daemon in the foreground (stop with Ctrl-C or SIGTERM)."""
+    import trio
+
+    cfg = _load(config, bootstrap, listen)
+    setup_logging(cfg.log_level)
+    from hexswarm.swarm.node import Node
+
+    node = Node(cfg)
+    trio.run(_run_node, node)
+
+
+def id_command(config: Path = typer.Option(..., "--config", "-c", help="Node YAML config.")) -> None:
+    """Print this node's PeerID and its /ip4/.../tcp/.../p2p/<PeerID> multiaddrs (creates the key if needed)."""
+    from libp2p.utils.address_validation import expand_wildcard_address
+
+    from hexswarm.net.host import parse_multiaddr
+    from hexswarm.net.identity import load_or_create
+
+    cfg = _load(config)
+    peer_id = load_or_create(cfg.key_file).peer_id
+    print(peer_id)
+    for text in cfg.listen:
+        for addr in expand_wildcard_address(parse_multiaddr(text)):
+            note = "  (port chosen at start)" if addr.value_for_protocol("tcp") == "0" else ""
+            print(f"{addr}/p2p/{peer_id}{note}")
+
+
+def _format_devices(devices: list[dict]) -> str:
+    if not devices:
+        return "-"
+    groups: dict[str, int] = {}
+    for d in devices:
+        label = f"{d.get('name', d.get('kind', '?'))} {d.get('memory_gib', 0):g}G"
+        groups[label] = groups.get(label, 0) + 1
+    return ", ".join(f"{n}x {label}" for label, n in groups.items())
+
+
+def _print_table(reply: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"swarm {reply.get('swarm')!r} as seen by {reply.get('self')}")
+    for column in ("PeerID", "addresses", "GPUs", "state", "last seen", "latency"):
+        table.add_column(column, overflow="fold")
+    for p in reply["peers"]:
+        state = p["state"] + (" (self)" if p.get("self") else "")
+        color = "green" if p["state"] == "up" else "red"
+        latency = "-" if p.get("latency_ms") is None else f"{p['latency_ms']:.1f} ms"
+        table.add_row(
+            p["peer_id"],
+            "\n".join(p["addrs"]),
+            _format_devices(p["devices"]),
+            f"[{color}]{state}[/{color}]",
+            f"{p['last_seen_s']:.1f} s ago",
+            latency,
+        )
+    Console().print(table)
+
+
+def peers_command(
+    peer: str = typer.Option(..., "--peer", "-p", help="A running node: /ip4/.../tcp/.../p2p/<PeerID>."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list of peer objects."),
+    timeout: float = typer.Option(10.0, help="Seconds to wait for the node."),
+) -> None:
+    """Show a running node's peer table (PeerID, addresses, GPUs, state, last seen, latency)."""
+    setup_logging("error")
+    from hexswarm.swarm.peers_client import peers_of
+
+    reply = peers_of(peer, timeout)
+    if not isinstance(reply.get("peers"), list):
+        raise UserError(f"{peer} sent a malformed peers reply")
+    if as_json:
+        print(json.dumps(reply["peers"], indent=1, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+    else:
+        _print_table(reply)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("node")(node_command)
+    app.command("id")(id_command)
+    app.command("peers")(peers_command)

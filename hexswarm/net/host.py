@@ -1,0 +1,148 @@
+"""A py-libp2p host with exactly TCP + noise + yamux, multiaddr parsing, and dialing with back-off.
+
+py-libp2p's default security list also offers plaintext, secio and TLS; we pass
+noise alone so that no connection of ours is ever unencrypted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from hexswarm.errors import UserError
+from hexswarm.net.identity import Identity
+
+log = logging.getLogger(__name__)
+
+DIAL_TIMEOUT_S = 5.0
+
+
+def parse_multiaddr(text: str, what: str = "multiaddr"):
+    """A Multiaddr, or UserError naming `what`."""
+    from multiaddr import Multiaddr
+
+    try:
+        return Multiaddr(text)
+    except Exception as e:
+        raise UserError(f"{what} {text!r} is not a valid multiaddr: {e}") from None
+
+
+def parse_peer_multiaddr(text: str, what: str = "peer address"):
+    """A PeerInfo from /ip4/.../tcp/.../p2p/<PeerID>, or UserError naming `what`."""
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    addr = parse_multiaddr(text, what)
+    try:
+        return info_from_p2p_addr(addr)
+    except Exception as e:
+        raise UserError(f"{what} {text!r} must end in /p2p/<PeerID>: {e}") from None
+
+
+def parse_peer_id(text: str, what: str = "PeerID"):
+    from libp2p.peer.id import ID
+
+    try:
+        peer_id = ID.from_base58(text)
+    except Exception:
+        raise UserError(f"{what} {text!r} is not a valid PeerID") from None
+    return peer_id
+
+
+def make_host(identity: Identity):
+    """A host keyed by `identity`; start it with `async with host.run(listen_addrs)`."""
+    from libp2p import new_host
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
+    from libp2p.custom_types import TProtocol
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
+    from libp2p.security.noise.transport import Transport as Noise
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
+    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    key_pair = identity.libp2p_key_pair()
+    host = new_host(
+        key_pair=key_pair,
+        sec_opt={TProtocol(NOISE_ID): Noise(key_pair, noise_privkey=new_x25519().private_key)},
+        muxer_opt={TProtocol(YAMUX_ID): Yamux},
+        enable_mDNS=False,
+        enable_upnp=False,
+        connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
+    )
+    # py-libp2p's auto-connector dials every peer in the peerstore, aiming at
+    # (low + high watermark) / 2 connections, whatever the watermarks; we
+    # choose whom to dial ourselves (same swarm, allowlisted), so it is off.
+    host.get_network().auto_connector.maybe_connect = _no_auto_connect
+    return host
+
+
+async def _no_auto_connect() -> None:
+    return None
+
+
+def advertised_addrs(host) -> list[str]:
+    """Dialable /ip4/.../tcp/.../p2p/<id> addresses: wildcards expanded to interfaces, loopback last."""
+    from libp2p.utils.address_validation import expand_wildcard_address
+
+    peer_id = host.get_id()
+    out: list[str] = []
+    for addr in host.get_transport_addrs():
+        for concrete in expand_wildcard_address(addr):
+            text = f"{concrete}/p2p/{peer_id}"
+            if text not in out:
+                out.append(text)
+    return sorted(out, key=lambda a: ("/127.0.0.1/" in a or "/::1/" in a, a))
+
+
+def is_connected(host, peer_id) -> bool:
+    return bool(host.get_network().connections.get(peer_id))
+
+
+async def dial(host, peer_info, timeout: float = DIAL_TIMEOUT_S) -> None:
+    """Connect to a peer; raises ConnectionError (with the cause) when that fails."""
+    with trio.move_on_after(timeout):
+        try:
+            await host.connect(peer_info)
+        except Exception as e:
+            raise ConnectionError(f"{type(e).__name__}: {e}") from None
+        return
+    raise ConnectionError(f"no connection within {timeout:g} s")
+
+
+@dataclass
+class Backoff:
+    """Exponential back-off with jitter: initial, ×factor per failure, capped."""
+
+    initial_s: float = 0.5
+    max_s: float = 10.0
+    factor: float = 2.0
+    _next: float = field(default=0.0, init=False)
+
+    def reset(self) -> None:
+        self._next = 0.0
+
+    def next_delay(self) -> float:
+        self._next = self.initial_s if self._next == 0.0 else min(self.max_s, self._next * self.factor)
+        return self._next * random.uniform(0.8, 1.2)
+
+
+async def dial_with_retry(host, peer_info, attempts: int, backoff: Backoff | None = None) -> None:
+    """Dial up to `attempts` times with back-off; raises the last ConnectionError."""
+    backoff = backoff or Backoff()
+    for attempt in range(1, attempts + 1):
+        try:
+            await dial(host, peer_info)
+            return
+        except ConnectionError as e:
+            if attempt == attempts:
+                raise
+            delay = backoff.next_delay()
+            log.debug("dial %s failed (%s); retry in %.1f s", peer_info.peer_id, e, delay)
+            await trio.sleep(delay)
+
+
+def listen_multiaddrs(texts: Sequence[str]) -> list:
+    return [parse_multiaddr(t, "listen address") for t in texts]

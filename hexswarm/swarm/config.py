@@ -1,0 +1,241 @@
+"""NodeConfig: one YAML file per host.
+
+Each key is one dataclass field whose metadata names its parser, so a new
+key is one line here (plus, if it depends on others, a line in `_check`).
+Relative paths are taken from the config file's folder. Unknown keys and bad
+values raise UserError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hexswarm.errors import UserError
+
+_SWARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ROLES = ("head", "worker")
+DEVICE_KEYS = {"kind", "name", "memory", "tflops", "mem_bw", "count"}
+
+
+class _BadValue(ValueError):
+    """Raised by a parser; the loader adds the key name."""
+
+
+# --- parsers: (raw YAML value, config folder) -> value ----------------------
+
+
+def _str_list(what: str) -> Callable[[Any, Path], list[str]]:
+    def parse(raw: Any, base: Path) -> list[str]:
+        if isinstance(raw, str):
+            raw = [raw]
+        if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+            raise _BadValue(f"expected a list of {what}")
+        return list(raw)
+
+    return parse
+
+
+def _multiaddrs(require_peer_id: bool) -> Callable[[Any, Path], list[str]]:
+    as_list = _str_list("multiaddrs")
+
+    def parse(raw: Any, base: Path) -> list[str]:
+        from hexswarm.net.host import parse_multiaddr, parse_peer_multiaddr
+
+        addrs = as_list(raw, base)
+        for a in addrs:
+            try:
+                (parse_peer_multiaddr if require_peer_id else parse_multiaddr)(a)
+            except UserError as e:
+                raise _BadValue(str(e)) from None
+        return addrs
+
+    return parse
+
+
+def _peer_ids(raw: Any, base: Path) -> list[str] | None:
+    from hexswarm.net.host import parse_peer_id
+
+    if raw is None:
+        return None
+    ids = _str_list("PeerIDs")(raw, base)
+    for p in ids:
+        try:
+            parse_peer_id(p)
+        except UserError as e:
+            raise _BadValue(str(e)) from None
+    return ids
+
+
+def _path(raw: Any, base: Path) -> Path:
+    if not isinstance(raw, str) or not raw:
+        raise _BadValue("expected a path")
+    p = Path(raw).expanduser()
+    return p if p.is_absolute() else (base / p)
+
+
+def _optional_path(raw: Any, base: Path) -> Path | None:
+    return None if raw is None else _path(raw, base)
+
+
+def _swarm_name(raw: Any, base: Path) -> str:
+    if not isinstance(raw, str) or not _SWARM_NAME.match(raw):
+        raise _BadValue("expected a name of letters, digits, '_', '.', '-' (at most 64)")
+    return raw
+
+
+def _positive(raw: Any, base: Path) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:
+        raise _BadValue(f"expected a positive number, got {raw!r}")
+    return float(raw)
+
+
+def _non_negative_int(raw: Any, base: Path) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise _BadValue(f"expected a non-negative integer, got {raw!r}")
+    return raw
+
+
+def _roles(raw: Any, base: Path) -> list[str]:
+    roles = _str_list("roles")(raw, base)
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise _BadValue(f"unknown role {bad[0]!r}; roles are {', '.join(ROLES)}")
+    return roles
+
+
+def _devices(raw: Any, base: Path) -> str | list[dict]:
+    """'auto' or a list of {kind, memory (GiB), tflops (TFLOP/s), mem_bw (GB/s), [name], [count]}."""
+    if raw == "auto":
+        return "auto"
+    if not isinstance(raw, list) or not raw:
+        raise _BadValue("expected 'auto' or a non-empty list of devices")
+    out = []
+    for i, dev in enumerate(raw):
+        if not isinstance(dev, dict):
+            raise _BadValue(f"device {i}: expected a mapping")
+        unknown = set(dev) - DEVICE_KEYS
+        if unknown:
+            raise _BadValue(f"device {i}: unknown key {sorted(unknown)[0]!r} (keys: {', '.join(sorted(DEVICE_KEYS))})")
+        missing = {"kind", "memory", "tflops", "mem_bw"} - set(dev)
+        if missing:
+            raise _BadValue(f"device {i}: missing {sorted(missing)[0]!r}")
+        if not isinstance(dev["kind"], str) or not dev["kind"]:
+            raise _BadValue(f"device {i}: kind must be a name such as cuda or cpu")
+        parsed = {"kind": dev["kind"], "name": str(dev.get("name", dev["kind"]))}
+        for k in ("memory", "tflops", "mem_bw"):
+            try:
+                parsed[k] = _positive(dev[k], base)
+            except _BadValue as e:
+                raise _BadValue(f"device {i}: {k}: {e}") from None
+        count = dev.get("count", 1)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise _BadValue(f"device {i}: count must be a positive integer")
+        out.extend(dict(parsed) for _ in range(count))
+    return out
+
+
+def _log_level(raw: Any, base: Path) -> str:
+    levels = ("debug", "info", "warning", "error")
+    if raw not in levels:
+        raise _BadValue(f"expected one of {', '.join(levels)}")
+    return raw
+
+
+def _key(parse: Callable[[Any, Path], Any], doc: str) -> dict:
+    return {"parse": parse, "doc": doc}
+
+
+@dataclass
+class NodeConfig:
+    listen: list[str] = field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"],
+        metadata=_key(_multiaddrs(False), "multiaddrs to listen on"),
+    )
+    key_file: Path | None = field(default=None, metadata=_key(_optional_path, "node key (default <data_dir>/node.key)"))
+    bootstrap: list[str] = field(default_factory=list, metadata=_key(_multiaddrs(True), "peers to join through"))
+    swarm: str = field(default="default", metadata=_key(_swarm_name, "swarm name; other swarms are ignored"))
+    model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder"))
+    devices: str | list[dict] = field(default="auto", metadata=_key(_devices, "'auto' or a device list"))
+    data_dir: Path = field(default=Path("~/.hexswarm"), metadata=_key(_path, "probe cache and default key folder"))
+    allow_peers: list[str] | None = field(default=None, metadata=_key(_peer_ids, "PeerID allowlist"))
+    roles: list[str] = field(default_factory=lambda: ["worker"], metadata=_key(_roles, "head and/or worker"))
+    heartbeat_s: float = field(default=2.0, metadata=_key(_positive, "inventory heartbeat interval"))
+    down_after_s: float = field(default=10.0, metadata=_key(_positive, "silence before a peer is down"))
+    drop_after_s: float = field(default=120.0, metadata=_key(_positive, "silence before a peer is dropped"))
+    bootstrap_timeout_s: float = field(
+        default=30.0, metadata=_key(_positive, "give up if no bootstrap answers this long and no peer is known")
+    )
+    probe_s: float = field(default=5.0, metadata=_key(_positive, "latency probe interval"))
+    probe_bytes: int = field(default=256 * 1024, metadata=_key(_non_negative_int, "throughput probe size (0: off)"))
+    log_level: str = field(default="info", metadata=_key(_log_level, "debug, info, warning or error"))
+    # Where the config came from; not a YAML key.
+    source: Path | None = field(default=None, metadata={"internal": True})
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        if self.key_file is None:
+            self.key_file = self.data_dir / "node.key"
+
+    @property
+    def topic_prefix(self) -> str:
+        return f"hexswarm/{self.swarm}"
+
+
+def config_keys() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(NodeConfig) if not f.metadata.get("internal")]
+
+
+def _check(cfg: NodeConfig) -> None:
+    """Rules that tie keys together."""
+    if cfg.down_after_s <= cfg.heartbeat_s:
+        raise UserError(f"key 'down_after_s' ({cfg.down_after_s:g}) must exceed heartbeat_s ({cfg.heartbeat_s:g})")
+    if cfg.drop_after_s <= cfg.down_after_s:
+        raise UserError(f"key 'drop_after_s' ({cfg.drop_after_s:g}) must exceed down_after_s ({cfg.down_after_s:g})")
+
+
+def config_from_dict(raw: Any, base: Path, source: Path | None = None) -> NodeConfig:
+    where = f"config {source}" if source else "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
+    known = {f.name: f for f in config_keys()}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+        try:
+            values[key] = known[key].metadata["parse"](value, base)
+        except _BadValue as e:
+            raise UserError(f"{where}: key {key!r}: {e}") from None
+    cfg = NodeConfig(**values, source=source)
+    try:
+        _check(cfg)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    return cfg
+
+
+def load_config(path: Path | str, overrides: dict[str, Any] | None = None) -> NodeConfig:
+    """Load a YAML config; `overrides` (e.g. CLI --bootstrap) replace keys before checking."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UserError(f"cannot read config {path}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    return config_from_dict(raw, path.resolve().parent, source=path)

@@ -1,0 +1,514 @@
+"""The node daemon: host + Kademlia DHT (server mode) + gossipsub inventory + heartbeats + probes.
+
+A Node runs inside a trio nursery::
+
+    node = Node(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)      # returns once listening and subscribed
+        ...                                # node.table, node.request(...), ...
+        node.stop()
+
+Discovery: the configured bootstrap peers are dialed (retried with back-off);
+every node announces itself in the DHT as a provider of its swarm key and
+looks the key up, dialing what it finds, so peers are learned through the
+DHT and not only through the bootstrap peer. Records gossiped on
+``hexswarm/<swarm>/inventory/1`` carry addresses, so peers also dial peers they
+hear about. Peers of other swarms, and PeerIDs outside ``allow_peers`` when it
+is set, never enter the table and are refused on the request protocols.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from hexswarm.errors import ProtocolError, UserError
+from hexswarm.net import codec
+from hexswarm.net.host import (
+    DIAL_TIMEOUT_S,
+    Backoff,
+    advertised_addrs,
+    dial,
+    is_connected,
+    listen_multiaddrs,
+    make_host,
+    parse_peer_id,
+    parse_peer_multiaddr,
+)
+from hexswarm.net.identity import Identity, load_or_create
+from hexswarm.net.protocols import PEERS, PING, Handler, RequestError, request, serve
+from hexswarm.swarm.config import NodeConfig
+from hexswarm.swarm.inventory import Device, inventory
+from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
+from hexswarm.swarm.records import NodeRecord, new_incarnation, open_record, sign_record
+
+log = logging.getLogger("hexswarm.node")
+
+GossipHandler = Callable[[Any, str], Awaitable[None]]  # (decoded msg, publisher PeerID)
+MAX_GOSSIP_BYTES = 1 << 20
+GOSSIPSUB_PROTOCOLS = ("/meshsub/1.1.0", "/meshsub/1.0.0")
+DISCOVERY_INTERVAL_S = 3.0
+PROVIDE_INTERVAL_S = 60.0
+# py-libp2p's gossipsub keeps every message it ever saw for equivocation checks
+# (never pruned); we clear it on this period so memory stays bounded.
+GOSSIP_CACHE_PRUNE_S = 60.0
+UNREACHABLE_WARN_EVERY_S = 30.0
+
+
+class BootstrapFailed(UserError):
+    pass
+
+
+@dataclass
+class LinkStats:
+    rtt_ms: float
+    mbps: float | None = None
+
+    def to_wire(self) -> dict:
+        return {"rtt_ms": round(self.rtt_ms, 3), "mbps": None if self.mbps is None else round(self.mbps, 1)}
+
+
+def swarm_key(swarm: str) -> str:
+    """The DHT provider key all members of a swarm announce (hex: py-libp2p decodes it to bytes)."""
+    return hashlib.sha256(f"hexswarm/swarm/{swarm}".encode()).hexdigest()
+
+
+class Node:
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity | None = None,
+        devices: list[Device] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config
+        self.identity = identity or load_or_create(config.key_file)
+        self.devices = devices if devices is not None else inventory(config.devices, config.data_dir)
+        self.peer_id = self.identity.peer_id
+        self.peer_id_str = self.peer_id.to_base58()
+        self.table = PeerTable(config.down_after_s, config.drop_after_s, clock)
+        self._allowed = None if config.allow_peers is None else {*config.allow_peers, self.peer_id_str}
+        self._bootstrap = [parse_peer_multiaddr(a, "bootstrap address") for a in config.bootstrap]
+        self.host = make_host(self.identity)
+        self.links: dict[str, LinkStats] = {}
+        # Small values later features announce in every record (e.g. loaded stages).
+        self.extra: dict[str, Any] = {}
+        self.on_peer_change: list[Callable[[StateChange], None]] = []
+        self.addrs: list[str] = []
+        self.dht = self.pubsub = self.gossipsub = None
+        self._incarnation = new_incarnation()
+        self._seq = 0
+        self._stop = trio.Event()
+        self._failure: BaseException | None = None
+        self._nursery: trio.Nursery | None = None
+        self._dial_backoff: dict[str, tuple[float, Backoff]] = {}
+        self._dialing: set[str] = set()
+        self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
+        self.register_handler(PEERS, self._on_peers, open_to_all=True)
+
+    # --- public API -------------------------------------------------------
+
+    @property
+    def inventory_topic(self) -> str:
+        return self.topic("inventory")
+
+    def topic(self, name: str, version: int = 1) -> str:
+        """This swarm's gossip topic ``hexswarm/<swarm>/<name>/<version>``."""
+        return f"{self.config.topic_prefix}/{name}/{version}"
+
+    def is_allowed(self, peer_id: Any) -> bool:
+        return self._allowed is None or str(peer_id) in self._allowed
+
+    def register_handler(self, protocol: str, fn: Handler, *, open_to_all: bool = False, **options: Any) -> None:
+        """Answer request/response `protocol` with ``async fn(msg, remote_peer_id) -> reply``.
+
+        Only allowlisted peers may call it unless `open_to_all`. `options` go to
+        hexswarm.net.protocols.make_stream_handler (max_request, read_timeout, ...).
+        """
+        serve(self.host, protocol, fn, allow=None if open_to_all else self.is_allowed, **options)
+
+    async def request(self, peer_id: Any, protocol: str, msg: Any, timeout: float = 10.0, **options: Any) -> Any:
+        """One request to a peer (PeerID or its base58 text); raises RequestError."""
+        if isinstance(peer_id, str):
+            peer_id = parse_peer_id(peer_id)
+        return await request(self.host, peer_id, protocol, msg, timeout=timeout, **options)
+
+    async def publish(self, topic: str, msg: Any) -> None:
+        data = codec.encode(msg)
+        if len(data) > MAX_GOSSIP_BYTES:
+            raise ProtocolError(f"gossip message of {len(data)} bytes exceeds {MAX_GOSSIP_BYTES}")
+        await self.pubsub.publish(topic, data)
+
+    async def subscribe(self, topic: str, fn: GossipHandler) -> None:
+        """Deliver each valid message on `topic` to ``async fn(msg, publisher_peer_id)``; call once running."""
+        if self._nursery is None:
+            raise RuntimeError("subscribe needs a running node")
+        self.pubsub.set_topic_validator(topic, self._gossip_allowed, False)
+        subscription = await self.pubsub.subscribe(topic)
+        self._nursery.start_soon(self._deliver, topic, subscription, fn)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until stop() or cancellation; raises BootstrapFailed when the swarm cannot be joined."""
+        from libp2p.custom_types import TProtocol
+        from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+        from libp2p.pubsub.gossipsub import GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        listen = listen_multiaddrs(self.config.listen)
+        try:
+            host_running = self.host.run(listen)
+            await host_running.__aenter__()
+        except OSError as e:
+            raise UserError(f"cannot listen on {', '.join(self.config.listen)}: {e.strerror or e}") from None
+        try:
+            self.dht = KadDHT(self.host, DHTMode.SERVER)
+            self.gossipsub = GossipSub(
+                protocols=[TProtocol(p) for p in GOSSIPSUB_PROTOCOLS],
+                degree=6,
+                degree_low=4,
+                degree_high=12,
+                heartbeat_interval=1,
+                # Our own records are rate-bounded by heartbeat_s; the built-in
+                # limit (10 msg/s per forwarder per topic) drops inventory in
+                # swarms of more than a few nodes.
+                spam_protection_enabled=False,
+                # Several nodes per IP is normal here (tests, multi-daemon hosts).
+                eclipse_protection_enabled=False,
+            )
+            self.pubsub = Pubsub(self.host, self.gossipsub, strict_signing=True)
+            async with background_trio_service(self.pubsub), background_trio_service(
+                self.gossipsub
+            ), background_trio_service(self.dht):
+                await self.pubsub.wait_until_ready()
+                self.addrs = advertised_addrs(self.host)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self.pubsub.set_topic_validator(self.inventory_topic, self._inventory_valid, False)
+                    subscription = await self.pubsub.subscribe(self.inventory_topic)
+                    nursery.start_soon(self._deliver, self.inventory_topic, subscription, self._on_inventory)
+                    await self._publish_record()
+                    for loop in (self._heartbeat_loop, self._sweep_loop, self._discovery_loop, self._probe_loop):
+                        nursery.start_soon(loop)
+                    for info in self._bootstrap:
+                        nursery.start_soon(self._keep_bootstrap, info)
+                    log.info("node %s of swarm %r listening on %s", self.peer_id_str, self.config.swarm, " ".join(self.addrs))
+                    task_status.started(self)
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+                self._nursery = None
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await host_running.__aexit__(None, None, None)
+                except Exception as e:
+                    log.debug("host shutdown: %s", e)
+        log.info("node %s stopped", self.peer_id_str)
+        if self._failure is not None:
+            raise self._failure
+
+    def _fail(self, error: BaseException) -> None:
+        self._failure = error
+        self._stop.set()
+
+    # --- records and the table -------------------------------------------
+
+    def make_record(self) -> NodeRecord:
+        self._seq += 1
+        return NodeRecord(
+            peer_id=self.peer_id_str,
+            public_key=self.identity.public_bytes,
+            swarm=self.config.swarm,
+            addrs=list(self.addrs),
+            devices=[d.to_wire() for d in self.devices],
+            roles=list(self.config.roles),
+            links={p: s.to_wire() for p, s in self.links.items()},
+            incarnation=self._incarnation,
+            seq=self._seq,
+            timestamp=time.time(),
+            extra=dict(self.extra),
+        )
+
+    async def _publish_record(self) -> None:
+        record = self.make_record()
+        self._apply(record)
+        try:
+            await self.pubsub.publish(self.inventory_topic, codec.encode(sign_record(record, self.identity)))
+        except Exception as e:  # no peers yet, or a peer stream broke mid-write
+            log.debug("publishing record: %s", e)
+
+    def _accept_record(self, msg: Any, publisher: str) -> NodeRecord:
+        """The verified record in `msg`, or ProtocolError saying why it is not one of ours."""
+        record = open_record(msg)
+        if record.peer_id != publisher:
+            raise ProtocolError(f"record of {record.peer_id} published by {publisher}")
+        if record.swarm != self.config.swarm:
+            raise ProtocolError(f"record of swarm {record.swarm!r}")
+        if not self.is_allowed(record.peer_id):
+            raise ProtocolError(f"{record.peer_id} is not in allow_peers")
+        return record
+
+    def _apply(self, record: NodeRecord) -> None:
+        change = self.table.observe(record)
+        if change is not None:
+            self._report(change)
+
+    def _report(self, change: StateChange) -> None:
+        if change.peer_id != self.peer_id_str:
+            what = {None: "joined", PeerState.DOWN: "is back up"}.get(change.old, "is up")
+            if change.new == PeerState.DOWN:
+                what = f"is down (silent > {self.config.down_after_s:g} s)"
+            elif change.new == PeerState.DROPPED:
+                what = f"dropped (silent > {self.config.drop_after_s:g} s)"
+                self.links.pop(change.peer_id, None)
+            log.info("peer %s %s", change.peer_id, what)
+        for listener in self.on_peer_change:
+            try:
+                listener(change)
+            except Exception:
+                log.exception("peer-change listener failed")
+
+    def _gossip_allowed(self, forwarder: Any, msg: Any) -> bool:
+        from libp2p.peer.id import ID
+
+        try:
+            return self.is_allowed(ID(msg.from_id)) and len(msg.data) <= MAX_GOSSIP_BYTES
+        except Exception:
+            return False
+
+    def _inventory_valid(self, forwarder: Any, msg: Any) -> bool:
+        """Pubsub validator: invalid or foreign records are neither delivered nor forwarded."""
+        from libp2p.peer.id import ID
+
+        try:
+            self._accept_record(codec.decode(msg.data, MAX_GOSSIP_BYTES), ID(msg.from_id).to_base58())
+        except Exception as e:
+            log.debug("rejected inventory gossip via %s: %s", forwarder, e)
+            return False
+        return True
+
+    async def _deliver(self, topic: str, subscription: Any, fn: GossipHandler) -> None:
+        from libp2p.peer.id import ID
+
+        while True:
+            message = await subscription.get()
+            try:
+                publisher = ID(message.from_id).to_base58()
+                if not self.is_allowed(publisher):
+                    continue
+                await fn(codec.decode(message.data, MAX_GOSSIP_BYTES), publisher)
+            except ProtocolError as e:
+                log.debug("dropped message on %s: %s", topic, e)
+            except Exception:
+                log.exception("handler for %s failed", topic)
+
+    async def _on_inventory(self, msg: Any, publisher: str) -> None:
+        if publisher == self.peer_id_str:
+            return
+        self._apply(self._accept_record(msg, publisher))
+
+    # --- loops --------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_s)
+            await self._publish_record()
+
+    async def _sweep_loop(self) -> None:
+        last_prune = trio.current_time()
+        while True:
+            await trio.sleep(min(self.config.heartbeat_s, self.config.down_after_s / 4))
+            for change in self.table.sweep():
+                self._report(change)
+            if trio.current_time() - last_prune > GOSSIP_CACHE_PRUNE_S:
+                self.gossipsub.equivocation_detection.clear()
+                last_prune = trio.current_time()
+
+    def _knows_peers(self) -> bool:
+        return any(e.peer_id != self.peer_id_str for e in self.table.entries()) or bool(
+            self.host.get_connected_peers()
+        )
+
+    async def _keep_bootstrap(self, info: Any) -> None:
+        """Stay connected to one bootstrap peer; fail the node if the swarm cannot be joined in time."""
+        backoff = Backoff(initial_s=0.5, max_s=10.0)
+        started = trio.current_time()
+        last_warning = -UNREACHABLE_WARN_EVERY_S
+        joined = False
+        while True:
+            if is_connected(self.host, info.peer_id):
+                backoff.reset()
+                await trio.sleep(self.config.heartbeat_s)
+                continue
+            try:
+                await dial(self.host, info)
+                await self._on_connected(info.peer_id)
+                log.info("connected to bootstrap peer %s", info.peer_id)
+                joined = True
+                continue
+            except ConnectionError as e:
+                error = e
+            joined = joined or self._knows_peers()
+            now = trio.current_time()
+            if not joined and now - started > self.config.bootstrap_timeout_s:
+                self._fail(
+                    BootstrapFailed(
+                        f"cannot reach bootstrap peer {info.addrs[0] if info.addrs else ''}/p2p/{info.peer_id} "
+                        f"({error}) and no other peer is known after {self.config.bootstrap_timeout_s:g} s"
+                    )
+                )
+                return
+            delay = backoff.next_delay()
+            if joined and now - last_warning > UNREACHABLE_WARN_EVERY_S:
+                log.warning("bootstrap peer %s unreachable (%s); still retrying, other peers are known", info.peer_id, error)
+                last_warning = now
+            elif not joined:
+                log.info("bootstrap peer %s unreachable (%s); retry in %.1f s", info.peer_id, error, delay)
+            await trio.sleep(delay)
+
+    async def _on_connected(self, peer_id: Any) -> None:
+        try:
+            await self.dht.add_peer(peer_id)
+        except Exception as e:
+            log.debug("DHT routing table refused %s: %s", peer_id, e)
+
+    async def _discovery_loop(self) -> None:
+        key = swarm_key(self.config.swarm)
+        last_provide = -PROVIDE_INTERVAL_S
+        while True:
+            now = trio.current_time()
+            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S:
+                try:
+                    if await self.dht.provide(key):
+                        last_provide = now
+                except Exception as e:
+                    log.debug("DHT provide failed: %s", e)
+            candidates: dict[str, Any] = {}
+            try:
+                with trio.move_on_after(DIAL_TIMEOUT_S * 2):
+                    for info in await self.dht.find_providers(key):
+                        candidates[info.peer_id.to_base58()] = info
+            except Exception as e:
+                log.debug("DHT find_providers failed: %s", e)
+            for entry in self.table.entries():
+                if entry.peer_id not in candidates:
+                    info = self._info_from_record(entry.record)
+                    if info is not None:
+                        candidates[entry.peer_id] = info
+            for peer_id, info in candidates.items():
+                if peer_id == self.peer_id_str or not self.is_allowed(peer_id) or peer_id in self._dialing:
+                    continue
+                if is_connected(self.host, info.peer_id) or not info.addrs or not self._dial_due(peer_id):
+                    continue
+                self._dialing.add(peer_id)
+                self._nursery.start_soon(self._dial_discovered, peer_id, info)
+            await trio.sleep(DISCOVERY_INTERVAL_S)
+
+    def _info_from_record(self, record: NodeRecord) -> Any:
+        from libp2p.peer.peerinfo import PeerInfo
+
+        addrs = []
+        for text in record.addrs:
+            try:
+                addrs.extend(parse_peer_multiaddr(text).addrs)
+            except UserError:
+                continue
+        if not addrs:
+            return None
+        return PeerInfo(parse_peer_id(record.peer_id), addrs)
+
+    def _dial_due(self, peer_id: str) -> bool:
+        next_at, _ = self._dial_backoff.get(peer_id, (0.0, None))
+        return trio.current_time() >= next_at
+
+    async def _dial_discovered(self, peer_id: str, info: Any) -> None:
+        try:
+            await dial(self.host, info)
+            self._dial_backoff.pop(peer_id, None)
+            await self._on_connected(info.peer_id)
+            log.debug("connected to discovered peer %s", peer_id)
+        except ConnectionError as e:
+            _, backoff = self._dial_backoff.get(peer_id, (0.0, None))
+            backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
+            self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff)
+            log.debug("dial to discovered peer %s failed: %s", peer_id, e)
+        finally:
+            self._dialing.discard(peer_id)
+
+    async def _probe_loop(self) -> None:
+        rounds = 0
+        while True:
+            await trio.sleep(self.config.probe_s)
+            # Throughput every 4th round: it costs probe_bytes per peer.
+            measure_throughput = self.config.probe_bytes > 0 and rounds % 4 == 0
+            rounds += 1
+            peers = [e.peer_id for e in self.table.up() if e.peer_id != self.peer_id_str]
+            async with trio.open_nursery() as nursery:
+                for peer_id in peers:
+                    nursery.start_soon(self._probe, peer_id, measure_throughput)
+            for gone in set(self.links) - set(peers):
+                self.links.pop(gone, None)
+
+    async def _probe(self, peer_id: str, measure_throughput: bool) -> None:
+        timeout = min(5.0, self.config.probe_s)
+        try:
+            start = trio.current_time()
+            await self.request(peer_id, PING, {"pad": b""}, timeout=timeout)
+            rtt = trio.current_time() - start
+            mbps = self.links[peer_id].mbps if peer_id in self.links else None
+            if measure_throughput:
+                start = trio.current_time()
+                await self.request(peer_id, PING, {"pad": bytes(self.config.probe_bytes)}, timeout=timeout)
+                # Whole round trip, latency included: a lower bound, never absurd on fast links.
+                mbps = self.config.probe_bytes * 8 / (trio.current_time() - start) / 1e6
+            self.links[peer_id] = LinkStats(rtt * 1000, mbps)
+        except RequestError as e:
+            log.debug("probe of %s failed: %s", peer_id, e)
+
+    # --- protocol handlers ------------------------------------------------
+
+    async def _on_ping(self, msg: Any, remote: Any) -> dict:
+        if not isinstance(msg, dict) or not isinstance(msg.get("pad", b""), bytes):
+            raise ProtocolError("ping wants {pad: bytes}")
+        return {"n": len(msg.get("pad", b""))}
+
+    async def _on_peers(self, msg: Any, remote: Any) -> dict:
+        if not isinstance(msg, dict):
+            raise ProtocolError("peers wants a map")
+        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views()}
+
+    def peer_views(self) -> list[dict]:
+        """The table as plain maps (what `hexswarm peers` prints)."""
+        views = []
+        for entry in self.table.entries():
+            record = entry.record
+            link = self.links.get(entry.peer_id)
+            is_self = entry.peer_id == self.peer_id_str
+            views.append(
+                {
+                    "peer_id": entry.peer_id,
+                    "addrs": record.addrs,
+                    "swarm": record.swarm,
+                    "roles": record.roles,
+                    "devices": record.devices,
+                    "state": entry.state.value,
+                    "last_seen_s": round(self.table.seconds_since_seen(entry), 3),
+                    "latency_ms": 0.0 if is_self else (round(link.rtt_ms, 3) if link else None),
+                    "mbps": None if is_self or link is None else link.mbps,
+                    "self": is_self,
+                    "links": record.links,
+                    "extra": record.extra,
+                }
+            )
+        return views

@@ -1,0 +1,104 @@
+"""The live peer table: latest record per peer and its up/down state, by heartbeat silence.
+
+Pure logic on an injected clock (seconds, monotonic) so it tests without a
+network. States: UP (heard within down_after_s), DOWN (silent longer), and
+dropped (silent longer than drop_after_s: removed from the table). A peer
+heard again with a newer record is UP again. Records older than or equal to
+the newest seen from that peer (by incarnation, seq) are replays and ignored,
+even after a drop.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from hexswarm.swarm.records import NodeRecord
+
+Clock = Callable[[], float]
+
+
+class PeerState(str, Enum):
+    UP = "up"
+    DOWN = "down"
+    DROPPED = "dropped"  # only reported in changes; dropped peers leave the table
+
+
+@dataclass
+class PeerEntry:
+    record: NodeRecord
+    state: PeerState
+    last_seen: float  # clock time of the newest accepted record
+    first_seen: float
+
+    @property
+    def peer_id(self) -> str:
+        return self.record.peer_id
+
+
+@dataclass(frozen=True)
+class StateChange:
+    peer_id: str
+    old: PeerState | None  # None: a peer new to the table
+    new: PeerState
+
+
+class PeerTable:
+    def __init__(self, down_after_s: float, drop_after_s: float, clock: Clock = time.monotonic):
+        if not 0 < down_after_s < drop_after_s:
+            raise ValueError("need 0 < down_after_s < drop_after_s")
+        self.down_after_s = down_after_s
+        self.drop_after_s = drop_after_s
+        self._clock = clock
+        self._entries: dict[str, PeerEntry] = {}
+        # Newest (incarnation, seq) per peer, kept past drops to refuse replays.
+        self._newest: dict[str, tuple[int, int]] = {}
+
+    def observe(self, record: NodeRecord) -> StateChange | None:
+        """Take a verified record; returns the state change it caused, if any."""
+        newest = self._newest.get(record.peer_id)
+        if newest is not None and record.order <= newest:
+            return None
+        self._newest[record.peer_id] = record.order
+        now = self._clock()
+        entry = self._entries.get(record.peer_id)
+        if entry is None:
+            self._entries[record.peer_id] = PeerEntry(record, PeerState.UP, now, now)
+            return StateChange(record.peer_id, None, PeerState.UP)
+        old = entry.state
+        entry.record, entry.last_seen, entry.state = record, now, PeerState.UP
+        return StateChange(record.peer_id, old, PeerState.UP) if old != PeerState.UP else None
+
+    def sweep(self) -> list[StateChange]:
+        """Apply timeouts; call it often (e.g. every heartbeat / 2)."""
+        now = self._clock()
+        changes = []
+        for peer_id, entry in list(self._entries.items()):
+            silent = now - entry.last_seen
+            if silent > self.drop_after_s:
+                del self._entries[peer_id]
+                changes.append(StateChange(peer_id, entry.state, PeerState.DROPPED))
+            elif silent > self.down_after_s and entry.state == PeerState.UP:
+                entry.state = PeerState.DOWN
+                changes.append(StateChange(peer_id, PeerState.UP, PeerState.DOWN))
+        return changes
+
+    def get(self, peer_id: str) -> PeerEntry | None:
+        return self._entries.get(peer_id)
+
+    def entries(self) -> list[PeerEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.peer_id)
+
+    def up(self) -> list[PeerEntry]:
+        return [e for e in self.entries() if e.state == PeerState.UP]
+
+    def seconds_since_seen(self, entry: PeerEntry) -> float:
+        return self._clock() - entry.last_seen
+
+    def __contains__(self, peer_id: str) -> bool:
+        return peer_id in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
