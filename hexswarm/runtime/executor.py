@@ -9,7 +9,6 @@ same order; activations never go to ranks that do not need them.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.stage import StageModel
@@ -17,16 +16,17 @@ from hexswarm.runtime.transport import broadcast_obj
 
 
 class TensorParallelGroup:
-    def __init__(self, group, leader_rank: int):
-        self.group = group
-        self.leader_rank = leader_rank
+    """The ranks of one stage; local rank 0 is the leader.  `pg` is a torch ProcessGroup."""
+
+    def __init__(self, pg):
+        self.pg = pg
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
+        self.pg.allreduce([t]).wait()
         return t
 
     def broadcast_op(self, op: dict | None) -> dict:
-        return broadcast_obj(op, self.leader_rank, self.group)
+        return broadcast_obj(op, self.pg)
 
 
 class StageExecutor:

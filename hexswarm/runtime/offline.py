@@ -223,7 +223,7 @@ def _run_rank(rank: int, prep: _Prepared, port: int | None) -> dict | None:
         if os.environ.get(FAULT_ENV) == str(rank):
             os._exit(3)
         kv = model.new_kv_cache(1, len(prep.prompt_ids) + prep.max_new_tokens)
-        tp = TensorParallelGroup(groups[stage.index], stage.first_rank) if stage.tp > 1 else None
+        tp = TensorParallelGroup(groups[stage.index]) if stage.tp > 1 else None
         ex = StageExecutor(model, kv, tp)
         if tp_rank != 0:
             ex.follow()

@@ -28,16 +28,19 @@ def recv_obj(src: int) -> Any:
     return codec.decode(buf.numpy().tobytes(), max_size=1 << 40)
 
 
-def broadcast_obj(obj: Any, src: int, group) -> Any:
-    """The leader (global rank `src`) passes obj; the others pass None and get it."""
-    if dist.get_rank() == src:
+def broadcast_obj(obj: Any, pg) -> Any:
+    """Broadcast from the group's local rank 0 (the stage leader) over process group `pg`.
+
+    The leader passes obj; the others pass None and get it.  `pg` is a
+    ProcessGroup: from dist.new_group, or built standalone from a store.
+    """
+    if pg.rank() == 0:
         data = codec.encode(obj)
-        n = torch.tensor([len(data)], dtype=torch.int64)
-        dist.broadcast(n, src, group=group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src, group=group)
+        pg.broadcast(torch.tensor([len(data)], dtype=torch.int64), 0).wait()
+        pg.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0).wait()
         return obj
     n = torch.empty(1, dtype=torch.int64)
-    dist.broadcast(n, src, group=group)
+    pg.broadcast(n, 0).wait()
     buf = torch.empty(int(n[0]), dtype=torch.uint8)
-    dist.broadcast(buf, src, group=group)
+    pg.broadcast(buf, 0).wait()
     return codec.decode(buf.numpy().tobytes(), max_size=1 << 40)
