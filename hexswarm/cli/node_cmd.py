@@ -58,15 +58,27 @@ async def _stop_on_signals(node) -> None:
         os._exit(1)
 
 
+def _first_leaf(error: BaseException) -> BaseException:
+    """The first real exception inside nested exception groups (trio nurseries wrap errors)."""
+    while getattr(error, "exceptions", None):  # duck-typed: BaseExceptionGroup is 3.11+
+        error = error.exceptions[0]
+    return error
+
+
 async def _run_node(node) -> None:
     import trio
 
+    failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, node)
         try:
             await node.run()
+        except Exception as e:
+            failure = _first_leaf(e)
         finally:
             nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
 
 
 def node_command(

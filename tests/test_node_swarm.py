@@ -1,0 +1,136 @@
+"""Acceptance: real node processes on 127.0.0.1 find each other, notice deaths and returns, keep outsiders out."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from netutil import FAST, NODE_MAIN, NodeProcess, all_see, free_port, query, states, wait_for, write_config
+
+pytestmark = pytest.mark.slow
+JOIN_DEADLINE_S = 20.0
+# Marked down after down_after_s of silence; the sweep runs every heartbeat.
+DOWN_DEADLINE_S = FAST["down_after_s"] + 2 * FAST["heartbeat_s"] + 1.0
+
+
+@pytest.fixture
+def nodes():
+    started: list[NodeProcess] = []
+    yield started
+    for n in started:
+        n.kill()
+
+
+def _start_chain(tmp_path, nodes, names="ABCD"):
+    """B bootstraps to A, C to B, D to C."""
+    prev = None
+    for name in names:
+        node = NodeProcess(write_config(tmp_path, name))
+        nodes.append(node.start([prev.addr] if prev else []))
+        prev = node
+    return nodes
+
+
+def test_chain_of_four_join_down_and_back(tmp_path, nodes):
+    a, b, c, d = _start_chain(tmp_path, nodes)
+    addrs = [n.addr for n in nodes]
+    everyone_up = {n.peer_id: "up" for n in nodes}
+
+    replies = {}
+
+    def joined() -> bool:
+        replies.update(query(addrs))
+        return all_see(replies, everyone_up) and all(len(states(r)) == 4 for r in replies.values())
+
+    assert wait_for(joined, JOIN_DEADLINE_S), f"tables after {JOIN_DEADLINE_S} s: {[states(r) for r in replies.values()]}"
+
+    b.kill(signal.SIGKILL)
+    survivors = [a.addr, c.addr, d.addr]
+
+    def b_down() -> bool:
+        replies.clear()
+        replies.update(query(survivors))
+        return all_see(replies, {b.peer_id: "down", a.peer_id: "up", c.peer_id: "up", d.peer_id: "up"})
+
+    assert wait_for(b_down, DOWN_DEADLINE_S, 0.25), f"after SIGKILL of B: {[states(r) for r in replies.values()]}"
+
+    b.start([a.addr])  # same config, same key file
+    assert wait_for(joined, JOIN_DEADLINE_S), f"after restart of B: {[states(r) for r in replies.values()]}"
+    assert states(query([b.addr])[b.addr]).get(b.peer_id) == "up"  # same PeerID as before
+
+
+def test_other_swarm_and_unlisted_peer_never_appear(tmp_path, nodes):
+    a_cfg, b_cfg = write_config(tmp_path, "A"), write_config(tmp_path, "B")
+    a, b = NodeProcess(a_cfg), NodeProcess(b_cfg)
+    allow = [a.peer_id, b.peer_id]
+    write_config(tmp_path, "A", allow_peers=allow)
+    write_config(tmp_path, "B", allow_peers=allow)
+    nodes.append(a.start())
+    nodes.append(b.start([a.addr]))
+    outsider = NodeProcess(write_config(tmp_path, "E"))  # same swarm, not allowlisted
+    other = NodeProcess(write_config(tmp_path, "O", swarm="elsewhere"))
+    nodes.append(outsider.start([a.addr]))
+    nodes.append(other.start([a.addr]))
+
+    # The outsider (no allowlist of its own) hears A and B: gossip flows.
+    assert wait_for(lambda: all_see(query([outsider.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
+    assert wait_for(lambda: all_see(query([a.addr, b.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
+    # Several more heartbeats: outsiders still absent from A and B.
+    for _ in range(6):
+        for reply in query([a.addr, b.addr]).values():
+            assert set(states(reply)) == {a.peer_id, b.peer_id}
+        wait_for(lambda: False, FAST["heartbeat_s"])
+    # The other swarm never sees this swarm's nodes either.
+    assert set(states(query([other.addr])[other.addr])) == {other.peer_id}
+
+
+def test_unreachable_bootstrap_exits_with_one_line(tmp_path):
+    from hexswarm.net.identity import generate
+
+    ghost = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{generate().peer_id}"
+    cfg = write_config(tmp_path, "lonely", bootstrap=[ghost], bootstrap_timeout_s=2.0)
+    run = subprocess.run(
+        [sys.executable, "-c", NODE_MAIN, "node", "--config", str(cfg), "--listen", f"/ip4/127.0.0.1/tcp/{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach bootstrap peer") and "no other peer is known" in last
+
+
+def test_peers_cli_json_and_clean_sigterm(tmp_path, nodes):
+    a = NodeProcess(write_config(tmp_path, "A"))
+    b = NodeProcess(write_config(tmp_path, "B"))
+    nodes.append(a.start())
+    nodes.append(b.start([a.addr]))
+    assert wait_for(lambda: all_see(query([a.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
+
+    def b_probed() -> bool:
+        return any(p["peer_id"] == b.peer_id and p["latency_ms"] is not None for p in query([a.addr])[a.addr]["peers"])
+
+    assert wait_for(b_probed, 3 * FAST["probe_s"])
+
+    run = subprocess.run(
+        [sys.executable, "-c", NODE_MAIN, "peers", "--peer", a.addr, "--json"], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, run.stderr
+    peers = {p["peer_id"]: p for p in json.loads(run.stdout)}
+    assert set(peers) == {a.peer_id, b.peer_id}
+    for field in ("peer_id", "addrs", "devices", "state", "last_seen_s", "latency_ms"):
+        assert all(field in p for p in peers.values())
+    assert peers[b.peer_id]["devices"][0]["name"] == "test-cpu"
+    assert peers[b.peer_id]["addrs"] == [b.addr]
+
+    table = subprocess.run(
+        [sys.executable, "-c", NODE_MAIN, "peers", "--peer", a.addr], capture_output=True, text=True, timeout=60
+    )
+    assert table.returncode == 0 and "PeerID" in table.stdout
+
+    assert b.kill(signal.SIGTERM) == 0
+    assert "stopping" in b.log() and "stopped" in b.log()
