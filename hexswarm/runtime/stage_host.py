@@ -1,0 +1,126 @@
+"""One stage of a served pipeline on this host: the leader shard in this process and,
+for TP > 1, one follower process per extra rank, joined by a standalone gloo/NCCL
+process group (several stages can live in one process, e.g. during a layout change).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from hexswarm.model.checkpoint import CheckpointReader
+from hexswarm.model.config import LlamaConfig
+from hexswarm.model.shard import TensorShard
+from hexswarm.model.stage import StagePart, load_stage
+from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
+from hexswarm.runtime.offline import DTYPES
+
+GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a host serves for one pipeline stage."""
+
+    model_dir: str
+    layer_start: int
+    layer_end: int
+    tp: int
+    is_first: bool
+    is_last: bool
+    device: str = "cpu"
+    dtype: str = "float32"
+    n_slots: int = 8
+    max_len: int = 512
+
+    def part(self, cfg: LlamaConfig, tp_rank: int) -> StagePart:
+        leader = tp_rank == 0
+        return StagePart(self.layer_start, self.layer_end, TensorShard.for_rank(cfg, self.tp, tp_rank),
+                         with_embedding=leader and self.is_first, with_head=leader and self.is_last)
+
+    def to_args(self) -> list[str]:
+        return [
+            "--model", self.model_dir, "--layers", str(self.layer_start), str(self.layer_end), "--tp", str(self.tp),
+            "--device", self.device, "--dtype", self.dtype, "--slots", str(self.n_slots), "--max-len", str(self.max_len),
+        ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else [])
+
+
+def rank_device(device: str, tp_rank: int) -> torch.device:
+    if device == "cuda":
+        return torch.device("cuda", tp_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_master: bool):
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", store_port, size, is_master, timeout=GROUP_TIMEOUT)
+    prefixed = dist.PrefixStore(tag, store)
+    if device == "cuda":
+        return dist.ProcessGroupNCCL(prefixed, rank, size), store
+    return dist.ProcessGroupGloo(prefixed, rank, size, GROUP_TIMEOUT), store
+
+
+def build_executor(spec: StageSpec, tp_rank: int, pg) -> StageExecutor:
+    cfg = LlamaConfig.from_dir(spec.model_dir)
+    device = rank_device(spec.device, tp_rank)
+    model = load_stage(CheckpointReader(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device)
+    kv = model.new_kv_cache(spec.n_slots, spec.max_len)
+    return StageExecutor(model, kv, TensorParallelGroup(pg) if pg is not None else None)
+
+
+class StageHost:
+    """Load and run one stage; `run(op)` is blocking and must be called from one thread."""
+
+    def __init__(self, spec: StageSpec, tag: str):
+        self.spec = spec
+        self.tag = tag
+        self.followers: list[subprocess.Popen] = []
+        self._store = None
+        self.executor: StageExecutor | None = None
+
+    def start(self) -> None:
+        pg = None
+        if self.spec.tp > 1:
+            from hexswarm.runtime.offline import _free_port
+
+            port = _free_port()
+            # followers connect to the store this process hosts
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            for r in range(1, self.spec.tp):
+                self.followers.append(subprocess.Popen(
+                    [sys.executable, "-m", "hexswarm.runtime.tp_follower", *self.spec.to_args(),
+                     "--rank", str(r), "--store-port", str(port), "--tag", self.tag, "--parent", str(os.getpid())],
+                    env=env, stdin=subprocess.DEVNULL,
+                ))
+            pg, self._store = make_group(self.spec.device, port, self.tag, 0, self.spec.tp, True)
+        self.executor = build_executor(self.spec, 0, pg)
+
+    @property
+    def model(self):
+        return self.executor.model
+
+    def run(self, op: dict) -> torch.Tensor:
+        return self.executor.lead(op)
+
+    def followers_alive(self) -> bool:
+        return all(p.poll() is None for p in self.followers)
+
+    def close(self) -> None:
+        if self.executor is not None and self.followers and self.followers_alive():
+            try:
+                self.executor.lead({"op": "stop"})
+            except Exception:
+                pass
+        for p in self.followers:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.followers.clear()
+        self.executor = None

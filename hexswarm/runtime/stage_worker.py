@@ -1,0 +1,232 @@
+"""The serving loop of one pipeline stage on one host, in its own thread (torch work
+stays off the trio loop).
+
+Messages arrive on a thread-safe queue and leave through `send(peer, msg)`:
+- stage 0 drives requests: "start" (a new request) and "tokens" (sampled by the
+  last stage) come in; it runs prefill / batched decode steps and sends "forward"
+  to stage 1, and "event"/"done" messages to each request's entry peer;
+- a middle stage turns "forward" into "forward" for the next stage;
+- the last stage samples every row and sends "tokens" back to stage 0.
+Decode steps of all requests that are ready are batched into one forward pass,
+and stages work on different requests at the same time (pipelining).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from hexswarm.runtime.sampling import SamplingParams, sample_token
+from hexswarm.runtime.stage_host import StageHost
+from hexswarm.runtime.stopping import StopChecker
+from hexswarm.runtime.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, dict], None]
+
+
+@dataclass
+class PipelineRoute:
+    """Where this stage's output goes, by peer id."""
+
+    stage_index: int
+    n_stages: int
+    next_peer: str | None  # None on the last stage
+    first_peer: str  # stage 0 of this replica (tokens go there)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.n_stages - 1
+
+
+@dataclass
+class ActiveRequest:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stopper: StopChecker
+    entry: str
+    slot: int
+    tokens: list[int] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    stage_compute_s: list[float] = field(default_factory=list)
+
+    def sample_spec(self) -> dict:
+        return {"params": self.params.to_dict(), "step": len(self.tokens)}
+
+
+class StageWorker:
+    def __init__(self, host: StageHost, route: PipelineRoute, send: Send, tokenizer: TextTokenizer | None = None,
+                 name: str = "stage"):
+        self.host = host
+        self.route = route
+        self.send = send
+        self.tokenizer = tokenizer
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[str, ActiveRequest] = {}
+        self.waiting: list[dict] = []  # started requests without a free KV slot yet
+        self.free_slots = list(range(host.spec.n_slots))
+        self.finished: set[str] = set()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._closing = False
+        self.error: BaseException | None = None
+
+    # ---- called from any thread -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, msg: dict) -> None:
+        self.inbox.put(msg)
+
+    def close(self) -> None:
+        self.inbox.put({"kind": "close"})
+        self._thread.join(timeout=10)
+        self.host.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests) + len(self.waiting)
+
+    # ---- the worker thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    batch = [self.inbox.get()]
+                    while True:
+                        try:
+                            batch.append(self.inbox.get_nowait())
+                        except queue.Empty:
+                            break
+                    if any(m.get("kind") == "close" for m in batch):
+                        return
+                    self._handle(batch)
+        except BaseException as e:  # report: the serving layer fails the requests over
+            log.exception("stage worker %s failed", self._thread.name)
+            self.error = e
+
+    def _handle(self, batch: list[dict]) -> None:
+        if not self.route.is_first:
+            forwards = [m for m in batch if m.get("kind") == "forward"]
+            for group in _compatible_groups(forwards):
+                self._forward_downstream(group)
+            return
+        decode: list[ActiveRequest] = []
+        prefill: list[ActiveRequest] = []
+        for m in batch:
+            kind = m.get("kind")
+            if kind == "start":
+                self.waiting.append(m)
+            elif kind == "tokens":
+                for item in m["items"]:
+                    req = self.requests.get(item["rid"])
+                    if req is not None and self._accept_token(req, item["token"], m.get("t", [])):
+                        decode.append(req)
+            elif kind == "cancel":
+                self._cancel(m["rid"])
+        while self.waiting and self.free_slots:
+            prefill.append(self._admit(self.waiting.pop(0)))
+        for req in prefill:
+            self._run_first_stage([req], prefill=True)
+        if decode:
+            self._run_first_stage(decode, prefill=False)
+
+    def _admit(self, m: dict) -> ActiveRequest:
+        params = SamplingParams.from_dict(m["params"])
+        stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []))
+        req = ActiveRequest(m["rid"], list(m["prompt_ids"]), params, stopper, m["entry"], self.free_slots.pop(0),
+                            tokens=list(m.get("resume_tokens") or []))
+        self.requests[req.rid] = req
+        return req
+
+    def _cancel(self, rid: str) -> None:
+        self.waiting = [m for m in self.waiting if m["rid"] != rid]
+        req = self.requests.pop(rid, None)
+        if req is not None:
+            self.free_slots.append(req.slot)
+
+    def _accept_token(self, req: ActiveRequest, token: int, stage_times: list[float]) -> bool:
+        """Record a sampled token; True when the request goes on."""
+        now = time.perf_counter()
+        if req.first_token_s is None:
+            req.first_token_s = now - req.started
+        for i, t in enumerate(stage_times):
+            while len(req.stage_compute_s) <= i:
+                req.stage_compute_s.append(0.0)
+            req.stage_compute_s[i] += t
+        req.tokens.append(int(token))
+        self.send(req.entry, {"kind": "event", "rid": req.rid, "index": len(req.tokens) - 1, "token": int(token)})
+        reason = req.stopper.finish_reason(req.tokens)
+        if reason is None:
+            return True
+        self.send(req.entry, {
+            "kind": "done", "rid": req.rid, "tokens": req.tokens, "prompt_tokens": req.prompt_ids,
+            "text": req.stopper.text(req.tokens), "finish_reason": reason,
+            "timings": {"ttft_s": round(req.first_token_s, 4), "total_s": round(now - req.started, 4),
+                        "stage_compute_s": [round(t, 4) for t in req.stage_compute_s]},
+        })
+        del self.requests[req.rid]
+        self.free_slots.append(req.slot)
+        return False
+
+    def _run_first_stage(self, reqs: list[ActiveRequest], prefill: bool) -> None:
+        if prefill:
+            (req,) = reqs
+            ids = [req.prompt_ids + req.tokens]  # a resumed request re-prefills what it already produced
+            start = [0]
+        else:
+            ids = [[r.tokens[-1]] for r in reqs]
+            start = [len(r.prompt_ids) + len(r.tokens) - 1 for r in reqs]
+        op = {"op": "forward", "ids": ids, "slots": [r.slot for r in reqs], "start": start}
+        t0 = time.perf_counter()
+        out = self.host.run(op)
+        dt = time.perf_counter() - t0
+        rows = {"rids": [r.rid for r in reqs], "slots": op["slots"], "start": start,
+                "samples": [r.sample_spec() for r in reqs]}
+        if self.route.is_last:
+            self._sample_and_return(out, rows, [dt])
+        else:
+            self.send(self.route.next_peer, {"kind": "forward", **rows, "x": out.cpu(), "t": [dt]})
+
+    def _forward_downstream(self, msgs: list[dict]) -> None:
+        x = torch.cat([m["x"] for m in msgs], dim=0) if len(msgs) > 1 else msgs[0]["x"]
+        rows = {key: [v for m in msgs for v in m[key]] for key in ("rids", "slots", "start", "samples")}
+        t0 = time.perf_counter()
+        out = self.host.run({"op": "forward", "x": x, "slots": rows["slots"], "start": rows["start"]})
+        dt = time.perf_counter() - t0
+        times = [max(m["t"][i] for m in msgs) for i in range(len(msgs[0]["t"]))] + [dt]
+        if self.route.is_last:
+            self._sample_and_return(out, rows, times)
+        else:
+            self.send(self.route.next_peer, {"kind": "forward", **rows, "x": out.cpu(), "t": times})
+
+    def _sample_and_return(self, logits: torch.Tensor, rows: dict, times: list[float]) -> None:
+        items = []
+        for i, rid in enumerate(rows["rids"]):
+            spec = rows["samples"][i]
+            token = sample_token(logits[i], SamplingParams.from_dict(spec["params"]), int(spec["step"]))
+            items.append({"rid": rid, "token": token})
+        msg = {"kind": "tokens", "items": items, "t": times}
+        if self.route.is_first:
+            self.inbox.put(msg)  # single-stage pipeline: straight back into this loop
+        else:
+            self.send(self.route.first_peer, msg)
+
+
+def _compatible_groups(msgs: list[dict]) -> list[list[dict]]:
+    """Batch decode messages (one position per row) together; prefills go alone."""
+    decode = [m for m in msgs if m["x"].shape[1] == 1 and len(m["t"]) == len(msgs[0]["t"])]
+    others = [[m] for m in msgs if not any(m is d for d in decode)]
+    return ([decode] if decode else []) + others
