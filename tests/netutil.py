@@ -76,6 +76,13 @@ class NodeProcess:
         log.close()
         return self
 
+    def wait_listening(self, timeout: float = 30.0) -> NodeProcess:
+        if not wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, timeout, 0.1):
+            raise TimeoutError(f"node did not start within {timeout} s:\n{self.log()}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
     def kill(self, sig: int = signal.SIGKILL) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
