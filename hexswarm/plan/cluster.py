@@ -55,7 +55,7 @@ class Link:
         return self.latency_s + nbytes / self.bandwidth_Bps
 
 
-DEFAULT_INTRA_HOST = Link(10e-6, 25e9)  # PCIe 4.0 x16 peer-to-peer
+DEFAULT_INTRA_HOST = Link(5e-6, 25e9)  # PCIe 4.0 x16 peer-to-peer
 
 
 @dataclass(frozen=True)

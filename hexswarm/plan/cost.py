@@ -12,8 +12,7 @@ Two models share one interface (``CostModel``) so that the search runs on either
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from hexswarm.plan.cluster import GIB, GpuKind, Link
@@ -48,6 +47,8 @@ class CostModel(Protocol):
 
     def token_return(self, link: Link, *, batch: int = 1) -> float: ...
 
+    def with_lengths(self, prompt_len: float, output_len: float) -> "CostModel": ...
+
 
 def ring_allreduce_s(link: Link, tp: int, nbytes: float) -> float:
     """Ring all-reduce of ``nbytes`` over ``tp`` GPUs: 2(tp-1) steps of nbytes/tp."""
@@ -70,6 +71,9 @@ class RooflineCostModel:
     @classmethod
     def for_workload(cls, model: ModelSpec, workload: Workload, **kw) -> "RooflineCostModel":
         return cls(model, workload.prompt.mean, workload.output.mean, workload.max_context, workload.max_batch, **kw)
+
+    def with_lengths(self, prompt_len: float, output_len: float) -> "RooflineCostModel":
+        return replace(self, prompt_len=prompt_len, output_len=output_len)
 
     @property
     def decode_steps(self) -> int:
@@ -148,6 +152,9 @@ class PrototypeCostModel:
     @classmethod
     def half_budget(cls, model: ModelSpec) -> "PrototypeCostModel":
         return cls(model, alpha=1e-3, beta=1e9)
+
+    def with_lengths(self, prompt_len: float, output_len: float) -> "PrototypeCostModel":
+        return replace(self, s_in=int(prompt_len), s_out=int(output_len))
 
     @property
     def decode_steps(self) -> int:

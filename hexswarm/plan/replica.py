@@ -1,0 +1,293 @@
+"""Inner search: the best pipeline for one replica's GPU set.
+
+A group is a multiset of (host, GPU kind, count). Stages are TP groups of one
+kind on one host. The search
+
+1. orders the hosts as a cycle of minimum hop cost (each decode step goes
+   around the pipeline and the sampled token back to stage 0), tries each
+   rotation (which host holds the embedding / the lm_head);
+2. pass 1, a DP over (stages, layers) with max-combine: the smallest possible
+   bottleneck stage time B* (the replica's throughput under load), choosing per
+   (host, kind) how to split its GPUs into TP degrees and how many consecutive
+   layers each stage takes, under the per-GPU memory limit;
+3. pass 2, the same DP with sum-combine over stages whose time is <= B*(1+slack):
+   the lowest unloaded latency among (near-)bottleneck-optimal layouts.
+
+GPUs may be left unused when adding them cannot help (e.g. a slow GPU that
+would become the bottleneck even with one layer).
+``symmetric=True`` restricts layouts to one TP degree and an even layer split
+(HexGen's symmetric baseline)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from hexswarm.plan.cluster import Cluster, Link
+from hexswarm.plan.cost import CostModel, HopCost, StageCost, request_latency_s
+from hexswarm.plan.layer_dp import INF, Table, best_of, combine, empty, leaf
+
+Group = tuple[tuple[int, str, int], ...]  # sorted (host index, kind, count)
+
+
+def make_group(counts: dict[tuple[int, str], int]) -> Group:
+    return tuple(sorted((h, k, c) for (h, k), c in counts.items() if c > 0))
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    host: int
+    kind: str
+    tp: int
+    layer_start: int
+    layer_end: int
+    cost: StageCost
+    busy_s: float  # prefill + decode_steps * decode: how long one request occupies the stage
+
+    @property
+    def layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    stages: tuple[PlannedStage, ...]
+    hops: tuple[HopCost, ...]
+    token_return_s: float
+    latency_s: float  # unloaded end-to-end time of one request
+    bottleneck_s: float  # max stage busy time: 1/throughput of the pipeline
+
+    @property
+    def hetero_config(self) -> list[int]:
+        return [s.tp for s in self.stages]
+
+    @property
+    def pp_partition(self) -> list[int]:
+        return [s.layers for s in self.stages]
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(s.tp for s in self.stages)
+
+    def is_symmetric(self) -> bool:
+        return len(set(self.hetero_config)) == 1 and max(self.pp_partition) - min(self.pp_partition) <= 1
+
+    def gpu_counts(self) -> dict[tuple[int, str], int]:
+        out: dict[tuple[int, str], int] = {}
+        for s in self.stages:
+            out[(s.host, s.kind)] = out.get((s.host, s.kind), 0) + s.tp
+        return out
+
+
+@dataclass(frozen=True)
+class _Unit:
+    host: int
+    kind: str
+    tp: int
+    first: bool
+    last: bool
+
+
+class ReplicaPlanner:
+    def __init__(self, cluster: Cluster, cost: CostModel, *, batch: int = 1, symmetric: bool = False,
+                 slack: float = 0.05, max_rotations: int = 8) -> None:
+        self.cluster = cluster
+        self.cost = cost
+        self.batch = batch
+        self.symmetric = symmetric
+        self.slack = slack
+        self.max_rotations = max_rotations
+        self.L = cost.model.num_layers
+        self.degrees = [d for d in (1, 2, 3, 4, 6, 8, 16) if cost.model.valid_tp(d)]
+        self._curves: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._memo: dict[Group, ReplicaLayout | None] = {}
+
+    # ---- per-stage curves over layer counts ----
+
+    def curve(self, u: _Unit) -> tuple[np.ndarray, np.ndarray]:
+        """(busy time, fits in memory) for l = 0..L layers on this TP unit."""
+        host = self.cluster.hosts[u.host]
+        key = (u.kind, host.intra, u.tp, u.first, u.last)
+        if key not in self._curves:
+            kind = host.kind(u.kind)
+            busy = np.full(self.L + 1, INF)
+            fits = np.zeros(self.L + 1, dtype=bool)
+            steps = self.cost.decode_steps
+            for l in range(1, self.L + 1):
+                c = self.cost.stage(kind, u.tp, l, host.intra, first=u.first, last=u.last, batch=self.batch)
+                busy[l] = c.busy_s(steps)
+                fits[l] = c.memory_bytes <= kind.memory_bytes
+            self._curves[key] = (busy, fits)
+        return self._curves[key]
+
+    def _unit_table(self, u: _Unit, op: str, bound: float) -> Table:
+        busy, fits = self.curve(u)
+        ok = fits & (busy <= bound)
+        if op == "max":
+            values = np.where(ok, busy, INF)
+        else:  # the hop into the stage, so that extra stages are not free
+            values = np.where(ok, busy + self._intra_hop(u), INF)
+        return leaf(values, u)
+
+    def _intra_hop(self, u: _Unit) -> float:
+        intra = self.cluster.hosts[u.host].intra
+        h = self.cost.hop(intra, u.tp, intra, batch=self.batch)
+        return h.prefill_s + self.cost.decode_steps * h.decode_s
+
+    # ---- block = all GPUs of one kind on one host in this group ----
+
+    def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
+        degrees = [d for d in self.degrees if d <= n]
+        plain = [empty(self.L)]
+        for g in range(1, n + 1):  # plain[g]: best use of at most g GPUs, no embedding/lm_head
+            opts = [plain[g - 1]] + [
+                combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False), op, bound), op)
+                for d in degrees if d <= g
+            ]
+            plain.append(best_of(opts))
+        if not first and not last:
+            return plain[n]
+        opts = []
+        for d in degrees:  # one stage holds both roles
+            if not (first and last):
+                continue
+            opts.append(combine(self._unit_table(_Unit(host, kind, d, True, True), op, bound), plain[n - d], op))
+        for d1 in degrees:
+            if first and last:
+                for d2 in degrees:
+                    if d1 + d2 <= n:
+                        head = combine(self._unit_table(_Unit(host, kind, d1, True, False), op, bound), plain[n - d1 - d2], op)
+                        opts.append(combine(head, self._unit_table(_Unit(host, kind, d2, False, True), op, bound), op))
+            elif first:
+                opts.append(combine(self._unit_table(_Unit(host, kind, d1, True, False), op, bound), plain[n - d1], op))
+            else:
+                opts.append(combine(plain[n - d1], self._unit_table(_Unit(host, kind, d1, False, True), op, bound), op))
+        return best_of(opts)
+
+    def _chain(self, blocks: list[tuple[int, str, int]], op: str, bound: float) -> Table:
+        table: Table | None = None
+        for i, (h, k, n) in enumerate(blocks):
+            t = self._block(h, k, n, i == 0, i == len(blocks) - 1, op, bound)
+            table = t if table is None else combine(table, t, op)
+        assert table is not None
+        return table
+
+    # ---- host order ----
+
+    def _hop_weight(self, a: int, b: int) -> float:
+        h = self.cost.hop(self.cluster.link(a, b), 1, self.cluster.hosts[b].intra, batch=self.batch)
+        return h.prefill_s + self.cost.decode_steps * (h.decode_s + self.cluster.link(a, b).latency_s)
+
+    def host_cycle(self, hosts: list[int]) -> list[int]:
+        """Hosts in a cycle of small total hop cost (exact up to 7 hosts, else nearest neighbour + 2-opt)."""
+        if len(hosts) <= 2:
+            return list(hosts)
+        w = {(a, b): self._hop_weight(a, b) for a in hosts for b in hosts if a != b}
+
+        def cycle_cost(order: list[int]) -> float:
+            return sum(w[(order[i], order[(i + 1) % len(order)])] for i in range(len(order)))
+
+        if len(hosts) <= 7:
+            best = min((list((hosts[0],) + p) for p in itertools.permutations(hosts[1:])), key=cycle_cost)
+            return best
+        order = [hosts[0]]
+        rest = list(hosts[1:])
+        while rest:
+            nxt = min(rest, key=lambda b: (w[(order[-1], b)], b))
+            order.append(nxt)
+            rest.remove(nxt)
+        improved = True
+        while improved:
+            improved = False
+            for i in range(1, len(order) - 1):
+                for j in range(i + 1, len(order)):
+                    cand = order[:i] + order[i:j + 1][::-1] + order[j + 1:]
+                    if cycle_cost(cand) < cycle_cost(order) - 1e-12:
+                        order, improved = cand, True
+        return order
+
+    def _rotations(self, group: Group) -> list[list[tuple[int, str, int]]]:
+        by_host: dict[int, list[tuple[int, str, int]]] = {}
+        for h, k, n in group:
+            by_host.setdefault(h, []).append((h, k, n))
+        cycle = self.host_cycle(sorted(by_host))
+        step = max(1, len(cycle) // self.max_rotations)
+        out = []
+        for r in range(0, len(cycle), step)[: self.max_rotations]:
+            order = cycle[r:] + cycle[:r]
+            out.append([b for h in order for b in by_host[h]])
+        return out
+
+    # ---- results ----
+
+    def best(self, group: Group) -> ReplicaLayout | None:
+        """The best layout for this GPU set, or None if the model cannot fit on it."""
+        if group not in self._memo:
+            self._memo[group] = self._symmetric(group) if self.symmetric else self._asymmetric(group)
+        return self._memo[group]
+
+    def _asymmetric(self, group: Group) -> ReplicaLayout | None:
+        best_rot, best_b = None, INF
+        for blocks in self._rotations(group):
+            b = float(self._chain(blocks, "max", INF).values[self.L])
+            if b < best_b:
+                best_rot, best_b = blocks, b
+        if best_rot is None:
+            return None
+        table = self._chain(best_rot, "sum", best_b * (1 + self.slack) + 1e-12)
+        if not np.isfinite(table.values[self.L]):
+            return None
+        return self.layout([(u.host, u.kind, u.tp, l) for u, l in table.assignment(self.L)])
+
+    def _symmetric(self, group: Group) -> ReplicaLayout | None:
+        best: ReplicaLayout | None = None
+        for blocks in self._rotations(group):
+            for d in self.degrees:
+                units = [(h, k) for h, k, n in blocks for _ in range(n // d)]
+                for count in range(1, min(len(units), self.L) + 1):
+                    for chosen in self._symmetric_choices(units, d, count):
+                        lay = self.layout([(h, k, d, l) for (h, k), l in zip(chosen, _even_split(self.L, count))])
+                        if lay is not None and (best is None or (lay.bottleneck_s, lay.latency_s) < (best.bottleneck_s, best.latency_s)):
+                            best = lay
+        return best
+
+    def _symmetric_choices(self, units: list[tuple[int, str]], d: int, count: int):
+        """All units if they are `count`; else the `count` fastest per layer (keeping pipeline order)."""
+        if count == len(units):
+            yield units
+            return
+        speed = {}
+        for h, k in set(units):
+            busy, _ = self.curve(_Unit(h, k, d, False, False))
+            speed[(h, k)] = busy[1]
+        ranked = sorted(range(len(units)), key=lambda i: (speed[units[i]], i))[:count]
+        yield [units[i] for i in sorted(ranked)]
+
+    def layout(self, stages: list[tuple[int, str, int, int]]) -> ReplicaLayout | None:
+        """Cost a given pipeline [(host, kind, tp, layers), ...]; None if a GPU runs out of memory."""
+        if not stages or sum(s[3] for s in stages) != self.L or any(s[3] < 1 for s in stages):
+            return None
+        out, start = [], 0
+        steps = self.cost.decode_steps
+        for i, (h, k, d, l) in enumerate(stages):
+            host = self.cluster.hosts[h]
+            kind = host.kind(k)
+            c = self.cost.stage(kind, d, l, host.intra, first=i == 0, last=i == len(stages) - 1, batch=self.batch)
+            if c.memory_bytes > kind.memory_bytes:
+                return None
+            out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps)))
+            start += l
+        hops = tuple(
+            self.cost.hop(self.cluster.link(a.host, b.host), b.tp, self.cluster.hosts[b.host].intra, batch=self.batch)
+            for a, b in zip(out, out[1:])
+        )
+        ret = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=self.batch)
+        latency = request_latency_s(self.cost, [s.cost for s in out], list(hops), ret)
+        return ReplicaLayout(tuple(out), hops, ret, latency, max(s.busy_s for s in out))
+
+
+def _even_split(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
