@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 NODE_MAIN = "from hexswarm.cli.app import main; main()"
 # Short timings keep the suite fast; acceptance deadlines derive from them.
 FAST = {"heartbeat_s": 0.5, "down_after_s": 2.0, "drop_after_s": 60.0, "probe_s": 2.0, "probe_bytes": 16384}
+JOIN_DEADLINE_S = 20.0
+# Marked down after down_after_s of silence; the sweep runs every heartbeat.
+DOWN_DEADLINE_S = FAST["down_after_s"] + 2 * FAST["heartbeat_s"] + 1.0
 CPU_DEVICE = [{"kind": "cpu", "name": "test-cpu", "memory": 4, "tflops": 0.05, "mem_bw": 5}]
 
 
@@ -124,6 +127,42 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 def all_see(replies: dict[str, Any], expected: dict[str, str]) -> bool:
     """Every reply lists exactly the expected PeerID -> state pairs for those peers."""
     return all(all(states(r).get(p) == s for p, s in expected.items()) for r in replies.values())
+
+
+def check_chain(nodes: list[NodeProcess], query_fn: Callable[[list[str]], dict[str, Any]]) -> None:
+    """The acceptance scenario on four unstarted nodes A..D, asked through query_fn.
+
+    B bootstraps to A, C to B, D to C; all four see all four up within 20 s;
+    SIGKILL of B is seen as down by the others within the heartbeat timeout;
+    B restarted with the same key is up again everywhere with the same PeerID.
+    """
+    a, b, c, d = nodes
+    for node, boot in ((a, None), (b, a), (c, b), (d, c)):
+        node.start([boot.addr] if boot else [])
+    addrs = [n.addr for n in nodes]
+    everyone_up = {n.peer_id: "up" for n in nodes}
+    replies: dict[str, Any] = {}
+
+    def joined() -> bool:
+        replies.clear()
+        replies.update(query_fn(addrs))
+        return all_see(replies, everyone_up) and all(len(states(r)) == 4 for r in replies.values())
+
+    assert wait_for(joined, JOIN_DEADLINE_S), f"tables after {JOIN_DEADLINE_S} s: {[states(r) for r in replies.values()]}"
+
+    b_peer_id = b.peer_id
+    b.kill(signal.SIGKILL)
+
+    def b_down() -> bool:
+        replies.clear()
+        replies.update(query_fn([a.addr, c.addr, d.addr]))
+        return all_see(replies, {**everyone_up, b_peer_id: "down"})
+
+    assert wait_for(b_down, DOWN_DEADLINE_S, 0.25), f"after SIGKILL of B: {[states(r) for r in replies.values()]}"
+
+    b.start([a.addr])  # same config, same key file
+    assert wait_for(joined, JOIN_DEADLINE_S), f"after restart of B: {[states(r) for r in replies.values()]}"
+    assert states(replies[b.addr]).get(b_peer_id) == "up" and peer_id_of(b.config) == b_peer_id
 
 
 if __name__ == "__main__":

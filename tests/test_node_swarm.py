@@ -9,12 +9,9 @@ import sys
 
 import pytest
 
-from netutil import FAST, NODE_MAIN, NodeProcess, all_see, free_port, query, states, wait_for, write_config
+from netutil import FAST, JOIN_DEADLINE_S, NODE_MAIN, NodeProcess, all_see, check_chain, free_port, query, states, wait_for, write_config
 
 pytestmark = pytest.mark.slow
-JOIN_DEADLINE_S = 20.0
-# Marked down after down_after_s of silence; the sweep runs every heartbeat.
-DOWN_DEADLINE_S = FAST["down_after_s"] + 2 * FAST["heartbeat_s"] + 1.0
 
 
 @pytest.fixture
@@ -25,42 +22,9 @@ def nodes():
         n.kill()
 
 
-def _start_chain(tmp_path, nodes, names="ABCD"):
-    """B bootstraps to A, C to B, D to C."""
-    prev = None
-    for name in names:
-        node = NodeProcess(write_config(tmp_path, name))
-        nodes.append(node.start([prev.addr] if prev else []))
-        prev = node
-    return nodes
-
-
 def test_chain_of_four_join_down_and_back(tmp_path, nodes):
-    a, b, c, d = _start_chain(tmp_path, nodes)
-    addrs = [n.addr for n in nodes]
-    everyone_up = {n.peer_id: "up" for n in nodes}
-
-    replies = {}
-
-    def joined() -> bool:
-        replies.update(query(addrs))
-        return all_see(replies, everyone_up) and all(len(states(r)) == 4 for r in replies.values())
-
-    assert wait_for(joined, JOIN_DEADLINE_S), f"tables after {JOIN_DEADLINE_S} s: {[states(r) for r in replies.values()]}"
-
-    b.kill(signal.SIGKILL)
-    survivors = [a.addr, c.addr, d.addr]
-
-    def b_down() -> bool:
-        replies.clear()
-        replies.update(query(survivors))
-        return all_see(replies, {b.peer_id: "down", a.peer_id: "up", c.peer_id: "up", d.peer_id: "up"})
-
-    assert wait_for(b_down, DOWN_DEADLINE_S, 0.25), f"after SIGKILL of B: {[states(r) for r in replies.values()]}"
-
-    b.start([a.addr])  # same config, same key file
-    assert wait_for(joined, JOIN_DEADLINE_S), f"after restart of B: {[states(r) for r in replies.values()]}"
-    assert states(query([b.addr])[b.addr]).get(b.peer_id) == "up"  # same PeerID as before
+    nodes.extend(NodeProcess(write_config(tmp_path, name)) for name in "ABCD")
+    check_chain(nodes, query)
 
 
 def test_other_swarm_and_unlisted_peer_never_appear(tmp_path, nodes):
