@@ -47,8 +47,13 @@ def parse_peer_id(text: str, what: str = "PeerID"):
 
     try:
         peer_id = ID.from_base58(text)
+        raw = peer_id.to_bytes()
     except Exception:
         raise UserError(f"{what} {text!r} is not a valid PeerID") from None
+    # base58 decodes almost any text; a PeerID is an identity (0x00) or
+    # sha2-256 (0x12) multihash whose length byte matches.
+    if len(raw) < 3 or raw[0] not in (0x00, 0x12) or raw[1] != len(raw) - 2 or peer_id.to_base58() != text:
+        raise UserError(f"{what} {text!r} is not a valid PeerID")
     return peer_id
 
 
