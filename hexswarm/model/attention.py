@@ -1,10 +1,13 @@
-"""Attention kernels: flash-attn when it imports and the tensors are on CUDA, else torch SDPA.
+"""Attention kernels: flash-attn when it imports and the tensors are on CUDA, else torch SDPA,
+and a Triton decode kernel that reads the KV cache through slot indices.
 
 Tensors use the flash layout [batch, seq, heads, head_dim]; GQA is handled by
 the kernels (no repeat of K/V heads in memory).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -16,9 +19,21 @@ try:  # optional: only on CUDA hosts that installed it
 except Exception:  # pragma: no cover - depends on the host
     HAVE_FLASH_ATTN = False
 
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the host
+    HAVE_TRITON = False
+
 
 def backend_name(device: torch.device) -> str:
-    return "flash_attn" if HAVE_FLASH_ATTN and device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    prefill = "flash_attn" if HAVE_FLASH_ATTN else "sdpa"
+    decode = "triton-decode" if HAVE_TRITON else prefill
+    return f"prefill={prefill}, decode={decode}"
 
 
 def _sdpa(q, k, v, mask=None, causal=False):
@@ -57,3 +72,57 @@ def cached_attention(
     query_pos = start[:, None] + torch.arange(T, device=q.device)[None, :]  # [B, T]
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # [B, T, L]
     return _sdpa(q, k_cache, v_cache, mask=mask[:, None])
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _decode_attention_kernel(
+        q_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, out_ptr,
+        stride_qrow, stride_cs, stride_cl, sm_scale,
+        NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # one program per (row, query head); online softmax over keys [0, pos] of the row's slot
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qrow + h * D + d).to(tl.float32) * sm_scale
+        slot = tl.load(slot_ptr + b)
+        n_keys = tl.load(pos_ptr + b) + 1
+        base = slot * stride_cs + kvh * D
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(0, n_keys, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = n < n_keys
+            offs = base + n[:, None] * stride_cl + d[None, :]
+            k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int) -> torch.Tensor:
+    """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
+    k_cache/v_cache: [slots, max_len, n_kv, D] holding keys [0, pos[b]] for slot[b];
+    slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
+    count comes from `pos` inside the kernel, so the launch is the same every step
+    (CUDA-graph safe) and each row reads only its own keys."""
+    B = qkv.shape[0]
+    D = k_cache.shape[-1]
+    out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
+    _decode_attention_kernel[(B, n_q)](
+        qkv, k_cache, v_cache, slot, pos, out,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(D),
+        NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=64, num_warps=4, num_stages=2,
+    )
+    return out

@@ -1,20 +1,48 @@
-"""One tensor-parallel shard of a Llama decoder layer (fused QKV and gate/up projections)."""
+"""One tensor-parallel shard of a Llama decoder layer (fused QKV and gate/up projections).
+
+Two paths compute the same function:
+
+* ``DecoderLayerShard.forward``: plain torch ops, bit-for-bit the arithmetic of
+  transformers' Llama (the CPU path; tests compare it with transformers).
+* ``DecoderLayerShard.forward_fast``: the CUDA path.  Every elementwise stage is
+  one Triton kernel (residual add + RMSNorm, rotary + KV-cache store, SiLU*up),
+  decode attention reads the cache through slot indices (no gather), and nothing
+  in it waits on the host, so a whole decode step can be captured in a CUDA graph
+  (see ``hexswarm.model.cuda_graphs``).  It rounds where transformers rounds.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hexswarm.model.attention import cached_attention, prefill_attention
+from hexswarm.model.attention import cached_attention, decode_attention, prefill_attention
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.kv_cache import KVCache
+from hexswarm.model.kv_cache import KVCache, rotary_store
 from hexswarm.model.rope import apply_rotary
 from hexswarm.model.shard import TensorShard
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+try:  # Triton ships with CUDA builds of torch; absent on CPU-only hosts
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the host
+    HAVE_TRITON = False
+
+# TRITON_INTERPRET=1 runs the kernels on CPU tensors (slowly): for checking them off-GPU.
+TRITON_ON_CPU = HAVE_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def fast_kernels_for(x: torch.Tensor) -> bool:
+    """Whether the Triton path can run on this tensor's device."""
+    return HAVE_TRITON and (x.is_cuda or TRITON_ON_CPU)
 
 
 class RMSNorm(nn.Module):
@@ -31,8 +59,85 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps,
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+        # row-wise: x += delta (stored back, rounded as torch rounds); out = w * norm(x)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
+        if HAS_DELTA:
+            d = tl.load(d_ptr + row * N + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * N + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / N
+        h = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, F_SIZE, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < F_SIZE
+        g = tl.load(gu_ptr + row * 2 * F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * 2 * F_SIZE + F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu, rounded as torch
+        tl.store(out_ptr + row * F_SIZE + offs, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """In place x += delta (when given); returns weight * rmsnorm(x).  x: contiguous [..., N]."""
+    N = x.shape[-1]
+    rows = x.numel() // N
+    out = torch.empty_like(x)
+    if delta is not None and not delta.is_contiguous():
+        delta = delta.contiguous()
+    block = triton.next_power_of_2(N)
+    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, N, eps,
+                                 HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    return out
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gu = [..., 2F] (gate first); returns [..., F]."""
+    F2 = gu.shape[-1]
+    rows = gu.numel() // F2
+    out = torch.empty(*gu.shape[:-1], F2 // 2, dtype=gu.dtype, device=gu.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(F2 // 2, block))](gu, out, F2 // 2, BLOCK=block, num_warps=4)
+    return out
+
+
 def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class StepMeta:
+    """Per-step tensors, built once per step (not per layer) on the model's device.
+
+    slot, pos: [B] long (pos = the first new position of each row); tok_slot,
+    tok_pos: [B*T] long, one per new token.  T == 1 is a decode step.  `fresh`:
+    every row starts at 0 (prefill attends only to its own tokens).  `max_total`:
+    the longest row after this step, known on the host (None when unknown: only
+    decode steps, which need no host number, may leave it out).
+    """
+
+    __slots__ = ("slot", "pos", "tok_slot", "tok_pos", "T", "fresh", "max_total")
+
+    def __init__(self, slot, pos, T: int, fresh: bool, max_total: int | None):
+        self.slot, self.pos, self.T, self.fresh, self.max_total = slot, pos, T, fresh, max_total
+        if T == 1:
+            self.tok_slot, self.tok_pos = slot, pos
+        else:
+            ar = torch.arange(T, device=pos.device)
+            self.tok_pos = (pos[:, None] + ar[None, :]).reshape(-1)
+            self.tok_slot = slot[:, None].expand(-1, T).reshape(-1)
 
 
 class DecoderLayerShard(nn.Module):
@@ -70,8 +175,13 @@ class DecoderLayerShard(nn.Module):
         total: torch.Tensor,
         fresh: bool,
         all_reduce: AllReduce | None,
+        start_host: list[int] | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, H] at positions start[b] + [0, T); writes K/V into the cache slots."""
+        """x: [B, T, H] at positions start[b] + [0, T); writes K/V into the cache slots.
+
+        The reference path (plain torch).  `start_host`, when given, spares the
+        host from reading `start`/`total` back from the device.
+        """
         B, T, _ = x.shape
         h = self.input_norm(x)
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
@@ -82,21 +192,22 @@ class DecoderLayerShard(nn.Module):
         q = apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)
         k = apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2)
         k_cache, v_cache = kv.k[layer], kv.v[layer]
+        starts = start_host if start_host is not None else start.tolist()
         if T == 1:
             # decode: one new key per row, scattered to each slot's position
             slot_t = slots if isinstance(slots, torch.Tensor) else torch.arange(slots.start, slots.stop, device=x.device)
             k_cache[slot_t, start] = k[:, 0]
             v_cache[slot_t, start] = v[:, 0]
         else:
+            slot_list = list(range(slots.start, slots.stop)) if isinstance(slots, slice) else slots.tolist()
             for b in range(B):
-                slot = (slots.start + b) if isinstance(slots, slice) else int(slots[b])
-                s0 = int(start[b])
-                k_cache[slot, s0 : s0 + T] = k[b]
-                v_cache[slot, s0 : s0 + T] = v[b]
+                s0 = starts[b]
+                k_cache[slot_list[b], s0 : s0 + T] = k[b]
+                v_cache[slot_list[b], s0 : s0 + T] = v[b]
         if fresh:
             attn = prefill_attention(q, k, v)
         else:
-            L = int(total.max())
+            L = max(starts) + T
             attn = cached_attention(q, k_cache[slots, :L], v_cache[slots, :L], start, total)
         out = F.linear(attn.reshape(B, T, self.q_size), self.o_weight)
         if all_reduce is not None:
@@ -112,3 +223,52 @@ class DecoderLayerShard(nn.Module):
         if self.down_bias is not None:
             out = out + self.down_bias
         return x + out
+
+    def forward_fast(
+        self,
+        resid: torch.Tensor,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv: KVCache,
+        layer: int,
+        meta: StepMeta,
+        all_reduce: AllReduce | None,
+        next_norm: RMSNorm | None,
+    ) -> torch.Tensor:
+        """The CUDA path.  resid: [N, H] residual stream (updated in place); h: this
+        layer's input_norm(resid).  Returns next_norm(resid) after this layer, or None
+        when next_norm is None (the caller then has the final residual in resid)."""
+        N = resid.shape[0]
+        B, T = meta.slot.shape[0], meta.T
+        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
+        k_cache, v_cache = kv.k[layer], kv.v[layer]
+        # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
+        rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, self.n_q, self.n_kv)
+        if T == 1:
+            attn = decode_attention(qkv, k_cache, v_cache, meta.slot, meta.pos, self.n_q, self.n_kv)
+        else:
+            hd = self.head_dim
+            q = qkv[:, : self.q_size].view(B, T, self.n_q, hd)
+            if meta.fresh:
+                k = qkv[:, self.q_size : self.q_size + self.kv_size].view(B, T, self.n_kv, hd)
+                v = qkv[:, self.q_size + self.kv_size :].view(B, T, self.n_kv, hd)
+                attn = prefill_attention(q, k, v)
+            else:  # a continued prompt: attend over the cache (rare; host knows the length)
+                L = meta.max_total
+                attn = cached_attention(q, k_cache[meta.slot, :L], v_cache[meta.slot, :L], meta.pos, meta.pos + T)
+            attn = attn.reshape(N, self.q_size)
+        out = F.linear(attn, self.o_weight)
+        if all_reduce is not None:
+            out = all_reduce(out)
+        if self.o_bias is not None:
+            out = out + self.o_bias
+        h = add_rmsnorm(resid, out, self.post_norm.weight, self.post_norm.eps)
+        out = F.linear(silu_mul(F.linear(h, self.gate_up_weight, self.gate_up_bias)), self.down_weight)
+        if all_reduce is not None:
+            out = all_reduce(out)
+        if self.down_bias is not None:
+            out = out + self.down_bias
+        if next_norm is None:
+            resid.add_(out)
+            return None
+        return add_rmsnorm(resid, out, next_norm.weight, next_norm.eps)

@@ -12,7 +12,7 @@ from torch import nn
 from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache
-from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm
+from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for
 from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
 
@@ -55,6 +55,9 @@ class StageModel(nn.Module):
         )
         self.register_buffer("inv_freq", inverse_frequencies(cfg).to(device), persistent=False)
 
+    # CUDA path (Triton kernels, graph-capturable decode); False forces the plain-torch path
+    fast_kernels: bool = True
+
     def new_kv_cache(self, n_slots: int, max_len: int) -> KVCache:
         return KVCache(
             self.part.n_layers, n_slots, max_len, self.part.shard.n_kv_heads, self.cfg.head_dim, self.dtype, self.device
@@ -62,6 +65,9 @@ class StageModel(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embedding)
+
+    def uses_fast_path(self, x: torch.Tensor) -> bool:
+        return self.fast_kernels and fast_kernels_for(x)
 
     def forward(
         self,
@@ -75,19 +81,66 @@ class StageModel(nn.Module):
         from hexswarm.model.kv_cache import slot_index
 
         B, T, _ = x.shape
+        start = [int(s) for s in start]
+        fresh = T > 1 and not any(start)
+        if self.uses_fast_path(x):
+            # one host-to-device copy for the step's slots and positions
+            meta_t = torch.tensor([int(s) for s in slots] + start, dtype=torch.long)
+            if x.is_cuda:
+                meta_t = meta_t.pin_memory()
+            meta_t = meta_t.to(x.device, non_blocking=True)
+            meta = StepMeta(meta_t[:B], meta_t[B:], T, fresh, max(start) + T)
+            return self.forward_fast(x, kv, meta, all_reduce)
         start_t = torch.tensor(start, dtype=torch.long, device=x.device)
         positions = start_t[:, None] + torch.arange(T, device=x.device)[None, :]
         cos, sin = cos_sin(self.inv_freq, positions, x.dtype)
-        fresh = T > 1 and not any(start)
         total = start_t + T
         idx = slot_index(slots, x.device)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, i, idx, start_t, total, fresh, all_reduce)
+            x = layer(x, cos, sin, kv, i, idx, start_t, total, fresh, all_reduce, start_host=start)
         return x
+
+    def rope_tables(self, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of positions [0, n) at the first half of head_dim, float32 holding the
+        model-dtype values transformers uses; cached, grown on demand (outside any graph)."""
+        have = getattr(self, "_rope", None)
+        if have is None or have[0].shape[0] < n_positions:
+            n = max(n_positions, self.cfg.max_position_embeddings)
+            pos = torch.arange(n, device=self.inv_freq.device)
+            cos, sin = cos_sin(self.inv_freq, pos, self.dtype)
+            half = self.cfg.head_dim // 2
+            self._rope = (cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous())
+        return self._rope
+
+    def forward_fast(self, x: torch.Tensor, kv: KVCache, meta: StepMeta, all_reduce: AllReduce | None = None):
+        """The CUDA path on per-step device tensors: no host reads, no per-layer set-up,
+        so a decode step can be captured in a CUDA graph.  x: [B, T, H]."""
+        B, T, H = x.shape
+        rope = self.rope_tables(kv.max_len)
+        resid = x.reshape(B * T, H).clone()  # updated in place, layer by layer
+        if not len(self.layers):
+            return resid.view(B, T, H)
+        first = self.layers[0].input_norm
+        h = add_rmsnorm(resid, None, first.weight, first.eps)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].input_norm if i + 1 < n else None
+            h = layer.forward_fast(resid, h, rope, kv, i, meta, all_reduce, nxt)
+        return resid.view(B, T, H)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head; float32 logits."""
-        return F.linear(self.norm(h), self.lm_head).float()
+        if self.uses_fast_path(h):
+            h = add_rmsnorm(h.contiguous(), None, self.norm.weight, self.norm.eps)
+        else:
+            h = self.norm(h)
+        return F.linear(h, self.lm_head).float()
+
+    def decode_graphs(self, kv: KVCache, all_reduce: AllReduce | None = None, use_graphs: bool | None = None):
+        """A decode-step runner that captures one CUDA graph per batch size (see cuda_graphs)."""
+        from hexswarm.model.cuda_graphs import DecodeGraphRunner
+
+        return DecodeGraphRunner(self, kv, all_reduce=all_reduce, use_graphs=use_graphs)
 
 
 def _progress(total_bytes: int, enabled: bool):
@@ -105,11 +158,16 @@ def load_stage(
     reader: CheckpointReader,
     cfg: LlamaConfig,
     part: StagePart,
-    dtype: torch.dtype,
+    dtype: torch.dtype | None,
     device: torch.device,
     show_progress: bool = False,
 ) -> StageModel:
-    """Build the stage and fill it with only this rank's slices of the checkpoint."""
+    """Build the stage and fill it with only this rank's slices of the checkpoint.
+
+    dtype None: bfloat16 on CUDA, float32 elsewhere."""
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = StageModel(cfg, part, dtype, device)
     hd = cfg.head_dim
     s = part.shard
