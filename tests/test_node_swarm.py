@@ -68,11 +68,14 @@ def test_unreachable_bootstrap_exits_with_one_line(tmp_path):
     assert last.startswith("error: cannot reach bootstrap peer") and "no other peer is known" in last
 
 
-def test_peers_cli_json_and_clean_sigterm(tmp_path, nodes):
+def test_peers_cli_json_dead_bootstrap_warning_and_clean_sigterm(tmp_path, nodes):
     a = NodeProcess(write_config(tmp_path, "A"))
     b = NodeProcess(write_config(tmp_path, "B"))
     nodes.append(a.start())
-    nodes.append(b.start([a.addr]))
+    from hexswarm.net.identity import generate
+
+    ghost = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{generate().peer_id}"
+    nodes.append(b.start([a.addr, ghost]))  # one bootstrap peer answers, one never does
     assert wait_for(lambda: all_see(query([a.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
 
     def b_probed() -> bool:
@@ -96,5 +99,7 @@ def test_peers_cli_json_and_clean_sigterm(tmp_path, nodes):
     )
     assert table.returncode == 0 and "PeerID" in table.stdout
 
+    # The dead bootstrap peer only warns while other peers are known.
+    assert b.proc.poll() is None and "still retrying, other peers are known" in b.log()
     assert b.kill(signal.SIGTERM) == 0
     assert "stopping" in b.log() and "stopped" in b.log()
