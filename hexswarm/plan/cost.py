@@ -40,6 +40,7 @@ class HopCost:
 class CostModel(Protocol):
     model: ModelSpec
     decode_steps: int  # decode passes per request after the prefill
+    max_inflight: int  # micro-batches one replica pipelines at once (each keeps its own KV cache)
 
     def stage(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, first: bool, last: bool, batch: int = 1) -> StageCost: ...
 
@@ -63,7 +64,8 @@ class RooflineCostModel:
     prompt_len: float  # mean prompt tokens
     output_len: float  # mean generated tokens
     max_context: int  # prompt + output, for KV sizing
-    max_batch: int = 1  # sequences whose KV must fit
+    max_batch: int = 1  # sequences per micro-batch
+    max_inflight: int = 8  # micro-batches in flight per replica: KV is sized for max_batch x max_inflight
     compute_efficiency: float = 0.5  # achieved / peak dense FLOP/s
     bandwidth_efficiency: float = 0.8  # achieved / peak memory bandwidth
     reserved_bytes: int = GIB // 2  # CUDA context, allocator slack, workspaces
@@ -110,7 +112,7 @@ class RooflineCostModel:
         """Peak bytes on the stage leader: weight shard, KV shard, activations, embedding/lm_head, reserve."""
         m, B = self.model, self.model.bytes_per_param
         weights = layers * m.params_per_layer * B / tp
-        kv = layers * self.max_batch * self.max_context * m.kv_bytes_per_token_per_layer(tp)
+        kv = layers * self.max_batch * self.max_inflight * self.max_context * m.kv_bytes_per_token_per_layer(tp)
         # Prefill activations of one layer: residual, normed input, q/k/v/attn out, gate/up/act of the MLP shard.
         act = self.max_batch * self.max_context * (4 * m.hidden_size + (m.q_size + 2 * m.kv_size) / tp + 3 * m.intermediate_size / tp) * B
         extra = (m.embedding_params * B if first else 0) + (m.head_params * B + self.max_batch * m.vocab_size * 4 if last else 0)
@@ -144,6 +146,7 @@ class PrototypeCostModel:
     alpha: float = 1e-6
     beta: float = 1e11
     m_d: float = 1e12
+    max_inflight: int = 1
 
     @classmethod
     def full_budget(cls, model: ModelSpec) -> "PrototypeCostModel":

@@ -3,8 +3,8 @@
     plan_cluster(cluster, model, rate=None, slo_s=None, seed=0) -> Plan
 
 ``rate`` defaults to 70% of the estimated capacity (sum of 1/bottleneck) of the
-first seed grouping, ``slo_s`` to twice the unloaded latency of its fastest
-replica; both are reported in the plan."""
+first seed grouping, ``slo_s`` to twice the median unloaded latency of its
+replicas; both are reported in the plan."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ class PlanOptions:
 
 def replica_memory_bytes(model: ModelSpec, cost: RooflineCostModel) -> int:
     """Lower bound on one replica's memory: all weights, the KV cache of the workload, one reserve."""
-    kv = model.num_layers * cost.max_batch * cost.max_context * model.kv_bytes_per_token_per_layer(1)
+    kv = model.num_layers * cost.max_batch * cost.max_inflight * cost.max_context * model.kv_bytes_per_token_per_layer(1)
     return model.weight_bytes + kv + cost.reserved_bytes
 
 
@@ -121,7 +121,8 @@ class Planner:
         if not lays:
             return 1.0, 1.0
         rate = DEFAULT_RATE_SHARE * sum(self.options.max_batch / lay.bottleneck_s for lay in lays)
-        return rate, DEFAULT_SLO_SCALE * min(lay.latency_s for lay in lays)
+        latencies = sorted(lay.latency_s for lay in lays)
+        return rate, DEFAULT_SLO_SCALE * latencies[len(latencies) // 2]
 
     def sim_workload(self, workload: Workload, replicas: int, final: bool) -> Workload:
         base = self.options.final_requests if final else self.options.sim_requests
@@ -140,7 +141,7 @@ class Planner:
             self._raise_no_layout()
         d_rate, d_slo = self.default_workload(feasible[0])
         o = self.options
-        workload = Workload(rate or d_rate, slo_s or d_slo, o.prompt, o.output, o.max_batch)
+        workload = Workload(d_rate if rate is None else rate, d_slo if slo_s is None else slo_s, o.prompt, o.output, o.max_batch)
 
         def fitness(part: Partition) -> tuple[float, float]:
             if not self.layouts(part):

@@ -103,6 +103,14 @@ class ReplicaPlanner:
         self.degrees = [d for d in (1, 2, 3, 4, 6, 8, 16) if cost.model.valid_tp(d)]
         self._curves: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._memo: dict[Group, ReplicaLayout | None] = {}
+        self._stage_costs: dict[tuple, StageCost] = {}
+
+    def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool) -> StageCost:
+        h = self.cluster.hosts[host]
+        key = (kind, h.intra, tp, layers, first, last)
+        if key not in self._stage_costs:
+            self._stage_costs[key] = self.cost.stage(h.kind(kind), tp, layers, h.intra, first=first, last=last, batch=self.batch)
+        return self._stage_costs[key]
 
     # ---- per-stage curves over layer counts ----
 
@@ -116,7 +124,7 @@ class ReplicaPlanner:
             fits = np.zeros(self.L + 1, dtype=bool)
             steps = self.cost.decode_steps
             for l in range(1, self.L + 1):
-                c = self.cost.stage(kind, u.tp, l, host.intra, first=u.first, last=u.last, batch=self.batch)
+                c = self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last)
                 busy[l] = c.busy_s(steps)
                 fits[l] = c.memory_bytes <= kind.memory_bytes
             self._curves[key] = (busy, fits)
@@ -272,10 +280,8 @@ class ReplicaPlanner:
         out, start = [], 0
         steps = self.cost.decode_steps
         for i, (h, k, d, l) in enumerate(stages):
-            host = self.cluster.hosts[h]
-            kind = host.kind(k)
-            c = self.cost.stage(kind, d, l, host.intra, first=i == 0, last=i == len(stages) - 1, batch=self.batch)
-            if c.memory_bytes > kind.memory_bytes:
+            c = self.stage_cost(h, k, d, l, i == 0, i == len(stages) - 1)
+            if c.memory_bytes > self.cluster.hosts[h].kind(k).memory_bytes:
                 return None
             out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps)))
             start += l

@@ -3,8 +3,8 @@
 Model (per replica):
 * a request (or, with batching, a micro-batch of up to ``max_batch`` queued
   requests) takes one of the replica's pipeline slots; there are as many slots
-  as stages, so up to one micro-batch per stage is in flight (HexGen's runtime
-  keeps one KV cache per micro-batch);
+  as stages (at most ``cost.max_inflight``, whose KV caches the memory model
+  reserves), so up to one micro-batch per stage is in flight;
 * a micro-batch makes one prefill pass, then one decode pass per generated token;
   a pass alone takes T = sum of stage times + hops; passes of concurrent
   micro-batches interleave, and each stage serves one at a time, so with
@@ -147,7 +147,7 @@ def simulate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], w
         prompts.append(workload.prompt.sample(rng))
         outputs.append(workload.output.sample(rng))
     done = [math.inf] * n
-    reps = [_Replica(ReplicaTiming(cluster, cost, r), slots=len(r.stages)) for r in replicas]
+    reps = [_Replica(ReplicaTiming(cluster, cost, r), slots=min(len(r.stages), cost.max_inflight)) for r in replicas]
     unloaded = [r.latency_s for r in replicas]
     bottleneck = [max(r.bottleneck_s, 1e-12) for r in replicas]
     events: list[tuple[float, int, int]] = []  # (time, replica, version): the replica's next change
@@ -209,3 +209,26 @@ def simulate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], w
 
 def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def peak_rate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
+              target: float = 0.9, seed: int = 0, rel_tol: float = 0.02) -> float:
+    """The highest Poisson rate at which SLO attainment stays >= ``target`` (bisection)."""
+    def ok(rate: float) -> bool:
+        return simulate(cluster, cost, replicas, workload.with_rate(rate), seed=seed).slo_attainment >= target
+
+    if not replicas:
+        return 0.0
+    lo, hi = 0.0, workload.rate
+    while ok(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0.0:
+        lo = hi
+        while lo > 1e-9 and not ok(lo):
+            hi, lo = lo, lo / 2
+        if lo <= 1e-9:
+            return 0.0
+    while hi - lo > rel_tol * lo:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
