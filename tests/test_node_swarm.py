@@ -103,3 +103,19 @@ def test_peers_cli_json_dead_bootstrap_warning_and_clean_sigterm(tmp_path, nodes
     assert b.proc.poll() is None and "still retrying, other peers are known" in b.log()
     assert b.kill(signal.SIGTERM) == 0
     assert "stopping" in b.log() and "stopped" in b.log()
+
+
+def test_port_in_use_exits_with_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run(
+            [sys.executable, "-c", NODE_MAIN, "node", "--config", str(write_config(tmp_path, "x")), "--listen", f"/ip4/127.0.0.1/tcp/{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: cannot listen on")

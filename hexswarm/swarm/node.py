@@ -173,6 +173,11 @@ class Node:
         except OSError as e:
             raise UserError(f"cannot listen on {', '.join(self.config.listen)}: {e.strerror or e}") from None
         try:
+            # py-libp2p logs a failed listen (port taken, address not local) and carries on.
+            if len(self.host.get_transport_addrs()) < len(listen):
+                raise UserError(
+                    f"cannot listen on {', '.join(self.config.listen)} (address in use or not on this host)"
+                )
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.gossipsub = GossipSub(
                 protocols=[TProtocol(p) for p in GOSSIPSUB_PROTOCOLS],
