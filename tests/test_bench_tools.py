@@ -1,0 +1,57 @@
+"""The benchmark tools' code paths, on CPU and tiny sizes, so they cannot rot (no timing asserts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_gpu_tiny_cpu_runs_every_measurement(tmp_path, capsys):
+    bench = _load("bench_gpu")
+    out = tmp_path / "bench.json"
+    res = bench.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    assert not res.get("errors"), res.get("errors")
+    for B in (1, 2):
+        for key in (f"engine-fast/{B}", f"engine-torch/{B}", f"hf-eager/{B}", f"hf-sdpa/{B}"):
+            assert res["prefill"][key] > 0, key
+        for key in (f"engine-graph/{B}", f"engine-eager/{B}", f"engine-torch/{B}", f"hf-eager/{B}", f"hf-sdpa/{B}"):
+            assert math.isfinite(res["decode"][key]), key
+        assert res["floor"][B]["weights_kv_ms"] > res["floor"][B]["weights_ms"] > 0
+    # the fast path (here: its CPU fallback) and the torch path agree exactly in float32
+    assert res["agreement"]["max_rel_logit_diff"] < 1e-5
+    assert res["agreement"]["argmax_agree_steps"] == "9/9"
+    for impl in ("eager", "sdpa"):
+        assert res[f"hf_vs_engine_rel_diff/{impl}"] < 1e-4
+    assert "| batch |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["table"] == res["table"]
+
+
+def test_checkpoint_maker_writes_a_loadable_7b_shaped_model(tmp_path):
+    """The GPU run's checkpoint maker, at one layer and on CPU: config and shapes as Llama-2-7B."""
+    bench = _load("bench_gpu")
+    from safetensors import safe_open
+
+    d = bench.make_llama_checkpoint(tmp_path / "m", layers=1, device=torch.device("cpu"), files=3)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["hidden_size"] == 4096 and cfg["num_hidden_layers"] == 1
+    index = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 3
+    with safe_open(str(d / index["model.layers.0.mlp.down_proj.weight"]), framework="pt") as f:
+        t = f.get_slice("model.layers.0.mlp.down_proj.weight")
+        assert t.get_shape() == [4096, 11008] and t.get_dtype() == "BF16"
