@@ -72,7 +72,9 @@ async def _run_node(node) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, node)
         try:
-            await node.run()
+            from hexswarm.swarm.daemon import run_daemon
+
+            await run_daemon(node)
         except Exception as e:
             failure = _first_leaf(e)
         finally:

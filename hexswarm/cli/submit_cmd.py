@@ -1,7 +1,96 @@
-"""Placeholder: commands are added by their owning issue."""
+"""`hexswarm submit` (send a prompt to any node) and `hexswarm status` (a node's view of the layout)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import List, Optional
 
 import typer
 
+from hexswarm.errors import UserError
+
+
+def submit(
+    peer: str = typer.Option(..., "--peer", help="any node's multiaddr /ip4/.../tcp/.../p2p/<PeerID>"),
+    prompt: str = typer.Option(..., "--prompt"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    request_id: Optional[str] = typer.Option(None, "--request-id", help="idempotency key (default: random)"),
+    stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
+    timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait for the whole answer"),
+) -> None:
+    """Send a prompt to the swarm through any node; tokens come back from the serving pipeline."""
+    import trio
+
+    from hexswarm.runtime.sampling import SamplingParams
+    from hexswarm.swarm.submit import submit_to
+
+    SamplingParams(temperature, top_k, top_p, seed).validate()
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
+               "top_p": top_p, "seed": seed, "stop": list(stop or []), "stream": stream and not as_json}
+    if request_id:
+        request["request_id"] = request_id
+
+    def on_frame(frame: dict) -> None:
+        if "token" in frame and request["stream"]:
+            sys.stdout.write(frame["text"])
+            sys.stdout.flush()
+
+    final = trio.run(submit_to, peer, request, on_frame, timeout)
+    if "error" in final:
+        err = final["error"]
+        raise UserError(f"{err.get('code')}: {err.get('message')}")
+    done = final["done"]
+    if as_json:
+        print(json.dumps(done))
+    elif request["stream"]:
+        sys.stdout.write("\n")
+    else:
+        print(done["text"])
+    if not as_json:
+        typer.echo(f"[{len(done['tokens'])} tokens, finish={done['finish_reason']}, request {done['request_id']}, "
+                   f"epoch {done['epoch']} replica {done['replica']}, TP {done['layout']['hetero_config']} / "
+                   f"layers {done['layout']['pp_partition']}]", err=True)
+
+
+def status(
+    peer: str = typer.Option(..., "--peer", help="a node's multiaddr"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show a node's view of the head and the committed layout."""
+    import trio
+
+    from hexswarm.swarm.status_client import fetch_status
+
+    st = trio.run(fetch_status, peer)
+    if as_json:
+        print(json.dumps(st))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    layout = st.get("layout")
+    console.print(f"node {st['peer']}  head {st['head']}  term {st['term']}  "
+                  f"epoch {layout['epoch'] if layout else '-'}  serving peers {len(st['view'])}")
+    if not layout:
+        console.print("no committed layout yet")
+        return
+    table = Table("replica", "stage", "peer", "TP", "layers")
+    for ri, r in enumerate(layout["replicas"]):
+        for si, s in enumerate(r):
+            table.add_row(str(ri), str(si), s["peer"], str(s["tp"]), f"{s['layers'][0]}-{s['layers'][1] - 1}")
+    console.print(table)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("submit")(submit)
+    app.command("status")(status)

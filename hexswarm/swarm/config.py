@@ -141,6 +141,36 @@ def _devices(raw: Any, base: Path) -> str | list[dict]:
     return out
 
 
+def _choice(*allowed: str) -> Callable[[Any, Path], str]:
+    def parse(raw: Any, base: Path) -> str:
+        if raw not in allowed:
+            raise _BadValue(f"expected one of {', '.join(allowed)}, got {raw!r}")
+        return raw
+
+    return parse
+
+
+def _positive_int(raw: Any, base: Path) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise _BadValue(f"expected a positive integer, got {raw!r}")
+    return raw
+
+
+def _serve_layout(raw: Any, base: Path) -> dict | None:
+    """{hetero_config: [tp, ...], pp_partition: [layers, ...], replicas: n}: pin the layout's shape."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {"hetero_config", "pp_partition", "replicas"}:
+        raise _BadValue("expected {hetero_config: [...], pp_partition: [...], replicas: n}")
+    hc, pp = raw.get("hetero_config"), raw.get("pp_partition")
+    for name, value in (("hetero_config", hc), ("pp_partition", pp)):
+        if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+            raise _BadValue(f"{name} must be a list of positive integers")
+    if len(hc) != len(pp):
+        raise _BadValue(f"hetero_config has {len(hc)} stages, pp_partition {len(pp)}")
+    return {"hetero_config": hc, "pp_partition": pp, "replicas": _positive_int(raw.get("replicas", 1), base)}
+
+
 def _log_level(raw: Any, base: Path) -> str:
     levels = ("debug", "info", "warning", "error")
     if raw not in levels:
@@ -175,6 +205,15 @@ class NodeConfig:
     probe_s: float = field(default=5.0, metadata=_key(_positive, "latency probe interval"))
     probe_bytes: int = field(default=256 * 1024, metadata=_key(_non_negative_int, "throughput probe size (0: off)"))
     log_level: str = field(default="info", metadata=_key(_log_level, "debug, info, warning or error"))
+    # --- serving (hexswarm.swarm.serving) ---
+    serve_device: str = field(default="auto", metadata=_key(_choice("auto", "cpu", "cuda"), "where stages run"))
+    serve_dtype: str = field(
+        default="auto", metadata=_key(_choice("auto", "float32", "bfloat16", "float16"), "weights dtype (auto: bf16 on cuda)")
+    )
+    max_batch: int = field(default=8, metadata=_key(_positive_int, "KV-cache slots: requests in flight per pipeline"))
+    max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
+    term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
+    serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))
     # Where the config came from; not a YAML key.
     source: Path | None = field(default=None, metadata={"internal": True})
 

@@ -156,6 +156,10 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
 
+    async def stopped(self) -> None:
+        """Return once stop() was called (or the node failed)."""
+        await self._stop.wait()
+
     # --- lifecycle --------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -1,0 +1,44 @@
+"""A node daemon that serves: the Node (membership) plus, when the config names a
+model, the Server (layout, head, stages, requests)."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from hexswarm.swarm.config import NodeConfig
+from hexswarm.swarm.serving import HeadSettings, Server
+from hexswarm.swarm.stages import ServeSettings
+
+log = logging.getLogger("hexswarm.node")
+
+
+def serve_settings(config: NodeConfig, devices) -> ServeSettings:
+    device = config.serve_device
+    if device == "auto":
+        device = "cuda" if any(d.kind == "cuda" for d in devices) else "cpu"
+    dtype = config.serve_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
+                         max_seq_len=config.max_seq_len)
+
+
+def head_settings(config: NodeConfig) -> HeadSettings:
+    return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout)
+
+
+async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the node, and the server on top of it when a model is configured."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        server = None
+        if node.config.model is not None:
+            server = Server(node, serve_settings(node.config, node.devices), head_settings(node.config))
+            await nursery.start(server.run)
+        else:
+            log.info("no model configured: this node relays but serves no stages")
+        task_status.started(server)
+        await node.stopped()
+        nursery.cancel_scope.cancel()

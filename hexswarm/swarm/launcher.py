@@ -1,0 +1,188 @@
+"""Start a local swarm of node processes on 127.0.0.1: for `make demo`, the
+bootstrap scripts, the end-to-end tests and the benchmark tools."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+NODE_MAIN = "from hexswarm.cli.app import main; main()"
+CPU_DEVICE = {"kind": "cpu", "name": "cpu", "memory": 4, "tflops": 0.05, "mem_bw": 5}
+# Short timings keep a local swarm responsive: peers are marked down 2 s after they go silent.
+FAST_TIMINGS = {"heartbeat_s": 0.5, "down_after_s": 2.0, "drop_after_s": 60.0, "probe_s": 2.0, "probe_bytes": 16384}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def write_node_config(folder: Path, name: str, **keys: Any) -> Path:
+    """folder/<name>/node.yaml with a CPU device, fast timings and the given keys on top."""
+    home = folder / name
+    home.mkdir(parents=True, exist_ok=True)
+    data = {"data_dir": str(home), "swarm": "local", "devices": [CPU_DEVICE], "log_level": "info",
+            **FAST_TIMINGS, **keys}
+    path = home / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def peer_id_of(config: Path) -> str:
+    """The PeerID of a config's key (created as the node would create it)."""
+    from hexswarm.net.identity import load_or_create
+    from hexswarm.swarm.config import load_config
+
+    return load_or_create(load_config(config).key_file).peer_id.to_base58()
+
+
+class NodeProcess:
+    """`hexswarm node --config F` in its own process (optionally behind a prefix such as `ip netns exec`)."""
+
+    def __init__(self, config: Path, ip: str = "127.0.0.1", port: int | None = None, prefix: Sequence[str] = (),
+                 cwd: Path | None = None):
+        self.config = config
+        self.ip = ip
+        self.port = port or free_port()
+        self.prefix = list(prefix)
+        self.cwd = cwd
+        self.peer_id = peer_id_of(config)
+        self.log_path = config.parent / "node.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def addr(self) -> str:
+        return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
+
+    def start(self, bootstrap: Sequence[str] = ()) -> "NodeProcess":
+        args = [*self.prefix, sys.executable, "-c", NODE_MAIN, "node", "--config", str(self.config)]
+        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port}"]
+        for b in bootstrap:
+            args += ["--bootstrap", b]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                         start_new_session=True)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_listening(self, timeout: float = 60.0) -> "NodeProcess":
+        if not wait_for(lambda: "listening on" in self.log() or not self.alive(), timeout, 0.1):
+            raise TimeoutError(f"node did not start within {timeout} s:\n{self.log()}")
+        if not self.alive():
+            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> int | None:
+        """Signal the node and its TP follower processes (its process group)."""
+        import os
+
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGSTOP,):
+            return None
+        try:
+            return self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(5)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class LocalSwarm:
+    """Several serving nodes on loopback, bootstrapped in a chain to the first."""
+
+    def __init__(self, folder: Path, model_dir: Path, devices_per_node: Sequence[int], swarm: str = "local",
+                 serve_layout: dict | None = None, extra: dict | None = None):
+        self.folder = Path(folder)
+        self.model_dir = Path(model_dir)
+        self.nodes: list[NodeProcess] = []
+        self.serve_layout = serve_layout
+        self.swarm = swarm
+        self.extra = extra or {}
+        for n in devices_per_node:
+            self.add_node(n, start=False)
+
+    def add_node(self, n_devices: int = 1, start: bool = True) -> NodeProcess:
+        name = f"node{len(self.nodes)}"
+        keys = {"swarm": self.swarm, "model": str(self.model_dir), "roles": ["head", "worker"],
+                "devices": [{**CPU_DEVICE, "name": "cpu"} for _ in range(n_devices)], **self.extra}
+        if self.serve_layout:
+            keys["serve_layout"] = self.serve_layout
+        node = NodeProcess(write_node_config(self.folder, name, **keys))
+        self.nodes.append(node)
+        if start:
+            node.start([self.nodes[0].addr] if len(self.nodes) > 1 else []).wait_listening()
+        return node
+
+    def start(self) -> "LocalSwarm":
+        for i, node in enumerate(self.nodes):
+            node.start([self.nodes[0].addr] if i else [])
+        for node in self.nodes:
+            node.wait_listening()
+        return self
+
+    def status(self, node: NodeProcess, timeout: float = 5.0) -> dict:
+        import trio
+
+        from hexswarm.swarm.status_client import fetch_status
+
+        return trio.run(fetch_status, node.addr, timeout)
+
+    def wait_layout(self, timeout: float = 90.0, min_epoch: int = 1, nodes: Sequence[NodeProcess] | None = None) -> dict:
+        """Wait until every live node reports the same committed layout of at least min_epoch."""
+        seen: dict = {}
+
+        def agreed() -> bool:
+            try:
+                sts = [self.status(n) for n in (nodes or [n for n in self.nodes if n.alive()])]
+            except Exception:
+                return False
+            epochs = {(s["layout"] or {}).get("epoch") for s in sts}
+            if len(epochs) != 1 or None in epochs or min(epochs) < min_epoch:
+                return False
+            seen.update(sts[0])
+            return True
+
+        if not wait_for(agreed, timeout, 0.5):
+            logs = "\n".join(f"--- {n.config.parent.name}\n{n.log()[-3000:]}" for n in self.nodes)
+            raise TimeoutError(f"no agreed layout within {timeout} s\n{logs}")
+        return seen
+
+    def stop(self) -> None:
+        import os
+
+        for node in self.nodes:  # signal all first, then wait: shutdowns overlap
+            if node.alive():
+                try:
+                    os.killpg(node.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for node in self.nodes:
+            node.kill(signal.SIGTERM)

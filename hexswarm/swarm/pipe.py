@@ -1,0 +1,147 @@
+"""One-way messages between peers over long-lived libp2p streams (`/hexswarm/pipe/1`).
+
+Pipeline traffic (activations, sampled tokens, token events) is many small
+messages per second between the same few peers, so each sender keeps one
+stream per destination open and writes length-prefixed codec frames to it in
+order; opening a stream per message would add a multistream negotiation round
+trip to every decode step.  Messages are dicts with a "kind"; the receiver
+hands each to the callback registered for that kind.
+
+`send` may be called from worker threads: it only queues the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from hexswarm.errors import ProtocolError
+from hexswarm.net import codec
+from hexswarm.net.framing import read_exactly, write_frame
+from hexswarm.net.protocols import close_quietly, protocol_id, remote_peer_id, reset_quietly
+
+log = logging.getLogger("hexswarm.pipe")
+
+PIPE = protocol_id("pipe", 1)
+MAX_PIPE_FRAME = 512 * 1024 * 1024  # a long prefill's activations
+BODY_TIMEOUT_S = 60.0
+QUEUE_DEPTH = 4096
+
+Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
+SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
+
+
+class MessagePipe:
+    def __init__(self, node, on_send_failed: SendFailed | None = None):
+        self.node = node
+        self.receivers: dict[str, Receiver] = {}
+        self.on_send_failed = on_send_failed
+        self._out: dict[str, trio.MemorySendChannel] = {}
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def on(self, kind: str, fn: Receiver) -> None:
+        self.receivers[kind] = fn
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.custom_types import TProtocol
+
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.node.host.set_stream_handler(TProtocol(PIPE), self._on_stream)
+            task_status.started()
+            await trio.sleep_forever()
+
+    # ---- sending ------------------------------------------------------------------------
+    def send(self, peer: str, msg: dict) -> None:
+        """Queue msg for peer; safe from any thread.  A message to ourselves is delivered locally."""
+        if self._token is None:
+            raise RuntimeError("pipe not running")
+        try:
+            if trio.lowlevel.current_trio_token() is self._token:
+                self._send_here(peer, msg)
+                return
+        except RuntimeError:
+            pass
+        self._token.run_sync_soon(self._send_here, peer, msg)
+
+    def _send_here(self, peer: str, msg: dict) -> None:
+        if peer == self.node.peer_id_str:
+            self._deliver(msg, peer)
+            return
+        channel = self._out.get(peer)
+        if channel is None:
+            channel, receive = trio.open_memory_channel(QUEUE_DEPTH)
+            self._out[peer] = channel
+            self._nursery.start_soon(self._writer, peer, receive)
+        try:
+            channel.send_nowait(msg)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            log.warning("pipe to %s is full or closed; message %s dropped", peer, msg.get("kind"))
+            if self.on_send_failed:
+                self.on_send_failed(peer, [msg])
+
+    async def _writer(self, peer: str, receive: trio.MemoryReceiveChannel) -> None:
+        from libp2p.custom_types import TProtocol
+
+        from hexswarm.net.host import parse_peer_id
+
+        stream = None
+        pending: list[dict] = []
+        try:
+            with trio.fail_after(10):
+                stream = await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)])
+            async for msg in receive:
+                pending = [msg]
+                await write_frame(stream, msg, timeout=BODY_TIMEOUT_S, max_size=MAX_PIPE_FRAME)
+                pending = []
+        except (Exception, trio.TooSlowError) as e:
+            log.warning("pipe to %s broke: %s: %s", peer, type(e).__name__, e)
+            if self._out.get(peer) is not None:
+                del self._out[peer]
+            while True:  # whatever was queued behind the failure did not go out either
+                try:
+                    pending.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            if self.on_send_failed and pending:
+                self.on_send_failed(peer, pending)
+        finally:
+            if stream is not None:
+                await close_quietly(stream)
+
+    # ---- receiving ----------------------------------------------------------------------
+    async def _on_stream(self, stream) -> None:
+        sender = str(remote_peer_id(stream))
+        if not self.node.is_allowed(sender):
+            await reset_quietly(stream)
+            return
+        try:
+            while True:
+                header = await read_exactly(stream, codec.FRAME_HEADER.size, timeout=math.inf)
+                body = await read_exactly(stream, codec.frame_length(header, MAX_PIPE_FRAME), timeout=BODY_TIMEOUT_S)
+                msg = codec.decode(body, MAX_PIPE_FRAME)
+                if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
+                    raise ProtocolError("pipe message is not a dict with a kind")
+                self._deliver(msg, sender)
+        except ProtocolError as e:
+            log.debug("pipe from %s ended: %s", sender, e)
+        except Exception as e:
+            log.warning("pipe from %s failed: %s: %s", sender, type(e).__name__, e)
+        finally:
+            await reset_quietly(stream)
+
+    def _deliver(self, msg: dict, sender: str) -> None:
+        fn = self.receivers.get(msg.get("kind"))
+        if fn is None:
+            log.debug("pipe message of unknown kind %r from %s dropped", msg.get("kind"), sender)
+            return
+        try:
+            fn(msg, sender)
+        except (KeyError, TypeError, ValueError, ProtocolError) as e:
+            log.warning("bad %s message from %s: %s: %s", msg.get("kind"), sender, type(e).__name__, e)

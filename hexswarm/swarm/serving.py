@@ -1,0 +1,341 @@
+"""Serving on a node: layout negotiation, the rotating head, dispatch, and the pipe routing.
+
+- Head: for each term (`term_s` of wall clock) the head is the first of the live
+  head-capable serving peers by rendezvous hash of (term, PeerID); everyone computes
+  the same from the same table, and a head that goes silent is skipped as soon as it
+  is marked down.  Only the head proposes layouts and dispatches.
+- Layout: the head plans from the live view and gossips a signed proposal for a new
+  epoch; assigned peers load their stages and report ready; the head gossips a
+  signed commit.  The previous epoch keeps serving its requests until they finish
+  (make-before-break).  The head re-gossips the commit so late joiners learn it.
+- Requests: an entry node (any node) tokenizes, asks the head to place the request;
+  the head picks the replica with the earliest predicted finish and sends "start"
+  to that replica's stage 0 over the pipe; tokens flow back to the entry node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hexswarm.errors import ProtocolError, UserError
+from hexswarm.model.config import LlamaConfig
+from hexswarm.net.protocols import BUSY, RemoteError, RequestError, protocol_id
+from hexswarm.net.signed import open_sealed, seal
+from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
+from hexswarm.swarm.pipe import MessagePipe
+from hexswarm.swarm.planning import PeerView, make_layout
+from hexswarm.swarm.stages import ServeSettings, StageSet
+
+log = logging.getLogger("hexswarm.serving")
+
+DISPATCH = protocol_id("dispatch", 1)
+LAYOUT = protocol_id("layout", 1)
+STATUS = protocol_id("status", 1)
+LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
+NO_LAYOUT = "no_layout"
+NOT_HEAD = "not_head"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Peers serve the same model when their config.json files are byte-identical."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    term_s: float = 300.0
+    settle_s: float = 1.0  # a view must hold this long before a new layout is proposed
+    ready_timeout_s: float = 120.0
+    republish_s: float = 2.0
+    dispatch_wait_s: float = 30.0  # how long a request waits for a serving pipeline
+    serve_layout: dict | None = None
+    plan_seed: int = 0
+
+
+class Server:
+    def __init__(self, node, settings: ServeSettings, head: HeadSettings):
+        self.node = node
+        self.me = node.peer_id_str
+        self.settings = settings
+        self.head_settings = head
+        self.cfg = LlamaConfig.from_dir(settings.model_dir)
+        self.tokenizer = TextTokenizer(settings.model_dir, self.cfg)
+        self.model_id = model_fingerprint(settings.model_dir)
+        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed)
+        self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe)
+        self.committed: SwarmLayout | None = None
+        self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
+        self.highest_epoch = 0
+        self._ready: dict[int, set[str]] = {}
+        self._proposing = False
+        self._view_seen: tuple[frozenset, float] | None = None
+        self._last_republish = 0.0
+        self._layout_changed = trio.Event()
+        self.inflight: dict[tuple[int, int], int] = {}  # head: requests dispatched per (epoch, replica)
+        self.entries: dict[str, trio.MemorySendChannel] = {}  # entry: rid -> events channel
+        self._nursery: trio.Nursery | None = None
+        node.extra.update({"model": self.model_id, "serve": True})
+        from hexswarm.swarm.submit import SubmitService
+
+        self.submit_service = SubmitService(self)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await nursery.start(self.pipe.run)
+            for kind in ("start", "forward", "tokens"):
+                self.pipe.on(kind, self._to_stage)
+            self.pipe.on("event", self._to_entry)
+            self.pipe.on("done", self._to_entry)
+            self.pipe.on("finished", self._on_finished)
+            self.node.register_handler(DISPATCH, self._on_dispatch)
+            self.node.register_handler(LAYOUT, self._on_layout_request)
+            self.node.register_handler(STATUS, self._on_status, open_to_all=True)
+            self.submit_service.register()
+            await self.node.subscribe(self.node.topic("layout"), self._on_layout_gossip)
+            nursery.start_soon(self._head_loop, nursery)
+            nursery.start_soon(self._retire_loop)
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.stages.close()
+
+    # ---- the head --------------------------------------------------------------------------
+    def serving_view(self) -> list[str]:
+        """Live peers serving our model, self included, sorted."""
+        peers = {self.me}
+        for entry in self.node.table.up():
+            if entry.record.extra.get("model") == self.model_id and entry.record.extra.get("serve"):
+                peers.add(entry.peer_id)
+        return sorted(peers)
+
+    def head_candidates(self, view: list[str]) -> list[str]:
+        heads = [p for p in view if "head" in self._roles(p)]
+        return heads or view
+
+    def _roles(self, peer: str) -> list[str]:
+        if peer == self.me:
+            return list(self.node.config.roles)
+        entry = self.node.table.get(peer)
+        return list(entry.record.roles) if entry else []
+
+    @property
+    def term(self) -> int:
+        return int(time.time() // self.head_settings.term_s)
+
+    def current_head(self, view: list[str] | None = None) -> str | None:
+        return head_for(self.head_candidates(view or self.serving_view()), self.term)
+
+    def head_order(self) -> list[str]:
+        return rendezvous_rank(self.head_candidates(self.serving_view()), self.term)
+
+    async def _head_loop(self, nursery: trio.Nursery) -> None:
+        while True:
+            await trio.sleep(0.25)
+            view = self.serving_view()
+            if self.current_head(view) != self.me:
+                self._view_seen = None
+                continue
+            key = frozenset(view)
+            now = time.monotonic()
+            if self._view_seen is None or self._view_seen[0] != key:
+                self._view_seen = (key, now)
+            stale = self.committed is None or frozenset(self.committed.view) != key
+            if stale and not self._proposing and now - self._view_seen[1] >= self.head_settings.settle_s:
+                self._proposing = True
+                nursery.start_soon(self._propose, view)
+            if self._commit_msg is not None and now - self._last_republish >= self.head_settings.republish_s:
+                self._last_republish = now
+                await self._publish_layout(self._commit_msg)
+
+    def _peer_views(self, view: list[str]) -> list[PeerView]:
+        out = []
+        for p in view:
+            if p == self.me:
+                out.append(PeerView(p, [d.to_wire() for d in self.node.devices], {}))
+            else:
+                rec = self.node.table.get(p).record
+                out.append(PeerView(p, list(rec.devices), dict(rec.links)))
+        return out
+
+    async def _propose(self, view: list[str]) -> None:
+        try:
+            replicas, predicted = await trio.to_thread.run_sync(
+                make_layout, self.cfg, self._peer_views(view), self.head_settings.serve_layout,
+                self.head_settings.plan_seed)
+            epoch = self.highest_epoch + 1
+            self.highest_epoch = epoch
+            layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view),
+                                 tuple(tuple(r) for r in replicas), predicted)
+            log.info("head: proposing epoch %d: %s", epoch, layout.describe())
+            self._ready[epoch] = set()
+            proposal = seal({"type": "propose", "layout": layout.to_wire()}, self.node.identity, LAYOUT_DOMAIN)
+            await self._publish_layout(proposal)
+            await self._on_layout_gossip(proposal, self.me)
+            with trio.move_on_after(self.head_settings.ready_timeout_s):
+                while not layout.peers <= self._ready[epoch]:
+                    if frozenset(self.serving_view()) != frozenset(view):
+                        log.info("head: view changed while epoch %d was loading; re-planning", epoch)
+                        return
+                    await trio.sleep(0.1)
+            if not layout.peers <= self._ready[epoch]:
+                log.warning("head: epoch %d not ready in time (missing %s)", epoch,
+                            sorted(layout.peers - self._ready[epoch]))
+                return
+            commit = seal({"type": "commit", "layout": layout.to_wire()}, self.node.identity, LAYOUT_DOMAIN)
+            await self._on_layout_gossip(commit, self.me)
+            await self._publish_layout(commit)
+            log.info("head: committed epoch %d", epoch)
+        except UserError as e:
+            log.warning("head: cannot plan a layout: %s", e)
+            await trio.sleep(2.0)
+        finally:
+            self._proposing = False
+
+    async def _publish_layout(self, msg: dict) -> None:
+        try:
+            await self.node.publish(self.node.topic("layout"), msg)
+        except Exception as e:
+            log.debug("publishing layout: %s", e)
+
+    # ---- layout messages (every node) ------------------------------------------------------
+    async def _on_layout_gossip(self, msg: Any, publisher: str) -> None:
+        obj, signer = open_sealed(msg, LAYOUT_DOMAIN)
+        if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit"):
+            raise ProtocolError("layout message of unknown type")
+        layout = SwarmLayout.from_wire(obj["layout"], self.cfg.num_hidden_layers)
+        if signer != layout.head or not self.node.is_allowed(signer):
+            raise ProtocolError(f"layout signed by {signer}, not by its head {layout.head}")
+        if layout.model != self.model_id:
+            raise ProtocolError("layout for another model")
+        self.highest_epoch = max(self.highest_epoch, layout.epoch)
+        if obj["type"] == "propose":
+            if self.committed is None or layout.epoch > self.committed.epoch:
+                if layout.stages_of(self.me):
+                    self._nursery.start_soon(self._load_and_report, layout)
+            return
+        if self.committed is None or layout.epoch > self.committed.epoch:
+            self.committed = layout
+            self._commit_msg = msg
+            self._layout_changed.set()
+            self._layout_changed = trio.Event()
+            log.info("epoch %d committed by %s: %s", layout.epoch, layout.head, layout.describe())
+            if layout.stages_of(self.me):
+                self._nursery.start_soon(self.stages.load_epoch, layout)
+
+    async def _load_and_report(self, layout: SwarmLayout) -> None:
+        try:
+            await self.stages.load_epoch(layout)
+        except Exception as e:
+            log.error("epoch %d: cannot load my stages: %s: %s", layout.epoch, type(e).__name__, e)
+            return
+        for attempt in range(5):
+            try:
+                if layout.head == self.me:
+                    self._ready.setdefault(layout.epoch, set()).add(self.me)
+                else:
+                    await self.node.request(layout.head, LAYOUT, {"ready": layout.epoch})
+                return
+            except RequestError as e:
+                log.debug("ready for epoch %d not delivered: %s", layout.epoch, e)
+                await trio.sleep(0.5 * (attempt + 1))
+
+    async def _on_layout_request(self, msg: Any, remote: Any) -> dict:
+        if "ready" in msg:
+            self._ready.setdefault(int(msg["ready"]), set()).add(str(remote))
+            return {}
+        return {"layout": None if self.committed is None else self.committed.to_wire()}
+
+    async def _retire_loop(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            if self.committed is not None:
+                await self.stages.retire_older_than(self.committed.epoch)
+
+    # ---- dispatch (head side) --------------------------------------------------------------
+    def healthy_replicas(self, layout: SwarmLayout) -> list[int]:
+        up = set(self.serving_view())
+        return [i for i, r in enumerate(layout.replicas) if all(s.peer in up for s in r)]
+
+    async def _on_dispatch(self, msg: Any, remote: Any) -> dict:
+        return await self.dispatch(msg)
+
+    async def dispatch(self, msg: dict) -> dict:
+        """Place one request (head only); returns where it went."""
+        head = self.current_head()
+        if head != self.me:
+            raise RemoteError(NOT_HEAD, head or "")
+        with trio.move_on_after(self.head_settings.dispatch_wait_s):
+            while True:
+                layout = self.committed
+                replicas = self.healthy_replicas(layout) if layout else []
+                if replicas:
+                    break
+                await self._layout_changed.wait()
+        if not replicas:
+            raise RemoteError(NO_LAYOUT, "no committed layout with a live pipeline; retry later")
+        # earliest predicted finish: queue length times the replica's per-request time
+        per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
+        replica = min(replicas, key=lambda r: ((self.inflight.get((layout.epoch, r), 0) + 1) * per_request[r], r))
+        stage0 = layout.replicas[replica][0].peer
+        start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry")}
+        self.pipe.send(stage0, {"kind": "start", "to": [layout.epoch, replica, 0], **start,
+                                "resume_tokens": list(msg.get("resume_tokens") or [])})
+        key = (layout.epoch, replica)
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+        return {"epoch": layout.epoch, "replica": replica, "head": self.me,
+                "stages": [s.to_wire() for s in layout.replicas[replica]]}
+
+    def _on_finished(self, msg: dict, sender: str) -> None:
+        key = (int(msg["epoch"]), int(msg["replica"]))
+        if self.inflight.get(key, 0) > 0:
+            self.inflight[key] -= 1
+
+    # ---- pipe routing ------------------------------------------------------------------------
+    def _to_stage(self, msg: dict, sender: str) -> None:
+        if not self.stages.route(msg):
+            log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
+            if msg["kind"] == "start":
+                self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"],
+                                              "error": f"stage {msg['to']} is not served by {self.me}"})
+
+    def _to_entry(self, msg: dict, sender: str) -> None:
+        channel = self.entries.get(str(msg["rid"]))
+        if channel is not None:
+            try:
+                channel.send_nowait(msg)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def _on_send_failed(self, peer: str, msgs: list[dict]) -> None:
+        for msg in msgs:
+            if msg.get("kind") == "start":
+                self._to_entry({"kind": "done", "rid": msg["rid"], "error": f"stage 0 peer {peer} unreachable"}, self.me)
+
+    # ---- status --------------------------------------------------------------------------------
+    async def _on_status(self, msg: Any, remote: Any) -> dict:
+        return self.status()
+
+    def status(self) -> dict:
+        view = self.serving_view()
+        return {
+            "peer": self.me,
+            "head": self.current_head(view),
+            "term": self.term,
+            "view": view,
+            "model": self.model_id,
+            "layout": None if self.committed is None else self.committed.to_wire(),
+            "replicas": [] if self.committed is None else self.committed.describe(),
+            "stages": self.stages.describe(),
+        }

@@ -1,0 +1,119 @@
+"""The stages this node serves, per layout epoch: load on proposal, route pipe
+messages to them, retire them once a newer epoch is committed and they are idle."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from hexswarm.model.config import LlamaConfig
+from hexswarm.runtime.stage_host import StageHost, StageSpec
+from hexswarm.runtime.stage_worker import PipelineRoute, StageWorker
+from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm.layout import SwarmLayout
+
+log = logging.getLogger("hexswarm.stages")
+
+StageKey = tuple[int, int, int]  # (epoch, replica, stage index)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model_dir: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_batch: int = 8
+    max_seq_len: int = 512
+    retire_idle_s: float = 5.0
+
+
+class StageSet:
+    def __init__(self, me: str, cfg: LlamaConfig, tokenizer: TextTokenizer, settings: ServeSettings, pipe):
+        self.me = me
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.pipe = pipe
+        self.workers: dict[StageKey, StageWorker] = {}
+        self.last_used: dict[StageKey, float] = {}
+        self._loading: dict[int, trio.Event] = {}
+
+    async def load_epoch(self, layout: SwarmLayout) -> None:
+        """Load (once) every stage `layout` gives this peer; returns when all are ready."""
+        if layout.epoch in self._loading:
+            await self._loading[layout.epoch].wait()
+            return
+        done = self._loading[layout.epoch] = trio.Event()
+        try:
+            for ri, si in layout.stages_of(self.me):
+                key = (layout.epoch, ri, si)
+                if key in self.workers:
+                    continue
+                worker = await trio.to_thread.run_sync(self._build_worker, layout, ri, si)
+                self.workers[key] = worker
+                self.last_used[key] = time.monotonic()
+                log.info("epoch %d: serving replica %d stage %d (layers %s, TP %d)", layout.epoch, ri, si,
+                         layout.replicas[ri][si].layer_start, layout.replicas[ri][si].tp)
+        finally:
+            done.set()
+
+    def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageWorker:
+        replica = layout.replicas[ri]
+        st = replica[si]
+        s = self.settings
+        spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
+                         s.device, s.dtype, s.max_batch, s.max_seq_len)
+        host = StageHost(spec, tag=f"e{layout.epoch}r{ri}s{si}")
+        host.start()
+        route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
+        worker = StageWorker(host, route, self._sender(layout.epoch, ri, si), self.tokenizer if si == 0 else None,
+                             name=f"stage-e{layout.epoch}-r{ri}-s{si}")
+        worker.start()
+        return worker
+
+    def _sender(self, epoch: int, ri: int, si: int):
+        def send(peer: str, msg: dict) -> None:
+            kind = msg["kind"]
+            if kind == "forward":
+                msg["to"] = [epoch, ri, si + 1]
+            elif kind == "tokens":
+                msg["to"] = [epoch, ri, 0]
+            self.pipe.send(peer, msg)
+
+        return send
+
+    def route(self, msg: dict) -> bool:
+        """Hand a pipe message to its stage worker; False when this node has no such stage."""
+        key = tuple(int(v) for v in msg["to"])
+        worker = self.workers.get(key)
+        if worker is None:
+            return False
+        self.last_used[key] = time.monotonic()
+        worker.submit(msg)
+        return True
+
+    def in_flight(self, epoch: int) -> int:
+        return sum(w.in_flight for (e, _, s), w in self.workers.items() if e == epoch and s == 0)
+
+    async def retire_older_than(self, epoch: int) -> None:
+        """Close stages of older epochs once idle (their in-flight requests finish first)."""
+        now = time.monotonic()
+        for key in [k for k in self.workers if k[0] < epoch]:
+            worker = self.workers[key]
+            if worker.in_flight == 0 and now - self.last_used[key] > self.settings.retire_idle_s:
+                del self.workers[key]
+                self.last_used.pop(key, None)
+                await trio.to_thread.run_sync(worker.close)
+                log.info("epoch %d: retired replica %d stage %d", *key)
+
+    async def close(self) -> None:
+        for key in list(self.workers):
+            await trio.to_thread.run_sync(self.workers.pop(key).close)
+
+    def describe(self) -> list[dict]:
+        return [{"epoch": e, "replica": r, "stage": s, "in_flight": w.in_flight,
+                 "failed": None if w.error is None else repr(w.error)}
+                for (e, r, s), w in sorted(self.workers.items())]

@@ -1,0 +1,207 @@
+"""`/hexswarm/submit/1`: how a client's prompt enters the swarm and its tokens come back.
+
+Client -> entry node, one frame:
+  {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
+   "seed": int, "stop": [str], "stream": bool, "request_id": str (optional)}
+Entry node -> client, frames in order:
+  {"accepted": {"request_id", "epoch", "replica", "head", "stages"}}
+  {"token": int, "index": int, "text": str}            (only with stream: true)
+  {"done": {...the `generate --json` object, plus request_id, replica, epoch, stages}}
+  or, at any point, {"error": {"code": str, "message": str}} and the stream ends.
+The entry node tokenizes once, asks the head to place the request, and relays
+the token events that the replica's stage 0 sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import uuid
+from typing import Any, Callable
+
+import trio
+
+from hexswarm.errors import ProtocolError, UserError
+from hexswarm.net.framing import read_frame, write_frame
+from hexswarm.net.protocols import (
+    BAD_REQUEST, BUSY, RemoteError, RequestError, close_quietly, error_frame, protocol_id, reset_quietly,
+)
+from hexswarm.runtime.sampling import SamplingParams
+
+log = logging.getLogger("hexswarm.submit")
+
+SUBMIT = protocol_id("submit", 1)
+MAX_SUBMIT_FRAME = 4 << 20
+REQUEST_TIMEOUT_S = 600.0
+MAX_STOP_STRINGS = 16
+
+
+class SubmitService:
+    def __init__(self, server):
+        self.server = server
+
+    def register(self) -> None:
+        from libp2p.custom_types import TProtocol
+
+        self.server.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
+
+    def parse(self, msg: Any) -> dict:
+        """Check a submit request; UserError with a one-line reason."""
+        if not isinstance(msg, dict):
+            raise UserError("a submit request is a map")
+        prompt = msg.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise UserError("'prompt' must be a non-empty string")
+        stop = msg.get("stop") or []
+        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
+            raise UserError(f"'stop' must be a list of at most {MAX_STOP_STRINGS} strings")
+        try:
+            params = SamplingParams(float(msg.get("temperature", 0.0)), int(msg.get("top_k", 0)),
+                                    float(msg.get("top_p", 1.0)), int(msg.get("seed", 0))).validate()
+            max_new = int(msg.get("max_new_tokens", 64))
+        except (TypeError, ValueError) as e:
+            raise UserError(f"bad sampling values: {e}") from None
+        if max_new < 1:
+            raise UserError(f"max_new_tokens must be >= 1, got {max_new}")
+        ids = self.server.tokenizer.encode(prompt)
+        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
+        if len(ids) >= limit:
+            raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
+        rid = msg.get("request_id") or uuid.uuid4().hex
+        if not isinstance(rid, str) or len(rid) > 128:
+            raise UserError("'request_id' must be a string of at most 128 characters")
+        return {"rid": rid, "prompt_ids": ids, "params": params.to_dict(), "stop": stop,
+                "max_new_tokens": min(max_new, limit - len(ids)), "stream": bool(msg.get("stream", False))}
+
+    async def place(self, req: dict) -> dict:
+        """Ask the head (trying the next in line if it is gone) to place the request."""
+        server = self.server
+        msg = {k: req[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop")}
+        msg["entry"] = server.me
+        msg["resume_tokens"] = req.get("resume_tokens") or []
+        tried: set[str] = set()
+        deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
+        last_error = "no head reachable"
+        while trio.current_time() < deadline:
+            order = [h for h in server.head_order() if h not in tried] or server.head_order()
+            head = order[0]
+            try:
+                if head == server.me:
+                    return await server.dispatch(msg)
+                return await server.node.request(head, "/hexswarm/dispatch/1", msg,
+                                                 timeout=server.head_settings.dispatch_wait_s + 5)
+            except RemoteError as e:
+                if e.code == "no_layout":
+                    raise
+                last_error = str(e)
+                tried.add(head)
+            except RequestError as e:
+                last_error = str(e)
+                tried.add(head)
+                await trio.sleep(0.25)
+            if len(tried) >= len(server.head_order()):
+                tried.clear()
+                await trio.sleep(0.5)
+        raise RemoteError("no_head", last_error)
+
+    async def _on_stream(self, stream) -> None:
+        server = self.server
+        rid = None
+        try:
+            try:
+                msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
+                req = self.parse(msg)
+            except (UserError, ProtocolError) as e:
+                await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
+                return
+            rid = req["rid"]
+            if rid in server.entries:
+                await write_frame(stream, error_frame(BAD_REQUEST, f"request {rid} is already running"))
+                rid = None
+                return
+            send, receive = trio.open_memory_channel(math.inf)
+            server.entries[rid] = send
+            try:
+                placement = await self.place(req)
+            except RemoteError as e:
+                await write_frame(stream, error_frame(e.code, e.message))
+                return
+            await write_frame(stream, {"accepted": {"request_id": rid, **placement}})
+            result = await self._relay(stream, req, placement, receive)
+            await write_frame(stream, result)
+        except ProtocolError as e:  # the client went away
+            log.debug("submit stream ended: %s", e)
+            await reset_quietly(stream)
+        finally:
+            if rid is not None:
+                server.entries.pop(rid, None)
+            await close_quietly(stream)
+
+    async def _relay(self, stream, req: dict, placement: dict, receive) -> dict:
+        server = self.server
+        tokens: list[int] = []
+        sent_text = ""
+        with trio.move_on_after(REQUEST_TIMEOUT_S):
+            async for ev in receive:
+                if ev["kind"] == "event":
+                    if int(ev["index"]) != len(tokens):
+                        continue  # a duplicate after a resume
+                    tokens.append(int(ev["token"]))
+                    if req["stream"]:
+                        text = server.tokenizer.decode(tokens)
+                        await write_frame(stream, {"token": tokens[-1], "index": len(tokens) - 1,
+                                                   "text": text[len(sent_text):] if text.startswith(sent_text) else text})
+                        sent_text = text
+                    continue
+                self._finished(placement)
+                if "error" in ev:
+                    return error_frame("failed", str(ev["error"]))
+                stages = placement["stages"]
+                return {"done": {
+                    "request_id": req["rid"], "prompt_tokens": ev["prompt_tokens"], "tokens": ev["tokens"],
+                    "text": ev["text"], "finish_reason": ev["finish_reason"],
+                    "layout": {"hetero_config": [s["tp"] for s in stages],
+                               "pp_partition": [s["layers"][1] - s["layers"][0] for s in stages]},
+                    "replica": placement["replica"], "epoch": placement["epoch"], "stages": stages,
+                    "timings": ev["timings"],
+                }}
+        self._finished(placement)
+        return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
+
+    def _finished(self, placement: dict) -> None:
+        self.server.pipe.send(placement["head"], {"kind": "finished", "epoch": placement["epoch"],
+                                                  "replica": placement["replica"]})
+
+
+async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
+                    timeout: float = REQUEST_TIMEOUT_S) -> dict:
+    """Client side: send one request to the node at `addr`; returns the final frame."""
+    import multiaddr
+    from libp2p.custom_types import TProtocol
+
+    from hexswarm.net import identity
+    from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
+
+    info = parse_peer_multiaddr(addr, "--peer")
+    host = make_host(identity.generate())
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        try:
+            await dial(host, info, timeout=10.0)
+        except ConnectionError as e:
+            raise UserError(f"cannot reach {addr}: {e}") from None
+        stream = await host.new_stream(info.peer_id, [TProtocol(SUBMIT)])
+        try:
+            await write_frame(stream, request)
+            while True:
+                frame = await read_frame(stream, timeout=timeout, max_size=MAX_SUBMIT_FRAME)
+                if not isinstance(frame, dict):
+                    raise UserError("the node sent a malformed reply")
+                if on_frame is not None:
+                    on_frame(frame)
+                if "done" in frame or "error" in frame:
+                    return frame
+        except ProtocolError as e:
+            raise UserError(f"the connection to {addr} broke: {e}") from None
+        finally:
+            await close_quietly(stream)
