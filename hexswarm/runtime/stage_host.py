@@ -37,6 +37,12 @@ class StageSpec:
     dtype: str = "float32"
     n_slots: int = 8
     max_len: int = 512
+    gpus: tuple[int, ...] = ()  # CUDA ordinal of each TP rank; () means 0..tp-1
+
+    def device_of(self, tp_rank: int) -> torch.device:
+        if self.device == "cuda":
+            return torch.device("cuda", self.gpus[tp_rank] if self.gpus else tp_rank % torch.cuda.device_count())
+        return torch.device("cpu")
 
     def part(self, cfg: LlamaConfig, tp_rank: int) -> StagePart:
         leader = tp_rank == 0
@@ -47,13 +53,8 @@ class StageSpec:
         return [
             "--model", self.model_dir, "--layers", str(self.layer_start), str(self.layer_end), "--tp", str(self.tp),
             "--device", self.device, "--dtype", self.dtype, "--slots", str(self.n_slots), "--max-len", str(self.max_len),
-        ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else [])
-
-
-def rank_device(device: str, tp_rank: int) -> torch.device:
-    if device == "cuda":
-        return torch.device("cuda", tp_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+        ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else []) + (
+            ["--gpus", *map(str, self.gpus)] if self.gpus else [])
 
 
 def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_master: bool):
@@ -68,7 +69,7 @@ def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_
 
 def build_executor(spec: StageSpec, tp_rank: int, pg) -> StageExecutor:
     cfg = LlamaConfig.from_dir(spec.model_dir)
-    device = rank_device(spec.device, tp_rank)
+    device = spec.device_of(tp_rank)
     model = load_stage(CheckpointReader(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device)
     kv = model.new_kv_cache(spec.n_slots, spec.max_len)
     return StageExecutor(model, kv, TensorParallelGroup(pg) if pg is not None else None)

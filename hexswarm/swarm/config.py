@@ -214,6 +214,9 @@ class NodeConfig:
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
     term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
     serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))
+    dispatch_wait_s: float = field(
+        default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")
+    )
     # Where the config came from; not a YAML key.
     source: Path | None = field(default=None, metadata={"internal": True})
 

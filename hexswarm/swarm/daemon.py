@@ -26,7 +26,7 @@ def serve_settings(config: NodeConfig, devices) -> ServeSettings:
 
 
 def head_settings(config: NodeConfig) -> HeadSettings:
-    return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout)
+    return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout, dispatch_wait_s=config.dispatch_wait_s)
 
 
 async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

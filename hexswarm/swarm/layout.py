@@ -16,17 +16,18 @@ class StageAssignment:
     tp: int
     layer_start: int
     layer_end: int
+    gpus: tuple[int, ...] = ()  # device ordinals on the peer; () means 0..tp-1
 
     def to_wire(self) -> dict:
-        return {"peer": self.peer, "tp": self.tp, "layers": [self.layer_start, self.layer_end]}
+        return {"peer": self.peer, "tp": self.tp, "layers": [self.layer_start, self.layer_end], "gpus": list(self.gpus)}
 
     @classmethod
     def from_wire(cls, d: Any) -> "StageAssignment":
         if not isinstance(d, dict):
             raise ProtocolError("stage is not a map")
         a, b = d["layers"]
-        st = cls(str(d["peer"]), int(d["tp"]), int(a), int(b))
-        if st.tp < 1 or not (0 <= st.layer_start < st.layer_end):
+        st = cls(str(d["peer"]), int(d["tp"]), int(a), int(b), tuple(int(g) for g in d.get("gpus") or ()))
+        if st.tp < 1 or not (0 <= st.layer_start < st.layer_end) or (st.gpus and len(st.gpus) != st.tp):
             raise ProtocolError(f"bad stage {d!r}")
         return st
 

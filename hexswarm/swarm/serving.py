@@ -284,7 +284,8 @@ class Server:
                     break
                 await self._layout_changed.wait()
         if not replicas:
-            raise RemoteError(NO_LAYOUT, "no committed layout with a live pipeline; retry later")
+            what = "no committed layout" if layout is None else f"no live pipeline in epoch {layout.epoch}"
+            raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         replica = min(replicas, key=lambda r: ((self.inflight.get((layout.epoch, r), 0) + 1) * per_request[r], r))

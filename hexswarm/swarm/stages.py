@@ -65,7 +65,7 @@ class StageSet:
         st = replica[si]
         s = self.settings
         spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
-                         s.device, s.dtype, s.max_batch, s.max_seq_len)
+                         s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus)
         host = StageHost(spec, tag=f"e{layout.epoch}r{ri}s{si}")
         host.start()
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
