@@ -52,6 +52,15 @@ def test_other_swarm_and_unlisted_peer_never_appear(tmp_path, nodes):
     assert set(states(query([other.addr])[other.addr])) == {other.peer_id}
 
 
+def test_bootstrap_peer_that_starts_late_is_joined(tmp_path, nodes):
+    a = NodeProcess(write_config(tmp_path, "A"))
+    b = NodeProcess(write_config(tmp_path, "B", bootstrap_timeout_s=30.0))
+    nodes.append(b.start([a.addr]))
+    assert wait_for(lambda: "unreachable" in b.log(), 20, 0.1)  # B has failed to dial A at least once
+    nodes.append(a.start())
+    assert wait_for(lambda: all_see(query([a.addr, b.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
+
+
 def test_unreachable_bootstrap_exits_with_one_line(tmp_path):
     from hexswarm.net.identity import generate
 

@@ -108,6 +108,9 @@ def is_connected(host, peer_id) -> bool:
 
 async def dial(host, peer_info, timeout: float = DIAL_TIMEOUT_S) -> None:
     """Connect to a peer; raises ConnectionError (with the cause) when that fails."""
+    # py-libp2p refuses to dial a peer for 60 s after one failed dial (its
+    # "negative cache"); our callers run their own back-off, so clear it.
+    host.get_network().unblock_peer(peer_info.peer_id)
     with trio.move_on_after(timeout):
         try:
             await host.connect(peer_info)

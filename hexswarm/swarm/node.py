@@ -157,8 +157,14 @@ class Node:
         self._stop.set()
 
     async def stopped(self) -> None:
-        """Return once stop() was called (or the node failed)."""
+        """Return once stop() was called; raise the node's failure (e.g. BootstrapFailed) if it failed.
+
+        Raising here matters to callers that cancel run() as soon as this
+        returns: run() would otherwise be cancelled before it re-raises.
+        """
         await self._stop.wait()
+        if self._failure is not None:
+            raise self._failure
 
     # --- lifecycle --------------------------------------------------------
 
