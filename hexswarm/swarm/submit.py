@@ -18,7 +18,7 @@ import logging
 import math
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -105,40 +105,48 @@ class SubmitService:
                 await trio.sleep(0.5)
         raise RemoteError("no_head", last_error)
 
-    async def _on_stream(self, stream) -> None:
+    async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]]) -> dict:
+        """Run one request given as a submit message; `emit` gets the accepted and token frames
+        as they happen; returns the final frame ({"done": ...} or {"error": ...}).
+        Used by the libp2p submit protocol and by the HTTP API."""
         server = self.server
-        rid = None
         try:
-            try:
-                msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
-                req = self.parse(msg)
-            except (UserError, ProtocolError) as e:
-                await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
-                return
-            rid = req["rid"]
-            if rid in server.entries:
-                await write_frame(stream, error_frame(BAD_REQUEST, f"request {rid} is already running"))
-                rid = None
-                return
-            send, receive = trio.open_memory_channel(math.inf)
-            server.entries[rid] = send
+            req = self.parse(msg)
+        except UserError as e:
+            return error_frame(BAD_REQUEST, str(e))
+        rid = req["rid"]
+        if rid in server.entries:
+            return error_frame(BAD_REQUEST, f"request {rid} is already running")
+        send, receive = trio.open_memory_channel(math.inf)
+        server.entries[rid] = send
+        try:
             try:
                 placement = await self.place(req)
             except RemoteError as e:
-                await write_frame(stream, error_frame(e.code, e.message))
+                return error_frame(e.code, e.message)
+            await emit({"accepted": {"request_id": rid, **placement}})
+            return await self._relay(emit, req, placement, receive)
+        finally:
+            server.entries.pop(rid, None)
+
+    async def _on_stream(self, stream) -> None:
+        async def emit(frame: dict) -> None:
+            await write_frame(stream, frame)
+
+        try:
+            try:
+                msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
+            except ProtocolError as e:
+                await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
                 return
-            await write_frame(stream, {"accepted": {"request_id": rid, **placement}})
-            result = await self._relay(stream, req, placement, receive)
-            await write_frame(stream, result)
+            await write_frame(stream, await self.serve(msg, emit))
         except ProtocolError as e:  # the client went away
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
         finally:
-            if rid is not None:
-                server.entries.pop(rid, None)
             await close_quietly(stream)
 
-    async def _relay(self, stream, req: dict, placement: dict, receive) -> dict:
+    async def _relay(self, emit, req: dict, placement: dict, receive) -> dict:
         server = self.server
         tokens: list[int] = []
         sent_text = ""
@@ -150,8 +158,8 @@ class SubmitService:
                     tokens.append(int(ev["token"]))
                     if req["stream"]:
                         text = server.tokenizer.decode(tokens)
-                        await write_frame(stream, {"token": tokens[-1], "index": len(tokens) - 1,
-                                                   "text": text[len(sent_text):] if text.startswith(sent_text) else text})
+                        await emit({"token": tokens[-1], "index": len(tokens) - 1,
+                                    "text": text[len(sent_text):] if text.startswith(sent_text) else text})
                         sent_text = text
                     continue
                 self._finished(placement)
