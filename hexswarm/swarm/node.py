@@ -229,7 +229,8 @@ class Node:
                     await host_running.__aexit__(None, None, None)
                 except Exception as e:
                     log.debug("host shutdown: %s", e)
-        log.info("node %s stopped", self.peer_id_str)
+            # Here, not after the block: a caller may cancel run() once stopped() returns.
+            log.info("node %s stopped", self.peer_id_str)
         if self._failure is not None:
             raise self._failure
 
