@@ -58,13 +58,14 @@ class ActiveRequest:
     stopper: StopChecker
     entry: str
     slot: int
+    attempt: int
     tokens: list[int] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     stage_compute_s: list[float] = field(default_factory=list)
 
     def sample_spec(self) -> dict:
-        return {"params": self.params.to_dict(), "step": len(self.tokens)}
+        return {"params": self.params.to_dict(), "step": len(self.tokens), "attempt": self.attempt}
 
 
 class StageWorker:
@@ -132,12 +133,17 @@ class StageWorker:
             elif kind == "tokens":
                 for item in m["items"]:
                     req = self.requests.get(item["rid"])
-                    if req is not None and self._accept_token(req, item["token"], m.get("t", [])):
+                    if req is None or item.get("attempt") != req.attempt or item.get("step") != len(req.tokens):
+                        continue  # a token of a cancelled attempt, or a replay
+                    if self._accept_token(req, item["token"], m.get("t", [])):
                         decode.append(req)
             elif kind == "cancel":
-                self._cancel(m["rid"])
+                self._cancel(m["rid"], m.get("attempt"))
         while self.waiting and self.free_slots:
-            prefill.append(self._admit(self.waiting.pop(0)))
+            req = self._admit(self.waiting.pop(0))
+            if req.tokens and self._finish_if_done(req):
+                continue  # resumed after its last token: nothing left to compute
+            prefill.append(req)
         for req in prefill:
             self._run_first_stage([req], prefill=True)
         if decode:
@@ -147,14 +153,16 @@ class StageWorker:
         params = SamplingParams.from_dict(m["params"])
         stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []))
         req = ActiveRequest(m["rid"], list(m["prompt_ids"]), params, stopper, m["entry"], self.free_slots.pop(0),
-                            tokens=list(m.get("resume_tokens") or []))
+                            int(m.get("attempt") or 0), tokens=list(m.get("resume_tokens") or []))
         self.requests[req.rid] = req
         return req
 
-    def _cancel(self, rid: str) -> None:
-        self.waiting = [m for m in self.waiting if m["rid"] != rid]
-        req = self.requests.pop(rid, None)
-        if req is not None:
+    def _cancel(self, rid: str, attempt: int | None) -> None:
+        """Drop a request (only the given attempt of it, when named)."""
+        self.waiting = [m for m in self.waiting if not (m["rid"] == rid and attempt in (None, m.get("attempt")))]
+        req = self.requests.get(rid)
+        if req is not None and attempt in (None, req.attempt):
+            del self.requests[rid]
             self.free_slots.append(req.slot)
 
     def _accept_token(self, req: ActiveRequest, token: int, stage_times: list[float]) -> bool:
@@ -167,19 +175,27 @@ class StageWorker:
                 req.stage_compute_s.append(0.0)
             req.stage_compute_s[i] += t
         req.tokens.append(int(token))
-        self.send(req.entry, {"kind": "event", "rid": req.rid, "index": len(req.tokens) - 1, "token": int(token)})
+        self.send(req.entry, {"kind": "event", "rid": req.rid, "attempt": req.attempt,
+                              "index": len(req.tokens) - 1, "token": int(token)})
+        return not self._finish_if_done(req)
+
+    def _finish_if_done(self, req: ActiveRequest) -> bool:
+        """Send `done` and free the slot when the request has finished; True if it has."""
         reason = req.stopper.finish_reason(req.tokens)
         if reason is None:
-            return True
+            return False
+        now = time.perf_counter()
+        if req.first_token_s is None:
+            req.first_token_s = now - req.started
         self.send(req.entry, {
-            "kind": "done", "rid": req.rid, "tokens": req.tokens, "prompt_tokens": req.prompt_ids,
+            "kind": "done", "rid": req.rid, "attempt": req.attempt, "tokens": req.tokens, "prompt_tokens": req.prompt_ids,
             "text": req.stopper.text(req.tokens), "finish_reason": reason,
             "timings": {"ttft_s": round(req.first_token_s, 4), "total_s": round(now - req.started, 4),
                         "stage_compute_s": [round(t, 4) for t in req.stage_compute_s]},
         })
         del self.requests[req.rid]
         self.free_slots.append(req.slot)
-        return False
+        return True
 
     def _run_first_stage(self, reqs: list[ActiveRequest], prefill: bool) -> None:
         if prefill:
@@ -217,7 +233,7 @@ class StageWorker:
         for i, rid in enumerate(rows["rids"]):
             spec = rows["samples"][i]
             token = sample_token(logits[i], SamplingParams.from_dict(spec["params"]), int(spec["step"]))
-            items.append({"rid": rid, "token": token})
+            items.append({"rid": rid, "token": token, "attempt": spec.get("attempt"), "step": int(spec["step"])})
         msg = {"kind": "tokens", "items": items, "t": times}
         if self.route.is_first:
             self.inbox.put(msg)  # single-stage pipeline: straight back into this loop

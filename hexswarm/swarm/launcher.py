@@ -156,16 +156,20 @@ class LocalSwarm:
         return trio.run(fetch_status, node.addr, timeout)
 
     def wait_layout(self, timeout: float = 90.0, min_epoch: int = 1, nodes: Sequence[NodeProcess] | None = None) -> dict:
-        """Wait until every live node reports the same committed layout of at least min_epoch."""
+        """Wait until every live node reports the same committed layout (of at least min_epoch),
+        planned from a view of exactly the live nodes."""
         seen: dict = {}
 
         def agreed() -> bool:
+            live = list(nodes or [n for n in self.nodes if n.alive()])
             try:
-                sts = [self.status(n) for n in (nodes or [n for n in self.nodes if n.alive()])]
+                sts = [self.status(n) for n in live]
             except Exception:
                 return False
             epochs = {(s["layout"] or {}).get("epoch") for s in sts}
             if len(epochs) != 1 or None in epochs or min(epochs) < min_epoch:
+                return False
+            if set(sts[0]["layout"]["view"]) != {n.peer_id for n in live}:
                 return False
             seen.update(sts[0])
             return True

@@ -92,7 +92,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.pipe.run)
-            for kind in ("start", "forward", "tokens"):
+            for kind in ("start", "forward", "tokens", "cancel"):
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("event", self._to_entry)
             self.pipe.on("done", self._to_entry)
@@ -290,12 +290,12 @@ class Server:
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         replica = min(replicas, key=lambda r: ((self.inflight.get((layout.epoch, r), 0) + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
-        start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry")}
+        start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}
         self.pipe.send(stage0, {"kind": "start", "to": [layout.epoch, replica, 0], **start,
                                 "resume_tokens": list(msg.get("resume_tokens") or [])})
         key = (layout.epoch, replica)
         self.inflight[key] = self.inflight.get(key, 0) + 1
-        return {"epoch": layout.epoch, "replica": replica, "head": self.me,
+        return {"epoch": layout.epoch, "replica": replica, "head": self.me, "attempt": msg["attempt"],
                 "stages": [s.to_wire() for s in layout.replicas[replica]]}
 
     def _on_finished(self, msg: dict, sender: str) -> None:
@@ -308,10 +308,11 @@ class Server:
         if not self.stages.route(msg):
             log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
             if msg["kind"] == "start":
-                self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"],
+                self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                               "error": f"stage {msg['to']} is not served by {self.me}"})
 
     def _to_entry(self, msg: dict, sender: str) -> None:
+        msg["_sender"] = sender
         channel = self.entries.get(str(msg["rid"]))
         if channel is not None:
             try:
@@ -322,7 +323,12 @@ class Server:
     def _on_send_failed(self, peer: str, msgs: list[dict]) -> None:
         for msg in msgs:
             if msg.get("kind") == "start":
-                self._to_entry({"kind": "done", "rid": msg["rid"], "error": f"stage 0 peer {peer} unreachable"}, self.me)
+                self._to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
+                                "error": f"stage 0 peer {peer} unreachable"}, self.me)
+            elif msg.get("kind") in ("event", "done"):
+                # the entry is gone: nobody will read this request's tokens; stop computing them
+                self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": msg["rid"],
+                                   "attempt": msg.get("attempt")})
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_status(self, msg: Any, remote: Any) -> dict:

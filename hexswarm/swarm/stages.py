@@ -81,6 +81,8 @@ class StageSet:
                 msg["to"] = [epoch, ri, si + 1]
             elif kind == "tokens":
                 msg["to"] = [epoch, ri, 0]
+            elif kind in ("event", "done"):
+                msg["to_stage0"] = [epoch, ri, 0]  # lets the entry cancel this attempt
             self.pipe.send(peer, msg)
 
         return send

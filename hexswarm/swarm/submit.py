@@ -34,6 +34,9 @@ log = logging.getLogger("hexswarm.submit")
 SUBMIT = protocol_id("submit", 1)
 MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
+HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
+STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
+MAX_ATTEMPTS = 8
 MAX_STOP_STRINGS = 16
 
 
@@ -80,6 +83,7 @@ class SubmitService:
         msg = {k: req[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop")}
         msg["entry"] = server.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
+        req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
         tried: set[str] = set()
         deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
         last_error = "no head reachable"
@@ -146,36 +150,91 @@ class SubmitService:
         finally:
             await close_quietly(stream)
 
+    def _pipeline_alive(self, placement: dict) -> bool:
+        up = set(self.server.serving_view())
+        return all(st["peer"] in up for st in placement["stages"])
+
     async def _relay(self, emit, req: dict, placement: dict, receive) -> dict:
+        """Relay token events to the client until done; when a peer of the request's pipeline
+        goes down (or the pipeline stalls), resume the request elsewhere from the tokens it
+        already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
+        draws what it would have drawn, so the client sees one output, no token missing or repeated."""
         server = self.server
         tokens: list[int] = []
         sent_text = ""
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            async for ev in receive:
-                if ev["kind"] == "event":
-                    if int(ev["index"]) != len(tokens):
-                        continue  # a duplicate after a resume
-                    tokens.append(int(ev["token"]))
-                    if req["stream"]:
-                        text = server.tokenizer.decode(tokens)
-                        await emit({"token": tokens[-1], "index": len(tokens) - 1,
-                                    "text": text[len(sent_text):] if text.startswith(sent_text) else text})
-                        sent_text = text
+        attempt = placement["attempt"]
+        last_progress = trio.current_time()
+        deadline = trio.current_time() + REQUEST_TIMEOUT_S
+        while trio.current_time() < deadline:
+            ev = None
+            with trio.move_on_after(HEALTH_CHECK_S):
+                ev = await receive.receive()
+            if ev is None or int(ev.get("attempt", -1)) != attempt:
+                if ev is not None:  # a message from an abandoned attempt: stop that work
+                    self._cancel(ev, sender=ev.get("_sender"))
+                stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
+                if self._pipeline_alive(placement) and not stalled:
+                    continue
+                if attempt >= MAX_ATTEMPTS:
+                    self._finished(placement)
+                    return error_frame("failed", f"request {req['rid']} failed on {attempt} pipelines")
+                why = "stalled" if stalled else "lost a peer"
+                log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
+                            req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
+                self._cancel_placement(req["rid"], placement)
+                self._finished(placement)
+                try:
+                    placement = await self.place({**req, "resume_tokens": list(tokens)})
+                except RemoteError as e:
+                    return error_frame(e.code, f"resuming after a failure: {e.message}")
+                attempt = placement["attempt"]
+                last_progress = trio.current_time()
+                continue
+            last_progress = trio.current_time()
+            if ev["kind"] == "event":
+                if int(ev["index"]) != len(tokens):
+                    continue  # already delivered (a resumed pipeline repeats nothing, but be safe)
+                tokens.append(int(ev["token"]))
+                if req["stream"]:
+                    text = server.tokenizer.decode(tokens)
+                    await emit({"token": tokens[-1], "index": len(tokens) - 1,
+                                "text": text[len(sent_text):] if text.startswith(sent_text) else text})
+                    sent_text = text
+                continue
+            if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
+                if attempt < MAX_ATTEMPTS:
+                    self._finished(placement)
+                    try:
+                        placement = await self.place({**req, "resume_tokens": list(tokens)})
+                    except RemoteError as e:
+                        return error_frame(e.code, e.message)
+                    attempt = placement["attempt"]
                     continue
                 self._finished(placement)
-                if "error" in ev:
-                    return error_frame("failed", str(ev["error"]))
-                stages = placement["stages"]
-                return {"done": {
-                    "request_id": req["rid"], "prompt_tokens": ev["prompt_tokens"], "tokens": ev["tokens"],
-                    "text": ev["text"], "finish_reason": ev["finish_reason"],
-                    "layout": {"hetero_config": [s["tp"] for s in stages],
-                               "pp_partition": [s["layers"][1] - s["layers"][0] for s in stages]},
-                    "replica": placement["replica"], "epoch": placement["epoch"], "stages": stages,
-                    "timings": ev["timings"],
-                }}
+                return error_frame("failed", str(ev["error"]))
+            self._finished(placement)
+            stages = placement["stages"]
+            return {"done": {
+                "request_id": req["rid"], "prompt_tokens": ev["prompt_tokens"], "tokens": ev["tokens"],
+                "text": ev["text"], "finish_reason": ev["finish_reason"],
+                "layout": {"hetero_config": [s["tp"] for s in stages],
+                           "pp_partition": [s["layers"][1] - s["layers"][0] for s in stages]},
+                "replica": placement["replica"], "epoch": placement["epoch"], "stages": stages,
+                "attempts": attempt, "timings": ev["timings"],
+            }}
+        self._cancel_placement(req["rid"], placement)
         self._finished(placement)
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
+
+    def _cancel_placement(self, rid: str, placement: dict) -> None:
+        stage0 = placement["stages"][0]["peer"]
+        self.server.pipe.send(stage0, {"kind": "cancel", "to": [placement["epoch"], placement["replica"], 0],
+                                       "rid": rid, "attempt": placement["attempt"]})
+
+    def _cancel(self, ev: dict, sender: str | None) -> None:
+        if sender and "to_stage0" in ev:
+            self.server.pipe.send(sender, {"kind": "cancel", "to": ev["to_stage0"], "rid": ev["rid"],
+                                           "attempt": ev.get("attempt")})
 
     def _finished(self, placement: dict) -> None:
         self.server.pipe.send(placement["head"], {"kind": "finished", "epoch": placement["epoch"],
