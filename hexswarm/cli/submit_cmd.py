@@ -24,6 +24,8 @@ def submit(
     stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive"),
     as_json: bool = typer.Option(False, "--json", help="print the result as one JSON object"),
     timeout: float = typer.Option(600.0, "--timeout", help="seconds to wait for the whole answer"),
+    key: Optional[str] = typer.Option(None, "--key", help="submitter key file (with --cert)"),
+    cert: Optional[str] = typer.Option(None, "--cert", help="client certificate from `hexswarm admit --client`"),
 ) -> None:
     """Send a prompt to the swarm through any node; tokens come back from the serving pipeline."""
     import trio
@@ -44,7 +46,8 @@ def submit(
             sys.stdout.write(frame["text"])
             sys.stdout.flush()
 
-    final = trio.run(submit_to, peer, request, on_frame, timeout)
+    identity, certificate = _client_credentials(key, cert)
+    final = trio.run(submit_to, peer, request, on_frame, timeout, identity, certificate)
     if "error" in final:
         err = final["error"]
         raise UserError(f"{err.get('code')}: {err.get('message')}")
@@ -59,6 +62,26 @@ def submit(
         typer.echo(f"[{len(done['tokens'])} tokens, finish={done['finish_reason']}, request {done['request_id']}, "
                    f"epoch {done['epoch']} replica {done['replica']}, TP {done['layout']['hetero_config']} / "
                    f"layers {done['layout']['pp_partition']}]", err=True)
+
+
+def _client_credentials(key: str | None, cert: str | None):
+    """(identity, certificate) for a swarm that requires client certificates; (None, None) otherwise."""
+    if (key is None) != (cert is None):
+        raise UserError("--key and --cert go together")
+    if key is None:
+        return None, None
+    from pathlib import Path
+
+    from hexswarm.net import codec
+    from hexswarm.net.identity import load_or_create
+
+    try:
+        certificate = codec.decode(Path(cert).read_bytes(), 8192)
+    except OSError as e:
+        raise UserError(f"cannot read --cert {cert}: {e.strerror}") from None
+    except Exception as e:
+        raise UserError(f"--cert {cert} is not a certificate: {e}") from None
+    return load_or_create(Path(key)), certificate
 
 
 def status(

@@ -171,6 +171,19 @@ def _serve_layout(raw: Any, base: Path) -> dict | None:
     return {"hetero_config": hc, "pp_partition": pp, "replicas": _positive_int(raw.get("replicas", 1), base)}
 
 
+def _optional_peer_id(raw: Any, base: Path) -> str | None:
+    if raw is None:
+        return None
+    ids = _peer_ids([raw], base)
+    return ids[0]
+
+
+def _bool(raw: Any, base: Path) -> bool:
+    if not isinstance(raw, bool):
+        raise _BadValue(f"expected true or false, got {raw!r}")
+    return raw
+
+
 def _log_level(raw: Any, base: Path) -> str:
     levels = ("debug", "info", "warning", "error")
     if raw not in levels:
@@ -214,6 +227,11 @@ class NodeConfig:
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
     term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
     serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))
+    swarm_owner: str | None = field(
+        default=None, metadata=_key(_optional_peer_id, "PeerID of the swarm owner key: admission certificates required")
+    )
+    admission_cert: Path | None = field(default=None, metadata=_key(_optional_path, "this node's admission certificate"))
+    require_client_cert: bool = field(default=False, metadata=_key(_bool, "submitters must present a client certificate"))
     dispatch_wait_s: float = field(
         default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")
     )
@@ -236,6 +254,8 @@ def config_keys() -> list[dataclasses.Field]:
 
 def _check(cfg: NodeConfig) -> None:
     """Rules that tie keys together."""
+    if cfg.require_client_cert and cfg.swarm_owner is None:
+        raise UserError("key 'require_client_cert' needs swarm_owner (the key that signs client certificates)")
     if cfg.down_after_s <= cfg.heartbeat_s:
         raise UserError(f"key 'down_after_s' ({cfg.down_after_s:g}) must exceed heartbeat_s ({cfg.heartbeat_s:g})")
     if cfg.drop_after_s <= cfg.down_after_s:

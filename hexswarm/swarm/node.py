@@ -99,6 +99,7 @@ class Node:
         self.links: dict[str, LinkStats] = {}
         # Small values later features announce in every record (e.g. loaded stages).
         self.extra: dict[str, Any] = {}
+        self.admission = self._load_admission(config)
         self.on_peer_change: list[Callable[[StateChange], None]] = []
         self.addrs: list[str] = []
         self.dht = self.pubsub = self.gossipsub = None
@@ -123,7 +124,29 @@ class Node:
         return f"{self.config.topic_prefix}/{name}/{version}"
 
     def is_allowed(self, peer_id: Any) -> bool:
-        return self._allowed is None or str(peer_id) in self._allowed
+        """May this peer use our protocols and reach us by gossip? (allowlist and admission)"""
+        if self._allowed is not None and str(peer_id) not in self._allowed:
+            return False
+        return self.admission is None or self.admission.is_admitted(str(peer_id))
+
+    def _load_admission(self, config: NodeConfig):
+        """With `swarm_owner` set, our own certificate must be valid before we start."""
+        if config.swarm_owner is None:
+            return None
+        from hexswarm.net.admission import Admission
+
+        admission = Admission(config.swarm_owner, config.swarm, self.peer_id_str)
+        if config.admission_cert is None:
+            raise UserError("key 'admission_cert': required when swarm_owner is set (get one with `hexswarm admit`)")
+        try:
+            cert = codec.decode(config.admission_cert.read_bytes(), 8192)
+            admission.admit(self.peer_id_str, cert)
+        except OSError as e:
+            raise UserError(f"key 'admission_cert': cannot read {config.admission_cert}: {e.strerror}") from None
+        except ProtocolError as e:
+            raise UserError(f"key 'admission_cert': {config.admission_cert} is not valid for this node: {e}") from None
+        self.extra["cert"] = cert
+        return admission
 
     def register_handler(self, protocol: str, fn: Handler, *, open_to_all: bool = False, **options: Any) -> None:
         """Answer request/response `protocol` with ``async fn(msg, remote_peer_id) -> reply``.
@@ -271,6 +294,9 @@ class Node:
             raise ProtocolError(f"record of {record.peer_id} published by {publisher}")
         if record.swarm != self.config.swarm:
             raise ProtocolError(f"record of swarm {record.swarm!r}")
+        if self.admission is not None:
+            # the record's own certificate admits its sender (raises when it is missing or invalid)
+            self.admission.admit(record.peer_id, record.extra.get("cert"))
         if not self.is_allowed(record.peer_id):
             raise ProtocolError(f"{record.peer_id} is not in allow_peers")
         return record

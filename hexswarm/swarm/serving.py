@@ -44,6 +44,20 @@ NO_LAYOUT = "no_layout"
 NOT_HEAD = "not_head"
 
 
+def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, SwarmLayout]:
+    """("propose" | "commit", layout) from a sealed layout message; ProtocolError when it is not
+    signed by the layout's own head, altered, malformed, or for another model."""
+    obj, signer = open_sealed(msg, LAYOUT_DOMAIN)
+    if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit"):
+        raise ProtocolError("layout message of unknown type")
+    layout = SwarmLayout.from_wire(obj["layout"], n_layers)
+    if signer != layout.head:
+        raise ProtocolError(f"layout signed by {signer}, not by its head {layout.head}")
+    if layout.model != model_id:
+        raise ProtocolError("layout for another model")
+    return obj["type"], layout
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     """Peers serve the same model when their config.json files are byte-identical."""
     return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
@@ -211,16 +225,11 @@ class Server:
 
     # ---- layout messages (every node) ------------------------------------------------------
     async def _on_layout_gossip(self, msg: Any, publisher: str) -> None:
-        obj, signer = open_sealed(msg, LAYOUT_DOMAIN)
-        if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit"):
-            raise ProtocolError("layout message of unknown type")
-        layout = SwarmLayout.from_wire(obj["layout"], self.cfg.num_hidden_layers)
-        if signer != layout.head or not self.node.is_allowed(signer):
-            raise ProtocolError(f"layout signed by {signer}, not by its head {layout.head}")
-        if layout.model != self.model_id:
-            raise ProtocolError("layout for another model")
+        kind, layout = read_layout_message(msg, self.cfg.num_hidden_layers, self.model_id)
+        if not self.node.is_allowed(layout.head):
+            raise ProtocolError(f"layout from {layout.head}, which is not admitted")
         self.highest_epoch = max(self.highest_epoch, layout.epoch)
-        if obj["type"] == "propose":
+        if kind == "propose":
             if self.committed is None or layout.epoch > self.committed.epoch:
                 if layout.stages_of(self.me):
                     self._nursery.start_soon(self._load_and_report, layout)

@@ -25,7 +25,8 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.protocols import (
-    BAD_REQUEST, BUSY, RemoteError, RequestError, close_quietly, error_frame, protocol_id, reset_quietly,
+    BAD_REQUEST, BUSY, FORBIDDEN, RemoteError, RequestError, close_quietly, error_frame, protocol_id, remote_peer_id,
+    reset_quietly,
 )
 from hexswarm.runtime.sampling import SamplingParams
 
@@ -133,6 +134,17 @@ class SubmitService:
         finally:
             server.entries.pop(rid, None)
 
+    def _check_submitter(self, remote: str, msg: Any) -> None:
+        """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
+        node = self.server.node
+        if not node.config.require_client_cert or node.admission.is_admitted(remote):
+            return
+        cert = msg.get("cert") if isinstance(msg, dict) else None
+        try:
+            node.admission.admit(remote, cert, roles=("client", "node"))
+        except ProtocolError as e:
+            raise PermissionError(f"submitting needs a client certificate: {e}") from None
+
     async def _on_stream(self, stream) -> None:
         async def emit(frame: dict) -> None:
             await write_frame(stream, frame)
@@ -140,8 +152,12 @@ class SubmitService:
         try:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
+                self._check_submitter(str(remote_peer_id(stream)), msg)
             except ProtocolError as e:
                 await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
+                return
+            except PermissionError as e:
+                await write_frame(stream, error_frame(FORBIDDEN, str(e)))
                 return
             await write_frame(stream, await self.serve(msg, emit))
         except ProtocolError as e:  # the client went away
@@ -242,8 +258,9 @@ class SubmitService:
 
 
 async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
-                    timeout: float = REQUEST_TIMEOUT_S) -> dict:
-    """Client side: send one request to the node at `addr`; returns the final frame."""
+                    timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None) -> dict:
+    """Client side: send one request to the node at `addr`; returns the final frame.
+    `client_identity` and `cert`: the submitter's key and client certificate, where the swarm wants them."""
     import multiaddr
     from libp2p.custom_types import TProtocol
 
@@ -251,7 +268,9 @@ async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] |
     from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
 
     info = parse_peer_multiaddr(addr, "--peer")
-    host = make_host(identity.generate())
+    host = make_host(client_identity or identity.generate())
+    if cert is not None:
+        request = {**request, "cert": cert}
     async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         try:
             await dial(host, info, timeout=10.0)
