@@ -285,6 +285,7 @@ def engine_agreement(model, P: int, N: int) -> dict:
     model.fast_kernels = True
     return {
         "max_rel_logit_diff": float((a - b).abs().max() / a.abs().max()),
+        "per_step_rel_diff": [round(float((x - y).abs().max() / x.abs().max()), 4) for x, y in zip(a, b)],
         "argmax_agree_steps": f"{agree}/{N + 1}",
         "prefill_logits": res["torch"][0].cpu(),
         "prompt": ids.cpu(),
@@ -311,6 +312,28 @@ def engine_profile(model, B: int, P: int, steps: int = 3) -> str:
         torch.cuda.synchronize()
     del runner, kv
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
+
+
+def kernel_selfcheck(device: torch.device) -> dict:
+    """The fast path against the torch path on small random models in float32 and bfloat16
+    (float32: the kernels' indexing and arithmetic, to rounding; bfloat16: the noise level)."""
+    from hexswarm.model.tiny import TinySpec, make_tiny_llama
+
+    specs = {
+        "gqa": TinySpec(layers=3, hidden=256, heads=8, kv_heads=2, intermediate=512, vocab=384, seed=1),
+        "mha_bias": TinySpec(layers=3, hidden=256, heads=4, kv_heads=4, intermediate=512, vocab=384,
+                             attention_bias=True, mlp_bias=True, seed=3),
+    }
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, spec in specs.items():
+            d = make_tiny_llama(Path(tmp) / name, spec)
+            for dt in (torch.float32, torch.bfloat16):
+                m = load_engine(d, device, dt)
+                r = engine_agreement(m, 40, 6)
+                out[f"{name}/{str(dt)[6:]}"] = {k: r[k] for k in ("max_rel_logit_diff", "argmax_agree_steps")}
+                del m
+    return out
 
 
 # ---- transformers ----------------------------------------------------------------------
@@ -393,6 +416,9 @@ def parse_args(argv=None):
     ap.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations ('' skips)")
     ap.add_argument("--copy-bytes", type=int, default=2 << 30)
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--hf-child", help=argparse.SUPPRESS)
+    ap.add_argument("--ref", help=argparse.SUPPRESS)
+    ap.add_argument("--no-cudnn-sdpa", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", default="1,32", help="batch sizes to profile a few eager decode steps of (CUDA; '' skips)")
     a = ap.parse_args(argv)
     if a.tiny:  # small enough for a CPU test
@@ -435,6 +461,33 @@ def _env(device: torch.device) -> dict:
     return env
 
 
+_CUDNN_PROBE = """
+import torch, torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+for B in (1, 8):
+    q, k, v = (torch.randn(B, 512, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.cuda.synchronize()
+print("ok")
+"""
+
+
+def cudnn_sdpa_works() -> str | None:
+    """Run SDPA's cuDNN backend at the prefill shapes in a child process (a fault there is
+    sticky: it would end this process's CUDA context).  None if it works, else the error."""
+    import subprocess
+
+    try:
+        r = subprocess.run([sys.executable, "-c", _CUDNN_PROBE], capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        return "probe timed out"
+    if r.returncode == 0 and "ok" in r.stdout:
+        return None
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"exit {r.returncode}"
+
+
 def _guard(results: dict, key: str, fn):
     """Run one measurement; a failure is recorded, not fatal (the rest of the run still counts)."""
     try:
@@ -453,6 +506,13 @@ def run(args) -> dict:
     clock = Clock(device)
     res: dict = {"env": _env(device), "args": vars(args)}
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    if device.type == "cuda":
+        err = cudnn_sdpa_works()
+        if err is None:
+            res["env"]["cudnn_sdpa"] = "works"
+        else:
+            res["env"]["cudnn_sdpa"] = f"fails in a fresh process: {err}"
+        log(f"SDPA cuDNN backend: {res['env']['cudnn_sdpa']}")
 
     made = None
     if args.model_dir:
@@ -499,6 +559,9 @@ def _measure(args, res, model_dir, device, dtype, clock, log) -> dict:
     res["floor"] = floors
     log(f"engine loaded in {res['engine_load_s']} s; weights streamed per step {wbytes / 1e9:.2f} GB")
 
+    if device.type == "cuda":
+        _guard(res, "selfcheck", lambda: kernel_selfcheck(device))
+        log(f"fast path vs torch path on small models: {res.get('selfcheck')}")
     modes = [m for m in args.modes.split(",") if m]
     _guard(res, "agreement", lambda: engine_agreement(model, min(64, args.prefill_len), 8))
     hf_prompt = res["agreement"].pop("prompt") if res.get("agreement") else None
@@ -530,35 +593,86 @@ def _measure(args, res, model_dir, device, dtype, clock, log) -> dict:
         torch.cuda.empty_cache()
 
     impls = [i for i in args.hf.split(",") if i]
-    hf = None
+    ref_file = None
+    if engine_logits is not None:
+        ref_file = Path(tempfile.mkdtemp(prefix="hexswarm-bench-ref-")) / "ref.pt"
+        torch.save({"prompt": hf_prompt, "logits": engine_logits}, ref_file)
     for impl in impls:
-        try:
-            if hf is None:
-                t = time.perf_counter()
-                hf = load_hf(model_dir, device, dtype, impl)
-                res["hf_load_s"] = round(time.perf_counter() - t, 1)
-                log(f"transformers loaded in {res['hf_load_s']} s")
-            else:
-                hf_set_impl(hf, impl)
-        except Exception as e:  # noqa: BLE001
-            res.setdefault("errors", {})[f"hf-{impl}"] = f"{type(e).__name__}: {e}"
-            log(f"!! transformers {impl}: {e}")
+        # transformers runs in a child process: a fresh CUDA context with its default SDPA
+        # backends, and a fault there cannot take the engine's numbers with it
+        child = run_hf_child(args, model_dir, impl, ref_file, log)
+        for attempt in ("default", "cudnn-off"):
+            if attempt == "cudnn-off":
+                if child.get("ok") or args.device != "cuda":
+                    break
+                log(f"!! transformers {impl} child failed ({child.get('error')}); again without SDPA's cuDNN backend")
+                res.setdefault("errors", {})[f"hf-{impl}-default-backends"] = child.get("error")
+                child = run_hf_child(args, model_dir, impl, ref_file, log, no_cudnn=True)
+                child["sdpa_backends"] = "cuDNN off (default faulted)"
+        if not child.get("ok"):
+            res.setdefault("errors", {})[f"hf-{impl}"] = child.get("error")
             continue
-        if engine_logits is not None and f"hf_vs_engine_rel_diff/{impl}" not in res:
-            ref = hf_prefill_logits(hf, hf_prompt)
-            res[f"hf_vs_engine_rel_diff/{impl}"] = float((ref - engine_logits).abs().max() / ref.abs().max())
-        for B in _csv_ints(args.prefill_batches):
-            _guard(res["prefill"], f"hf-{impl}/{B}", lambda: hf_prefill_ms(
-                hf, B, args.prefill_len, clock, args.warmup, args.repeats))
-            log(f"transformers {impl} prefill B={B}: {res['prefill'].get(f'hf-{impl}/{B}')} ms")
-        for B in _csv_ints(args.decode_batches):
-            _guard(res["decode"], f"hf-{impl}/{B}", lambda: hf_decode_ms(
-                hf, B, P, args.hf_decode_steps, clock, 1, args.hf_repeats))
-            log(f"transformers {impl} decode B={B}: {res['decode'].get(f'hf-{impl}/{B}')} ms/token")
-    del hf
-    gc.collect()
+        res["prefill"].update(child["prefill"])
+        res["decode"].update(child["decode"])
+        for k in ("hf_load_s", f"hf_vs_engine_rel_diff/{impl}", "sdpa_backends"):
+            if k in child:
+                res[f"{k}/{impl}" if k in ("hf_load_s", "sdpa_backends") else k] = child[k]
+        res.setdefault("errors", {}).update(child.get("errors", {}))
+        if not res["errors"]:
+            del res["errors"]
     res["table"] = table(res, args, impls, modes)
     return res
+
+
+def run_hf_child(args, model_dir: Path, impl: str, ref_file, log, no_cudnn: bool = False) -> dict:
+    import subprocess
+
+    out = Path(tempfile.mkdtemp(prefix="hexswarm-bench-hf-")) / "hf.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--hf-child", impl, "--model-dir", str(model_dir),
+           "--device", args.device, "--json", str(out), "--prefill-len", str(args.prefill_len),
+           "--prefill-batches", args.prefill_batches, "--decode-batches", args.decode_batches,
+           "--decode-prompt", str(args.decode_prompt), "--hf-decode-steps", str(args.hf_decode_steps),
+           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--hf-repeats", str(args.hf_repeats)]
+    if ref_file is not None:
+        cmd += ["--ref", str(ref_file)]
+    if no_cudnn:
+        cmd.append("--no-cudnn-sdpa")
+    r = subprocess.run(cmd, stdout=None, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0 or not out.is_file():
+        lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
+        return {"ok": False, "error": (lines[-1][:300] if lines else f"exit {r.returncode}")}
+    d = json.loads(out.read_text())
+    d["ok"] = True
+    return d
+
+
+def hf_child_main(args) -> None:
+    """One transformers attention implementation, measured in this (child) process."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.no_cudnn_sdpa:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    clock = Clock(device)
+    impl, P = args.hf_child, args.decode_prompt
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    res: dict = {"prefill": {}, "decode": {}}
+    t = time.perf_counter()
+    hf = load_hf(Path(args.model_dir), device, dtype, impl)
+    res["hf_load_s"] = round(time.perf_counter() - t, 1)
+    log(f"transformers ({impl}) loaded in {res['hf_load_s']} s")
+    if args.ref:
+        ref = torch.load(args.ref)
+        got = hf_prefill_logits(hf, ref["prompt"])
+        res[f"hf_vs_engine_rel_diff/{impl}"] = float((got - ref["logits"]).abs().max() / got.abs().max())
+    for B in _csv_ints(args.prefill_batches):
+        _guard(res["prefill"], f"hf-{impl}/{B}", lambda: hf_prefill_ms(
+            hf, B, args.prefill_len, clock, args.warmup, args.repeats))
+        log(f"transformers {impl} prefill B={B}: {res['prefill'].get(f'hf-{impl}/{B}')} ms")
+    for B in _csv_ints(args.decode_batches):
+        _guard(res["decode"], f"hf-{impl}/{B}", lambda: hf_decode_ms(
+            hf, B, P, args.hf_decode_steps, clock, 1, args.hf_repeats))
+        log(f"transformers {impl} decode B={B}: {res['decode'].get(f'hf-{impl}/{B}')} ms/token")
+    Path(args.json).write_text(json.dumps(res, indent=1, default=str))
 
 
 def _fmt(v, nd=2):
@@ -602,11 +716,19 @@ def table(res: dict, args, impls: list[str], modes: list[str]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.hf_child:
+        hf_child_main(args)
+        return {}
     res = run(args)
     env = res["env"]
     print()
     print(f"device: {env.get('gpu', args.device)}; torch {env['torch']}, transformers {env.get('transformers')}, "
           f"triton {env.get('triton')}, attention {env['attention']}; {env['date']}")
+    if "cudnn_sdpa" in env:
+        print(f"SDPA cuDNN backend: {env['cudnn_sdpa']}")
+    for impl in [i for i in args.hf.split(",") if i]:
+        if res.get(f"sdpa_backends/{impl}"):
+            print(f"transformers {impl}: {res[f'sdpa_backends/{impl}']}")
     print(f"model: {'tiny' if args.tiny else 'Llama-2-7B shape'}, {res['model']['layers']} layers, {res['model']['dtype']}; "
           f"weights streamed per step {res['weight_bytes'] / 1e9:.3f} GB; copy bandwidth {res['copy_bw_GBps']:.0f} GB/s")
     if res.get("agreement"):

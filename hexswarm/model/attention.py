@@ -37,6 +37,10 @@ def backend_name(device: torch.device) -> str:
 
 
 def _sdpa(q, k, v, mask=None, causal=False):
+    return _sdpa_call(q, k, v, mask, causal)
+
+
+def _sdpa_call(q, k, v, mask, causal):
     # [B, S, H, D] -> [B, H, S, D] views; SDPA handles GQA with enable_gqa.
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
@@ -53,6 +57,9 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     """Causal self-attention over a fresh sequence. q/k/v: [B, T, heads, D]."""
     if HAVE_FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         return flash_attn_func(q, k, v, causal=True)
+    if q.is_cuda:
+        # dense [B, T, H, D] (viewed as [B, H, T, D]), the layout transformers hands SDPA
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return _sdpa(q, k, v, causal=True)
 
 
@@ -119,6 +126,8 @@ def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int) -> t
     (CUDA-graph safe) and each row reads only its own keys."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert slot.is_contiguous() and pos.is_contiguous()
     out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
     _decode_attention_kernel[(B, n_q)](
         qkv, k_cache, v_cache, slot, pos, out,

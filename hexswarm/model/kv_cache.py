@@ -78,30 +78,31 @@ if HAVE_TRITON:
         row = qkv_ptr + tok * stride_row
         c = tl.load(cos_ptr + pos * HALF + d)[None, :]
         s = tl.load(sin_ptr + pos * HALF + d)[None, :]
+        # (Triton wants a name bound in both arms of a branch to have one type: distinct names per arm)
         if part == 0:
             hq = tl.arange(0, BQ)
-            mask = (hq < NQ)[:, None]
-            o1, o2 = _rotate(row, hq * D, d, HALF, c, s, mask)
-            tl.store(row + hq[:, None] * D + d[None, :], o1, mask=mask)
-            tl.store(row + hq[:, None] * D + HALF + d[None, :], o2, mask=mask)
+            mq = (hq < NQ)[:, None]
+            q1, q2 = _rotate(row, hq * D, d, HALF, c, s, mq)
+            tl.store(row + hq[:, None] * D + d[None, :], q1, mask=mq)
+            tl.store(row + hq[:, None] * D + HALF + d[None, :], q2, mask=mq)
         else:
             slot = tl.load(slot_ptr + tok)
             hk = tl.arange(0, BKV)
-            mask = (hk < NKV)[:, None]
+            mk = (hk < NKV)[:, None]
             base = row + NQ * D
             dest = slot * stride_cs + pos * stride_cl + hk[:, None] * D
             if part == 1:
-                o1, o2 = _rotate(base, hk * D, d, HALF, c, s, mask)
-                tl.store(base + hk[:, None] * D + d[None, :], o1, mask=mask)
-                tl.store(base + hk[:, None] * D + HALF + d[None, :], o2, mask=mask)
-                tl.store(kc_ptr + dest + d[None, :], o1, mask=mask)
-                tl.store(kc_ptr + dest + HALF + d[None, :], o2, mask=mask)
+                k1, k2 = _rotate(base, hk * D, d, HALF, c, s, mk)
+                tl.store(base + hk[:, None] * D + d[None, :], k1, mask=mk)
+                tl.store(base + hk[:, None] * D + HALF + d[None, :], k2, mask=mk)
+                tl.store(kc_ptr + dest + d[None, :], k1, mask=mk)
+                tl.store(kc_ptr + dest + HALF + d[None, :], k2, mask=mk)
             else:
                 vb = base + NKV * D
-                v1 = tl.load(vb + hk[:, None] * D + d[None, :], mask=mask, other=0.0)
-                v2 = tl.load(vb + hk[:, None] * D + HALF + d[None, :], mask=mask, other=0.0)
-                tl.store(vc_ptr + dest + d[None, :], v1, mask=mask)
-                tl.store(vc_ptr + dest + HALF + d[None, :], v2, mask=mask)
+                v1 = tl.load(vb + hk[:, None] * D + d[None, :], mask=mk, other=0.0)
+                v2 = tl.load(vb + hk[:, None] * D + HALF + d[None, :], mask=mk, other=0.0)
+                tl.store(vc_ptr + dest + d[None, :], v1, mask=mk)
+                tl.store(vc_ptr + dest + HALF + d[None, :], v2, mask=mk)
 
 
 def rotary_store(qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, n_q: int, n_kv: int) -> None:
@@ -111,6 +112,7 @@ def rotary_store(qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, n
     N = qkv.shape[0]
     half = cos_half.shape[1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert tok_slot.is_contiguous() and tok_pos.is_contiguous() and cos_half.is_contiguous()
     _rotary_store_kernel[(N, 3)](
         qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1),

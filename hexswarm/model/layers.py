@@ -137,7 +137,9 @@ class StepMeta:
         else:
             ar = torch.arange(T, device=pos.device)
             self.tok_pos = (pos[:, None] + ar[None, :]).reshape(-1)
-            self.tok_slot = slot[:, None].expand(-1, T).reshape(-1)
+            # contiguous: at B == 1 the reshape of an expand is a stride-0 view, which the kernels
+            # (reading element i at base + i) must not get
+            self.tok_slot = slot[:, None].expand(-1, T).reshape(-1).contiguous()
 
 
 class DecoderLayerShard(nn.Module):
