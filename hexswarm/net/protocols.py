@@ -28,6 +28,7 @@ PeerFilter = Callable[[Any], bool]  # remote PeerID -> may it use this protocol?
 DEFAULT_REQUEST_TIMEOUT_S = 10.0
 DEFAULT_MAX_REQUEST = 1 << 20  # control messages; bulk protocols pass their own limit
 DEFAULT_MAX_CONCURRENT = 64
+DEFAULT_RATE_PER_PEER = 100.0  # requests per second, per peer and protocol (bursts of twice that)
 _CLOSE_TIMEOUT_S = 1.0
 
 
@@ -105,9 +106,13 @@ def make_stream_handler(
     max_request: int = DEFAULT_MAX_REQUEST,
     max_reply: int = codec.DEFAULT_MAX_FRAME,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    rate_per_peer: float = DEFAULT_RATE_PER_PEER,
 ) -> Callable[[Any], Awaitable[None]]:
     """Wrap a message handler into a libp2p stream handler with all the defences."""
+    from hexswarm.net.ratelimit import PeerRateLimiter
+
     limiter = trio.CapacityLimiter(max_concurrent)
+    per_peer = PeerRateLimiter(rate_per_peer, 2 * rate_per_peer)
 
     async def answer(stream, envelope: dict) -> None:
         await write_frame(stream, envelope, timeout=read_timeout, max_size=max_reply)
@@ -117,6 +122,9 @@ def make_stream_handler(
         try:
             if allow is not None and not allow(remote):
                 await answer(stream, error_frame(FORBIDDEN, "peer not allowed"))
+                return
+            if not per_peer.allow(str(remote)):
+                await answer(stream, error_frame(BUSY, f"rate limit: retry after {per_peer.retry_after_s(str(remote)):.2f} s"))
                 return
             try:
                 limiter.acquire_nowait()
@@ -132,6 +140,9 @@ def make_stream_handler(
                     return
                 try:
                     reply = await handler(msg, remote)
+                except RemoteError as e:  # the handler's own refusal, with its code
+                    await answer(stream, error_frame(e.code, e.message))
+                    return
                 except (ProtocolError, TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
                     # Untrusted input of the wrong shape lands here.
                     log.debug("%s from %s: bad request: %s: %s", protocol, remote, type(e).__name__, e)

@@ -138,7 +138,7 @@ class StageWorker:
                     if self._accept_token(req, item["token"], m.get("t", [])):
                         decode.append(req)
             elif kind == "cancel":
-                self._cancel(m["rid"], m.get("attempt"))
+                self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
         while self.waiting and self.free_slots:
             req = self._admit(self.waiting.pop(0))
             if req.tokens and self._finish_if_done(req):
@@ -157,11 +157,16 @@ class StageWorker:
         self.requests[req.rid] = req
         return req
 
-    def _cancel(self, rid: str, attempt: int | None) -> None:
-        """Drop a request (only the given attempt of it, when named)."""
-        self.waiting = [m for m in self.waiting if not (m["rid"] == rid and attempt in (None, m.get("attempt")))]
+    def _cancel(self, rid: str, attempt: int | None, sender: str | None = None) -> None:
+        """Drop a request (only the given attempt of it, when named); only its entry node,
+        or this node itself, may cancel it."""
+        def may(entry: str) -> bool:
+            return sender in (None, entry, self.route.first_peer)
+
+        self.waiting = [m for m in self.waiting
+                        if not (m["rid"] == rid and attempt in (None, m.get("attempt")) and may(m["entry"]))]
         req = self.requests.get(rid)
-        if req is not None and attempt in (None, req.attempt):
+        if req is not None and attempt in (None, req.attempt) and may(req.entry):
             del self.requests[rid]
             self.free_slots.append(req.slot)
 

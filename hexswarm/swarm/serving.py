@@ -41,6 +41,7 @@ LAYOUT = protocol_id("layout", 1)
 STATUS = protocol_id("status", 1)
 LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
+PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
 
 
@@ -297,6 +298,10 @@ class Server:
             raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
+        cap = PENDING_PER_SLOT * self.settings.max_batch
+        if all(self.inflight.get((layout.epoch, r), 0) >= cap for r in replicas):
+            eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
+            raise RemoteError(BUSY, f"busy: every pipeline has {cap} requests queued; retry after {max(1.0, eta):.0f} s")
         replica = min(replicas, key=lambda r: ((self.inflight.get((layout.epoch, r), 0) + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
         start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}
@@ -314,7 +319,7 @@ class Server:
 
     # ---- pipe routing ------------------------------------------------------------------------
     def _to_stage(self, msg: dict, sender: str) -> None:
-        if not self.stages.route(msg):
+        if not self.stages.route(msg, sender):
             log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
             if msg["kind"] == "start":
                 self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
@@ -337,7 +342,7 @@ class Server:
             elif msg.get("kind") in ("event", "done"):
                 # the entry is gone: nobody will read this request's tokens; stop computing them
                 self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": msg["rid"],
-                                   "attempt": msg.get("attempt")})
+                                   "attempt": msg.get("attempt")}, self.me)
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_status(self, msg: Any, remote: Any) -> dict:

@@ -13,6 +13,7 @@ from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.stage_host import StageHost, StageSpec
 from hexswarm.runtime.stage_worker import PipelineRoute, StageWorker
 from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm.guards import check_stage_message
 from hexswarm.swarm.layout import SwarmLayout
 
 log = logging.getLogger("hexswarm.stages")
@@ -38,6 +39,7 @@ class StageSet:
         self.settings = settings
         self.pipe = pipe
         self.workers: dict[StageKey, StageWorker] = {}
+        self.layouts: dict[int, SwarmLayout] = {}
         self.last_used: dict[StageKey, float] = {}
         self._loading: dict[int, trio.Event] = {}
 
@@ -47,6 +49,7 @@ class StageSet:
             await self._loading[layout.epoch].wait()
             return
         done = self._loading[layout.epoch] = trio.Event()
+        self.layouts[layout.epoch] = layout
         try:
             for ri, si in layout.stages_of(self.me):
                 key = (layout.epoch, ri, si)
@@ -87,14 +90,17 @@ class StageSet:
 
         return send
 
-    def route(self, msg: dict) -> bool:
-        """Hand a pipe message to its stage worker; False when this node has no such stage."""
+    def route(self, msg: dict, sender: str) -> bool:
+        """Check a pipe message and hand it to its stage worker; False when this node has no
+        such stage; ProtocolError when the message is malformed or from the wrong peer."""
         key = tuple(int(v) for v in msg["to"])
         worker = self.workers.get(key)
         if worker is None:
             return False
+        check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
+                            self.settings.max_batch, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
-        worker.submit(msg)
+        worker.submit({**msg, "_sender": sender})
         return True
 
     def in_flight(self, epoch: int) -> int:
@@ -108,6 +114,8 @@ class StageSet:
             if worker.in_flight == 0 and now - self.last_used[key] > self.settings.retire_idle_s:
                 del self.workers[key]
                 self.last_used.pop(key, None)
+                if not any(k[0] == key[0] for k in self.workers):
+                    self.layouts.pop(key[0], None)
                 await trio.to_thread.run_sync(worker.close)
                 log.info("epoch %d: retired replica %d stage %d", *key)
 

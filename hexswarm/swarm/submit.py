@@ -97,7 +97,7 @@ class SubmitService:
                 return await server.node.request(head, "/hexswarm/dispatch/1", msg,
                                                  timeout=server.head_settings.dispatch_wait_s + 5)
             except RemoteError as e:
-                if e.code == "no_layout":
+                if e.code in ("no_layout", BUSY):
                     raise
                 last_error = str(e)
                 tried.add(head)
@@ -122,6 +122,8 @@ class SubmitService:
         rid = req["rid"]
         if rid in server.entries:
             return error_frame(BAD_REQUEST, f"request {rid} is already running")
+        if len(server.entries) >= server.node.config.max_queue:
+            return error_frame(BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
         send, receive = trio.open_memory_channel(math.inf)
         server.entries[rid] = send
         try:

@@ -1,0 +1,138 @@
+"""Hostile input: malformed pipeline messages never reach torch, floods get 'busy', nodes keep serving."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hexswarm.errors import ProtocolError
+from hexswarm.model.config import LlamaConfig
+from hexswarm.net.ratelimit import PeerRateLimiter
+from hexswarm.swarm.guards import check_stage_message
+from hexswarm.swarm.launcher import LocalSwarm
+from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+from swarmutil import reference, submit_many
+
+LAYOUT = SwarmLayout(1, "A", "m", ("A", "B"), ((StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)),))
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_model):
+    return LlamaConfig.from_dir(tiny_model)
+
+
+def good_forward(B=2, T=1, H=64):
+    return {"kind": "forward", "to": [1, 0, 1], "rids": [f"r{i}" for i in range(B)], "slots": list(range(B)),
+            "start": [5] * B, "samples": [{"params": {"temperature": 0.0}, "step": 1}] * B,
+            "x": torch.zeros(B, T, H), "t": [0.01]}
+
+
+def test_well_formed_messages_pass(cfg):
+    check_stage_message(good_forward(), "A", LAYOUT, 0, 1, cfg, 8, 128)
+    check_stage_message({"kind": "tokens", "to": [1, 0, 0], "items": [{"rid": "r", "token": 5, "step": 0}], "t": []},
+                        "B", LAYOUT, 0, 0, cfg, 8, 128)
+
+
+@pytest.mark.parametrize("mutate,why", [
+    (lambda m: m.update(x=torch.full((2, 1, 64), math.nan)), "not finite"),
+    (lambda m: m.update(x=torch.zeros(2, 1, 65)), "shape"),
+    (lambda m: m.update(x=torch.zeros(2, 1, 64, dtype=torch.int64)), "float"),
+    (lambda m: m.update(x=torch.zeros(9, 1, 64), rids=["r"] * 9, slots=list(range(9)), start=[0] * 9,
+                        samples=[{"params": {}, "step": 0}] * 9), "shape"),
+    (lambda m: m.update(slots=[0, 8]), "slots"),
+    (lambda m: m.update(start=[127, 0], x=torch.zeros(2, 2, 64)), "KV cache"),
+    (lambda m: m.update(rids=["r0"]), "rids"),
+    (lambda m: m.update(samples=[{"params": {"top_p": 7}, "step": 1}] * 2), "sampling"),
+    (lambda m: m.update(x="not a tensor"), "float"),
+])
+def test_malformed_activations_are_refused(cfg, mutate, why):
+    msg = good_forward()
+    mutate(msg)
+    with pytest.raises(ProtocolError, match=why):
+        check_stage_message(msg, "A", LAYOUT, 0, 1, cfg, 8, 128)
+
+
+def test_messages_from_the_wrong_peer_are_refused(cfg):
+    with pytest.raises(ProtocolError, match="previous stage"):
+        check_stage_message(good_forward(), "B", LAYOUT, 0, 1, cfg, 8, 128)
+    with pytest.raises(ProtocolError, match="last stage"):
+        check_stage_message({"kind": "tokens", "items": []}, "A", LAYOUT, 0, 0, cfg, 8, 128)
+
+
+values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8),
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+                      max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(["forward", "tokens", "start", "cancel", "other"]),
+       st.dictionaries(st.sampled_from(["x", "rids", "slots", "start", "samples", "t", "items", "prompt_ids",
+                                        "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens"]),
+                       values, max_size=10),
+       st.sampled_from([0, 1]))
+def test_random_messages_raise_only_protocol_errors(cfg, kind, fields, stage):
+    try:
+        check_stage_message({"kind": kind, **fields}, "A" if stage else "B", LAYOUT, 0, stage, cfg, 8, 128)
+    except ProtocolError:
+        pass
+
+
+def test_rate_limiter_holds_a_peer_to_its_rate():
+    now = [0.0]
+    rl = PeerRateLimiter(rate_per_s=10, burst=20, clock=lambda: now[0])
+    assert sum(rl.allow("p") for _ in range(100)) == 20  # the burst
+    assert rl.allow("q")  # another peer is not affected
+    now[0] += 1.0
+    assert sum(rl.allow("p") for _ in range(100)) == 10
+    assert rl.retry_after_s("p") > 0
+
+
+def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp_path):
+    import multiaddr
+    from libp2p.custom_types import TProtocol
+
+    from hexswarm.net import codec, identity
+    from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
+    from hexswarm.swarm.pipe import PIPE
+
+    sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]},
+                    extra={"max_queue": 4, "dispatch_wait_s": 5.0})
+    sw.start()
+    try:
+        st_ = sw.wait_layout(90)
+        stage1 = next(n for n in sw.nodes if n.peer_id == st_["replicas"][0]["stages"][1]["peer"])
+        epoch = st_["layout"]["epoch"]
+
+        async def attack():
+            info = parse_peer_multiaddr(stage1.addr)
+            host = make_host(identity.generate())
+            async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                await dial(host, info)
+                s = await host.new_stream(info.peer_id, [TProtocol(PIPE)])
+                bad = good_forward()
+                bad["to"] = [epoch, 0, 1]
+                bad["x"] = torch.full((2, 1, 64), math.nan)
+                await s.write(codec.frame(bad))  # NaN activations from a peer that is not stage 0
+                await s.write(b"\x00\x00\x00\x05garbage")  # a corrupt frame
+                await s.write(b"\xff\xff\xff\xff")  # an absurd length
+                await trio.sleep(0.5)
+                await s.close()
+
+        trio.run(attack)
+        # a flood beyond max_queue at one entry: some are told 'busy', none hang, the rest are right
+        flood = submit_many([(sw.nodes[0].addr, {"prompt": f"Hello {i}", "max_new_tokens": 30}) for i in range(12)])
+        busy = [r for r in flood if "error" in r]
+        assert busy and all(r["error"]["code"] == "busy" and "retry after" in r["error"]["message"] for r in busy)
+        for i, r in enumerate(flood):
+            if "done" in r:
+                assert r["done"]["tokens"] == reference(tiny_model, f"Hello {i}", 30)["tokens"]
+        (after,) = submit_many([(sw.nodes[1].addr, {"prompt": "Hello, world!", "max_new_tokens": 8})])
+        assert after["done"]["tokens"] == reference(tiny_model, "Hello, world!", 8)["tokens"]
+        assert "activations from a peer that is not the previous stage" in stage1.log()
+    finally:
+        sw.stop()
