@@ -110,6 +110,9 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._dial_backoff: dict[str, tuple[float, Backoff]] = {}
         self._dialing: set[str] = set()
+        # Set when a new peer enters the table: discovery dials it at once, so
+        # the swarm does not hang on the bootstrap chain for a whole interval.
+        self._discovery_wake = trio.Event()
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, open_to_all=True)
 
@@ -305,6 +308,8 @@ class Node:
         change = self.table.observe(record)
         if change is not None:
             self._report(change)
+            if change.peer_id != self.peer_id_str:
+                self._discovery_wake.set()
 
     def _report(self, change: StateChange) -> None:
         if change.peer_id != self.peer_id_str:
@@ -429,6 +434,8 @@ class Node:
         key = swarm_key(self.config.swarm)
         last_provide = -PROVIDE_INTERVAL_S
         while True:
+            # Peers we hold records of first: no network round trip needed.
+            self._dial_new({e.peer_id: self._info_from_record(e.record) for e in self.table.entries()})
             now = trio.current_time()
             if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S:
                 try:
@@ -436,26 +443,25 @@ class Node:
                         last_provide = now
                 except Exception as e:
                     log.debug("DHT provide failed: %s", e)
-            candidates: dict[str, Any] = {}
             try:
                 with trio.move_on_after(DIAL_TIMEOUT_S * 2):
-                    for info in await self.dht.find_providers(key):
-                        candidates[info.peer_id.to_base58()] = info
+                    providers = await self.dht.find_providers(key)
+                    self._dial_new({info.peer_id.to_base58(): info for info in providers})
             except Exception as e:
                 log.debug("DHT find_providers failed: %s", e)
-            for entry in self.table.entries():
-                if entry.peer_id not in candidates:
-                    info = self._info_from_record(entry.record)
-                    if info is not None:
-                        candidates[entry.peer_id] = info
-            for peer_id, info in candidates.items():
-                if peer_id == self.peer_id_str or not self.is_allowed(peer_id) or peer_id in self._dialing:
-                    continue
-                if is_connected(self.host, info.peer_id) or not info.addrs or not self._dial_due(peer_id):
-                    continue
-                self._dialing.add(peer_id)
-                self._nursery.start_soon(self._dial_discovered, peer_id, info)
-            await trio.sleep(DISCOVERY_INTERVAL_S)
+            with trio.move_on_after(DISCOVERY_INTERVAL_S):
+                await self._discovery_wake.wait()
+            self._discovery_wake = trio.Event()
+
+    def _dial_new(self, candidates: dict[str, Any]) -> None:
+        """Start dialing each allowed, unconnected candidate whose back-off has passed."""
+        for peer_id, info in candidates.items():
+            if info is None or not info.addrs or peer_id == self.peer_id_str or not self.is_allowed(peer_id):
+                continue
+            if peer_id in self._dialing or is_connected(self.host, info.peer_id) or not self._dial_due(peer_id):
+                continue
+            self._dialing.add(peer_id)
+            self._nursery.start_soon(self._dial_discovered, peer_id, info)
 
     def _info_from_record(self, record: NodeRecord) -> Any:
         from libp2p.peer.peerinfo import PeerInfo
@@ -479,7 +485,7 @@ class Node:
             await dial(self.host, info)
             self._dial_backoff.pop(peer_id, None)
             await self._on_connected(info.peer_id)
-            log.debug("connected to discovered peer %s", peer_id)
+            log.info("connected to peer %s", peer_id)
         except ConnectionError as e:
             _, backoff = self._dial_backoff.get(peer_id, (0.0, None))
             backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
