@@ -24,6 +24,7 @@ NODE_MAIN = "from hexswarm.cli.app import main; main()"
 # Short timings keep the suite fast; acceptance deadlines derive from them.
 FAST = {"heartbeat_s": 0.5, "down_after_s": 2.0, "drop_after_s": 60.0, "probe_s": 2.0, "probe_bytes": 16384}
 JOIN_DEADLINE_S = 20.0
+STARTUP_TIMEOUT_S = 60.0
 # Marked down after down_after_s of silence; the sweep runs every heartbeat.
 DOWN_DEADLINE_S = FAST["down_after_s"] + 2 * FAST["heartbeat_s"] + 1.0
 CPU_DEVICE = [{"kind": "cpu", "name": "test-cpu", "memory": 4, "tflops": 0.05, "mem_bw": 5}]
@@ -59,28 +60,41 @@ class NodeProcess:
     def __init__(self, config: Path, ip: str = "127.0.0.1", port: int | None = None, prefix: Sequence[str] = ()):
         self.config = config
         self.ip = ip
-        self.port = port or free_port()
+        self.port = port  # None: the OS picks one at each start (no race with other tests)
         self.prefix = list(prefix)
         self.peer_id = peer_id_of(config)
         self.log_path = config.parent / "node.log"
         self.proc: subprocess.Popen | None = None
+        self._log_start = 0
 
     @property
     def addr(self) -> str:
-        return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
+        """The node's multiaddr; with an OS-picked port, known once wait_listening() returned."""
+        if self.port:
+            return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
+        for line in self.log()[self._log_start :].splitlines():
+            if "listening on " in line:
+                for addr in line.split("listening on ", 1)[1].split():
+                    if addr.startswith(f"/ip4/{self.ip}/"):
+                        return addr
+        raise RuntimeError("node not listening yet: call wait_listening() first")
 
     def start(self, bootstrap: Sequence[str] = ()) -> NodeProcess:
         args = [*self.prefix, sys.executable, "-c", NODE_MAIN, "node", "--config", str(self.config)]
-        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port}"]
+        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port or 0}"]
         for b in bootstrap:
             args += ["--bootstrap", b]
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
         log.close()
         return self
 
-    def wait_listening(self, timeout: float = 30.0) -> NodeProcess:
-        if not wait_for(lambda: "listening on" in self.log() or self.proc.poll() is not None, timeout, 0.1):
+    def wait_listening(self, timeout: float = 60.0) -> NodeProcess:
+        def listening() -> bool:  # in this run's part of the log, not an earlier run's
+            return "listening on" in self.log()[self._log_start :] or self.proc.poll() is not None
+
+        if not wait_for(listening, timeout, 0.1):
             raise TimeoutError(f"node did not start within {timeout} s:\n{self.log()}")
         if self.proc.poll() is not None:
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
@@ -100,7 +114,7 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def query(addrs: Sequence[str], timeout: float = 5.0) -> dict[str, Any]:
+def query(addrs: Sequence[str], timeout: float = 10.0) -> dict[str, Any]:
     """Each node's /hexswarm/peers/1 reply, asked in parallel from this process."""
     import trio
 
@@ -137,15 +151,16 @@ def check_chain(nodes: list[NodeProcess], query_fn: Callable[[list[str]], dict[s
     B restarted with the same key is up again everywhere with the same PeerID.
     """
     a, b, c, d = nodes
+    # The join clock starts once the processes listen: interpreter and import
+    # time (torch, on a loaded 2-core machine) is not the swarm's doing.
     for node, boot in ((a, None), (b, a), (c, b), (d, c)):
-        node.start([boot.addr] if boot else [])
-    addrs = [n.addr for n in nodes]
+        node.start([boot.addr] if boot else []).wait_listening(STARTUP_TIMEOUT_S)
     everyone_up = {n.peer_id: "up" for n in nodes}
     replies: dict[str, Any] = {}
 
     def joined() -> bool:
         replies.clear()
-        replies.update(query_fn(addrs))
+        replies.update(query_fn([n.addr for n in nodes]))
         return all_see(replies, everyone_up) and all(len(states(r)) == 4 for r in replies.values())
 
     assert wait_for(joined, JOIN_DEADLINE_S), f"tables after {JOIN_DEADLINE_S} s: {[states(r) for r in replies.values()]}"
@@ -160,7 +175,7 @@ def check_chain(nodes: list[NodeProcess], query_fn: Callable[[list[str]], dict[s
 
     assert wait_for(b_down, DOWN_DEADLINE_S, 0.25), f"after SIGKILL of B: {[states(r) for r in replies.values()]}"
 
-    b.start([a.addr])  # same config, same key file
+    b.start([a.addr]).wait_listening(STARTUP_TIMEOUT_S)  # same config, same key file
     assert wait_for(joined, JOIN_DEADLINE_S), f"after restart of B: {[states(r) for r in replies.values()]}"
     assert states(replies[b.addr]).get(b_peer_id) == "up" and peer_id_of(b.config) == b_peer_id
 

@@ -33,12 +33,14 @@ def test_other_swarm_and_unlisted_peer_never_appear(tmp_path, nodes):
     allow = [a.peer_id, b.peer_id]
     write_config(tmp_path, "A", allow_peers=allow)
     write_config(tmp_path, "B", allow_peers=allow)
-    nodes.append(a.start())
+    nodes.append(a.start().wait_listening())
     nodes.append(b.start([a.addr]))
     outsider = NodeProcess(write_config(tmp_path, "E"))  # same swarm, not allowlisted
     other = NodeProcess(write_config(tmp_path, "O", swarm="elsewhere"))
     nodes.append(outsider.start([a.addr]))
     nodes.append(other.start([a.addr]))
+    for n in nodes:
+        n.wait_listening()
 
     # The outsider (no allowlist of its own) hears A and B: gossip flows.
     assert wait_for(lambda: all_see(query([outsider.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
@@ -53,11 +55,11 @@ def test_other_swarm_and_unlisted_peer_never_appear(tmp_path, nodes):
 
 
 def test_bootstrap_peer_that_starts_late_is_joined(tmp_path, nodes):
-    a = NodeProcess(write_config(tmp_path, "A"))
+    a = NodeProcess(write_config(tmp_path, "A"), port=free_port())  # B must know A's address before A runs
     b = NodeProcess(write_config(tmp_path, "B", bootstrap_timeout_s=30.0))
     nodes.append(b.start([a.addr]))
     assert wait_for(lambda: "unreachable" in b.log(), 20, 0.1)  # B has failed to dial A at least once
-    nodes.append(a.start())
+    nodes.append(a.start().wait_listening())
     assert wait_for(lambda: all_see(query([a.addr, b.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
 
 
@@ -80,11 +82,11 @@ def test_unreachable_bootstrap_exits_with_one_line(tmp_path):
 def test_peers_cli_json_dead_bootstrap_warning_and_clean_sigterm(tmp_path, nodes):
     a = NodeProcess(write_config(tmp_path, "A"))
     b = NodeProcess(write_config(tmp_path, "B"))
-    nodes.append(a.start())
+    nodes.append(a.start().wait_listening())
     from hexswarm.net.identity import generate
 
     ghost = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{generate().peer_id}"
-    nodes.append(b.start([a.addr, ghost]))  # one bootstrap peer answers, one never does
+    nodes.append(b.start([a.addr, ghost]).wait_listening())  # one bootstrap peer answers, one never does
     assert wait_for(lambda: all_see(query([a.addr]), {a.peer_id: "up", b.peer_id: "up"}), JOIN_DEADLINE_S)
 
     def b_probed() -> bool:
