@@ -85,37 +85,78 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, out_ptr,
+        q_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr,
         stride_qrow, stride_cs, stride_cl, sm_scale,
-        NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
     ):
-        # one program per (row, query head); online softmax over keys [0, pos] of the row's slot
+        # one program per (row, query head, key split); online softmax over the split's share of
+        # keys [0, pos] of the row's slot.  SPLITS == 1 writes the output; else it writes
+        # (max, sum, unnormalised acc) to the workspace for _decode_reduce_kernel.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
+        sp = tl.program_id(2)
         kvh = h // GROUP
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qrow + h * D + d).to(tl.float32) * sm_scale
         slot = tl.load(slot_ptr + b)
         n_keys = tl.load(pos_ptr + b) + 1
+        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n_keys)
         base = slot * stride_cs + kvh * D
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(0, n_keys, BLOCK_N):
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            valid = n < n_keys
+            valid = n < hi
             offs = base + n[:, None] * stride_cl + d[None, :]
+            # both loads issued before any use: one memory round trip per block, not two
             k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             s = tl.sum(k * q[None, :], axis=1)
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
-            v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
-        tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        if SPLITS == 1:
+            tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        else:
+            w = ws_ptr + ((b * NQ + h) * SPLITS + sp) * (D + 2)
+            tl.store(w + d, acc)
+            tl.store(w + D, m_i)
+            tl.store(w + D + 1, l_i)
+
+    @triton.jit
+    def _decode_reduce_kernel(ws_ptr, out_ptr, NQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        w = ws_ptr + ((b * NQ + h) * SPLITS + sp) * (D + 2)
+        m = tl.load(w + D)  # -inf for an empty split
+        l = tl.load(w + D + 1)
+        mx = tl.max(m, axis=0)
+        scale = tl.exp(m - mx)
+        acc = tl.load(w[:, None] + d[None, :])
+        num = tl.sum(acc * scale[:, None], axis=0)
+        den = tl.sum(l * scale, axis=0)
+        tl.store(out_ptr + b * (NQ * D) + h * D + d, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def _splits(B: int, n_q: int, max_len: int) -> int:
+    """Key splits per (row, head).  A decode step's attention is latency-bound at small batch
+    (batch 1: 32 programs, each a chain of dependent memory round trips), so split the keys
+    until there are ~4 programs per SM (H100: 132) or a split would hold < 16 cache positions;
+    none when the batch alone fills the GPU."""
+    programs = B * n_q
+    splits = 1
+    while programs * splits < 528 and splits < 32 and splits * 16 < max_len:
+        splits *= 2
+    return splits
 
 
 def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int) -> torch.Tensor:
@@ -123,15 +164,21 @@ def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int) -> t
     k_cache/v_cache: [slots, max_len, n_kv, D] holding keys [0, pos[b]] for slot[b];
     slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
     count comes from `pos` inside the kernel, so the launch is the same every step
-    (CUDA-graph safe) and each row reads only its own keys."""
+    (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
+    split across programs (flash-decoding) and a second kernel combines the parts."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert slot.is_contiguous() and pos.is_contiguous()
     out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
-    _decode_attention_kernel[(B, n_q)](
-        qkv, k_cache, v_cache, slot, pos, out,
+    splits = _splits(B, n_q, k_cache.shape[1])
+    ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
+    _decode_attention_kernel[(B, n_q, splits)](
+        qkv, k_cache, v_cache, slot, pos, out, ws,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(D),
-        NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=64, num_warps=4, num_stages=2,
+        NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
+        num_warps=4, num_stages=2,
     )
+    if splits > 1:
+        _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4)
     return out
