@@ -55,3 +55,14 @@ def test_checkpoint_maker_writes_a_loadable_7b_shaped_model(tmp_path):
     with safe_open(str(d / index["model.layers.0.mlp.down_proj.weight"]), framework="pt") as f:
         t = f.get_slice("model.layers.0.mlp.down_proj.weight")
         assert t.get_shape() == [4096, 11008] and t.get_dtype() == "BF16"
+
+
+def test_bench_hop_quick_measures_both_transports():
+    hop = _load("bench_hop")
+    res = hop.main(["--quick"])
+    assert set(res["rows"]) == {"decode b=1", "decode b=32", "prefill 512"}
+    for row in res["rows"].values():
+        for kind in ("tcp", "libp2p", "libp2p-plain"):
+            assert row[f"{kind}_hop_ms"] > 0
+    # the frames carry the activation: 2 bytes per bf16 element plus a small header
+    assert res["rows"]["prefill 512"]["frame_bytes"] > 512 * 4096 * 2
