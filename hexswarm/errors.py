@@ -12,3 +12,10 @@ class UserError(Exception):
 
 class ProtocolError(Exception):
     """A peer sent something that breaks a hexswarm wire protocol."""
+
+
+def first_leaf(error: BaseException) -> BaseException:
+    """The first real exception inside nested exception groups (trio nurseries wrap errors)."""
+    while getattr(error, "exceptions", None):  # duck-typed: BaseExceptionGroup is 3.11+
+        error = error.exceptions[0]
+    return error

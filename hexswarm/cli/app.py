@@ -23,7 +23,7 @@ app = typer.Typer(
 
 # Flags that take several values after one flag (HexGen style: --hetero-config 4 2 2).
 # typer takes one value per flag, so they are expanded to repeated flags first.
-MULTI_VALUE_FLAGS = {"--hetero-config", "--pp-partition", "--bootstrap", "--listen"}
+MULTI_VALUE_FLAGS = {"--hetero-config", "--pp-partition", "--bootstrap", "--listen", "--peer"}
 
 
 @app.callback()

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from hexswarm.errors import UserError
+from hexswarm.errors import UserError, first_leaf
 
 SHUTDOWN_GRACE_S = 5.0
 
@@ -58,13 +58,6 @@ async def _stop_on_signals(node) -> None:
         os._exit(1)
 
 
-def _first_leaf(error: BaseException) -> BaseException:
-    """The first real exception inside nested exception groups (trio nurseries wrap errors)."""
-    while getattr(error, "exceptions", None):  # duck-typed: BaseExceptionGroup is 3.11+
-        error = error.exceptions[0]
-    return error
-
-
 async def _run_node(node) -> None:
     import trio
 
@@ -76,7 +69,7 @@ async def _run_node(node) -> None:
 
             await run_daemon(node)
         except Exception as e:
-            failure = _first_leaf(e)
+            failure = first_leaf(e)
         finally:
             nursery.cancel_scope.cancel()
     if failure is not None:

@@ -12,7 +12,8 @@ from hexswarm.errors import UserError
 
 
 def submit(
-    peer: str = typer.Option(..., "--peer", help="any node's multiaddr /ip4/.../tcp/.../p2p/<PeerID>"),
+    peer: List[str] = typer.Option(..., "--peer", help="a node's multiaddr /ip4/.../tcp/.../p2p/<PeerID>; "
+                                   "several: the next is used if one fails mid-request"),
     prompt: str = typer.Option(..., "--prompt"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
@@ -31,7 +32,7 @@ def submit(
     import trio
 
     from hexswarm.runtime.sampling import SamplingParams
-    from hexswarm.swarm.submit import submit_to
+    from hexswarm.swarm.submit import submit_with_failover
 
     SamplingParams(temperature, top_k, top_p, seed).validate()
     if max_new_tokens < 1:
@@ -47,7 +48,7 @@ def submit(
             sys.stdout.flush()
 
     identity, certificate = _client_credentials(key, cert)
-    final = trio.run(submit_to, peer, request, on_frame, timeout, identity, certificate)
+    final = trio.run(submit_with_failover, list(peer), request, on_frame, timeout, identity, certificate)
     if "error" in final:
         err = final["error"]
         raise UserError(f"{err.get('code')}: {err.get('message')}")

@@ -8,13 +8,16 @@ import logging
 import trio
 
 from hexswarm.swarm.config import NodeConfig
-from hexswarm.swarm.serving import HeadSettings, Server
-from hexswarm.swarm.stages import ServeSettings
+
+# The serving layer (and torch with it) is imported only by nodes that serve a model,
+# so relay-only nodes start fast.
 
 log = logging.getLogger("hexswarm.node")
 
 
-def serve_settings(config: NodeConfig, devices) -> ServeSettings:
+def serve_settings(config: NodeConfig, devices):
+    from hexswarm.swarm.stages import ServeSettings
+
     device = config.serve_device
     if device == "auto":
         device = "cuda" if any(d.kind == "cuda" for d in devices) else "cpu"
@@ -25,7 +28,9 @@ def serve_settings(config: NodeConfig, devices) -> ServeSettings:
                          max_seq_len=config.max_seq_len)
 
 
-def head_settings(config: NodeConfig) -> HeadSettings:
+def head_settings(config: NodeConfig):
+    from hexswarm.swarm.serving import HeadSettings
+
     return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout, dispatch_wait_s=config.dispatch_wait_s)
 
 
@@ -35,6 +40,8 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await nursery.start(node.run)
         server = None
         if node.config.model is not None:
+            from hexswarm.swarm.serving import Server
+
             server = Server(node, serve_settings(node.config, node.devices), head_settings(node.config))
             await nursery.start(server.run)
         else:

@@ -94,7 +94,8 @@ class Server:
         self._view_seen: tuple[frozenset, float] | None = None
         self._last_republish = 0.0
         self._layout_changed = trio.Event()
-        self.inflight: dict[tuple[int, int], int] = {}  # head: requests dispatched per (epoch, replica)
+        # head: when it sent requests to each (epoch, replica), for those not yet in the stage-0 load reports
+        self.recent_dispatch: dict[tuple[int, int], list[float]] = {}
         self.entries: dict[str, trio.MemorySendChannel] = {}  # entry: rid -> events channel
         self._nursery: trio.Nursery | None = None
         node.extra.update({"model": self.model_id, "serve": True})
@@ -111,7 +112,6 @@ class Server:
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("event", self._to_entry)
             self.pipe.on("done", self._to_entry)
-            self.pipe.on("finished", self._on_finished)
             self.node.register_handler(DISPATCH, self._on_dispatch)
             self.node.register_handler(LAYOUT, self._on_layout_request)
             self.node.register_handler(STATUS, self._on_status, open_to_all=True)
@@ -269,7 +269,9 @@ class Server:
 
     async def _retire_loop(self) -> None:
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(0.25)
+            # every record this node gossips carries its stage-0 loads (the head's queue view)
+            self.node.extra["load"] = self.stages.loads()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
 
@@ -299,23 +301,35 @@ class Server:
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         cap = PENDING_PER_SLOT * self.settings.max_batch
-        if all(self.inflight.get((layout.epoch, r), 0) >= cap for r in replicas):
+        load = {r: self.replica_load(layout, r) for r in replicas}
+        resuming = int(msg.get("attempt", 1)) > 1  # already accepted: never refused for load
+        if not resuming and all(load[r] >= cap for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
             raise RemoteError(BUSY, f"busy: every pipeline has {cap} requests queued; retry after {max(1.0, eta):.0f} s")
-        replica = min(replicas, key=lambda r: ((self.inflight.get((layout.epoch, r), 0) + 1) * per_request[r], r))
+        replica = min(replicas, key=lambda r: ((load[r] + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
         start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}
         self.pipe.send(stage0, {"kind": "start", "to": [layout.epoch, replica, 0], **start,
                                 "resume_tokens": list(msg.get("resume_tokens") or [])})
-        key = (layout.epoch, replica)
-        self.inflight[key] = self.inflight.get(key, 0) + 1
+        self.recent_dispatch.setdefault((layout.epoch, replica), []).append(time.monotonic())
         return {"epoch": layout.epoch, "replica": replica, "head": self.me, "attempt": msg["attempt"],
                 "stages": [s.to_wire() for s in layout.replicas[replica]]}
 
-    def _on_finished(self, msg: dict, sender: str) -> None:
-        key = (int(msg["epoch"]), int(msg["replica"]))
-        if self.inflight.get(key, 0) > 0:
-            self.inflight[key] -= 1
+    def replica_load(self, layout: SwarmLayout, replica: int) -> int:
+        """Requests a replica holds: its stage 0's last report, plus what was sent since."""
+        stage0 = layout.replicas[replica][0].peer
+        key = f"{layout.epoch}:{replica}"
+        if stage0 == self.me:
+            reported = self.stages.loads().get(key, 0)
+            lag = 0.0
+        else:
+            entry = self.node.table.get(stage0)
+            reported = int((entry.record.extra.get("load") or {}).get(key, 0)) if entry else 0
+            lag = 2 * self.node.config.heartbeat_s
+        now = time.monotonic()
+        recent = [t for t in self.recent_dispatch.get((layout.epoch, replica), []) if now - t <= lag]
+        self.recent_dispatch[(layout.epoch, replica)] = recent
+        return reported + len(recent)
 
     # ---- pipe routing ------------------------------------------------------------------------
     def _to_stage(self, msg: dict, sender: str) -> None:

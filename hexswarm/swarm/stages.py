@@ -103,8 +103,9 @@ class StageSet:
         worker.submit({**msg, "_sender": sender})
         return True
 
-    def in_flight(self, epoch: int) -> int:
-        return sum(w.in_flight for (e, _, s), w in self.workers.items() if e == epoch and s == 0)
+    def loads(self) -> dict[str, int]:
+        """"epoch:replica" -> requests held by the stage 0 this node serves there."""
+        return {f"{e}:{r}": w.in_flight for (e, r, s), w in self.workers.items() if s == 0}
 
     async def retire_older_than(self, epoch: int) -> None:
         """Close stages of older epochs once idle (their in-flight requests finish first)."""

@@ -97,7 +97,7 @@ class SubmitService:
                 return await server.node.request(head, "/hexswarm/dispatch/1", msg,
                                                  timeout=server.head_settings.dispatch_wait_s + 5)
             except RemoteError as e:
-                if e.code in ("no_layout", BUSY):
+                if e.code == "no_layout" or (e.code == BUSY and not req.get("resume_tokens") and req["attempts"] == 1):
                     raise
                 last_error = str(e)
                 tried.add(head)
@@ -194,13 +194,11 @@ class SubmitService:
                 if self._pipeline_alive(placement) and not stalled:
                     continue
                 if attempt >= MAX_ATTEMPTS:
-                    self._finished(placement)
                     return error_frame("failed", f"request {req['rid']} failed on {attempt} pipelines")
                 why = "stalled" if stalled else "lost a peer"
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                self._finished(placement)
                 try:
                     placement = await self.place({**req, "resume_tokens": list(tokens)})
                 except RemoteError as e:
@@ -221,16 +219,13 @@ class SubmitService:
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if attempt < MAX_ATTEMPTS:
-                    self._finished(placement)
                     try:
                         placement = await self.place({**req, "resume_tokens": list(tokens)})
                     except RemoteError as e:
                         return error_frame(e.code, e.message)
                     attempt = placement["attempt"]
                     continue
-                self._finished(placement)
                 return error_frame("failed", str(ev["error"]))
-            self._finished(placement)
             stages = placement["stages"]
             return {"done": {
                 "request_id": req["rid"], "prompt_tokens": ev["prompt_tokens"], "tokens": ev["tokens"],
@@ -241,7 +236,6 @@ class SubmitService:
                 "attempts": attempt, "timings": ev["timings"],
             }}
         self._cancel_placement(req["rid"], placement)
-        self._finished(placement)
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
 
     def _cancel_placement(self, rid: str, placement: dict) -> None:
@@ -254,31 +248,21 @@ class SubmitService:
             self.server.pipe.send(sender, {"kind": "cancel", "to": ev["to_stage0"], "rid": ev["rid"],
                                            "attempt": ev.get("attempt")})
 
-    def _finished(self, placement: dict) -> None:
-        self.server.pipe.send(placement["head"], {"kind": "finished", "epoch": placement["epoch"],
-                                                  "replica": placement["replica"]})
-
 
 async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
                     timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None) -> dict:
     """Client side: send one request to the node at `addr`; returns the final frame.
-    `client_identity` and `cert`: the submitter's key and client certificate, where the swarm wants them."""
-    import multiaddr
+    `client_identity` and `cert`: the submitter's key and client certificate, where the swarm wants them.
+    Raises UserError when the node cannot be reached or the connection breaks."""
     from libp2p.custom_types import TProtocol
 
-    from hexswarm.net import identity
-    from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
+    from hexswarm.net.client import with_node
 
-    info = parse_peer_multiaddr(addr, "--peer")
-    host = make_host(client_identity or identity.generate())
     if cert is not None:
         request = {**request, "cert": cert}
-    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        try:
-            await dial(host, info, timeout=10.0)
-        except ConnectionError as e:
-            raise UserError(f"cannot reach {addr}: {e}") from None
-        stream = await host.new_stream(info.peer_id, [TProtocol(SUBMIT)])
+
+    async def exchange(host, peer_id) -> dict:
+        stream = await host.new_stream(peer_id, [TProtocol(SUBMIT)])
         try:
             await write_frame(stream, request)
             while True:
@@ -293,3 +277,34 @@ async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] |
             raise UserError(f"the connection to {addr} broke: {e}") from None
         finally:
             await close_quietly(stream)
+
+    return await with_node(addr, exchange, client_identity=client_identity)
+
+
+async def submit_with_failover(addrs: list[str], request: dict, on_frame: Callable[[dict], None] | None = None,
+                               timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None,
+                               max_tries: int = 6) -> dict:
+    """Submit through the first entry node that answers; if an entry dies mid-request, submit again
+    with the same request id through the next one.  Tokens are merged by index, so the caller
+    sees each token once even when the new entry's pipeline regenerates the first ones."""
+    request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
+    delivered = 0
+    last: Exception | None = None
+
+    def relay(frame: dict) -> None:
+        nonlocal delivered
+        if "token" in frame:
+            if frame["index"] < delivered:
+                return  # already seen through an earlier entry
+            delivered = frame["index"] + 1
+        if on_frame is not None:
+            on_frame(frame)
+
+    for attempt in range(max_tries):
+        addr = addrs[attempt % len(addrs)]
+        try:
+            return await submit_to(addr, request, relay, timeout, client_identity, cert)
+        except UserError as e:  # unreachable or broke mid-stream: the next entry
+            last = e
+            await trio.sleep(min(2.0, 0.25 * (attempt + 1)))
+    raise UserError(f"no entry node finished request {request['request_id']}: {last}")
