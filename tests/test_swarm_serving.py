@@ -171,3 +171,22 @@ def test_planned_layout_without_pin_serves(tiny_model, tmp_path):
         assert res["done"]["tokens"] == reference(tiny_model, "Hello, world!", 8)["tokens"]
     finally:
         sw.stop()
+
+
+def test_trace_lists_every_stage_with_compute_time(swarm3):
+    import json
+
+    p = run_cli("submit", "--peer", swarm3.nodes[2].addr, "--prompt", "Once upon a time", "--max-new-tokens", "6",
+                "--json")
+    done = json.loads(p.stdout)
+    t = run_cli("trace", done["request_id"], "--peer", swarm3.nodes[2].addr, "--json")
+    assert t.returncode == 0, t.stderr
+    trace = json.loads(t.stdout)
+    stages = {(s["stage"], s["peer"]) for s in trace["spans"]}
+    assert stages == {(i, st["peer"]) for i, st in enumerate(done["stages"])}
+    for s in trace["spans"]:
+        assert s["steps"] == 6 and s["compute_s"] > 0 and s["queue_s"] >= 0 and s["net_in_s"] >= 0
+    table = run_cli("trace", done["request_id"], "--peer", swarm3.nodes[2].addr)
+    assert table.returncode == 0 and "compute s" in table.stdout
+    unknown = run_cli("trace", "no-such-request", "--peer", swarm3.nodes[2].addr)
+    assert unknown.returncode == 2 and "unknown_request" in unknown.stderr

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from hexswarm.runtime.sampling import SamplingParams, sample_token
+from hexswarm.runtime.spans import SpanLog, waited, wire_delay
 from hexswarm.runtime.stage_host import StageHost
 from hexswarm.runtime.stopping import StopChecker
 from hexswarm.runtime.tokenizer import TextTokenizer
@@ -79,7 +80,8 @@ class StageWorker:
         self.requests: dict[str, ActiveRequest] = {}
         self.waiting: list[dict] = []  # started requests without a free KV slot yet
         self.free_slots = list(range(host.spec.n_slots))
-        self.finished: set[str] = set()
+        self.spans = SpanLog()
+        self._arrival: dict[str, dict] = {}  # rid -> the message that made its next step ready
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._closing = False
         self.error: BaseException | None = None
@@ -130,6 +132,7 @@ class StageWorker:
             kind = m.get("kind")
             if kind == "start":
                 self.waiting.append(m)
+                self._arrival[m["rid"]] = m
             elif kind == "tokens":
                 for item in m["items"]:
                     req = self.requests.get(item["rid"])
@@ -137,6 +140,7 @@ class StageWorker:
                         continue  # a token of a cancelled attempt, or a replay
                     if self._accept_token(req, item["token"], m.get("t", [])):
                         decode.append(req)
+                        self._arrival[req.rid] = m
             elif kind == "cancel":
                 self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
         while self.waiting and self.free_slots:
@@ -167,6 +171,7 @@ class StageWorker:
                         if not (m["rid"] == rid and attempt in (None, m.get("attempt")) and may(m["entry"]))]
         req = self.requests.get(rid)
         if req is not None and attempt in (None, req.attempt) and may(req.entry):
+            self._arrival.pop(rid, None)
             del self.requests[rid]
             self.free_slots.append(req.slot)
 
@@ -199,6 +204,7 @@ class StageWorker:
                         "stage_compute_s": [round(t, 4) for t in req.stage_compute_s]},
         })
         del self.requests[req.rid]
+        self._arrival.pop(req.rid, None)
         self.free_slots.append(req.slot)
         return True
 
@@ -211,9 +217,13 @@ class StageWorker:
             ids = [[r.tokens[-1]] for r in reqs]
             start = [len(r.prompt_ids) + len(r.tokens) - 1 for r in reqs]
         op = {"op": "forward", "ids": ids, "slots": [r.slot for r in reqs], "start": start}
+        arrivals = [self._arrival.pop(r.rid, {}) for r in reqs]
+        queued = [waited(m) for m in arrivals]
         t0 = time.perf_counter()
         out = self.host.run(op)
         dt = time.perf_counter() - t0
+        for r, m, q in zip(reqs, arrivals, queued):  # stage 0's inbound hop is the token's return
+            self.spans.add(r.rid, queue_s=q, compute_s=dt, net_s=wire_delay(m))
         rows = {"rids": [r.rid for r in reqs], "slots": op["slots"], "start": start,
                 "samples": [r.sample_spec() for r in reqs]}
         if self.route.is_last:
@@ -224,9 +234,13 @@ class StageWorker:
     def _forward_downstream(self, msgs: list[dict]) -> None:
         x = torch.cat([m["x"] for m in msgs], dim=0) if len(msgs) > 1 else msgs[0]["x"]
         rows = {key: [v for m in msgs for v in m[key]] for key in ("rids", "slots", "start", "samples")}
+        queued = [waited(m) for m in msgs]
         t0 = time.perf_counter()
         out = self.host.run({"op": "forward", "x": x, "slots": rows["slots"], "start": rows["start"]})
         dt = time.perf_counter() - t0
+        for m, q in zip(msgs, queued):
+            for rid in m["rids"]:
+                self.spans.add(rid, queue_s=q, compute_s=dt, net_s=wire_delay(m))
         times = [max(m["t"][i] for m in msgs) for i in range(len(msgs[0]["t"]))] + [dt]
         if self.route.is_last:
             self._sample_and_return(out, rows, times)

@@ -33,6 +33,7 @@ from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.pipe import MessagePipe
 from hexswarm.swarm.planning import PeerView, make_layout
 from hexswarm.swarm.stages import ServeSettings, StageSet
+from hexswarm.swarm.submit import TRACE
 
 log = logging.getLogger("hexswarm.serving")
 
@@ -115,6 +116,7 @@ class Server:
             self.node.register_handler(DISPATCH, self._on_dispatch)
             self.node.register_handler(LAYOUT, self._on_layout_request)
             self.node.register_handler(STATUS, self._on_status, open_to_all=True)
+            self.node.register_handler(TRACE, self._on_trace, open_to_all=True)
             self.submit_service.register()
             await self.node.subscribe(self.node.topic("layout"), self._on_layout_gossip)
             nursery.start_soon(self._head_loop, nursery)
@@ -359,6 +361,12 @@ class Server:
                                    "attempt": msg.get("attempt")}, self.me)
 
     # ---- status --------------------------------------------------------------------------------
+    async def _on_trace(self, msg: Any, remote: Any) -> dict:
+        rid = str(msg["rid"])
+        if msg.get("local"):
+            return {"spans": self.stages.spans(rid)}
+        return await self.submit_service.trace(rid)
+
     async def _on_status(self, msg: Any, remote: Any) -> dict:
         return self.status()
 

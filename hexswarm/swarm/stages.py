@@ -86,6 +86,7 @@ class StageSet:
                 msg["to"] = [epoch, ri, 0]
             elif kind in ("event", "done"):
                 msg["to_stage0"] = [epoch, ri, 0]  # lets the entry cancel this attempt
+            msg["sent_at"] = time.time()  # for per-hop network time in traces
             self.pipe.send(peer, msg)
 
         return send
@@ -100,8 +101,17 @@ class StageSet:
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
                             self.settings.max_batch, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
-        worker.submit({**msg, "_sender": sender})
+        worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True
+
+    def spans(self, rid: str) -> list[dict]:
+        """This node's timings of one request, per stage it served."""
+        out = []
+        for (e, r, s), w in sorted(self.workers.items()):
+            span = w.spans.get(rid)
+            if span is not None:
+                out.append({"epoch": e, "replica": r, "stage": s, "peer": self.me, **span})
+        return out
 
     def loads(self) -> dict[str, int]:
         """"epoch:replica" -> requests held by the stage 0 this node serves there."""

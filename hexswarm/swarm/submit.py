@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import OrderedDict
 import time
 import uuid
 from typing import Any, Awaitable, Callable
@@ -38,12 +39,40 @@ REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
 MAX_ATTEMPTS = 8
+HISTORY = 10000
+TRACE = protocol_id("trace", 1)
 MAX_STOP_STRINGS = 16
 
 
 class SubmitService:
     def __init__(self, server):
         self.server = server
+        # rid -> where its attempts ran (for `hexswarm trace`); the oldest are forgotten first
+        self.history: OrderedDict[str, list[dict]] = OrderedDict()
+
+    def _remember(self, rid: str, placement: dict) -> None:
+        self.history.setdefault(rid, []).append(placement)
+        self.history.move_to_end(rid)
+        while len(self.history) > HISTORY:
+            self.history.popitem(last=False)
+
+    async def trace(self, rid: str) -> dict:
+        """Where request `rid` (which entered here) ran, with each stage's queue, compute and network time."""
+        from hexswarm.net.protocols import RequestError
+
+        placements = self.history.get(rid)
+        if placements is None:
+            raise RemoteError("unknown_request", f"request {rid} did not enter through this node (or is forgotten)")
+        spans: list[dict] = []
+        for peer in sorted({st["peer"] for p in placements for st in p["stages"]}):
+            if peer == self.server.me:
+                spans += self.server.stages.spans(rid)
+                continue
+            try:
+                spans += (await self.server.node.request(peer, TRACE, {"rid": rid, "local": True}, timeout=5))["spans"]
+            except RequestError as e:
+                spans.append({"peer": peer, "error": str(e)})
+        return {"request_id": rid, "attempts": placements, "spans": spans}
 
     def register(self) -> None:
         from libp2p.custom_types import TProtocol
@@ -93,9 +122,12 @@ class SubmitService:
             head = order[0]
             try:
                 if head == server.me:
-                    return await server.dispatch(msg)
-                return await server.node.request(head, "/hexswarm/dispatch/1", msg,
-                                                 timeout=server.head_settings.dispatch_wait_s + 5)
+                    placement = await server.dispatch(msg)
+                else:
+                    placement = await server.node.request(head, "/hexswarm/dispatch/1", msg,
+                                                          timeout=server.head_settings.dispatch_wait_s + 5)
+                self._remember(req["rid"], placement)
+                return placement
             except RemoteError as e:
                 if e.code == "no_layout" or (e.code == BUSY and not req.get("resume_tokens") and req["attempts"] == 1):
                     raise

@@ -1,0 +1,41 @@
+"""`hexswarm trace`: where a request ran, and where its time went."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+
+def trace(
+    request_id: str = typer.Argument(..., help="the request id (`submit --json` prints it)"),
+    peer: str = typer.Option(..., "--peer", help="the node the request entered through"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show each stage a request crossed: peer, steps, queue, compute and inbound network time."""
+    import trio
+
+    from hexswarm.net.client import ask
+    from hexswarm.swarm.submit import TRACE
+
+    reply = trio.run(ask, peer, TRACE, {"rid": request_id})
+    if as_json:
+        print(json.dumps(reply))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"request {request_id}: {len(reply['attempts'])} attempt(s)")
+    for col in ("epoch", "replica", "stage", "peer", "steps", "queue s", "compute s", "network-in s"):
+        table.add_column(col)
+    for s in sorted(reply["spans"], key=lambda s: (s.get("epoch", 0), s.get("replica", 0), s.get("stage", 0))):
+        if "error" in s:
+            table.add_row("-", "-", "-", s["peer"], "-", "-", "-", f"unreachable: {s['error'][:40]}")
+            continue
+        table.add_row(str(s["epoch"]), str(s["replica"]), str(s["stage"]), s["peer"][:20] + "...", str(s["steps"]),
+                      f"{s['queue_s']:.4f}", f"{s['compute_s']:.4f}", f"{s['net_in_s']:.4f}")
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("trace")(trace)
