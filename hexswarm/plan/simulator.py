@@ -116,6 +116,7 @@ class _Replica:
     last_update: float = 0.0
     version: int = 0
     in_system: int = 0
+    due: "_Batch | None" = None  # the micro-batch whose change the scheduled event is for
 
     def rates(self) -> list[float]:
         """Passes per second of each active micro-batch (they share every stage)."""
@@ -174,14 +175,18 @@ def simulate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], w
             rep.active.append(_Batch(times, top, finish_at))
         rep.version += 1
         if rep.active:
-            nxt = min((b.remaining - b.target()) / r for b, r in zip(rep.active, rep.rates()))
+            nxt, k = min(((b.remaining - b.target()) / r, k) for k, (b, r) in enumerate(zip(rep.active, rep.rates())))
+            rep.due = rep.active[k]
             heapq.heappush(events, (now + max(nxt, 0.0), i, rep.version))
 
     def run_events(until: float) -> None:
         while events and events[0][0] <= until:
             te, i, ver = heapq.heappop(events)
-            if ver == reps[i].version:
-                reps[i].advance(te)
+            rep = reps[i]
+            if ver == rep.version:
+                rep.advance(te)
+                if rep.due is not None:  # snap: rounding of large clock values must not stall the phase
+                    rep.due.remaining = min(rep.due.remaining, rep.due.target())
                 settle(i, te)
 
     for rid in range(n):
@@ -220,7 +225,9 @@ def peak_rate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], 
     if not replicas:
         return 0.0
     lo, hi = 0.0, workload.rate
-    while ok(hi):
+    for _ in range(40):
+        if not ok(hi):
+            break
         lo, hi = hi, hi * 2
     if lo == 0.0:
         lo = hi
