@@ -34,10 +34,17 @@ class StageExecutor:
         self.model = model
         self.kv = kv
         self.tp = tp
+        # One-token steps of a single-rank CUDA stage replay captured CUDA graphs; a TP stage
+        # would need a graph-capturable all-reduce, and its ranks talk over gloo here.
+        self.graphs = model.decode_graphs(kv) if tp is None and torch.device(model.device).type == "cuda" else None
 
     @torch.inference_mode()
     def lead(self, op: dict) -> torch.Tensor | None:
         """Leader: run op on the whole TP group; returns hidden [B,T,H], or logits [B,V] on the last stage."""
+        if self.graphs is not None and op["op"] == "forward" and _one_token(op):
+            inp = torch.as_tensor(op["ids"], dtype=torch.long) if "ids" in op else op["x"].to(self.model.dtype)
+            # the runner returns a static buffer that the next step overwrites
+            return self.graphs.step(inp, list(op["slots"]), list(op["start"])).clone()
         if op["op"] == "forward" and "ids" in op:
             ids = torch.as_tensor(op["ids"], dtype=torch.long, device=self.model.device)
             op = {k: v for k, v in op.items() if k != "ids"}
@@ -63,6 +70,12 @@ class StageExecutor:
         if self.model.lm_head is not None:
             return self.model.logits(h[:, -1])
         return h
+
+
+def _one_token(op: dict) -> bool:
+    if "ids" in op:
+        return all(len(row) == 1 for row in op["ids"])
+    return op["x"].shape[1] == 1
 
 
 def _cpu_op(op: dict) -> dict:
