@@ -148,30 +148,24 @@ class ReplicaPlanner:
 
     def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
         degrees = [d for d in self.degrees if d <= n]
+
+        def unit(d: int, holds_embedding: bool, holds_head: bool) -> Table:
+            return self._unit_table(_Unit(host, kind, d, holds_embedding, holds_head), op, bound)
+
         plain = [empty(self.L)]
         for g in range(1, n + 1):  # plain[g]: best use of at most g GPUs, no embedding/lm_head
-            opts = [plain[g - 1]] + [
-                combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False), op, bound), op)
-                for d in degrees if d <= g
-            ]
+            opts = [plain[g - 1]] + [combine(plain[g - d], unit(d, False, False), op) for d in degrees if d <= g]
             plain.append(best_of(opts))
         if not first and not last:
             return plain[n]
-        opts = []
-        for d in degrees:  # one stage holds both roles
-            if not (first and last):
-                continue
-            opts.append(combine(self._unit_table(_Unit(host, kind, d, True, True), op, bound), plain[n - d], op))
-        for d1 in degrees:
-            if first and last:
-                for d2 in degrees:
-                    if d1 + d2 <= n:
-                        head = combine(self._unit_table(_Unit(host, kind, d1, True, False), op, bound), plain[n - d1 - d2], op)
-                        opts.append(combine(head, self._unit_table(_Unit(host, kind, d2, False, True), op, bound), op))
-            elif first:
-                opts.append(combine(self._unit_table(_Unit(host, kind, d1, True, False), op, bound), plain[n - d1], op))
-            else:
-                opts.append(combine(plain[n - d1], self._unit_table(_Unit(host, kind, d1, False, True), op, bound), op))
+        if first and last:  # a one-block replica: one stage holds both ends, or two stages do
+            opts = [combine(unit(d, True, True), plain[n - d], op) for d in degrees]
+            opts += [combine(combine(unit(d1, True, False), plain[n - d1 - d2], op), unit(d2, False, True), op)
+                     for d1 in degrees for d2 in degrees if d1 + d2 <= n]
+        elif first:
+            opts = [combine(unit(d, True, False), plain[n - d], op) for d in degrees]
+        else:
+            opts = [combine(plain[n - d], unit(d, False, True), op) for d in degrees]
         return best_of(opts)
 
     def _chain(self, blocks: list[tuple[int, str, int]], op: str, bound: float) -> Table:
