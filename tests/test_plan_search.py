@@ -15,7 +15,6 @@ from hexswarm.plan.planner import PlanOptions, plan_cluster
 from hexswarm.plan.replica import ReplicaPlanner, make_group
 from hexswarm.plan.search import GaSettings
 from hexswarm.plan.simulator import simulate
-from hexswarm.plan.workload import Workload
 
 CLUSTERS = Path(__file__).resolve().parents[1] / "node_configs" / "clusters"
 LLAMA70 = load_model_spec("llama-2-70b")
@@ -44,8 +43,6 @@ def _symmetric_layouts_on_all_gpus(cluster):
 
 def _cost_symmetric(cluster, cost, tp, stages):
     layers = cost.model.num_layers
-    if layers % len(stages) and False:
-        return None
     per = [layers // len(stages) + (1 if i < layers % len(stages) else 0) for i in range(len(stages))]
     costs, leaders = [], []
     for i, members in enumerate(stages):

@@ -8,7 +8,6 @@ its live peer table) or from a YAML file (``load_cluster_yaml``, see
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hexswarm.errors import UserError

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hexswarm.plan.cluster import Cluster, Link
+from hexswarm.plan.cluster import Cluster
 from hexswarm.plan.cost import CostModel, HopCost, StageCost, request_latency_s
 from hexswarm.plan.layer_dp import INF, Table, best_of, combine, empty, leaf
 
