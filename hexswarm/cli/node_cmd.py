@@ -36,10 +36,10 @@ def setup_logging(level: str) -> None:
     libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
 
 
-def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | None = None):
+def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | None = None, http: str | None = None):
     from hexswarm.swarm.config import load_config
 
-    return load_config(config, {"bootstrap": bootstrap or None, "listen": listen or None})
+    return load_config(config, {"bootstrap": bootstrap or None, "listen": listen or None, "http": http})
 
 
 async def _stop_on_signals(node) -> None:
@@ -82,11 +82,14 @@ def node_command(
         None, "--bootstrap", "-b", help="Bootstrap multiaddr .../p2p/<PeerID> (repeatable; replaces the config's)."
     ),
     listen: Optional[list[str]] = typer.Option(None, "--listen", "-l", help="Listen multiaddr (repeatable; replaces the config's)."),
+    http: Optional[str] = typer.Option(
+        None, "--http", help="Serve the OpenAI-compatible HTTP API and /metrics on HOST:PORT (replaces the config's 'http')."
+    ),
 ) -> None:
     """Run the node daemon in the foreground (stop with Ctrl-C or SIGTERM)."""
     import trio
 
-    cfg = _load(config, bootstrap, listen)
+    cfg = _load(config, bootstrap, listen, http)
     setup_logging(cfg.log_level)
     from hexswarm.swarm.node import Node
 

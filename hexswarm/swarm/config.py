@@ -191,6 +191,24 @@ def _log_level(raw: Any, base: Path) -> str:
     return raw
 
 
+def _http_listen(raw: Any, base: Path) -> str | None:
+    """'host:port' for the HTTP API (IPv6 hosts in brackets: '[::1]:8000'), or null: no HTTP API."""
+    if raw is None:
+        return None
+    m = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})", raw) if isinstance(raw, str) else None
+    if m is None or int(m.group(2)) > 65535:
+        raise _BadValue(f"expected host:port such as 127.0.0.1:8000, got {raw!r}")
+    return raw
+
+
+def _optional_secret(raw: Any, base: Path) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not raw or any(c.isspace() for c in raw):
+        raise _BadValue("expected a non-empty string without spaces")
+    return raw
+
+
 def _key(parse: Callable[[Any, Path], Any], doc: str) -> dict:
     return {"parse": parse, "doc": doc}
 
@@ -236,6 +254,10 @@ class NodeConfig:
     dispatch_wait_s: float = field(
         default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")
     )
+    http: str | None = field(default=None, metadata=_key(_http_listen, "host:port of the OpenAI-compatible HTTP API and "
+                                                         "/metrics (null: off)"))
+    api_token: str | None = field(default=None, metadata=_key(_optional_secret, "bearer token the HTTP API requires "
+                                                              "(null: none)"))
     # Where the config came from; not a YAML key.
     source: Path | None = field(default=None, metadata={"internal": True})
 

@@ -46,6 +46,10 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             await nursery.start(server.run)
         else:
             log.info("no model configured: this node relays but serves no stages")
+        if node.config.http is not None:
+            from hexswarm.swarm.http_api import serve_http  # hypercorn is imported only when asked for
+
+            await nursery.start(serve_http, node, server)
         task_status.started(server)
         await node.stopped()
         nursery.cancel_scope.cancel()

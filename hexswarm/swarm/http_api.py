@@ -1,0 +1,679 @@
+"""OpenAI-compatible HTTP API of a node, served on trio (hypercorn's trio worker) in the node's process.
+
+Routes (docs/http.md):
+  GET  /v1/models             the model this node serves
+  POST /v1/completions        text completion (`stream: true`: server-sent events)
+  POST /v1/chat/completions   chat, rendered with the checkpoint's chat template (sandboxed jinja2)
+  GET  /metrics               Prometheus text format (hexswarm/swarm/metrics.py)
+  GET  /health                200 "ok" (no token needed)
+
+Every request runs through `SubmitService.serve` (the same path as `/hexswarm/submit/1`), wrapped by
+`EntryMetrics.serve` for the metrics.  With `api_token` set, every route but /health needs
+`Authorization: Bearer <token>`.  Errors have OpenAI's shape:
+`{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import re
+import secrets
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from hexswarm.errors import UserError, first_leaf
+from hexswarm.swarm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from hexswarm.swarm.metrics import EntryMetrics
+
+log = logging.getLogger("hexswarm.http")
+
+MAX_BODY = 4 << 20
+MAX_STOP = 16  # the submit protocol's limit
+ROLES = ("system", "developer", "user", "assistant", "tool")
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# swarm error code -> (HTTP status, OpenAI error type)
+SWARM_ERRORS = {
+    "bad_request": (400, "invalid_request_error"),
+    "forbidden": (403, "permission_error"),
+    "busy": (429, "rate_limit_error"),
+    "no_layout": (503, "service_unavailable_error"),
+    "no_head": (503, "service_unavailable_error"),
+    "failed": (503, "service_unavailable_error"),
+    "timeout": (504, "timeout_error"),
+}
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or []
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str, message: str) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, "invalid_value")
+
+
+def swarm_error(err: dict) -> ApiError:
+    """A submit error frame's {"code", "message"} as an HTTP error."""
+    code, message = str(err.get("code")), str(err.get("message"))
+    status, type_ = SWARM_ERRORS.get(code, (500, "server_error"))
+    headers = []
+    m = re.search(r"retry after (\d+(?:\.\d+)?) s", message)
+    if m:
+        headers.append((b"retry-after", str(max(1, math.ceil(float(m.group(1))))).encode()))
+    elif status == 503:
+        headers.append((b"retry-after", b"5"))
+    param = "prompt" if status == 400 and "prompt" in message else None
+    return ApiError(status, message, type_, param, code, headers)
+
+
+# --- request bodies ------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max: int) -> dict:
+    """The fields /v1/completions and /v1/chat/completions share -> submit-message fields (and options)."""
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad("n", f"'n' must be 1 (this server returns one choice per request), got {n!r}")
+    best_of = body.get("best_of")
+    if best_of is not None and (not _is_int(best_of) or best_of != 1):
+        raise bad("best_of", "'best_of' must be 1")
+    max_new = None
+    for key in max_tokens_keys:
+        v = body.get(key)
+        if v is None:
+            continue
+        if not _is_int(v) or v < 1:
+            raise bad(key, f"'{key}' must be an integer >= 1, got {v!r}")
+        max_new = v
+        break
+    temperature = body.get("temperature")
+    if temperature is None:
+        temperature = 1.0
+    elif not _is_number(temperature) or not 0 <= temperature <= 2:
+        raise bad("temperature", f"'temperature' must be a number in [0, 2], got {temperature!r}")
+    top_p = body.get("top_p")
+    if top_p is None:
+        top_p = 1.0
+    elif not _is_number(top_p) or not 0 < top_p <= 1:
+        raise bad("top_p", f"'top_p' must be a number in (0, 1], got {top_p!r}")
+    top_k = body.get("top_k")  # an extension (vLLM's): -1 or 0 means no cut
+    if top_k is None or top_k == -1:
+        top_k = 0
+    elif not _is_int(top_k) or top_k < 0:
+        raise bad("top_k", f"'top_k' must be an integer >= -1, got {top_k!r}")
+    seed = body.get("seed")
+    if seed is None:
+        seed = secrets.randbits(62) if temperature > 0 else 0
+    elif not _is_int(seed):
+        raise bad("seed", f"'seed' must be an integer, got {seed!r}")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad("stream", f"'stream' must be true or false, got {stream!r}")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad("stream_options", "'stream_options' must be an object")
+    include_usage = bool((options or {}).get("include_usage", False))
+    for key in ("presence_penalty", "frequency_penalty"):
+        v = body.get(key)
+        if v is not None and (not _is_number(v) or v != 0):
+            raise bad(key, f"'{key}' is not supported (only 0)")
+    if body.get("logit_bias"):
+        raise bad("logit_bias", "'logit_bias' is not supported")
+    return_ids = body.get("return_token_ids", False)
+    if not isinstance(return_ids, bool):
+        raise bad("return_token_ids", "'return_token_ids' must be true or false")
+    return {"max_new_tokens": max_new or default_max, "temperature": float(temperature), "top_k": int(top_k),
+            "top_p": float(top_p), "seed": int(seed) & (2**63 - 1), "stop": stop, "stream": stream,
+            "include_usage": include_usage, "return_token_ids": return_ids}
+
+
+def message_text(content: Any, where: str) -> str:
+    """A chat message's content: a string, or a list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}[{j}]", f"'{where}[{j}]' must be a text part {{\"type\": \"text\", \"text\": ...}} "
+                          "(this server serves text only)")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise bad(where, f"'{where}' must be a string or a list of text parts")
+
+
+def parse_messages(raw: Any) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise bad(f"messages[{i}]", f"'messages[{i}]' must be an object with 'role' and 'content'")
+        role = m.get("role")
+        if role not in ROLES:
+            raise bad(f"messages[{i}].role", f"'messages[{i}].role' must be one of {', '.join(ROLES)}, got {role!r}")
+        msg = {"role": role, "content": message_text(m.get("content"), f"messages[{i}].content")}
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+# --- chat template ---------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _token_text(value: Any) -> str:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else ""
+
+
+class ChatTemplate:
+    """The checkpoint's chat template (tokenizer_config.json `chat_template`, or chat_template.jinja / .json),
+    rendered in jinja2's immutable sandbox as transformers renders it."""
+
+    def __init__(self, model_dir: str | Path):
+        d = Path(model_dir)
+        tcfg = _read_json(d / "tokenizer_config.json")
+        source = tcfg.get("chat_template")
+        if source is None and (d / "chat_template.jinja").is_file():
+            source = (d / "chat_template.jinja").read_text()
+        if source is None and (d / "chat_template.json").is_file():
+            source = _read_json(d / "chat_template.json").get("chat_template")
+        if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default") or next(iter(named.values()), None)
+        self.source = source if isinstance(source, str) and source else None
+        self.bos = _token_text(tcfg.get("bos_token"))
+        self.eos = _token_text(tcfg.get("eos_token"))
+        self._compiled = None
+
+    def _template(self):
+        if self._compiled is None:
+            from jinja2 import TemplateError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            def raise_exception(message: str):
+                raise TemplateError(message)
+
+            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                                  sort_keys=sort_keys)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = tojson
+            env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+            self._compiled = env.from_string(self.source)
+        return self._compiled
+
+    def render(self, messages: list[dict]) -> str:
+        if self.source is None:
+            raise bad("messages", "this model's checkpoint has no chat template; use /v1/completions")
+        from jinja2 import TemplateError
+
+        try:
+            return self._template().render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
+                                           eos_token=self.eos, tools=None, documents=None)
+        except TemplateError as e:
+            raise bad("messages", f"the chat template refused these messages: {e}") from None
+
+
+# --- the ASGI application ----------------------------------------------------------------------------------
+
+
+class TextStream:
+    """Text deltas of a growing token list, holding back what may still turn into a stop string
+    (and an incomplete UTF-8 character), cut at the first stop string."""
+
+    def __init__(self, tokenizer, stop: list[str]):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.sent = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            safe = min(hits)
+        else:
+            safe = len(text)
+            for s in self.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        safe = min(safe, len(text) - k)
+                        break
+            while safe > 0 and text[safe - 1] == "\ufffd":
+                safe -= 1
+        return self._take(text, safe)
+
+    def _take(self, text: str, safe: int) -> str:
+        if safe <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        new = text[len(self.sent):safe]
+        self.sent += new
+        return new
+
+    def finish(self, final_text: str) -> str:
+        """What is left to send, given the request's final text (already cut at a stop string)."""
+        return self._take(final_text, len(final_text))
+
+
+FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class HttpApi:
+    """The ASGI app.  `server` is the node's Server (None on a node that serves no model: /v1 answers 503)."""
+
+    def __init__(self, node, server, metrics: EntryMetrics, token: str | None):
+        self.node = node
+        self.server = server
+        self.metrics = metrics
+        self.token = token
+        self.model_name = Path(server.settings.model_dir).name if server is not None else None
+        self.chat = ChatTemplate(server.settings.model_dir) if server is not None else None
+        self.created = int(time.time())
+        self.serve_fn = None  # SubmitService.serve before `instrument` wrapped it (set by serve_http)
+
+    # -- ASGI plumbing
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"].rstrip("/") or "/"
+        route = path if path in ROUTES else "other"
+        status = [500]
+
+        async def send_tracked(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._route(scope, receive, send_tracked, path)
+        except ApiError as e:
+            await self._json(send_tracked, e.status, e.body(), e.headers)
+        except Exception:
+            log.exception("HTTP %s %s failed", scope["method"], scope["path"])
+            err = ApiError(500, "internal error (see the node's log)", "server_error", None, "internal")
+            try:
+                await self._json(send_tracked, 500, err.body())
+            except Exception:
+                pass
+        finally:
+            self.metrics.http.inc(route=route, status=status[0])
+
+    @staticmethod
+    async def _json(send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
+        body = json.dumps(obj).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    async def _read_body(receive) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ApiError(400, "the client went away before sending the whole body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY:
+                raise ApiError(413, f"the request body is over {MAX_BODY} bytes", "invalid_request_error", None,
+                               "body_too_large")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    def _check_token(self, scope) -> None:
+        if not self.token:
+            return
+        header = dict(scope["headers"]).get(b"authorization")
+        if header is None:
+            raise ApiError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>'.",
+                           "invalid_request_error", None, "missing_api_key", [(b"www-authenticate", b"Bearer")])
+        scheme, _, given = header.decode("latin-1").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise ApiError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key",
+                           [(b"www-authenticate", b"Bearer")])
+
+    async def _route(self, scope, receive, send, path: str) -> None:
+        method = scope["method"]
+        if path == "/health":
+            body = b"ok\n"
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", b"3")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if path not in ROUTES:
+            raise ApiError(404, f"no route {path}; this server has {', '.join(ROUTES)}", "invalid_request_error",
+                           None, "unknown_url")
+        self._check_token(scope)
+        wants = "POST" if path in ("/v1/completions", "/v1/chat/completions") else "GET"
+        if method != wants:
+            raise ApiError(405, f"{path} takes {wants}, not {method}", "invalid_request_error", None,
+                           "method_not_allowed", [(b"allow", wants.encode())])
+        if path == "/metrics":
+            body = self.metrics.render().encode()
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", METRICS_CONTENT_TYPE.encode()),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if self.server is None:
+            raise ApiError(503, "this node serves no model (its config has no 'model')", "service_unavailable_error",
+                           None, "no_model")
+        if path == "/v1/models":
+            await self._json(send, 200, {"object": "list", "data": [self._model_card()]})
+            return
+        body = await self._read_body(receive)
+        try:
+            req = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_request_error", None,
+                           "invalid_json") from None
+        if not isinstance(req, dict):
+            raise ApiError(400, "the request body must be a JSON object", "invalid_request_error", None, "invalid_json")
+        chat = path == "/v1/chat/completions"
+        await self._completion(req, chat, receive, send)
+
+    def _model_card(self) -> dict:
+        s = self.server
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "hexswarm",
+                "root": s.model_id, "max_model_len": min(s.cfg.max_position_embeddings, s.settings.max_seq_len)}
+
+    def _check_model(self, req: dict) -> str:
+        model = req.get("model")
+        if model is None:
+            raise bad("model", "'model' is required (see GET /v1/models)")
+        if not isinstance(model, str):
+            raise bad("model", f"'model' must be a string, got {model!r}")
+        if model not in (self.model_name, self.server.model_id):
+            raise ApiError(404, f"The model '{model}' does not exist; this swarm serves '{self.model_name}'",
+                           "invalid_request_error", "model", "model_not_found")
+        return self.model_name
+
+    def _prompt(self, req: dict, chat: bool) -> str:
+        if chat:
+            text = self.chat.render(parse_messages(req.get("messages")))
+            # The template may write the BOS token itself; the tokenizer adds one too: keep one.
+            bos = self.chat.bos
+            if bos and text.startswith(bos):
+                tok = self.server.tokenizer
+                if tok.add_bos or tok.encode("a")[:1] == [tok.bos_id]:
+                    text = text[len(bos):]
+            if not text:
+                raise bad("messages", "the chat template rendered an empty prompt")
+            for key in ("tools", "functions"):
+                if req.get(key):
+                    raise bad(key, f"'{key}' is not supported")
+            logprobs = req.get("logprobs")
+            if logprobs not in (None, False):
+                raise bad("logprobs", "'logprobs' is not supported")
+            return text
+        prompt = req.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            raise bad("prompt", "'prompt' as token ids is not supported; send text")
+        if not isinstance(prompt, str) or not prompt:
+            raise bad("prompt", "'prompt' must be a non-empty string (or a list of exactly one)")
+        for key, ok in (("echo", (None, False)), ("suffix", (None, "")), ("logprobs", (None, 0))):
+            if req.get(key) not in ok:
+                raise bad(key, f"'{key}' is not supported")
+        return prompt
+
+    async def _completion(self, req: dict, chat: bool, receive, send) -> None:
+        model = self._check_model(req)
+        prompt = self._prompt(req, chat)
+        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
+        keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+        opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
+        rid = uuid.uuid4().hex
+        msg = {"prompt": prompt, "request_id": rid, "stream": True,
+               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}}
+        resp = Responder(self, send, rid, model, chat, opts)
+        submit = self.server.submit_service
+        cancelled = True
+        final: dict | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            final = await self.metrics.serve(self.serve_fn or submit.serve, msg, resp.on_frame, "chat" if chat else "completions")
+            cancelled = False
+            nursery.cancel_scope.cancel()
+        if cancelled or final is None:
+            self._abandon(rid)
+            return
+        if "error" in final:
+            err = swarm_error(final["error"])
+            if resp.started:
+                await resp.stream_error(err)
+                return
+            raise err
+        await resp.finish(final["done"])
+
+    def _abandon(self, rid: str) -> None:
+        """The client went away mid-request: stop the pipeline computing its tokens (best effort)."""
+        submit = self.server.submit_service
+        placements = getattr(submit, "history", {}).get(rid)
+        cancel = getattr(submit, "_cancel_placement", None)
+        if placements and cancel is not None:
+            try:
+                cancel(rid, placements[-1])
+            except Exception as e:
+                log.debug("cancel of %s: %s", rid, e)
+        log.info("request %s: the HTTP client went away; cancelled", rid)
+
+
+async def _cancel_on_disconnect(receive, scope: trio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+class Responder:
+    """Turns submit frames into one OpenAI response: JSON, or server-sent events when streaming."""
+
+    def __init__(self, api: HttpApi, send, rid: str, model: str, chat: bool, opts: dict):
+        self.api, self.send, self.model, self.chat, self.opts = api, send, model, chat, opts
+        self.id = ("chatcmpl-" if chat else "cmpl-") + rid
+        self.rid = rid
+        self.created = int(time.time())
+        self.stream = opts["stream"]
+        self.text = TextStream(api.server.tokenizer, opts["stop"])
+        self.started = False
+
+    def _chunk(self, delta: str | None, finish: str | None = None, token_ids: list[int] | None = None,
+               role: bool = False) -> dict:
+        if self.chat:
+            d: dict[str, Any] = {}
+            if role:
+                d["role"] = "assistant"
+            if delta is not None:
+                d["content"] = delta
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        if token_ids is not None:
+            choice["token_ids"] = token_ids
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    async def _event(self, obj: dict | str) -> None:
+        data = obj if isinstance(obj, str) else json.dumps(obj)
+        await self.send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+    async def _start(self) -> None:
+        if self.started:
+            return
+        self.started = True
+        await self.send({"type": "http.response.start", "status": 200,
+                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                     (b"cache-control", b"no-cache"), (b"x-request-id", self.rid.encode())]})
+        if self.chat:
+            await self._event(self._chunk(None, role=True) if not self.opts["return_token_ids"]
+                              else self._chunk(None, role=True, token_ids=[]))
+
+    async def on_frame(self, frame: dict) -> None:
+        if "accepted" in frame:
+            if self.stream:
+                await self._start()
+            return
+        if "token" not in frame or not self.stream:
+            return
+        delta = self.text.push(frame["token"])
+        ids = [int(frame["token"])] if self.opts["return_token_ids"] else None
+        if delta or ids is not None:
+            await self._event(self._chunk(delta, token_ids=ids))
+
+    def _usage(self, done: dict) -> dict:
+        p = done.get("prompt_tokens")
+        prompt = len(p) if isinstance(p, list) else int(p or 0)
+        completion = len(done.get("tokens") or [])
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    async def finish(self, done: dict) -> None:
+        finish = FINISH.get(done.get("finish_reason"), "stop")
+        usage = self._usage(done)
+        if not self.stream:
+            text = done.get("text", "")
+            if self.chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                          "finish_reason": finish}
+                obj = "chat.completion"
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+                obj = "text_completion"
+            if self.opts["return_token_ids"]:
+                choice["token_ids"] = list(done.get("tokens") or [])
+            await self.api._json(self.send, 200, {
+                "id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice],
+                "usage": usage, "system_fingerprint": f"hexswarm-epoch-{done.get('epoch')}",
+            }, [(b"x-request-id", self.rid.encode())])
+            return
+        await self._start()
+        rest = self.text.finish(done.get("text", ""))
+        last = self._chunk(rest if (rest or not self.chat) else None, finish,
+                           [] if self.opts["return_token_ids"] else None)
+        await self._event(last)
+        if self.opts["include_usage"]:
+            chunk = self._chunk(None)
+            chunk["choices"] = []
+            chunk["usage"] = usage
+            await self._event(chunk)
+        await self._event("[DONE]")
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def stream_error(self, err: ApiError) -> None:
+        await self._event(err.body())
+        await self._event("[DONE]")
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# --- running it ------------------------------------------------------------------------------------------
+
+
+def instrument(server, metrics: EntryMetrics) -> None:
+    """Measure requests that enter through the libp2p submit protocol too: the service's `serve` is
+    wrapped on this instance (the protocol handler calls `self.serve(msg, emit)`)."""
+    service = server.submit_service
+    if getattr(service, "_metrics_wrapped", False):
+        return
+    original = service.serve
+
+    async def serve(msg, emit):
+        return await metrics.serve(original, msg, emit, "p2p")
+
+    service.serve = serve
+    service._metrics_wrapped = True
+    # the HTTP API calls the unwrapped one through EntryMetrics itself
+    service._serve_unmeasured = original
+
+
+async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the HTTP API on `node.config.http` until cancelled; started() with the bound URLs."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    cfg = Config()
+    cfg.bind = [node.config.http]
+    cfg.accesslog = None
+    cfg.errorlog = logging.getLogger("hexswarm.http")
+    cfg.graceful_timeout = 1.0
+    metrics = EntryMetrics(node, server)
+    api = HttpApi(node, server, metrics, node.config.api_token)
+    async with trio.open_nursery() as nursery:
+        metrics.start(nursery)
+        if server is not None:
+            instrument(server, metrics)
+            api.serve_fn = server.submit_service._serve_unmeasured
+        try:
+            binds = await nursery.start(partial(serve, api, cfg, mode="asgi"))
+        except BaseException as e:  # a bind failure comes wrapped in exception groups
+            leaf = first_leaf(e)
+            if isinstance(leaf, OSError):
+                raise UserError(f"cannot listen on http {node.config.http}: {leaf.strerror or leaf}") from None
+            raise
+        log.info("HTTP API listening on %s%s", ", ".join(binds), " (API token required)" if api.token else "")
+        task_status.started(binds)

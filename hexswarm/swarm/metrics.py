@@ -1,0 +1,358 @@
+"""Prometheus metrics of one node, in plain Python (no global registry, no dependency).
+
+`Registry` holds counters, gauges (set, or read from a callback at scrape time) and
+histograms, each with optional labels, and renders the text exposition format 0.0.4
+(`GET /metrics` on the HTTP API, see docs/http.md).
+
+`EntryMetrics` measures requests where they enter the swarm: it wraps
+`SubmitService.serve(msg, emit)` and sees every frame the entry relays — the
+accepted frame, each token (time to first token, inter-token latency), and the
+final done/error frame (outcome, token counts, per-stage compute time).  Per-hop
+network time comes from the request's trace spans (`SubmitService.trace`), fetched
+in the background after a request finishes, a few at a time (others are skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+log = logging.getLogger("hexswarm.metrics")
+
+# seconds; Prometheus' default buckets stretched for CPU swarms and long prompts
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+# submit error codes -> request outcome label
+OUTCOMES = {"bad_request": "bad_request", "busy": "busy", "no_layout": "unavailable", "no_head": "unavailable",
+            "failed": "failed", "timeout": "timeout", "forbidden": "forbidden"}
+MAX_TRACE_FETCHES = 4  # per-hop network time: trace fetches in flight at once (more are skipped)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(v: float) -> str:
+    if v == math.inf:
+        return "+Inf"
+    if v == -math.inf:
+        return "-Inf"
+    if isinstance(v, float) and math.isnan(v):
+        return "NaN"
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(float(v))
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+class _Metric:
+    kind = "untyped"
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()):
+        self.name = name
+        self.doc = doc
+        self.label_names = tuple(labels)
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
+        if set(labels) != set(self.label_names):
+            raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
+        return tuple(str(labels[n]) for n in self.label_names)
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {_escape(self.doc)}", f"# TYPE {self.name} {self.kind}"]
+
+    def samples(self) -> list[str]:
+        raise NotImplementedError
+
+
+class Counter(_Metric):
+    """Counts up; its name ends in `_total` (the text format names the family with it)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()):
+        super().__init__(name if name.endswith("_total") else name + "_total", doc, labels)
+        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
+
+    def inc(self, amount: float = 1.0, **labels: Any) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels: Any) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def samples(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in items]
+
+
+class Gauge(_Metric):
+    """A value that goes up and down: `set()`, or a `callback` returning {label values: value} read at scrape time."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, doc: str, labels: Sequence[str] = (),
+                 callback: Callable[[], dict[tuple[str, ...], float] | float] | None = None):
+        super().__init__(name, doc, labels)
+        self._values: dict[tuple[str, ...], float] = {}
+        self.callback = callback
+
+    def set(self, value: float, **labels: Any) -> None:
+        with self._lock:
+            self._values[self._key(labels)] = float(value)
+
+    def samples(self) -> list[str]:
+        if self.callback is not None:
+            try:
+                got = self.callback()
+            except Exception:  # a scrape never fails because one gauge could not be read
+                log.exception("metric %s: callback failed", self.name)
+                return []
+            values = got if isinstance(got, dict) else {(): float(got)}
+        else:
+            with self._lock:
+                values = dict(self._values)
+        return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in sorted(values.items())]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, doc: str, buckets: Iterable[float], labels: Sequence[str] = ()):
+        super().__init__(name, doc, labels)
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        if not self.buckets or self.buckets[-1] != math.inf:
+            self.buckets += (math.inf,)
+        # label values -> ([count per bucket (not cumulative)], sum)
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+
+    def observe(self, value: float, **labels: Any) -> None:
+        key = self._key(labels)
+        value = float(value)
+        with self._lock:
+            counts, total = self._series.setdefault(key, ([0] * len(self.buckets), [0.0]))
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    counts[i] += 1
+                    break
+            total[0] += value
+
+    def count(self, **labels: Any) -> int:
+        series = self._series.get(self._key(labels))
+        return 0 if series is None else sum(series[0])
+
+    def samples(self) -> list[str]:
+        out = []
+        with self._lock:
+            series = sorted((k, (list(c), s[0])) for k, (c, s) in self._series.items())
+        for key, (counts, total) in series:
+            running = 0
+            for bound, n in zip(self.buckets, counts):
+                running += n
+                le = 'le="' + _fmt(bound) + '"'
+                out.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {running}")
+            out.append(f"{self.name}_sum{_labels(self.label_names, key)} {_fmt(total)}")
+            out.append(f"{self.name}_count{_labels(self.label_names, key)} {running}")
+        return out
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.metrics: list[_Metric] = []
+
+    def add(self, metric: _Metric) -> Any:
+        if any(m.name == metric.name for m in self.metrics):
+            raise ValueError(f"metric {metric.name} registered twice")
+        self.metrics.append(metric)
+        return metric
+
+    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        return self.add(Counter(name, doc, labels))
+
+    def gauge(self, name: str, doc: str, labels: Sequence[str] = (), callback=None) -> Gauge:
+        return self.add(Gauge(name, doc, labels, callback))
+
+    def histogram(self, name: str, doc: str, buckets: Iterable[float], labels: Sequence[str] = ()) -> Histogram:
+        return self.add(Histogram(name, doc, buckets, labels))
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in self.metrics:
+            lines += m.header()
+            lines += m.samples()
+        return "\n".join(lines) + "\n"
+
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class EntryMetrics:
+    """The metrics of one node; `serve()` measures one request that enters through this node."""
+
+    def __init__(self, node, server=None):
+        self.node = node
+        self.server = server
+        self.started = time.time()
+        r = self.registry = Registry()
+        self.requests = r.counter("hexswarm_requests_total", "Requests that entered the swarm through this node, by "
+                                  "API (p2p submit, completions, chat) and outcome", ("api", "outcome"))
+        self.http = r.counter("hexswarm_http_responses_total", "HTTP API responses by route and status code",
+                              ("route", "status"))
+        self.tokens = r.counter("hexswarm_generated_tokens_total", "Tokens generated for requests that entered here "
+                                "(tokens/s: rate())")
+        self.prompt_tokens = r.counter("hexswarm_prompt_tokens_total", "Prompt tokens of finished requests")
+        self.ttft = r.histogram("hexswarm_time_to_first_token_seconds", "From a request's arrival at the entry to its "
+                                "first token there", TTFT_BUCKETS)
+        self.itl = r.histogram("hexswarm_inter_token_latency_seconds", "Between consecutive tokens of a request, at "
+                               "the entry", ITL_BUCKETS)
+        self.duration = r.histogram("hexswarm_request_duration_seconds", "From arrival at the entry to the final "
+                                    "frame", DURATION_BUCKETS)
+        self.stage_compute = r.histogram("hexswarm_stage_compute_seconds", "Compute time of one finished request at "
+                                         "each pipeline stage (the done object's timings.stage_compute_s)",
+                                         STAGE_BUCKETS, ("stage",))
+        self.hop_network = r.histogram("hexswarm_hop_network_seconds", "Network time of one finished request into "
+                                       "each pipeline stage (sum over its steps, from the request's trace spans)",
+                                       STAGE_BUCKETS, ("stage",))
+        self.hop_queue = r.histogram("hexswarm_stage_queue_seconds", "Time one finished request's steps waited at "
+                                     "each stage (from its trace spans)", STAGE_BUCKETS, ("stage",))
+        self.in_flight_entry = 0
+        r.gauge("hexswarm_entry_in_flight", "Requests in flight that entered through this node",
+                callback=lambda: float(self.in_flight_entry))
+        r.gauge("hexswarm_queue_depth", "Requests held by the stages this node serves (sum over its stages)",
+                callback=lambda: float(sum(s["in_flight"] for s in self._stages())))
+        r.gauge("hexswarm_stage_in_flight", "Requests held by each stage this node serves", ("epoch", "replica", "stage"),
+                callback=lambda: {(str(s["epoch"]), str(s["replica"]), str(s["stage"])): float(s["in_flight"])
+                                  for s in self._stages()})
+        r.gauge("hexswarm_peers_up", "Peers up in this node's table (itself included)",
+                callback=lambda: float(len(self.node.table.up())))
+        r.gauge("hexswarm_layout_epoch", "Epoch of the committed layout this node knows (0: none)",
+                callback=self._epoch)
+        r.gauge("hexswarm_serving_peers", "Live peers serving this node's model (itself included)",
+                callback=lambda: float(len(self.server.serving_view())) if self.server else 0.0)
+        r.gauge("hexswarm_start_time_seconds", "Unix time this node's metrics started",
+                callback=lambda: self.started)
+        self.trace_fetches = 0
+        self.trace_skipped = r.counter("hexswarm_trace_fetches_skipped_total", "Finished requests whose per-hop "
+                                       "times were not fetched (too many fetches in flight)")
+        self._nursery = None  # for background trace fetches; set by start()
+
+    def _stages(self) -> list[dict]:
+        return self.server.stages.describe() if self.server is not None else []
+
+    def _epoch(self) -> float:
+        layout = getattr(self.server, "committed", None) if self.server is not None else None
+        return float(layout.epoch) if layout is not None else 0.0
+
+    def start(self, nursery) -> None:
+        """Background work (per-hop time fetches) runs in `nursery` from now on."""
+        self._nursery = nursery
+
+    def render(self) -> str:
+        return self.registry.render()
+
+    async def serve(self, serve: Callable[[Any, Callable[[dict], Awaitable[None]]], Awaitable[dict]], msg: Any,
+                    emit: Callable[[dict], Awaitable[None]], api: str) -> dict:
+        """Run `serve(msg, emit)` (SubmitService.serve) and measure it.  Tokens are always asked for as a
+        stream (to time them here); the caller's `emit` gets token frames only if it asked for them."""
+        wants_tokens = bool(msg.get("stream", False)) if isinstance(msg, dict) else False
+        if isinstance(msg, dict):
+            msg = {**msg, "stream": True}
+        t0 = time.monotonic()
+        last: list[float] = []  # time of the previous token
+        n_tokens = [0]
+
+        async def measured(frame: dict) -> None:
+            if "token" in frame:
+                now = time.monotonic()
+                try:
+                    if last:
+                        self.itl.observe(now - last[0])
+                    else:
+                        self.ttft.observe(now - t0)
+                    n_tokens[0] += 1
+                    self.tokens.inc()
+                except Exception:
+                    log.exception("metrics: token")
+                last[:] = [now]
+                if not wants_tokens:
+                    return
+            await emit(frame)
+
+        self.in_flight_entry += 1
+        outcome = "cancelled"
+        try:
+            final = await serve(msg, measured)
+            outcome = self._finished(final, n_tokens[0])
+            return final
+        except Exception:
+            outcome = "internal"
+            raise
+        finally:
+            self.in_flight_entry -= 1
+            try:
+                self.requests.inc(api=api, outcome=outcome)
+                self.duration.observe(time.monotonic() - t0)
+            except Exception:
+                log.exception("metrics: request")
+
+    def _finished(self, final: dict, streamed: int) -> str:
+        try:
+            if "error" in final:
+                return OUTCOMES.get(str(final["error"].get("code")), "error")
+            done = final.get("done") or {}
+            tokens = done.get("tokens") or []
+            if len(tokens) > streamed:  # tokens the relay did not stream (should not happen: counted anyway)
+                self.tokens.inc(len(tokens) - streamed)
+            prompt = done.get("prompt_tokens")
+            self.prompt_tokens.inc(len(prompt) if isinstance(prompt, list) else int(prompt or 0))
+            for i, t in enumerate((done.get("timings") or {}).get("stage_compute_s") or []):
+                self.stage_compute.observe(float(t), stage=i)
+            if done.get("request_id"):
+                self._fetch_hops(str(done["request_id"]))
+            return "ok"
+        except Exception:
+            log.exception("metrics: final frame")
+            return "ok" if "done" in final else "error"
+
+    def _fetch_hops(self, rid: str) -> None:
+        if self._nursery is None or self.server is None:
+            return
+        if self.trace_fetches >= MAX_TRACE_FETCHES:
+            self.trace_skipped.inc()
+            return
+        self.trace_fetches += 1
+        self._nursery.start_soon(self._hops, rid)
+
+    async def _hops(self, rid: str) -> None:
+        import trio
+
+        try:
+            with trio.move_on_after(10):
+                trace = await self.server.submit_service.trace(rid)
+                for span in trace.get("spans") or []:
+                    if "error" in span or "stage" not in span:
+                        continue
+                    self.hop_network.observe(float(span.get("net_in_s", 0.0)), stage=span["stage"])
+                    self.hop_queue.observe(float(span.get("queue_s", 0.0)), stage=span["stage"])
+        except Exception as e:  # metrics never break serving
+            log.debug("metrics: trace of %s: %s", rid, e)
+        finally:
+            self.trace_fetches -= 1

@@ -1,0 +1,354 @@
+"""The OpenAI-compatible HTTP API and /metrics of a node (hexswarm/swarm/http_api.py, metrics.py):
+a 3-node local swarm on a tiny model, one node with `http` and `api_token` set; driven with the
+`openai` client, curl and plain HTTP; outputs equal `generate` and `hexswarm submit`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hexswarm.swarm.launcher import LocalSwarm, free_port, wait_for
+from swarmutil import reference, submit_many
+
+openai = pytest.importorskip("openai")
+prom_parser = pytest.importorskip("prometheus_client.parser")
+
+PINNED = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 1}
+TOKEN = "s3cret-token"
+NEW = 8
+PROMPT = "Once upon a time"
+
+
+class Api:
+    def __init__(self, base: str, model: str, node):
+        self.base, self.model, self.node = base, model, node
+
+    def request(self, method: str, path: str, body=None, token: str | None = TOKEN, raw: bytes | None = None):
+        """(status, headers, body bytes) of one plain HTTP request."""
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if token is not None:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def client(self, token: str = TOKEN):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=token, max_retries=0, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        """sample name + sorted labels -> value, parsed by prometheus_client."""
+        status, headers, body = self.request("GET", "/metrics")
+        assert status == 200 and headers["content-type"].startswith("text/plain"), (status, body[:200])
+        out = {}
+        for family in prom_parser.text_string_to_metric_families(body.decode()):
+            for s in family.samples:
+                out[s.name + json.dumps(dict(sorted(s.labels.items())))] = s.value
+        return out
+
+
+@pytest.fixture(scope="module")
+def api(tiny_model, tmp_path_factory):
+    sw = LocalSwarm(tmp_path_factory.mktemp("http_swarm"), tiny_model, [2, 1, 1], serve_layout=PINNED,
+                    extra={"dispatch_wait_s": 5.0})
+    entry = sw.nodes[2]
+    port = free_port()
+    cfg = yaml.safe_load(entry.config.read_text())
+    entry.config.write_text(yaml.safe_dump({**cfg, "http": f"127.0.0.1:{port}", "api_token": TOKEN}))
+    sw.start()
+    try:
+        sw.wait_layout(90)
+        a = Api(f"http://127.0.0.1:{port}", Path(tiny_model).name, entry)
+        assert wait_for(lambda: "HTTP API listening on" in entry.log(), 30, 0.2), entry.log()[-3000:]
+        a.swarm = sw
+        yield a
+    finally:
+        sw.stop()
+
+
+def _error(body: bytes) -> dict:
+    err = json.loads(body)["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    return err
+
+
+def test_models_lists_the_checkpoint(api):
+    status, _, body = api.request("GET", "/v1/models")
+    assert status == 200
+    (card,) = json.loads(body)["data"]
+    assert card["id"] == api.model and card["object"] == "model"
+    assert [m.id for m in api.client().models.list().data] == [api.model]
+
+
+def test_openai_stream_yields_the_tokens_of_submit_and_generate(api, tiny_model):
+    stream = api.client().completions.create(model=api.model, prompt=PROMPT, max_tokens=NEW, temperature=0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"return_token_ids": True})
+    text, ids, finish, usage = "", [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.text
+            ids += (choice.model_extra or {}).get("token_ids") or []
+            finish = choice.finish_reason or finish
+    (submitted,) = submit_many([(api.node.addr, {"prompt": PROMPT, "max_new_tokens": NEW})])
+    ref = reference(tiny_model, PROMPT, NEW)
+    assert ids == submitted["done"]["tokens"] == ref["tokens"]
+    assert text == submitted["done"]["text"] == ref["text"]
+    assert finish == ("length" if len(ref["tokens"]) == NEW else "stop")
+    assert usage.completion_tokens == len(ref["tokens"]) and usage.prompt_tokens == len(ref["prompt_tokens"])
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_completion_without_stream_and_with_a_stop_string(api, tiny_model):
+    ref = reference(tiny_model, "The quick brown fox", 12)
+    c = api.client().completions.create(model=api.model, prompt="The quick brown fox", max_tokens=12, temperature=0)
+    assert c.choices[0].text == ref["text"] and c.object == "text_completion"
+    assert c.usage.completion_tokens == len(ref["tokens"])
+    # a stop string taken from the middle of the answer: the answer ends before it, streamed or not
+    visible = ref["text"]
+    stop = next((visible[i:i + 2] for i in range(3, len(visible) - 2) if visible[i:i + 2].strip()), None)
+    if stop is None:
+        pytest.skip(f"the tiny model's answer {visible!r} has no stop-string candidate")
+    expected = visible[:visible.find(stop)]
+    c = api.client().completions.create(model=api.model, prompt="The quick brown fox", max_tokens=12, temperature=0,
+                                        stop=[stop, "never-seen-zzz"])
+    assert c.choices[0].text == expected and c.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in api.client().completions.create(
+        model=api.model, prompt="The quick brown fox", max_tokens=12, temperature=0, stop=stop, stream=True)
+        if ch.choices)
+    assert streamed == expected
+
+
+def test_sampling_with_seed_matches_generate(api, tiny_model):
+    from hexswarm.runtime.sampling import SamplingParams
+
+    c = api.client().completions.create(model=api.model, prompt=PROMPT, max_tokens=NEW, temperature=0.8, top_p=0.9,
+                                        seed=5, extra_body={"return_token_ids": True})
+    ref = reference(tiny_model, PROMPT, NEW, SamplingParams(0.8, 0, 0.9, 5))
+    assert c.choices[0].model_extra["token_ids"] == ref["tokens"]
+
+
+def test_chat_completions_use_the_chat_template(api, tiny_model):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello, world!"}]
+    # the tiny checkpoint's template, rendered by hand; its leading <s> is the BOS the tokenizer adds anyway
+    rendered = "system: be brief\n<s>user: Hello, world!\nassistant:"
+    ref = reference(tiny_model, rendered, NEW)
+    client = api.client()
+    c = client.chat.completions.create(model=api.model, messages=messages, max_tokens=NEW, temperature=0)
+    assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
+    assert c.choices[0].message.content == ref["text"]
+    assert c.usage.prompt_tokens == len(ref["prompt_tokens"]) and c.usage.completion_tokens == len(ref["tokens"])
+    chunks = list(client.chat.completions.create(model=api.model, messages=messages, max_tokens=NEW, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref["text"]
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # content as a list of text parts
+    parts = [{"role": "system", "content": "be brief"},
+             {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world!"}]}]
+    c2 = client.chat.completions.create(model=api.model, messages=parts, max_tokens=NEW, temperature=0)
+    assert c2.choices[0].message.content == ref["text"]
+
+
+def test_curl_streams_server_sent_events(api, tiny_model):
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    body = json.dumps({"model": api.model, "prompt": PROMPT, "max_tokens": NEW, "temperature": 0, "stream": True})
+    p = subprocess.run([curl, "-sS", "-N", "--max-time", "60", "-H", f"Authorization: Bearer {TOKEN}",
+                        "-H", "Content-Type: application/json", "-d", body, "-D", "-", f"{api.base}/v1/completions"],
+                       capture_output=True, timeout=90)
+    assert p.returncode == 0, p.stderr
+    head, _, events = p.stdout.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 200") and "text/event-stream" in head.lower(), head
+    datas = [line[len("data: "):] for line in events.split("\n\n") if line.startswith("data: ")]
+    assert datas[-1] == "[DONE]" and len(datas) >= 3, events
+    chunks = [json.loads(d) for d in datas[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == reference(tiny_model, PROMPT, NEW)["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token"])
+def test_missing_or_wrong_token_gets_401(api, token):
+    for method, path, body in (("GET", "/v1/models", None), ("GET", "/metrics", None),
+                               ("POST", "/v1/completions", {"model": api.model, "prompt": "hi"})):
+        status, headers, raw = api.request(method, path, body, token=token)
+        assert status == 401, (path, raw)
+        err = _error(raw)
+        assert err["code"] == ("missing_api_key" if token is None else "invalid_api_key")
+        assert err["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        api.client(token or "x").completions.create(model=api.model, prompt="hi", max_tokens=2)
+    assert api.request("GET", "/health", token=token)[0] == 200  # liveness needs no token
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": "hi"}, "model"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": "ten"}, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "n": 2}, "n"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "temperature": -1}, "temperature"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stop": [1, 2]}, "stop"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "seed": "x"}, "seed"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"model": "M", "prompt": ""}, "prompt"),
+    ("/v1/completions", {"model": "M", "prompt": [1, 2, 3]}, "prompt"),
+    ("/v1/completions", {"model": "M", "prompt": "word " * 600, "max_tokens": 2}, "prompt"),
+    ("/v1/chat/completions", {"model": "M"}, "messages"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ("/v1/chat/completions", {"model": "M", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "messages[0].content[0]"),
+])
+def test_malformed_body_gets_400_naming_the_field(api, path, body, param):
+    if body.get("model") == "M":
+        body = {**body, "model": api.model}
+    status, _, raw = api.request("POST", path, body)
+    assert status == 400, raw
+    err = _error(raw)
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert param.split("[")[0].split(".")[0] in err["message"], err
+
+
+def test_bad_json_wrong_model_route_and_method(api):
+    status, _, raw = api.request("POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and _error(raw)["code"] == "invalid_json"
+    status, _, raw = api.request("POST", "/v1/completions", raw=b"[1, 2]")
+    assert status == 400 and _error(raw)["code"] == "invalid_json"
+    status, _, raw = api.request("POST", "/v1/completions", {"model": "gpt-4", "prompt": "hi"})
+    assert status == 404 and _error(raw)["code"] == "model_not_found" and _error(raw)["param"] == "model"
+    assert api.request("GET", "/v1/nothing")[0] == 404
+    status, headers, raw = api.request("GET", "/v1/completions")
+    assert status == 405 and _error(raw)["code"] == "method_not_allowed"
+
+
+def test_metrics_parse_and_counters_move(api):
+    ok = 'hexswarm_requests_total{"api": "completions", "outcome": "ok"}'
+    p2p = 'hexswarm_requests_total{"api": "p2p", "outcome": "ok"}'
+    before = api.metrics()
+    api.client().completions.create(model=api.model, prompt="Hello, world!", max_tokens=NEW, temperature=0)
+    (res,) = submit_many([(api.node.addr, {"prompt": "Hello, world!", "max_new_tokens": NEW})])
+    assert "done" in res, res
+    bad = api.request("POST", "/v1/completions", {"model": api.model, "prompt": "hi", "n": 3})
+    assert bad[0] == 400
+    after = api.metrics()
+    assert after[ok] == before.get(ok, 0) + 1
+    assert after[p2p] == before.get(p2p, 0) + 1
+    tokens = "hexswarm_generated_tokens_total{}"
+    assert after[tokens] >= before.get(tokens, 0) + 2
+    ttft = "hexswarm_time_to_first_token_seconds_count{}"
+    assert after[ttft] == before.get(ttft, 0) + 2
+    assert after["hexswarm_inter_token_latency_seconds_count{}"] > before.get("hexswarm_inter_token_latency_seconds_count{}", 0)
+    for stage in ("0", "1"):
+        key = 'hexswarm_stage_compute_seconds_count{"stage": "%s"}' % stage
+        assert after[key] >= before.get(key, 0) + 2
+        assert after['hexswarm_stage_compute_seconds_sum{"stage": "%s"}' % stage] > 0
+    assert after['hexswarm_http_responses_total{"route": "/v1/completions", "status": "400"}'] >= 1
+    assert after["hexswarm_peers_up{}"] == 3
+    assert after["hexswarm_layout_epoch{}"] >= 1
+    assert after["hexswarm_queue_depth{}"] >= 0 and after["hexswarm_entry_in_flight{}"] == 0
+    # per-hop network time arrives from the request's trace spans, fetched in the background
+    hop = 'hexswarm_hop_network_seconds_count{"stage": "1"}'
+    assert wait_for(lambda: api.metrics().get(hop, 0) >= 1, 20, 0.3), api.request("GET", "/metrics")[2].decode()
+
+
+# --- units: no swarm ---------------------------------------------------------------------------------------
+
+
+def test_swarm_errors_map_to_http_statuses():
+    from hexswarm.swarm.http_api import swarm_error
+
+    busy = swarm_error({"code": "busy", "message": "busy: every pipeline has 32 requests queued; retry after 3 s"})
+    assert busy.status == 429 and (b"retry-after", b"3") in busy.headers and "busy" in busy.message
+    none = swarm_error({"code": "no_layout", "message": "no committed layout after 5 s; retry later"})
+    assert none.status == 503 and none.body()["error"]["code"] == "no_layout"
+    assert swarm_error({"code": "bad_request", "message": "the prompt has 900 tokens"}).body()["error"]["param"] == "prompt"
+    assert swarm_error({"code": "weird", "message": "?"}).status == 500
+
+
+def test_text_stream_holds_back_stop_string_prefixes():
+    from hexswarm.swarm.http_api import TextStream
+
+    class Chars:  # token i is chr(i)
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    ts = TextStream(Chars(), ["STOP"])
+    out = [ts.push(ord(c)) for c in "abSTxSTOPyz"]
+    assert "".join(out) == "abSTx" and out[2] == "" and out[4] == "STx"
+    assert ts.finish("abSTx") == ""
+    ts = TextStream(Chars(), ["zz"])
+    sent = "".join(ts.push(ord(c)) for c in "abz")
+    assert sent == "ab" and ts.finish("abz") == "z"
+
+
+def test_registry_renders_what_prometheus_client_parses():
+    from hexswarm.swarm.metrics import Registry
+
+    r = Registry()
+    c = r.counter("t_requests_total", "requests", ("outcome",))
+    c.inc(outcome='o"k')
+    r.gauge("t_gauge", "g", callback=lambda: 2.5)
+    h = r.histogram("t_latency_seconds", "lat", (0.1, 1.0))
+    for v in (0.05, 0.5, 5.0):
+        h.observe(v)
+    fams = {f.name: f for f in prom_parser.text_string_to_metric_families(r.render())}
+    assert fams["t_requests"].samples[0].labels == {"outcome": 'o"k'} and fams["t_requests"].samples[0].value == 1
+    assert fams["t_gauge"].samples[0].value == 2.5
+    buckets = {s.labels["le"]: s.value for s in fams["t_latency_seconds"].samples if s.name.endswith("_bucket")}
+    assert buckets == {"0.1": 1, "1": 2, "+Inf": 3}
+
+
+def test_config_http_keys_and_cli_override(tmp_path):
+    from hexswarm.cli.node_cmd import _load
+    from hexswarm.errors import UserError
+
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump({"http": "127.0.0.1:8000", "api_token": "abc"}))
+    assert _load(path).http == "127.0.0.1:8000" and _load(path).api_token == "abc"
+    assert _load(path, http="0.0.0.0:9000").http == "0.0.0.0:9000"
+    path.write_text(yaml.safe_dump({"http": "8000"}))
+    with pytest.raises(UserError, match="key 'http'"):
+        _load(path)
+
+
+def test_client_that_goes_away_cancels_its_request(api):
+    import httpx
+
+    cancelled = 'hexswarm_requests_total{"api": "completions", "outcome": "cancelled"}'
+    before = api.metrics().get(cancelled, 0)
+    body = {"model": api.model, "prompt": PROMPT, "max_tokens": 500, "temperature": 0, "stream": True}
+    with httpx.stream("POST", api.base + "/v1/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+        assert r.status_code == 200
+        rid = r.headers["x-request-id"]
+        for line in r.iter_lines():
+            if line.startswith("data: ") and '"text"' in line:
+                break  # one chunk is enough: hang up
+    assert wait_for(lambda: api.metrics().get(cancelled, 0) == before + 1, 30, 0.2)
+    m = api.metrics()
+    assert m["hexswarm_entry_in_flight{}"] == 0
+    # the pipeline stops computing the abandoned request
+    st = lambda: api.swarm.status(api.swarm.nodes[0])["stages"]  # noqa: E731
+    assert wait_for(lambda: all(s["in_flight"] == 0 for s in st()), 30, 0.3), st()
+    import trio
+
+    from hexswarm.net.client import ask
+    from hexswarm.swarm.submit import TRACE
+
+    spans = trio.run(ask, api.node.addr, TRACE, {"rid": rid})["spans"]
+    assert spans and all(s["steps"] < 400 for s in spans), spans  # stopped long before its ~500 tokens
