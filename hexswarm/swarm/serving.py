@@ -191,6 +191,7 @@ class Server:
             replicas, predicted = await trio.to_thread.run_sync(
                 make_layout, self.cfg, self._peer_views(view), self.head_settings.serve_layout,
                 self.head_settings.plan_seed)
+            await self._learn_highest_epoch(view)
             epoch = self.highest_epoch + 1
             self.highest_epoch = epoch
             layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view),
@@ -219,6 +220,21 @@ class Server:
             await trio.sleep(2.0)
         finally:
             self._proposing = False
+
+    async def _learn_highest_epoch(self, view: list[str]) -> None:
+        """A head that just (re)started has seen no commit yet: ask the view for the newest epoch,
+        or its proposal would carry an epoch the others already passed, and be ignored."""
+        async def ask(peer: str) -> None:
+            try:
+                reply = await self.node.request(peer, LAYOUT, {"get": True}, timeout=2.0)
+                self.highest_epoch = max(self.highest_epoch, int(reply.get("highest", 0)))
+            except (RequestError, TypeError, ValueError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            for peer in view:
+                if peer != self.me:
+                    nursery.start_soon(ask, peer)
 
     async def _publish_layout(self, msg: dict) -> None:
         try:
@@ -267,7 +283,7 @@ class Server:
         if "ready" in msg:
             self._ready.setdefault(int(msg["ready"]), set()).add(str(remote))
             return {}
-        return {"layout": None if self.committed is None else self.committed.to_wire()}
+        return {"layout": None if self.committed is None else self.committed.to_wire(), "highest": self.highest_epoch}
 
     async def _retire_loop(self) -> None:
         while True:

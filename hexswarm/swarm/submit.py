@@ -38,7 +38,7 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 16
 HISTORY = 10000
 TRACE = protocol_id("trace", 1)
 MAX_STOP_STRINGS = 16
@@ -231,10 +231,9 @@ class SubmitService:
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                try:
-                    placement = await self.place({**req, "resume_tokens": list(tokens)})
-                except RemoteError as e:
-                    return error_frame(e.code, f"resuming after a failure: {e.message}")
+                placement = await self._resume(req, tokens, deadline)
+                if "error" in placement:
+                    return placement
                 attempt = placement["attempt"]
                 last_progress = trio.current_time()
                 continue
@@ -251,10 +250,9 @@ class SubmitService:
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if attempt < MAX_ATTEMPTS:
-                    try:
-                        placement = await self.place({**req, "resume_tokens": list(tokens)})
-                    except RemoteError as e:
-                        return error_frame(e.code, e.message)
+                    placement = await self._resume(req, tokens, deadline)
+                    if "error" in placement:
+                        return placement
                     attempt = placement["attempt"]
                     continue
                 return error_frame("failed", str(ev["error"]))
@@ -269,6 +267,18 @@ class SubmitService:
             }}
         self._cancel_placement(req["rid"], placement)
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
+
+    async def _resume(self, req: dict, tokens: list[int], deadline: float) -> dict:
+        """Place an accepted request again, from its tokens so far.  It was accepted, so it is
+        not given up while the swarm re-forms a layout: retried until the request's deadline."""
+        while True:
+            try:
+                return await self.place({**req, "resume_tokens": list(tokens)})
+            except RemoteError as e:
+                if trio.current_time() >= deadline:
+                    return error_frame(e.code, f"resuming after a failure: {e.message}")
+                log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
+                await trio.sleep(1.0)
 
     def _cancel_placement(self, rid: str, placement: dict) -> None:
         stage0 = placement["stages"][0]["peer"]
