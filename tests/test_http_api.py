@@ -352,3 +352,41 @@ def test_client_that_goes_away_cancels_its_request(api):
 
     spans = trio.run(ask, api.node.addr, TRACE, {"rid": rid})["spans"]
     assert spans and all(s["steps"] < 400 for s in spans), spans  # stopped long before its ~500 tokens
+
+
+def test_cli_submit_without_stream_keeps_stdout_clean_and_peers_png(api, tiny_model, tmp_path):
+    from conftest import run_cli
+
+    p = run_cli("submit", "--peer", api.node.addr, "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["tokens"] == reference(tiny_model, PROMPT, NEW)["tokens"]  # stdout: the JSON only
+    png = tmp_path / "peers.png"
+    q = run_cli("peers", "--peer", api.node.addr, "--png", str(png))
+    assert q.returncode == 0, q.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(n.peer_id in q.stderr for n in api.swarm.nodes) == 3  # the picture's legend names every peer
+
+
+def test_peers_picture_draws_every_peer_and_link(tmp_path):
+    import struct
+    import zlib
+
+    from hexswarm.swarm.peers_render import links, render_peers_builtin
+
+    cpu = {"kind": "cpu", "name": "cpu", "memory_gib": 4}
+    gpu = {"kind": "cuda", "name": "H100", "memory_gib": 80}
+    reply = {"self": "A", "swarm": "s", "peers": [
+        {"peer_id": "A", "state": "up", "devices": [gpu, gpu], "links": {"B": {"rtt_ms": 1.5, "mbps": 9000}}},
+        {"peer_id": "B", "state": "up", "devices": [cpu], "links": {"A": {"rtt_ms": 1.4, "mbps": None},
+                                                                   "C": {"rtt_ms": 30, "mbps": 100}}},
+        {"peer_id": "C", "state": "down", "devices": [], "links": {}},
+    ]}
+    assert links(reply["peers"]) == [(0, 1, 1.4, 9000), (1, 2, 30, 100)]
+    path = tmp_path / "p.png"
+    render_peers_builtin(reply, path)
+    data = path.read_bytes()
+    w, h = struct.unpack(">II", data[16:24])
+    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
+    rows = [raw[y * (w * 3 + 1) + 1:(y + 1) * (w * 3 + 1)] for y in range(h)]
+    pixels = {bytes(r[i:i + 3]) for r in rows for i in range(0, len(r), 3)}
+    assert {bytes((44, 160, 44)), bytes((214, 39, 40)), bytes((31, 119, 180)), bytes((255, 127, 14))} <= pixels

@@ -149,6 +149,7 @@ def peers_command(
     peer: str = typer.Option(..., "--peer", "-p", help="A running node: /ip4/.../tcp/.../p2p/<PeerID>."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of peer objects."),
     timeout: float = typer.Option(10.0, help="Seconds to wait for the node."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Also draw the peers, their GPUs and measured links to this PNG."),
 ) -> None:
     """Show a running node's peer table (PeerID, addresses, GPUs, state, last seen, latency)."""
     setup_logging("error")
@@ -161,6 +162,16 @@ def peers_command(
         print(json.dumps(reply["peers"], indent=1, default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
     else:
         _print_table(reply)
+    if png is not None:
+        from hexswarm.swarm.peers_render import render_peers_png
+
+        try:
+            render_peers_png(reply, png)
+        except OSError as e:
+            raise UserError(f"cannot write {png}: {e.strerror}") from None
+        print(f"wrote {png}: {len(reply['peers'])} peers; numbers in the picture:", file=sys.stderr)
+        for k, p in enumerate(reply["peers"]):
+            print(f"  {k + 1}  {p['peer_id']}  {p['state']}  {_format_devices(p['devices'])}", file=sys.stderr)
 
 
 def register(app: typer.Typer) -> None:

@@ -42,13 +42,25 @@ def submit(
     if request_id:
         request["request_id"] = request_id
 
+    spinner = None
+
     def on_frame(frame: dict) -> None:
         if "token" in frame and request["stream"]:
             sys.stdout.write(frame["text"])
             sys.stdout.flush()
+        elif "accepted" in frame and spinner is not None:
+            acc = frame["accepted"]
+            spinner.update(f"generating up to {max_new_tokens} tokens on epoch {acc.get('epoch')} replica "
+                           f"{acc.get('replica')} ({len(acc.get('stages') or [])} stages)")
 
     identity, certificate = _client_credentials(key, cert)
-    final = trio.run(submit_with_failover, list(peer), request, on_frame, timeout, identity, certificate)
+    if request["stream"]:
+        final = trio.run(submit_with_failover, list(peer), request, on_frame, timeout, identity, certificate)
+    else:  # a spinner on stderr while waiting (stdout stays clean for --json and pipes)
+        from rich.console import Console
+
+        with Console(stderr=True).status("waiting for the swarm to accept the request") as spinner:
+            final = trio.run(submit_with_failover, list(peer), request, on_frame, timeout, identity, certificate)
     if "error" in final:
         err = final["error"]
         raise UserError(f"{err.get('code')}: {err.get('message')}")
