@@ -83,7 +83,8 @@ def node_command(
     ),
     listen: Optional[list[str]] = typer.Option(None, "--listen", "-l", help="Listen multiaddr (repeatable; replaces the config's)."),
     http: Optional[str] = typer.Option(
-        None, "--http", help="Serve the OpenAI-compatible HTTP API and /metrics on HOST:PORT (replaces the config's 'http')."
+        None, "--http", help="Serve the OpenAI-compatible HTTP API and /metrics on HOST:PORT "
+        "(replaces the config's 'http')."
     ),
 ) -> None:
     """Run the node daemon in the foreground (stop with Ctrl-C or SIGTERM)."""
@@ -149,7 +150,9 @@ def peers_command(
     peer: str = typer.Option(..., "--peer", "-p", help="A running node: /ip4/.../tcp/.../p2p/<PeerID>."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list of peer objects."),
     timeout: float = typer.Option(10.0, help="Seconds to wait for the node."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Also draw the peers, their GPUs and measured links to this PNG."),
+    png: Optional[Path] = typer.Option(
+        None, "--png", help="Also draw the peers, their GPUs and measured links to this PNG."
+    ),
 ) -> None:
     """Show a running node's peer table (PeerID, addresses, GPUs, state, last seen, latency)."""
     setup_logging("error")

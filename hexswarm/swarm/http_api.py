@@ -496,7 +496,8 @@ class HttpApi:
         final: dict | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            final = await self.metrics.serve(self.serve_fn or submit.serve, msg, resp.on_frame, "chat" if chat else "completions")
+            final = await self.metrics.serve(self.serve_fn or submit.serve, msg, resp.on_frame,
+                                             "chat" if chat else "completions")
             cancelled = False
             nursery.cancel_scope.cancel()
         if cancelled or final is None:

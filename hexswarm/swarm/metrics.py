@@ -238,7 +238,8 @@ class EntryMetrics:
                 callback=lambda: float(self.in_flight_entry))
         r.gauge("hexswarm_queue_depth", "Requests held by the stages this node serves (sum over its stages)",
                 callback=lambda: float(sum(s["in_flight"] for s in self._stages())))
-        r.gauge("hexswarm_stage_in_flight", "Requests held by each stage this node serves", ("epoch", "replica", "stage"),
+        r.gauge("hexswarm_stage_in_flight", "Requests held by each stage this node serves",
+                ("epoch", "replica", "stage"),
                 callback=lambda: {(str(s["epoch"]), str(s["replica"]), str(s["stage"])): float(s["in_flight"])
                                   for s in self._stages()})
         r.gauge("hexswarm_peers_up", "Peers up in this node's table (itself included)",
