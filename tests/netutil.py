@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
+from hexswarm.swarm.launcher import (  # noqa: F401 (re-exported to the node tests)
+    NODE_MAIN,
+    NodeProcess,
+    free_port,
+    peer_id_of,
+    wait_for,
+    write_node_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-NODE_MAIN = "from hexswarm.cli.app import main; main()"
 # Short timings keep the suite fast; acceptance deadlines derive from them.
 FAST = {"heartbeat_s": 0.5, "down_after_s": 2.0, "drop_after_s": 60.0, "probe_s": 2.0, "probe_bytes": 16384}
 JOIN_DEADLINE_S = 20.0
@@ -30,88 +33,9 @@ DOWN_DEADLINE_S = FAST["down_after_s"] + 2 * FAST["heartbeat_s"] + 1.0
 CPU_DEVICE = [{"kind": "cpu", "name": "test-cpu", "memory": 4, "tflops": 0.05, "mem_bw": 5}]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def write_config(folder: Path, name: str, **keys: Any) -> Path:
     """A node config in folder/<name>/node.yaml: CPU device, FAST timings, given keys on top."""
-    home = folder / name
-    home.mkdir(parents=True, exist_ok=True)
-    data = {"data_dir": str(home), "swarm": "test", "devices": CPU_DEVICE, "log_level": "info", **FAST, **keys}
-    path = home / "node.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def peer_id_of(config: Path) -> str:
-    """The PeerID of a config's key (creating the key as the node would)."""
-    from hexswarm.net.identity import load_or_create
-    from hexswarm.swarm.config import load_config
-
-    return load_or_create(load_config(config).key_file).peer_id.to_base58()
-
-
-class NodeProcess:
-    """`hexswarm node --config F` in its own process (optionally behind a command prefix such as ip netns exec)."""
-
-    def __init__(self, config: Path, ip: str = "127.0.0.1", port: int | None = None, prefix: Sequence[str] = ()):
-        self.config = config
-        self.ip = ip
-        self.port = port  # None: the OS picks one at each start (no race with other tests)
-        self.prefix = list(prefix)
-        self.peer_id = peer_id_of(config)
-        self.log_path = config.parent / "node.log"
-        self.proc: subprocess.Popen | None = None
-        self._log_start = 0
-
-    @property
-    def addr(self) -> str:
-        """The node's multiaddr; with an OS-picked port, known once wait_listening() returned."""
-        if self.port:
-            return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
-        for line in self.log()[self._log_start :].splitlines():
-            if "listening on " in line:
-                for addr in line.split("listening on ", 1)[1].split():
-                    if addr.startswith(f"/ip4/{self.ip}/"):
-                        return addr
-        raise RuntimeError("node not listening yet: call wait_listening() first")
-
-    def start(self, bootstrap: Sequence[str] = ()) -> NodeProcess:
-        args = [*self.prefix, sys.executable, "-c", NODE_MAIN, "node", "--config", str(self.config)]
-        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port or 0}"]
-        for b in bootstrap:
-            args += ["--bootstrap", b]
-        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        log.close()
-        return self
-
-    def wait_listening(self, timeout: float = 60.0) -> NodeProcess:
-        def listening() -> bool:  # in this run's part of the log, not an earlier run's
-            return "listening on" in self.log()[self._log_start :] or self.proc.poll() is not None
-
-        if not wait_for(listening, timeout, 0.1):
-            raise TimeoutError(f"node did not start within {timeout} s:\n{self.log()}")
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
-        return self
-
-    def kill(self, sig: int = signal.SIGKILL) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(5)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    return write_node_config(folder, name, **{"swarm": "test", "devices": CPU_DEVICE, **FAST, **keys})
 
 
 def query(addrs: Sequence[str], timeout: float = 10.0) -> dict[str, Any]:
@@ -127,15 +51,6 @@ def states(reply: dict[str, Any]) -> dict[str, str]:
     """PeerID -> state from one reply ({} if the node could not be asked)."""
     return {p["peer_id"]: p["state"] for p in reply.get("peers", [])}
 
-
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def all_see(replies: dict[str, Any], expected: dict[str, str]) -> bool:

@@ -56,28 +56,39 @@ def peer_id_of(config: Path) -> str:
 
 
 class NodeProcess:
-    """`hexswarm node --config F` in its own process (optionally behind a prefix such as `ip netns exec`)."""
+    """`hexswarm node --config F` in its own process group (so a kill reaches its TP followers),
+    optionally behind a prefix such as `ip netns exec NS`."""
 
     def __init__(self, config: Path, ip: str = "127.0.0.1", port: int | None = None, prefix: Sequence[str] = (),
                  cwd: Path | None = None):
         self.config = config
         self.ip = ip
-        self.port = port or free_port()
+        self.port = port  # None: the OS picks one at each start (no race with other processes)
         self.prefix = list(prefix)
         self.cwd = cwd
         self.peer_id = peer_id_of(config)
         self.log_path = config.parent / "node.log"
         self.proc: subprocess.Popen | None = None
+        self._log_start = 0
 
     @property
     def addr(self) -> str:
-        return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
+        """The node's multiaddr; with an OS-picked port, known once wait_listening() returned."""
+        if self.port:
+            return f"/ip4/{self.ip}/tcp/{self.port}/p2p/{self.peer_id}"
+        for line in self.log()[self._log_start:].splitlines():
+            if "listening on " in line:
+                for addr in line.split("listening on ", 1)[1].split():
+                    if addr.startswith(f"/ip4/{self.ip}/"):
+                        return addr
+        raise RuntimeError("node not listening yet: call wait_listening() first")
 
     def start(self, bootstrap: Sequence[str] = ()) -> "NodeProcess":
         args = [*self.prefix, sys.executable, "-c", NODE_MAIN, "node", "--config", str(self.config)]
-        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port}"]
+        args += ["--listen", f"/ip4/{self.ip}/tcp/{self.port or 0}"]
         for b in bootstrap:
             args += ["--bootstrap", b]
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                          start_new_session=True)
@@ -87,28 +98,36 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_listening(self, timeout: float = 60.0) -> "NodeProcess":
-        if not wait_for(lambda: "listening on" in self.log() or not self.alive(), timeout, 0.1):
+        def listening() -> bool:  # in this run's part of the log, not an earlier run's
+            return "listening on" in self.log()[self._log_start:] or not self.alive()
+
+        if not wait_for(listening, timeout, 0.1):
             raise TimeoutError(f"node did not start within {timeout} s:\n{self.log()}")
         if not self.alive():
             raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log()}")
         return self
 
-    def kill(self, sig: int = signal.SIGKILL) -> int | None:
-        """Signal the node and its TP follower processes (its process group)."""
+    def send_signal(self, sig: int) -> None:
+        """Send a signal to the node and its TP followers without waiting."""
         import os
 
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self, sig: int = signal.SIGKILL) -> int | None:
+        """Signal the node's process group; wait for it to end unless the signal only pauses or resumes it."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
-        try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        if sig in (signal.SIGSTOP,):
+        self.send_signal(sig)
+        if sig in (signal.SIGSTOP, signal.SIGCONT):
             return None
         try:
             return self.proc.wait(15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.send_signal(signal.SIGKILL)
             return self.proc.wait(5)
 
     def log(self) -> str:
@@ -142,9 +161,11 @@ class LocalSwarm:
         return node
 
     def start(self) -> "LocalSwarm":
-        for i, node in enumerate(self.nodes):
-            node.start([self.nodes[0].addr] if i else [])
-        for node in self.nodes:
+        first, rest = self.nodes[0], self.nodes[1:]
+        first.start().wait_listening()  # its OS-picked port is in its log from here on
+        for node in rest:
+            node.start([first.addr])
+        for node in rest:
             node.wait_listening()
         return self
 
@@ -180,13 +201,8 @@ class LocalSwarm:
         return seen
 
     def stop(self) -> None:
-        import os
-
         for node in self.nodes:  # signal all first, then wait: shutdowns overlap
-            if node.alive():
-                try:
-                    os.killpg(node.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+            node.send_signal(signal.SIGCONT)  # a paused node cannot handle SIGTERM
+            node.send_signal(signal.SIGTERM)
         for node in self.nodes:
             node.kill(signal.SIGTERM)
