@@ -163,8 +163,12 @@ class SubmitService:
                 placement = await self.place(req)
             except RemoteError as e:
                 return error_frame(e.code, e.message)
-            await emit({"accepted": {"request_id": rid, **placement}})
-            return await self._relay(emit, req, placement, receive)
+            try:
+                await emit({"accepted": {"request_id": rid, **placement}})
+                return await self._relay(emit, req, placement, receive)
+            except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
+                self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
+                raise
         finally:
             server.entries.pop(rid, None)
 
