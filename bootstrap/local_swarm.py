@@ -49,9 +49,12 @@ def main() -> int:
     swarm = LocalSwarm(work / "nodes", model, devices, serve_layout=pin)
     try:
         t0 = time.monotonic()
-        swarm.start()
-        print(f"started {len(devices)} nodes; waiting for the layout ...")
-        status = swarm.wait_layout(120)
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"starting {len(devices)} nodes ..."):
+            swarm.start()
+        with Console(stderr=True).status("waiting for the layout: plan, load the stage shards, commit ..."):
+            status = swarm.wait_layout(120)
         print(f"layout epoch {status['layout']['epoch']} committed in {time.monotonic() - t0:.1f} s "
               f"(head {status['head'][:16]}...):")
         for r, replica in enumerate(status["replicas"]):
