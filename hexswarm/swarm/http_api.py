@@ -636,20 +636,14 @@ class Responder:
 
 
 def instrument(server, metrics: EntryMetrics) -> None:
-    """Measure requests that enter through the libp2p submit protocol too: the service's `serve` is
-    wrapped on this instance (the protocol handler calls `self.serve(msg, emit)`)."""
+    """Measure requests that enter through the libp2p submit protocol too (the service's `p2p_serve` seam)."""
     service = server.submit_service
-    if getattr(service, "_metrics_wrapped", False):
-        return
     original = service.serve
 
     async def serve(msg, emit):
         return await metrics.serve(original, msg, emit, "p2p")
 
-    service.serve = serve
-    service._metrics_wrapped = True
-    # the HTTP API calls the unwrapped one through EntryMetrics itself
-    service._serve_unmeasured = original
+    service.p2p_serve = serve
 
 
 async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -668,7 +662,7 @@ async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> N
         metrics.start(nursery)
         if server is not None:
             instrument(server, metrics)
-            api.serve_fn = server.submit_service._serve_unmeasured
+            api.serve_fn = server.submit_service.serve
         try:
             binds = await nursery.start(partial(serve, api, cfg, mode="asgi"))
         except BaseException as e:  # a bind failure comes wrapped in exception groups

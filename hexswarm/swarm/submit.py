@@ -49,6 +49,9 @@ class SubmitService:
         self.server = server
         # rid -> where its attempts ran (for `hexswarm trace`); the oldest are forgotten first
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
+        # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
+        # API's metrics) wraps it, and calls `serve` itself for its own requests
+        self.p2p_serve = self.serve
 
     def _remember(self, rid: str, placement: dict) -> None:
         self.history.setdefault(rid, []).append(placement)
@@ -197,7 +200,7 @@ class SubmitService:
             except PermissionError as e:
                 await write_frame(stream, error_frame(FORBIDDEN, str(e)))
                 return
-            await write_frame(stream, await self.serve(msg, emit))
+            await write_frame(stream, await self.p2p_serve(msg, emit))
         except ProtocolError as e:  # the client went away
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
