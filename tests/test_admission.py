@@ -83,7 +83,9 @@ def test_stranger_cannot_join_submit_or_inject_gossip(tiny_model, tmp_path):
 
     sw = LocalSwarm(tmp_path / "swarm", tiny_model, [2, 1, 1],
                     serve_layout={"hetero_config": [2, 1], "pp_partition": [2, 2]},
-                    extra={"swarm_owner": owner_id, "require_client_cert": True, "dispatch_wait_s": 5.0})
+                    # pipeline frames over libp2p streams here (the other swarm tests use the direct path)
+                    extra={"swarm_owner": owner_id, "require_client_cert": True, "dispatch_wait_s": 5.0,
+                           "direct_data_path": False})
     # each member gets its own certificate, issued for its own key
     for node in sw.nodes:
         cert = tmp_path / f"{node.peer_id}.cert"

@@ -49,6 +49,8 @@ def test_eight_concurrent_prompts_through_different_peers_match_generate(swarm3,
         assert done["text"] == ref["text"] and done["prompt_tokens"] == ref["prompt_tokens"]
         assert done["layout"] == {"hetero_config": [2, 1], "pp_partition": [2, 2]}
         assert len(done["timings"]["stage_compute_s"]) == 2 and all(t > 0 for t in done["timings"]["stage_compute_s"])
+    # activations and tokens took the direct encrypted path (net/direct.py), not libp2p streams
+    assert any("direct encrypted path" in n.log() for n in swarm3.nodes)
 
 
 def test_sampling_with_seed_matches_generate(swarm3, tiny_model):

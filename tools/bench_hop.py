@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 PROTO = "/hexswarm/bench-hop/1"
-KINDS = ("tcp", "libp2p", "libp2p-plain")
+KINDS = ("tcp", "libp2p", "libp2p-plain", "direct")
 HIDDEN = 4096
 
 
@@ -205,6 +205,62 @@ def client_libp2p(addr: str, cases: list[dict], kind: str = "libp2p") -> dict:
     return out
 
 
+# ---- hexswarm's direct data path (net/direct.py): AES-256-GCM frames over TCP ------------
+# In the swarm the keys come over an authenticated libp2p request and each connection carries one
+# direction; here each side sends its own key first (a benchmark, not a handshake) and the echo uses
+# a second key for the way back, so the per-message cost is exactly the data path's.
+
+def serve_direct() -> None:
+    import trio
+
+    from hexswarm.net.direct import DirectOpener, DirectSender, read_exactly
+
+    async def handler(stream):
+        keys = await read_exactly(stream, 64)
+        opener = DirectOpener(keys[:32], 1 << 30, 120)
+        sender = DirectSender(stream, keys[32:])
+        try:
+            while True:
+                await sender.send(_reply(await opener.read(stream)), 1 << 30)
+        except Exception:
+            pass
+
+    async def main():
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        print(f"ADDR {listeners[0].socket.getsockname()[1]}", flush=True)
+        await trio.serve_listeners(handler, listeners)
+
+    trio.run(main)
+
+
+def client_direct(port: int, cases: list[dict]) -> dict:
+    import trio
+
+    from hexswarm.net.direct import DirectOpener, DirectSender
+
+    out = {}
+
+    async def main():
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        k_out, k_back = os.urandom(32), os.urandom(32)
+        await stream.send_all(k_out + k_back)
+        sender, opener = DirectSender(stream, k_out), DirectOpener(k_back, 1 << 30, 120)
+        for case in cases:
+            times = []
+            for i in range(case["warmup"] + case["iters"]):
+                t = time.perf_counter()
+                await sender.send(case["msg"], 1 << 30)
+                await opener.read(stream)
+                if i >= case["warmup"]:
+                    times.append(time.perf_counter() - t)
+            out[case["name"]] = times
+        await stream.aclose()
+
+    trio.run(main)
+    return out
+
+
 # ---- the run ---------------------------------------------------------------------------
 
 def _start_server(kind: str) -> tuple[subprocess.Popen, str]:
@@ -260,7 +316,12 @@ def run(quick: bool) -> dict:
     for kind in KINDS:
         proc, addr = _start_server(kind)
         try:
-            raw[kind] = client_tcp(int(addr), cs) if kind == "tcp" else client_libp2p(addr, cs, kind)
+            if kind == "tcp":
+                raw[kind] = client_tcp(int(addr), cs)
+            elif kind == "direct":
+                raw[kind] = client_direct(int(addr), cs)
+            else:
+                raw[kind] = client_libp2p(addr, cs, kind)
         finally:
             _stop(proc)
     for case in cs:
@@ -275,6 +336,7 @@ def run(quick: bool) -> dict:
             row[f"{kind}_MBps"] = nbytes / hop / 1e6
         row["ratio"] = row["libp2p_hop_ms"] / row["tcp_hop_ms"]
         row["plain_ratio"] = row["libp2p-plain_hop_ms"] / row["tcp_hop_ms"]
+        row["direct_ratio"] = row["direct_hop_ms"] / row["tcp_hop_ms"]
         res["rows"][case["name"]] = row
     res["table"] = table(res)
     return res
@@ -282,13 +344,15 @@ def run(quick: bool) -> dict:
 
 def table(res: dict) -> str:
     lines = ["| message | frame bytes | raw TCP ms/hop (p90) | libp2p ms/hop (p90) | libp2p / TCP | "
-             "libp2p no-noise ms/hop (diagnostic) | no-noise / TCP | raw TCP MB/s | libp2p MB/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "libp2p no-noise ms/hop (diagnostic) | no-noise / TCP | hexswarm direct path ms/hop (p90) | direct / TCP | "
+             "raw TCP MB/s | libp2p MB/s | direct MB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         lines.append(f"| {name} | {r['frame_bytes']} | {r['tcp_hop_ms']:.3f} ({r['tcp_p90_ms']:.3f}) | "
                      f"{r['libp2p_hop_ms']:.3f} ({r['libp2p_p90_ms']:.3f}) | {r['ratio']:.2f} | "
                      f"{r['libp2p-plain_hop_ms']:.3f} | {r['plain_ratio']:.2f} | "
-                     f"{r['tcp_MBps']:.0f} | {r['libp2p_MBps']:.0f} |")
+                     f"{r['direct_hop_ms']:.3f} ({r['direct_p90_ms']:.3f}) | {r['direct_ratio']:.2f} | "
+                     f"{r['tcp_MBps']:.0f} | {r['libp2p_MBps']:.0f} | {r['direct_MBps']:.0f} |")
     return "\n".join(lines)
 
 
@@ -300,6 +364,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.serve == "tcp":
         serve_tcp()
+        return {}
+    if args.serve == "direct":
+        serve_direct()
         return {}
     if args.serve:
         serve_libp2p(args.serve)

@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256, help="tiny model width (bigger: compute dominates)")
+    ap.add_argument("--libp2p-only", action="store_true", help="pipeline frames over libp2p streams, not the direct path")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="hexswarm-bench-"))
@@ -57,7 +58,7 @@ def main() -> int:
                                                      intermediate=4 * a.hidden, max_positions=1024))
     swarm = LocalSwarm(work / "nodes", model, [int(n) for n in a.nodes.split(",")],
                        serve_layout={"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 1},
-                       extra={"max_batch": max(8, a.concurrency)})
+                       extra={"max_batch": max(8, a.concurrency), "direct_data_path": not a.libp2p_only})
     try:
         swarm.start()
         swarm.wait_layout(120)
@@ -68,7 +69,7 @@ def main() -> int:
         tc, nc = trio.run(run_batch, addrs, prompts, a.new_tokens, a.concurrency)
     finally:
         swarm.stop()
-    out = {"requests": a.requests, "new_tokens": a.new_tokens, "hidden": a.hidden,
+    out = {"data_path": "libp2p streams" if a.libp2p_only else "direct", "requests": a.requests, "new_tokens": a.new_tokens, "hidden": a.hidden,
            "sequential": {"seconds": round(t1, 3), "tokens_per_s": round(n1 / t1, 1)},
            f"concurrent_{a.concurrency}": {"seconds": round(tc, 3), "tokens_per_s": round(nc / tc, 1)},
            "speedup": round((nc / tc) / (n1 / t1), 2)}

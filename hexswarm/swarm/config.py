@@ -250,6 +250,9 @@ class NodeConfig:
     )
     admission_cert: Path | None = field(default=None, metadata=_key(_optional_path, "this node's admission certificate"))
     require_client_cert: bool = field(default=False, metadata=_key(_bool, "submitters must present a client certificate"))
+    direct_data_path: bool = field(
+        default=True, metadata=_key(_bool, "pipeline frames over direct AES-GCM TCP keyed over libp2p (else libp2p streams)")
+    )
     max_queue: int = field(default=256, metadata=_key(_positive_int, "requests this node accepts at once as an entry"))
     dispatch_wait_s: float = field(
         default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
@@ -36,8 +35,10 @@ SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
 
 
 class MessagePipe:
-    def __init__(self, node, on_send_failed: SendFailed | None = None):
+    def __init__(self, node, on_send_failed: SendFailed | None = None, direct: bool = False):
         self.node = node
+        # pipeline frames over a direct AES-GCM TCP connection keyed over libp2p (net/direct.py)
+        self.direct = direct
         self.receivers: dict[str, Receiver] = {}
         self.on_send_failed = on_send_failed
         self._out: dict[str, trio.MemorySendChannel] = {}
@@ -54,6 +55,11 @@ class MessagePipe:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.node.host.set_stream_handler(TProtocol(PIPE), self._on_stream)
+            if self.direct:
+                from hexswarm.net.direct import DirectReceiver
+
+                receiver = DirectReceiver(self.node, self._deliver, MAX_PIPE_FRAME, BODY_TIMEOUT_S)
+                await nursery.start(receiver.run, _listen_ip(self.node.config.listen))
             task_status.started()
             await trio.sleep_forever()
 
@@ -87,18 +93,18 @@ class MessagePipe:
                 self.on_send_failed(peer, [msg])
 
     async def _writer(self, peer: str, receive: trio.MemoryReceiveChannel) -> None:
-        from libp2p.custom_types import TProtocol
-
-        from hexswarm.net.host import parse_peer_id
-
-        stream = None
+        stream = sender = None
         pending: list[dict] = []
         try:
-            with trio.fail_after(10):
-                stream = await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)])
+            sender = await self._open_direct(peer)
+            if sender is None:
+                stream = await self._open_stream(peer)
             async for msg in receive:
                 pending = [msg]
-                await write_frame(stream, msg, timeout=BODY_TIMEOUT_S, max_size=MAX_PIPE_FRAME)
+                if sender is not None:
+                    await sender.send(msg, MAX_PIPE_FRAME)
+                else:
+                    await write_frame(stream, msg, timeout=BODY_TIMEOUT_S, max_size=MAX_PIPE_FRAME)
                 pending = []
         except (Exception, trio.TooSlowError) as e:
             log.warning("pipe to %s broke: %s: %s", peer, type(e).__name__, e)
@@ -114,6 +120,34 @@ class MessagePipe:
         finally:
             if stream is not None:
                 await close_quietly(stream)
+            if sender is not None:
+                await sender.aclose()
+
+    async def _open_stream(self, peer: str):
+        from libp2p.custom_types import TProtocol
+
+        from hexswarm.net.host import parse_peer_id
+
+        with trio.fail_after(10):
+            return await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)])
+
+    async def _open_direct(self, peer: str):
+        """A direct connection to peer, or None (then the libp2p stream carries the frames)."""
+        if not self.direct:
+            return None
+        entry = self.node.table.get(peer)
+        ip = _record_ip(entry.record.addrs) if entry else None
+        if ip is None:
+            return None
+        from hexswarm.net.direct import open_direct
+
+        try:
+            sender = await open_direct(self.node, peer, ip)
+            log.info("pipe to %s: direct encrypted path to %s", peer, ip)
+            return sender
+        except (Exception, trio.TooSlowError) as e:
+            log.info("no direct path to %s (%s: %s); using the libp2p stream", peer, type(e).__name__, e)
+            return None
 
     # ---- receiving ----------------------------------------------------------------------
     async def _on_stream(self, stream) -> None:
@@ -137,6 +171,7 @@ class MessagePipe:
             await reset_quietly(stream)
 
     def _deliver(self, msg: dict, sender: str) -> None:
+        """Hand a message to its receiver (from the libp2p stream, the direct path, or ourselves)."""
         fn = self.receivers.get(msg.get("kind"))
         if fn is None:
             log.debug("pipe message of unknown kind %r from %s dropped", msg.get("kind"), sender)
@@ -145,3 +180,21 @@ class MessagePipe:
             fn(msg, sender)
         except (KeyError, TypeError, ValueError, ProtocolError) as e:
             log.warning("bad %s message from %s: %s: %s", msg.get("kind"), sender, type(e).__name__, e)
+
+
+def _listen_ip(listen: list[str]) -> str:
+    """The IPv4 address of this node's first TCP listen multiaddr (where the direct listener binds)."""
+    for addr in listen:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            return parts[2]
+    return "127.0.0.1"
+
+
+def _record_ip(addrs: list[str]) -> str | None:
+    """A peer's IPv4 address from its advertised multiaddrs (non-loopback first, as advertised)."""
+    for addr in addrs:
+        parts = addr.split("/")
+        if len(parts) > 2 and parts[1] == "ip4":
+            return parts[2]
+    return None

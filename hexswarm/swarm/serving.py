@@ -85,7 +85,7 @@ class Server:
         self.cfg = LlamaConfig.from_dir(settings.model_dir)
         self.tokenizer = TextTokenizer(settings.model_dir, self.cfg)
         self.model_id = model_fingerprint(settings.model_dir)
-        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed)
+        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path)
         self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe)
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
