@@ -13,7 +13,7 @@ from hexswarm.net import codec
 from hexswarm.net.admission import Admission, issue_certificate, verify_certificate
 from hexswarm.net.identity import generate, load_or_create
 from hexswarm.net.signed import seal
-from hexswarm.swarm.launcher import LocalSwarm, write_node_config, NodeProcess, peer_id_of, wait_for
+from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, peer_id_of, write_node_config
 from hexswarm.swarm.layout import StageAssignment, SwarmLayout
 from hexswarm.swarm.serving import LAYOUT_DOMAIN, read_layout_message
 from hexswarm.swarm.submit import submit_to

@@ -136,3 +136,15 @@ def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp
         assert "activations from a peer that is not the previous stage" in stage1.log()
     finally:
         sw.stop()
+
+
+def test_pinned_layout_fits_as_many_replicas_as_the_peers_allow(cfg):
+    from hexswarm.swarm.planning import PeerView, pinned_layout
+
+    dev = {"kind": "cpu", "name": "cpu", "memory_gib": 4, "tflops": 1, "mem_bw_gbs": 5}
+    # ids chosen so that id order alone would give a TP-1 stage to a two-device peer
+    peers = [PeerView("a-two", [dev, dev], {}), PeerView("b-two", [dev, dev], {}),
+             PeerView("c-one", [dev], {}), PeerView("d-one", [dev], {})]
+    reps = pinned_layout(cfg, peers, {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 2})
+    assert len(reps) == 2
+    assert sorted((r[0].peer, r[1].peer) for r in reps) == [("a-two", "c-one"), ("b-two", "d-one")]

@@ -7,10 +7,9 @@ import signal
 import threading
 import time
 
-import pytest
 import trio
 
-from hexswarm.swarm.launcher import LocalSwarm, wait_for
+from hexswarm.swarm.launcher import LocalSwarm
 from hexswarm.swarm.submit import submit_to
 from swarmutil import PROMPTS, reference
 

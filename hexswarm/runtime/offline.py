@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 import queue as queue_mod
-import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -22,6 +21,7 @@ from hexswarm.errors import UserError
 from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.stage import load_stage
+from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
 from hexswarm.runtime.layout import Layout
 from hexswarm.runtime.sampling import SamplingParams, sample_token
@@ -252,12 +252,6 @@ def _rank_main(rank: int, prep: _Prepared, port: int, results) -> None:
         raise SystemExit(1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _describe_rank(layout: Layout, rank: int) -> str:
     stage, tp_rank = layout.stage_of_rank(rank)
     return f"rank {rank} (stage {stage.index}, TP rank {tp_rank})"
@@ -306,7 +300,7 @@ def _run_multiprocess(prep: _Prepared) -> dict:
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     world = prep.layout.world_size
     procs = [ctx.Process(target=_rank_main, args=(r, prep, port, results), daemon=True) for r in range(world)]
     for p in procs:

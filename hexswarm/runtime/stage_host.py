@@ -17,6 +17,7 @@ from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.shard import TensorShard
 from hexswarm.model.stage import StagePart, load_stage
+from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
 from hexswarm.runtime.offline import DTYPES
 
@@ -88,9 +89,7 @@ class StageHost:
     def start(self) -> None:
         pg = None
         if self.spec.tp > 1:
-            from hexswarm.runtime.offline import _free_port
-
-            port = _free_port()
+            port = free_port()
             # followers connect to the store this process hosts
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             for r in range(1, self.spec.tp):

@@ -4,7 +4,6 @@ bootstrap scripts, the end-to-end tests and the benchmark tools."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,12 @@ from typing import Any
 
 import yaml
 
+from hexswarm.net.ports import free_port  # noqa: F401 (part of this module's API for tests and tools)
+
 NODE_MAIN = "from hexswarm.cli.app import main; main()"
 CPU_DEVICE = {"kind": "cpu", "name": "cpu", "memory": 4, "tflops": 0.05, "mem_bw": 5}
 # Short timings keep a local swarm responsive: peers are marked down 2 s after they go silent.
 FAST_TIMINGS = {"heartbeat_s": 0.5, "down_after_s": 2.0, "drop_after_s": 60.0, "probe_s": 2.0, "probe_bytes": 16384}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:

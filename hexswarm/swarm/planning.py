@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
@@ -54,8 +53,8 @@ def pinned_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict) -> list[
     """Map a pinned shape {hetero_config, pp_partition, replicas} onto peers.
 
     Each stage needs one peer with at least its TP degree of devices; stages with
-    the largest TP pick first, among peers in id order, so the result only
-    depends on the view.  As many replicas as fit, up to `replicas`.
+    the largest TP pick first, each the smallest peer that fits (ties by id), so
+    the result only depends on the view.  As many replicas as fit, up to `replicas`.
     """
     hc, pp = list(shape["hetero_config"]), list(shape["pp_partition"])
     if len(hc) != len(pp) or sum(pp) != cfg.num_hidden_layers:
@@ -65,7 +64,9 @@ def pinned_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict) -> list[
     for _ in range(int(shape.get("replicas", 1))):
         chosen: dict[int, PeerView] = {}
         for si in sorted(range(len(hc)), key=lambda i: -hc[i]):
-            pick = next((p for p in free if p.tp_capacity(cfg) >= hc[si] and p not in chosen.values()), None)
+            # best fit: the smallest peer that can hold the stage, so bigger peers stay for wider stages
+            fits = [p for p in free if p.tp_capacity(cfg) >= hc[si] and p not in chosen.values()]
+            pick = min(fits, key=lambda p: (p.tp_capacity(cfg), p.peer), default=None)
             if pick is None:
                 break
             chosen[si] = pick

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
-import time
 import uuid
 from typing import Any, Awaitable, Callable
 
