@@ -98,7 +98,7 @@ def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp
 
     from hexswarm.net import codec, identity
     from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
-    from hexswarm.swarm.pipe import PIPE
+    from hexswarm.net.protocols import PIPE
 
     sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]},
                     extra={"max_queue": 4, "dispatch_wait_s": 5.0})

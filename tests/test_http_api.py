@@ -350,7 +350,7 @@ def test_client_that_goes_away_cancels_its_request(api):
     import trio
 
     from hexswarm.net.client import ask
-    from hexswarm.swarm.submit import TRACE
+    from hexswarm.net.protocols import TRACE
 
     spans = trio.run(ask, api.node.addr, TRACE, {"rid": rid})["spans"]
     assert spans and all(s["steps"] < 400 for s in spans), spans  # stopped long before its ~500 tokens

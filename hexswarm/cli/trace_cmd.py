@@ -16,7 +16,7 @@ def trace(
     import trio
 
     from hexswarm.net.client import ask
-    from hexswarm.swarm.submit import TRACE
+    from hexswarm.net.protocols import TRACE
 
     reply = trio.run(ask, peer, TRACE, {"rid": request_id})
     if as_json:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
 import time
 from typing import Any, Callable
@@ -25,11 +26,10 @@ import trio
 
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
-from hexswarm.net.protocols import protocol_id
+from hexswarm.net.protocols import DIRECT
 
 log = logging.getLogger("hexswarm.direct")
 
-DIRECT = protocol_id("direct", 1)
 TICKET_BYTES = 16
 TICKET_TTL_S = 30.0
 HEADER = struct.Struct(">I")
@@ -72,7 +72,7 @@ async def open_direct(node, peer: str, host_ip: str, timeout: float = 5.0) -> Di
             raise ProtocolError("malformed direct offer")
         stream = await trio.open_tcp_stream(host_ip, port)
         try:
-            stream.setsockopt(__import__("socket").IPPROTO_TCP, __import__("socket").TCP_NODELAY, 1)
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one frame per decode step: no batching delay
         except OSError:
             pass
         await stream.send_all(ticket)

@@ -37,8 +37,16 @@ def protocol_id(name: str, version: int) -> str:
     return f"/hexswarm/{name}/{version}"
 
 
+# Every hexswarm protocol id, in one place (torch-free: clients import these).
 PING = protocol_id("ping", 1)
 PEERS = protocol_id("peers", 1)
+SUBMIT = protocol_id("submit", 1)  # client -> entry node (swarm/submit.py)
+DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)
+LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (swarm/serving.py)
+STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/serving.py)
+TRACE = protocol_id("trace", 1)  # a request's spans (swarm/submit.py)
+PIPE = protocol_id("pipe", 1)  # pipeline frames over libp2p streams (swarm/pipe.py)
+DIRECT = protocol_id("direct", 1)  # opening the direct data path (net/direct.py)
 
 # Error codes in error frames.
 BAD_REQUEST = "bad_request"

@@ -21,11 +21,10 @@ import trio
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
 from hexswarm.net.framing import read_exactly, write_frame
-from hexswarm.net.protocols import close_quietly, protocol_id, remote_peer_id, reset_quietly
+from hexswarm.net.protocols import PIPE, close_quietly, remote_peer_id, reset_quietly
 
 log = logging.getLogger("hexswarm.pipe")
 
-PIPE = protocol_id("pipe", 1)
 MAX_PIPE_FRAME = 512 * 1024 * 1024  # a long prefill's activations
 BODY_TIMEOUT_S = 60.0
 QUEUE_DEPTH = 4096
@@ -59,7 +58,7 @@ class MessagePipe:
                 from hexswarm.net.direct import DirectReceiver
 
                 receiver = DirectReceiver(self.node, self._deliver, MAX_PIPE_FRAME, BODY_TIMEOUT_S)
-                await nursery.start(receiver.run, _listen_ip(self.node.config.listen))
+                await nursery.start(receiver.run, first_ipv4(self.node.config.listen) or "127.0.0.1")
             task_status.started()
             await trio.sleep_forever()
 
@@ -136,7 +135,7 @@ class MessagePipe:
         if not self.direct:
             return None
         entry = self.node.table.get(peer)
-        ip = _record_ip(entry.record.addrs) if entry else None
+        ip = first_ipv4(entry.record.addrs) if entry else None
         if ip is None:
             return None
         from hexswarm.net.direct import open_direct
@@ -182,17 +181,8 @@ class MessagePipe:
             log.warning("bad %s message from %s: %s: %s", msg.get("kind"), sender, type(e).__name__, e)
 
 
-def _listen_ip(listen: list[str]) -> str:
-    """The IPv4 address of this node's first TCP listen multiaddr (where the direct listener binds)."""
-    for addr in listen:
-        parts = addr.split("/")
-        if len(parts) > 2 and parts[1] == "ip4":
-            return parts[2]
-    return "127.0.0.1"
-
-
-def _record_ip(addrs: list[str]) -> str | None:
-    """A peer's IPv4 address from its advertised multiaddrs (non-loopback first, as advertised)."""
+def first_ipv4(addrs: list[str]) -> str | None:
+    """The IPv4 address of the first /ip4/ multiaddr in `addrs` (advertised addrs list non-loopback first)."""
     for addr in addrs:
         parts = addr.split("/")
         if len(parts) > 2 and parts[1] == "ip4":

@@ -26,20 +26,16 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
-from hexswarm.net.protocols import BUSY, RemoteError, RequestError, protocol_id
+from hexswarm.net.protocols import BUSY, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.pipe import MessagePipe
 from hexswarm.swarm.planning import PeerView, make_layout
 from hexswarm.swarm.stages import ServeSettings, StageSet
-from hexswarm.swarm.submit import TRACE
 
 log = logging.getLogger("hexswarm.serving")
 
-DISPATCH = protocol_id("dispatch", 1)
-LAYOUT = protocol_id("layout", 1)
-STATUS = protocol_id("status", 1)
 LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from hexswarm.net.client import ask
-
-STATUS = "/hexswarm/status/1"
+from hexswarm.net.protocols import STATUS
 
 
 async def fetch_status(addr: str, timeout: float = 10.0) -> dict:

@@ -25,21 +25,20 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.protocols import (
-    BAD_REQUEST, BUSY, FORBIDDEN, RemoteError, RequestError, close_quietly, error_frame, protocol_id, remote_peer_id,
-    reset_quietly,
+    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
+    remote_peer_id, reset_quietly,
 )
 from hexswarm.runtime.sampling import SamplingParams
 
 log = logging.getLogger("hexswarm.submit")
 
-SUBMIT = protocol_id("submit", 1)
 MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
 MAX_ATTEMPTS = 16
 HISTORY = 10000
-TRACE = protocol_id("trace", 1)
+
 MAX_STOP_STRINGS = 16
 
 
@@ -126,7 +125,7 @@ class SubmitService:
                 if head == server.me:
                     placement = await server.dispatch(msg)
                 else:
-                    placement = await server.node.request(head, "/hexswarm/dispatch/1", msg,
+                    placement = await server.node.request(head, DISPATCH, msg,
                                                           timeout=server.head_settings.dispatch_wait_s + 5)
                 self._remember(req["rid"], placement)
                 return placement
