@@ -27,25 +27,28 @@ def cfg(tiny_model):
 
 
 def good_forward(B=2, T=1, H=64):
-    return {"kind": "forward", "to": [1, 0, 1], "rids": [f"r{i}" for i in range(B)], "slots": list(range(B)),
-            "start": [5] * B, "samples": [{"params": {"temperature": 0.0}, "step": 1}] * B,
-            "x": torch.zeros(B, T, H), "t": [0.01]}
+    return {"kind": "forward", "to": [1, 0, 1], "steps": [0], "rids": [f"r{i}" for i in range(B)],
+            "rows": [[i, 5, T] for i in range(B)], "samples": [{"params": {"temperature": 0.0}, "step": 1}] * B,
+            "x": torch.zeros(B * T, H), "t": [0.01]}
 
 
 def test_well_formed_messages_pass(cfg):
     check_stage_message(good_forward(), "A", LAYOUT, 0, 1, cfg, 8, 128)
-    check_stage_message({"kind": "tokens", "to": [1, 0, 0], "items": [{"rid": "r", "token": 5, "step": 0}], "t": []},
+    check_stage_message({"kind": "tokens", "to": [1, 0, 0], "steps": [0], "items": [{"rid": "r", "token": 5, "step": 0}],
+                         "t": []},
                         "B", LAYOUT, 0, 0, cfg, 8, 128)
 
 
 @pytest.mark.parametrize("mutate,why", [
-    (lambda m: m.update(x=torch.full((2, 1, 64), math.nan)), "not finite"),
-    (lambda m: m.update(x=torch.zeros(2, 1, 65)), "shape"),
-    (lambda m: m.update(x=torch.zeros(2, 1, 64, dtype=torch.int64)), "float"),
-    (lambda m: m.update(x=torch.zeros(9, 1, 64), rids=["r"] * 9, slots=list(range(9)), start=[0] * 9,
-                        samples=[{"params": {}, "step": 0}] * 9), "shape"),
-    (lambda m: m.update(slots=[0, 8]), "slots"),
-    (lambda m: m.update(start=[127, 0], x=torch.zeros(2, 2, 64)), "KV cache"),
+    (lambda m: m.update(x=torch.full((2, 64), math.nan)), "not finite"),
+    (lambda m: m.update(x=torch.zeros(2, 65)), "shape"),
+    (lambda m: m.update(x=torch.zeros(3, 64)), "shape"),
+    (lambda m: m.update(x=torch.zeros(2, 64, dtype=torch.int64)), "float"),
+    (lambda m: m.update(x=torch.zeros(9, 64), rids=["r"] * 9, rows=[[i, 0, 1] for i in range(9)],
+                        samples=[{"params": {}, "step": 0}] * 9), "rows"),
+    (lambda m: m.update(rows=[[0, 5, 1], [8, 5, 1]]), "out of range"),
+    (lambda m: m.update(rows=[[0, 127, 2], [1, 0, 2]], x=torch.zeros(4, 64)), "out of range"),
+    (lambda m: m.update(steps=[-1]), "steps"),
     (lambda m: m.update(rids=["r0"]), "rids"),
     (lambda m: m.update(samples=[{"params": {"top_p": 7}, "step": 1}] * 2), "sampling"),
     (lambda m: m.update(x="not a tensor"), "float"),
@@ -71,7 +74,7 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | s
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["forward", "tokens", "start", "cancel", "other"]),
-       st.dictionaries(st.sampled_from(["x", "rids", "slots", "start", "samples", "t", "items", "prompt_ids",
+       st.dictionaries(st.sampled_from(["x", "rids", "rows", "steps", "samples", "t", "items", "prompt_ids",
                                         "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens"]),
                        values, max_size=10),
        st.sampled_from([0, 1]))

@@ -159,18 +159,21 @@ def _splits(B: int, n_q: int, max_len: int) -> int:
     return splits
 
 
-def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
     k_cache/v_cache: [slots, max_len, n_kv, D] holding keys [0, pos[b]] for slot[b];
     slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
     count comes from `pos` inside the kernel, so the launch is the same every step
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
-    split across programs (flash-decoding) and a second kernel combines the parts."""
+    split across programs (flash-decoding) and a second kernel combines the parts.
+    `out`, when given, is a contiguous [B, n_q * D] buffer to write into."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert slot.is_contiguous() and pos.is_contiguous()
-    out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
+    if out is None:
+        out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
+    assert out.is_contiguous()
     splits = _splits(B, n_q, k_cache.shape[1])
     ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
     _decode_attention_kernel[(B, n_q, splits)](

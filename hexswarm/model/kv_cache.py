@@ -22,6 +22,11 @@ except Exception:  # pragma: no cover - depends on the host
     HAVE_TRITON = False
 
 
+def kv_bytes_per_slot(n_layers: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one request at full length."""
+    return 2 * n_layers * max_len * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
 class KVCache:
     def __init__(
         self,
@@ -33,10 +38,12 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (n_layers, n_slots, max_len, n_kv_heads, head_dim)
+        # one slot more than requests: the padding rows of a CUDA-graph batch write there
+        shape = (n_layers, n_slots + 1, max_len, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.n_slots = n_slots
+        self.scratch_slot = n_slots
         self.max_len = max_len
 
     def nbytes(self) -> int:

@@ -118,28 +118,66 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-class StepMeta:
-    """Per-step tensors, built once per step (not per layer) on the model's device.
+class Segment:
+    """A row of more than one new token (a prompt or a chunk of one) inside a step:
+    tokens [offset, offset + length) of the flattened batch, written to `slot` at
+    positions [start, start + length).  start_t/total_t: [1] long on the device."""
 
-    slot, pos: [B] long (pos = the first new position of each row); tok_slot,
-    tok_pos: [B*T] long, one per new token.  T == 1 is a decode step.  `fresh`:
-    every row starts at 0 (prefill attends only to its own tokens).  `max_total`:
-    the longest row after this step, known on the host (None when unknown: only
-    decode steps, which need no host number, may leave it out).
+    __slots__ = ("offset", "length", "slot", "start", "start_t", "total_t")
+
+    def __init__(self, offset: int, length: int, slot: int, start: int, start_t, total_t):
+        self.offset, self.length, self.slot, self.start = offset, length, slot, start
+        self.start_t, self.total_t = start_t, total_t
+
+
+class StepMeta:
+    """Per-step tensors of a ragged batch, built once per step (not per layer).
+
+    A step is rows of new tokens, flattened to N tokens: first `n_decode` decode rows
+    (one token each, slot dec_slot[b] at position dec_pos[b]), then `segments` (prompt
+    chunks).  tok_slot, tok_pos: [N] long on the device, one per token (rotary + KV store).
+    A step without segments needs no host value, so it can be captured in a CUDA graph.
     """
 
-    __slots__ = ("slot", "pos", "tok_slot", "tok_pos", "T", "fresh", "max_total")
+    __slots__ = ("tok_slot", "tok_pos", "n_decode", "dec_slot", "dec_pos", "segments")
 
-    def __init__(self, slot, pos, T: int, fresh: bool, max_total: int | None):
-        self.slot, self.pos, self.T, self.fresh, self.max_total = slot, pos, T, fresh, max_total
-        if T == 1:
-            self.tok_slot, self.tok_pos = slot, pos
-        else:
-            ar = torch.arange(T, device=pos.device)
-            self.tok_pos = (pos[:, None] + ar[None, :]).reshape(-1)
-            # contiguous: at B == 1 the reshape of an expand is a stride-0 view, which the kernels
-            # (reading element i at base + i) must not get
-            self.tok_slot = slot[:, None].expand(-1, T).reshape(-1).contiguous()
+    def __init__(self, tok_slot, tok_pos, n_decode: int, segments: tuple[Segment, ...] = ()):
+        self.tok_slot, self.tok_pos, self.n_decode, self.segments = tok_slot, tok_pos, n_decode, segments
+        self.dec_slot, self.dec_pos = tok_slot[:n_decode], tok_pos[:n_decode]
+
+    @classmethod
+    def decode(cls, slot: torch.Tensor, pos: torch.Tensor) -> "StepMeta":
+        """A decode-only step from [B] device tensors (graph-capturable)."""
+        return cls(slot, pos, slot.shape[0])
+
+    @classmethod
+    def for_rows(cls, rows: list[tuple[int, int, int]], device) -> "StepMeta":
+        """rows: (slot, start, length).  The leading one-token rows are decode rows; every row after
+        the first longer one is a segment (a one-token segment is correct, only slower).
+        One host-to-device copy."""
+        n_decode = 0
+        while n_decode < len(rows) and rows[n_decode][2] == 1:
+            n_decode += 1
+        tok_slot: list[int] = []
+        tok_pos: list[int] = []
+        for slot, start, length in rows:
+            tok_slot += [slot] * length
+            tok_pos += range(start, start + length)
+        seg_rows = rows[n_decode:]
+        bounds = [v for _, start, length in seg_rows for v in (start, start + length)]
+        host = torch.tensor(tok_slot + tok_pos + bounds, dtype=torch.long)
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        t = host.to(dev, non_blocking=True)
+        N = len(tok_slot)
+        segments = []
+        offset = n_decode
+        for i, (slot, start, length) in enumerate(seg_rows):
+            b = 2 * N + 2 * i
+            segments.append(Segment(offset, length, slot, start, t[b:b + 1], t[b + 1:b + 2]))
+            offset += length
+        return cls(t[:N], t[N:2 * N], n_decode, tuple(segments))
 
 
 class DecoderLayerShard(nn.Module):
@@ -241,24 +279,19 @@ class DecoderLayerShard(nn.Module):
         layer's input_norm(resid).  Returns next_norm(resid) after this layer, or None
         when next_norm is None (the caller then has the final residual in resid)."""
         N = resid.shape[0]
-        B, T = meta.slot.shape[0], meta.T
         qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
         rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, self.n_q, self.n_kv)
-        if T == 1:
-            attn = decode_attention(qkv, k_cache, v_cache, meta.slot, meta.pos, self.n_q, self.n_kv)
+        if not meta.segments:
+            attn = decode_attention(qkv, k_cache, v_cache, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv)
         else:
-            hd = self.head_dim
-            q = qkv[:, : self.q_size].view(B, T, self.n_q, hd)
-            if meta.fresh:
-                k = qkv[:, self.q_size : self.q_size + self.kv_size].view(B, T, self.n_kv, hd)
-                v = qkv[:, self.q_size + self.kv_size :].view(B, T, self.n_kv, hd)
-                attn = prefill_attention(q, k, v)
-            else:  # a continued prompt: attend over the cache (rare; host knows the length)
-                L = meta.max_total
-                attn = cached_attention(q, k_cache[meta.slot, :L], v_cache[meta.slot, :L], meta.pos, meta.pos + T)
-            attn = attn.reshape(N, self.q_size)
+            attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)
+            if meta.n_decode:
+                decode_attention(qkv[: meta.n_decode], k_cache, v_cache, meta.dec_slot, meta.dec_pos, self.n_q,
+                                 self.n_kv, out=attn[: meta.n_decode])
+            for seg in meta.segments:
+                attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, k_cache, v_cache, seg)
         out = F.linear(attn, self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)
@@ -274,3 +307,20 @@ class DecoderLayerShard(nn.Module):
             resid.add_(out)
             return None
         return add_rmsnorm(resid, out, next_norm.weight, next_norm.eps)
+
+    def _segment_attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           seg: Segment) -> torch.Tensor:
+        """Causal attention of one prompt chunk: over its own keys when it starts the sequence,
+        else over the cache (which already holds this chunk's keys).  Returns [length, q_size]."""
+        hd, L = self.head_dim, seg.length
+        rows = qkv[seg.offset : seg.offset + L]
+        q = rows[:, : self.q_size].view(1, L, self.n_q, hd)
+        if seg.start == 0:
+            k = rows[:, self.q_size : self.q_size + self.kv_size].view(1, L, self.n_kv, hd)
+            v = rows[:, self.q_size + self.kv_size :].view(1, L, self.n_kv, hd)
+            attn = prefill_attention(q, k, v)
+        else:
+            end = seg.start + L
+            attn = cached_attention(q, k_cache[seg.slot : seg.slot + 1, :end], v_cache[seg.slot : seg.slot + 1, :end],
+                                    seg.start_t, seg.total_t)
+        return attn.reshape(L, self.q_size)

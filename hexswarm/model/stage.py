@@ -11,7 +11,7 @@ from torch import nn
 
 from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.kv_cache import KVCache
+from hexswarm.model.kv_cache import KVCache, slot_index
 from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for
 from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
@@ -78,19 +78,39 @@ class StageModel(nn.Module):
         all_reduce: AllReduce | None = None,
     ) -> torch.Tensor:
         """Run this rank's layers on x [B, T, H]; row b is slot slots[b] at positions start[b]+[0,T)."""
-        from hexswarm.model.kv_cache import slot_index
+        B, T, H = x.shape
+        rows = [(int(s), int(p), T) for s, p in zip(slots, start)]
+        return self.forward_rows(x.reshape(B * T, H), kv, rows, all_reduce).view(B, T, H)
 
-        B, T, _ = x.shape
-        start = [int(s) for s in start]
-        fresh = T > 1 and not any(start)
+    def forward_rows(
+        self, x: torch.Tensor, kv: KVCache, rows: list[tuple[int, int, int]], all_reduce: AllReduce | None = None
+    ) -> torch.Tensor:
+        """A ragged step: x [N, H] holds the new tokens of `rows` (slot, start, length) back to back
+        (one-token decode rows first, for the fast path).  Returns the hidden states [N, H]."""
         if self.uses_fast_path(x):
-            # one host-to-device copy for the step's slots and positions
-            meta_t = torch.tensor([int(s) for s in slots] + start, dtype=torch.long)
-            if x.is_cuda:
-                meta_t = meta_t.pin_memory()
-            meta_t = meta_t.to(x.device, non_blocking=True)
-            meta = StepMeta(meta_t[:B], meta_t[B:], T, fresh, max(start) + T)
-            return self.forward_fast(x, kv, meta, all_reduce)
+            return self.forward_fast(x, kv, StepMeta.for_rows(rows, x.device), all_reduce)
+        out = torch.empty_like(x)
+        n_decode = 0
+        while n_decode < len(rows) and rows[n_decode][2] == 1:
+            n_decode += 1
+        # plain torch runs uniform batches: the decode rows together, each longer row alone
+        groups = [(0, rows[:n_decode])] if n_decode else []
+        offset = n_decode
+        for row in rows[n_decode:]:
+            groups.append((offset, [row]))
+            offset += row[2]
+        for offset, group in groups:
+            B, T = len(group), group[0][2]
+            xs = x[offset : offset + B * T].view(B, T, -1)
+            h = self._forward_reference(xs, kv, [r[0] for r in group], [r[1] for r in group], all_reduce)
+            out[offset : offset + B * T] = h.reshape(B * T, -1)
+        return out
+
+    def _forward_reference(self, x: torch.Tensor, kv: KVCache, slots: list[int], start: list[int],
+                           all_reduce: AllReduce | None) -> torch.Tensor:
+        """Plain torch on a uniform batch x [B, T, H] (the arithmetic of transformers)."""
+        B, T, _ = x.shape
+        fresh = T > 1 and not any(start)
         start_t = torch.tensor(start, dtype=torch.long, device=x.device)
         positions = start_t[:, None] + torch.arange(T, device=x.device)[None, :]
         cos, sin = cos_sin(self.inv_freq, positions, x.dtype)
@@ -114,19 +134,18 @@ class StageModel(nn.Module):
 
     def forward_fast(self, x: torch.Tensor, kv: KVCache, meta: StepMeta, all_reduce: AllReduce | None = None):
         """The CUDA path on per-step device tensors: no host reads, no per-layer set-up,
-        so a decode step can be captured in a CUDA graph.  x: [B, T, H]."""
-        B, T, H = x.shape
+        so a decode step can be captured in a CUDA graph.  x: [N, H] -> [N, H]."""
         rope = self.rope_tables(kv.max_len)
-        resid = x.reshape(B * T, H).clone()  # updated in place, layer by layer
+        resid = x.clone()  # updated in place, layer by layer
         if not len(self.layers):
-            return resid.view(B, T, H)
+            return resid
         first = self.layers[0].input_norm
         h = add_rmsnorm(resid, None, first.weight, first.eps)
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_norm if i + 1 < n else None
             h = layer.forward_fast(resid, h, rope, kv, i, meta, all_reduce, nxt)
-        return resid.view(B, T, H)
+        return resid
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head; float32 logits."""

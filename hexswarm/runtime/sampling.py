@@ -60,36 +60,67 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     top-k keeps the k highest logits; top-p keeps the smallest set of most
     likely tokens whose probability mass reaches p (the first token always).
     """
-    out = logits.clone()
-    if top_k and top_k < out.numel():
-        kth = torch.topk(out, top_k).indices
-        keep = torch.zeros_like(out, dtype=torch.bool)
-        keep[kth] = True
-        out[~keep] = float("-inf")
-    if top_p < 1.0:
-        probs = torch.softmax(out.double(), dim=-1)
-        sorted_probs, order = torch.sort(probs, descending=True)
-        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        drop_sorted = mass_before >= top_p
-        drop_sorted[0] = False
-        drop = torch.zeros_like(drop_sorted)
-        drop[order] = drop_sorted
-        out[drop] = float("-inf")
-    return out
+    return _filter_rows(logits.reshape(1, -1), [top_k], [top_p])[0]
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, step: int) -> int:
-    """One token from last-position logits [V] (float32)."""
-    logits = logits.float().reshape(-1)
-    if params.temperature == 0.0:
-        return int(torch.argmax(logits))
-    filtered = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    """One token from last-position logits [V]: `sample_batch` on one row, so one request
+    draws the same token alone as inside any batch."""
+    return sample_batch(logits.reshape(1, -1), [params], [step])[0]
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> list[int]:
+    """One token per row of logits [B, V], on the logits' device, with one copy to the host.
+
+    Row b uses params[b] at sampling step steps[b].  Each row's arithmetic is independent of
+    the others (row-wise ops in float64), so a request draws the same token at any batch size.
+    """
+    logits = logits.float()
+    B, V = logits.shape
+    greedy_tokens = torch.argmax(logits, dim=-1)
+    rows = [b for b, p in enumerate(params) if p.temperature != 0.0]
+    if not rows:
+        return greedy_tokens.tolist()
+    dev = logits.device
+    idx = torch.tensor(rows, dtype=torch.long, device=dev)
+    sel = [params[b] for b in rows]
+    temps = torch.tensor([p.temperature for p in sel], dtype=torch.float32, device=dev)
+    scaled = logits.index_select(0, idx) / temps[:, None]
+    filtered = _filter_rows(scaled, [p.top_k for p in sel], [p.top_p for p in sel])
     probs = torch.softmax(filtered.double(), dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
-    u = uniform(params.seed, step) * float(cdf[-1])
-    token = int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)[0])
-    token = min(token, probs.numel() - 1)
-    # never land on a zero-probability token (cdf plateaus at the right edge)
-    while probs[token] == 0.0 and token > 0:
-        token -= 1
-    return token
+    u = torch.tensor([uniform(p.seed, steps[b]) for p, b in zip(sel, rows)], dtype=torch.float64, device=dev)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
+    # never land on a zero-probability token (the cdf plateaus at the right edge): step back to
+    # the last token at or before the draw with a non-zero probability (token 0 if none)
+    positions = torch.arange(V, device=dev).expand(len(rows), V)
+    last_nonzero = torch.where(probs > 0, positions, torch.full_like(positions, -1)).cummax(dim=-1).values
+    drawn = last_nonzero.gather(1, drawn[:, None]).squeeze(1).clamp_(min=0)
+    tokens = greedy_tokens.index_copy(0, idx, drawn)
+    return tokens.tolist()
+
+
+def _filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """`filter_logits` for every row of [R, V] with its own k and p."""
+    R, V = logits.shape
+    out = logits.clone()
+    dev = logits.device
+    k_max = max((k for k in top_k if 0 < k < V), default=0)
+    if k_max:
+        ks = torch.tensor([k if 0 < k < V else V for k in top_k], device=dev)
+        top = torch.topk(out, k_max, dim=-1).indices
+        keep = torch.zeros_like(out, dtype=torch.bool)
+        keep.scatter_(1, top, torch.arange(k_max, device=dev)[None, :] < ks[:, None])
+        keep |= (ks == V)[:, None]  # rows without a top-k cut keep everything
+        out.masked_fill_(~keep, float("-inf"))
+    if any(p < 1.0 for p in top_p):
+        ps = torch.tensor(top_p, dtype=torch.float64, device=dev)
+        probs = torch.softmax(out.double(), dim=-1)
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+        drop_sorted = (mass_before >= ps[:, None]) & (ps < 1.0)[:, None]
+        drop_sorted[:, 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+        out.masked_fill_(drop, float("-inf"))
+    return out

@@ -68,12 +68,35 @@ def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_
     return dist.ProcessGroupGloo(prefixed, rank, size, GROUP_TIMEOUT), store
 
 
-def build_executor(spec: StageSpec, tp_rank: int, pg) -> StageExecutor:
+def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = False) -> StageExecutor:
+    """Load this rank's shard and its KV cache.  capture_graphs: capture every decode batch
+    bucket now (a server), so no request waits on a capture later."""
     cfg = LlamaConfig.from_dir(spec.model_dir)
     device = spec.device_of(tp_rank)
     model = load_stage(CheckpointReader(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device)
     kv = model.new_kv_cache(spec.n_slots, spec.max_len)
-    return StageExecutor(model, kv, TensorParallelGroup(pg) if pg is not None else None)
+    tp = TensorParallelGroup(pg, device) if pg is not None else None
+    return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)
+
+
+def slots_that_fit(cfg: LlamaConfig, layers: int, tp: int, max_len: int, dtype: str, device: torch.device,
+                   memory_fraction: float, cap: int = 1024) -> int:
+    """How many requests' KV caches fit on `device` beside this stage's weights: the share
+    `memory_fraction` of the device's free memory, less the weights and a reserve for
+    activations and graphs.  At least 1."""
+    import math
+
+    from hexswarm.model.kv_cache import kv_bytes_per_slot
+
+    dt = DTYPES[dtype]
+    size = torch.empty((), dtype=dt).element_size()
+    H, F, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    per_layer = H * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd + cfg.num_attention_heads * hd * H + 3 * H * F
+    weights = (layers * per_layer // tp + 2 * cfg.vocab_size * H) * size
+    free, _total = torch.cuda.mem_get_info(device)
+    reserve = 2 << 30  # prefill activations, CUDA graphs, the sampler
+    per_slot = kv_bytes_per_slot(layers, max_len, math.ceil(cfg.num_key_value_heads / tp), hd, dt)
+    return max(1, min(cap, int((free * memory_fraction - weights - reserve) // per_slot)))
 
 
 class StageHost:
@@ -99,13 +122,15 @@ class StageHost:
                     env=env, stdin=subprocess.DEVNULL,
                 ))
             pg, self._store = make_group(self.spec.device, port, self.tag, 0, self.spec.tp, True)
-        self.executor = build_executor(self.spec, 0, pg)
+        self.executor = build_executor(self.spec, 0, pg, capture_graphs=True)
 
     @property
     def model(self):
         return self.executor.model
 
     def run(self, op: dict) -> torch.Tensor:
+        """Forward one step (see StageExecutor.lead); the result may be a view of a CUDA-graph
+        buffer that the next call overwrites."""
         return self.executor.lead(op)
 
     def followers_alive(self) -> bool:

@@ -1,4 +1,4 @@
-"""Messages between ranks of one host over torch.distributed (gloo for CPU tensors).
+"""Messages between ranks of one host over torch.distributed.
 
 Objects are encoded with the wire codec (msgpack + raw tensors, no pickle) and
 sent as a length tensor followed by a byte tensor.
@@ -28,19 +28,21 @@ def recv_obj(src: int) -> Any:
     return codec.decode(buf.numpy().tobytes(), max_size=1 << 40)
 
 
-def broadcast_obj(obj: Any, pg) -> Any:
+def broadcast_obj(obj: Any, pg, device: torch.device | str = "cpu") -> Any:
     """Broadcast from the group's local rank 0 (the stage leader) over process group `pg`.
 
-    The leader passes obj; the others pass None and get it.  `pg` is a
-    ProcessGroup: from dist.new_group, or built standalone from a store.
+    The leader passes obj; the others pass None and get it.  `pg` is a ProcessGroup: from
+    dist.new_group, or built standalone from a store.  The bytes travel as tensors on
+    `device`: a CUDA device for an NCCL group (NCCL moves no CPU tensors), CPU for gloo.
     """
+    device = torch.device(device)
     if pg.rank() == 0:
         data = codec.encode(obj)
-        pg.broadcast(torch.tensor([len(data)], dtype=torch.int64), 0).wait()
-        pg.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), 0).wait()
+        pg.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=device), 0).wait()
+        pg.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), 0).wait()
         return obj
-    n = torch.empty(1, dtype=torch.int64)
+    n = torch.empty(1, dtype=torch.int64, device=device)
     pg.broadcast(n, 0).wait()
-    buf = torch.empty(int(n[0]), dtype=torch.uint8)
+    buf = torch.empty(int(n[0]), dtype=torch.uint8, device=device)
     pg.broadcast(buf, 0).wait()
-    return codec.decode(buf.numpy().tobytes(), max_size=1 << 40)
+    return codec.decode(buf.cpu().numpy().tobytes(), max_size=1 << 40)

@@ -41,6 +41,15 @@ def _sampling(spec: Any) -> None:
         raise ProtocolError(f"sampling params: {e}") from None
 
 
+def _rows(v: Any, n_slots: int, max_len: int) -> list[list[int]]:
+    """[slot, start, length] rows: at most one per KV slot and none past the cache."""
+    _need(isinstance(v, list) and 1 <= len(v) <= n_slots, "rows")
+    for row in v:
+        slot, start, length = _int_list(row, "row", 3)
+        _need(slot < n_slots and length >= 1 and start + length <= max_len, "row out of range")
+    return v
+
+
 def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: int, stage: int,
                         cfg: LlamaConfig, n_slots: int, max_len: int) -> None:
     """Raise ProtocolError unless `msg` is a well-formed message for this stage from the right peer."""
@@ -48,24 +57,25 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
     kind = msg.get("kind")
     if kind == "forward":
         _need(stage > 0 and sender == stages[stage - 1].peer, "activations from a peer that is not the previous stage")
+        rows = _rows(msg.get("rows"), n_slots, max_len)
+        n = len(rows)
         x = msg.get("x")
-        _need(isinstance(x, torch.Tensor) and x.dtype in ACTIVATION_DTYPES and x.dim() == 3, "activations: [B,T,H] float")
-        B, T, H = x.shape
-        _need(H == cfg.hidden_size and 1 <= T <= max_len and 1 <= B <= n_slots, f"activations of shape {list(x.shape)}")
-        _need(isinstance(msg.get("rids"), list) and len(msg["rids"]) == B and all(isinstance(r, str) for r in msg["rids"]),
+        _need(isinstance(x, torch.Tensor) and x.dtype in ACTIVATION_DTYPES and x.dim() == 2, "activations: [N,H] float")
+        _need(tuple(x.shape) == (sum(r[2] for r in rows), cfg.hidden_size), f"activations of shape {list(x.shape)}")
+        _need(isinstance(msg.get("rids"), list) and len(msg["rids"]) == n and all(isinstance(r, str) for r in msg["rids"]),
               "rids")
-        _int_list(msg.get("slots"), "slots", B, 0, n_slots)
-        starts = _int_list(msg.get("start"), "start", B, 0, max_len)
-        _need(all(s + T <= max_len for s in starts), "positions past the KV cache")
-        _need(isinstance(msg.get("samples"), list) and len(msg["samples"]) == B, "samples")
+        _int_list(msg.get("steps"), "steps", None, 0)
+        _need(isinstance(msg.get("samples"), list) and len(msg["samples"]) == n, "samples")
         for spec in msg["samples"]:
-            _sampling(spec)
+            if spec is not None:
+                _sampling(spec)
         _need(isinstance(msg.get("t"), list) and all(isinstance(t, (int, float)) for t in msg["t"]), "stage times")
         _need(bool(torch.isfinite(x).all()), "activations are not finite")
     elif kind == "tokens":
         _need(stage == 0 and sender == stages[-1].peer, "tokens from a peer that is not the last stage")
         items = msg.get("items")
         _need(isinstance(items, list) and len(items) <= n_slots, "token items")
+        _int_list(msg.get("steps"), "steps", None, 0)
         for it in items:
             _need(isinstance(it, dict) and isinstance(it.get("rid"), str), "token item")
             _int_list([it.get("token")], "token", 1, 0, cfg.vocab_size)

@@ -107,7 +107,7 @@ class Server:
             await nursery.start(self.pipe.run)
             for kind in ("start", "forward", "tokens", "cancel"):
                 self.pipe.on(kind, self._to_stage)
-            self.pipe.on("event", self._to_entry)
+            self.pipe.on("events", self._events_to_entry)
             self.pipe.on("done", self._to_entry)
             self.node.register_handler(DISPATCH, self._on_dispatch)
             self.node.register_handler(LAYOUT, self._on_layout_request)
@@ -353,6 +353,15 @@ class Server:
                 self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                               "error": f"stage {msg['to']} is not served by {self.me}"})
 
+    def _events_to_entry(self, msg: dict, sender: str) -> None:
+        """One stage-0 step's new tokens for requests that entered here: to each request's relay."""
+        items = msg["items"]
+        if not isinstance(items, list):
+            raise ProtocolError("events: items is not a list")
+        for item in items:
+            if isinstance(item, dict):
+                self._to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
+
     def _to_entry(self, msg: dict, sender: str) -> None:
         msg["_sender"] = sender
         channel = self.entries.get(str(msg["rid"]))
@@ -367,10 +376,11 @@ class Server:
             if msg.get("kind") == "start":
                 self._to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                 "error": f"stage 0 peer {peer} unreachable"}, self.me)
-            elif msg.get("kind") in ("event", "done"):
-                # the entry is gone: nobody will read this request's tokens; stop computing them
-                self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": msg["rid"],
-                                   "attempt": msg.get("attempt")}, self.me)
+            elif msg.get("kind") in ("events", "done"):
+                # the entry is gone: nobody will read these requests' tokens; stop computing them
+                for item in msg.get("items") or [msg]:
+                    self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": item["rid"],
+                                       "attempt": item.get("attempt")}, self.me)
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_trace(self, msg: Any, remote: Any) -> dict:

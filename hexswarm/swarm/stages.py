@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import trio
 
 from hexswarm.model.config import LlamaConfig
-from hexswarm.runtime.stage_host import StageHost, StageSpec
-from hexswarm.runtime.stage_worker import PipelineRoute, StageWorker
+from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
+from hexswarm.runtime.stage_host import StageHost, StageSpec, slots_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm.guards import check_stage_message
 from hexswarm.swarm.layout import SwarmLayout
@@ -26,9 +26,12 @@ class ServeSettings:
     model_dir: str
     device: str = "cpu"
     dtype: str = "float32"
-    max_batch: int = 8
+    max_batch: int = 8  # KV slots per stage; 0: as many as fit (CUDA, gpu_memory_fraction)
     max_seq_len: int = 512
     retire_idle_s: float = 5.0
+    max_step_tokens: int = 512
+    micro_batches: int = 0  # 0: one per pipeline stage
+    gpu_memory_fraction: float = 0.9
 
 
 class StageSet:
@@ -38,7 +41,7 @@ class StageSet:
         self.tokenizer = tokenizer
         self.settings = settings
         self.pipe = pipe
-        self.workers: dict[StageKey, StageWorker] = {}
+        self.workers: dict[StageKey, StageEngine] = {}
         self.layouts: dict[int, SwarmLayout] = {}
         self.last_used: dict[StageKey, float] = {}
         self._loading: dict[int, trio.Event] = {}
@@ -63,19 +66,32 @@ class StageSet:
         finally:
             done.set()
 
-    def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageWorker:
+    def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageEngine:
         replica = layout.replicas[ri]
         st = replica[si]
         s = self.settings
         spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
                          s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus)
+        if s.max_batch == 0:
+            slots = self.slots(spec) if s.device == "cuda" else 8
+            spec = StageSpec(**{**spec.__dict__, "n_slots": slots})
+            log.info("epoch %d: %d KV slots of %d tokens fit on %s", layout.epoch, slots, s.max_seq_len,
+                     spec.device_of(0))
         host = StageHost(spec, tag=f"e{layout.epoch}r{ri}s{si}")
         host.start()
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
-        worker = StageWorker(host, route, self._sender(layout.epoch, ri, si), self.tokenizer if si == 0 else None,
-                             name=f"stage-e{layout.epoch}-r{ri}-s{si}")
+        engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica))
+        worker = StageEngine(host, route, self._sender(layout.epoch, ri, si), self.tokenizer if si == 0 else None,
+                             name=f"stage-e{layout.epoch}-r{ri}-s{si}", settings=engine)
         worker.start()
         return worker
+
+    def slots(self, spec: StageSpec) -> int:
+        """KV slots for a stage here: max_batch, or as many as fit when it is 0 ("auto")."""
+        if self.settings.max_batch:
+            return self.settings.max_batch
+        return slots_that_fit(self.cfg, spec.layer_end - spec.layer_start, spec.tp, spec.max_len, spec.dtype,
+                              spec.device_of(0), self.settings.gpu_memory_fraction)
 
     def _sender(self, epoch: int, ri: int, si: int):
         def send(peer: str, msg: dict) -> None:
@@ -84,7 +100,7 @@ class StageSet:
                 msg["to"] = [epoch, ri, si + 1]
             elif kind == "tokens":
                 msg["to"] = [epoch, ri, 0]
-            elif kind in ("event", "done"):
+            elif kind in ("events", "done"):
                 msg["to_stage0"] = [epoch, ri, 0]  # lets the entry cancel this attempt
             msg["sent_at"] = time.time()  # for per-hop network time in traces
             self.pipe.send(peer, msg)
@@ -99,7 +115,7 @@ class StageSet:
         if worker is None:
             return False
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
-                            self.settings.max_batch, self.settings.max_seq_len)
+                            worker.host.spec.n_slots, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
         worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True

@@ -1,0 +1,391 @@
+"""The serving loop of one pipeline stage on one host, in its own thread (torch work
+stays off the trio loop), in the manner of vLLM's engine core.
+
+Messages arrive on a thread-safe queue and leave through `send(peer, msg)`.
+
+Stage 0 owns the requests.  While any is active, every step it schedules
+- one decode row for each running request whose last token is back, and
+- chunks of waiting prompts, up to a token budget per step (chunked prefill: a
+  long prompt never stalls the running requests for more than one budget),
+runs one forward over all of them (a ragged batch, see `StageModel.forward_rows`),
+and either samples the whole batch on the device (one-stage pipeline) or sends one
+`forward` message to stage 1.  With several stages, up to `micro_batches` steps are
+in flight at once (stage 0 works on step k+1 while stage 1 works on step k).
+The last stage samples every row that ends a prompt or decodes, in one batched call,
+and returns one `tokens` message per step.  Stage 0 sends one `events` message per
+entry node per step (all of that entry's new tokens), and `done` per finished request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from hexswarm.runtime.sampling import SamplingParams, sample_batch
+from hexswarm.runtime.spans import SpanLog, waited, wire_delay
+from hexswarm.runtime.stage_host import StageHost
+from hexswarm.runtime.stopping import StopChecker
+from hexswarm.runtime.tokenizer import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[str, dict], None]
+STEP_EXPIRY_S = 60.0  # a step whose tokens never came back (a peer died) stops counting as in flight
+
+
+@dataclass
+class PipelineRoute:
+    """Where this stage's output goes, by peer id."""
+
+    stage_index: int
+    n_stages: int
+    next_peer: str | None  # None on the last stage
+    first_peer: str  # stage 0 of this replica (tokens go there)
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage_index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage_index == self.n_stages - 1
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_step_tokens: int = 512  # decode rows + prompt-chunk tokens in one step
+    micro_batches: int = 1  # steps in flight at once on a pipeline of several stages
+
+
+@dataclass
+class ActiveRequest:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stopper: StopChecker
+    entry: str
+    slot: int
+    attempt: int
+    tokens: list[int] = field(default_factory=list)
+    prefilled: int = 0  # tokens of prompt + resumed tokens already in the KV cache
+    prefill_done: bool = False  # the whole prompt (+ resumed tokens) is in; now one row per token
+    in_flight: bool = False  # a step holding a row of this request has not come back
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    stage_compute_s: list[float] = field(default_factory=list)
+    arrival: dict = field(default_factory=dict)  # the message that made its next row ready (for spans)
+
+    def sample_spec(self) -> dict:
+        return {"params": self.params.to_dict(), "step": len(self.tokens), "attempt": self.attempt}
+
+
+@dataclass
+class Row:
+    """One row of a step: a request's new tokens."""
+
+    req: ActiveRequest
+    ids: list[int]
+    start: int
+    samples: bool  # ends the prompt or decodes: the last stage samples it
+
+
+class StageEngine:
+    def __init__(self, host: StageHost, route: PipelineRoute, send: Send, tokenizer: TextTokenizer | None = None,
+                 name: str = "stage", settings: EngineSettings = EngineSettings()):
+        self.host = host
+        self.route = route
+        self.send = send
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.inbox: queue.Queue = queue.Queue()
+        self.requests: dict[str, ActiveRequest] = {}
+        self.waiting: list[dict] = []  # started requests without a free KV slot yet
+        self.free_slots = list(range(host.spec.n_slots))
+        self.spans = SpanLog()
+        self._steps: OrderedDict[int, tuple[float, list[str]]] = OrderedDict()  # in flight: id -> (sent, rids)
+        self._next_step = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.error: BaseException | None = None
+        self.steps_run = 0
+        self.rows_run = 0
+
+    # ---- called from any thread -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, msg: dict) -> None:
+        self.inbox.put(msg)
+
+    def close(self) -> None:
+        self.inbox.put({"kind": "close"})
+        self._thread.join(timeout=10)
+        self.host.close()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.requests) + len(self.waiting)
+
+    # ---- the worker thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    msgs = self._drain(block=not self._can_step())
+                    if any(m.get("kind") == "close" for m in msgs):
+                        return
+                    if self.route.is_first:
+                        self._handle_first(msgs)
+                        if self._can_step():
+                            self._step()
+                    else:
+                        forwards = [m for m in msgs if m.get("kind") == "forward"]
+                        if forwards:
+                            self._forward_downstream(forwards)
+        except BaseException as e:  # report: the serving layer fails the requests over
+            log.exception("stage engine %s failed", self._thread.name)
+            self.error = e
+
+    def _drain(self, block: bool) -> list[dict]:
+        msgs = []
+        if block:
+            msgs.append(self.inbox.get())
+        while True:
+            try:
+                msgs.append(self.inbox.get_nowait())
+            except queue.Empty:
+                return msgs
+
+    # ---- stage 0 -----------------------------------------------------------------------
+    def _handle_first(self, msgs: list[dict]) -> None:
+        events: dict[str, list[dict]] = {}
+        for m in msgs:
+            kind = m.get("kind")
+            if kind == "start":
+                self.waiting.append(m)
+            elif kind == "tokens":
+                self._step_returned(m, events)
+            elif kind == "cancel":
+                self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
+        self._flush_events(events)
+        while self.waiting and self.free_slots:
+            req = self._admit(self.waiting.pop(0))
+            if req.tokens and self._finish_if_done(req):
+                continue  # resumed after its last token: nothing left to compute
+
+    def _admit(self, m: dict) -> ActiveRequest:
+        params = SamplingParams.from_dict(m["params"])
+        stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []))
+        req = ActiveRequest(m["rid"], list(m["prompt_ids"]), params, stopper, m["entry"], self.free_slots.pop(0),
+                            int(m.get("attempt") or 0), tokens=list(m.get("resume_tokens") or []))
+        req.arrival = m
+        self.requests[req.rid] = req
+        return req
+
+    def _can_step(self) -> bool:
+        if not self.route.is_first:
+            return False
+        self._expire_steps()
+        if len(self._steps) >= max(1, self.settings.micro_batches):
+            return False
+        return any(not r.in_flight for r in self.requests.values())
+
+    def _expire_steps(self) -> None:
+        now = time.monotonic()
+        while self._steps:
+            sid, (sent, rids) = next(iter(self._steps.items()))
+            if now - sent < STEP_EXPIRY_S:
+                return
+            del self._steps[sid]
+            for rid in rids:
+                if rid in self.requests:
+                    self.requests[rid].in_flight = False
+
+    def _schedule(self) -> list[Row]:
+        """Decode rows first (each running request whose token is back), then prompt chunks
+        in arrival order, within the step's token budget."""
+        budget = self.settings.max_step_tokens
+        ready = [r for r in self.requests.values() if not r.in_flight]
+        decoding = [r for r in ready if r.prefill_done]
+        if self.settings.micro_batches > 1 and self.route.n_stages > 1:
+            # split the running requests over the micro-batches, so each step carries its share
+            decoding = decoding[: max(1, math.ceil(len(self.requests) / self.settings.micro_batches))]
+        rows = [Row(r, [r.tokens[-1]], len(r.prompt_ids) + len(r.tokens) - 1, True) for r in decoding[:budget]]
+        budget -= len(rows)
+        for r in ready:
+            if r.prefill_done or budget <= 0:
+                continue
+            context = r.prompt_ids + r.tokens
+            n = min(len(context) - r.prefilled, budget)
+            rows.append(Row(r, context[r.prefilled:r.prefilled + n], r.prefilled, r.prefilled + n == len(context)))
+            budget -= n
+        return rows
+
+    def _step(self) -> None:
+        rows = self._schedule()
+        if not rows:
+            return
+        op = {"op": "forward", "rows": [[r.req.slot, r.start, len(r.ids)] for r in rows],
+              "ids": [t for r in rows for t in r.ids]}
+        arrivals = [r.req.arrival for r in rows]
+        queued = [waited(m) for m in arrivals]
+        t0 = time.perf_counter()
+        out = self.host.run(op)
+        for r in rows:
+            r.req.in_flight = True
+            r.req.arrival = {}
+            if not r.req.prefill_done:
+                r.req.prefilled += len(r.ids)
+                r.req.prefill_done = r.samples
+        if self.route.is_last:
+            tokens = sample_batch(out[[i for i, r in enumerate(rows) if r.samples]],
+                                  [r.req.params for r in rows if r.samples],
+                                  [len(r.req.tokens) for r in rows if r.samples]) if any(r.samples for r in rows) else []
+            dt = time.perf_counter() - t0
+            self._record_spans(rows, arrivals, queued, dt)
+            it = iter(tokens)
+            items = [{"rid": r.req.rid, "token": next(it), "attempt": r.req.attempt, "step": len(r.req.tokens)}
+                     for r in rows if r.samples]
+            events: dict[str, list[dict]] = {}
+            self._tokens_back([r.req.rid for r in rows], items, [dt], events)
+            self._flush_events(events)
+            return
+        x = out.cpu()
+        dt = time.perf_counter() - t0
+        self._record_spans(rows, arrivals, queued, dt)
+        sid = self._next_step
+        self._next_step += 1
+        self._steps[sid] = (time.monotonic(), [r.req.rid for r in rows])
+        self.send(self.route.next_peer, {
+            "kind": "forward", "steps": [sid], "rows": op["rows"], "rids": [r.req.rid for r in rows],
+            "samples": [r.req.sample_spec() if r.samples else None for r in rows], "x": x, "t": [dt]})
+
+    def _record_spans(self, rows: list[Row], arrivals: list[dict], queued: list[float], dt: float) -> None:
+        for r, m, q in zip(rows, arrivals, queued):  # stage 0's inbound hop is the token's return
+            self.spans.add(r.req.rid, queue_s=q, compute_s=dt, net_s=wire_delay(m))
+        self.steps_run += 1
+        self.rows_run += len(rows)
+
+    def _step_returned(self, m: dict, events: dict[str, list[dict]]) -> None:
+        rids: list[str] = []
+        for sid in m.get("steps", []):
+            entry = self._steps.pop(sid, None)
+            if entry is not None:
+                rids += entry[1]
+        self._tokens_back(rids, m["items"], m.get("t", []), events, arrival=m)
+
+    def _tokens_back(self, rids: list[str], items: list[dict], stage_times: list[float],
+                     events: dict[str, list[dict]], arrival: dict | None = None) -> None:
+        for rid in rids:
+            req = self.requests.get(rid)
+            if req is not None:
+                req.in_flight = False
+                if arrival is not None:
+                    req.arrival = arrival
+        for item in items:
+            req = self.requests.get(item["rid"])
+            if req is None or item.get("attempt") != req.attempt or item.get("step") != len(req.tokens):
+                continue  # a token of a cancelled attempt, or a replay
+            self._accept_token(req, int(item["token"]), stage_times, events)
+
+    def _accept_token(self, req: ActiveRequest, token: int, stage_times: list[float],
+                      events: dict[str, list[dict]]) -> None:
+        now = time.perf_counter()
+        if req.first_token_s is None:
+            req.first_token_s = now - req.started
+        for i, t in enumerate(stage_times):
+            while len(req.stage_compute_s) <= i:
+                req.stage_compute_s.append(0.0)
+            req.stage_compute_s[i] += t
+        req.tokens.append(token)
+        events.setdefault(req.entry, []).append(
+            {"rid": req.rid, "attempt": req.attempt, "index": len(req.tokens) - 1, "token": token})
+        if req.stopper.finish_reason(req.tokens) is not None:
+            self._flush_events({req.entry: events.pop(req.entry)})  # the tokens go out before `done`
+            self._finish_if_done(req)
+
+    def _flush_events(self, events: dict[str, list[dict]]) -> None:
+        for entry, items in events.items():
+            self.send(entry, {"kind": "events", "items": items})
+
+    def _finish_if_done(self, req: ActiveRequest) -> bool:
+        """Send `done` and free the slot when the request has finished; True if it has."""
+        reason = req.stopper.finish_reason(req.tokens)
+        if reason is None:
+            return False
+        now = time.perf_counter()
+        if req.first_token_s is None:
+            req.first_token_s = now - req.started
+        self.send(req.entry, {
+            "kind": "done", "rid": req.rid, "attempt": req.attempt, "tokens": req.tokens,
+            "prompt_tokens": req.prompt_ids, "text": req.stopper.text(req.tokens), "finish_reason": reason,
+            "timings": {"ttft_s": round(req.first_token_s, 4), "total_s": round(now - req.started, 4),
+                        "stage_compute_s": [round(t, 4) for t in req.stage_compute_s]},
+        })
+        self._release(req)
+        return True
+
+    def _release(self, req: ActiveRequest) -> None:
+        del self.requests[req.rid]
+        self.free_slots.append(req.slot)
+
+    def _cancel(self, rid: str, attempt: int | None, sender: str | None = None) -> None:
+        """Drop a request (only the given attempt of it, when named); only its entry node,
+        or this node itself, may cancel it."""
+        def may(entry: str) -> bool:
+            return sender in (None, entry, self.route.first_peer)
+
+        self.waiting = [m for m in self.waiting
+                        if not (m["rid"] == rid and attempt in (None, m.get("attempt")) and may(m["entry"]))]
+        req = self.requests.get(rid)
+        if req is not None and attempt in (None, req.attempt) and may(req.entry):
+            self._release(req)
+
+    # ---- later stages --------------------------------------------------------------------
+    def _forward_downstream(self, msgs: list[dict]) -> None:
+        """Run every queued step as one (their rows concatenated, decode rows first)."""
+        if len(msgs) == 1:
+            m = msgs[0]
+            rows, rids, samples, x = m["rows"], m["rids"], m["samples"], m["x"]
+        else:
+            order = [(mi, ri) for one_token in (True, False) for mi, m in enumerate(msgs)
+                     for ri, row in enumerate(m["rows"]) if (row[2] == 1) == one_token]
+            rows = [msgs[mi]["rows"][ri] for mi, ri in order]
+            rids = [msgs[mi]["rids"][ri] for mi, ri in order]
+            samples = [msgs[mi]["samples"][ri] for mi, ri in order]
+            x = torch.cat([_row_slice(msgs[mi], ri) for mi, ri in order])
+        queued = [waited(m) for m in msgs]
+        t0 = time.perf_counter()
+        out = self.host.run({"op": "forward", "rows": rows, "x": x})
+        stage_times = [max(m["t"][i] for m in msgs) for i in range(min(len(m["t"]) for m in msgs))]
+        steps = [sid for m in msgs for sid in m["steps"]]
+        if self.route.is_last:
+            picked = [i for i, s in enumerate(samples) if s is not None]
+            params = [SamplingParams.from_dict(samples[i]["params"]) for i in picked]
+            tokens = sample_batch(out[picked], params, [int(samples[i]["step"]) for i in picked]) if picked else []
+            dt = time.perf_counter() - t0
+            items = [{"rid": rids[i], "token": tok, "attempt": samples[i].get("attempt"), "step": int(samples[i]["step"])}
+                     for i, tok in zip(picked, tokens)]
+            self.send(self.route.first_peer, {"kind": "tokens", "steps": steps, "items": items,
+                                              "t": stage_times + [dt]})
+        else:
+            x_out = out.cpu()
+            dt = time.perf_counter() - t0
+            self.send(self.route.next_peer, {"kind": "forward", "steps": steps, "rows": rows, "rids": rids,
+                                             "samples": samples, "x": x_out, "t": stage_times + [dt]})
+        for m, q in zip(msgs, queued):
+            for rid in m["rids"]:
+                self.spans.add(rid, queue_s=q, compute_s=dt, net_s=wire_delay(m))
+
+
+def _row_slice(msg: dict, row: int) -> torch.Tensor:
+    """The tokens of one row of a forward message's flattened activations."""
+    start = sum(r[2] for r in msg["rows"][:row])
+    return msg["x"][start:start + msg["rows"][row][2]]
