@@ -22,7 +22,7 @@ from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.stage import load_stage
 from hexswarm.net.ports import free_port
-from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
+from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup, normalize_forward
 from hexswarm.runtime.layout import Layout
 from hexswarm.runtime.sampling import SamplingParams, sample_token
 from hexswarm.runtime.stopping import StopChecker
@@ -119,8 +119,8 @@ class _Pipeline:
         out = self.ex.lead(op)
         if len(self.stages) == 1:
             return _sample(out, sample)
-        send_obj({"op": "forward", "slots": op["slots"], "start": op["start"], "x": out.cpu(), "sample": sample},
-                 self.stages[1].first_rank)
+        rows, _, _ = normalize_forward(op)
+        send_obj({"op": "forward", "rows": rows, "x": out.cpu(), "sample": sample}, self.stages[1].first_rank)
         return recv_obj(self.stages[-1].first_rank)
 
     def stop(self) -> None:
@@ -223,7 +223,7 @@ def _run_rank(rank: int, prep: _Prepared, port: int | None) -> dict | None:
         if os.environ.get(FAULT_ENV) == str(rank):
             os._exit(3)
         kv = model.new_kv_cache(1, len(prep.prompt_ids) + prep.max_new_tokens)
-        tp = TensorParallelGroup(groups[stage.index]) if stage.tp > 1 else None
+        tp = TensorParallelGroup(groups[stage.index], device) if stage.tp > 1 else None
         ex = StageExecutor(model, kv, tp)
         if tp_rank != 0:
             ex.follow()

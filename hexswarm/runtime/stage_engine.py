@@ -109,6 +109,9 @@ class StageEngine:
         self.requests: dict[str, ActiveRequest] = {}
         self.waiting: list[dict] = []  # started requests without a free KV slot yet
         self.free_slots = list(range(host.spec.n_slots))
+        # requests admitted at once: the smallest KV slot count of the pipeline's stages (set by
+        # the serving layer once it knows them; slots of different stages are sized apart)
+        self.admit_limit = host.spec.n_slots
         self.spans = SpanLog()
         self._steps: OrderedDict[int, tuple[float, list[str]]] = OrderedDict()  # in flight: id -> (sent, rids)
         self._next_step = 0
@@ -175,7 +178,7 @@ class StageEngine:
             elif kind == "cancel":
                 self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
         self._flush_events(events)
-        while self.waiting and self.free_slots:
+        while self.waiting and self.free_slots and len(self.requests) < self.admit_limit:
             req = self._admit(self.waiting.pop(0))
             if req.tokens and self._finish_if_done(req):
                 continue  # resumed after its last token: nothing left to compute

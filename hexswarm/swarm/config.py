@@ -156,6 +156,17 @@ def _positive_int(raw: Any, base: Path) -> int:
     return raw
 
 
+def _positive_int_or_auto(raw: Any, base: Path) -> int:
+    """A positive integer, or 'auto' (stored as 0)."""
+    return 0 if raw == "auto" else _positive_int(raw, base)
+
+
+def _fraction(raw: Any, base: Path) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 < raw <= 1:
+        raise _BadValue(f"expected a number in (0, 1], got {raw!r}")
+    return float(raw)
+
+
 def _serve_layout(raw: Any, base: Path) -> dict | None:
     """{hetero_config: [tp, ...], pp_partition: [layers, ...], replicas: n}: pin the layout's shape."""
     if raw is None:
@@ -241,7 +252,14 @@ class NodeConfig:
     serve_dtype: str = field(
         default="auto", metadata=_key(_choice("auto", "float32", "bfloat16", "float16"), "weights dtype (auto: bf16 on cuda)")
     )
-    max_batch: int = field(default=8, metadata=_key(_positive_int, "KV-cache slots: requests in flight per pipeline"))
+    max_batch: int = field(default=8, metadata=_key(_positive_int_or_auto, "KV-cache slots: requests in flight per "
+                                                   "pipeline ('auto': as many as fit in gpu_memory_fraction)"))
+    gpu_memory_fraction: float = field(default=0.9, metadata=_key(_fraction, "share of free GPU memory a stage may "
+                                                                  "take with max_batch: auto"))
+    max_step_tokens: int = field(default=512, metadata=_key(_positive_int, "tokens in one engine step: decode rows "
+                                                            "plus prompt chunks (chunked prefill)"))
+    micro_batches: int = field(default=0, metadata=_key(_non_negative_int, "steps in flight on a pipeline (0: one per "
+                                                        "stage; 1 where the stages share one GPU)"))
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
     term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
     serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))

@@ -25,7 +25,8 @@ def serve_settings(config: NodeConfig, devices):
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
-                         max_seq_len=config.max_seq_len)
+                         max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens,
+                         micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction)
 
 
 def head_settings(config: NodeConfig):

@@ -286,8 +286,35 @@ class Server:
             await trio.sleep(0.25)
             # every record this node gossips carries its stage-0 loads (the head's queue view)
             self.node.extra["load"] = self.stages.loads()
+            self.node.extra["slots"] = self.stages.slot_counts()
+            self._set_admit_limits()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
+
+    def replica_slots(self, layout: SwarmLayout, replica: int) -> int | None:
+        """The smallest KV slot count over a replica's stages (from this node's stages and the
+        peers' records); None while a stage's count is unknown."""
+        counts = []
+        for si, st in enumerate(layout.replicas[replica]):
+            key = f"{layout.epoch}:{replica}:{si}"
+            if st.peer == self.me:
+                counts.append(self.stages.slot_counts().get(key))
+            else:
+                entry = self.node.table.get(st.peer)
+                counts.append((entry.record.extra.get("slots") or {}).get(key) if entry else None)
+        if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
+            return None
+        return min(counts)
+
+    def _set_admit_limits(self) -> None:
+        for (e, r, s), worker in list(self.stages.workers.items()):
+            layout = self.stages.layouts.get(e)
+            if s != 0 or layout is None:
+                continue
+            known = self.replica_slots(layout, r)
+            # fixed max_batch: every stage has the same count; "auto": wait for the others' counts
+            fallback = worker.host.spec.n_slots if self.settings.max_batch else 1
+            worker.admit_limit = known if known is not None else fallback
 
     # ---- dispatch (head side) --------------------------------------------------------------
     def healthy_replicas(self, layout: SwarmLayout) -> list[int]:
@@ -314,12 +341,13 @@ class Server:
             raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
-        cap = PENDING_PER_SLOT * self.settings.max_batch
+        cap = {r: PENDING_PER_SLOT * (self.replica_slots(layout, r) or self.settings.max_batch or 8) for r in replicas}
         load = {r: self.replica_load(layout, r) for r in replicas}
         resuming = int(msg.get("attempt", 1)) > 1  # already accepted: never refused for load
-        if not resuming and all(load[r] >= cap for r in replicas):
+        if not resuming and all(load[r] >= cap[r] for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
-            raise RemoteError(BUSY, f"busy: every pipeline has {cap} requests queued; retry after {max(1.0, eta):.0f} s")
+            raise RemoteError(BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "
+                                    f"retry after {max(1.0, eta):.0f} s")
         replica = min(replicas, key=lambda r: ((load[r] + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
         start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}

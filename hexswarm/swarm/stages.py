@@ -129,6 +129,11 @@ class StageSet:
                 out.append({"epoch": e, "replica": r, "stage": s, "peer": self.me, **span})
         return out
 
+    def slot_counts(self) -> dict[str, int]:
+        """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
+        admits at most the smallest count of its stages)."""
+        return {f"{e}:{r}:{s}": w.host.spec.n_slots for (e, r, s), w in self.workers.items()}
+
     def loads(self) -> dict[str, int]:
         """"epoch:replica" -> requests held by the stage 0 this node serves there."""
         return {f"{e}:{r}": w.in_flight for (e, r, s), w in self.workers.items() if s == 0}
