@@ -1,0 +1,80 @@
+"""Served stage engines wired together inside one process (no network): the serving path
+minus the swarm, for tests and GPU checks.  `send(peer, msg)` hands messages between
+engines; the entry's `events` and `done` are collected."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Sequence
+
+from hexswarm.model.config import LlamaConfig
+from hexswarm.runtime.sampling import SamplingParams
+from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
+from hexswarm.runtime.stage_host import StageHost, StageSpec
+from hexswarm.runtime.tokenizer import TextTokenizer
+
+ENTRY = "entry"
+
+
+class LocalPipeline:
+    """layout: [(tp, layers), ...]; gpus: per stage, the CUDA ordinal of each TP rank (CUDA only)."""
+
+    def __init__(self, model_dir, layout: Sequence[tuple[int, int]], n_slots: int = 8, max_len: int = 128,
+                 settings: EngineSettings = EngineSettings(), device: str = "cpu", dtype: str = "float32",
+                 gpus: Sequence[tuple[int, ...]] | None = None):
+        cfg = LlamaConfig.from_dir(model_dir)
+        self.tokenizer = TextTokenizer(model_dir, cfg)
+        self.engines: dict[str, StageEngine] = {}
+        self.done: queue.Queue = queue.Queue()
+        self.events: dict[str, list[int]] = {}
+        self.event_messages = 0
+        self.forward_rows: list[int] = []  # rows of every forward message between stages
+        self._lock = threading.Lock()
+        names = [f"s{i}" for i in range(len(layout))]
+        start = 0
+        try:
+            for i, (tp, n) in enumerate(layout):
+                spec = StageSpec(str(model_dir), start, start + n, tp, i == 0, i == len(layout) - 1, device, dtype,
+                                 n_slots, max_len, tuple(gpus[i]) if gpus else ())
+                host = StageHost(spec, tag=f"local{i}")
+                host.start()
+                route = PipelineRoute(i, len(layout), names[i + 1] if i + 1 < len(layout) else None, names[0])
+                engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings)
+                self.engines[names[i]] = engine
+                engine.start()
+                start += n
+        except BaseException:
+            self.close()
+            raise
+        self.first = self.engines[names[0]]
+
+    def send(self, peer: str, msg: dict) -> None:
+        if peer == ENTRY:
+            with self._lock:
+                if msg["kind"] == "events":
+                    self.event_messages += 1
+                    for item in msg["items"]:
+                        self.events.setdefault(item["rid"], []).append(item["token"])
+                else:
+                    self.done.put(msg)
+            return
+        if msg["kind"] == "forward":
+            self.forward_rows.append(len(msg["rids"]))
+        self.engines[peer].submit(msg)
+
+    def start(self, rid: str, prompt: str, max_new_tokens: int, params: SamplingParams = SamplingParams()) -> None:
+        self.first.submit({"kind": "start", "rid": rid, "prompt_ids": self.tokenizer.encode(prompt),
+                           "params": params.to_dict(), "max_new_tokens": max_new_tokens, "stop": [], "entry": ENTRY})
+
+    def wait(self, n: int, timeout: float = 120.0) -> dict[str, dict]:
+        """The `done` messages of n requests, by request id."""
+        results: dict[str, dict] = {}
+        while len(results) < n:
+            msg = self.done.get(timeout=timeout)
+            results[msg["rid"]] = msg
+        return results
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
