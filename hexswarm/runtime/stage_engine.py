@@ -83,8 +83,10 @@ class ActiveRequest:
     stage_compute_s: list[float] = field(default_factory=list)
     arrival: dict = field(default_factory=dict)  # the message that made its next row ready (for spans)
 
+    params_wire: dict = field(default_factory=dict)  # params.to_dict(), made once
+
     def sample_spec(self) -> dict:
-        return {"params": self.params.to_dict(), "step": len(self.tokens), "attempt": self.attempt}
+        return {"params": self.params_wire, "step": len(self.tokens), "attempt": self.attempt}
 
 
 @dataclass
@@ -189,6 +191,7 @@ class StageEngine:
         req = ActiveRequest(m["rid"], list(m["prompt_ids"]), params, stopper, m["entry"], self.free_slots.pop(0),
                             int(m.get("attempt") or 0), tokens=list(m.get("resume_tokens") or []))
         req.arrival = m
+        req.params_wire = params.to_dict()
         self.requests[req.rid] = req
         return req
 
@@ -248,9 +251,10 @@ class StageEngine:
                 r.req.prefilled += len(r.ids)
                 r.req.prefill_done = r.samples
         if self.route.is_last:
-            tokens = sample_batch(out[[i for i, r in enumerate(rows) if r.samples]],
-                                  [r.req.params for r in rows if r.samples],
-                                  [len(r.req.tokens) for r in rows if r.samples]) if any(r.samples for r in rows) else []
+            picked = [i for i, r in enumerate(rows) if r.samples]
+            logits = out if len(picked) == len(rows) else out[picked]
+            tokens = sample_batch(logits, [rows[i].req.params for i in picked],
+                                  [len(rows[i].req.tokens) for i in picked]) if picked else []
             dt = time.perf_counter() - t0
             self._record_spans(rows, arrivals, queued, dt)
             it = iter(tokens)
