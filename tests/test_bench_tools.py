@@ -66,3 +66,37 @@ def test_bench_hop_quick_measures_both_transports():
             assert row[f"{kind}_hop_ms"] > 0
     # the frames carry the activation: 2 bytes per bf16 element plus a small header
     assert res["rows"]["prefill 512"]["frame_bytes"] > 512 * 4096 * 2
+
+
+def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
+    """tools/bench_serve.py on CPU: tiny model, one stage, concurrency 1 and 4, a few tokens.
+    Sane positive numbers for every row and ratio; no timing asserts."""
+    bench = _load("bench_serve")
+    out = tmp_path / "serve.json"
+    res = bench.main(["--tiny", "--device", "cpu", "--stages", "1", "--concurrency", "1,4", "--new-tokens", "6",
+                      "--requests-per-level", "4", "--client-procs", "2", "--engine-batches", "1",
+                      "--engine-steps", "3", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["serve"] == res["serve"] and saved["device"].startswith("cpu")
+    assert saved["model"]["tiny"] and saved["prefill_ms"] > 0
+    assert {e["batch"] for e in saved["engine"]} == {1, 4}
+    assert all(e["ms_per_step"] > 0 and e["tokens_per_s"] > 0 for e in saved["engine"])
+    rows = {(r["frontend"], r["concurrency"]): r for r in saved["serve"]}
+    assert set(rows) == {("http", 1), ("http", 4), ("submit", 1), ("submit", 4)}
+    for r in rows.values():
+        assert r["stages"] == 1 and r["errors"] == 0 and r["requests"] == 4, r
+        assert 0 < r["tokens"] <= 4 * 6 and r["tokens_per_request_min"] >= 1
+        for key in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "ratio_tokens", "ratio_ttft_p50_vs_prefill"):
+            assert r[key] > 0, (key, r)
+        assert r["ttft_p99_s"] >= r["ttft_p50_s"] and r["itl_p99_s"] >= r["itl_p50_s"] >= 0
+    assert "| stages | front end |" in res["table"]
+
+
+def test_exact_prompt_has_the_asked_token_count(tiny_model):
+    bench = _load("bench_serve")
+    from hexswarm.model.config import LlamaConfig
+    from hexswarm.runtime.tokenizer import TextTokenizer
+
+    tok = TextTokenizer(tiny_model, LlamaConfig.from_dir(tiny_model))
+    for n in (16, 128, 129):
+        assert len(tok.encode(bench.exact_prompt(tok, n))) == n

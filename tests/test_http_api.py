@@ -285,17 +285,19 @@ def test_swarm_errors_map_to_http_statuses():
 def test_text_stream_holds_back_stop_string_prefixes():
     from hexswarm.swarm.http_api import TextStream
 
-    class Chars:  # token i is chr(i)
-        def decode(self, ids):
-            return "".join(map(chr, ids))
-
-    ts = TextStream(Chars(), ["STOP"])
-    out = [ts.push(ord(c)) for c in "abSTxSTOPyz"]
+    ts = TextStream(["STOP"])
+    out = [ts.push(c) for c in "abSTxSTOPyz"]
     assert "".join(out) == "abSTx" and out[2] == "" and out[4] == "STx"
     assert ts.finish("abSTx") == ""
-    ts = TextStream(Chars(), ["zz"])
-    sent = "".join(ts.push(ord(c)) for c in "abz")
+    ts = TextStream(["zz"])
+    sent = "".join(ts.push(c) for c in "abz")
     assert sent == "ab" and ts.finish("abz") == "z"
+    # deltas of several characters; a stop string across two deltas; held-back text ("" deltas)
+    ts = TextStream(["<end>", "##"])
+    out = [ts.push(d) for d in ["hello <", "", "en", "d> more"]]
+    assert out == ["hello ", "", "", ""] and ts.finish("hello ") == ""
+    ts = TextStream([])
+    assert [ts.push(d) for d in ["a\ufffdb", "c"]] == ["a\ufffdb", "c"] and ts.finish("a\ufffdbcd") == "d"
 
 
 def test_registry_renders_what_prometheus_client_parses():

@@ -192,3 +192,82 @@ def test_trace_lists_every_stage_with_compute_time(swarm3):
     assert table.returncode == 0 and "compute s" in table.stdout
     unknown = run_cli("trace", "no-such-request", "--peer", swarm3.nodes[2].addr)
     assert unknown.returncode == 2 and "unknown_request" in unknown.stderr
+
+
+def test_swarm_client_reuses_one_connection_for_many_requests(swarm3, tiny_model, monkeypatch):
+    """Sequential and concurrent requests through one SwarmClient: one dial, one connection, right tokens;
+    streamed text pieces add up to the final text."""
+    import trio
+
+    import hexswarm.swarm.client as client_mod
+    from hexswarm.swarm.client import SwarmClient
+
+    dials = []
+    real_dial = client_mod.dial
+
+    async def counting_dial(host, info, timeout):
+        dials.append(str(info.peer_id))
+        await real_dial(host, info, timeout=timeout)
+
+    monkeypatch.setattr(client_mod, "dial", counting_dial)
+    entry = swarm3.nodes[1]
+    prompts = PROMPTS[:6]
+    results: dict = {}
+    streamed: dict = {}
+
+    async def main():
+        async with SwarmClient([entry.addr]) as client:
+            for p in prompts[:2]:  # one after another
+                results[p] = await client.submit({"prompt": p, "max_new_tokens": NEW, "stream": True},
+                                                 on_frame=lambda f, p=p: streamed.setdefault(p, []).append(f))
+            async with trio.open_nursery() as nursery:  # and at once
+                for p in prompts[2:]:
+                    async def one(p=p):
+                        results[p] = await client.submit({"prompt": p, "max_new_tokens": NEW})
+                    nursery.start_soon(one)
+            conns = client.host.get_network().connections.get(client.peers[entry.addr].peer_id)
+            results["_connections"] = len(conns) if isinstance(conns, (list, tuple, set, dict)) else int(bool(conns))
+
+    trio.run(main)
+    assert dials == [entry.peer_id] and results["_connections"] == 1
+    for p in prompts:
+        ref = reference(tiny_model, p, NEW)
+        assert results[p]["done"]["tokens"] == ref["tokens"], p
+    for p, frames in streamed.items():
+        tokens = [f for f in frames if "token" in f]
+        assert [f["index"] for f in tokens] == list(range(len(tokens)))
+        text = "".join(f["text"] for f in tokens)
+        assert results[p]["done"]["text"].startswith(text) and len(results[p]["done"]["text"]) - len(text) <= 1
+
+
+def test_swarm_client_fails_over_to_the_next_entry(swarm3, tiny_model):
+    import trio
+
+    from hexswarm.net.identity import generate
+    from hexswarm.net.ports import free_port
+    from hexswarm.swarm.client import SwarmClient
+
+    nobody = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{generate().peer_id.to_base58()}"
+
+    async def main():
+        async with SwarmClient([nobody, swarm3.nodes[2].addr], dial_timeout=2) as client:
+            return await client.submit({"prompt": "Hello, world!", "max_new_tokens": NEW})
+
+    res = trio.run(main)
+    assert res["done"]["tokens"] == reference(tiny_model, "Hello, world!", NEW)["tokens"]
+
+
+def test_cli_submit_several_prompts_over_one_client(swarm3, tiny_model, tmp_path):
+    import json
+
+    f = tmp_path / "prompts.txt"
+    f.write_text("Once upon a time\n\nThe quick brown fox\n")
+    p = run_cli("submit", "--peer", swarm3.nodes[0].addr, "--prompt", "Hello, world!", "--prompts-file", str(f),
+                "--max-new-tokens", str(NEW), "--json", "--request-id", "batch")
+    assert p.returncode == 0, p.stderr
+    outs = [json.loads(line) for line in p.stdout.splitlines()]
+    assert [o["request_id"] for o in outs] == ["batch-0", "batch-1", "batch-2"]
+    for o, prompt in zip(outs, ["Hello, world!", "Once upon a time", "The quick brown fox"]):
+        assert o["tokens"] == reference(tiny_model, prompt, NEW)["tokens"], prompt
+    bad = run_cli("submit", "--peer", swarm3.nodes[0].addr, "--prompt", "a", "--prompt", "b", "--stream")
+    assert bad.returncode == 2 and "one prompt" in bad.stderr

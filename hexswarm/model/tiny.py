@@ -162,13 +162,10 @@ def _write_weights(out: Path, weights: dict[str, torch.Tensor], shards: int, bin
     )
 
 
-def make_tiny_llama(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write a complete random-weight HF Llama checkpoint (config, weights, tokenizer)."""
-    spec = spec or TinySpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(spec.vocab)
-    vocab = tok.get_vocab_size()
+def write_tokenizer(out: Path, vocab: int) -> int:
+    """tokenizer.json and tokenizer_config.json of the tiny byte-level BPE (<s> = 1, </s> = 2); its vocab size.
+    Also gives a random checkpoint of another shape a tokenizer (ids past its vocab decode to nothing)."""
+    tok = build_tokenizer(vocab)
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
         json.dumps(
@@ -183,6 +180,15 @@ def make_tiny_llama(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
             indent=1,
         )
     )
+    return tok.get_vocab_size()
+
+
+def make_tiny_llama(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write a complete random-weight HF Llama checkpoint (config, weights, tokenizer)."""
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(out, spec.vocab)
     (out / "config.json").write_text(json.dumps(hf_config(spec, vocab), indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": BOS_ID, "eos_token_id": EOS_ID}))
     (out / "hexswarm_tiny.json").write_text(json.dumps(asdict(spec), indent=1))

@@ -60,5 +60,9 @@ class TextTokenizer:
             ids = [self.bos_id] + ids
         return ids
 
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id (the detokenizer looks for byte-fallback tokens in it)."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

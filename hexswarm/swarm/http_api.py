@@ -266,46 +266,49 @@ class ChatTemplate:
 
 
 class TextStream:
-    """Text deltas of a growing token list, holding back what may still turn into a stop string
-    (and an incomplete UTF-8 character), cut at the first stop string."""
+    """Text deltas of a growing output, holding back what may still turn into a stop string, cut at the
+    first stop string.  It takes the text each submit frame carries (the submit service's incremental
+    detokenizer already holds back incomplete UTF-8 characters), and looks only at the new text plus
+    the longest stop string's length before it: constant work per token."""
 
-    def __init__(self, tokenizer, stop: list[str]):
-        self.tokenizer = tokenizer
+    def __init__(self, stop: list[str]):
         self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.sent = ""
+        self.longest = max((len(s) for s in self.stop), default=0)
+        self.text = ""
+        self.sent = 0  # characters of `text` sent
         self.stopped = False
 
-    def push(self, token: int) -> str:
-        self.ids.append(int(token))
-        if self.stopped:
+    def push(self, delta: str) -> str:
+        if self.stopped or not delta:
             return ""
-        text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        start = max(0, len(self.text) - self.longest + 1)  # a stop string ending in the new text starts here
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.stopped = True
-            safe = min(hits)
-        else:
-            safe = len(text)
-            for s in self.stop:
-                for k in range(min(len(s) - 1, len(text)), 0, -1):
-                    if text.endswith(s[:k]):
-                        safe = min(safe, len(text) - k)
-                        break
-            while safe > 0 and text[safe - 1] == "\ufffd":
-                safe -= 1
-        return self._take(text, safe)
+            return self._take(min(hits))
+        safe = len(self.text)
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        return self._take(safe)
 
-    def _take(self, text: str, safe: int) -> str:
-        if safe <= len(self.sent) or not text.startswith(self.sent):
+    def _take(self, safe: int) -> str:
+        if safe <= self.sent:
             return ""
-        new = text[len(self.sent):safe]
-        self.sent += new
+        new = self.text[self.sent:safe]
+        self.sent = safe
         return new
 
     def finish(self, final_text: str) -> str:
         """What is left to send, given the request's final text (already cut at a stop string)."""
-        return self._take(final_text, len(final_text))
+        if self.sent >= len(final_text) or not final_text.startswith(self.text[:self.sent]):
+            return ""
+        rest = final_text[self.sent:]
+        self.sent = len(final_text)
+        return rest
 
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -541,7 +544,7 @@ class Responder:
         self.rid = rid
         self.created = int(time.time())
         self.stream = opts["stream"]
-        self.text = TextStream(api.server.tokenizer, opts["stop"])
+        self.text = TextStream(opts["stop"])
         self.started = False
 
     def _chunk(self, delta: str | None, finish: str | None = None, token_ids: list[int] | None = None,
@@ -583,7 +586,7 @@ class Responder:
             return
         if "token" not in frame or not self.stream:
             return
-        delta = self.text.push(frame["token"])
+        delta = self.text.push(frame.get("text") or "")
         ids = [int(frame["token"])] if self.opts["return_token_ids"] else None
         if delta or ids is not None:
             await self._event(self._chunk(delta, token_ids=ids))

@@ -5,7 +5,10 @@ Client -> entry node, one frame:
    "seed": int, "stop": [str], "stream": bool, "request_id": str (optional)}
 Entry node -> client, frames in order:
   {"accepted": {"request_id", "epoch", "replica", "head", "stages"}}
-  {"token": int, "index": int, "text": str}            (only with stream: true)
+  {"token": int, "index": int, "text": str}            (only with stream: true; "text" is what the token
+                                                        adds, from one IncrementalDetokenizer per request: an
+                                                        incomplete UTF-8 character waits for a later frame, and
+                                                        the done frame's "text" is the whole output)
   {"done": {...the `generate --json` object, plus request_id, replica, epoch, stages}}
   or, at any point, {"error": {"code": str, "message": str}} and the stream ends.
 The entry node tokenizes once, asks the head to place the request, and relays
@@ -28,6 +31,7 @@ from hexswarm.net.protocols import (
     BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
     remote_peer_id, reset_quietly,
 )
+from hexswarm.runtime.detokenize import IncrementalDetokenizer
 from hexswarm.runtime.sampling import SamplingParams
 
 log = logging.getLogger("hexswarm.submit")
@@ -216,7 +220,9 @@ class SubmitService:
         draws what it would have drawn, so the client sees one output, no token missing or repeated."""
         server = self.server
         tokens: list[int] = []
-        sent_text = ""
+        # one incremental decode per token (not the whole output again per token); tokens are
+        # deduplicated by index below, so a resumed attempt feeds it each token once
+        detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] else None
         attempt = placement["attempt"]
         last_progress = trio.current_time()
         deadline = trio.current_time() + REQUEST_TIMEOUT_S
@@ -247,11 +253,8 @@ class SubmitService:
                 if int(ev["index"]) != len(tokens):
                     continue  # already delivered (a resumed pipeline repeats nothing, but be safe)
                 tokens.append(int(ev["token"]))
-                if req["stream"]:
-                    text = server.tokenizer.decode(tokens)
-                    await emit({"token": tokens[-1], "index": len(tokens) - 1,
-                                "text": text[len(sent_text):] if text.startswith(sent_text) else text})
-                    sent_text = text
+                if detok is not None:
+                    await emit({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if attempt < MAX_ATTEMPTS:
@@ -298,60 +301,21 @@ class SubmitService:
 
 async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
                     timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None) -> dict:
-    """Client side: send one request to the node at `addr`; returns the final frame.
-    `client_identity` and `cert`: the submitter's key and client certificate, where the swarm wants them.
+    """Client side: send one request to the node at `addr` over a connection of its own; returns the
+    final frame.  For many requests keep one `SwarmClient` (swarm/client.py): no dial per request.
     Raises UserError when the node cannot be reached or the connection breaks."""
-    from libp2p.custom_types import TProtocol
+    from hexswarm.swarm.client import SwarmClient
 
-    from hexswarm.net.client import with_node
-
-    if cert is not None:
-        request = {**request, "cert": cert}
-
-    async def exchange(host, peer_id) -> dict:
-        stream = await host.new_stream(peer_id, [TProtocol(SUBMIT)])
-        try:
-            await write_frame(stream, request)
-            while True:
-                frame = await read_frame(stream, timeout=timeout, max_size=MAX_SUBMIT_FRAME)
-                if not isinstance(frame, dict):
-                    raise UserError("the node sent a malformed reply")
-                if on_frame is not None:
-                    on_frame(frame)
-                if "done" in frame or "error" in frame:
-                    return frame
-        except ProtocolError as e:
-            raise UserError(f"the connection to {addr} broke: {e}") from None
-        finally:
-            await close_quietly(stream)
-
-    return await with_node(addr, exchange, client_identity=client_identity)
+    async with SwarmClient([addr], identity=client_identity, cert=cert, timeout=timeout) as client:
+        return await client.submit_once(addr, request, on_frame)
 
 
 async def submit_with_failover(addrs: list[str], request: dict, on_frame: Callable[[dict], None] | None = None,
                                timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None,
                                max_tries: int = 6) -> dict:
-    """Submit through the first entry node that answers; if an entry dies mid-request, submit again
-    with the same request id through the next one.  Tokens are merged by index, so the caller
-    sees each token once even when the new entry's pipeline regenerates the first ones."""
-    request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
-    delivered = 0
-    last: Exception | None = None
+    """One request through the first entry node that answers, failing over to the next ones
+    (`SwarmClient.submit`), on a client of its own."""
+    from hexswarm.swarm.client import SwarmClient
 
-    def relay(frame: dict) -> None:
-        nonlocal delivered
-        if "token" in frame:
-            if frame["index"] < delivered:
-                return  # already seen through an earlier entry
-            delivered = frame["index"] + 1
-        if on_frame is not None:
-            on_frame(frame)
-
-    for attempt in range(max_tries):
-        addr = addrs[attempt % len(addrs)]
-        try:
-            return await submit_to(addr, request, relay, timeout, client_identity, cert)
-        except UserError as e:  # unreachable or broke mid-stream: the next entry
-            last = e
-            await trio.sleep(min(2.0, 0.25 * (attempt + 1)))
-    raise UserError(f"no entry node finished request {request['request_id']}: {last}")
+    async with SwarmClient(addrs, identity=client_identity, cert=cert, timeout=timeout) as client:
+        return await client.submit(request, on_frame, max_tries=max_tries)

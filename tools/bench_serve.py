@@ -1,0 +1,481 @@
+#!/usr/bin/env python
+"""Serving against the engine it runs on, in one run, on one device.
+
+1. The engine (bench_gpu's functions): ms per decode step at batch 1, 8, 32, 64 (and at every
+   concurrency level asked for), and prefill of one prompt of --prompt-tokens tokens.
+2. A local swarm (LocalSwarm: node processes on 127.0.0.1, every stage on the same device, pinned layout
+   hetero_config [1]*n, layers split evenly) with 1, 2 and 4 stages.
+3. Load on it from several client processes (started and connected before the clock runs), through the
+   OpenAI HTTP API (streamed SSE with token ids: one event per token) and through `/hexswarm/submit/1`
+   (SwarmClient, streamed frames), at concurrency 1, 8, 32, 64; prompts of exactly --prompt-tokens tokens,
+   --new-tokens new tokens each (the random model may emit EOS first: tokens are counted as they come).
+
+Reported per (stages, front end, concurrency): tokens/s, TTFT p50/p99, inter-token latency p50/p99, and
+their ratios to the engine measured in the same run: tokens/s over the engine's batch-c tokens/s, ITL over
+the engine's batch-1 ms/token, TTFT over the engine's prefill time.
+
+    python tools/bench_serve.py --device cuda --json serve.json                # 7B-shaped, 32 layers, full grid
+    python tools/bench_serve.py --device cuda --model-dir /dev/shm/llama7b     # reuse a checkpoint
+    python tools/bench_serve.py --tiny --device cpu                            # the code path on CPU
+    python tools/bench_serve.py --cpu-target                                   # tiny, HTTP, 1 node: 32 vs 1
+
+`--model-dir DIR` that does not exist yet: the checkpoint is made there and kept for the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+for p in (str(REPO), str(TOOLS)):  # spawned load generators import this module by name
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=("cpu", "cuda"))
+    ap.add_argument("--tiny", action="store_true", help="a tiny random model (CPU smoke runs)")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the random 7B-shaped checkpoint")
+    ap.add_argument("--model-dir", help="a checkpoint to use (made there if missing, and kept)")
+    ap.add_argument("--stages", default="1,2,4")
+    ap.add_argument("--concurrency", default="1,8,32,64")
+    ap.add_argument("--frontends", default="http,submit")
+    ap.add_argument("--engine-batches", default="1,8,32,64")
+    ap.add_argument("--requests-per-level", type=int, default=0,
+                    help="requests at each concurrency level (default: 2 x concurrency, at least 4)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--client-procs", type=int, default=4, help="load generator processes (at most one per request in flight)")
+    ap.add_argument("--node-extra", default="{}", help="JSON of node config keys added to every node (e.g. micro_batches)")
+    ap.add_argument("--engine-steps", type=int, default=0, help="decode steps per engine measurement (default 32 on cuda, 8 on cpu)")
+    ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--cpu-target", action="store_true",
+                    help="the issue's CPU target: tiny model, HTTP, one node, tokens/s at 32 concurrent over at 1")
+    a = ap.parse_args(argv)
+    if a.cpu_target:
+        a.tiny, a.device, a.stages, a.frontends, a.concurrency = True, "cpu", "1", "http", "1,32"
+        a.engine_batches = "1"
+        a.new_tokens = min(a.new_tokens, 64)
+        a.requests_per_level = a.requests_per_level or 32
+    try:
+        a.node_extra = json.loads(a.node_extra)
+        assert isinstance(a.node_extra, dict)
+    except (ValueError, AssertionError):
+        ap.error("--node-extra must be a JSON object")
+    return a
+
+
+# ---- the model ---------------------------------------------------------------------------
+
+def tiny_spec():
+    from hexswarm.model.tiny import TinySpec
+
+    return TinySpec(layers=4, hidden=128, heads=4, kv_heads=2, intermediate=256, max_positions=1024)
+
+
+def prepare_model(args, work: Path, log) -> Path:
+    """The checkpoint: --model-dir (made there if missing), the tiny model, or bench_gpu's 7B-shaped maker
+    plus the tiny tokenizer (random ids past its vocabulary decode to nothing; tokens are counted by id)."""
+    import torch
+
+    from hexswarm.model.tiny import make_tiny_llama, write_tokenizer
+
+    if args.model_dir and (Path(args.model_dir) / "config.json").is_file():
+        return Path(args.model_dir)
+    out = Path(args.model_dir) if args.model_dir else work / "model"
+    if args.tiny:
+        return make_tiny_llama(out, tiny_spec())
+    from bench_gpu import make_llama_checkpoint
+
+    t = time.perf_counter()
+    make_llama_checkpoint(out, args.layers, torch.device(args.device))
+    write_tokenizer(out, 384)
+    log(f"checkpoint: {args.layers} layers in {out} ({time.perf_counter() - t:.0f} s)")
+    return out
+
+
+def exact_prompt(tokenizer, n: int) -> str:
+    """A text the tokenizer encodes to exactly n tokens (BOS included)."""
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "swarm", "peers"]
+    text, i = "", 0
+    while len(tokenizer.encode(text)) < n - 4:
+        text += (" " if text else "") + words[i % len(words)]
+        i += 1
+    for _ in range(64):  # finish with single characters until the count is exact
+        have = len(tokenizer.encode(text))
+        if have == n:
+            return text
+        if have > n:
+            text = text[:-1]
+            continue
+        for ch in " 0123456789.,;:!?":  # a character that adds exactly one token
+            if len(tokenizer.encode(text + ch)) == have + 1:
+                text += ch
+                break
+        else:
+            text += "x"
+    raise RuntimeError(f"could not build a prompt of exactly {n} tokens")
+
+
+# ---- 1. the engine -----------------------------------------------------------------------
+
+def measure_engine(args, model_dir: Path, batches: list[int], log) -> dict:
+    import gc
+
+    import torch
+
+    from bench_gpu import Clock, copy_bandwidth, engine_decode_ms, engine_prefill_ms, load_engine
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    steps = args.engine_steps or (32 if cuda else 8)
+    warmup, repeats = (3, 10) if cuda else (1, 3)
+    out = {"copy_bw_GBps": round(copy_bandwidth(device, clock, (1 << 30) if cuda else (16 << 20)) / 1e9, 1)}
+    model = load_engine(model_dir, device, dtype)
+    mode = "graph" if cuda else "eager"
+    out["prefill_ms"] = round(engine_prefill_ms(model, 1, args.prompt_tokens, clock, warmup, repeats, "fast"), 3)
+    log(f"engine prefill of {args.prompt_tokens} tokens: {out['prefill_ms']} ms")
+    rows = []
+    for B in batches:
+        ms = engine_decode_ms(model, B, args.prompt_tokens, steps, clock, warmup, repeats, mode)
+        rows.append({"batch": B, "ms_per_step": round(ms, 3), "tokens_per_s": round(B * 1e3 / ms, 1)})
+        log(f"engine decode batch {B}: {ms:.2f} ms/step, {rows[-1]['tokens_per_s']} tokens/s")
+    out["engine"] = rows
+    del model
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---- 2. the swarm ------------------------------------------------------------------------
+
+def start_swarm(args, work: Path, model_dir: Path, stages: int, layers: int, max_concurrency: int):
+    """LocalSwarm with `stages` nodes, each serving one stage on the same device; node 0 serves HTTP."""
+    import yaml
+
+    from hexswarm.net.ports import free_port
+    from hexswarm.swarm.launcher import LocalSwarm
+
+    split = [layers // stages + (1 if i < layers % stages else 0) for i in range(stages)]
+    cuda = args.device == "cuda"
+    extra = {"serve_device": args.device, "serve_dtype": "bfloat16" if cuda else "float32",
+             "max_batch": max(8, max_concurrency), "max_seq_len": args.prompt_tokens + args.new_tokens + 8,
+             "dispatch_wait_s": 120.0}
+    if cuda:  # the planner's view of the device (a pinned layout only needs one device per TP-1 stage)
+        extra["devices"] = [{"kind": "cuda", "name": "cuda0", "memory": 80, "tflops": 900, "mem_bw": 3000}]
+    extra.update(args.node_extra)
+    swarm = LocalSwarm(work / f"swarm{stages}", model_dir, [1] * stages,
+                       serve_layout={"hetero_config": [1] * stages, "pp_partition": split, "replicas": 1},
+                       extra=extra)
+    entry = swarm.nodes[0]
+    port = free_port()
+    cfg = yaml.safe_load(entry.config.read_text())
+    entry.config.write_text(yaml.safe_dump({**cfg, "http": f"127.0.0.1:{port}"}))
+    swarm.start()
+    try:
+        swarm.wait_layout(600 if cuda else 180)
+        from hexswarm.swarm.launcher import wait_for
+
+        if not wait_for(lambda: "HTTP API listening on" in entry.log(), 60, 0.2):
+            raise RuntimeError(f"the entry's HTTP API did not start:\n{entry.log()[-3000:]}")
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm, {"url": f"http://127.0.0.1:{port}", "addr": entry.addr, "model": model_dir.name}
+
+
+# ---- 3. the load generator -----------------------------------------------------------------
+
+def client_process(conn, frontend: str, target: dict) -> None:
+    """One load generator process: keeps its connections across levels; per job: connect `concurrency`
+    clients' worth (untimed), say ready, wait for go, run, send the per-request records."""
+    import trio
+
+    trio.run(_client_main, conn, frontend, target)
+
+
+async def _client_main(conn, frontend: str, target: dict) -> None:
+    import trio
+
+    recv = lambda: trio.to_thread.run_sync(conn.recv)  # noqa: E731
+    if frontend == "http":
+        import httpx
+
+        client = httpx.AsyncClient(base_url=target["url"], timeout=httpx.Timeout(600.0),
+                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
+        one = _http_request
+    else:
+        from hexswarm.swarm.client import SwarmClient
+
+        client = SwarmClient([target["addr"]])
+        one = _submit_request
+    async with client:
+        if frontend == "submit":
+            await client.connect(target["addr"])
+        while True:
+            job = await recv()
+            if job is None:
+                return
+            if frontend == "http":  # open (and keep alive) one connection per request in flight
+                async with trio.open_nursery() as nursery:
+                    for _ in range(job["concurrency"]):
+                        nursery.start_soon(client.get, "/health")
+            conn.send("ready")
+            if await recv() != "go":
+                return
+            records: list[dict] = []
+            limiter = trio.CapacityLimiter(job["concurrency"])
+
+            async def run_one(i: int) -> None:
+                async with limiter:
+                    records.append(await one(client, target, job, i))
+
+            async with trio.open_nursery() as nursery:
+                for i in range(job["requests"]):
+                    nursery.start_soon(run_one, i)
+            conn.send(records)
+
+
+async def _http_request(client, target: dict, job: dict, i: int) -> dict:
+    body = {"model": target["model"], "prompt": job["prompt"], "max_tokens": job["new_tokens"], "temperature": 0,
+            "stream": True, "return_token_ids": True}
+    t0 = time.monotonic()
+    times: list[float] = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": f"HTTP {r.status_code}: {(await r.aread())[:200]!r}", "start": t0, "end": time.monotonic()}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            now = time.monotonic()
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                return {"error": str(chunk["error"])[:200], "start": t0, "end": now}
+            for choice in chunk.get("choices") or []:
+                times += [now] * len(choice.get("token_ids") or [])
+    return {"start": t0, "times": times, "end": time.monotonic()}
+
+
+async def _submit_request(client, target: dict, job: dict, i: int) -> dict:
+    t0 = time.monotonic()
+    times: list[float] = []
+
+    def on_frame(frame: dict) -> None:
+        if "token" in frame:
+            times.append(time.monotonic())
+
+    final = await client.submit({"prompt": job["prompt"], "max_new_tokens": job["new_tokens"], "stream": True},
+                                on_frame=on_frame)
+    if "error" in final:
+        return {"error": str(final["error"])[:200], "start": t0, "end": time.monotonic()}
+    return {"start": t0, "times": times, "end": time.monotonic()}
+
+
+class LoadGenerator:
+    """`procs` client processes for one front end, started once (spawned: no CUDA state is inherited)."""
+
+    def __init__(self, frontend: str, target: dict, procs: int):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=client_process, args=(child, frontend, target), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def run(self, concurrency: int, requests: int, prompt: str, new_tokens: int) -> tuple[list[dict], float]:
+        """All records of one level and its wall time (first request sent to last token)."""
+        n = min(len(self.conns), concurrency)
+        shares = [(concurrency // n + (i < concurrency % n), requests // n + (i < requests % n)) for i in range(n)]
+        used = [(c, s) for c, s in zip(self.conns, shares) if s[0] > 0 and s[1] > 0]
+        for conn, (c, r) in used:
+            conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens})
+        for conn, _ in used:
+            if conn.recv() != "ready":
+                raise RuntimeError("a load generator failed to get ready")
+        for conn, _ in used:
+            conn.send("go")
+        records = [rec for conn, _ in used for rec in conn.recv()]
+        return records, max(r["end"] for r in records) - min(r["start"] for r in records)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, math.ceil(q / 100 * len(v)) - 1))]
+
+
+def summarize(records: list[dict], wall_s: float) -> dict:
+    ok = [r for r in records if "error" not in r]
+    ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in ok)
+    out = {"requests": len(records), "errors": len(records) - len(ok), "tokens": tokens,
+           "tokens_per_request_min": min((len(r["times"]) for r in ok), default=0),
+           "wall_s": round(wall_s, 3), "tokens_per_s": round(tokens / wall_s, 1) if wall_s > 0 else None}
+    for name, vals in (("ttft", ttft), ("itl", itl)):
+        for q in (50, 99):
+            p = percentile(vals, q)
+            out[f"{name}_p{q}_s"] = None if p is None else round(p, 5)
+    if len(ok) < len(records):
+        out["first_error"] = next(r["error"] for r in records if "error" in r)
+    return out
+
+
+def add_ratios(row: dict, engine: dict) -> None:
+    """Serving over the engine of this run: tokens/s vs the engine at batch = concurrency, ITL vs the
+    engine's batch-1 step (and its batch-c step), TTFT vs the engine's prefill of one prompt."""
+    by_batch = {e["batch"]: e for e in engine["engine"]}
+    eng_c, eng_1 = by_batch.get(row["concurrency"]), by_batch.get(1)
+    div = lambda a, b: None if a is None or not b else round(a / b, 3)  # noqa: E731
+    row["ratio_tokens"] = div(row["tokens_per_s"], eng_c and eng_c["tokens_per_s"])
+    row["ratio_itl_p50_vs_engine_b1"] = div(row["itl_p50_s"], eng_1 and eng_1["ms_per_step"] / 1e3)
+    row["ratio_itl_p50_vs_engine_bc"] = div(row["itl_p50_s"], eng_c and eng_c["ms_per_step"] / 1e3)
+    row["ratio_ttft_p50_vs_prefill"] = div(row["ttft_p50_s"], engine["prefill_ms"] / 1e3)
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+def run(args) -> dict:
+    log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    import torch
+
+    from hexswarm.model.config import LlamaConfig
+    from hexswarm.runtime.tokenizer import TextTokenizer
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device (use --device cpu --tiny for the CPU code path)")
+    work = Path(tempfile.mkdtemp(prefix="hexswarm-serve-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    t_start = time.perf_counter()
+    try:
+        model_dir = prepare_model(args, work, log)
+        cfg = LlamaConfig.from_dir(model_dir)
+        tokenizer = TextTokenizer(model_dir, cfg)
+        prompt = exact_prompt(tokenizer, args.prompt_tokens)
+        levels = _csv_ints(args.concurrency)
+        res: dict = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
+                     "model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
+                               "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size,
+                               "vocab": cfg.vocab_size, "tiny": bool(args.tiny)},
+                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                     "node_extra": args.node_extra}
+        batches = sorted(set(_csv_ints(args.engine_batches)) | set(levels))
+        res.update(measure_engine(args, model_dir, batches, log))
+        res["serve"] = []
+        for stages in _csv_ints(args.stages):
+            t = time.perf_counter()
+            swarm, target = start_swarm(args, work, model_dir, stages, cfg.num_hidden_layers, max(levels))
+            log(f"swarm of {stages} stage(s) up in {time.perf_counter() - t:.0f} s")
+            try:
+                for frontend in [f for f in args.frontends.split(",") if f]:
+                    gen = LoadGenerator(frontend, target, max(1, min(args.client_procs, max(levels))))
+                    try:
+                        gen.run(min(max(levels), 8), min(max(levels), 8), prompt, 4)  # warm-up: first allocations, connections
+                        for c in levels:
+                            n = args.requests_per_level or max(4, 2 * c)
+                            records, wall = gen.run(c, n, prompt, args.new_tokens)
+                            row = {"stages": stages, "frontend": frontend, "concurrency": c, **summarize(records, wall)}
+                            add_ratios(row, res)
+                            res["serve"].append(row)
+                            log(f"{stages} stage(s) {frontend} c={c}: {row['tokens_per_s']} tokens/s, TTFT p50 "
+                                f"{row['ttft_p50_s']} s, ITL p50 {row['itl_p50_s']} s, x engine {row['ratio_tokens']}"
+                                + (f", {row['errors']} errors: {row.get('first_error')}" if row["errors"] else ""))
+                    finally:
+                        gen.close()
+            finally:
+                swarm.stop()
+        res["cpu_target"] = cpu_target(res) if args.cpu_target else None
+        res["total_s"] = round(time.perf_counter() - t_start, 1)
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def cpu_target(res: dict) -> dict | None:
+    rows = {r["concurrency"]: r for r in res["serve"] if r["frontend"] == "http" and r["stages"] == 1}
+    if 1 not in rows or 32 not in rows or not rows[1]["tokens_per_s"]:
+        return None
+    speedup = rows[32]["tokens_per_s"] / rows[1]["tokens_per_s"]
+    return {"tokens_per_s_1": rows[1]["tokens_per_s"], "tokens_per_s_32": rows[32]["tokens_per_s"],
+            "speedup": round(speedup, 2), "target": CPU_TARGET, "met": speedup >= CPU_TARGET}
+
+
+def _device_name(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def table(res: dict) -> str:
+    f = lambda v, nd=1: "—" if v is None else f"{v:.{nd}f}"  # noqa: E731
+    lines = [f"engine: prefill {res['prompt_tokens']} tokens {res['prefill_ms']:.2f} ms; decode "
+             + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms ({e['tokens_per_s']:.0f} tok/s)" for e in res["engine"]),
+             "",
+             "| stages | front end | conc | tok/s | x engine tok/s | TTFT p50 ms | TTFT p99 ms | x prefill | "
+             "ITL p50 ms | ITL p99 ms | ITL x engine b1 | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    ms = lambda v: None if v is None else v * 1e3  # noqa: E731
+    for r in res["serve"]:
+        lines.append(f"| {r['stages']} | {r['frontend']} | {r['concurrency']} | {f(r['tokens_per_s'])} | "
+                     f"{f(r['ratio_tokens'], 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
+                     f"{f(r['ratio_ttft_p50_vs_prefill'], 2)} | {f(ms(r['itl_p50_s']), 2)} | {f(ms(r['itl_p99_s']), 2)} | "
+                     f"{f(r['ratio_itl_p50_vs_engine_b1'], 2)} | {r['errors']} |")
+    if res.get("cpu_target"):
+        t = res["cpu_target"]
+        lines += ["", f"CPU target (tiny, HTTP, 1 node): {t['tokens_per_s_32']} tok/s at 32 / {t['tokens_per_s_1']} at 1 "
+                      f"= {t['speedup']}x (target >= {t['target']:g}x: {'met' if t['met'] else 'not met'})"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    res["table"] = table(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    print()
+    print(f"device: {res['device']}; model {res['model']}; {res['date']}; {res['total_s']} s in all")
+    print(res["table"])
+    return res
+
+
+if __name__ == "__main__":
+    main()
