@@ -66,6 +66,9 @@ def parse_args(argv=None):
     ap.add_argument("--node-extra", default="{}", help="JSON of node config keys added to every node (e.g. micro_batches)")
     ap.add_argument("--engine-steps", type=int, default=0, help="decode steps per engine measurement (default 32 on cuda, 8 on cpu)")
     ap.add_argument("--json", help="write every number here")
+    ap.add_argument("--profile", help="STAGES:FRONTEND:CONCURRENCY: sample every node process with py-spy during "
+                    "that level (needs py-spy on PATH)")
+    ap.add_argument("--profile-dir", default=".", help="where the py-spy profiles go")
     ap.add_argument("--cpu-target", action="store_true",
                     help="the issue's CPU target: tiny model, HTTP, one node, tokens/s at 32 concurrent over at 1")
     a = ap.parse_args(argv)
@@ -331,6 +334,37 @@ class LoadGenerator:
                 p.kill()
 
 
+class profiling:
+    """py-spy on every node process while one level runs (`--profile STAGES:FRONTEND:C`): raw stacks,
+    one file per node, in --profile-dir.  Where the time goes is read from these, not guessed."""
+
+    def __init__(self, args, swarm, level: str):
+        self.on = args.profile == level
+        self.out = Path(args.profile_dir)
+        self.swarm, self.level, self.procs = swarm, level.replace(":", "-"), []
+
+    def __enter__(self):
+        if self.on:
+            import subprocess
+
+            self.out.mkdir(parents=True, exist_ok=True)
+            for i, node in enumerate(self.swarm.nodes):
+                self.procs.append(subprocess.Popen(
+                    ["py-spy", "record", "-r", "200", "-f", "raw", "--threads", "--subprocesses", "-o",
+                     str(self.out / f"prof-{self.level}-node{i}.txt"), "-p", str(node.proc.pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            time.sleep(1.0)  # attached before the clock runs
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            p.wait(30)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -406,7 +440,8 @@ def run(args) -> dict:
                         gen.run(min(max(levels), 8), min(max(levels), 8), prompt, 4)  # warm-up: first allocations, connections
                         for c in levels:
                             n = args.requests_per_level or max(4, 2 * c)
-                            records, wall = gen.run(c, n, prompt, args.new_tokens)
+                            with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
+                                records, wall = gen.run(c, n, prompt, args.new_tokens)
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, **summarize(records, wall)}
                             add_ratios(row, res)
                             res["serve"].append(row)
