@@ -151,7 +151,10 @@ def _splits(B: int, n_q: int, max_len: int) -> int:
     """Key splits per (row, head).  A decode step's attention is latency-bound at small batch
     (batch 1: 32 programs, each a chain of dependent memory round trips), so split the keys
     until there are ~4 programs per SM (H100: 132) or a split would hold < 16 cache positions;
-    none when the batch alone fills the GPU."""
+    none when the batch alone fills the GPU.  B is first rounded up as CUDA-graph buckets are
+    (1, 2, 4, then multiples of 8), so an eager step compiles no kernel variant that the
+    captured graphs did not already compile."""
+    B = 1 << (B - 1).bit_length() if B <= 4 else -(-B // 8) * 8
     programs = B * n_q
     splits = 1
     while programs * splits < 528 and splits < 32 and splits * 16 < max_len:
@@ -185,3 +188,82 @@ def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int, out:
     if splits > 1:
         _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4)
     return out
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _chunk_attention_kernel(
+        q_ptr, kc_ptr, vc_ptr, work_ptr, out_ptr,
+        stride_qrow, stride_cs, stride_cl, sm_scale, n_work,
+        NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        # one program per (work item, query head); a work item is BLOCK_M query rows of one prompt
+        # chunk: (first token row, rows, slot, first position).  Causal attention over the slot's
+        # cache [0, position of each row], which already holds this chunk's keys.
+        w = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        row0 = tl.load(work_ptr + w).to(tl.int64)
+        n_rows = tl.load(work_ptr + n_work + w)
+        slot = tl.load(work_ptr + 2 * n_work + w).to(tl.int64)
+        pos0 = tl.load(work_ptr + 3 * n_work + w)
+        m = tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        valid_m = m < n_rows
+        q = tl.load(q_ptr + (row0 + m)[:, None] * stride_qrow + h * D + d[None, :], mask=valid_m[:, None], other=0.0)
+        q_pos = pos0 + m
+        m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        base = slot * stride_cs + kvh * D
+        end = pos0 + n_rows
+        for start in range(0, end, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            offs = base + n[:, None] * stride_cl + d[None, :]
+            k = tl.load(kc_ptr + offs, mask=(n < end)[:, None], other=0.0)
+            v = tl.load(vc_ptr + offs, mask=(n < end)[:, None], other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * sm_scale
+            s = tl.where(n[None, :] <= q_pos[:, None], s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (row0 + m)[:, None] * (NQ * D) + h * D + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=valid_m[:, None])
+
+
+CHUNK_BLOCK_M = 64
+
+
+def chunk_work(segments: list[tuple[int, int, int, int]]) -> list[list[int]]:
+    """Work items of `chunk_attention` for prompt chunks (first token row, length, slot, first
+    position): rows [first rows], [rows], [slots], [first positions], BLOCK_M query rows each."""
+    items = [(off + m, min(CHUNK_BLOCK_M, length - m), slot, start + m)
+             for off, length, slot, start in segments for m in range(0, length, CHUNK_BLOCK_M)]
+    return [list(col) for col in zip(*items)] if items else [[], [], [], []]
+
+
+def chunk_attention(qkv, k_cache, v_cache, work: torch.Tensor, n_q: int, n_kv: int, out: torch.Tensor) -> None:
+    """Causal attention of every prompt chunk of a step in one launch.  qkv: [N, (n_q + 2 n_kv) * D]
+    (q rotated); the chunks' keys are already in k_cache/v_cache [slots, max_len, n_kv, D];
+    work: [4, W] int64 on the device (see chunk_work); writes the chunks' rows of out [N, n_q * D]."""
+    D = k_cache.shape[-1]
+    W = work.shape[1]
+    assert qkv.stride(1) == 1 and k_cache.is_contiguous() and work.is_contiguous() and out.is_contiguous()
+    _chunk_attention_kernel[(W, n_q)](
+        qkv, k_cache, v_cache, work, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(D), W,
+        NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_M=CHUNK_BLOCK_M, BLOCK_N=32 if qkv.dtype == torch.float32 else 64,
+        IEEE=qkv.dtype == torch.float32, num_warps=4, num_stages=2,
+    )

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hexswarm.model.attention import cached_attention, decode_attention, prefill_attention
+from hexswarm.model.attention import (cached_attention, chunk_attention, chunk_work, decode_attention,
+                                      prefill_attention)
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache, rotary_store
 from hexswarm.model.rope import apply_rotary
@@ -139,11 +140,12 @@ class StepMeta:
     A step without segments needs no host value, so it can be captured in a CUDA graph.
     """
 
-    __slots__ = ("tok_slot", "tok_pos", "n_decode", "dec_slot", "dec_pos", "segments")
+    __slots__ = ("tok_slot", "tok_pos", "n_decode", "dec_slot", "dec_pos", "segments", "chunk_work")
 
-    def __init__(self, tok_slot, tok_pos, n_decode: int, segments: tuple[Segment, ...] = ()):
+    def __init__(self, tok_slot, tok_pos, n_decode: int, segments: tuple[Segment, ...] = (), chunk_work=None):
         self.tok_slot, self.tok_pos, self.n_decode, self.segments = tok_slot, tok_pos, n_decode, segments
         self.dec_slot, self.dec_pos = tok_slot[:n_decode], tok_pos[:n_decode]
+        self.chunk_work = chunk_work  # [4, W] on the device: every segment's work for chunk_attention
 
     @classmethod
     def decode(cls, slot: torch.Tensor, pos: torch.Tensor) -> "StepMeta":
@@ -165,19 +167,21 @@ class StepMeta:
             tok_pos += range(start, start + length)
         seg_rows = rows[n_decode:]
         bounds = [v for _, start, length in seg_rows for v in (start, start + length)]
-        host = torch.tensor(tok_slot + tok_pos + bounds, dtype=torch.long)
+        offsets = [n_decode + sum(r[2] for r in seg_rows[:i]) for i in range(len(seg_rows))]
+        work = chunk_work([(off, length, slot, start) for off, (slot, start, length) in zip(offsets, seg_rows)])
+        W = len(work[0])
+        host = torch.tensor(tok_slot + tok_pos + bounds + [v for col in work for v in col], dtype=torch.long)
         dev = torch.device(device)
         if dev.type == "cuda":
             host = host.pin_memory()
         t = host.to(dev, non_blocking=True)
         N = len(tok_slot)
         segments = []
-        offset = n_decode
-        for i, (slot, start, length) in enumerate(seg_rows):
+        for i, ((slot, start, length), offset) in enumerate(zip(seg_rows, offsets)):
             b = 2 * N + 2 * i
             segments.append(Segment(offset, length, slot, start, t[b:b + 1], t[b + 1:b + 2]))
-            offset += length
-        return cls(t[:N], t[N:2 * N], n_decode, tuple(segments))
+        w0 = 2 * N + 2 * len(seg_rows)
+        return cls(t[:N], t[N:2 * N], n_decode, tuple(segments), t[w0:w0 + 4 * W].view(4, W) if W else None)
 
 
 class DecoderLayerShard(nn.Module):
@@ -290,8 +294,13 @@ class DecoderLayerShard(nn.Module):
             if meta.n_decode:
                 decode_attention(qkv[: meta.n_decode], k_cache, v_cache, meta.dec_slot, meta.dec_pos, self.n_q,
                                  self.n_kv, out=attn[: meta.n_decode])
-            for seg in meta.segments:
-                attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, k_cache, v_cache, seg)
+            if HAVE_TRITON and qkv.is_cuda and meta.chunk_work is not None:
+                # every prompt chunk of the step in one kernel (one SDPA call per chunk per layer
+                # cost more host time than the GPU spends on the whole step)
+                chunk_attention(qkv, k_cache, v_cache, meta.chunk_work, self.n_q, self.n_kv, attn)
+            else:
+                for seg in meta.segments:
+                    attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, k_cache, v_cache, seg)
         out = F.linear(attn, self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)

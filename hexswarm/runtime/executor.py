@@ -60,6 +60,20 @@ class StageExecutor:
         self.graphs = model.decode_graphs(kv) if tp is None and torch.device(model.device).type == "cuda" else None
         if self.graphs is not None and capture_graphs:
             self.graphs.capture_all()
+            self._warm_up_eager()
+
+    def _warm_up_eager(self) -> None:
+        """One eager mixed step on the scratch slot (a decode row and a prompt chunk), so the
+        kernels of eager steps are compiled at load, not while a request waits."""
+        kv = self.kv
+        rows = [(kv.scratch_slot, 0, 1), (kv.scratch_slot, 1, 3)]
+        with torch.inference_mode():
+            if self.model.embedding is not None:
+                x = self.model.embed(torch.zeros(4, dtype=torch.long, device=self.model.device))
+            else:
+                x = torch.zeros(4, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
+            self._forward(rows, x)
+            torch.cuda.synchronize(self.model.device)
 
     @torch.inference_mode()
     def lead(self, op: dict) -> torch.Tensor | None:

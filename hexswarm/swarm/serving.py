@@ -72,8 +72,17 @@ class HeadSettings:
     plan_seed: int = 0
 
 
+# The stage engines' threads and the trio thread share the GIL.  A thread that waits for it gets
+# it only when the holder drops it, at the latest after the switch interval (5 ms by default): as
+# long as a whole decode step.  0.5 ms bounds what the network side can add to a step.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class Server:
     def __init__(self, node, settings: ServeSettings, head: HeadSettings):
+        import sys
+
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         self.node = node
         self.me = node.peer_id_str
         self.settings = settings
