@@ -41,6 +41,31 @@ def sampler_check() -> dict:
     return {"check": "sampler", "rows": 32, "equal": sum(a == b for a, b in zip(cpu, gpu))}
 
 
+def chunk_attention_check(dtype: torch.dtype) -> dict:
+    """The one-launch chunk kernel against SDPA per chunk (the path it replaces), on a 7B-shaped head layout."""
+    from hexswarm.model.attention import cached_attention, chunk_attention, chunk_work
+
+    torch.manual_seed(0)
+    n_q, n_kv, D, max_len = 32, 8, 128, 512
+    kc = torch.randn(4, max_len, n_kv, D, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    segs = [(0, 100, 1, 0), (100, 37, 2, 60), (137, 1, 3, 300)]  # (row, length, slot, start)
+    N = 138
+    qkv = torch.randn(N, (n_q + 2 * n_kv) * D, device="cuda", dtype=dtype)
+    work = torch.tensor(chunk_work(segs), device="cuda")
+    out = torch.full((N, n_q * D), float("nan"), device="cuda", dtype=dtype)
+    chunk_attention(qkv, kc, vc, work, n_q, n_kv, out)
+    worst = 0.0
+    for off, L, slot, start in segs:
+        q = qkv[off:off + L, :n_q * D].view(1, L, n_q, D).double()
+        ref = cached_attention(q, kc[slot:slot + 1, :start + L].double(), vc[slot:slot + 1, :start + L].double(),
+                               torch.tensor([start], device="cuda"), torch.tensor([start + L], device="cuda"))
+        got = out[off:off + L].view(1, L, n_q, D).double()
+        worst = max(worst, float((got - ref).norm() / ref.norm()))
+    return {"check": "chunk attention vs float64 SDPA", "dtype": str(dtype), "rel_err": worst,
+            "all_written": bool(torch.isfinite(out).all())}
+
+
 def served(model: Path, layout, settings: EngineSettings, dtype: str, gpus=None) -> dict[str, list[int]]:
     pipe = LocalPipeline(model, layout, n_slots=8, max_len=256, settings=settings, device="cuda", dtype=dtype,
                          gpus=gpus)
@@ -63,6 +88,11 @@ def main() -> int:
     report = {"device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "checks": [sampler_check()]}
     ok = report["checks"][0]["equal"] == 32
     print(json.dumps(report["checks"][0]), flush=True)
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        c = chunk_attention_check(dtype)
+        ok &= c["rel_err"] < tol and c["all_written"]
+        report["checks"].append(c)
+        print(json.dumps(c), flush=True)
     refs = {f"r{i}": generate(GenerateJob(str(model), p, max_new_tokens=24, sampling=PARAMS[i % 2]))["tokens"]
             for i, p in enumerate(PROMPTS)}
     cases = [("1 stage", [(1, 8)], EngineSettings(), None),
