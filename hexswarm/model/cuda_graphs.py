@@ -67,17 +67,19 @@ class DecodeGraphRunner:
             return
         for B in self.buckets:
             if B not in self._graphs:
-                meta = torch.tensor([self.kv.scratch_slot] * B + [0] * B, dtype=torch.long)
+                meta = torch.tensor([self.kv.scratch_slot] * B + [0] * (B % 2) + [0] * (B + B % 2), dtype=torch.long)
                 self._graphs[B] = self._capture(self._padding_input(B), meta)
 
     def _body(self, inp: torch.Tensor, meta_t: torch.Tensor) -> torch.Tensor:
         m = self.model
-        B = meta_t.shape[0] // 2
+        B = inp.shape[0]
+        half = meta_t.shape[0] // 2  # slots, then positions, each section padded to 16 bytes
+        slot, pos = meta_t[:B], meta_t[half:half + B]
         x = m.embed(inp.view(B)) if self.takes_ids else inp.view(B, -1)
         if m.uses_fast_path(x):
-            h = m.forward_fast(x, self.kv, StepMeta.decode(meta_t[:B], meta_t[B:]), self.all_reduce)
+            h = m.forward_fast(x, self.kv, StepMeta.decode(slot, pos), self.all_reduce)
         else:
-            rows = [(s, p, 1) for s, p in zip(meta_t[:B].tolist(), meta_t[B:].tolist())]
+            rows = [(s, p, 1) for s, p in zip(slot.tolist(), pos.tolist())]
             h = m.forward_rows(x, self.kv, rows, self.all_reduce)
         return m.logits(h) if m.lm_head is not None else h
 
@@ -90,11 +92,12 @@ class DecodeGraphRunner:
         B = len(slots)
         if not self.use_graphs:
             meta_host = torch.tensor([int(s) for s in slots] + [int(p) for p in start], dtype=torch.long)
-            return self._body(inp.to(self.model.device), meta_host.to(self.model.device))
+            inp = inp.to(self.model.device)
+            return self._body(inp.reshape(B) if self.takes_ids else inp.reshape(B, -1), meta_host.to(self.model.device))
         Bp = bucket_for(B, self.buckets)
         pad = Bp - B
-        meta_host = torch.tensor([int(s) for s in slots] + [self.kv.scratch_slot] * pad
-                                 + [int(p) for p in start] + [0] * pad, dtype=torch.long)
+        meta_host = torch.tensor([int(s) for s in slots] + [self.kv.scratch_slot] * pad + [0] * (Bp % 2)
+                                 + [int(p) for p in start] + [0] * pad + [0] * (Bp % 2), dtype=torch.long)
         g = self._graphs.get(Bp)
         if g is None:
             full = torch.cat([inp.reshape(B, -1).to(self.model.device),
@@ -115,7 +118,7 @@ class DecodeGraphRunner:
         m = self.model
         dev = torch.device(m.device)
         g = _Captured()
-        B = meta_host.shape[0] // 2
+        B = inp.shape[0]
         g.inp = self._padding_input(B)
         g.inp.copy_(inp.reshape(g.inp.shape))
         g.meta = meta_host.to(dev)

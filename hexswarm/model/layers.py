@@ -170,18 +170,26 @@ class StepMeta:
         offsets = [n_decode + sum(r[2] for r in seg_rows[:i]) for i in range(len(seg_rows))]
         work = chunk_work([(off, length, slot, start) for off, (slot, start, length) in zip(offsets, seg_rows)])
         W = len(work[0])
-        host = torch.tensor(tok_slot + tok_pos + bounds + [v for col in work for v in col], dtype=torch.long)
+        # every section starts 16-byte aligned: Triton specialises kernels on pointer alignment, and
+        # a section that is aligned in one step and not in the next would compile a kernel mid-serving
+        sections = [tok_slot, tok_pos, bounds] + work
+        starts, flat = [], []
+        for sec in sections:
+            starts.append(len(flat))
+            flat += sec + [0] * (len(sec) % 2)
+        host = torch.tensor(flat, dtype=torch.long)
         dev = torch.device(device)
         if dev.type == "cuda":
             host = host.pin_memory()
         t = host.to(dev, non_blocking=True)
         N = len(tok_slot)
         segments = []
+        b0 = starts[2]
         for i, ((slot, start, length), offset) in enumerate(zip(seg_rows, offsets)):
-            b = 2 * N + 2 * i
+            b = b0 + 2 * i
             segments.append(Segment(offset, length, slot, start, t[b:b + 1], t[b + 1:b + 2]))
-        w0 = 2 * N + 2 * len(seg_rows)
-        return cls(t[:N], t[N:2 * N], n_decode, tuple(segments), t[w0:w0 + 4 * W].view(4, W) if W else None)
+        work_t = torch.stack([t[starts[3 + k]:starts[3 + k] + W] for k in range(4)]) if W else None
+        return cls(t[starts[0]:starts[0] + N], t[starts[1]:starts[1] + N], n_decode, tuple(segments), work_t)
 
 
 class DecoderLayerShard(nn.Module):

@@ -118,11 +118,14 @@ class StageExecutor:
 
 
 def normalize_forward(op: dict) -> tuple[Rows, list[int] | None, torch.Tensor | None]:
-    """(rows, flat ids or None, flat hidden [N, H] or None) from either op form."""
+    """(rows, flat ids (a list, or a long tensor already on the device) or None, flat hidden
+    [N, H] or None) from either op form."""
     ids, x = op.get("ids"), op.get("x")
     if "rows" in op:
         rows = [(int(s), int(p), int(n)) for s, p, n in op["rows"]]
-        return rows, (list(ids) if ids is not None else None), x
+        if ids is not None and not isinstance(ids, torch.Tensor):
+            ids = list(ids)
+        return rows, ids, x
     if ids is not None:
         T = len(ids[0])
         flat = [int(t) for row in ids for t in row]

@@ -75,12 +75,18 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], steps: list
     Row b uses params[b] at sampling step steps[b].  Each row's arithmetic is independent of
     the others (row-wise ops in float64), so a request draws the same token at any batch size.
     """
+    return sample_on_device(logits, params, steps).tolist()
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], steps: list[int]) -> torch.Tensor:
+    """`sample_batch` without the copy: the tokens [B] as a long tensor on the logits' device
+    (nothing waits for the device: a server feeds them to the next step before reading them)."""
     logits = logits.float()
     B, V = logits.shape
     greedy_tokens = torch.argmax(logits, dim=-1)
     rows = [b for b, p in enumerate(params) if p.temperature != 0.0]
     if not rows:
-        return greedy_tokens.tolist()
+        return greedy_tokens
     dev = logits.device
     idx = torch.tensor(rows, dtype=torch.long, device=dev)
     sel = [params[b] for b in rows]
@@ -97,8 +103,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], steps: list
     positions = torch.arange(V, device=dev).expand(len(rows), V)
     last_nonzero = torch.where(probs > 0, positions, torch.full_like(positions, -1)).cummax(dim=-1).values
     drawn = last_nonzero.gather(1, drawn[:, None]).squeeze(1).clamp_(min=0)
-    tokens = greedy_tokens.index_copy(0, idx, drawn)
-    return tokens.tolist()
+    return greedy_tokens.index_copy(0, idx, drawn)
 
 
 def _filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

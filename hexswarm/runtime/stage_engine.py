@@ -29,7 +29,7 @@ from typing import Callable
 
 import torch
 
-from hexswarm.runtime.sampling import SamplingParams, sample_batch
+from hexswarm.runtime.sampling import SamplingParams, sample_batch, sample_on_device
 from hexswarm.runtime.spans import SpanLog, waited, wire_delay
 from hexswarm.runtime.stage_host import StageHost
 from hexswarm.runtime.stopping import StopChecker
@@ -63,6 +63,7 @@ class PipelineRoute:
 class EngineSettings:
     max_step_tokens: int = 512  # decode rows + prompt-chunk tokens in one step
     micro_batches: int = 1  # steps in flight at once on a pipeline of several stages
+    overlap: bool | None = None  # one-stage pipelines: launch step k+1 before reading step k (None: on CUDA)
 
 
 @dataclass
@@ -77,26 +78,50 @@ class ActiveRequest:
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # tokens of prompt + resumed tokens already in the KV cache
     prefill_done: bool = False  # the whole prompt (+ resumed tokens) is in; now one row per token
-    in_flight: bool = False  # a step holding a row of this request has not come back
+    in_flight: int = 0  # rows of this request in steps whose results have not come back
+    pending: int = 0  # of those, rows that sample: tokens drawn on the device, not yet read
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
     stage_compute_s: list[float] = field(default_factory=list)
     arrival: dict = field(default_factory=dict)  # the message that made its next row ready (for spans)
-
     params_wire: dict = field(default_factory=dict)  # params.to_dict(), made once
 
-    def sample_spec(self) -> dict:
-        return {"params": self.params_wire, "step": len(self.tokens), "attempt": self.attempt}
+    @property
+    def length(self) -> int:
+        """Tokens generated, counting those drawn on the device and not read yet."""
+        return len(self.tokens) + self.pending
+
+    def sample_spec(self, step: int) -> dict:
+        return {"params": self.params_wire, "step": step, "attempt": self.attempt}
 
 
 @dataclass
 class Row:
-    """One row of a step: a request's new tokens."""
+    """One row of a step: a request's new tokens.  ids None: the row decodes the token its
+    request drew in the previous step, still on the device (see StageEngine._launch)."""
 
     req: ActiveRequest
-    ids: list[int]
+    ids: list[int] | None
     start: int
     samples: bool  # ends the prompt or decodes: the last stage samples it
+    step: int = 0  # the sampling step of this row's token (when it samples)
+
+    @property
+    def n(self) -> int:
+        return 1 if self.ids is None else len(self.ids)
+
+
+@dataclass
+class LaunchedStep:
+    """A one-stage step whose tokens were drawn on the device and are being copied to the host."""
+
+    rows: list[Row]
+    tokens: torch.Tensor  # on the device: the next step may read them before the host does
+    host_tokens: torch.Tensor  # pinned; valid once `ready` has completed
+    ready: object  # a CUDA event, or None on the CPU (then host_tokens is already valid)
+    t0: float
+    arrivals: list[dict]
+    queued: list[float]
 
 
 class StageEngine:
@@ -117,6 +142,11 @@ class StageEngine:
         self.spans = SpanLog()
         self._steps: OrderedDict[int, tuple[float, list[str]]] = OrderedDict()  # in flight: id -> (sent, rids)
         self._next_step = 0
+        # A one-stage pipeline on CUDA launches step k+1 (fed with step k's tokens on the device)
+        # before it reads step k's tokens, so the host's bookkeeping overlaps the GPU's work.
+        wanted = settings.overlap if settings.overlap is not None else host.spec.device == "cuda"
+        self._overlap = route.is_first and route.is_last and wanted
+        self._launched: LaunchedStep | None = None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.error: BaseException | None = None
         self.steps_run = 0
@@ -143,13 +173,15 @@ class StageEngine:
         try:
             with torch.inference_mode():
                 while True:
-                    msgs = self._drain(block=not self._can_step())
+                    msgs = self._drain(block=not self._can_step() and self._launched is None)
                     if any(m.get("kind") == "close" for m in msgs):
                         return
                     if self.route.is_first:
                         self._handle_first(msgs)
                         if self._can_step():
                             self._step()
+                        elif self._launched is not None:
+                            self._finish_launched()
                     else:
                         forwards = [m for m in msgs if m.get("kind") == "forward"]
                         if forwards:
@@ -195,13 +227,21 @@ class StageEngine:
         self.requests[req.rid] = req
         return req
 
+    def _schedulable(self, req: ActiveRequest) -> bool:
+        """Nothing of it in flight; or (overlapping) exactly one decode row whose token is still on
+        the device and that is not the request's last, so the next row can follow it at once."""
+        if req.in_flight == 0:
+            return True
+        return (self._overlap and req.in_flight == 1 and req.pending == 1 and req.prefill_done
+                and req.length < req.stopper.max_new_tokens)
+
     def _can_step(self) -> bool:
         if not self.route.is_first:
             return False
         self._expire_steps()
         if len(self._steps) >= max(1, self.settings.micro_batches):
             return False
-        return any(not r.in_flight for r in self.requests.values())
+        return any(self._schedulable(r) for r in self.requests.values())
 
     def _expire_steps(self) -> None:
         now = time.monotonic()
@@ -212,25 +252,28 @@ class StageEngine:
             del self._steps[sid]
             for rid in rids:
                 if rid in self.requests:
-                    self.requests[rid].in_flight = False
+                    self.requests[rid].in_flight = 0
+                    self.requests[rid].pending = 0
 
     def _schedule(self) -> list[Row]:
-        """Decode rows first (each running request whose token is back), then prompt chunks
-        in arrival order, within the step's token budget."""
+        """Decode rows first (each running request whose token is back, or on the device), then
+        prompt chunks in arrival order, within the step's token budget."""
         budget = self.settings.max_step_tokens
-        ready = [r for r in self.requests.values() if not r.in_flight]
+        ready = [r for r in self.requests.values() if self._schedulable(r)]
         decoding = [r for r in ready if r.prefill_done]
         if self.settings.micro_batches > 1 and self.route.n_stages > 1:
             # split the running requests over the micro-batches, so each step carries its share
             decoding = decoding[: max(1, math.ceil(len(self.requests) / self.settings.micro_batches))]
-        rows = [Row(r, [r.tokens[-1]], len(r.prompt_ids) + len(r.tokens) - 1, True) for r in decoding[:budget]]
+        rows = [Row(r, None if r.pending else [r.tokens[-1]], len(r.prompt_ids) + r.length - 1, True, r.length)
+                for r in decoding[:budget]]
         budget -= len(rows)
         for r in ready:
             if r.prefill_done or budget <= 0:
                 continue
             context = r.prompt_ids + r.tokens
             n = min(len(context) - r.prefilled, budget)
-            rows.append(Row(r, context[r.prefilled:r.prefilled + n], r.prefilled, r.prefilled + n == len(context)))
+            done = r.prefilled + n == len(context)
+            rows.append(Row(r, context[r.prefilled:r.prefilled + n], r.prefilled, done, len(r.tokens)))
             budget -= n
         return rows
 
@@ -238,31 +281,25 @@ class StageEngine:
         rows = self._schedule()
         if not rows:
             return
-        op = {"op": "forward", "rows": [[r.req.slot, r.start, len(r.ids)] for r in rows],
-              "ids": [t for r in rows for t in r.ids]}
         arrivals = [r.req.arrival for r in rows]
         queued = [waited(m) for m in arrivals]
         t0 = time.perf_counter()
-        out = self.host.run(op)
+        out = self.host.run({"op": "forward", "rows": [[r.req.slot, r.start, r.n] for r in rows],
+                             "ids": self._input_ids(rows)})
         for r in rows:
-            r.req.in_flight = True
+            r.req.in_flight += 1
+            r.req.pending += r.samples
             r.req.arrival = {}
             if not r.req.prefill_done:
-                r.req.prefilled += len(r.ids)
+                r.req.prefilled += r.n
                 r.req.prefill_done = r.samples
         if self.route.is_last:
-            picked = [i for i, r in enumerate(rows) if r.samples]
-            logits = out if len(picked) == len(rows) else out[picked]
-            tokens = sample_batch(logits, [rows[i].req.params for i in picked],
-                                  [len(rows[i].req.tokens) for i in picked]) if picked else []
-            dt = time.perf_counter() - t0
-            self._record_spans(rows, arrivals, queued, dt)
-            it = iter(tokens)
-            items = [{"rid": r.req.rid, "token": next(it), "attempt": r.req.attempt, "step": len(r.req.tokens)}
-                     for r in rows if r.samples]
-            events: dict[str, list[dict]] = {}
-            self._tokens_back([r.req.rid for r in rows], items, [dt], events)
-            self._flush_events(events)
+            launched = self._sample(rows, out, t0, arrivals, queued)
+            previous, self._launched = self._launched, launched
+            if previous is not None:
+                self._finish(previous)  # overlapped: step k's tokens are read while step k+1 runs
+            if not self._overlap:
+                self._finish_launched()
             return
         x = out.cpu()
         dt = time.perf_counter() - t0
@@ -271,8 +308,67 @@ class StageEngine:
         self._next_step += 1
         self._steps[sid] = (time.monotonic(), [r.req.rid for r in rows])
         self.send(self.route.next_peer, {
-            "kind": "forward", "steps": [sid], "rows": op["rows"], "rids": [r.req.rid for r in rows],
-            "samples": [r.req.sample_spec() if r.samples else None for r in rows], "x": x, "t": [dt]})
+            "kind": "forward", "steps": [sid], "rows": [[r.req.slot, r.start, r.n] for r in rows],
+            "rids": [r.req.rid for r in rows],
+            "samples": [r.req.sample_spec(r.step) if r.samples else None for r in rows],
+            "x": x, "t": [dt]})
+
+    def _input_ids(self, rows: list[Row]) -> list[int] | torch.Tensor:
+        """The step's token ids: a list, or (overlapping) a device tensor where rows decode the
+        tokens the previous step drew and the host has not read yet."""
+        flat = [t for r in rows for t in (r.ids or [0])]
+        from_device = [(i, r.req) for i, r in enumerate(rows) if r.ids is None]
+        if not from_device:
+            return flat
+        prev = self._launched
+        index = {id(row.req): j for j, row in enumerate(r for r in prev.rows if r.samples)}
+        dev = prev.tokens.device
+        host = torch.tensor(flat + [i for i, _ in from_device] + [index[id(req)] for _, req in from_device],
+                            dtype=torch.long)
+        if dev.type == "cuda":
+            host = host.pin_memory()
+        host = host.to(dev, non_blocking=True)
+        n, k = len(flat), len(from_device)
+        ids, where, which = host[:n].clone(), host[n:n + k], host[n + k:]
+        # decode rows come first, so a row's place in `flat` is its place among the rows
+        return ids.index_copy_(0, where, prev.tokens.index_select(0, which))
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor, t0: float, arrivals, queued) -> LaunchedStep:
+        picked = [i for i, r in enumerate(rows) if r.samples]
+        if len(picked) != len(rows):
+            logits = logits[picked]
+        if picked:
+            tokens = sample_on_device(logits, [rows[i].req.params for i in picked], [rows[i].step for i in picked])
+        else:
+            tokens = torch.empty(0, dtype=torch.long, device=logits.device)
+        ready = None
+        if tokens.is_cuda:
+            host_tokens = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+            host_tokens.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host_tokens = tokens
+        return LaunchedStep(rows, tokens, host_tokens, ready, t0, arrivals, queued)
+
+    def _finish_launched(self) -> None:
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            self._finish(launched)
+
+    def _finish(self, step: LaunchedStep) -> None:
+        """Read a one-stage step's tokens and hand them to their requests."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens = step.host_tokens.tolist()
+        dt = time.perf_counter() - step.t0
+        self._record_spans(step.rows, step.arrivals, step.queued, dt)
+        it = iter(tokens)
+        items = [{"rid": r.req.rid, "token": next(it), "attempt": r.req.attempt, "step": r.step}
+                 for r in step.rows if r.samples]
+        events: dict[str, list[dict]] = {}
+        self._tokens_back([r.req for r in step.rows], items, [dt], events)
+        self._flush_events(events)
 
     def _record_spans(self, rows: list[Row], arrivals: list[dict], queued: list[float], dt: float) -> None:
         for r, m, q in zip(rows, arrivals, queued):  # stage 0's inbound hop is the token's return
@@ -281,25 +377,28 @@ class StageEngine:
         self.rows_run += len(rows)
 
     def _step_returned(self, m: dict, events: dict[str, list[dict]]) -> None:
-        rids: list[str] = []
+        reqs: list[ActiveRequest] = []
         for sid in m.get("steps", []):
             entry = self._steps.pop(sid, None)
             if entry is not None:
-                rids += entry[1]
-        self._tokens_back(rids, m["items"], m.get("t", []), events, arrival=m)
+                reqs += [self.requests[rid] for rid in entry[1] if rid in self.requests]
+        for req in reqs:
+            req.arrival = m
+        self._tokens_back(reqs, m["items"], m.get("t", []), events)
 
-    def _tokens_back(self, rids: list[str], items: list[dict], stage_times: list[float],
-                     events: dict[str, list[dict]], arrival: dict | None = None) -> None:
-        for rid in rids:
-            req = self.requests.get(rid)
-            if req is not None:
-                req.in_flight = False
-                if arrival is not None:
-                    req.arrival = arrival
+    def _tokens_back(self, reqs: list[ActiveRequest], items: list[dict], stage_times: list[float],
+                     events: dict[str, list[dict]]) -> None:
+        """A step came back: its rows are no longer in flight, and its sampled tokens go to their
+        requests (a request that was finished or cancelled meanwhile is not in `requests`)."""
+        for req in reqs:
+            req.in_flight = max(0, req.in_flight - 1)
         for item in items:
             req = self.requests.get(item["rid"])
-            if req is None or item.get("attempt") != req.attempt or item.get("step") != len(req.tokens):
-                continue  # a token of a cancelled attempt, or a replay
+            if req is None or item.get("attempt") != req.attempt:
+                continue  # a token of a finished request, or of a cancelled attempt
+            req.pending = max(0, req.pending - 1)
+            if item.get("step") != len(req.tokens):
+                continue  # a replay
             self._accept_token(req, int(item["token"]), stage_times, events)
 
     def _accept_token(self, req: ActiveRequest, token: int, stage_times: list[float],
@@ -340,6 +439,8 @@ class StageEngine:
         return True
 
     def _release(self, req: ActiveRequest) -> None:
+        # a row of it may still be in flight (a step already launched): that row writes only this
+        # slot's cache past what a new owner has written before it reads, and its token is dropped
         del self.requests[req.rid]
         self.free_slots.append(req.slot)
 
