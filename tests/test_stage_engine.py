@@ -3,6 +3,8 @@ batching with chunked prefill, micro-batches, TP followers, and outputs equal to
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from hexswarm.runtime.local_pipeline import LocalPipeline
@@ -39,3 +41,23 @@ def test_concurrent_requests_match_generate(tiny_model, layout, settings):
         assert max(pipe.forward_rows) > 1, "decode steps of concurrent requests were never batched"
     assert pipe.first.rows_run > pipe.first.steps_run, "no step carried more than one row"
     assert pipe.event_messages < sum(len(v) for v in pipe.events.values()), "token events were never batched"
+
+
+@pytest.mark.parametrize("layout", [[(1, 4)], [(1, 2), (1, 2)]], ids=["single", "two-stages"])
+def test_engines_in_their_own_processes_match_generate(tiny_model, layout):
+    pipe = LocalPipeline(tiny_model, layout, processes=True, settings=EngineSettings(max_step_tokens=6, overlap=True))
+    try:
+        for i, prompt in enumerate(PROMPTS[:3]):
+            pipe.start(f"r{i}", prompt, 8)
+        results = pipe.wait(3, timeout=120)
+        spans = pipe.first.spans
+        deadline = time.monotonic() + 5
+        while spans.get("r0") is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the child reports its spans every STATE_S
+        assert spans.get("r0")["steps"] > 0
+    finally:
+        pipe.close()
+    for i, prompt in enumerate(PROMPTS[:3]):
+        ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=prompt, max_new_tokens=8))
+        assert results[f"r{i}"]["tokens"] == ref["tokens"]
+        assert pipe.events[f"r{i}"] == ref["tokens"]

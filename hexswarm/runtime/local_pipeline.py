@@ -4,11 +4,13 @@ engines; the entry's `events` and `done` are collected."""
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Sequence
 
 from hexswarm.model.config import LlamaConfig
+from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec
@@ -18,14 +20,15 @@ ENTRY = "entry"
 
 
 class LocalPipeline:
-    """layout: [(tp, layers), ...]; gpus: per stage, the CUDA ordinal of each TP rank (CUDA only)."""
+    """layout: [(tp, layers), ...]; gpus: per stage, the CUDA ordinal of each TP rank (CUDA only);
+    processes: each engine in its own process (EngineProcess), as a CUDA node runs them."""
 
     def __init__(self, model_dir, layout: Sequence[tuple[int, int]], n_slots: int = 8, max_len: int = 128,
                  settings: EngineSettings = EngineSettings(), device: str = "cpu", dtype: str = "float32",
-                 gpus: Sequence[tuple[int, ...]] | None = None):
+                 gpus: Sequence[tuple[int, ...]] | None = None, processes: bool = False):
         cfg = LlamaConfig.from_dir(model_dir)
         self.tokenizer = TextTokenizer(model_dir, cfg)
-        self.engines: dict[str, StageEngine] = {}
+        self.engines: dict[str, StageEngine | EngineProcess] = {}
         self.done: queue.Queue = queue.Queue()
         self.events: dict[str, list[int]] = {}
         self.event_messages = 0
@@ -37,10 +40,14 @@ class LocalPipeline:
             for i, (tp, n) in enumerate(layout):
                 spec = StageSpec(str(model_dir), start, start + n, tp, i == 0, i == len(layout) - 1, device, dtype,
                                  n_slots, max_len, tuple(gpus[i]) if gpus else ())
-                host = StageHost(spec, tag=f"local{i}")
-                host.start()
                 route = PipelineRoute(i, len(layout), names[i + 1] if i + 1 < len(layout) else None, names[0])
-                engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings)
+                if processes:
+                    engine = EngineProcess(EngineJob(spec, f"local{i}", route, settings, names[i], i == 0, os.getpid()),
+                                           self.send)
+                else:
+                    host = StageHost(spec, tag=f"local{i}")
+                    host.start()
+                    engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings)
                 self.engines[names[i]] = engine
                 engine.start()
                 start += n

@@ -168,6 +168,10 @@ class StageEngine:
     def in_flight(self) -> int:
         return len(self.requests) + len(self.waiting)
 
+    @property
+    def spec(self):
+        return self.host.spec
+
     # ---- the worker thread -------------------------------------------------------------
     def _loop(self) -> None:
         try:

@@ -14,7 +14,8 @@ import time
 from hexswarm.runtime.stage_host import StageSpec, build_executor, make_group
 
 
-def _exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
+    """End this process when its parent goes away (a SIGKILLed node leaves no orphans)."""
     def watch() -> None:
         while True:
             if os.getppid() != parent:
@@ -41,7 +42,7 @@ def main() -> None:
     ap.add_argument("--tag", required=True)
     ap.add_argument("--parent", type=int, required=True)
     a = ap.parse_args()
-    _exit_with_parent(a.parent)
+    exit_with_parent(a.parent)
     import torch
 
     torch.set_num_threads(1)

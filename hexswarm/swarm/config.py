@@ -258,6 +258,8 @@ class NodeConfig:
                                                                   "take with max_batch: auto"))
     max_step_tokens: int = field(default=512, metadata=_key(_positive_int, "tokens in one engine step: decode rows "
                                                             "plus prompt chunks (chunked prefill)"))
+    engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "
+                                                              "its own process (auto: on CUDA)"))
     micro_batches: int = field(default=0, metadata=_key(_non_negative_int, "steps in flight on a pipeline (0: one per "
                                                         "stage; 1 where the stages share one GPU)"))
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))

@@ -322,7 +322,7 @@ class Server:
                 continue
             known = self.replica_slots(layout, r)
             # fixed max_batch: every stage has the same count; "auto": wait for the others' counts
-            fallback = worker.host.spec.n_slots if self.settings.max_batch else 1
+            fallback = worker.spec.n_slots if self.settings.max_batch else 1
             worker.admit_limit = known if known is not None else fallback
 
     # ---- dispatch (head side) --------------------------------------------------------------

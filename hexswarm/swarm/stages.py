@@ -4,12 +4,14 @@ messages to them, retire them once a newer epoch is committed and they are idle.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import trio
 
 from hexswarm.model.config import LlamaConfig
+from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec, slots_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
@@ -31,6 +33,7 @@ class ServeSettings:
     retire_idle_s: float = 5.0
     max_step_tokens: int = 512
     micro_batches: int = 0  # 0: one per pipeline stage
+    engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
     gpu_memory_fraction: float = 0.9
 
 
@@ -41,7 +44,7 @@ class StageSet:
         self.tokenizer = tokenizer
         self.settings = settings
         self.pipe = pipe
-        self.workers: dict[StageKey, StageEngine] = {}
+        self.workers: dict[StageKey, StageEngine | EngineProcess] = {}
         self.layouts: dict[int, SwarmLayout] = {}
         self.last_used: dict[StageKey, float] = {}
         self._loading: dict[int, trio.Event] = {}
@@ -66,7 +69,7 @@ class StageSet:
         finally:
             done.set()
 
-    def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageEngine:
+    def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageEngine | EngineProcess:
         replica = layout.replicas[ri]
         st = replica[si]
         s = self.settings
@@ -77,12 +80,17 @@ class StageSet:
             spec = StageSpec(**{**spec.__dict__, "n_slots": slots})
             log.info("epoch %d: %d KV slots of %d tokens fit on %s", layout.epoch, slots, s.max_seq_len,
                      spec.device_of(0))
-        host = StageHost(spec, tag=f"e{layout.epoch}r{ri}s{si}")
-        host.start()
+        tag, name = f"e{layout.epoch}r{ri}s{si}", f"stage-e{layout.epoch}-r{ri}-s{si}"
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
         engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica))
-        worker = StageEngine(host, route, self._sender(layout.epoch, ri, si), self.tokenizer if si == 0 else None,
-                             name=f"stage-e{layout.epoch}-r{ri}-s{si}", settings=engine)
+        send = self._sender(layout.epoch, ri, si)
+        own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
+        if own_process:
+            worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid()), send)
+        else:
+            host = StageHost(spec, tag=tag)
+            host.start()
+            worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine)
         worker.start()
         return worker
 
@@ -115,7 +123,7 @@ class StageSet:
         if worker is None:
             return False
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
-                            worker.host.spec.n_slots, self.settings.max_seq_len)
+                            worker.spec.n_slots, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
         worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True
@@ -132,7 +140,7 @@ class StageSet:
     def slot_counts(self) -> dict[str, int]:
         """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
         admits at most the smallest count of its stages)."""
-        return {f"{e}:{r}:{s}": w.host.spec.n_slots for (e, r, s), w in self.workers.items()}
+        return {f"{e}:{r}:{s}": w.spec.n_slots for (e, r, s), w in self.workers.items()}
 
     def loads(self) -> dict[str, int]:
         """"epoch:replica" -> requests held by the stage 0 this node serves there."""
