@@ -15,6 +15,9 @@ def submit(
     peer: List[str] = typer.Option(..., "--peer", help="a node's multiaddr /ip4/.../tcp/.../p2p/<PeerID>; "
                                    "several: the next is used if one fails mid-request"),
     prompt: str = typer.Option(..., "--prompt"),
+    chat: bool = typer.Option(False, "--chat", help="the prompt is a user message: apply the chat template of --model"),
+    model: Optional[str] = typer.Option(None, "--model", help="with --chat: the checkpoint (folder or .gguf) "
+                                        "whose chat template to apply (the one the swarm serves)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
     top_k: int = typer.Option(0, "--top-k"),
@@ -35,6 +38,8 @@ def submit(
     from hexswarm.swarm.submit import submit_with_failover
 
     SamplingParams(temperature, top_k, top_p, seed).validate()
+    if chat:
+        prompt = _chat_prompt(model, prompt)
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
@@ -75,6 +80,15 @@ def submit(
         typer.echo(f"[{len(done['tokens'])} tokens, finish={done['finish_reason']}, request {done['request_id']}, "
                    f"epoch {done['epoch']} replica {done['replica']}, TP {done['layout']['hetero_config']} / "
                    f"layers {done['layout']['pp_partition']}]", err=True)
+
+
+def _chat_prompt(model: str | None, question: str) -> str:
+    """The question as one user turn, rendered with the model's chat template."""
+    if model is None:
+        raise UserError("--chat needs --model (the checkpoint whose chat template to apply)")
+    from hexswarm.runtime.chat import ChatTemplate
+
+    return ChatTemplate.for_model(model).render([{"role": "user", "content": question}])
 
 
 def _client_credentials(key: str | None, cert: str | None):

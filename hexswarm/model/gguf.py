@@ -173,6 +173,20 @@ class GGUFCheckpoint:
     def type_name(self, name: str) -> str:
         return self._tensor(name).tensor_type.name
 
+    def served_layer_bytes_per_param(self, dense_bytes: int = 2) -> float:
+        """Mean bytes per layer weight on a GPU: kept block formats at their size, the rest
+        dequantized to `dense_bytes` (bf16) at load (the planner's memory model)."""
+        from hexswarm.model.quant_format import GGUF_KEPT_TYPES
+
+        nbytes = params = 0
+        for t in self._tensors.values():
+            if t.name.startswith("blk."):
+                n = int(t.n_elements)
+                params += n
+                kept = t.tensor_type.name in GGUF_KEPT_TYPES and len(t.data.shape) == 2
+                nbytes += int(t.n_bytes) if kept else n * dense_bytes
+        return nbytes / params if params else float(dense_bytes)
+
     def _row_order(self, name: str, n_rows: int) -> np.ndarray | None:
         """File row of each HF row for q_proj / k_proj (llama.cpp permuted them); None otherwise."""
         if name.endswith("self_attn.q_proj.weight") or name.endswith("self_attn.q_proj.bias"):
@@ -196,22 +210,18 @@ class GGUFCheckpoint:
 
     def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None):
         """The tensor (or [start:stop) along `dim`, HF dims), dequantized to a float32 torch tensor."""
-        import torch
-
         if dim == 0:
             t, raw = self._rows(name, start, stop)
-            return torch.from_numpy(np.ascontiguousarray(self._dequantize(t, raw, name)))
+            return _to_torch(self._dequantize(t, raw, name))
         t, raw = self._rows(name, 0, None)
         dense = self._dequantize(t, raw, name)
         if dim is not None:
             dense = dense[:, start:stop]
-        return torch.from_numpy(np.ascontiguousarray(dense))
+        return _to_torch(dense)
 
     def read_quant(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None):
         """This slice as a `QuantLinear` holding the file's blocks, when its format is one
         served quantized (Q8_0, Q4_0, Q4_1) and the slice falls on block boundaries; else None."""
-        import torch
-
         from hexswarm.model.quant import GGUF_KEPT_TYPES, QuantLinear
 
         t = self._tensor(name)
@@ -229,7 +239,7 @@ class GGUFCheckpoint:
             _, raw = self._rows(name, 0, None)
             raw = raw[:, start // block * type_size: stop // block * type_size]
             k = stop - start
-        return QuantLinear.from_gguf_blocks(torch.from_numpy(np.ascontiguousarray(raw)), kind, k)
+        return QuantLinear.from_gguf_blocks(_to_torch(raw), kind, k)
 
     def _dequantize(self, t, raw: np.ndarray, name: str) -> np.ndarray:
         import gguf
@@ -240,6 +250,15 @@ class GGUFCheckpoint:
             raise UserError(f"{self.path}: tensor {t.name} is in quantization type {t.tensor_type.name}, "
                             "which hexswarm cannot read") from None
         return out.astype(np.float32, copy=False)
+
+
+def _to_torch(a: np.ndarray):
+    """A torch tensor owning a writable copy when `a` is a read-only view of the mapped file."""
+    import torch
+
+    if not (a.flags.writeable and a.flags.c_contiguous):
+        a = np.array(a, order="C")
+    return torch.from_numpy(a)
 
 
 def _block_sizes(qtype) -> tuple[int, int]:

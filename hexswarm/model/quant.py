@@ -4,10 +4,11 @@ One format family, converted once at load, serves both GGUF files and `--quantiz
 
 * int8: `qweight` int8 [N, K], `scale` fp16 [N, K/32]; w = scale * q.  This *is* GGUF Q8_0
   (a block = one fp16 scale + 32 int8), so a Q8_0 tensor is taken over without loss.
-* int4: `qweight` uint8 [N, K/2], `scale` and `offset` fp16 [N, K/32]; w = scale * q + offset,
-  q in [0, 15].  Byte j of a group of 32 holds element j (low nibble) and element j + 16
-  (high nibble): GGUF's Q4_0 / Q4_1 layout, so their blocks are copied as they are
-  (Q4_1: offset = m; Q4_0: offset = -8 * d, exact in fp16).
+* int4: `qweight` uint8 [N, K/2], `scale` fp16 [N, K/32] and, when asymmetric, `offset` fp16
+  [N, K/32]: w = scale * q + offset (GGUF Q4_1, and `--quantize int4`), else w = scale * (q - 8)
+  (GGUF Q4_0); q in [0, 15].  Byte j of a group of 32 holds element j (low nibble) and element
+  j + 16 (high nibble): GGUF's layout, so Q4_0 / Q4_1 blocks are copied as they are and
+  dequantize bit for bit as llama.cpp's (even the sign of zero).
 
 `QuantLinear.__call__(x, bias)` is the one linear op the layers call (`linear()` below picks
 it or `F.linear` for a dense weight).  On CUDA with Triton it runs the fused dequantize-GEMV
@@ -24,12 +25,9 @@ from torch import nn
 
 from hexswarm.errors import UserError
 
-GROUP = 32
+from hexswarm.model.quant_format import GGUF_KEPT_TYPES, GROUP, QUANT_MODES
+
 GEMV_MAX_ROWS = 16  # decode batches up to this many rows read the packed weights directly
-QUANT_MODES = ("int8", "int4")
-GGUF_KEPT_TYPES = {"Q8_0": 8, "Q4_0": 4, "Q4_1": 4}
-# bytes per weight, scales included (the planner's memory model)
-BYTES_PER_PARAM = {"int8": (GROUP + 2) / GROUP, "int4": (GROUP // 2 + 4) / GROUP}
 
 
 class QuantLinear(nn.Module):
@@ -62,7 +60,10 @@ class QuantLinear(nn.Module):
         """The dense [N, K] weight, computed in float32 as llama.cpp's dequantizers do."""
         N, K = self.out_features, self.in_features
         q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-        w = q.view(N, K // GROUP, GROUP).float() * self.scale.float()[..., None]
+        q = q.view(N, K // GROUP, GROUP).float()
+        if self.bits == 4 and self.offset is None:
+            q = q - 8.0
+        w = q * self.scale.float()[..., None]
         if self.offset is not None:
             w = w + self.offset.float()[..., None]
         return w.view(N, K).to(dtype)
@@ -89,11 +90,11 @@ class QuantLinear(nn.Module):
         scale = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, groups)
         if kind == "Q8_0":
             return cls(8, blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), scale, None)
-        if kind == "Q4_1":
+        if kind == "Q4_1":  # w = d * q + m
             offset = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, groups)
             packed = blocks[..., 4:]
-        else:  # Q4_0: w = d * (q - 8) = d * q + (-8 d)
-            offset = scale * -8.0
+        else:  # Q4_0: w = d * (q - 8)
+            offset = None
             packed = blocks[..., 2:]
         return cls(4, packed.contiguous().reshape(n, k // 2), scale, offset)
 
@@ -144,10 +145,3 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     if isinstance(weight, QuantLinear):
         return weight(x, bias)
     return F.linear(x, weight, bias)
-
-
-def check_mode(mode: str | None) -> str | None:
-    """None (the checkpoint as it is), 'none' (everything dense) or a QUANT_MODES entry."""
-    if mode is not None and mode not in ("none", *QUANT_MODES):
-        raise UserError(f"--quantize must be int8, int4 or none, got {mode!r}")
-    return mode

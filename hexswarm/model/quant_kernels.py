@@ -28,8 +28,9 @@ except Exception:  # pragma: no cover - CPU-only hosts
 if AVAILABLE:
 
     @triton.jit
-    def _load_weight_tile(q_ptr, s_ptr, o_ptr, rn, rk, mask, K, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-        """Dequantized fp32 tile w[rn, rk] (rn [BN, 1], rk [1, BK])."""
+    def _load_weight_tile(q_ptr, s_ptr, o_ptr, rn, rk, mask, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                          GROUP_SIZE: tl.constexpr):
+        """Dequantized fp32 tile w[rn, rk] (rn [BN, 1], rk [1, BK]), computed as quant.py's reference."""
         groups = K // GROUP_SIZE
         g = rk // GROUP_SIZE
         s = tl.load(s_ptr + rn * groups + g, mask=mask, other=0.0).to(tl.float32)
@@ -40,13 +41,16 @@ if AVAILABLE:
             j = rk % GROUP_SIZE
             byte = tl.load(q_ptr + rn * (K // 2) + g * (GROUP_SIZE // 2) + (j % (GROUP_SIZE // 2)), mask=mask, other=0)
             q = ((byte.to(tl.int32) >> ((j // (GROUP_SIZE // 2)) * 4)) & 0x0F).to(tl.float32)
-            o = tl.load(o_ptr + rn * groups + g, mask=mask, other=0.0).to(tl.float32)
-            w = q * s + o
+            if HAS_OFFSET:
+                o = tl.load(o_ptr + rn * groups + g, mask=mask, other=0.0).to(tl.float32)
+                w = q * s + o
+            else:
+                w = (q - 8.0) * s
         return w
 
     @triton.jit
     def _qgemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
-                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -60,7 +64,7 @@ if AVAILABLE:
             mask_k = rk < K
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             w = _load_weight_tile(q_ptr, s_ptr, o_ptr, rn[:, None], rk[None, :], mask_n[:, None] & mask_k[None, :],
-                                  K, BITS, GROUP_SIZE)
+                                  K, BITS, HAS_OFFSET, GROUP_SIZE)
             acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -68,12 +72,13 @@ if AVAILABLE:
                  mask=mask_m[:, None] & mask_n[None, :])
 
     @triton.jit
-    def _dequant_kernel(q_ptr, s_ptr, o_ptr, w_ptr, N, K, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    def _dequant_kernel(q_ptr, s_ptr, o_ptr, w_ptr, N, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                        GROUP_SIZE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = _load_weight_tile(q_ptr, s_ptr, o_ptr, rn[:, None], rk[None, :], mask, K, BITS, GROUP_SIZE)
+        w = _load_weight_tile(q_ptr, s_ptr, o_ptr, rn[:, None], rk[None, :], mask, K, BITS, HAS_OFFSET, GROUP_SIZE)
         tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,7 +99,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
     grid = (triton.cdiv(N, block_n), triton.cdiv(M, 16))
     offset = w.offset if w.offset is not None else w.scale
     _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
-                        BITS=w.bits, HAS_BIAS=bias is not None, GROUP_SIZE=GROUP,
+                        BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, GROUP_SIZE=GROUP,
                         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y.view(*x.shape[:-1], N)
 
@@ -106,6 +111,7 @@ def dequantize(w, dtype: torch.dtype) -> torch.Tensor:
     block_n, block_k = 32, 128
     offset = w.offset if w.offset is not None else w.scale
     _dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
-        w.qweight, w.scale, offset, out, N, K, BITS=w.bits, GROUP_SIZE=GROUP, BLOCK_N=block_n, BLOCK_K=block_k,
+        w.qweight, w.scale, offset, out, N, K, BITS=w.bits, HAS_OFFSET=w.offset is not None, GROUP_SIZE=GROUP,
+        BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4)
     return out

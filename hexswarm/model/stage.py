@@ -13,7 +13,8 @@ from torch import nn
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for
-from hexswarm.model.quant import GROUP, QUANT_MODES, QuantLinear, check_mode, quantize as quantize_weight
+from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
+from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
 from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
 
@@ -279,7 +280,7 @@ def _load_projection(reader, sources, shape, dtype, device, keep_blocks: bool, m
             if q is not None:
                 _check_shape((q.out_features, q.in_features), shape, sources)
                 return q.to(device)
-    dense = _read_dense(reader, sources, shape)
+    dense = _read_dense(reader, sources, shape).to(device)  # quantized on the device: fast on a GPU
     if mode in QUANT_MODES and dense.shape[1] % GROUP == 0:
-        return quantize_weight(dense, mode).to(device)
-    return dense.to(device=device, dtype=dtype)
+        return quantize_weight(dense, mode)
+    return dense.to(dtype)

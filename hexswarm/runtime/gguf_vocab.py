@@ -38,7 +38,8 @@ def byte_alphabet() -> dict[int, str]:
     return spelled
 
 
-def tokenizer_from_gguf(ckpt) -> "Tokenizer":  # noqa: F821
+def tokenizer_from_gguf(ckpt):
+    """The tokenizers.Tokenizer a GGUFCheckpoint's metadata describes."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     kind = ckpt.meta("tokenizer.ggml.model")

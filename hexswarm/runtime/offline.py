@@ -19,7 +19,7 @@ import torch
 
 from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.quant import check_mode
+from hexswarm.model.quant_format import check_mode
 from hexswarm.model.source import open_checkpoint
 from hexswarm.model.stage import load_stage
 from hexswarm.net.ports import free_port
