@@ -70,8 +70,9 @@ def test_tokenizer_matches_transformers_on_plain_text(gguf_file, hf_tokenizer):
                                                                    skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("hc,pp,quant", [([], [], None), ([3, 1, 3], [10, 8, 12], None), ([], [], "int4")],
-                         ids=["one-stage", "tp3-tp1-tp3", "kept-q4-blocks"])
+@pytest.mark.parametrize("hc,pp,quant", [([], [], None), ([3, 1, 3], [10, 8, 12], None), ([], [], "int4"),
+                                         ([3, 1], [20, 10], "int4")],
+                         ids=["one-stage", "tp3-tp1-tp3", "kept-q4-blocks", "kept-q4-blocks-tp3"])
 def test_greedy_tokens_equal_transformers(gguf_file, chat_prompt, reference, hc, pp, quant):
     """On CPU the Q4_1 blocks dequantize to exactly transformers' float32 weights (and with
     --quantize int4 they stay packed and dequantize per call to the same values)."""
@@ -198,3 +199,25 @@ def test_two_node_swarm_submit_equals_transformers(gguf_file, chat_prompt, refer
         assert "Paris" in done["text"]
     finally:
         sw.stop()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_flag_loads_packed_layers_that_compute_as_their_dequantized_weights(tiny_model, mode):
+    """--quantize on a HF checkpoint: every projection is a QuantLinear, and the stage computes
+    exactly what a dense stage holding the dequantized weights computes (CPU reference path)."""
+    from hexswarm.model.shard import TensorShard
+    from hexswarm.model.source import load_config, open_checkpoint
+    from hexswarm.model.stage import StagePart, load_stage
+
+    cfg = load_config(tiny_model)
+    part = StagePart(0, cfg.num_hidden_layers, TensorShard.for_rank(cfg, 2, 1), False, True)
+    packed = load_stage(open_checkpoint(tiny_model), cfg, part, torch.float32, "cpu", quantize=mode)
+    dense = load_stage(open_checkpoint(tiny_model), cfg, part, torch.float32, "cpu")
+    for lp, ld in zip(packed.layers, dense.layers):
+        for name in lp.PROJECTIONS:
+            q = getattr(lp, name)
+            assert isinstance(q, QuantLinear) and q.kind == mode
+            ld.set_projection(name, q.dequantize())
+    x = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    kv_p, kv_d = packed.new_kv_cache(2, 8), dense.new_kv_cache(2, 8)
+    assert torch.equal(packed(x, kv_p, [0, 1], [0, 0]), dense(x, kv_d, [0, 1], [0, 0]))
