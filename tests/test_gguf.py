@@ -221,3 +221,17 @@ def test_quantize_flag_loads_packed_layers_that_compute_as_their_dequantized_wei
     x = torch.randn(2, 3, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
     kv_p, kv_d = packed.new_kv_cache(2, 8), dense.new_kv_cache(2, 8)
     assert torch.equal(packed(x, kv_p, [0, 1], [0, 0]), dense(x, kv_d, [0, 1], [0, 0]))
+
+
+def test_submit_chat_needs_a_model_for_its_template():
+    r = run_cli("submit", "--peer", "/ip4/127.0.0.1/tcp/1/p2p/QmNotUsed", "--chat", "--prompt", "hi")
+    assert r.returncode == 2 and "--chat needs --model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_template_renders_the_gguf_metadata_template(gguf_file, hf_tokenizer):
+    from hexswarm.runtime.chat import ChatTemplate
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Name a colour."}]
+    ours = ChatTemplate.for_model(gguf_file).render(messages)
+    assert ours == hf_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

@@ -222,7 +222,7 @@ class NodeConfig:
     key_file: Path | None = field(default=None, metadata=_key(_optional_path, "node key (default <data_dir>/node.key)"))
     bootstrap: list[str] = field(default_factory=list, metadata=_key(_multiaddrs(True), "peers to join through"))
     swarm: str = field(default="default", metadata=_key(_swarm_name, "swarm name; other swarms are ignored"))
-    model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder"))
+    model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder or .gguf file"))
     devices: str | list[dict] = field(default="auto", metadata=_key(_devices, "'auto' or a device list"))
     data_dir: Path = field(default=Path("~/.hexswarm"), metadata=_key(_path, "probe cache and default key folder"))
     allow_peers: list[str] | None = field(default=None, metadata=_key(_peer_ids, "PeerID allowlist"))
