@@ -70,7 +70,7 @@ def main() -> int:
         with Console(stderr=True).status(f"starting {len(devices)} nodes ..."):
             swarm.start()
         with Console(stderr=True).status("waiting for the layout: plan, load the stage shards, commit ..."):
-            status = swarm.wait_layout(120)
+            status = swarm.wait_layout(300)  # a real model on shared CPU cores: loads take a while
         print(f"layout epoch {status['layout']['epoch']} committed in {time.monotonic() - t0:.1f} s "
               f"(head {status['head'][:16]}...):")
         for r, replica in enumerate(status["replicas"]):

@@ -17,7 +17,7 @@ In one run, on the same GPU:
 * SmolLM2-135M-Instruct (`make model`): 64 greedy steps of the dense-bf16 model, then the
   quantized model teacher-forced on the same tokens: steps whose argmax agrees.
 
-    python tools/bench_quant.py --json quant.json      # the GPU run (about 3 minutes on an H100)
+    python tools/bench_quant.py --json quant.json      # the GPU run (meant to take < 4 minutes on an H100)
     python tools/bench_quant.py --device cpu --tiny    # the code path on CPU (tests)
 """
 
