@@ -74,9 +74,14 @@ class QuantLinear(nn.Module):
 
             if quant_kernels.AVAILABLE:
                 rows = x.numel() // self.in_features
-                if rows <= GEMV_MAX_ROWS:
-                    return quant_kernels.gemv(x, self, bias)
-                return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
+                try:
+                    if rows <= GEMV_MAX_ROWS:
+                        return quant_kernels.gemv(x, self, bias)
+                    return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # a Triton build that cannot compile them: serve slower, not fail
+                    quant_kernels.disable(e)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     # ---- construction ---------------------------------------------------------------------

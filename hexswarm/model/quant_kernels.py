@@ -13,9 +13,14 @@ captured in CUDA graphs as they are (see cuda_graphs.py).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from hexswarm.model.quant import GROUP
+
+log = logging.getLogger("hexswarm.quant")
+FAILURE: str | None = None  # why the kernels were turned off in this process, if they were
 
 try:
     import triton
@@ -115,3 +120,12 @@ def dequantize(w, dtype: torch.dtype) -> torch.Tensor:
         BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=4)
     return out
+
+
+def disable(error: Exception) -> None:
+    """Turn the kernels off for this process (QuantLinear then dequantizes in torch), once, loudly.
+    Compilation happens on a step's first call, before any CUDA graph capture."""
+    global AVAILABLE, FAILURE
+    AVAILABLE = False
+    FAILURE = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    log.warning("quantized Triton kernels failed (%s); dequantizing in torch instead (slower)", FAILURE)
