@@ -86,7 +86,7 @@ class GGUFCheckpoint:
         try:
             self._r = gguf.GGUFReader(str(path), "r")
         except Exception as e:  # the reader raises ValueError/struct errors/IndexError on bad bytes
-            raise UserError(f"{path} is not a readable GGUF file: {_one_line(e)}") from None
+            raise UserError(f"{path} is not a readable GGUF file (truncated or corrupt): {_one_line(e)}") from None
         self._tensors = {t.name: t for t in self._r.tensors}
         for t in self._tensors.values():
             if t.data.nbytes != int(t.n_bytes):
