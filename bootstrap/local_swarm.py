@@ -4,11 +4,13 @@
     python bootstrap/local_swarm.py --demo                 # what `make demo` runs
     python bootstrap/local_swarm.py --nodes 2,1,1 --model DIR [--keep]
 
---demo makes the built-in tiny random-weight model (its text is gibberish by
-design: it proves the path, not the prose), starts 3 nodes (the first with two
-devices, so its stage runs at TP 2), waits for the layout, submits a prompt,
-prints the answer and the layout, and stops the swarm.  --keep leaves the swarm
-running until Ctrl-C and prints each node's address for `hexswarm submit`.
+--demo serves SmolLM2-135M-Instruct (a Q4_1 GGUF installed by `make model`) on 3 nodes with
+a pinned asymmetric layout (the first node's 3 devices run layers 0-19 at TP 3, the second
+node layers 20-29 at TP 1; the third node is an entry), waits for the layout, asks a chat
+question through the chat template, prints the answer and the layout, and stops the swarm.
+Without --model (and without --demo) it serves the built-in tiny random-weight model (its
+text is gibberish by design).  --keep leaves the swarm running until Ctrl-C and prints each
+node's address for `hexswarm submit`.
 """
 
 from __future__ import annotations
@@ -24,28 +26,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hexswarm.swarm.launcher import LocalSwarm  # noqa: E402
 
-DEMO_LAYOUT = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 1}
+# SmolLM2-135M has 9 query heads over 3 KV heads: TP 1 or 3
+DEMO_LAYOUT = {"hetero_config": [3, 1], "pp_partition": [20, 10], "replicas": 1}
+DEMO_NODES = "3,1,1"
+DEMO_QUESTION = "What is the capital of France?"
+TINY_LAYOUT = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 1}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--demo", action="store_true", help="tiny model, 3 nodes, one prompt, then stop")
-    ap.add_argument("--model", help="checkpoint directory (default: a tiny random model)")
-    ap.add_argument("--nodes", default="2,1,1", help="devices per node, comma-separated (default 2,1,1)")
-    ap.add_argument("--pin", action="store_true", help="pin the demo layout (TP 2 + TP 1) instead of planning")
-    ap.add_argument("--prompt", default="Once upon a time")
+    ap.add_argument("--demo", action="store_true", help="SmolLM2-135M-Instruct, 3 nodes, one chat question, then stop")
+    ap.add_argument("--model", help="checkpoint directory or .gguf file (default: a tiny random model)")
+    ap.add_argument("--nodes", default=None, help="devices per node, comma-separated (default 2,1,1; --demo: 3,1,1)")
+    ap.add_argument("--pin", action="store_true", help="pin the demo layout instead of planning")
+    ap.add_argument("--prompt", default=None, help="default: 'Once upon a time' (--demo: a chat question)")
+    ap.add_argument("--chat", action="store_true", help="apply the model's chat template to --prompt (on with --demo)")
+    ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--keep", action="store_true", help="keep the swarm running until Ctrl-C")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="hexswarm-swarm-"))
     model = Path(a.model) if a.model else None
-    if model is None:
+    if model is None and a.demo:
+        from hexswarm.model.smollm2 import smollm2_path
+
+        model = smollm2_path()
+        print(f"serving {model.name}")
+    elif model is None:
         from hexswarm.model.tiny import make_tiny_llama
 
         model = make_tiny_llama(work / "tiny-llama")
         print(f"tiny model written to {model}")
-    devices = [int(n) for n in a.nodes.split(",")]
-    pin = DEMO_LAYOUT if (a.demo or a.pin) else None
+    real = a.demo and not a.model
+    devices = [int(n) for n in (a.nodes or (DEMO_NODES if real else "2,1,1")).split(",")]
+    pin = (DEMO_LAYOUT if real else TINY_LAYOUT) if (a.demo or a.pin) else None
+    chat = a.chat or real
+    prompt = a.prompt or (DEMO_QUESTION if real else "Once upon a time")
     swarm = LocalSwarm(work / "nodes", model, devices, serve_layout=pin)
     try:
         t0 = time.monotonic()
@@ -54,7 +70,7 @@ def main() -> int:
         with Console(stderr=True).status(f"starting {len(devices)} nodes ..."):
             swarm.start()
         with Console(stderr=True).status("waiting for the layout: plan, load the stage shards, commit ..."):
-            status = swarm.wait_layout(120)
+            status = swarm.wait_layout(300)  # a real model on shared CPU cores: loads take a while
         print(f"layout epoch {status['layout']['epoch']} committed in {time.monotonic() - t0:.1f} s "
               f"(head {status['head'][:16]}...):")
         for r, replica in enumerate(status["replicas"]):
@@ -68,13 +84,18 @@ def main() -> int:
             from hexswarm.swarm.submit import submit_to
 
             entry = swarm.nodes[-1]
-            print(f"submitting {a.prompt!r} through {entry.peer_id[:16]}...")
-            final = trio.run(submit_to, entry.addr, {"prompt": a.prompt, "max_new_tokens": 24})
+            text = prompt
+            if chat:
+                from hexswarm.runtime.chat import ChatTemplate
+
+                text = ChatTemplate.for_model(model).render([{"role": "user", "content": prompt}])
+            print(f"asking {prompt!r}{' (chat template applied)' if chat else ''} through {entry.peer_id[:16]}...")
+            final = trio.run(submit_to, entry.addr, {"prompt": text, "max_new_tokens": a.max_new_tokens})
             if "error" in final:
                 print(f"error: {final['error']}", file=sys.stderr)
                 return 1
             done = final["done"]
-            print(f"answer ({len(done['tokens'])} tokens, finish={done['finish_reason']}): {done['text']!r}")
+            print(f"answer ({len(done['tokens'])} tokens, finish={done['finish_reason']}): {done['text'].strip()!r}")
             print(f"served by replica {done['replica']}: TP {done['layout']['hetero_config']} / layers "
                   f"{done['layout']['pp_partition']}; time to first token {done['timings']['ttft_s']} s")
         if a.keep:

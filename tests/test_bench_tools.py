@@ -100,3 +100,21 @@ def test_exact_prompt_has_the_asked_token_count(tiny_model):
     tok = TextTokenizer(tiny_model, LlamaConfig.from_dir(tiny_model))
     for n in (16, 128, 129):
         assert len(tok.encode(bench.exact_prompt(tok, n))) == n
+def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
+    """bench_quant's code path on CPU: bf16/int8/int4 decode and floors, SmolLM2 agreement
+    (the CPU reference path: the Q4_1 blocks dequantize exactly, so every step agrees)."""
+    from hexswarm.model.smollm2 import smollm2_path
+
+    smollm2_path(install=True)
+    bench = _load("bench_quant")
+    out = tmp_path / "quant.json"
+    res = bench.main(["--device", "cpu", "--tiny", "--json", str(out)])
+    for mode in ("bf16", "int8", "int4"):
+        for B in (1, 2):
+            assert math.isfinite(res["decode"][f"{mode}/{B}"]) and res["floor"][f"{mode}/{B}"] > 0
+    assert res["bytes"]["int4"] < res["bytes"]["int8"] < res["bytes"]["bf16"]
+    assert res["kernels"] == {"skipped": "needs CUDA and Triton"}
+    assert res["smollm2"]["packed_layers"] == 4 * 30
+    assert res["smollm2"]["agree"] == res["smollm2"]["steps"]
+    assert "| weights | batch |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["table"] == res["table"]

@@ -9,7 +9,7 @@ import typer
 
 
 def generate(
-    model: str = typer.Option(..., "--model", help="HF Llama checkpoint directory"),
+    model: str = typer.Option(..., "--model", help="HF Llama checkpoint directory, or a .gguf file"),
     prompt: str = typer.Option(..., "--prompt", help="prompt text"),
     hetero_config: Optional[List[int]] = typer.Option(
         None, "--hetero-config", help="TP degree of each pipeline stage, e.g. --hetero-config 1 2 1"
@@ -25,6 +25,9 @@ def generate(
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: float32 on cpu, bfloat16 on cuda)"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8 or int4: serve the projection weights quantized; none: all dense "
+        "(default: a GGUF's Q8_0/Q4 weights stay quantized on cuda)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate text from a prompt on one host, over an asymmetric TP x PP layout."""
@@ -43,6 +46,7 @@ def generate(
         device=device,
         dtype=dtype,
         show_progress=not as_json,
+        quantize=quantize,
     )
     result = run(job)
     if as_json:

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
     @app.command("plan")
     def plan(
         cluster: Path = typer.Option(..., "--cluster", help="cluster YAML (see node_configs/clusters/)"),
-        model: str = typer.Option(..., "--model", help="built-in name (llama-2-70b, ...) or a directory with config.json"),
+        model: str = typer.Option(..., "--model", help="built-in name (llama-2-70b, ...), a directory with config.json, or a .gguf file"),
+        quantize: Optional[str] = typer.Option(None, "--quantize", help="int8 or int4: count the layers' weights quantized"),
         rate: Optional[float] = typer.Option(None, "--rate", help="request rate (req/s); default 70% of the seed plan's capacity"),
         slo: Optional[float] = typer.Option(None, "--slo", help="latency deadline (s); default 2x the median replica latency"),
         seed: int = typer.Option(0, "--seed", help="search seed: same seed and input give the same plan"),
@@ -25,7 +26,11 @@ def register(app: typer.Typer) -> None:
         from hexswarm.plan.model_spec import load_model_spec
         from hexswarm.plan.planner import plan_cluster
 
-        result = plan_cluster(load_cluster_yaml(cluster), load_model_spec(model), rate=rate, slo_s=slo, seed=seed)
+        from hexswarm.model.quant_format import BYTES_PER_PARAM, check_mode
+
+        layer_bytes = BYTES_PER_PARAM.get(check_mode(quantize)) if quantize else None
+        result = plan_cluster(load_cluster_yaml(cluster), load_model_spec(model, layer_bytes), rate=rate, slo_s=slo,
+                              seed=seed)
         if png is not None:
             from hexswarm.plan.render import render_png
 

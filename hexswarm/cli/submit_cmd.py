@@ -18,6 +18,9 @@ def submit(
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file",
                                                help="more prompts, one per line ('-': stdin); blank lines skipped"),
     concurrency: int = typer.Option(8, "--concurrency", help="with several prompts: how many are in flight at once"),
+    chat: bool = typer.Option(False, "--chat", help="the prompt is a user message: apply the chat template of --model"),
+    model: Optional[str] = typer.Option(None, "--model", help="with --chat: the checkpoint (folder or .gguf) "
+                                        "whose chat template to apply (the one the swarm serves)"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
     top_k: int = typer.Option(0, "--top-k"),
@@ -49,6 +52,8 @@ def submit(
     if concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {concurrency}")
     SamplingParams(temperature, top_k, top_p, seed).validate()
+    if chat:
+        prompts = [_chat_prompt(model, p) for p in prompts]
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     base = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
@@ -145,6 +150,15 @@ class _Run:
                 for i in range(len(self.requests)):
                     nursery.start_soon(one, client, i)
         return finals
+
+
+def _chat_prompt(model: str | None, question: str) -> str:
+    """The question as one user turn, rendered with the model's chat template."""
+    if model is None:
+        raise UserError("--chat needs --model (the checkpoint whose chat template to apply)")
+    from hexswarm.runtime.chat import ChatTemplate
+
+    return ChatTemplate.for_model(model).render([{"role": "user", "content": question}])
 
 
 def _client_credentials(key: str | None, cert: str | None):

@@ -113,6 +113,13 @@ class LlamaConfig:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "LlamaConfig":
+        """From a HF checkpoint folder's config.json, or a GGUF file's metadata (the file,
+        or a folder holding exactly one)."""
+        from hexswarm.model.gguf import find_gguf, open_gguf
+
+        gguf_path = find_gguf(model_dir)
+        if gguf_path is not None:
+            return cls.from_dict(open_gguf(gguf_path).hf_config())
         path = Path(model_dir) / "config.json"
         if not Path(model_dir).is_dir():
             raise UserError(f"model directory {model_dir} does not exist")

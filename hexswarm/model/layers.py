@@ -24,6 +24,7 @@ from hexswarm.model.attention import (cached_attention, chunk_attention, chunk_w
                                       prefill_attention)
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache, rotary_store
+from hexswarm.model.quant import QuantLinear, linear
 from hexswarm.model.rope import apply_rotary
 from hexswarm.model.shard import TensorShard
 
@@ -193,7 +194,12 @@ class StepMeta:
 
 
 class DecoderLayerShard(nn.Module):
-    def __init__(self, cfg: LlamaConfig, shard: TensorShard, dtype, device):
+    # the four projection weights: each a dense Parameter or a QuantLinear (see set_projection)
+    PROJECTIONS = ("qkv_weight", "o_weight", "gate_up_weight", "down_weight")
+
+    def __init__(self, cfg: LlamaConfig, shard: TensorShard, dtype, device, weights_device=None):
+        """weights_device "meta": projection weights are shape-only placeholders that the
+        loader replaces (quantized loads never allocate the dense weights)."""
         super().__init__()
         hd = cfg.head_dim
         self.n_q = shard.n_q_heads
@@ -205,15 +211,26 @@ class DecoderLayerShard(nn.Module):
         H = cfg.hidden_size
         self.input_norm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
         self.post_norm = RMSNorm(H, cfg.rms_norm_eps, dtype, device)
-        self.qkv_weight = _empty((self.q_size + 2 * self.kv_size, H), dtype, device)
+        wdev = device if weights_device is None else weights_device
+        self.qkv_weight = _empty((self.q_size + 2 * self.kv_size, H), dtype, wdev)
         self.qkv_bias = _empty((self.q_size + 2 * self.kv_size,), dtype, device) if cfg.attention_bias else None
-        self.o_weight = _empty((H, self.q_size), dtype, device)
+        self.o_weight = _empty((H, self.q_size), dtype, wdev)
         # Row-parallel biases are added once, after the all-reduce.
         self.o_bias = _empty((H,), dtype, device) if cfg.attention_bias else None
-        self.gate_up_weight = _empty((2 * self.ffn, H), dtype, device)
+        self.gate_up_weight = _empty((2 * self.ffn, H), dtype, wdev)
         self.gate_up_bias = _empty((2 * self.ffn,), dtype, device) if cfg.mlp_bias else None
-        self.down_weight = _empty((H, self.ffn), dtype, device)
+        self.down_weight = _empty((H, self.ffn), dtype, wdev)
         self.down_bias = _empty((H,), dtype, device) if cfg.mlp_bias else None
+
+    def set_projection(self, name: str, value: "torch.Tensor | QuantLinear") -> None:
+        """Replace a projection weight by a loaded dense tensor or a QuantLinear."""
+        if name not in self.PROJECTIONS:
+            raise ValueError(f"not a projection weight: {name}")
+        delattr(self, name)
+        if isinstance(value, QuantLinear):
+            setattr(self, name, value)
+        else:
+            setattr(self, name, nn.Parameter(value, requires_grad=False))
 
     def forward(
         self,
@@ -236,7 +253,7 @@ class DecoderLayerShard(nn.Module):
         """
         B, T, _ = x.shape
         h = self.input_norm(x)
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(B, T, self.n_q, self.head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim)
@@ -261,15 +278,15 @@ class DecoderLayerShard(nn.Module):
         else:
             L = max(starts) + T
             attn = cached_attention(q, k_cache[slots, :L], v_cache[slots, :L], start, total)
-        out = F.linear(attn.reshape(B, T, self.q_size), self.o_weight)
+        out = linear(attn.reshape(B, T, self.q_size), self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.o_bias is not None:
             out = out + self.o_bias
         x = x + out
         h = self.post_norm(x)
-        gate, up = F.linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = linear(h, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        out = linear(F.silu(gate) * up, self.down_weight)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.down_bias is not None:
@@ -291,7 +308,7 @@ class DecoderLayerShard(nn.Module):
         layer's input_norm(resid).  Returns next_norm(resid) after this layer, or None
         when next_norm is None (the caller then has the final residual in resid)."""
         N = resid.shape[0]
-        qkv = F.linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
+        qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
         rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, self.n_q, self.n_kv)
@@ -309,13 +326,13 @@ class DecoderLayerShard(nn.Module):
             else:
                 for seg in meta.segments:
                     attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, k_cache, v_cache, seg)
-        out = F.linear(attn, self.o_weight)
+        out = linear(attn, self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.o_bias is not None:
             out = out + self.o_bias
         h = add_rmsnorm(resid, out, self.post_norm.weight, self.post_norm.eps)
-        out = F.linear(silu_mul(F.linear(h, self.gate_up_weight, self.gate_up_bias)), self.down_weight)
+        out = linear(silu_mul(linear(h, self.gate_up_weight, self.gate_up_bias)), self.down_weight)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.down_bias is not None:

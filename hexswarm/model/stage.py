@@ -3,16 +3,18 @@ plus the embedding (first-stage leader) and final norm + lm_head (last-stage lea
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache, slot_index
 from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for
+from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
+from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
 from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
 
@@ -33,14 +35,18 @@ class StagePart:
 
 
 class StageModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig, part: StagePart, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: LlamaConfig, part: StagePart, dtype: torch.dtype, device: torch.device,
+                 quantized: bool = False):
+        """quantized: the layers' projection weights start as placeholders that the loader
+        fills with QuantLinear (or dense) weights, so no dense copy is ever allocated."""
         super().__init__()
         self.cfg = cfg
         self.part = part
         self.dtype = dtype
         self.device = device
         self.layers = nn.ModuleList(
-            DecoderLayerShard(cfg, part.shard, dtype, device) for _ in range(part.n_layers)
+            DecoderLayerShard(cfg, part.shard, dtype, device, weights_device="meta" if quantized else None)
+            for _ in range(part.n_layers)
         )
         self.embedding = (
             nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
@@ -174,38 +180,53 @@ def _progress(total_bytes: int, enabled: bool):
 
 
 def load_stage(
-    reader: CheckpointReader,
+    reader,
     cfg: LlamaConfig,
     part: StagePart,
     dtype: torch.dtype | None,
     device: torch.device,
     show_progress: bool = False,
+    quantize: str | None = None,
 ) -> StageModel:
     """Build the stage and fill it with only this rank's slices of the checkpoint.
 
-    dtype None: bfloat16 on CUDA, float32 elsewhere."""
+    reader: a CheckpointReader or a GGUFCheckpoint (see source.open_checkpoint).
+    dtype None: bfloat16 on CUDA, float32 elsewhere.
+    quantize: None serves the checkpoint as it is: a GGUF's Q8_0/Q4_0/Q4_1 projection weights
+    stay quantized on CUDA and are dequantized elsewhere; "int8"/"int4" keep those blocks on any
+    device and quantize every other projection weight; "none" loads everything dense.
+    Embedding, norms and lm_head are always dense."""
     device = torch.device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = StageModel(cfg, part, dtype, device)
+    mode = check_mode(quantize)
+    keep_blocks = hasattr(reader, "read_quant") and (mode in QUANT_MODES or (mode is None and device.type == "cuda"))
+    quantized = keep_blocks or mode in QUANT_MODES
+    model = StageModel(cfg, part, dtype, device, quantized=quantized)
     hd = cfg.head_dim
     s = part.shard
     q0, q1 = s.q_heads[0] * hd, s.q_heads[1] * hd
     k0, k1 = s.kv_heads[0] * hd, s.kv_heads[1] * hd
     f0, f1 = s.ffn
-    # (destination, [(checkpoint name, dim, start, stop)]) in load order; several
-    # sources are concatenated along dim 0 (fused projections).
-    jobs: list[tuple[torch.Tensor, list[tuple[str, int | None, int, int | None]]]] = []
+    # (destination, [(checkpoint name, dim, start, stop)]) in load order; several sources
+    # are concatenated along dim 0 (fused projections).  A destination is a tensor to copy
+    # into, or (layer, projection name) for weights that may load quantized.
+    jobs: list[tuple[object, list[tuple[str, int | None, int, int | None]]]] = []
+
+    def projection(layer, name: str):
+        return (layer, name) if quantized else getattr(layer, name)
+
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{part.layer_start + i}."
         a, m = p + "self_attn.", p + "mlp."
         jobs += [
             (layer.input_norm.weight, [(p + "input_layernorm.weight", None, 0, None)]),
             (layer.post_norm.weight, [(p + "post_attention_layernorm.weight", None, 0, None)]),
-            (layer.qkv_weight, [(a + "q_proj.weight", 0, q0, q1), (a + "k_proj.weight", 0, k0, k1), (a + "v_proj.weight", 0, k0, k1)]),
-            (layer.o_weight, [(a + "o_proj.weight", 1, q0, q1)]),
-            (layer.gate_up_weight, [(m + "gate_proj.weight", 0, f0, f1), (m + "up_proj.weight", 0, f0, f1)]),
-            (layer.down_weight, [(m + "down_proj.weight", 1, f0, f1)]),
+            (projection(layer, "qkv_weight"),
+             [(a + "q_proj.weight", 0, q0, q1), (a + "k_proj.weight", 0, k0, k1), (a + "v_proj.weight", 0, k0, k1)]),
+            (projection(layer, "o_weight"), [(a + "o_proj.weight", 1, q0, q1)]),
+            (projection(layer, "gate_up_weight"), [(m + "gate_proj.weight", 0, f0, f1), (m + "up_proj.weight", 0, f0, f1)]),
+            (projection(layer, "down_weight"), [(m + "down_proj.weight", 1, f0, f1)]),
         ]
         if layer.qkv_bias is not None:
             jobs += [
@@ -226,7 +247,13 @@ def load_stage(
         jobs.append((model.norm.weight, [("model.norm.weight", None, 0, None)]))
         jobs.append((model.lm_head, [(head_name, None, 0, None)]))
 
-    total = sum(dest.numel() * dest.element_size() for dest, _ in jobs)
+    def shape_of(dest) -> tuple[int, ...]:
+        return tuple((getattr(*dest) if isinstance(dest, tuple) else dest).shape)
+
+    def dense_bytes(dest) -> int:
+        return math.prod(shape_of(dest)) * dtype.itemsize
+
+    total = sum(dense_bytes(dest) for dest, _ in jobs)
     bar = _progress(total, show_progress)
     task = bar.add_task("load", total=total) if bar else None
     if bar:
@@ -234,19 +261,45 @@ def load_stage(
     try:
         with torch.no_grad():
             for dest, sources in jobs:
-                parts = [reader.read(name, dim, a, b) for name, dim, a, b in sources]
-                value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-                if tuple(value.shape) != tuple(dest.shape):
-                    from hexswarm.errors import UserError
-
-                    names = ", ".join(n for n, *_ in sources)
-                    raise UserError(
-                        f"checkpoint tensor {names} has shape {list(value.shape)}, expected {list(dest.shape)} from config.json"
-                    )
-                dest.copy_(value.to(dtype))
+                if isinstance(dest, tuple):
+                    layer, name = dest
+                    layer.set_projection(name, _load_projection(reader, sources, shape_of(dest), dtype, device,
+                                                                keep_blocks, mode))
+                else:
+                    dest.copy_(_read_dense(reader, sources, shape_of(dest)).to(dtype))
                 if bar:
-                    bar.advance(task, dest.numel() * dest.element_size())
+                    bar.advance(task, dense_bytes(dest))
     finally:
         if bar:
             bar.stop()
     return model
+
+
+def _read_dense(reader, sources, shape: tuple[int, ...]) -> torch.Tensor:
+    parts = [reader.read(name, dim, a, b) for name, dim, a, b in sources]
+    value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    _check_shape(tuple(value.shape), shape, sources)
+    return value
+
+
+def _check_shape(got: tuple[int, ...], want: tuple[int, ...], sources) -> None:
+    if got != want:
+        from hexswarm.errors import UserError
+
+        names = ", ".join(n for n, *_ in sources)
+        raise UserError(f"checkpoint tensor {names} has shape {list(got)}, expected {list(want)} from the model config")
+
+
+def _load_projection(reader, sources, shape, dtype, device, keep_blocks: bool, mode: str | None):
+    """A projection weight as a QuantLinear (the file's blocks, or quantized here) or dense."""
+    if keep_blocks:
+        parts = [reader.read_quant(name, dim, a, b) for name, dim, a, b in sources]
+        if all(q is not None for q in parts):
+            q = QuantLinear.cat(parts)
+            if q is not None:
+                _check_shape((q.out_features, q.in_features), shape, sources)
+                return q.to(device)
+    dense = _read_dense(reader, sources, shape).to(device)  # quantized on the device: fast on a GPU
+    if mode in QUANT_MODES and dense.shape[1] % GROUP == 0:
+        return quantize_weight(dense, mode)
+    return dense.to(dtype)

@@ -89,7 +89,7 @@ class RooflineCostModel:
         m, B = self.model, self.model.bytes_per_param
         s, b = self.prompt_len, batch
         ctx = self.prompt_len + self.output_len / 2  # mean context over the generation
-        w_layer = m.params_per_layer * B / tp
+        w_layer = m.layer_weight_bytes / tp
         kv_tok = m.kv_bytes_per_token_per_layer(tp)
         # Matmuls: 2 FLOPs per weight per token; attention: QK^T and AV over the context (causal halves prefill).
         pre_flops = layers * b * (2 * m.params_per_layer * s + 2 * s * s * m.q_size) / tp
@@ -111,7 +111,7 @@ class RooflineCostModel:
     def memory_bytes(self, tp: int, layers: int, *, first: bool, last: bool) -> int:
         """Peak bytes on the stage leader: weight shard, KV shard, activations, embedding/lm_head, reserve."""
         m, B = self.model, self.model.bytes_per_param
-        weights = layers * m.params_per_layer * B / tp
+        weights = layers * m.layer_weight_bytes / tp
         kv = layers * self.max_batch * self.max_inflight * self.max_context * m.kv_bytes_per_token_per_layer(tp)
         # Prefill activations of one layer: residual, normed input, q/k/v/attn out, gate/up/act of the MLP shard.
         act = self.max_batch * self.max_context * (4 * m.hidden_size + (m.q_size + 2 * m.kv_size) / tp + 3 * m.intermediate_size / tp) * B

@@ -43,6 +43,8 @@ class ModelSpec:
     attention_bias: bool = False
     mlp_bias: bool = False
     bytes_per_param: int = 2  # fp16 / bf16
+    # bytes per layer weight when the layers are served quantized (scales included); None: bytes_per_param
+    layer_bytes_per_param: float | None = None
 
     @classmethod
     def from_config(cls, cfg: LlamaConfig, name: str = "model") -> "ModelSpec":
@@ -79,6 +81,12 @@ class ModelSpec:
         return attn + mlp + 2 * h
 
     @property
+    def layer_weight_bytes(self) -> float:
+        """Bytes of one layer's weights as served (quantized or not)."""
+        bpp = self.bytes_per_param if self.layer_bytes_per_param is None else self.layer_bytes_per_param
+        return self.params_per_layer * bpp
+
+    @property
     def embedding_params(self) -> int:
         return self.vocab_size * self.hidden_size
 
@@ -96,7 +104,8 @@ class ModelSpec:
     @property
     def weight_bytes(self) -> int:
         """Bytes the runtime holds: every layer, embedding on the first stage, lm_head on the last."""
-        return (self.num_layers * self.params_per_layer + self.embedding_params + self.head_params) * self.bytes_per_param
+        return int(self.num_layers * self.layer_weight_bytes
+                   + (self.embedding_params + self.head_params) * self.bytes_per_param)
 
     def kv_bytes_per_token_per_layer(self, tp: int = 1) -> int:
         """K and V of one token in one layer on one GPU of a TP group of ``tp``
@@ -122,16 +131,25 @@ def model_spec_from_dict(d: dict[str, Any], name: str = "model") -> ModelSpec:
     return ModelSpec.from_config(LlamaConfig.from_dict(d), name=name)
 
 
-def load_model_spec(name_or_dir: str | Path) -> ModelSpec:
-    """A built-in name (``llama-2-70b``), a directory with ``config.json``, or a ``config.json`` path."""
+def load_model_spec(name_or_dir: str | Path, layer_bytes_per_param: float | None = None) -> ModelSpec:
+    """A built-in name (``llama-2-70b``), a directory with ``config.json``, a ``config.json`` path,
+    or a GGUF file (its layers counted at the bytes they are served in, unless given)."""
+    from dataclasses import replace
+
     key = str(name_or_dir).strip().lower()
     if key in BUILTIN_CONFIGS:
-        return model_spec_from_dict(BUILTIN_CONFIGS[key], name=key)
+        return replace(model_spec_from_dict(BUILTIN_CONFIGS[key], name=key), layer_bytes_per_param=layer_bytes_per_param)
     path = Path(name_or_dir)
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent
-    if path.is_dir():
-        return ModelSpec.from_config(LlamaConfig.from_dir(path), name=path.name)
+    if path.is_dir() or path.suffix == ".gguf":
+        from hexswarm.model.gguf import find_gguf, open_gguf
+
+        gguf_path = find_gguf(path)
+        if layer_bytes_per_param is None and gguf_path is not None:
+            layer_bytes_per_param = open_gguf(gguf_path).served_layer_bytes_per_param()
+        spec = ModelSpec.from_config(LlamaConfig.from_dir(path), name=path.stem if gguf_path else path.name)
+        return replace(spec, layer_bytes_per_param=layer_bytes_per_param)
     raise UserError(
         f"unknown model {name_or_dir!r}: give a directory with config.json or one of {', '.join(BUILTIN_CONFIGS)}"
     )

@@ -18,8 +18,9 @@ from datetime import timedelta
 import torch
 
 from hexswarm.errors import UserError
-from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
+from hexswarm.model.quant_format import check_mode
+from hexswarm.model.source import open_checkpoint
 from hexswarm.model.stage import load_stage
 from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup, normalize_forward
@@ -45,6 +46,7 @@ class GenerateJob:
     dtype: str | None = None
     return_logits: bool = False
     show_progress: bool = False
+    quantize: str | None = None  # None, "none", "int8", "int4" (see load_stage)
 
 
 @dataclass
@@ -76,7 +78,8 @@ def prepare(job: GenerateJob) -> _Prepared:
     """Check everything that can be checked before any rank starts."""
     cfg = LlamaConfig.from_dir(job.model_dir)
     layout = Layout.build(cfg, job.hetero_config, job.pp_partition)
-    CheckpointReader(job.model_dir)  # files present and headers readable
+    open_checkpoint(job.model_dir)  # files present and headers readable
+    check_mode(job.quantize)
     tok = TextTokenizer(job.model_dir, cfg)
     job.sampling.validate()
     if job.max_new_tokens < 1:
@@ -217,8 +220,9 @@ def _run_rank(rank: int, prep: _Prepared, port: int | None) -> dict | None:
         stage, tp_rank = layout.stage_of_rank(rank)
         cfg = LlamaConfig.from_dir(job.model_dir)
         t0 = time.perf_counter()
-        model = load_stage(CheckpointReader(job.model_dir), cfg, layout.part(cfg, stage, tp_rank),
-                           DTYPES[prep.dtype], device, show_progress=job.show_progress and rank == 0)
+        model = load_stage(open_checkpoint(job.model_dir), cfg, layout.part(cfg, stage, tp_rank),
+                           DTYPES[prep.dtype], device, show_progress=job.show_progress and rank == 0,
+                           quantize=job.quantize)
         load_s = time.perf_counter() - t0
         if os.environ.get(FAULT_ENV) == str(rank):
             os._exit(3)

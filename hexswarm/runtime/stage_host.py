@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from hexswarm.model.checkpoint import CheckpointReader
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.shard import TensorShard
+from hexswarm.model.source import open_checkpoint
 from hexswarm.model.stage import StagePart, load_stage
 from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
@@ -39,6 +39,7 @@ class StageSpec:
     n_slots: int = 8
     max_len: int = 512
     gpus: tuple[int, ...] = ()  # CUDA ordinal of each TP rank; () means 0..tp-1
+    quantize: str | None = None  # None, "none", "int8", "int4" (see load_stage)
 
     def device_of(self, tp_rank: int) -> torch.device:
         if self.device == "cuda":
@@ -55,7 +56,8 @@ class StageSpec:
             "--model", self.model_dir, "--layers", str(self.layer_start), str(self.layer_end), "--tp", str(self.tp),
             "--device", self.device, "--dtype", self.dtype, "--slots", str(self.n_slots), "--max-len", str(self.max_len),
         ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else []) + (
-            ["--gpus", *map(str, self.gpus)] if self.gpus else [])
+            ["--gpus", *map(str, self.gpus)] if self.gpus else []) + (
+            ["--quantize", self.quantize] if self.quantize else [])
 
 
 def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_master: bool):
@@ -73,7 +75,8 @@ def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = Fal
     bucket now (a server), so no request waits on a capture later."""
     cfg = LlamaConfig.from_dir(spec.model_dir)
     device = spec.device_of(tp_rank)
-    model = load_stage(CheckpointReader(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device)
+    model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
+                       quantize=spec.quantize)
     kv = model.new_kv_cache(spec.n_slots, spec.max_len)
     tp = TensorParallelGroup(pg, device) if pg is not None else None
     return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)

@@ -1,4 +1,4 @@
-"""The checkpoint's own tokenizer (`tokenizer.json`), with its BOS/EOS conventions."""
+"""The checkpoint's own tokenizer (`tokenizer.json`, or a GGUF's vocabulary), with its BOS/EOS conventions."""
 
 from __future__ import annotations
 
@@ -27,10 +27,34 @@ def _token_text(value) -> str | None:
 
 
 class TextTokenizer:
+    """The tokenizer of a HF folder (tokenizer.json + tokenizer_config.json) or of a GGUF
+    file (built from its metadata, see gguf_vocab.py), with BOS/EOS and the chat template."""
+
     def __init__(self, model_dir: str | Path, cfg: LlamaConfig):
+        from hexswarm.model.gguf import find_gguf
+
+        gguf_path = find_gguf(model_dir)
+        if gguf_path is not None:
+            self._from_gguf(gguf_path, cfg)
+        else:
+            self._from_folder(Path(model_dir), cfg)
+
+    def _from_gguf(self, path: Path, cfg: LlamaConfig) -> None:
+        from hexswarm.model.gguf import open_gguf
+        from hexswarm.runtime.gguf_vocab import tokenizer_from_gguf
+
+        ckpt = open_gguf(path)
+        self._tok = tokenizer_from_gguf(ckpt)
+        self.chat_template = ckpt.chat_template
+        self.bos_id = cfg.bos_token_id
+        self.add_bos = bool(ckpt.meta("tokenizer.ggml.add_bos_token", False))
+        self.eos_ids = frozenset(cfg.eos_token_ids)
+        self.bos_text = self._tok.id_to_token(self.bos_id) if self.bos_id is not None else None
+        self.eos_text = self._tok.id_to_token(cfg.eos_token_ids[0]) if cfg.eos_token_ids else None
+
+    def _from_folder(self, d: Path, cfg: LlamaConfig) -> None:
         from tokenizers import Tokenizer
 
-        d = Path(model_dir)
         path = d / "tokenizer.json"
         if not path.is_file():
             raise UserError(f"{path} is missing (hexswarm reads the fast tokenizer file)")
@@ -53,6 +77,7 @@ class TextTokenizer:
         if eos_text is not None and self._tok.token_to_id(eos_text) is not None:
             eos.add(self._tok.token_to_id(eos_text))
         self.eos_ids = frozenset(eos)
+        self.bos_text, self.eos_text = bos_text, eos_text
 
     def encode(self, text: str) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=True).ids

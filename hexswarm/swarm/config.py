@@ -233,7 +233,7 @@ class NodeConfig:
     key_file: Path | None = field(default=None, metadata=_key(_optional_path, "node key (default <data_dir>/node.key)"))
     bootstrap: list[str] = field(default_factory=list, metadata=_key(_multiaddrs(True), "peers to join through"))
     swarm: str = field(default="default", metadata=_key(_swarm_name, "swarm name; other swarms are ignored"))
-    model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder"))
+    model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder or .gguf file"))
     devices: str | list[dict] = field(default="auto", metadata=_key(_devices, "'auto' or a device list"))
     data_dir: Path = field(default=Path("~/.hexswarm"), metadata=_key(_path, "probe cache and default key folder"))
     allow_peers: list[str] | None = field(default=None, metadata=_key(_peer_ids, "PeerID allowlist"))
@@ -258,6 +258,8 @@ class NodeConfig:
                                                                   "take with max_batch: auto"))
     max_step_tokens: int = field(default=512, metadata=_key(_positive_int, "tokens in one engine step: decode rows "
                                                             "plus prompt chunks (chunked prefill)"))
+    quantize: str | None = field(default=None, metadata=_key(_choice(None, "none", "int8", "int4"), "weights kept "
+                                                             "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "
                                                               "its own process (auto: on CUDA)"))
     micro_batches: int = field(default=0, metadata=_key(_non_negative_int, "steps in flight on a pipeline (0: one per "

@@ -27,7 +27,8 @@ def serve_settings(config: NodeConfig, devices):
     return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
                          max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens,
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
-                         engine_process={"auto": None, "on": True, "off": False}[config.engine_process])
+                         engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
+                         quantize=config.quantize)
 
 
 def head_settings(config: NodeConfig):

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import UserError, first_leaf
+from hexswarm.runtime.chat import ChatTemplate
 from hexswarm.swarm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hexswarm.swarm.metrics import EntryMetrics
 
@@ -210,58 +211,6 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
-class ChatTemplate:
-    """The checkpoint's chat template (tokenizer_config.json `chat_template`, or chat_template.jinja / .json),
-    rendered in jinja2's immutable sandbox as transformers renders it."""
-
-    def __init__(self, model_dir: str | Path):
-        d = Path(model_dir)
-        tcfg = _read_json(d / "tokenizer_config.json")
-        source = tcfg.get("chat_template")
-        if source is None and (d / "chat_template.jinja").is_file():
-            source = (d / "chat_template.jinja").read_text()
-        if source is None and (d / "chat_template.json").is_file():
-            source = _read_json(d / "chat_template.json").get("chat_template")
-        if isinstance(source, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-            source = named.get("default") or next(iter(named.values()), None)
-        self.source = source if isinstance(source, str) and source else None
-        self.bos = _token_text(tcfg.get("bos_token"))
-        self.eos = _token_text(tcfg.get("eos_token"))
-        self._compiled = None
-
-    def _template(self):
-        if self._compiled is None:
-            from jinja2 import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(message: str):
-                raise TemplateError(message)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                                  sort_keys=sort_keys)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-            self._compiled = env.from_string(self.source)
-        return self._compiled
-
-    def render(self, messages: list[dict]) -> str:
-        if self.source is None:
-            raise bad("messages", "this model's checkpoint has no chat template; use /v1/completions")
-        from jinja2 import TemplateError
-
-        try:
-            return self._template().render(messages=messages, add_generation_prompt=True, bos_token=self.bos,
-                                           eos_token=self.eos, tools=None, documents=None)
-        except TemplateError as e:
-            raise bad("messages", f"the chat template refused these messages: {e}") from None
-
-
 # --- the ASGI application ----------------------------------------------------------------------------------
 
 
@@ -323,7 +272,8 @@ class HttpApi:
         self.metrics = metrics
         self.token = token
         self.model_name = Path(server.settings.model_dir).name if server is not None else None
-        self.chat = ChatTemplate(server.settings.model_dir) if server is not None else None
+        # a HF folder's or a GGUF's template, in jinja2's sandbox (hexswarm.runtime.chat)
+        self.chat = ChatTemplate.for_model(server.settings.model_dir) if server is not None else None
         self.created = int(time.time())
         self.serve_fn = None  # SubmitService.serve before `instrument` wrapped it (set by serve_http)
 
@@ -456,7 +406,10 @@ class HttpApi:
 
     def _prompt(self, req: dict, chat: bool) -> str:
         if chat:
-            text = self.chat.render(parse_messages(req.get("messages")))
+            try:
+                text = self.chat.render(parse_messages(req.get("messages")))
+            except UserError as e:
+                raise bad("messages", str(e)) from None
             # The template may write the BOS token itself; the tokenizer adds one too: keep one.
             bos = self.chat.bos
             if bos and text.startswith(bos):

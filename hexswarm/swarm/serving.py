@@ -15,17 +15,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
+from hexswarm.model.source import model_fingerprint
 from hexswarm.net.protocols import BUSY, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
@@ -54,11 +53,6 @@ def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, Sw
     if layout.model != model_id:
         raise ProtocolError("layout for another model")
     return obj["type"], layout
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Peers serve the same model when their config.json files are byte-identical."""
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ class ServeSettings:
     max_step_tokens: int = 512
     micro_batches: int = 0  # 0: one per pipeline stage
     engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
+    quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
     gpu_memory_fraction: float = 0.9
 
 
@@ -74,7 +75,7 @@ class StageSet:
         st = replica[si]
         s = self.settings
         spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
-                         s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus)
+                         s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus, quantize=s.quantize)
         if s.max_batch == 0:
             slots = self.slots(spec) if s.device == "cuda" else 8
             spec = StageSpec(**{**spec.__dict__, "n_slots": slots})

@@ -1,0 +1,152 @@
+"""Weight-only quantized linear layers: int8 and int4 with per-group scales along the input dim.
+
+One format family, converted once at load, serves both GGUF files and `--quantize`:
+
+* int8: `qweight` int8 [N, K], `scale` fp16 [N, K/32]; w = scale * q.  This *is* GGUF Q8_0
+  (a block = one fp16 scale + 32 int8), so a Q8_0 tensor is taken over without loss.
+* int4: `qweight` uint8 [N, K/2], `scale` fp16 [N, K/32] and, when asymmetric, `offset` fp16
+  [N, K/32]: w = scale * q + offset (GGUF Q4_1, and `--quantize int4`), else w = scale * (q - 8)
+  (GGUF Q4_0); q in [0, 15].  Byte j of a group of 32 holds element j (low nibble) and element
+  j + 16 (high nibble): GGUF's layout, so Q4_0 / Q4_1 blocks are copied as they are and
+  dequantize bit for bit as llama.cpp's (even the sign of zero).
+
+`QuantLinear.__call__(x, bias)` is the one linear op the layers call (`linear()` below picks
+it or `F.linear` for a dense weight).  On CUDA with Triton it runs the fused dequantize-GEMV
+kernel for up to `GEMV_MAX_ROWS` rows (decode) and dequantize-then-GEMM above (prefill);
+elsewhere it dequantizes in torch (the reference every kernel is checked against).
+See docs/DECISIONS.md for why this format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hexswarm.errors import UserError
+
+from hexswarm.model.quant_format import GGUF_KEPT_TYPES, GROUP, QUANT_MODES
+
+GEMV_MAX_ROWS = 16  # decode batches up to this many rows read the packed weights directly
+
+
+class QuantLinear(nn.Module):
+    """A [N, K] weight held quantized; `bits` 8 or 4, groups of 32 along K."""
+
+    def __init__(self, bits: int, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None):
+        super().__init__()
+        if bits not in (8, 4):
+            raise ValueError(f"bits must be 8 or 4, got {bits}")
+        self.bits = bits
+        self.out_features = qweight.shape[0]
+        self.in_features = scale.shape[1] * GROUP
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+        self.register_buffer("offset", offset)
+
+    @property
+    def kind(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, out={self.out_features}, in={self.in_features}, group={GROUP}"
+
+    # ---- reference (torch) ----------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense [N, K] weight, computed in float32 as llama.cpp's dequantizers do."""
+        N, K = self.out_features, self.in_features
+        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        q = q.view(N, K // GROUP, GROUP).float()
+        if self.bits == 4 and self.offset is None:
+            q = q - 8.0
+        w = q * self.scale.float()[..., None]
+        if self.offset is not None:
+            w = w + self.offset.float()[..., None]
+        return w.view(N, K).to(dtype)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            from hexswarm.model import quant_kernels
+
+            if quant_kernels.AVAILABLE:
+                rows = x.numel() // self.in_features
+                try:
+                    if rows <= GEMV_MAX_ROWS:
+                        return quant_kernels.gemv(x, self, bias)
+                    return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # a Triton build that cannot compile them: serve slower, not fail
+                    quant_kernels.disable(e)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def from_gguf_blocks(cls, raw: torch.Tensor, kind: str, k: int) -> "QuantLinear":
+        """Rows of GGUF blocks (uint8 [N, K/32 * block bytes]) of type Q8_0, Q4_0 or Q4_1."""
+        if kind not in GGUF_KEPT_TYPES:
+            raise UserError(f"GGUF type {kind} is not kept quantized (only {', '.join(GGUF_KEPT_TYPES)})")
+        n, groups = raw.shape[0], k // GROUP
+        blocks = raw.reshape(n, groups, -1)
+        scale = blocks[..., 0:2].contiguous().view(torch.float16).reshape(n, groups)
+        if kind == "Q8_0":
+            return cls(8, blocks[..., 2:].contiguous().view(torch.int8).reshape(n, k), scale, None)
+        if kind == "Q4_1":  # w = d * q + m
+            offset = blocks[..., 2:4].contiguous().view(torch.float16).reshape(n, groups)
+            packed = blocks[..., 4:]
+        else:  # Q4_0: w = d * (q - 8)
+            offset = None
+            packed = blocks[..., 2:]
+        return cls(4, packed.contiguous().reshape(n, k // 2), scale, offset)
+
+    @staticmethod
+    def cat(parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """Row-wise concatenation (fused QKV / gate-up); None when the formats differ."""
+        if len(parts) == 1:
+            return parts[0]
+        if len({(p.bits, p.in_features, p.offset is None) for p in parts}) != 1:
+            return None
+        offset = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
+        return QuantLinear(parts[0].bits, torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]),
+                           offset)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] in the group layout above -> uint8 [N, K] values 0..15."""
+    n = packed.shape[0]
+    g = packed.view(n, -1, GROUP // 2)
+    return torch.cat([g & 0x0F, g >> 4], dim=-1).view(n, -1)
+
+
+def quantize(weight: torch.Tensor, mode: str) -> QuantLinear:
+    """Quantize a dense [N, K] weight (K a multiple of 32) as llama.cpp quantizes Q8_0 / Q4_1."""
+    if mode not in QUANT_MODES:
+        raise UserError(f"quantize must be one of {', '.join(QUANT_MODES)}, got {mode!r}")
+    n, k = weight.shape
+    if k % GROUP:
+        raise UserError(f"cannot quantize a weight with {k} input features (not a multiple of {GROUP})")
+    w = weight.detach().float().view(n, k // GROUP, GROUP)
+    if mode == "int8":
+        amax = w.abs().amax(-1)
+        scale = (amax / 127.0).half()
+        inv = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(amax))
+        q = torch.round(w * inv[..., None]).clamp(-127, 127).to(torch.int8)
+        return QuantLinear(8, q.view(n, k), scale, None)
+    lo, hi = w.amin(-1), w.amax(-1)
+    scale = ((hi - lo) / 15.0).half()
+    offset = lo.half()
+    inv = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(lo))
+    q = torch.round((w - offset.float()[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
+    packed = q[..., : GROUP // 2] | (q[..., GROUP // 2:] << 4)
+    return QuantLinear(4, packed.reshape(n, k // 2).contiguous(), scale, offset)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a dense weight or a QuantLinear: the one linear op of the layers."""
+    if isinstance(weight, QuantLinear):
+        return weight(x, bias)
+    return F.linear(x, weight, bias)
