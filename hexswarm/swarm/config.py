@@ -144,7 +144,7 @@ def _devices(raw: Any, base: Path) -> str | list[dict]:
 def _choice(*allowed: str) -> Callable[[Any, Path], str]:
     def parse(raw: Any, base: Path) -> str:
         if raw not in allowed:
-            raise _BadValue(f"expected one of {', '.join(allowed)}, got {raw!r}")
+            raise _BadValue(f"expected one of {', '.join(map(str, allowed))}, got {raw!r}")
         return raw
 
     return parse
