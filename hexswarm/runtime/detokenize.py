@@ -30,6 +30,20 @@ BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 MAX_PENDING = 8
 
 
+def byte_tokens(tokenizer) -> frozenset[int]:
+    """Ids of the tokenizer's byte-fallback tokens (<0x..>), found once per tokenizer: a scan of the
+    vocabulary per request cost a busy entry node milliseconds of its event loop each time."""
+    found = getattr(tokenizer, "_byte_tokens", None)
+    if found is None:
+        vocab = tokenizer.vocab() if hasattr(tokenizer, "vocab") else {}
+        found = frozenset(i for piece, i in vocab.items() if BYTE_TOKEN.fullmatch(piece))
+        try:
+            tokenizer._byte_tokens = found
+        except AttributeError:  # a tokenizer that takes no attributes: scanned each time
+            pass
+    return found
+
+
 class IncrementalDetokenizer:
     """`push(token_id)` returns the text that token adds (possibly ""); `flush()` the held-back rest.
 
@@ -37,8 +51,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        vocab = tokenizer.vocab() if hasattr(tokenizer, "vocab") else {}
-        self.byte_tokens = frozenset(i for piece, i in vocab.items() if BYTE_TOKEN.fullmatch(piece))
+        self.byte_tokens = byte_tokens(tokenizer)
         self._silent_cache: dict[int, bool] = {}
         self.tokens: list[int] = []
         self.prefix_offset = 0
