@@ -107,7 +107,7 @@ class ReplicaPlanner:
 
     def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool) -> StageCost:
         h = self.cluster.hosts[host]
-        key = (kind, h.intra, tp, layers, first, last)
+        key = (h.kind(kind), h.intra, tp, layers, first, last)  # the kind itself: calibrations differ per device
         if key not in self._stage_costs:
             self._stage_costs[key] = self.cost.stage(h.kind(kind), tp, layers, h.intra, first=first, last=last, batch=self.batch)
         return self._stage_costs[key]
@@ -117,9 +117,9 @@ class ReplicaPlanner:
     def curve(self, u: _Unit) -> tuple[np.ndarray, np.ndarray]:
         """(busy time, fits in memory) for l = 0..L layers on this TP unit."""
         host = self.cluster.hosts[u.host]
-        key = (u.kind, host.intra, u.tp, u.first, u.last)
+        kind = host.kind(u.kind)
+        key = (kind, host.intra, u.tp, u.first, u.last)
         if key not in self._curves:
-            kind = host.kind(u.kind)
             busy = np.full(self.L + 1, INF)
             fits = np.zeros(self.L + 1, dtype=bool)
             steps = self.cost.decode_steps
