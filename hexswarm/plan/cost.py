@@ -123,19 +123,17 @@ class RooflineCostModel:
         # The prefill pass already yields the first token.
         return max(0, round(self.output_len) - 1)
 
-    def _roofline(self, kind: GpuKind, flops: float, nbytes: float) -> float:
-        return max(flops / (kind.tflops * 1e12 * self.compute_efficiency), nbytes / (kind.mem_bw_Bps * self.bandwidth_efficiency))
-
     def analytic_step_s(self, kind: GpuKind, tp: int, layers: int, *, last: bool, shape: StepShape) -> float:
         """Roofline time of one step on the stage's leader, without TP all-reduces and calibration."""
-        m, B = self.model, self.model.bytes_per_param
-        # Matmuls: 2 FLOPs per weight per new token; attention: QK^T and AV, 4 q_size FLOPs per (token, context) pair.
-        flops = layers * (2 * m.params_per_layer * shape.new_tokens + 4 * shape.attn_pairs * m.q_size) / tp
-        nbytes = layers * (m.params_per_layer * B / tp + shape.kv_tokens * m.kv_bytes_per_token_per_layer(tp))
-        t = self._roofline(kind, flops, nbytes)
-        if last:  # final norm + lm_head on the leader: logits of the last position of each row
-            t += self._roofline(kind, 2 * shape.rows_out * m.head_params, m.head_params * B)
-        return t
+        return self.step_model(kind, tp, layers, None, last).analytic_s(shape)
+
+    def step_s(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, last: bool, shape: StepShape) -> float:
+        """One engine step on the stage: compute/memory roofline (calibrated), plus two all-reduces per layer."""
+        return self.step_model(kind, tp, layers, intra, last).seconds(shape)
+
+    def step_model(self, kind: GpuKind, tp: int, layers: int, intra: Link | None, last: bool) -> "StageStepModel":
+        """The stage's step time as a few coefficients (cached: the simulator asks once per step)."""
+        return _step_model(self.analytic_core(), kind, tp, layers, intra, last)
 
     def calibration_scale(self, kind: GpuKind, shape: StepShape) -> float:
         """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps."""
@@ -146,13 +144,8 @@ class RooflineCostModel:
         return (shape.decode_rows * dec + shape.prefill_tokens * prefill_ratio) / shape.new_tokens
 
     def analytic_core(self) -> "RooflineCostModel":
-        """This model with the workload fields normalised: the key of the per-device calibration ratios."""
+        """This model with the workload fields normalised: the key of per-stage step models and calibration ratios."""
         return replace(self, prompt_len=1.0, output_len=1.0, max_context=1, max_batch=1)
-
-    def step_s(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, last: bool, shape: StepShape) -> float:
-        """One engine step on the stage: compute/memory roofline (calibrated), plus two all-reduces per layer."""
-        t = self.analytic_step_s(kind, tp, layers, last=last, shape=shape) * self.calibration_scale(kind, shape)
-        return t + 2 * layers * ring_allreduce_s(intra, tp, shape.new_tokens * self.model.hidden_size * self.model.bytes_per_param)
 
     def stage(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, first: bool, last: bool, batch: int = 1) -> StageCost:
         ctx = self.prompt_len + self.output_len / 2  # mean context over the generation
@@ -184,6 +177,59 @@ class RooflineCostModel:
 
     def token_return(self, link: Link, *, batch: int = 1) -> float:
         return link.transfer_s(8 * batch)  # int64 token ids, last stage -> first
+
+
+@dataclass(frozen=True)
+class StageStepModel:
+    """Step time of one stage, reduced to coefficients of the step's shape:
+    max(flops_per_token * tokens + flops_per_pair * pairs, weight_bytes + kv_bytes_per_token * kv_tokens) / rates,
+    plus lm_head on the last stage, times the calibration scale, plus the TP all-reduces."""
+
+    cost: RooflineCostModel
+    kind: GpuKind
+    flops_per_token: float
+    flops_per_pair: float
+    weight_bytes: float
+    kv_bytes_per_token: float
+    flops_rate: float
+    bytes_rate: float
+    head_flops_per_row: float  # 0 unless the stage holds lm_head
+    head_bytes: float
+    allreduce: tuple[float, float]  # (fixed, per new token) seconds of the stage's all-reduces
+
+    def analytic_s(self, shape: StepShape) -> float:
+        t = max((self.flops_per_token * shape.new_tokens + self.flops_per_pair * shape.attn_pairs) / self.flops_rate,
+                (self.weight_bytes + self.kv_bytes_per_token * shape.kv_tokens) / self.bytes_rate)
+        if self.head_bytes:
+            t += max(self.head_flops_per_row * shape.rows_out / self.flops_rate, self.head_bytes / self.bytes_rate)
+        return t
+
+    def seconds(self, shape: StepShape) -> float:
+        t = self.analytic_s(shape)
+        if self.kind.calibration is not None:
+            t *= self.cost.calibration_scale(self.kind, shape)
+        fixed, per_token = self.allreduce
+        return t + (fixed + per_token * shape.new_tokens if fixed or per_token else 0.0)
+
+
+@lru_cache(maxsize=65536)
+def _step_model(core: RooflineCostModel, kind: GpuKind, tp: int, layers: int, intra: Link | None, last: bool) -> StageStepModel:
+    m, B = core.model, core.model.bytes_per_param
+    P = m.params_per_layer
+    if intra is None or tp <= 1:
+        allreduce = (0.0, 0.0)
+    else:  # 2 per layer, each a ring of 2(tp-1) steps of (latency + bytes/tp / bandwidth)
+        allreduce = (2 * layers * 2 * (tp - 1) * intra.latency_s,
+                     2 * layers * 2 * (tp - 1) * m.hidden_size * B / (tp * intra.bandwidth_Bps))
+    return StageStepModel(
+        cost=core, kind=kind,
+        # Matmuls: 2 FLOPs per weight per new token; attention: QK^T and AV, 4 q_size FLOPs per (token, context) pair.
+        flops_per_token=layers * 2 * P / tp, flops_per_pair=layers * 4 * m.q_size / tp,
+        weight_bytes=layers * P * B / tp, kv_bytes_per_token=layers * m.kv_bytes_per_token_per_layer(tp),
+        flops_rate=kind.tflops * 1e12 * core.compute_efficiency, bytes_rate=kind.mem_bw_Bps * core.bandwidth_efficiency,
+        head_flops_per_row=2 * m.head_params if last else 0.0, head_bytes=m.head_params * B if last else 0.0,
+        allreduce=allreduce,
+    )
 
 
 @lru_cache(maxsize=256)

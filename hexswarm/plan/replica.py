@@ -44,7 +44,7 @@ class PlannedStage:
     layer_start: int
     layer_end: int
     cost: StageCost
-    busy_s: float  # prefill + decode_steps * decode: how long one request occupies the stage
+    busy_s: float  # (prefill + decode_steps * decode) at max_batch rows / max_batch: stage time per request
 
     @property
     def layers(self) -> int:
@@ -56,8 +56,8 @@ class ReplicaLayout:
     stages: tuple[PlannedStage, ...]
     hops: tuple[HopCost, ...]
     token_return_s: float
-    latency_s: float  # unloaded end-to-end time of one request
-    bottleneck_s: float  # max stage busy time: 1/throughput of the pipeline
+    latency_s: float  # unloaded end-to-end time of one request (alone: batch 1)
+    bottleneck_s: float  # max stage busy time per request at full batch: 1/throughput of the pipeline (req/s)
 
     @property
     def hetero_config(self) -> list[int]:
@@ -105,17 +105,19 @@ class ReplicaPlanner:
         self._memo: dict[Group, ReplicaLayout | None] = {}
         self._stage_costs: dict[tuple, StageCost] = {}
 
-    def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool) -> StageCost:
+    def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool, batch: int | None = None) -> StageCost:
+        """Stage time at ``batch`` rows (default: the replica's max_batch); memory always for max_batch slots."""
         h = self.cluster.hosts[host]
-        key = (h.kind(kind), h.intra, tp, layers, first, last)  # the kind itself: calibrations differ per device
+        batch = self.batch if batch is None else batch
+        key = (h.kind(kind), h.intra, tp, layers, first, last, batch)  # the kind itself: calibrations differ per device
         if key not in self._stage_costs:
-            self._stage_costs[key] = self.cost.stage(h.kind(kind), tp, layers, h.intra, first=first, last=last, batch=self.batch)
+            self._stage_costs[key] = self.cost.stage(h.kind(kind), tp, layers, h.intra, first=first, last=last, batch=batch)
         return self._stage_costs[key]
 
     # ---- per-stage curves over layer counts ----
 
     def curve(self, u: _Unit) -> tuple[np.ndarray, np.ndarray]:
-        """(busy time, fits in memory) for l = 0..L layers on this TP unit."""
+        """(busy time per request at full batch, fits in memory) for l = 0..L layers on this TP unit."""
         host = self.cluster.hosts[u.host]
         kind = host.kind(u.kind)
         key = (kind, host.intra, u.tp, u.first, u.last)
@@ -125,7 +127,7 @@ class ReplicaPlanner:
             steps = self.cost.decode_steps
             for l in range(1, self.L + 1):
                 c = self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last)
-                busy[l] = c.busy_s(steps)
+                busy[l] = c.busy_s(steps) / self.batch
                 fits[l] = c.memory_bytes <= kind.memory_bytes
             self._curves[key] = (busy, fits)
         return self._curves[key]
@@ -142,7 +144,7 @@ class ReplicaPlanner:
     def _intra_hop(self, u: _Unit) -> float:
         intra = self.cluster.hosts[u.host].intra
         h = self.cost.hop(intra, u.tp, intra, batch=self.batch)
-        return h.prefill_s + self.cost.decode_steps * h.decode_s
+        return (h.prefill_s + self.cost.decode_steps * h.decode_s) / self.batch
 
     # ---- block = all GPUs of one kind on one host in this group ----
 
@@ -180,7 +182,7 @@ class ReplicaPlanner:
 
     def _hop_weight(self, a: int, b: int) -> float:
         h = self.cost.hop(self.cluster.link(a, b), 1, self.cluster.hosts[b].intra, batch=self.batch)
-        return h.prefill_s + self.cost.decode_steps * (h.decode_s + self.cluster.link(a, b).latency_s)
+        return (h.prefill_s + self.cost.decode_steps * (h.decode_s + self.cluster.link(a, b).latency_s)) / self.batch
 
     def host_cycle(self, hosts: list[int]) -> list[int]:
         """Hosts in a cycle of small total hop cost (exact up to 7 hosts, else nearest neighbour + 2-opt)."""
@@ -268,23 +270,29 @@ class ReplicaPlanner:
         yield [units[i] for i in sorted(ranked)]
 
     def layout(self, stages: list[tuple[int, str, int, int]]) -> ReplicaLayout | None:
-        """Cost a given pipeline [(host, kind, tp, layers), ...]; None if a GPU runs out of memory."""
+        """Cost a given pipeline [(host, kind, tp, layers), ...]; None if a GPU runs out of memory.
+        Stage costs are at the replica's max_batch (throughput); the latency is of one request alone."""
         if not stages or sum(s[3] for s in stages) != self.L or any(s[3] < 1 for s in stages):
             return None
-        out, start = [], 0
+        out, alone, start = [], [], 0
         steps = self.cost.decode_steps
         for i, (h, k, d, l) in enumerate(stages):
-            c = self.stage_cost(h, k, d, l, i == 0, i == len(stages) - 1)
+            first, last = i == 0, i == len(stages) - 1
+            c = self.stage_cost(h, k, d, l, first, last)
             if c.memory_bytes > self.cluster.hosts[h].kind(k).memory_bytes:
                 return None
-            out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps)))
+            out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps) / self.batch))
+            alone.append(self.stage_cost(h, k, d, l, first, last, batch=1))
             start += l
-        hops = tuple(
-            self.cost.hop(self.cluster.link(a.host, b.host), b.tp, self.cluster.hosts[b.host].intra, batch=self.batch)
-            for a, b in zip(out, out[1:])
-        )
+
+        def hops_at(batch: int) -> tuple[HopCost, ...]:
+            return tuple(self.cost.hop(self.cluster.link(a.host, b.host), b.tp, self.cluster.hosts[b.host].intra, batch=batch)
+                         for a, b in zip(out, out[1:]))
+
+        hops = hops_at(self.batch)
         ret = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=self.batch)
-        latency = request_latency_s(self.cost, [s.cost for s in out], list(hops), ret)
+        ret_alone = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=1)
+        latency = request_latency_s(self.cost, alone, list(hops_at(1)), ret_alone)
         return ReplicaLayout(tuple(out), hops, ret, latency, max(s.busy_s for s in out))
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from hexswarm.plan.cluster import GIB, Cluster
 from hexswarm.plan.replica import ReplicaLayout
-from hexswarm.plan.simulator import SimResult
+from hexswarm.plan.batching_sim import BatchSimResult
 from hexswarm.plan.workload import Workload
 
 
@@ -82,7 +82,7 @@ class Plan:
     replicas: tuple[ReplicaPlacement, ...]
     layouts: tuple[ReplicaLayout, ...]  # the same replicas as the cost model sees them
     unused_gpus: tuple[tuple[str, str, tuple[int, ...]], ...]  # (host, kind, ordinals)
-    predicted: SimResult
+    predicted: BatchSimResult  # step-level continuous batching
     candidates_scored: int
 
     def to_json(self) -> dict[str, Any]:
