@@ -1,7 +1,8 @@
 """Measured engine speed of one device on the served model, as the planner uses it.
 
-A node times its own engine (``hexswarm.swarm.calibrate``): the whole model on
-one device, a decode step at a few batch sizes (at a known context length) and
+A node times its own engine (``hexswarm.swarm.calibrate``): the model's first
+``layers`` layers (all when they fit) with embedding and lm_head on one device,
+a decode step at a few batch sizes (at a known context length) and
 a prefill. The planner does not use these numbers directly as stage times,
 because a stage holds only some layers, maybe at a TP degree: it divides each
 measurement by what the analytic roofline predicts for the same run, and
@@ -17,6 +18,7 @@ Wire / dict form (what the node gossips in its record's ``calibration`` field;
      "context": 160,                 # tokens of context per row during the decode steps
      "prefill_tokens_per_s": 21000.0,  # prompt tokens per second, batch 1
      "prompt": 128,                  # prompt length of the prefill measurement
+     "layers": 32,                   # layers measured (with embedding and lm_head); optional, 0 or absent: all
      "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "<fingerprint>"}   # informational
 """
 
@@ -42,6 +44,7 @@ class Calibration:
     context: int  # context tokens per row during the decode measurement
     prefill_tokens_per_s: float
     prompt: int  # prompt tokens of the prefill measurement
+    layers: int = 0  # layers measured, with embedding and lm_head (0: all of the model's)
     device: str = ""
     dtype: str = ""
     model: str = ""
@@ -56,7 +59,7 @@ class Calibration:
 
     def to_json(self) -> dict[str, Any]:
         return {"decode": [[b, t] for b, t in self.decode], "context": self.context,
-                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt, "layers": self.layers,
                 "device": self.device, "dtype": self.dtype, "model": self.model}
 
 
@@ -118,6 +121,7 @@ def parse_calibration(d: Any) -> Calibration:
         context=_positive_int(d.get("context"), "calibration context", 1 << 22),
         prefill_tokens_per_s=_positive_number(d.get("prefill_tokens_per_s"), "prefill_tokens_per_s"),
         prompt=_positive_int(d.get("prompt"), "calibration prompt", 1 << 22),
+        layers=0 if d.get("layers") in (None, 0) else _positive_int(d.get("layers"), "calibration layers", 1 << 12),
         device=_text(d.get("device"), "calibration device"),
         dtype=_text(d.get("dtype"), "calibration dtype"),
         model=_text(d.get("model"), "calibration model"),

@@ -235,10 +235,11 @@ def _step_model(core: RooflineCostModel, kind: GpuKind, tp: int, layers: int, in
 @lru_cache(maxsize=256)
 def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[float], list[float], float]:
     """(batches, measured/analytic decode ratio per batch, measured/analytic prefill ratio) of a
-    calibrated device: the measurement ran the whole model at TP 1 on it."""
+    calibrated device: the measurement ran the first ``cal.layers`` layers (all when 0) with
+    embedding and lm_head at TP 1 on it."""
     cal = kind.calibration
     assert cal is not None
-    L = core.model.num_layers
+    L = min(cal.layers, core.model.num_layers) if cal.layers else core.model.num_layers
     batches = [float(b) for b, _ in cal.decode]
     ratios = [t / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.decode(b, cal.context)) for b, t in cal.decode]
     prefill = cal.prefill_s / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.prefill(1, cal.prompt))

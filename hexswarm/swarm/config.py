@@ -243,6 +243,10 @@ class NodeConfig:
     )
     max_batch: int = field(default=8, metadata=_key(_positive_int, "KV-cache slots: requests in flight per pipeline"))
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
+    calibrate: bool = field(
+        default=True, metadata=_key(_bool, "time the engine on this device and model at start (cached in data_dir) and "
+                                          "announce it to the planner")
+    )
     term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
     serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))
     swarm_owner: str | None = field(
