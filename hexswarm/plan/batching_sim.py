@@ -205,22 +205,28 @@ def _capacity(timer: StepTimer, max_batch: int, prompt: float, steps: float) -> 
 
 def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
                       seed: int = 0, max_batch: int | None = None, step_tokens: int = 2048,
-                      arrivals: list[float] | None = None) -> BatchSimResult:
-    """Serve Poisson arrivals (or the given arrival times) on the replicas; deterministic for a seed.
+                      closed_loop: int | None = None) -> BatchSimResult:
+    """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
+    Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
+    send a request, and the next one as soon as the answer is complete (a benchmark at concurrency c).
     ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
-    n = workload.num_requests if arrivals is None else len(arrivals)
-    times: list[float] = []
+    n = workload.num_requests
+    times: list[float] = [math.inf] * n
     prompts, outputs = [], []
     t = 0.0
     for k in range(n):
-        if arrivals is None:
+        if closed_loop is None:
             t += rng.expovariate(workload.rate)
-        times.append(t if arrivals is None else arrivals[k])
+            times[k] = t
         prompts.append(workload.prompt.sample(rng))
         outputs.append(workload.output.sample(rng))
+    if closed_loop is not None:
+        times[:closed_loop] = [0.0] * min(n, closed_loop)
+    pending = [(times[k], k) for k in range(n) if times[k] < math.inf]  # heap of (arrival, id)
+    issued = len(pending)
     if not replicas or n == 0:
         return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0.0, math.inf, math.inf, math.inf, math.inf, 0)
     steps = [cost.with_lengths(p, o).decode_steps for p, o in zip(prompts, outputs)]
@@ -246,7 +252,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 heapq.heappush(events, (now, order, r, m))
 
     def launch(r: int, m: int, now: float) -> None:
-        nonlocal order
+        nonlocal order, issued
         rep = reps[r]
         if rep.free_at[0] > now + 1e-15:  # stage 0 still busy: decide the step when it starts
             order += 1
@@ -308,24 +314,26 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         for q in finished:
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
+            if closed_loop is not None and issued < n:  # that client sends its next request
+                times[issued] = token_t
+                heapq.heappush(pending, (token_t, issued))
+                issued += 1
         rep.members[m] = [q for q in mine if q not in finished]
         order += 1
         heapq.heappush(events, (token_t + timer.return_s(len(emitting) + len(chunks)), order, r, m))
 
-    def run_until(limit: float) -> None:
-        while events and events[0][0] <= limit:
+    heapq.heapify(pending)
+    while pending or events:
+        if pending and (not events or pending[0][0] <= events[0][0]):  # arrivals first at equal times
+            now, rid = heapq.heappop(pending)
+            best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
+            rep = reps[best]
+            rep.waiting.append(rid)
+            rep.in_system += 1
+            wake(best, now)
+        else:
             now, _, r, m = heapq.heappop(events)
             launch(r, m, now)
-
-    for rid in range(n):
-        now = times[rid]
-        run_until(now)
-        best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
-        rep = reps[best]
-        rep.waiting.append(rid)
-        rep.in_system += 1
-        wake(best, now)
-    run_until(math.inf)
 
     lat = sorted(last[r] - times[r] for r in range(n))
     ttft = sorted(first[r] - times[r] for r in range(n))
