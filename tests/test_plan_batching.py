@@ -129,7 +129,7 @@ def test_batching_simulator_batches_decode_and_pipelines_stages():
 
 
 def test_planner_takes_a_larger_max_batch_when_the_rate_needs_it_and_memory_allows():
-    quick = PlanOptions(sim_requests=60, final_requests=200, ga=GaSettings(generations=2))
+    quick = PlanOptions(final_requests=200, ga=GaSettings(generations=2))
     cluster = cluster_from_yaml_dict({"hosts": [{"name": "a", "gpus": {"H100": 1}}]})
     slow = plan_cluster(cluster, LLAMA7, rate=0.2, slo_s=2.0, options=quick)
     fast = plan_cluster(cluster, LLAMA7, rate=20.0, slo_s=2.0, options=quick)

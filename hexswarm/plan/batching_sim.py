@@ -91,7 +91,8 @@ class RooflineTimer:
         hosts = [cluster.hosts[s.host] for s in st]
         self._stages = [cost.step_model(h.kind(s.kind), s.tp, s.layers, h.intra, i == len(st) - 1)
                         for i, (s, h) in enumerate(zip(st, hosts))]
-        self._hops = [(cluster.link(a.host, b.host), b.tp, cluster.hosts[b.host].intra) for a, b in zip(st, st[1:])]
+        self._hops = [cost.hop_coefficients(cluster.link(a.host, b.host), b.tp, cluster.hosts[b.host].intra)
+                      for a, b in zip(st, st[1:])]
         self._return = cluster.link(st[-1].host, st[0].host) if len(st) > 1 else None
 
     def stages(self) -> int:
@@ -101,8 +102,8 @@ class RooflineTimer:
         return self._stages[i].seconds(shape)
 
     def hop_s(self, i: int, shape: StepShape) -> float:
-        link, tp_next, intra_next = self._hops[i]
-        return self.cost.activation_hop_s(link, tp_next, intra_next, shape.new_tokens)
+        fixed, per_token = self._hops[i]
+        return fixed + per_token * shape.new_tokens
 
     def return_s(self, rows: float) -> float:
         return 0.0 if self._return is None else self._return.transfer_s(8 * rows)

@@ -13,7 +13,7 @@ Two models share one interface (``CostModel``) so that the search runs on either
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Protocol
 
 from hexswarm.plan.calibration import interp_log
@@ -143,9 +143,13 @@ class RooflineCostModel:
         dec = interp_log(batches, decode_ratio, max(shape.decode_rows, 1.0))
         return (shape.decode_rows * dec + shape.prefill_tokens * prefill_ratio) / shape.new_tokens
 
+    @cached_property
+    def _core(self) -> "RooflineCostModel":
+        return replace(self, prompt_len=1.0, output_len=1.0, max_context=1, max_batch=1)
+
     def analytic_core(self) -> "RooflineCostModel":
         """This model with the workload fields normalised: the key of per-stage step models and calibration ratios."""
-        return replace(self, prompt_len=1.0, output_len=1.0, max_context=1, max_batch=1)
+        return self._core
 
     def stage(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, first: bool, last: bool, batch: int = 1) -> StageCost:
         ctx = self.prompt_len + self.output_len / 2  # mean context over the generation
@@ -167,9 +171,16 @@ class RooflineCostModel:
 
     def activation_hop_s(self, link: Link, tp_next: int, intra_next: Link, tokens: float) -> float:
         """Activations of ``tokens`` new tokens, leader to leader, then broadcast inside the next TP group."""
-        nbytes = self.model.hidden_size * self.model.bytes_per_param * tokens
-        fan_out = (tp_next - 1) * intra_next.latency_s + nbytes / intra_next.bandwidth_Bps if tp_next > 1 else 0.0
-        return link.transfer_s(nbytes) + fan_out
+        fixed, per_token = self.hop_coefficients(link, tp_next, intra_next)
+        return fixed + per_token * tokens
+
+    def hop_coefficients(self, link: Link, tp_next: int, intra_next: Link) -> tuple[float, float]:
+        """(seconds, seconds per token) of a hop: it is linear in the tokens sent."""
+        token_bytes = self.model.hidden_size * self.model.bytes_per_param
+        if tp_next <= 1:
+            return link.latency_s, token_bytes / link.bandwidth_Bps
+        return (link.latency_s + (tp_next - 1) * intra_next.latency_s,
+                token_bytes / link.bandwidth_Bps + token_bytes / intra_next.bandwidth_Bps)
 
     def hop(self, link: Link, tp_next: int, intra_next: Link, *, batch: int = 1) -> HopCost:
         return HopCost(self.activation_hop_s(link, tp_next, intra_next, batch * self.prompt_len),

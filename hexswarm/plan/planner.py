@@ -9,8 +9,9 @@ runs out or decode turns compute-bound).
 ``rate`` defaults to 70% of the estimated capacity (sum of 1/bottleneck) of the
 first seed grouping at that max_batch, ``slo_s`` to twice the median unloaded
 latency of its replicas; all three are reported in the plan. The search scores
-candidates with the fluid simulator; the final plan's prediction comes from the
-step-level continuous-batching simulator (``batching_sim``)."""
+candidates with a closed-form queueing estimate (``queueing``); the final
+plan's prediction comes from the step-level continuous-batching simulator
+(``batching_sim``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from hexswarm.plan.replica import ReplicaLayout, ReplicaPlanner
 from hexswarm.plan.result import Plan, place
 from hexswarm.plan.search import Counts, GaSettings, Mutator, Partition, canonical, genetic_search
 from hexswarm.plan.batching_sim import simulate_batching
-from hexswarm.plan.simulator import simulate
+from hexswarm.plan.queueing import estimate
 from hexswarm.plan.workload import LengthDist, Workload
 
 DEFAULT_RATE_SHARE = 0.7
@@ -42,8 +43,7 @@ class PlanOptions:
     prompt: LengthDist = LengthDist.constant(32)
     output: LengthDist = LengthDist.constant(128)
     max_batch: int | None = None  # KV slots per replica (requests held at once); None: the planner chooses
-    sim_requests: int = 400  # per fitness evaluation (more with many replicas)
-    final_requests: int = 2000
+    final_requests: int = 1000  # simulated for the chosen plan's prediction (more with many replicas)
     ga: GaSettings = field(default_factory=GaSettings)
     symmetric: bool = False  # HexGen's symmetric baseline: one TP degree and an even split per replica
 
@@ -157,20 +157,20 @@ class Planner:
         latencies = sorted(lay.latency_s for lay in lays)
         return rate, DEFAULT_SLO_SCALE * latencies[len(latencies) // 2]
 
-    def sim_workload(self, workload: Workload, replicas: int, final: bool) -> Workload:
-        base = self.options.final_requests if final else self.options.sim_requests
-        n = max(base, (100 if final else 30) * replicas)
-        return Workload(workload.rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
-
-    def evaluate(self, part: Partition, workload: Workload, seed: int):
-        """Fluid-simulator score of a candidate (fast, for the search)."""
+    def fitness(self, part: Partition, workload: Workload) -> tuple[float, float]:
+        """(SLO attainment, -mean latency) from the closed-form queueing estimate; -1 when nothing fits."""
         lays = self.layouts(part)
-        return simulate(self.cluster, self.cost, lays, self.sim_workload(workload, len(lays), False), seed=seed)
+        if not lays:
+            return (-1.0, 0.0)
+        e = estimate(lays, self.max_batch, workload.rate, workload.slo_s)
+        return (e.slo_attainment, -e.mean_s)
 
     def predict(self, part: Partition, workload: Workload, seed: int):
         """Step-level continuous-batching prediction of the chosen plan."""
         lays = self.layouts(part)
-        return simulate_batching(self.cluster, self.cost, lays, self.sim_workload(workload, len(lays), True), seed=seed)
+        n = max(self.options.final_requests, 100 * len(lays))
+        work = Workload(workload.rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
+        return simulate_batching(self.cluster, self.cost, lays, work, seed=seed)
 
     def plan(self, *, rate: float | None = None, slo_s: float | None = None, seed: int = 0) -> Plan:
         rng = random.Random(seed)
@@ -185,13 +185,7 @@ class Planner:
         workload = Workload(d_rate if rate is None else rate, d_slo if slo_s is None else slo_s, o.prompt, o.output,
                             self.max_batch)
 
-        def fitness(part: Partition) -> tuple[float, float]:
-            if not self.layouts(part):
-                return (-1.0, 0.0)
-            r = self.evaluate(part, workload, seed)
-            return (r.slo_attainment, -r.mean_s)
-
-        best, _, scored = genetic_search(seeds, fitness, Mutator(self.cluster, rng), o.ga)
+        best, _, scored = genetic_search(seeds, lambda part: self.fitness(part, workload), Mutator(self.cluster, rng), o.ga)
         lays = self.layouts(best)
         placements, unused = place(self.cluster, lays)
         return Plan(self.model.name, self.cluster.name, seed, workload, tuple(placements), tuple(lays), tuple(unused),

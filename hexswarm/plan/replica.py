@@ -104,6 +104,9 @@ class ReplicaPlanner:
         self._curves: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._memo: dict[Group, ReplicaLayout | None] = {}
         self._stage_costs: dict[tuple, StageCost] = {}
+        self._units: dict[tuple, Table] = {}
+        self._plains: dict[tuple, list[Table]] = {}
+        self._blocks: dict[tuple, Table] = {}
 
     def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool, batch: int | None = None) -> StageCost:
         """Stage time at ``batch`` rows (default: the replica's max_batch); memory always for max_batch slots."""
@@ -133,6 +136,12 @@ class ReplicaPlanner:
         return self._curves[key]
 
     def _unit_table(self, u: _Unit, op: str, bound: float) -> Table:
+        key = (u, op, bound)
+        if key not in self._units:
+            self._units[key] = self._make_unit_table(u, op, bound)
+        return self._units[key]
+
+    def _make_unit_table(self, u: _Unit, op: str, bound: float) -> Table:
         busy, fits = self.curve(u)
         ok = fits & (busy <= bound)
         if op == "max":
@@ -149,15 +158,30 @@ class ReplicaPlanner:
     # ---- block = all GPUs of one kind on one host in this group ----
 
     def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
+        # The same host block recurs in many groups the search scores (and in every rotation):
+        # the bottleneck pass (bound = INF) reuses its table; the latency pass's bound is per group.
+        key = (host, kind, n, first, last, op, bound)
+        table = self._blocks.get(key)
+        if table is None:
+            table = self._blocks[key] = self._block_table(host, kind, n, first, last, op, bound)
+        return table
+
+    def _plain(self, host: int, kind: str, n: int, op: str, bound: float) -> list[Table]:
+        """plain[g] for g = 0..n: the best use of at most g GPUs of the block, no embedding/lm_head."""
+        plain = self._plains.setdefault((host, kind, op, bound), [empty(self.L)])
+        for g in range(len(plain), n + 1):
+            opts = [plain[g - 1]] + [combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False), op, bound), op)
+                                     for d in self.degrees if d <= g]
+            plain.append(best_of(opts))
+        return plain
+
+    def _block_table(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
         degrees = [d for d in self.degrees if d <= n]
 
         def unit(d: int, holds_embedding: bool, holds_head: bool) -> Table:
             return self._unit_table(_Unit(host, kind, d, holds_embedding, holds_head), op, bound)
 
-        plain = [empty(self.L)]
-        for g in range(1, n + 1):  # plain[g]: best use of at most g GPUs, no embedding/lm_head
-            opts = [plain[g - 1]] + [combine(plain[g - d], unit(d, False, False), op) for d in degrees if d <= g]
-            plain.append(best_of(opts))
+        plain = self._plain(host, kind, n, op, bound)
         if not first and not last:
             return plain[n]
         if first and last:  # a one-block replica: one stage holds both ends, or two stages do

@@ -17,7 +17,7 @@ from hexswarm.swarm.layout import StageAssignment
 
 DEFAULT_LINK = {"rtt_s": 2e-3, "bandwidth_Bps": 1e9}
 # The swarm re-plans on every view change: a short search is enough for a few peers.
-SWARM_PLAN_OPTIONS = PlanOptions(sim_requests=200, final_requests=400)
+SWARM_PLAN_OPTIONS = PlanOptions(final_requests=400)
 
 
 def _links(peers) -> dict[tuple[str, str], dict]:
