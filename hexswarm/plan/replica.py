@@ -107,6 +107,7 @@ class ReplicaPlanner:
         self._units: dict[tuple, Table] = {}
         self._plains: dict[tuple, list[Table]] = {}
         self._blocks: dict[tuple, Table] = {}
+        self._cycles: dict[tuple[int, ...], list[int]] = {}
 
     def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool, batch: int | None = None) -> StageCost:
         """Stage time at ``batch`` rows (default: the replica's max_batch); memory always for max_batch slots."""
@@ -125,30 +126,37 @@ class ReplicaPlanner:
         kind = host.kind(u.kind)
         key = (kind, host.intra, u.tp, u.first, u.last)
         if key not in self._curves:
-            busy = np.full(self.L + 1, INF)
-            fits = np.zeros(self.L + 1, dtype=bool)
+            # Stage time and memory are affine in the layer count (per-layer terms plus the ends and the
+            # reserve): two costed points give the whole curve, checked against the full stage.
             steps = self.cost.decode_steps
-            for l in range(1, self.L + 1):
-                c = self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last)
-                busy[l] = c.busy_s(steps) / self.batch
-                fits[l] = c.memory_bytes <= kind.memory_bytes
+            one, two, full = (self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last) for l in (1, 2, self.L))
+            layers = np.arange(self.L + 1, dtype=float)
+            b1, b2 = one.busy_s(steps), two.busy_s(steps)
+            busy = (b1 + (layers - 1) * (b2 - b1)) / self.batch
+            memory = one.memory_bytes + (layers - 1) * (two.memory_bytes - one.memory_bytes)
+            assert abs(busy[self.L] * self.batch - full.busy_s(steps)) <= 1e-9 * max(1.0, full.busy_s(steps)), "non-affine stage cost"
+            busy[0] = INF
+            fits = memory <= kind.memory_bytes
+            fits[0] = False
             self._curves[key] = (busy, fits)
         return self._curves[key]
 
-    def _unit_table(self, u: _Unit, op: str, bound: float) -> Table:
-        key = (u, op, bound)
-        if key not in self._units:
-            self._units[key] = self._make_unit_table(u, op, bound)
-        return self._units[key]
-
-    def _make_unit_table(self, u: _Unit, op: str, bound: float) -> Table:
+    def _limit(self, u: _Unit, bound: float) -> int:
+        """The most layers this unit may take: it must fit and stay within ``bound``. Busy time grows and
+        the memory headroom shrinks with the layers, so the allowed layer counts are exactly 1..limit."""
         busy, fits = self.curve(u)
-        ok = fits & (busy <= bound)
-        if op == "max":
-            values = np.where(ok, busy, INF)
-        else:  # the hop into the stage, so that extra stages are not free
-            values = np.where(ok, busy + self._intra_hop(u), INF)
-        return leaf(values, u)
+        return int(np.count_nonzero(fits & (busy <= bound)))
+
+    def _unit_table(self, u: _Unit, op: str, bound: float) -> Table:
+        limit = self._limit(u, bound)
+        key = (u, op, limit)  # by limit, not bound: groups with different bounds share tables
+        if key not in self._units:
+            busy, _ = self.curve(u)
+            values = np.full(self.L + 1, INF)
+            # sum: the hop into the stage is charged, so that extra stages are not free
+            values[1:limit + 1] = busy[1:limit + 1] + (self._intra_hop(u) if op == "sum" else 0.0)
+            self._units[key] = leaf(values, u)
+        return self._units[key]
 
     def _intra_hop(self, u: _Unit) -> float:
         intra = self.cluster.hosts[u.host].intra
@@ -158,17 +166,22 @@ class ReplicaPlanner:
     # ---- block = all GPUs of one kind on one host in this group ----
 
     def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
-        # The same host block recurs in many groups the search scores (and in every rotation):
-        # the bottleneck pass (bound = INF) reuses its table; the latency pass's bound is per group.
-        key = (host, kind, n, first, last, op, bound)
+        # The same host block recurs in many groups the search scores (and in every rotation). A table
+        # depends on the bound only through its units' layer limits, so it is keyed by those.
+        ends = [(e, h) for e, h in ((True, True), (True, False), (False, True)) if (e or h) and (e <= first and h <= last)]
+        limits = tuple(self._limit(_Unit(host, kind, d, e, h), bound) for d in self.degrees if d <= n for e, h in ends)
+        key = (host, kind, n, first, last, op, self._plain_limits(host, kind, bound), limits)
         table = self._blocks.get(key)
         if table is None:
             table = self._blocks[key] = self._block_table(host, kind, n, first, last, op, bound)
         return table
 
+    def _plain_limits(self, host: int, kind: str, bound: float) -> tuple[int, ...]:
+        return tuple(self._limit(_Unit(host, kind, d, False, False), bound) for d in self.degrees)
+
     def _plain(self, host: int, kind: str, n: int, op: str, bound: float) -> list[Table]:
         """plain[g] for g = 0..n: the best use of at most g GPUs of the block, no embedding/lm_head."""
-        plain = self._plains.setdefault((host, kind, op, bound), [empty(self.L)])
+        plain = self._plains.setdefault((host, kind, op, self._plain_limits(host, kind, bound)), [empty(self.L)])
         for g in range(len(plain), n + 1):
             opts = [plain[g - 1]] + [combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False), op, bound), op)
                                      for d in self.degrees if d <= g]
@@ -209,32 +222,44 @@ class ReplicaPlanner:
         return (h.prefill_s + self.cost.decode_steps * (h.decode_s + self.cluster.link(a, b).latency_s)) / self.batch
 
     def host_cycle(self, hosts: list[int]) -> list[int]:
-        """Hosts in a cycle of small total hop cost (exact up to 7 hosts, else nearest neighbour + 2-opt)."""
+        """Hosts in a cycle of small total hop cost (exact up to 7 hosts, else nearest neighbour + 2-opt).
+        Cached per host set: the search meets the same hosts in many groups."""
+        key = tuple(hosts)
+        if key not in self._cycles:
+            self._cycles[key] = self._host_cycle(list(hosts))
+        return list(self._cycles[key])
+
+    def _host_cycle(self, hosts: list[int]) -> list[int]:
         if len(hosts) <= 2:
-            return list(hosts)
-        w = {(a, b): self._hop_weight(a, b) for a in hosts for b in hosts if a != b}
-
-        def cycle_cost(order: list[int]) -> float:
-            return sum(w[(order[i], order[(i + 1) % len(order)])] for i in range(len(order)))
-
-        if len(hosts) <= 7:
-            best = min((list((hosts[0],) + p) for p in itertools.permutations(hosts[1:])), key=cycle_cost)
-            return best
-        order = [hosts[0]]
-        rest = list(hosts[1:])
+            return hosts
+        n = len(hosts)
+        w = np.array([[self._hop_weight(a, b) if a != b else 0.0 for b in hosts] for a in hosts])
+        if n <= 7:  # every order with hosts[0] first, costed at once; argmin keeps the first minimum
+            perms = np.array([(0,) + p for p in itertools.permutations(range(1, n))])
+            costs = w[perms, np.roll(perms, -1, axis=1)].sum(axis=1)
+            return [hosts[i] for i in perms[int(np.argmin(costs))]]
+        order = [0]
+        rest = list(range(1, n))
         while rest:
-            nxt = min(rest, key=lambda b: (w[(order[-1], b)], b))
+            nxt = min(rest, key=lambda b: (w[order[-1], b], hosts[b]))
             order.append(nxt)
             rest.remove(nxt)
+
+        def cycle_cost(o: list[int]) -> float:
+            idx = np.array(o)
+            return float(w[idx, np.roll(idx, -1)].sum())
+
+        cost = cycle_cost(order)
         improved = True
         while improved:
             improved = False
-            for i in range(1, len(order) - 1):
-                for j in range(i + 1, len(order)):
+            for i in range(1, n - 1):
+                for j in range(i + 1, n):
                     cand = order[:i] + order[i:j + 1][::-1] + order[j + 1:]
-                    if cycle_cost(cand) < cycle_cost(order) - 1e-12:
-                        order, improved = cand, True
-        return order
+                    c = cycle_cost(cand)
+                    if c < cost - 1e-12:
+                        order, cost, improved = cand, c, True
+        return [hosts[i] for i in order]
 
     def _rotations(self, group: Group) -> list[list[tuple[int, str, int]]]:
         by_host: dict[int, list[tuple[int, str, int]]] = {}
