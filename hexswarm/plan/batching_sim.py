@@ -302,16 +302,20 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             rep.free_at[i] = end
             at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
         token_t = at
+        finished: list[_Request] = []
         for q in emitting:
             q.context += 1
             q.steps_left -= 1
             last[q.rid] = token_t
+            if q.steps_left <= 0:
+                finished.append(q)
         for q, c in chunks:
             q.prompt_left -= c
             q.context += c
             if q.prompt_left == 0:  # the prompt's last chunk yields the first token
                 first[q.rid] = last[q.rid] = token_t
-        finished = [q for q in mine if q.prompt_left == 0 and q.steps_left <= 0 and last[q.rid] == token_t]
+                if q.steps_left <= 0:
+                    finished.append(q)
         for q in finished:
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
@@ -319,7 +323,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 times[issued] = token_t
                 heapq.heappush(pending, (token_t, issued))
                 issued += 1
-        rep.members[m] = [q for q in mine if q not in finished]
+        if finished:
+            done = {id(q) for q in finished}
+            rep.members[m] = [q for q in mine if id(q) not in done]
         order += 1
         heapq.heappush(events, (token_t + timer.return_s(len(emitting) + len(chunks)), order, r, m))
 

@@ -108,6 +108,7 @@ class ReplicaPlanner:
         self._plains: dict[tuple, list[Table]] = {}
         self._blocks: dict[tuple, Table] = {}
         self._cycles: dict[tuple[int, ...], list[int]] = {}
+        self._limits: dict[tuple[_Unit, float], int] = {}
 
     def stage_cost(self, host: int, kind: str, tp: int, layers: int, first: bool, last: bool, batch: int | None = None) -> StageCost:
         """Stage time at ``batch`` rows (default: the replica's max_batch); memory always for max_batch slots."""
@@ -144,8 +145,12 @@ class ReplicaPlanner:
     def _limit(self, u: _Unit, bound: float) -> int:
         """The most layers this unit may take: it must fit and stay within ``bound``. Busy time grows and
         the memory headroom shrinks with the layers, so the allowed layer counts are exactly 1..limit."""
-        busy, fits = self.curve(u)
-        return int(np.count_nonzero(fits & (busy <= bound)))
+        key = (u, bound)
+        limit = self._limits.get(key)
+        if limit is None:
+            busy, fits = self.curve(u)
+            limit = self._limits[key] = int(np.count_nonzero(fits & (busy <= bound)))
+        return limit
 
     def _unit_table(self, u: _Unit, op: str, bound: float) -> Table:
         limit = self._limit(u, bound)
