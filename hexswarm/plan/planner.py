@@ -4,7 +4,7 @@
 
 ``max_batch`` (the requests a replica holds: its KV slots) is chosen unless the
 options fix it: the smallest power of two whose first-seed capacity serves the
-rate at <= 50% load, else the one past which capacity stops growing (memory
+rate at <= 30% load, else the one past which capacity stops growing (memory
 runs out or decode turns compute-bound).
 ``rate`` defaults to 70% of the estimated capacity (sum of 1/bottleneck) of the
 first seed grouping at that max_batch, ``slo_s`` to twice the median unloaded
@@ -35,7 +35,7 @@ DEFAULT_SLO_SCALE = 2.0
 SEED_HEADROOMS = (1.15, 1.5, 2.0, 3.0)  # group memory / one replica's memory, for the packed seeds
 MAX_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CAPACITY_GAIN = 1.1  # a doubled max_batch must add 10% capacity to be worth its KV memory and latency
-BATCH_CHOICE_LOAD = 0.5  # choose max_batch so the rate is at most half the capacity: queueing stays short
+BATCH_CHOICE_LOAD = 0.3  # choose max_batch so the rate is at most 30% of the capacity: waits for a slot stay rare
 
 
 @dataclass(frozen=True)
@@ -110,30 +110,34 @@ class Planner:
         self.base_cost = cost or RooflineCostModel.for_workload(model, shape)
         if isinstance(self.base_cost, RooflineCostModel):
             check_fits(cluster, model, self.base_cost)
+        self._replica_planners: dict[int, ReplicaPlanner] = {}
         self.use_max_batch(options.max_batch or 1)
 
     def use_max_batch(self, max_batch: int) -> None:
         """Cost and lay out replicas that hold ``max_batch`` requests each."""
         self.max_batch = max_batch
         self.cost = self.base_cost.with_max_batch(max_batch) if isinstance(self.base_cost, RooflineCostModel) else self.base_cost
-        self.replicas = ReplicaPlanner(self.cluster, self.cost, batch=max_batch, symmetric=self.options.symmetric)
+        if max_batch not in self._replica_planners:  # kept: the choice of max_batch tries several
+            self._replica_planners[max_batch] = ReplicaPlanner(self.cluster, self.cost, batch=max_batch,
+                                                               symmetric=self.options.symmetric)
+        self.replicas = self._replica_planners[max_batch]
 
     def capacity_rps(self, part: Partition) -> float:
-        return sum(1.0 / lay.bottleneck_s for lay in self.layouts(part))
+        return sum(lay.capacity_rps for lay in self.layouts(part))
 
     def choose_max_batch(self, seed_part: Partition, rate: float | None) -> int:
-        """The smallest max_batch whose capacity on ``seed_part`` carries ``rate`` at 50% load; without
-        a rate (or when none does) the largest that still adds CAPACITY_GAIN and fits in memory."""
-        best, best_capacity = 1, self.capacity_rps(seed_part)
-        for b in MAX_BATCH_CHOICES[1:]:
-            if rate is not None and BATCH_CHOICE_LOAD * best_capacity >= rate:
-                break
+        """The smallest max_batch whose capacity on ``seed_part`` carries ``rate`` at 30% load; without
+        a rate (or when none does) the smallest within CAPACITY_GAIN of the best that fits in memory."""
+        capacities: dict[int, float] = {}
+        for b in MAX_BATCH_CHOICES:
             self.use_max_batch(b)
-            capacity = self.capacity_rps(seed_part)
-            if capacity < CAPACITY_GAIN * best_capacity:
-                break
-            best, best_capacity = b, capacity
-        return best
+            capacities[b] = self.capacity_rps(seed_part)
+            if rate is not None and BATCH_CHOICE_LOAD * capacities[b] >= rate:
+                return b
+            if capacities[b] < max(capacities.values()) / CAPACITY_GAIN:
+                break  # the KV cache now takes memory the layers need
+        top = max(capacities.values())
+        return min(b for b, c in capacities.items() if c * CAPACITY_GAIN >= top)
 
     def layouts(self, part: Partition) -> list[ReplicaLayout]:
         return [lay for g in part if (lay := self.replicas.best(g)) is not None]
@@ -153,7 +157,7 @@ class Planner:
         lays = self.layouts(seed_part)
         if not lays:
             return 1.0, 1.0
-        rate = DEFAULT_RATE_SHARE * sum(1.0 / lay.bottleneck_s for lay in lays)
+        rate = DEFAULT_RATE_SHARE * sum(lay.capacity_rps for lay in lays)
         latencies = sorted(lay.latency_s for lay in lays)
         return rate, DEFAULT_SLO_SCALE * latencies[len(latencies) // 2]
 

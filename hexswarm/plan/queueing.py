@@ -4,10 +4,11 @@ The search scores ~1000 partitions; simulating each (even the fluid model)
 dominated planning time on large clusters. Here each replica is an M/G/B
 queue, which is what continuous batching makes it: ``B`` = max_batch slots,
 a request holds a slot for its whole generation, and the replica completes
-``mu = 1/bottleneck`` requests per second when every slot is busy. So a slot
-serves ``mu / B`` requests/s and a request's time in a slot is
-``S(rho) = l1 + rho * (lB - l1)``: the unloaded latency ``l1`` at light load,
-the full-batch latency ``lB = B / mu`` at full load.
+``mu`` requests per second when every slot is busy (``capacity_rps``: the
+bottleneck stage's rate, or ``B / l1`` when too few slots keep the stages
+busy). So a slot serves ``mu / B`` requests/s and a request's time in a slot
+is ``S(rho) = l1 + rho * (lB - l1)``: the unloaded latency ``l1`` at light
+load, the full-batch latency ``lB = B / mu`` at full load.
 
 Arrivals split over replicas in proportion to capacity (what the dispatcher's
 join-the-shortest-expected-queue does at steady state). The wait for a slot
@@ -49,9 +50,9 @@ def estimate(replicas: list[ReplicaLayout], max_batch: int, rate: float, slo_s: 
     """SLO attainment and mean latency of Poisson ``rate`` over ``replicas`` that hold ``max_batch`` each."""
     if not replicas:
         return QueueEstimate(0.0, math.inf)
-    mu = np.array([1.0 / max(r.bottleneck_s, 1e-12) for r in replicas])
     l1 = np.array([r.latency_s for r in replicas])
-    lb = np.maximum(l1, max_batch / mu)
+    lb = np.maximum(l1, max_batch * np.array([r.bottleneck_s for r in replicas]))
+    mu = max_batch / lb  # = ReplicaLayout.capacity_rps
     rho = rate / mu.sum()
     if rho >= 1.0:
         return QueueEstimate(0.0, float(l1.mean() + OVERLOAD_PENALTY_S * rho))

@@ -44,7 +44,7 @@ class PlannedStage:
     layer_start: int
     layer_end: int
     cost: StageCost
-    busy_s: float  # (prefill + decode_steps * decode) at max_batch rows / max_batch: stage time per request
+    busy_s: float  # (prefill + decode_steps * decode) at micro-batch rows / rows: stage time per request
 
     @property
     def layers(self) -> int:
@@ -58,6 +58,13 @@ class ReplicaLayout:
     token_return_s: float
     latency_s: float  # unloaded end-to-end time of one request (alone: batch 1)
     bottleneck_s: float  # max stage busy time per request at full batch: 1/throughput of the pipeline (req/s)
+    max_batch: int = 1  # requests the replica holds at once (KV slots)
+
+    @property
+    def capacity_rps(self) -> float:
+        """Requests/s when every slot is busy: the bottleneck stage's rate, unless too few slots keep
+        the stages busy (max_batch requests per unloaded latency at most)."""
+        return min(1.0 / max(self.bottleneck_s, 1e-12), self.max_batch / max(self.latency_s, 1e-12))
 
     @property
     def hetero_config(self) -> list[int]:
@@ -88,6 +95,13 @@ class _Unit:
     tp: int
     first: bool
     last: bool
+    rows: int = 1  # micro-batch rows a step of this stage carries (max_batch / stages)
+
+
+def micro_batch_rows(max_batch: int, stages: int) -> int:
+    """Rows per step: the replica's slots are spread over one micro-batch per stage (as the runtime does),
+    so each stage reads its weights once per micro-batch: deeper pipelines do not batch more."""
+    return max(1, -(-max_batch // max(1, stages)))
 
 
 class ReplicaPlanner:
@@ -125,17 +139,17 @@ class ReplicaPlanner:
         """(busy time per request at full batch, fits in memory) for l = 0..L layers on this TP unit."""
         host = self.cluster.hosts[u.host]
         kind = host.kind(u.kind)
-        key = (kind, host.intra, u.tp, u.first, u.last)
+        key = (kind, host.intra, u.tp, u.first, u.last, u.rows)
         if key not in self._curves:
             # Stage time and memory are affine in the layer count (per-layer terms plus the ends and the
             # reserve): two costed points give the whole curve, checked against the full stage.
             steps = self.cost.decode_steps
-            one, two, full = (self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last) for l in (1, 2, self.L))
+            one, two, full = (self.stage_cost(u.host, u.kind, u.tp, l, u.first, u.last, batch=u.rows) for l in (1, 2, self.L))
             layers = np.arange(self.L + 1, dtype=float)
             b1, b2 = one.busy_s(steps), two.busy_s(steps)
-            busy = (b1 + (layers - 1) * (b2 - b1)) / self.batch
+            busy = (b1 + (layers - 1) * (b2 - b1)) / u.rows
             memory = one.memory_bytes + (layers - 1) * (two.memory_bytes - one.memory_bytes)
-            assert abs(busy[self.L] * self.batch - full.busy_s(steps)) <= 1e-9 * max(1.0, full.busy_s(steps)), "non-affine stage cost"
+            assert abs(busy[self.L] * u.rows - full.busy_s(steps)) <= 1e-9 * max(1.0, full.busy_s(steps)), "non-affine stage cost"
             busy[0] = INF
             fits = memory <= kind.memory_bytes
             fits[0] = False
@@ -165,41 +179,41 @@ class ReplicaPlanner:
 
     def _intra_hop(self, u: _Unit) -> float:
         intra = self.cluster.hosts[u.host].intra
-        h = self.cost.hop(intra, u.tp, intra, batch=self.batch)
-        return (h.prefill_s + self.cost.decode_steps * h.decode_s) / self.batch
+        h = self.cost.hop(intra, u.tp, intra, batch=u.rows)
+        return (h.prefill_s + self.cost.decode_steps * h.decode_s) / u.rows
 
     # ---- block = all GPUs of one kind on one host in this group ----
 
-    def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
+    def _block(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float, rows: int) -> Table:
         # The same host block recurs in many groups the search scores (and in every rotation). A table
         # depends on the bound only through its units' layer limits, so it is keyed by those.
         ends = [(e, h) for e, h in ((True, True), (True, False), (False, True)) if (e or h) and (e <= first and h <= last)]
-        limits = tuple(self._limit(_Unit(host, kind, d, e, h), bound) for d in self.degrees if d <= n for e, h in ends)
-        key = (host, kind, n, first, last, op, self._plain_limits(host, kind, bound), limits)
+        limits = tuple(self._limit(_Unit(host, kind, d, e, h, rows), bound) for d in self.degrees if d <= n for e, h in ends)
+        key = (host, kind, n, first, last, op, rows, self._plain_limits(host, kind, bound, rows), limits)
         table = self._blocks.get(key)
         if table is None:
-            table = self._blocks[key] = self._block_table(host, kind, n, first, last, op, bound)
+            table = self._blocks[key] = self._block_table(host, kind, n, first, last, op, bound, rows)
         return table
 
-    def _plain_limits(self, host: int, kind: str, bound: float) -> tuple[int, ...]:
-        return tuple(self._limit(_Unit(host, kind, d, False, False), bound) for d in self.degrees)
+    def _plain_limits(self, host: int, kind: str, bound: float, rows: int) -> tuple[int, ...]:
+        return tuple(self._limit(_Unit(host, kind, d, False, False, rows), bound) for d in self.degrees)
 
-    def _plain(self, host: int, kind: str, n: int, op: str, bound: float) -> list[Table]:
+    def _plain(self, host: int, kind: str, n: int, op: str, bound: float, rows: int) -> list[Table]:
         """plain[g] for g = 0..n: the best use of at most g GPUs of the block, no embedding/lm_head."""
-        plain = self._plains.setdefault((host, kind, op, self._plain_limits(host, kind, bound)), [empty(self.L)])
+        plain = self._plains.setdefault((host, kind, op, rows, self._plain_limits(host, kind, bound, rows)), [empty(self.L)])
         for g in range(len(plain), n + 1):
-            opts = [plain[g - 1]] + [combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False), op, bound), op)
+            opts = [plain[g - 1]] + [combine(plain[g - d], self._unit_table(_Unit(host, kind, d, False, False, rows), op, bound), op)
                                      for d in self.degrees if d <= g]
             plain.append(best_of(opts))
         return plain
 
-    def _block_table(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float) -> Table:
+    def _block_table(self, host: int, kind: str, n: int, first: bool, last: bool, op: str, bound: float, rows: int) -> Table:
         degrees = [d for d in self.degrees if d <= n]
 
         def unit(d: int, holds_embedding: bool, holds_head: bool) -> Table:
-            return self._unit_table(_Unit(host, kind, d, holds_embedding, holds_head), op, bound)
+            return self._unit_table(_Unit(host, kind, d, holds_embedding, holds_head, rows), op, bound)
 
-        plain = self._plain(host, kind, n, op, bound)
+        plain = self._plain(host, kind, n, op, bound, rows)
         if not first and not last:
             return plain[n]
         if first and last:  # a one-block replica: one stage holds both ends, or two stages do
@@ -212,10 +226,10 @@ class ReplicaPlanner:
             opts = [combine(plain[n - d], unit(d, False, True), op) for d in degrees]
         return best_of(opts)
 
-    def _chain(self, blocks: list[tuple[int, str, int]], op: str, bound: float) -> Table:
+    def _chain(self, blocks: list[tuple[int, str, int]], op: str, bound: float, rows: int) -> Table:
         table: Table | None = None
         for i, (h, k, n) in enumerate(blocks):
-            t = self._block(h, k, n, i == 0, i == len(blocks) - 1, op, bound)
+            t = self._block(h, k, n, i == 0, i == len(blocks) - 1, op, bound, rows)
             table = t if table is None else combine(table, t, op)
         assert table is not None
         return table
@@ -287,14 +301,29 @@ class ReplicaPlanner:
         return self._memo[group]
 
     def _asymmetric(self, group: Group) -> ReplicaLayout | None:
+        """The DP costs stages at a micro-batch of max_batch / stages rows, which depends on its own
+        answer: start from one stage per block, and redo it once at the stage count it found."""
+        rotations = self._rotations(group)
+        rows = micro_batch_rows(self.batch, len(rotations[0]))
+        best: ReplicaLayout | None = None
+        for _ in range(2):
+            lay = self._asymmetric_at(rotations, rows)
+            if lay is not None and (best is None or (lay.bottleneck_s, lay.latency_s) < (best.bottleneck_s, best.latency_s)):
+                best = lay
+            if lay is None or micro_batch_rows(self.batch, len(lay.stages)) == rows:
+                break
+            rows = micro_batch_rows(self.batch, len(lay.stages))
+        return best
+
+    def _asymmetric_at(self, rotations: list[list[tuple[int, str, int]]], rows: int) -> ReplicaLayout | None:
         best_rot, best_b = None, INF
-        for blocks in self._rotations(group):
-            b = float(self._chain(blocks, "max", INF).values[self.L])
+        for blocks in rotations:
+            b = float(self._chain(blocks, "max", INF, rows).values[self.L])
             if b < best_b:
                 best_rot, best_b = blocks, b
         if best_rot is None:
             return None
-        table = self._chain(best_rot, "sum", best_b * (1 + self.slack) + 1e-12)
+        table = self._chain(best_rot, "sum", best_b * (1 + self.slack) + 1e-12, rows)
         if not np.isfinite(table.values[self.L]):
             return None
         return self.layout([(u.host, u.kind, u.tp, l) for u, l in table.assignment(self.L)])
@@ -318,24 +347,26 @@ class ReplicaPlanner:
             return
         speed = {}
         for h, k in set(units):
-            busy, _ = self.curve(_Unit(h, k, d, False, False))
+            busy, _ = self.curve(_Unit(h, k, d, False, False, micro_batch_rows(self.batch, count)))
             speed[(h, k)] = busy[1]
         ranked = sorted(range(len(units)), key=lambda i: (speed[units[i]], i))[:count]
         yield [units[i] for i in sorted(ranked)]
 
     def layout(self, stages: list[tuple[int, str, int, int]]) -> ReplicaLayout | None:
         """Cost a given pipeline [(host, kind, tp, layers), ...]; None if a GPU runs out of memory.
-        Stage costs are at the replica's max_batch (throughput); the latency is of one request alone."""
+        Stage costs are at a micro-batch (max_batch / stages rows: throughput); the latency is of one
+        request alone."""
         if not stages or sum(s[3] for s in stages) != self.L or any(s[3] < 1 for s in stages):
             return None
         out, alone, start = [], [], 0
         steps = self.cost.decode_steps
+        rows = micro_batch_rows(self.batch, len(stages))
         for i, (h, k, d, l) in enumerate(stages):
             first, last = i == 0, i == len(stages) - 1
-            c = self.stage_cost(h, k, d, l, first, last)
+            c = self.stage_cost(h, k, d, l, first, last, batch=rows)
             if c.memory_bytes > self.cluster.hosts[h].kind(k).memory_bytes:
                 return None
-            out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps) / self.batch))
+            out.append(PlannedStage(h, k, d, start, start + l, c, c.busy_s(steps) / rows))
             alone.append(self.stage_cost(h, k, d, l, first, last, batch=1))
             start += l
 
@@ -343,11 +374,11 @@ class ReplicaPlanner:
             return tuple(self.cost.hop(self.cluster.link(a.host, b.host), b.tp, self.cluster.hosts[b.host].intra, batch=batch)
                          for a, b in zip(out, out[1:]))
 
-        hops = hops_at(self.batch)
-        ret = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=self.batch)
+        hops = hops_at(rows)
+        ret = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=rows)
         ret_alone = self.cost.token_return(self.cluster.link(out[-1].host, out[0].host), batch=1)
         latency = request_latency_s(self.cost, alone, list(hops_at(1)), ret_alone)
-        return ReplicaLayout(tuple(out), hops, ret, latency, max(s.busy_s for s in out))
+        return ReplicaLayout(tuple(out), hops, ret, latency, max(s.busy_s for s in out), self.batch)
 
 
 def _even_split(total: int, parts: int) -> list[int]:
