@@ -52,6 +52,7 @@ def plan_from_view(cfg: LlamaConfig, peers, seed: int = 0) -> tuple[list[list[St
     plan = plan_cluster(cluster, ModelSpec.from_config(cfg, name="swarm-model"), seed=seed, options=SWARM_PLAN_OPTIONS)
     replicas = [[StageAssignment(s.host, s.tp, s.layer_start, s.layer_end, tuple(s.gpus)) for s in r.stages]
                 for r in plan.replicas]
+    # max_batch: the KV slots per replica the plan assumes (the serving layer may adopt it as its max_batch)
     predicted = {"source": "scheduler", "replica_latency_s": [r.latency_s for r in plan.replicas],
-                 **plan.predicted.to_json()}
+                 "max_batch": plan.workload.max_batch, **plan.predicted.to_json()}
     return replicas, predicted
