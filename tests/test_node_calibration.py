@@ -109,3 +109,29 @@ def test_planner_cluster_takes_the_peers_calibration():
     measured, not_measured = cluster.hosts[0].gpus
     assert measured.calibration is not None and measured.calibration.decode_s(32) == pytest.approx(0.007)
     assert not_measured.calibration is None  # measured on the H100 only
+
+
+@pytest.mark.slow
+def test_a_serving_node_measures_and_gossips_its_calibration(tmp_path, tiny_model):
+    from conftest import run_cli
+    from netutil import NodeProcess, query, wait_for, write_config
+
+    a = NodeProcess(write_config(tmp_path, "A", model=str(tiny_model), calibrate=True))
+    b = NodeProcess(write_config(tmp_path, "B"))
+    try:
+        a.start().wait_listening()
+        b.start([a.addr]).wait_listening()
+
+        def calibration_seen_by_b() -> dict | None:
+            reply = query([b.addr]).get(b.addr) or {}
+            return next((p.get("calibration") for p in reply.get("peers", []) if p["peer_id"] == a.peer_id), None)
+
+        assert wait_for(lambda: bool(calibration_seen_by_b()), 90)
+        cal = parse_calibration(calibration_seen_by_b())  # B accepted A's signed record with it
+        assert [b_ for b_, _ in cal.decode] == list(calibrate.DECODE_BATCHES)
+        assert (tmp_path / "A" / calibrate.CACHE_FILE).is_file()
+        shown = run_cli("peers", "--peer", b.addr)
+        assert shown.returncode == 0 and "ms/step" in shown.stdout
+    finally:
+        a.kill()
+        b.kill()
