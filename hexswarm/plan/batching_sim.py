@@ -362,10 +362,22 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
+HORIZON_SLOS = 4  # a rate is judged on at least this many SLOs' worth of arrivals
+MAX_PEAK_REQUESTS = 20_000
+
+
 def peak_rate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
                        target: float = 0.9, seed: int = 0, rel_tol: float = 0.02, max_batch: int | None = None) -> float:
-    """The highest Poisson rate at which SLO attainment stays >= ``target``."""
+    """The highest Poisson rate at which SLO attainment stays >= ``target``.
+
+    A finite run only shows overload once the backlog outgrows the deadline: with many KV slots a
+    short burst is all admitted at once and meets any SLO. So each rate is simulated for at least
+    HORIZON_SLOS deadlines of arrivals and 10 x the slots (capped at MAX_PEAK_REQUESTS)."""
+    slots = (max_batch or workload.max_batch) * len(replicas)
+
     def attainment(rate: float) -> float:
-        return simulate_batching(cluster, cost, replicas, workload.with_rate(rate), seed=seed, max_batch=max_batch).slo_attainment
+        n = max(workload.num_requests, min(MAX_PEAK_REQUESTS, max(math.ceil(rate * HORIZON_SLOS * workload.slo_s), 10 * slots)))
+        work = Workload(rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
+        return simulate_batching(cluster, cost, replicas, work, seed=seed, max_batch=max_batch).slo_attainment
 
     return highest_rate(attainment, workload.rate, target, rel_tol) if replicas else 0.0
