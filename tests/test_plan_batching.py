@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from hexswarm.errors import UserError
 from hexswarm.plan.batching_sim import simulate_batching
 from hexswarm.plan.calibration import Calibration
 from hexswarm.plan.cluster import GIB, GPU_CATALOG, GpuKind, Link
@@ -143,3 +144,19 @@ def test_planner_takes_a_larger_max_batch_when_the_rate_needs_it_and_memory_allo
     stage = capped.replicas[0].stages[0]
     assert 1 <= capped.workload.max_batch <= 8 and stage.memory_bytes <= stage.memory_capacity_bytes
     assert capped.workload.max_batch < fast.workload.max_batch
+
+
+def test_calibrated_h100_predicts_the_measured_engine():
+    # the H100 numbers: 5.68 ms per token alone, ~7.0 ms per step at batch 32 -> ~35 requests/s of 32 + 128
+    doc = {"gpu_kinds": {"H100": {"calibration": {"decode": [[1, 0.00568], [32, 0.0070]], "context": 96,
+                                                  "prefill_tokens_per_s": 20000.0, "prompt": 32}}},
+           "hosts": [{"name": "h", "gpus": {"H100": 1}}]}
+    cluster = cluster_from_yaml_dict(doc)
+    assert cluster.hosts[0].gpus[0].calibration is not None
+    plan = plan_cluster(cluster, LLAMA7, rate=5.0, slo_s=2.0,
+                        options=PlanOptions(max_batch=32, final_requests=100, ga=GaSettings(generations=1)))
+    rep = plan.replicas[0]
+    assert rep.latency_s == pytest.approx(32 / 20000.0 + 127 * 0.00568, rel=0.02)
+    assert rep.capacity_rps == pytest.approx(32 / (128 * 0.0070), rel=0.05)
+    with pytest.raises(UserError, match="calibration"):
+        cluster_from_yaml_dict({"gpu_kinds": {"H100": {"calibration": {"decode": []}}}, "hosts": doc["hosts"]})
