@@ -160,3 +160,18 @@ def test_calibrated_h100_predicts_the_measured_engine():
     assert rep.capacity_rps == pytest.approx(32 / (128 * 0.0070), rel=0.05)
     with pytest.raises(UserError, match="calibration"):
         cluster_from_yaml_dict({"gpu_kinds": {"H100": {"calibration": {"decode": []}}}, "hosts": doc["hosts"]})
+
+
+def test_queueing_fitness_hand_values_and_limits():
+    from hexswarm.plan.queueing import erlang_c, estimate
+
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: P(wait) = rho
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)  # M/M/2 at a = 1 Erlang
+    cluster = cluster_from_yaml_dict({"hosts": [{"name": "a", "gpus": {"H100": 1}}]})
+    cost = RooflineCostModel(LLAMA7, 32, 128, 160, max_batch=32)
+    one = ReplicaPlanner(cluster, cost, batch=32).layout([(0, "H100", 1, 32)])
+    light = estimate([one], 32, 0.01 * one.capacity_rps, 1.5 * one.latency_s)
+    assert light.slo_attainment > 0.99 and light.mean_s == pytest.approx(one.latency_s, rel=0.02)
+    assert estimate([one], 32, 0.9 * one.capacity_rps, 1.5 * one.latency_s).slo_attainment < light.slo_attainment
+    assert estimate([one], 32, 2 * one.capacity_rps, 100.0).slo_attainment == 0.0
+    assert estimate([one, one], 32, 1.5 * one.capacity_rps, 100.0).slo_attainment > 0.9  # two replicas carry it

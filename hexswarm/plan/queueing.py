@@ -35,13 +35,12 @@ class QueueEstimate:
     mean_s: float
 
 
-def erlang_c(servers: np.ndarray, offered: np.ndarray) -> np.ndarray:
-    """Probability that an arrival waits, for ``servers`` slots offered ``offered`` Erlangs (< servers)."""
-    blocking = np.ones_like(offered)
-    top = int(servers.max())
-    for k in range(1, top + 1):  # Erlang B recurrence, frozen per replica once k passes its slot count
-        step = offered * blocking / (k + offered * blocking)
-        blocking = np.where(k <= servers, step, blocking)
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits, for ``servers`` slots offered ``offered`` Erlangs (< servers).
+    Scalar on purpose: the O(servers) recurrence on one float beats numpy's per-call overhead."""
+    blocking = 1.0
+    for k in range(1, servers + 1):  # Erlang B recurrence
+        blocking = offered * blocking / (k + offered * blocking)
     rho = offered / servers
     return blocking / (1.0 - rho * (1.0 - blocking))
 
@@ -57,8 +56,7 @@ def estimate(replicas: list[ReplicaLayout], max_batch: int, rate: float, slo_s: 
     if rho >= 1.0:
         return QueueEstimate(0.0, float(l1.mean() + OVERLOAD_PENALTY_S * rho))
     lam = rate * mu / mu.sum()
-    servers = np.full(len(replicas), float(max_batch))
-    wait_p = erlang_c(servers, lam * lb)
+    wait_p = np.array([erlang_c(max_batch, float(a)) for a in lam * lb])
     service = l1 + rho * (lb - l1)
     spare = mu - lam
     slack = slo_s - service
