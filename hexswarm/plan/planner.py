@@ -122,16 +122,14 @@ class Planner:
                                                                symmetric=self.options.symmetric)
         self.replicas = self._replica_planners[max_batch]
 
-    def capacity_rps(self, part: Partition) -> float:
-        return sum(lay.capacity_rps for lay in self.layouts(part))
-
     def choose_max_batch(self, seed_part: Partition, rate: float | None) -> int:
         """The smallest max_batch whose capacity on ``seed_part`` carries ``rate`` at 30% load; without
         a rate (or when none does) the smallest within CAPACITY_GAIN of the best that fits in memory."""
         capacities: dict[int, float] = {}
         for b in MAX_BATCH_CHOICES:
-            self.use_max_batch(b)
-            capacities[b] = self.capacity_rps(seed_part)
+            cost = self.base_cost.with_max_batch(b)
+            rough = ReplicaPlanner(self.cluster, cost, batch=b, symmetric=self.options.symmetric, quick=True)
+            capacities[b] = sum(lay.capacity_rps for g in seed_part if (lay := rough.best(g)) is not None)
             if rate is not None and BATCH_CHOICE_LOAD * capacities[b] >= rate:
                 return b
             if capacities[b] < max(capacities.values()) / CAPACITY_GAIN:

@@ -30,6 +30,7 @@ from hexswarm.plan.cost import CostModel, HopCost, StageCost, request_latency_s
 from hexswarm.plan.layer_dp import INF, Table, best_of, combine, empty, leaf
 
 Group = tuple[tuple[int, str, int], ...]  # sorted (host index, kind, count)
+MAX_STAGE_COUNT_TRIES = 2  # DP runs per group at different micro-batch sizes
 
 
 def make_group(counts: dict[tuple[int, str], int]) -> Group:
@@ -106,10 +107,11 @@ def micro_batch_rows(max_batch: int, stages: int) -> int:
 
 class ReplicaPlanner:
     def __init__(self, cluster: Cluster, cost: CostModel, *, batch: int = 1, symmetric: bool = False,
-                 slack: float = 0.05, max_rotations: int = 8) -> None:
+                 slack: float = 0.05, max_rotations: int = 8, quick: bool = False) -> None:
         self.cluster = cluster
         self.cost = cost
         self.batch = batch
+        self.quick = quick  # one DP per group at one stage per block (for rough capacity estimates)
         self.symmetric = symmetric
         self.slack = slack
         self.max_rotations = max_rotations
@@ -301,18 +303,31 @@ class ReplicaPlanner:
         return self._memo[group]
 
     def _asymmetric(self, group: Group) -> ReplicaLayout | None:
-        """The DP costs stages at a micro-batch of max_batch / stages rows, which depends on its own
-        answer: start from one stage per block, and redo it once at the stage count it found."""
+        """A stage's time per request depends on the micro-batch, max_batch / stages rows, so on the stage
+        count the DP is choosing. Start from one stage per block; then (unless ``quick``) rerun at the stage
+        count found (or, if that is where it started, at half of it: fewer, wider stages batch more rows per
+        weight read). Two DPs per group keep planning time bounded. Every candidate is costed at its real
+        stage count and the best is kept."""
         rotations = self._rotations(group)
-        rows = micro_batch_rows(self.batch, len(rotations[0]))
+        tried: set[int] = set()
         best: ReplicaLayout | None = None
-        for _ in range(2):
-            lay = self._asymmetric_at(rotations, rows)
-            if lay is not None and (best is None or (lay.bottleneck_s, lay.latency_s) < (best.bottleneck_s, best.latency_s)):
-                best = lay
-            if lay is None or micro_batch_rows(self.batch, len(lay.stages)) == rows:
+        count = len(rotations[0])
+        while True:
+            rows = micro_batch_rows(self.batch, count)
+            if rows in tried:
                 break
-            rows = micro_batch_rows(self.batch, len(lay.stages))
+            tried.add(rows)
+            lay = self._asymmetric_at(rotations, rows)
+            improved = lay is not None and (best is None or (lay.bottleneck_s, lay.latency_s) < (best.bottleneck_s, best.latency_s))
+            if improved:
+                best = lay
+            if self.quick or self.batch == 1 or best is None:
+                break
+            if len(tried) == MAX_STAGE_COUNT_TRIES:
+                break
+            found = len(best.stages)
+            # the DP's own answer costed at its real micro-batch, else fewer, wider stages
+            count = found if micro_batch_rows(self.batch, found) not in tried else max(1, found // 2)
         return best
 
     def _asymmetric_at(self, rotations: list[list[tuple[int, str, int]]], rows: int) -> ReplicaLayout | None:
