@@ -8,7 +8,7 @@ import pytest
 from hexswarm.errors import UserError
 from hexswarm.plan.batching_sim import simulate_batching
 from hexswarm.plan.calibration import Calibration
-from hexswarm.plan.cluster import GIB, GPU_CATALOG, GpuKind, Link
+from hexswarm.plan.cluster import GPU_CATALOG, GpuKind, Link
 from hexswarm.plan.cluster_yaml import cluster_from_yaml_dict
 from hexswarm.plan.cost import PrototypeCostModel, RooflineCostModel, StepShape
 from hexswarm.plan.model_spec import load_model_spec

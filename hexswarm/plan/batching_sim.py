@@ -129,8 +129,7 @@ class PassTimer:
         return self._cache[batch]
 
     def _prompt_share(self, shape: StepShape) -> float:
-        prompt = getattr(self.cost, "prompt_len", None) or getattr(self.cost, "s_in", 1)
-        return shape.prefill_tokens / prompt
+        return shape.prefill_tokens / self.cost.prompt_len
 
     def stages(self) -> int:
         return len(self.layout.stages)

@@ -41,6 +41,7 @@ class HopCost:
 
 class CostModel(Protocol):
     model: ModelSpec
+    prompt_len: float  # mean prompt tokens the stage and hop costs assume
     decode_steps: int  # decode passes per request after the prefill
     max_inflight: int  # micro-batches one replica pipelines at once (each keeps its own KV cache)
 
@@ -287,6 +288,10 @@ class PrototypeCostModel:
     @property
     def decode_steps(self) -> int:
         return self.s_out - self.s_in
+
+    @property
+    def prompt_len(self) -> float:
+        return float(self.s_in)
 
     @property
     def _link(self) -> Link:
