@@ -372,25 +372,24 @@ def test_cli_submit_without_stream_keeps_stdout_clean_and_peers_png(api, tiny_mo
 
 
 def test_peers_picture_draws_every_peer_and_link(tmp_path):
-    import struct
-    import zlib
+    from matplotlib.image import imread
 
-    from hexswarm.swarm.peers_render import links, render_peers_builtin
+    from hexswarm.swarm.peers_render import links, render_peers_png
 
     cpu = {"kind": "cpu", "name": "cpu", "memory_gib": 4}
     gpu = {"kind": "cuda", "name": "H100", "memory_gib": 80}
     reply = {"self": "A", "swarm": "s", "peers": [
-        {"peer_id": "A", "state": "up", "devices": [gpu, gpu], "links": {"B": {"rtt_ms": 1.5, "mbps": 9000}}},
+        {"peer_id": "A", "state": "up", "devices": [gpu, gpu], "links": {"B": {"rtt_ms": 1.5, "mbps": 9000}},
+         "calibration": {"decode": [[1, 0.0057], [32, 0.007]], "context": 128, "prefill_tokens_per_s": 2e4, "prompt": 128}},
         {"peer_id": "B", "state": "up", "devices": [cpu], "links": {"A": {"rtt_ms": 1.4, "mbps": None},
                                                                    "C": {"rtt_ms": 30, "mbps": 100}}},
         {"peer_id": "C", "state": "down", "devices": [], "links": {}},
     ]}
     assert links(reply["peers"]) == [(0, 1, 1.4, 9000), (1, 2, 30, 100)]
     path = tmp_path / "p.png"
-    render_peers_builtin(reply, path)
-    data = path.read_bytes()
-    w, h = struct.unpack(">II", data[16:24])
-    raw = zlib.decompress(data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8])
-    rows = [raw[y * (w * 3 + 1) + 1:(y + 1) * (w * 3 + 1)] for y in range(h)]
-    pixels = {bytes(r[i:i + 3]) for r in rows for i in range(0, len(r), 3)}
-    assert {bytes((44, 160, 44)), bytes((214, 39, 40)), bytes((31, 119, 180)), bytes((255, 127, 14))} <= pixels
+    render_peers_png(reply, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)[:, :, :3]
+    pixels = {tuple(int(round(c * 255)) for c in px) for px in img.reshape(-1, 3)}
+    # up (green) and down (red) frames, and the two device colours (tab10's first two: cpu, H100)
+    assert {(44, 160, 44), (214, 39, 40), (31, 119, 180), (255, 127, 14)} <= pixels

@@ -124,12 +124,23 @@ def _format_devices(devices: list[dict]) -> str:
     return ", ".join(f"{n}x {label}" for label, n in groups.items())
 
 
+def _format_calibration(cal: dict | None) -> str:
+    """The engine's measured speed a peer announces: ms per decode step by batch, prefill tokens/s."""
+    if not isinstance(cal, dict) or not cal.get("decode"):
+        return "-"
+    try:
+        steps = " ".join(f"B{int(b)}:{float(t) * 1e3:.2f}" for b, t in cal["decode"])
+        return f"{steps} ms/step\nprefill {float(cal['prefill_tokens_per_s']):,.0f} tok/s"
+    except (TypeError, ValueError, KeyError):
+        return "?"
+
+
 def _print_table(reply: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"swarm {reply.get('swarm')!r} as seen by {reply.get('self')}")
-    for column in ("PeerID", "addresses", "GPUs", "state", "last seen", "latency"):
+    for column in ("PeerID", "addresses", "GPUs", "engine (measured)", "state", "last seen", "latency"):
         table.add_column(column, overflow="fold")
     for p in reply["peers"]:
         state = p["state"] + (" (self)" if p.get("self") else "")
@@ -139,6 +150,7 @@ def _print_table(reply: dict) -> None:
             p["peer_id"],
             "\n".join(p["addrs"]),
             _format_devices(p["devices"]),
+            _format_calibration(p.get("calibration")),
             f"[{color}]{state}[/{color}]",
             f"{p['last_seen_s']:.1f} s ago",
             latency,
@@ -154,7 +166,7 @@ def peers_command(
         None, "--png", help="Also draw the peers, their GPUs and measured links to this PNG."
     ),
 ) -> None:
-    """Show a running node's peer table (PeerID, addresses, GPUs, state, last seen, latency)."""
+    """Show a running node's peer table (PeerID, addresses, GPUs, measured engine speed, state, last seen, latency)."""
     setup_logging("error")
     from hexswarm.swarm.peers_client import peers_of
 

@@ -60,14 +60,16 @@ def _print_table(plan) -> None:
     for i, rep in enumerate(plan.replicas):
         console.print(
             f"replica {i}: --hetero-config {' '.join(map(str, rep.hetero_config))} "
-            f"--pp-partition {' '.join(map(str, rep.pp_partition))}  (unloaded latency {rep.latency_s:.2f} s)",
+            f"--pp-partition {' '.join(map(str, rep.pp_partition))}  (unloaded latency {rep.latency_s:.2f} s, "
+            f"capacity {rep.capacity_rps:.3g} req/s)",
             soft_wrap=True,
         )
     p, w = plan.predicted, plan.workload
     console.print(
         soft_wrap=True,
-        *[f"predicted at {w.rate:.3g} req/s, SLO {w.slo_s:.3g} s: attainment {p.slo_attainment:.1%}, "
-        f"p50 {p.p50_s:.2f} s, p99 {p.p99_s:.2f} s, throughput {p.throughput_rps:.3g} req/s"],
+        *[f"predicted at {w.rate:.3g} req/s, SLO {w.slo_s:.3g} s, max_batch {w.max_batch} per replica: attainment "
+          f"{p.slo_attainment:.1%}, p50 {p.p50_s:.2f} s, p99 {p.p99_s:.2f} s, TTFT p50 {p.ttft_p50_s * 1e3:.3g} ms, "
+          f"ITL p50 {p.itl_p50_s * 1e3:.3g} ms, {p.tokens_per_s:.4g} tokens/s over {p.num_requests} simulated requests"],
     )
     if plan.unused_gpus:
         console.print("unused: " + "; ".join(f"{h} {k} {','.join(map(str, g))}" for h, k, g in plan.unused_gpus))

@@ -11,18 +11,21 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from hexswarm.errors import UserError
+from hexswarm.plan.calibration import Calibration, CalibrationError, parse_calibration
 
 GIB = 1 << 30
 
 
 @dataclass(frozen=True)
 class GpuKind:
-    """One GPU model: memory, dense fp16 tensor throughput, memory bandwidth."""
+    """One GPU model: memory, dense fp16 tensor throughput, memory bandwidth, and
+    optionally the engine's measured speed on it for the planned model."""
 
     name: str
     memory_bytes: int
     tflops: float  # dense fp16 TFLOP/s
     mem_bw_Bps: float  # bytes/s
+    calibration: Calibration | None = None  # measured by the node itself (see plan/calibration.py)
 
 
 # Datasheet numbers (dense fp16 tensor with fp32 accumulate; HBM/GDDR bandwidth).
@@ -132,7 +135,10 @@ def _gpu_from_dict(d: Mapping[str, Any], where: str) -> GpuKind:
             memory_bytes=int(d["memory_bytes"]),
             tflops=float(d["tflops"]),
             mem_bw_Bps=float(d["mem_bw"]),
+            calibration=parse_calibration(d["calibration"]) if d.get("calibration") else None,
         )
+    except CalibrationError as e:
+        raise UserError(f"{where}: bad calibration: {e}") from None
     except KeyError as e:
         raise UserError(f"{where}: device lacks {e.args[0]!r} (need kind, memory_bytes, tflops, mem_bw)") from None
     except (TypeError, ValueError) as e:
@@ -153,6 +159,7 @@ def cluster_from_peer_table(
         {"devices": [{"kind": "A6000", "memory_bytes": 51539607552,
                       "tflops": 154.8, "mem_bw": 768e9}, ...],   # one entry per GPU
          "region": "eu-west",                 # optional, default "default"
+         # a device may carry "calibration": the engine's measured speed (plan/calibration.py)
          "intra": {"rtt_s": 1e-5, "bandwidth_Bps": 25e9}}     # optional GPU-GPU link inside the peer
 
     ``tflops`` is dense fp16 TFLOP/s, ``mem_bw`` bytes/s. ``links`` maps a pair of

@@ -3,6 +3,8 @@
     name: case-study
     gpu_kinds:                 # optional: kinds missing from the built-in catalog, or overrides
       MyGPU: {memory_gib: 24, tflops: 100, mem_bw_gbyte_s: 900}
+      H100: {calibration: {decode: [[1, 0.00568], [32, 0.0070]], context: 160,   # measured engine speed on
+                           prefill_tokens_per_s: 20000, prompt: 128}}           # a kind (plan/calibration.py)
     network:
       intra_region: {latency_ms: 0.5, gbit_s: 10}
       inter_region: {latency_ms: 10, gbit_s: 1}
@@ -20,10 +22,12 @@ A link gives ``latency_ms`` or ``latency_us``, and ``gbit_s`` or ``gbyte_s``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from hexswarm.errors import UserError
+from hexswarm.plan.calibration import CalibrationError, parse_calibration
 from hexswarm.plan.cluster import DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster, GpuKind, Host, Link, cluster_from_hosts
 
 
@@ -48,15 +52,26 @@ def _link(d: Mapping[str, Any], where: str) -> Link:
 
 
 def _kinds(d: Mapping[str, Any] | None) -> dict[str, GpuKind]:
+    """The catalogue plus the file's kinds; a kind may give only a ``calibration`` (on a catalogue kind)."""
     kinds = dict(GPU_CATALOG)
     for name, spec in (d or {}).items():
+        base = GPU_CATALOG.get(str(name))
         try:
+            if not isinstance(spec, Mapping):
+                raise TypeError(f"expected a mapping, got {spec!r}")
+            calibration = parse_calibration(spec["calibration"]) if spec.get("calibration") else None
+            if base is not None and not {"memory_gib", "tflops", "mem_bw_gbyte_s"} & set(spec):
+                kinds[str(name)] = replace(base, calibration=calibration)
+                continue
             kinds[str(name)] = GpuKind(
                 name=str(name),
                 memory_bytes=int(float(spec["memory_gib"]) * GIB),
                 tflops=float(spec["tflops"]),
                 mem_bw_Bps=float(spec["mem_bw_gbyte_s"]) * 1e9,
+                calibration=calibration,
             )
+        except CalibrationError as e:
+            raise UserError(f"gpu_kinds.{name}.calibration: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"gpu_kinds.{name}: need memory_gib, tflops, mem_bw_gbyte_s ({e})") from None
     return kinds

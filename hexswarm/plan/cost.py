@@ -13,8 +13,10 @@ Two models share one interface (``CostModel``) so that the search runs on either
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property, lru_cache
 from typing import Protocol
 
+from hexswarm.plan.calibration import interp_log
 from hexswarm.plan.cluster import GIB, GpuKind, Link
 from hexswarm.plan.model_spec import ModelSpec
 from hexswarm.plan.workload import Workload
@@ -39,6 +41,7 @@ class HopCost:
 
 class CostModel(Protocol):
     model: ModelSpec
+    prompt_len: float  # mean prompt tokens the stage and hop costs assume
     decode_steps: int  # decode passes per request after the prefill
     max_inflight: int  # micro-batches one replica pipelines at once (each keeps its own KV cache)
 
@@ -59,16 +62,52 @@ def ring_allreduce_s(link: Link, tp: int, nbytes: float) -> float:
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """What one engine step pushes through a stage: decode rows (one new token each) plus
+    a chunk of prompt tokens (chunked prefill), and how much KV cache that touches."""
+
+    decode_rows: float = 0.0
+    prefill_tokens: float = 0.0
+    attn_pairs: float = 0.0  # sum over the new tokens of the context each attends to
+    kv_tokens: float = 0.0  # KV entries read (decode rows: their whole context) or written (prompt tokens)
+    rows_out: float = 0.0  # rows whose last position goes through lm_head on the last stage
+
+    @classmethod
+    def decode(cls, rows: float, context_per_row: float) -> "StepShape":
+        return cls(decode_rows=rows, attn_pairs=rows * context_per_row, kv_tokens=rows * context_per_row, rows_out=rows)
+
+    @classmethod
+    def prefill(cls, rows: float, prompt_len: float, done: float = 0.0) -> "StepShape":
+        """``prompt_len`` new prompt tokens per row after ``done`` already cached ones (causal attention)."""
+        pairs = prompt_len * done + prompt_len * prompt_len / 2
+        return cls(prefill_tokens=rows * prompt_len, attn_pairs=rows * pairs, kv_tokens=rows * (prompt_len + done), rows_out=rows)
+
+    def __add__(self, other: "StepShape") -> "StepShape":
+        return StepShape(self.decode_rows + other.decode_rows, self.prefill_tokens + other.prefill_tokens,
+                         self.attn_pairs + other.attn_pairs, self.kv_tokens + other.kv_tokens, self.rows_out + other.rows_out)
+
+    @property
+    def new_tokens(self) -> float:
+        return self.decode_rows + self.prefill_tokens
+
+
+@dataclass(frozen=True)
 class RooflineCostModel:
+    """Time of one engine step on a stage = max(FLOPs / achieved FLOP/s, bytes / achieved
+    bandwidth): the weight shard is read once per step whatever the batch, each row
+    reads its own KV cache, and every new token costs 2 FLOPs per weight. A device
+    with a ``calibration`` scales this by its measured / analytic ratio."""
+
     model: ModelSpec
     prompt_len: float  # mean prompt tokens
     output_len: float  # mean generated tokens
     max_context: int  # prompt + output, for KV sizing
-    max_batch: int = 1  # sequences per micro-batch
-    max_inflight: int = 8  # micro-batches in flight per replica: KV is sized for max_batch x max_inflight
+    max_batch: int = 1  # KV slots of a replica: requests it holds at once (continuous batching)
+    max_inflight: int = 8  # micro-batches in flight per replica (the fluid simulator's pipelining cap)
     compute_efficiency: float = 0.5  # achieved / peak dense FLOP/s
     bandwidth_efficiency: float = 0.8  # achieved / peak memory bandwidth
     reserved_bytes: int = GIB // 2  # CUDA context, allocator slack, workspaces
+    step_tokens: int = 2048  # token budget of one engine step (chunked prefill): bounds the activations
 
     @classmethod
     def for_workload(cls, model: ModelSpec, workload: Workload, **kw) -> "RooflineCostModel":
@@ -77,59 +116,146 @@ class RooflineCostModel:
     def with_lengths(self, prompt_len: float, output_len: float) -> "RooflineCostModel":
         return replace(self, prompt_len=prompt_len, output_len=output_len)
 
+    def with_max_batch(self, max_batch: int) -> "RooflineCostModel":
+        return replace(self, max_batch=max_batch)
+
     @property
     def decode_steps(self) -> int:
         # The prefill pass already yields the first token.
         return max(0, round(self.output_len) - 1)
 
-    def _time(self, kind: GpuKind, flops: float, nbytes: float) -> float:
-        return max(flops / (kind.tflops * 1e12 * self.compute_efficiency), nbytes / (kind.mem_bw_Bps * self.bandwidth_efficiency))
+    def analytic_step_s(self, kind: GpuKind, tp: int, layers: int, *, last: bool, shape: StepShape) -> float:
+        """Roofline time of one step on the stage's leader, without TP all-reduces and calibration."""
+        return self.step_model(kind, tp, layers, None, last).analytic_s(shape)
+
+    def step_s(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, last: bool, shape: StepShape) -> float:
+        """One engine step on the stage: compute/memory roofline (calibrated), plus two all-reduces per layer."""
+        return self.step_model(kind, tp, layers, intra, last).seconds(shape)
+
+    def step_model(self, kind: GpuKind, tp: int, layers: int, intra: Link | None, last: bool) -> "StageStepModel":
+        """The stage's step time as a few coefficients (cached: the simulator asks once per step)."""
+        return _step_model(self.analytic_core(), kind, tp, layers, intra, last)
+
+    def calibration_scale(self, kind: GpuKind, shape: StepShape) -> float:
+        """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps."""
+        if kind.calibration is None or shape.new_tokens <= 0:
+            return 1.0
+        batches, decode_ratio, prefill_ratio = calibration_ratios(self.analytic_core(), kind)
+        dec = interp_log(batches, decode_ratio, max(shape.decode_rows, 1.0))
+        return (shape.decode_rows * dec + shape.prefill_tokens * prefill_ratio) / shape.new_tokens
+
+    @cached_property
+    def _core(self) -> "RooflineCostModel":
+        return replace(self, prompt_len=1.0, output_len=1.0, max_context=1, max_batch=1)
+
+    def analytic_core(self) -> "RooflineCostModel":
+        """This model with the workload fields normalised: the key of per-stage step models and calibration ratios."""
+        return self._core
 
     def stage(self, kind: GpuKind, tp: int, layers: int, intra: Link, *, first: bool, last: bool, batch: int = 1) -> StageCost:
-        m, B = self.model, self.model.bytes_per_param
-        s, b = self.prompt_len, batch
         ctx = self.prompt_len + self.output_len / 2  # mean context over the generation
-        w_layer = m.layer_weight_bytes / tp
-        kv_tok = m.kv_bytes_per_token_per_layer(tp)
-        # Matmuls: 2 FLOPs per weight per token; attention: QK^T and AV over the context (causal halves prefill).
-        pre_flops = layers * b * (2 * m.params_per_layer * s + 2 * s * s * m.q_size) / tp
-        pre_bytes = layers * (w_layer + b * s * kv_tok)
-        dec_flops = layers * b * (2 * m.params_per_layer + 4 * ctx * m.q_size) / tp
-        dec_bytes = layers * (w_layer + b * ctx * kv_tok)
-        prefill = self._time(kind, pre_flops, pre_bytes)
-        decode = self._time(kind, dec_flops, dec_bytes)
-        if last:  # final norm + lm_head on the leader: logits of the last position only
-            head = m.head_params
-            step = self._time(kind, 2 * b * head, head * B)
-            prefill += step
-            decode += step
-        # Two all-reduces per layer (after attention and after the MLP).
-        prefill += 2 * layers * ring_allreduce_s(intra, tp, b * s * m.hidden_size * B)
-        decode += 2 * layers * ring_allreduce_s(intra, tp, b * m.hidden_size * B)
+        prefill = self.step_s(kind, tp, layers, intra, last=last, shape=StepShape.prefill(batch, self.prompt_len))
+        decode = self.step_s(kind, tp, layers, intra, last=last, shape=StepShape.decode(batch, ctx))
         return StageCost(prefill, decode, self.memory_bytes(tp, layers, first=first, last=last))
 
     def memory_bytes(self, tp: int, layers: int, *, first: bool, last: bool) -> int:
-        """Peak bytes on the stage leader: weight shard, KV shard, activations, embedding/lm_head, reserve."""
+        """Peak bytes on the stage leader: weight shard, KV shard of every slot, activations, embedding/lm_head, reserve."""
         m, B = self.model, self.model.bytes_per_param
         weights = layers * m.layer_weight_bytes / tp
-        kv = layers * self.max_batch * self.max_inflight * self.max_context * m.kv_bytes_per_token_per_layer(tp)
-        # Prefill activations of one layer: residual, normed input, q/k/v/attn out, gate/up/act of the MLP shard.
-        act = self.max_batch * self.max_context * (4 * m.hidden_size + (m.q_size + 2 * m.kv_size) / tp + 3 * m.intermediate_size / tp) * B
+        kv = layers * self.max_batch * self.max_context * m.kv_bytes_per_token_per_layer(tp)
+        # Activations of one layer for one step's tokens (the step token budget bounds a prefill chunk):
+        # residual, normed input, q/k/v/attn out, gate/up/act of the MLP shard.
+        tokens = min(self.max_batch * self.max_context, max(self.step_tokens, self.max_context))
+        act = tokens * (4 * m.hidden_size + (m.q_size + 2 * m.kv_size) / tp + 3 * m.intermediate_size / tp) * B
         extra = (m.embedding_params * B if first else 0) + (m.head_params * B + self.max_batch * m.vocab_size * 4 if last else 0)
         return int(weights + kv + act + extra + self.reserved_bytes)
 
+    def activation_hop_s(self, link: Link, tp_next: int, intra_next: Link, tokens: float) -> float:
+        """Activations of ``tokens`` new tokens, leader to leader, then broadcast inside the next TP group."""
+        fixed, per_token = self.hop_coefficients(link, tp_next, intra_next)
+        return fixed + per_token * tokens
+
+    def hop_coefficients(self, link: Link, tp_next: int, intra_next: Link) -> tuple[float, float]:
+        """(seconds, seconds per token) of a hop: it is linear in the tokens sent."""
+        token_bytes = self.model.hidden_size * self.model.bytes_per_param
+        if tp_next <= 1:
+            return link.latency_s, token_bytes / link.bandwidth_Bps
+        return (link.latency_s + (tp_next - 1) * intra_next.latency_s,
+                token_bytes / link.bandwidth_Bps + token_bytes / intra_next.bandwidth_Bps)
+
     def hop(self, link: Link, tp_next: int, intra_next: Link, *, batch: int = 1) -> HopCost:
-        h = self.model.hidden_size * self.model.bytes_per_param * batch
-        pre, dec = h * self.prompt_len, h
-
-        def send(nbytes: float) -> float:
-            fan_out = (tp_next - 1) * intra_next.latency_s + nbytes / intra_next.bandwidth_Bps if tp_next > 1 else 0.0
-            return link.transfer_s(nbytes) + fan_out
-
-        return HopCost(send(pre), send(dec))
+        return HopCost(self.activation_hop_s(link, tp_next, intra_next, batch * self.prompt_len),
+                       self.activation_hop_s(link, tp_next, intra_next, batch))
 
     def token_return(self, link: Link, *, batch: int = 1) -> float:
         return link.transfer_s(8 * batch)  # int64 token ids, last stage -> first
+
+
+@dataclass(frozen=True)
+class StageStepModel:
+    """Step time of one stage, reduced to coefficients of the step's shape:
+    max(flops_per_token * tokens + flops_per_pair * pairs, weight_bytes + kv_bytes_per_token * kv_tokens) / rates,
+    plus lm_head on the last stage, times the calibration scale, plus the TP all-reduces."""
+
+    cost: RooflineCostModel
+    kind: GpuKind
+    flops_per_token: float
+    flops_per_pair: float
+    weight_bytes: float
+    kv_bytes_per_token: float
+    flops_rate: float
+    bytes_rate: float
+    head_flops_per_row: float  # 0 unless the stage holds lm_head
+    head_bytes: float
+    allreduce: tuple[float, float]  # (fixed, per new token) seconds of the stage's all-reduces
+
+    def analytic_s(self, shape: StepShape) -> float:
+        t = max((self.flops_per_token * shape.new_tokens + self.flops_per_pair * shape.attn_pairs) / self.flops_rate,
+                (self.weight_bytes + self.kv_bytes_per_token * shape.kv_tokens) / self.bytes_rate)
+        if self.head_bytes:
+            t += max(self.head_flops_per_row * shape.rows_out / self.flops_rate, self.head_bytes / self.bytes_rate)
+        return t
+
+    def seconds(self, shape: StepShape) -> float:
+        t = self.analytic_s(shape)
+        if self.kind.calibration is not None:
+            t *= self.cost.calibration_scale(self.kind, shape)
+        fixed, per_token = self.allreduce
+        return t + (fixed + per_token * shape.new_tokens if fixed or per_token else 0.0)
+
+
+@lru_cache(maxsize=65536)
+def _step_model(core: RooflineCostModel, kind: GpuKind, tp: int, layers: int, intra: Link | None, last: bool) -> StageStepModel:
+    m, B = core.model, core.model.bytes_per_param
+    P = m.params_per_layer
+    if intra is None or tp <= 1:
+        allreduce = (0.0, 0.0)
+    else:  # 2 per layer, each a ring of 2(tp-1) steps of (latency + bytes/tp / bandwidth)
+        allreduce = (2 * layers * 2 * (tp - 1) * intra.latency_s,
+                     2 * layers * 2 * (tp - 1) * m.hidden_size * B / (tp * intra.bandwidth_Bps))
+    return StageStepModel(
+        cost=core, kind=kind,
+        # Matmuls: 2 FLOPs per weight per new token; attention: QK^T and AV, 4 q_size FLOPs per (token, context) pair.
+        flops_per_token=layers * 2 * P / tp, flops_per_pair=layers * 4 * m.q_size / tp,
+        weight_bytes=layers * m.layer_weight_bytes / tp, kv_bytes_per_token=layers * m.kv_bytes_per_token_per_layer(tp),
+        flops_rate=kind.tflops * 1e12 * core.compute_efficiency, bytes_rate=kind.mem_bw_Bps * core.bandwidth_efficiency,
+        head_flops_per_row=2 * m.head_params if last else 0.0, head_bytes=m.head_params * B if last else 0.0,
+        allreduce=allreduce,
+    )
+
+
+@lru_cache(maxsize=256)
+def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[float], list[float], float]:
+    """(batches, measured/analytic decode ratio per batch, measured/analytic prefill ratio) of a
+    calibrated device: the measurement ran the first ``cal.layers`` layers (all when 0) with
+    embedding and lm_head at TP 1 on it."""
+    cal = kind.calibration
+    assert cal is not None
+    L = min(cal.layers, core.model.num_layers) if cal.layers else core.model.num_layers
+    batches = [float(b) for b, _ in cal.decode]
+    ratios = [t / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.decode(b, cal.context)) for b, t in cal.decode]
+    prefill = cal.prefill_s / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.prefill(1, cal.prompt))
+    return batches, ratios, prefill
 
 
 @dataclass(frozen=True)
@@ -162,6 +288,10 @@ class PrototypeCostModel:
     @property
     def decode_steps(self) -> int:
         return self.s_out - self.s_in
+
+    @property
+    def prompt_len(self) -> float:
+        return float(self.s_in)
 
     @property
     def _link(self) -> Link:

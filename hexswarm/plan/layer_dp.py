@@ -53,26 +53,24 @@ def leaf(values: np.ndarray, payload: Any) -> Table:
     return Table(values, ("leaf", payload))
 
 
-_INDEX_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_INDEX_CACHE: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
 
-def _indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _indices(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(m - l + n - 1 per cell: the index into INF-padded left, INF padding, 0..n-1)."""
     if n not in _INDEX_CACHE:
-        m = np.arange(n)[:, None]
-        l = np.arange(n)[None, :]
-        _INDEX_CACHE[n] = (np.clip(m - l, 0, None), m < l)
+        _INDEX_CACHE[n] = (np.arange(n)[:, None] - np.arange(n)[None, :] + (n - 1), np.full(n - 1, INF), np.arange(n))
     return _INDEX_CACHE[n]
 
 
 def combine(left: Table, right: Table, op: str) -> Table:
     """out[m] = min over l of op(left[m - l], right[l])."""
     n = len(left.values)
-    idx, invalid = _indices(n)
-    a = left.values[idx]
-    a[invalid] = INF
+    cells, pad, rows = _indices(n)
+    a = np.concatenate((pad, left.values))[cells]  # a[m, l] = left[m - l], INF where l > m: one gather, no mask
     grid = np.maximum(a, right.values[None, :]) if op == "max" else a + right.values[None, :]
-    choice = np.argmin(grid, axis=1)  # first minimum: deterministic
-    return Table(grid[np.arange(n), choice], ("pair", left, right, choice))
+    choice = grid.argmin(axis=1)  # first minimum: deterministic
+    return Table(grid[rows, choice], ("pair", left, right, choice))
 
 
 def best_of(tables: list[Table]) -> Table:

@@ -2,9 +2,16 @@
 
     plan_cluster(cluster, model, rate=None, slo_s=None, seed=0) -> Plan
 
+``max_batch`` (the requests a replica holds: its KV slots) is chosen unless the
+options fix it: the smallest power of two whose first-seed capacity serves the
+rate at <= 30% load, else the one past which capacity stops growing (memory
+runs out or decode turns compute-bound).
 ``rate`` defaults to 70% of the estimated capacity (sum of 1/bottleneck) of the
-first seed grouping, ``slo_s`` to twice the median unloaded latency of its
-replicas; both are reported in the plan."""
+first seed grouping at that max_batch, ``slo_s`` to twice the median unloaded
+latency of its replicas; all three are reported in the plan. The search scores
+candidates with a closed-form queueing estimate (``queueing``); the final
+plan's prediction comes from the step-level continuous-batching simulator
+(``batching_sim``)."""
 
 from __future__ import annotations
 
@@ -19,28 +26,31 @@ from hexswarm.plan.model_spec import ModelSpec
 from hexswarm.plan.replica import ReplicaLayout, ReplicaPlanner
 from hexswarm.plan.result import Plan, place
 from hexswarm.plan.search import Counts, GaSettings, Mutator, Partition, canonical, genetic_search
-from hexswarm.plan.simulator import simulate
+from hexswarm.plan.batching_sim import simulate_batching
+from hexswarm.plan.queueing import estimate
 from hexswarm.plan.workload import LengthDist, Workload
 
 DEFAULT_RATE_SHARE = 0.7
 DEFAULT_SLO_SCALE = 2.0
 SEED_HEADROOMS = (1.15, 1.5, 2.0, 3.0)  # group memory / one replica's memory, for the packed seeds
+MAX_BATCH_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CAPACITY_GAIN = 1.1  # a doubled max_batch must add 10% capacity to be worth its KV memory and latency
+BATCH_CHOICE_LOAD = 0.3  # choose max_batch so the rate is at most 30% of the capacity: waits for a slot stay rare
 
 
 @dataclass(frozen=True)
 class PlanOptions:
     prompt: LengthDist = LengthDist.constant(32)
     output: LengthDist = LengthDist.constant(128)
-    max_batch: int = 1
-    sim_requests: int = 400  # per fitness evaluation (more with many replicas)
-    final_requests: int = 2000
+    max_batch: int | None = None  # KV slots per replica (requests held at once); None: the planner chooses
+    final_requests: int = 1000  # simulated for the chosen plan's prediction (more with many replicas)
     ga: GaSettings = field(default_factory=GaSettings)
     symmetric: bool = False  # HexGen's symmetric baseline: one TP degree and an even split per replica
 
 
 def replica_memory_bytes(model: ModelSpec, cost: RooflineCostModel) -> int:
-    """Lower bound on one replica's memory: all weights, the KV cache of the workload, one reserve."""
-    kv = model.num_layers * cost.max_batch * cost.max_inflight * cost.max_context * model.kv_bytes_per_token_per_layer(1)
+    """Lower bound on one replica's memory: all weights, the KV cache of its slots, one reserve."""
+    kv = model.num_layers * cost.max_batch * cost.max_context * model.kv_bytes_per_token_per_layer(1)
     return model.weight_bytes + kv + cost.reserved_bytes
 
 
@@ -96,11 +106,36 @@ class Planner:
     def __init__(self, cluster: Cluster, model: ModelSpec, options: PlanOptions = PlanOptions(), *,
                  cost: CostModel | None = None) -> None:
         self.cluster, self.model, self.options = cluster, model, options
-        shape = Workload(1.0, 1.0, options.prompt, options.output, options.max_batch)
-        self.cost = cost or RooflineCostModel.for_workload(model, shape)
-        if isinstance(self.cost, RooflineCostModel):
-            check_fits(cluster, model, self.cost)
-        self.replicas = ReplicaPlanner(cluster, self.cost, batch=options.max_batch, symmetric=options.symmetric)
+        shape = Workload(1.0, 1.0, options.prompt, options.output, options.max_batch or 1)
+        self.base_cost = cost or RooflineCostModel.for_workload(model, shape)
+        if isinstance(self.base_cost, RooflineCostModel):
+            check_fits(cluster, model, self.base_cost)
+        self._replica_planners: dict[int, ReplicaPlanner] = {}
+        self.use_max_batch(options.max_batch or 1)
+
+    def use_max_batch(self, max_batch: int) -> None:
+        """Cost and lay out replicas that hold ``max_batch`` requests each."""
+        self.max_batch = max_batch
+        self.cost = self.base_cost.with_max_batch(max_batch) if isinstance(self.base_cost, RooflineCostModel) else self.base_cost
+        if max_batch not in self._replica_planners:  # kept: the choice of max_batch tries several
+            self._replica_planners[max_batch] = ReplicaPlanner(self.cluster, self.cost, batch=max_batch,
+                                                               symmetric=self.options.symmetric)
+        self.replicas = self._replica_planners[max_batch]
+
+    def choose_max_batch(self, seed_part: Partition, rate: float | None) -> int:
+        """The smallest max_batch whose capacity on ``seed_part`` carries ``rate`` at 30% load; without
+        a rate (or when none does) the smallest within CAPACITY_GAIN of the best that fits in memory."""
+        capacities: dict[int, float] = {}
+        for b in MAX_BATCH_CHOICES:
+            cost = self.base_cost.with_max_batch(b)
+            rough = ReplicaPlanner(self.cluster, cost, batch=b, symmetric=self.options.symmetric, quick=True)
+            capacities[b] = sum(lay.capacity_rps for g in seed_part if (lay := rough.best(g)) is not None)
+            if rate is not None and BATCH_CHOICE_LOAD * capacities[b] >= rate:
+                return b
+            if capacities[b] < max(capacities.values()) / CAPACITY_GAIN:
+                break  # the KV cache now takes memory the layers need
+        top = max(capacities.values())
+        return min(b for b, c in capacities.items() if c * CAPACITY_GAIN >= top)
 
     def layouts(self, part: Partition) -> list[ReplicaLayout]:
         return [lay for g in part if (lay := self.replicas.best(g)) is not None]
@@ -120,18 +155,24 @@ class Planner:
         lays = self.layouts(seed_part)
         if not lays:
             return 1.0, 1.0
-        rate = DEFAULT_RATE_SHARE * sum(self.options.max_batch / lay.bottleneck_s for lay in lays)
+        rate = DEFAULT_RATE_SHARE * sum(lay.capacity_rps for lay in lays)
         latencies = sorted(lay.latency_s for lay in lays)
         return rate, DEFAULT_SLO_SCALE * latencies[len(latencies) // 2]
 
-    def sim_workload(self, workload: Workload, replicas: int, final: bool) -> Workload:
-        base = self.options.final_requests if final else self.options.sim_requests
-        n = max(base, (100 if final else 30) * replicas)
-        return Workload(workload.rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
-
-    def evaluate(self, part: Partition, workload: Workload, seed: int, final: bool = False):
+    def fitness(self, part: Partition, workload: Workload) -> tuple[float, float]:
+        """(SLO attainment, -mean latency) from the closed-form queueing estimate; -1 when nothing fits."""
         lays = self.layouts(part)
-        return simulate(self.cluster, self.cost, lays, self.sim_workload(workload, len(lays), final), seed=seed)
+        if not lays:
+            return (-1.0, 0.0)
+        e = estimate(lays, self.max_batch, workload.rate, workload.slo_s)
+        return (e.slo_attainment, -e.mean_s)
+
+    def predict(self, part: Partition, workload: Workload, seed: int):
+        """Step-level continuous-batching prediction of the chosen plan."""
+        lays = self.layouts(part)
+        n = max(self.options.final_requests, 100 * len(lays))
+        work = Workload(workload.rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
+        return simulate_batching(self.cluster, self.cost, lays, work, seed=seed)
 
     def plan(self, *, rate: float | None = None, slo_s: float | None = None, seed: int = 0) -> Plan:
         rng = random.Random(seed)
@@ -139,21 +180,18 @@ class Planner:
         feasible = [s for s in seeds if self.layouts(s)]
         if not feasible:
             self._raise_no_layout()
-        d_rate, d_slo = self.default_workload(feasible[0])
         o = self.options
-        workload = Workload(d_rate if rate is None else rate, d_slo if slo_s is None else slo_s, o.prompt, o.output, o.max_batch)
+        if o.max_batch is None and isinstance(self.base_cost, RooflineCostModel):
+            self.use_max_batch(self.choose_max_batch(feasible[0], rate))
+        d_rate, d_slo = self.default_workload(feasible[0])
+        workload = Workload(d_rate if rate is None else rate, d_slo if slo_s is None else slo_s, o.prompt, o.output,
+                            self.max_batch)
 
-        def fitness(part: Partition) -> tuple[float, float]:
-            if not self.layouts(part):
-                return (-1.0, 0.0)
-            r = self.evaluate(part, workload, seed)
-            return (r.slo_attainment, -r.mean_s)
-
-        best, _, scored = genetic_search(seeds, fitness, Mutator(self.cluster, rng), o.ga)
+        best, _, scored = genetic_search(seeds, lambda part: self.fitness(part, workload), Mutator(self.cluster, rng), o.ga)
         lays = self.layouts(best)
         placements, unused = place(self.cluster, lays)
         return Plan(self.model.name, self.cluster.name, seed, workload, tuple(placements), tuple(lays), tuple(unused),
-                    self.evaluate(best, workload, seed, final=True), scored)
+                    self.predict(best, workload, seed), scored)
 
     def _raise_no_layout(self) -> None:
         biggest = max(g.memory_bytes for h in self.cluster.hosts for g in h.gpus)

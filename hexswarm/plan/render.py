@@ -1,113 +1,54 @@
-"""Draw a plan as a PNG: one row per replica, one box per stage, width
-proportional to its layers, colour by GPU kind, labelled "tp/layers".
+"""Draw a plan as a PNG with matplotlib (`hexswarm plan --png`): one row per replica, one box per
+stage, as wide as its layers and coloured by GPU kind, labelled with the host, the GPU kind and TP
+degree and the layer range; each row ends with the replica's predicted latency and capacity, the
+title carries the workload and the simulated SLO attainment, TTFT and inter-token latency.
 
-Uses matplotlib when it is installed; otherwise a tiny built-in rasteriser
-(boxes and a 3x5 digit font) written as PNG with zlib + struct."""
+matplotlib is imported when a picture is drawn, not with the package (``hexswarm.plan`` stays
+light for the swarm, which never draws)."""
 
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 
 from hexswarm.plan.result import Plan
 
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-           (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
-# 3x5 glyphs, rows top to bottom, 3 bits each
-_GLYPHS = {
-    "0": (7, 5, 5, 5, 7), "1": (2, 6, 2, 2, 7), "2": (7, 1, 7, 4, 7), "3": (7, 1, 7, 1, 7), "4": (5, 5, 7, 1, 1),
-    "5": (7, 4, 7, 1, 7), "6": (7, 4, 7, 5, 7), "7": (7, 1, 1, 1, 1), "8": (7, 5, 7, 5, 7), "9": (7, 5, 7, 1, 7),
-    "/": (1, 1, 2, 4, 4), " ": (0, 0, 0, 0, 0),
-}
+def colours_by_name(names: list[str]) -> dict[str, tuple[float, float, float, float]]:
+    """A stable colour per name (sorted), from matplotlib's tab10 / tab20 cycle."""
+    from matplotlib import colormaps
 
-
-def kind_colours(plan: Plan) -> dict[str, tuple[int, int, int]]:
-    kinds = sorted({s.gpu_kind for r in plan.replicas for s in r.stages})
-    return {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(kinds)}
+    ordered = sorted(set(names))
+    cmap = colormaps["tab10" if len(ordered) <= 10 else "tab20"]
+    return {n: cmap(i % cmap.N) for i, n in enumerate(ordered)}
 
 
-class Canvas:
-    def __init__(self, width: int, height: int, bg: tuple[int, int, int] = (255, 255, 255)) -> None:
-        self.w, self.h = width, height
-        self.px = bytearray(bytes(bg) * (width * height))
-
-    def rect(self, x0: int, y0: int, x1: int, y1: int, colour: tuple[int, int, int]) -> None:
-        x0, x1 = max(0, x0), min(self.w, x1)
-        row = bytes(colour) * max(0, x1 - x0)
-        for y in range(max(0, y0), min(self.h, y1)):
-            i = (y * self.w + x0) * 3
-            self.px[i:i + len(row)] = row
-
-    def text(self, x: int, y: int, s: str, colour: tuple[int, int, int], scale: int = 2) -> None:
-        for ch in s:
-            for r, bits in enumerate(_GLYPHS.get(ch, _GLYPHS[" "])):
-                for c in range(3):
-                    if bits >> (2 - c) & 1:
-                        self.rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, colour)
-            x += 4 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3:(y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(tag: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def render_png_builtin(plan: Plan, path: Path) -> None:
-    colours = kind_colours(plan)
-    width, row_h, pad, legend_h = 800, 40, 10, 30
-    rows = max(1, len(plan.replicas))
-    c = Canvas(width, pad + rows * (row_h + pad) + legend_h)
-    layers = max((r.stages[-1].layer_end for r in plan.replicas), default=1)
-    for i, rep in enumerate(plan.replicas):
-        y = pad + i * (row_h + pad)
-        for s in rep.stages:
-            x0 = pad + (width - 2 * pad) * s.layer_start // layers
-            x1 = pad + (width - 2 * pad) * s.layer_end // layers
-            c.rect(x0, y, x1, y + row_h, (0, 0, 0))
-            c.rect(x0 + 1, y + 1, x1 - 1, y + row_h - 1, colours[s.gpu_kind])
-            label = f"{s.tp}/{s.layer_end - s.layer_start}"
-            if len(label) * 8 < x1 - x0 - 4:
-                c.text(x0 + 4, y + row_h // 2 - 5, label, (255, 255, 255))
-    y = pad + rows * (row_h + pad)
-    for j, (kind, col) in enumerate(colours.items()):  # legend: colour swatches in kind-name order
-        c.rect(pad + j * 60, y, pad + j * 60 + 50, y + 16, col)
-    path.write_bytes(c.png())
-
-
-def render_png_matplotlib(plan: Plan, path: Path) -> None:
+def render_png(plan: Plan, path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    colours = {k: tuple(v / 255 for v in rgb) for k, rgb in kind_colours(plan).items()}
-    fig, ax = plt.subplots(figsize=(10, 0.6 * max(1, len(plan.replicas)) + 1.2))
-    for i, rep in enumerate(plan.replicas):
+    reps = plan.replicas
+    colours = colours_by_name([s.gpu_kind for r in reps for s in r.stages])
+    layers = max((r.stages[-1].layer_end for r in reps), default=1)
+    fig, ax = plt.subplots(figsize=(12, 0.9 * max(1, len(reps)) + 1.6))
+    for i, rep in enumerate(reps):
         for s in rep.stages:
-            ax.barh(i, s.layer_end - s.layer_start, left=s.layer_start, color=colours[s.gpu_kind], edgecolor="black")
-            ax.text((s.layer_start + s.layer_end) / 2, i, f"TP{s.tp}\n{s.host}", ha="center", va="center", fontsize=6)
-    ax.set_yticks(range(len(plan.replicas)), [f"replica {i}" for i in range(len(plan.replicas))])
+            width = s.layer_end - s.layer_start
+            ax.barh(i, width, left=s.layer_start, height=0.8, color=colours[s.gpu_kind], edgecolor="black")
+            ax.text(s.layer_start + width / 2, i, f"{s.host}\n{s.gpu_kind} x{s.tp}\n[{s.layer_start}, {s.layer_end})",
+                    ha="center", va="center", fontsize=6, clip_on=True)
+        ax.text(layers * 1.01, i, f"{rep.latency_s:.3g} s, {rep.capacity_rps:.3g} req/s", va="center", fontsize=7)
+    ax.set_yticks(range(len(reps)), [f"replica {i}" for i in range(len(reps))])
     ax.invert_yaxis()
-    ax.set_xlabel("layers")
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], loc="upper right", fontsize=7)
-    ax.set_title(f"{plan.model} on {plan.cluster}")
+    ax.set_xlim(0, layers * 1.18)
+    ax.set_xlabel("layers (row end: unloaded latency, capacity)")
+    ax.legend(handles=[Patch(color=c, label=k) for k, c in colours.items()], loc="lower right", fontsize=7)
+    w, p = plan.workload, plan.predicted
+    ax.set_title(f"{plan.model} on {plan.cluster}: {w.rate:.3g} req/s, SLO {w.slo_s:.3g} s, max_batch {w.max_batch}\n"
+                 f"predicted attainment {p.slo_attainment:.1%}, p50 {p.p50_s:.3g} s, TTFT p50 {p.ttft_p50_s * 1e3:.3g} ms, "
+                 f"ITL p50 {p.itl_p50_s * 1e3:.3g} ms", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def render_png(plan: Plan, path: str | Path) -> None:
-    path = Path(path)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        render_png_builtin(plan, path)
-    else:
-        render_png_matplotlib(plan, path)

@@ -7,7 +7,7 @@ from typing import Any
 
 from hexswarm.plan.cluster import GIB, Cluster
 from hexswarm.plan.replica import ReplicaLayout
-from hexswarm.plan.simulator import SimResult
+from hexswarm.plan.batching_sim import BatchSimResult
 from hexswarm.plan.workload import Workload
 
 
@@ -46,6 +46,7 @@ class ReplicaPlacement:
     stages: tuple[StagePlacement, ...]
     latency_s: float  # unloaded, one request
     bottleneck_s: float
+    capacity_rps: float  # with every KV slot busy
 
     @property
     def hetero_config(self) -> list[int]:
@@ -68,7 +69,7 @@ class ReplicaPlacement:
             "predicted": {
                 "unloaded_latency_s": round(self.latency_s, 6),
                 "bottleneck_stage_s": round(self.bottleneck_s, 6),
-                "capacity_rps": round(1.0 / self.bottleneck_s, 6) if self.bottleneck_s > 0 else None,
+                "capacity_rps": round(self.capacity_rps, 6),
             },
         }
 
@@ -82,7 +83,7 @@ class Plan:
     replicas: tuple[ReplicaPlacement, ...]
     layouts: tuple[ReplicaLayout, ...]  # the same replicas as the cost model sees them
     unused_gpus: tuple[tuple[str, str, tuple[int, ...]], ...]  # (host, kind, ordinals)
-    predicted: SimResult
+    predicted: BatchSimResult  # step-level continuous batching
     candidates_scored: int
 
     def to_json(self) -> dict[str, Any]:
@@ -119,6 +120,6 @@ def place(cluster: Cluster, layouts: list[ReplicaLayout]) -> tuple[list[ReplicaP
                 host.name, s.kind, gpus, s.tp, s.layer_start, s.layer_end, s.cost.memory_bytes,
                 host.kind(s.kind).memory_bytes, s.busy_s, s.cost.prefill_s, s.cost.decode_s,
             ))
-        out.append(ReplicaPlacement(tuple(stages), lay.latency_s, lay.bottleneck_s))
+        out.append(ReplicaPlacement(tuple(stages), lay.latency_s, lay.bottleneck_s, lay.capacity_rps))
     unused = [(cluster.hosts[h].name, k, tuple(p)) for (h, k), p in sorted(free.items()) if p]
     return out, unused

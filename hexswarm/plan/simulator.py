@@ -1,8 +1,10 @@
-"""Discrete-event serving simulator: Poisson arrivals over a set of replica pipelines.
+"""Fast (fluid) serving simulator: Poisson arrivals over a set of replica pipelines. The search
+scores candidates with it; ``batching_sim`` is the step-level one that checks the final plan.
 
 Model (per replica):
-* a request (or, with batching, a micro-batch of up to ``max_batch`` queued
-  requests) takes one of the replica's pipeline slots; there are as many slots
+* a request (or, with batching, a micro-batch of up to ``max_batch / slots``
+  queued requests: ``max_batch`` is what the replica holds in all) takes one of
+  the replica's pipeline slots; there are as many slots
   as stages (at most ``cost.max_inflight``, whose KV caches the memory model
   reserves), so up to one micro-batch per stage is in flight;
 * a micro-batch makes one prefill pass, then one decode pass per generated token;
@@ -22,6 +24,7 @@ import heapq
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Callable
 
 from hexswarm.plan.cluster import Cluster
 from hexswarm.plan.cost import CostModel
@@ -111,6 +114,7 @@ class _Batch:
 class _Replica:
     timing: ReplicaTiming
     slots: int
+    micro_batch: int  # requests per micro-batch: the replica's max_batch KV slots shared by its slots
     queue: list[int] = field(default_factory=list)
     active: list[_Batch] = field(default_factory=list)
     last_update: float = 0.0
@@ -148,7 +152,10 @@ def simulate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], w
         prompts.append(workload.prompt.sample(rng))
         outputs.append(workload.output.sample(rng))
     done = [math.inf] * n
-    reps = [_Replica(ReplicaTiming(cluster, cost, r), slots=min(len(r.stages), cost.max_inflight)) for r in replicas]
+    reps = []
+    for r in replicas:
+        slots = min(len(r.stages), cost.max_inflight)
+        reps.append(_Replica(ReplicaTiming(cluster, cost, r), slots=slots, micro_batch=max(1, -(-workload.max_batch // slots))))
     unloaded = [r.latency_s for r in replicas]
     bottleneck = [max(r.bottleneck_s, 1e-12) for r in replicas]
     events: list[tuple[float, int, int]] = []  # (time, replica, version): the replica's next change
@@ -166,7 +173,7 @@ def simulate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], w
                 if not b.finish_at:
                     rep.active.remove(b)
         while rep.queue and len(rep.active) < rep.slots:
-            take = rep.queue[: workload.max_batch]
+            take = rep.queue[: rep.micro_batch]
             del rep.queue[: len(take)]
             times = rep.timing.times(len(take), max(prompts[r] for r in take), max(outputs[r] for r in take))
             steps = {r: max(0, outputs[r] - 1) for r in take}  # the prefill pass yields the first token
@@ -216,15 +223,12 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def peak_rate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
-              target: float = 0.9, seed: int = 0, rel_tol: float = 0.02) -> float:
-    """The highest Poisson rate at which SLO attainment stays >= ``target`` (bisection)."""
+def highest_rate(attainment: Callable[[float], float], start: float, target: float, rel_tol: float) -> float:
+    """Bisection for the highest rate whose ``attainment(rate)`` is >= ``target`` (0 if none above 1e-9)."""
     def ok(rate: float) -> bool:
-        return simulate(cluster, cost, replicas, workload.with_rate(rate), seed=seed).slo_attainment >= target
+        return attainment(rate) >= target
 
-    if not replicas:
-        return 0.0
-    lo, hi = 0.0, workload.rate
+    lo, hi = 0.0, start
     for _ in range(40):
         if not ok(hi):
             break
@@ -239,3 +243,12 @@ def peak_rate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], 
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
     return lo
+
+
+def peak_rate(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
+              target: float = 0.9, seed: int = 0, rel_tol: float = 0.02) -> float:
+    """The highest Poisson rate at which SLO attainment stays >= ``target`` (fluid model)."""
+    def attainment(rate: float) -> float:
+        return simulate(cluster, cost, replicas, workload.with_rate(rate), seed=seed).slo_attainment
+
+    return highest_rate(attainment, workload.rate, target, rel_tol) if replicas else 0.0

@@ -265,6 +265,10 @@ class NodeConfig:
     micro_batches: int = field(default=0, metadata=_key(_non_negative_int, "steps in flight on a pipeline (0: one per "
                                                         "stage; 1 where the stages share one GPU)"))
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))
+    calibrate: bool = field(
+        default=True, metadata=_key(_bool, "time the engine on this device and model at start (cached in data_dir) and "
+                                          "announce it to the planner")
+    )
     term_s: float = field(default=300.0, metadata=_key(_positive, "head term length; the head rotates each term"))
     serve_layout: dict | None = field(default=None, metadata=_key(_serve_layout, "pin the layout shape (else planned)"))
     swarm_owner: str | None = field(

@@ -37,6 +37,21 @@ def head_settings(config: NodeConfig):
     return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout, dispatch_wait_s=config.dispatch_wait_s)
 
 
+async def calibrate_node(node, settings) -> None:
+    """Measure the engine on this node's device and model (cached) off the trio loop; the next
+    record announces it. A failure only costs the planner its analytic guess."""
+    from hexswarm.swarm import calibrate
+    from hexswarm.swarm.serving import model_fingerprint
+
+    config = node.config
+    try:
+        node.calibration = await trio.to_thread.run_sync(
+            calibrate.cached_measure, config.data_dir, config.model, model_fingerprint(config.model),
+            settings.device, settings.dtype)
+    except Exception as e:  # noqa: BLE001 - any engine error: serve without a calibration
+        log.warning("calibration failed (%s: %s); the planner uses its analytic model", type(e).__name__, e)
+
+
 async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the node, and the server on top of it when a model is configured."""
     async with trio.open_nursery() as nursery:
@@ -45,7 +60,10 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if node.config.model is not None:
             from hexswarm.swarm.serving import Server
 
-            server = Server(node, serve_settings(node.config, node.devices), head_settings(node.config))
+            settings = serve_settings(node.config, node.devices)
+            if node.config.calibrate:
+                nursery.start_soon(calibrate_node, node, settings)
+            server = Server(node, settings, head_settings(node.config))
             await nursery.start(server.run)
         else:
             log.info("no model configured: this node relays but serves no stages")

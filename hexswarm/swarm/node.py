@@ -99,6 +99,8 @@ class Node:
         self.links: dict[str, LinkStats] = {}
         # Small values later features announce in every record (e.g. loaded stages).
         self.extra: dict[str, Any] = {}
+        # The engine's measured speed here (hexswarm.swarm.calibrate); set by the daemon once measured.
+        self.calibration: dict[str, Any] = {}
         self.admission = self._load_admission(config)
         self.on_peer_change: list[Callable[[StateChange], None]] = []
         self.addrs: list[str] = []
@@ -280,6 +282,7 @@ class Node:
             seq=self._seq,
             timestamp=time.time(),
             extra=dict(self.extra),
+            calibration=dict(self.calibration),
         )
 
     async def _publish_record(self) -> None:
@@ -557,6 +560,7 @@ class Node:
                     "self": is_self,
                     "links": record.links,
                     "extra": record.extra,
+                    "calibration": record.calibration,
                 }
             )
         return views

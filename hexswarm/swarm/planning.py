@@ -10,7 +10,7 @@ so any head computes the same layout from the same table.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
@@ -27,6 +27,7 @@ class PeerView:
     peer: str
     devices: list[dict]  # inventory wire form: kind, name, memory_gib, tflops, mem_bw_gbs
     links: dict  # peer -> {"rtt_ms", "mbps"}
+    calibration: dict = field(default_factory=dict)  # the record's measured engine speed ({}: none)
 
     def tp_capacity(self, cfg: LlamaConfig) -> int:
         """The largest valid TP degree over same-kind devices of this peer."""

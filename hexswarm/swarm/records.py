@@ -6,6 +6,10 @@ signature, by the node key, of ``SIGNING_DOMAIN + body``. The body carries the
 raw public key, and a record is accepted only when the PeerID derived from
 that key equals the record's ``peer_id``: the signature binds to the sender's
 PeerID. Signing the exact bytes sent avoids any canonical-encoding question.
+
+Optional fields (``_OPTIONAL_FIELD_TYPES``) may be absent: records of nodes
+that predate them stay valid, and a record leaves an empty optional field out
+of its body so that such nodes accept it too.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
 from hexswarm.net.identity import Identity, peer_id_from_public_bytes, verify
+from hexswarm.plan.calibration import CalibrationError, parse_calibration
 
 SIGNING_DOMAIN = b"hexswarm/node-record/1\x00"
 MAX_RECORD_BYTES = 64 * 1024
@@ -39,6 +44,8 @@ class NodeRecord:
     # Free-form keys later features publish (e.g. loaded stages); small values only.
     extra: dict = field(default_factory=dict)
     version: int = RECORD_VERSION
+    # The engine's measured speed on this node's device and model (hexswarm.plan.calibration form); {}: none.
+    calibration: dict = field(default_factory=dict)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -60,10 +67,15 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "extra": dict,
     "version": int,
 }
+_OPTIONAL_FIELD_TYPES: dict[str, type] = {"calibration": dict}
 
 
 def sign_record(record: NodeRecord, identity: Identity) -> dict:
-    body = codec.encode(asdict(record))
+    fields = asdict(record)
+    for name in _OPTIONAL_FIELD_TYPES:
+        if not fields[name]:
+            del fields[name]
+    body = codec.encode(fields)
     if len(body) > MAX_RECORD_BYTES:
         raise ProtocolError(f"record of {len(body)} bytes exceeds {MAX_RECORD_BYTES}")
     return {"body": body, "sig": identity.sign(SIGNING_DOMAIN + body)}
@@ -83,6 +95,14 @@ def _check_shape(data: dict) -> None:
         raise ProtocolError("record devices must be maps")
     if not all(isinstance(k, str) and isinstance(v, dict) for k, v in data["links"].items()):
         raise ProtocolError("record links must map PeerIDs to maps")
+    for name, kind in _OPTIONAL_FIELD_TYPES.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ProtocolError(f"record field {name!r} has type {type(data[name]).__name__}")
+    if data.get("calibration"):
+        try:
+            parse_calibration(data["calibration"])
+        except CalibrationError as e:
+            raise ProtocolError(f"record calibration: {e}") from None
 
 
 def open_record(signed: Any) -> NodeRecord:
@@ -98,7 +118,7 @@ def open_record(signed: Any) -> NodeRecord:
     if data.get("version") != RECORD_VERSION:
         raise ProtocolError(f"record version {data.get('version')!r} not supported")
     _check_shape(data)
-    unknown = set(data) - set(_FIELD_TYPES)
+    unknown = set(data) - set(_FIELD_TYPES) - set(_OPTIONAL_FIELD_TYPES)
     if unknown:
         raise ProtocolError(f"record has unknown field {sorted(unknown)[0]!r}")
     if len(data["public_key"]) != 32:

@@ -179,10 +179,10 @@ class Server:
         out = []
         for p in view:
             if p == self.me:
-                out.append(PeerView(p, [d.to_wire() for d in self.node.devices], {}))
+                out.append(PeerView(p, [d.to_wire() for d in self.node.devices], {}, dict(self.node.calibration)))
             else:
                 rec = self.node.table.get(p).record
-                out.append(PeerView(p, list(rec.devices), dict(rec.links)))
+                out.append(PeerView(p, list(rec.devices), dict(rec.links), dict(rec.calibration)))
         return out
 
     async def _propose(self, view: list[str]) -> None:

@@ -1,0 +1,382 @@
+"""Step-level simulator of continuous batching over pipelined replicas.
+
+It follows the serving engine's rule, per replica:
+
+* a replica holds at most ``max_batch`` requests (its KV slots); an arriving
+  request waits FIFO until a slot is free;
+* the replica runs ``S`` micro-batches for ``S`` stages (as the runtime's
+  pipeline does), each request belongs to one micro-batch for life;
+* each step of a micro-batch carries one decode row per running request of it
+  plus a chunk of waiting prompt tokens, bounded by the step token budget
+  (chunked prefill); requests are admitted at the start of a step while slots
+  and budget are free;
+* the step goes through the stages in order; each stage runs one step at a
+  time (FIFO), so the micro-batches overlap on different stages; between
+  stages the activations cross the link, and the sampled tokens go back from
+  the last stage to stage 0 before that micro-batch's next step.
+
+Step times come from the cost model for the exact step (rows, their contexts,
+prompt tokens), so batching, context growth and prefill/decode interference
+are all in. Reported as HexGen does (SLO attainment at a deadline on end-to-end
+latency), plus time to first token and inter-token latency.
+
+Each step of a micro-batch is pushed through every stage when it starts: since
+stages are FIFO and every micro-batch takes the same path, their order never
+changes, so a step's stage times are known from the stages' free times."""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from hexswarm.plan.cluster import Cluster
+from hexswarm.plan.cost import CostModel, RooflineCostModel, StepShape
+from hexswarm.plan.replica import ReplicaLayout
+from hexswarm.plan.simulator import highest_rate
+from hexswarm.plan.workload import Workload
+
+
+@dataclass(frozen=True)
+class BatchSimResult:
+    slo_attainment: float
+    p50_s: float
+    p99_s: float
+    mean_s: float
+    throughput_rps: float
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    itl_p50_s: float  # per request: (last token - first token) / (tokens - 1), median over requests
+    itl_p99_s: float
+    num_requests: int
+
+    def to_json(self) -> dict:
+        return {
+            "slo_attainment": round(self.slo_attainment, 4),
+            "p50_latency_s": round(self.p50_s, 4),
+            "p99_latency_s": round(self.p99_s, 4),
+            "mean_latency_s": round(self.mean_s, 4),
+            "throughput_rps": round(self.throughput_rps, 4),
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "ttft_p50_s": round(self.ttft_p50_s, 5),
+            "ttft_p99_s": round(self.ttft_p99_s, 5),
+            "itl_p50_s": round(self.itl_p50_s, 6),
+            "itl_p99_s": round(self.itl_p99_s, 6),
+            "simulated_requests": self.num_requests,
+        }
+
+
+class StepTimer(Protocol):
+    """Seconds of one step on each stage, the hop after it, and the token return to stage 0."""
+
+    def stages(self) -> int: ...
+
+    def stage_s(self, i: int, shape: StepShape) -> float: ...
+
+    def hop_s(self, i: int, shape: StepShape) -> float: ...  # from stage i to stage i + 1
+
+    def return_s(self, rows: float) -> float: ...
+
+
+class RooflineTimer:
+    """Exact step shapes through ``RooflineCostModel.step_s``."""
+
+    def __init__(self, cluster: Cluster, cost: RooflineCostModel, layout: ReplicaLayout) -> None:
+        self.cost = cost
+        st = layout.stages
+        hosts = [cluster.hosts[s.host] for s in st]
+        self._stages = [cost.step_model(h.kind(s.kind), s.tp, s.layers, h.intra, i == len(st) - 1)
+                        for i, (s, h) in enumerate(zip(st, hosts))]
+        self._hops = [cost.hop_coefficients(cluster.link(a.host, b.host), b.tp, cluster.hosts[b.host].intra)
+                      for a, b in zip(st, st[1:])]
+        self._return = cluster.link(st[-1].host, st[0].host) if len(st) > 1 else None
+
+    def stages(self) -> int:
+        return len(self._stages)
+
+    def stage_s(self, i: int, shape: StepShape) -> float:
+        return self._stages[i].seconds(shape)
+
+    def hop_s(self, i: int, shape: StepShape) -> float:
+        fixed, per_token = self._hops[i]
+        return fixed + per_token * shape.new_tokens
+
+    def return_s(self, rows: float) -> float:
+        return 0.0 if self._return is None else self._return.transfer_s(8 * rows)
+
+
+class PassTimer:
+    """Any ``CostModel`` (e.g. the prototype's): a prompt chunk costs its share of the
+    whole-prompt prefill pass, decode rows cost a decode step at that batch."""
+
+    def __init__(self, cluster: Cluster, cost: CostModel, layout: ReplicaLayout) -> None:
+        self.cluster, self.cost, self.layout = cluster, cost, layout
+        self._cache: dict[int, tuple[list, list, float]] = {}
+
+    def _at(self, batch: int):
+        if batch not in self._cache:
+            st, c = self.layout.stages, self.cost
+            stages = [c.stage(self.cluster.hosts[s.host].kind(s.kind), s.tp, s.layers, self.cluster.hosts[s.host].intra,
+                              first=i == 0, last=i == len(st) - 1, batch=batch) for i, s in enumerate(st)]
+            hops = [c.hop(self.cluster.link(a.host, b.host), b.tp, self.cluster.hosts[b.host].intra, batch=batch)
+                    for a, b in zip(st, st[1:])]
+            ret = c.token_return(self.cluster.link(st[-1].host, st[0].host), batch=batch) if len(st) > 1 else 0.0
+            self._cache[batch] = (stages, hops, ret)
+        return self._cache[batch]
+
+    def _prompt_share(self, shape: StepShape) -> float:
+        return shape.prefill_tokens / self.cost.prompt_len
+
+    def stages(self) -> int:
+        return len(self.layout.stages)
+
+    def stage_s(self, i: int, shape: StepShape) -> float:
+        t = self._at(1)[0][i].prefill_s * self._prompt_share(shape) if shape.prefill_tokens else 0.0
+        rows = math.ceil(shape.decode_rows)
+        return t + (self._at(rows)[0][i].decode_s if rows else 0.0)
+
+    def hop_s(self, i: int, shape: StepShape) -> float:
+        t = self._at(1)[1][i].prefill_s * self._prompt_share(shape) if shape.prefill_tokens else 0.0
+        rows = math.ceil(shape.decode_rows)
+        return t + (self._at(rows)[1][i].decode_s if rows else 0.0)
+
+    def return_s(self, rows: float) -> float:
+        return self._at(max(1, math.ceil(rows)))[2]
+
+
+def step_timer(cluster: Cluster, cost: CostModel, layout: ReplicaLayout) -> StepTimer:
+    if isinstance(cost, RooflineCostModel):
+        return RooflineTimer(cluster, cost, layout)
+    return PassTimer(cluster, cost, layout)
+
+
+@dataclass
+class _Request:
+    rid: int
+    prompt_left: int
+    steps_left: int  # decode steps after the prompt (the step that ends the prompt yields the first token)
+    context: int = 0  # tokens in its KV cache
+
+
+@dataclass
+class _Replica:
+    timer: StepTimer
+    max_batch: int
+    step_tokens: int
+    capacity_rps: float  # rough: for the dispatcher only
+    unloaded_s: float
+    waiting: deque = field(default_factory=deque)
+    members: list[list[_Request]] = field(default_factory=list)  # per micro-batch
+    idle: list[bool] = field(default_factory=list)
+    free_at: list[float] = field(default_factory=list)  # per stage
+    releases: list[float] = field(default_factory=list)  # heap: times slots free up
+    running: int = 0
+    in_system: int = 0
+    done_at: list[float] = field(default_factory=list)  # heap: times requests finish (dispatcher's view)
+
+    def load(self, now: float) -> int:
+        while self.done_at and self.done_at[0] <= now:
+            heapq.heappop(self.done_at)
+            self.in_system -= 1
+        return self.in_system
+
+
+def _capacity(timer: StepTimer, max_batch: int, prompt: float, steps: float) -> tuple[float, float]:
+    """(requests/s at full slots, unloaded latency): rough numbers the dispatcher ranks replicas by."""
+    S = timer.stages()
+    rows = max(1.0, max_batch / S)
+    ctx = prompt + steps / 2
+    dec = StepShape.decode(rows, ctx)
+    stage = [timer.stage_s(i, dec) for i in range(S)]
+    alone = sum(stage) + sum(timer.hop_s(i, dec) for i in range(S - 1)) + timer.return_s(rows)
+    round_s = max(alone, S * max(stage))
+    capacity = rows * S / (round_s * (steps + 1))
+    one = StepShape.decode(1, ctx)
+    pre = StepShape.prefill(1, prompt)
+    unloaded = (sum(timer.stage_s(i, pre) for i in range(S)) + sum(timer.hop_s(i, pre) for i in range(S - 1))
+                + steps * (sum(timer.stage_s(i, one) for i in range(S)) + sum(timer.hop_s(i, one) for i in range(S - 1))
+                           + timer.return_s(1)))
+    return capacity, unloaded
+
+
+def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
+                      seed: int = 0, max_batch: int | None = None, step_tokens: int = 2048,
+                      closed_loop: int | None = None) -> BatchSimResult:
+    """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
+
+    Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
+    send a request, and the next one as soon as the answer is complete (a benchmark at concurrency c).
+    ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget."""
+    slots = max_batch or workload.max_batch
+    rng = random.Random(seed)
+    n = workload.num_requests
+    times: list[float] = [math.inf] * n
+    prompts, outputs = [], []
+    t = 0.0
+    for k in range(n):
+        if closed_loop is None:
+            t += rng.expovariate(workload.rate)
+            times[k] = t
+        prompts.append(workload.prompt.sample(rng))
+        outputs.append(workload.output.sample(rng))
+    if closed_loop is not None:
+        times[:closed_loop] = [0.0] * min(n, closed_loop)
+    pending = [(times[k], k) for k in range(n) if times[k] < math.inf]  # heap of (arrival, id)
+    issued = len(pending)
+    if not replicas or n == 0:
+        return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0.0, math.inf, math.inf, math.inf, math.inf, 0)
+    steps = [cost.with_lengths(p, o).decode_steps for p, o in zip(prompts, outputs)]
+    first = [math.inf] * n
+    last = [math.inf] * n
+    reps: list[_Replica] = []
+    for lay in replicas:
+        timer = step_timer(cluster, cost, lay)
+        cap, unloaded = _capacity(timer, slots, workload.prompt.mean, max(0, round(workload.output.mean) - 1))
+        S = timer.stages()
+        reps.append(_Replica(timer, slots, step_tokens, cap, unloaded, members=[[] for _ in range(S)],
+                             idle=[True] * S, free_at=[0.0] * S))
+    events: list[tuple[float, int, int, int]] = []  # (time, order, replica, micro-batch)
+    order = 0
+
+    def wake(r: int, now: float) -> None:
+        nonlocal order
+        rep = reps[r]
+        for m, idle in enumerate(rep.idle):
+            if idle:
+                rep.idle[m] = False
+                order += 1
+                heapq.heappush(events, (now, order, r, m))
+
+    def launch(r: int, m: int, now: float) -> None:
+        nonlocal order, issued
+        rep = reps[r]
+        if rep.free_at[0] > now + 1e-15:  # stage 0 still busy: decide the step when it starts
+            order += 1
+            heapq.heappush(events, (rep.free_at[0], order, r, m))
+            return
+        while rep.releases and rep.releases[0] <= now:
+            heapq.heappop(rep.releases)
+            rep.running -= 1
+        mine = rep.members[m]
+        budget = rep.step_tokens - sum(1 for q in mine if q.prompt_left == 0)
+        while rep.waiting and rep.running < rep.max_batch and budget > 0:
+            rid = rep.waiting.popleft()
+            mine.append(_Request(rid, prompts[rid], steps[rid]))
+            rep.running += 1
+            budget -= 1  # at least one prompt token of it runs in this step
+        if not mine:
+            rep.idle[m] = True
+            if rep.waiting and rep.releases:  # blocked on slots: retry when one frees
+                order += 1
+                rep.idle[m] = False
+                heapq.heappush(events, (rep.releases[0], order, r, m))
+            return
+        # Compose the step: every decoding row, then prompt chunks in admission order (sums, not objects: hot loop).
+        budget = rep.step_tokens
+        emitting = [q for q in mine if q.prompt_left == 0]
+        rows = len(emitting)
+        context = sum(q.context for q in emitting) + rows
+        budget -= rows
+        chunks: list[tuple[_Request, int]] = []
+        prompt_tokens = pairs = written = 0.0
+        for q in mine:
+            if q.prompt_left > 0 and budget > 0:
+                c = min(q.prompt_left, budget)
+                budget -= c
+                prompt_tokens += c
+                pairs += c * q.context + c * c / 2
+                written += c + q.context
+                chunks.append((q, c))
+        shape = StepShape(rows, prompt_tokens, context + pairs, context + written, rows + len(chunks))
+        timer = rep.timer
+        S = timer.stages()
+        at = now
+        for i in range(S):
+            start = max(at, rep.free_at[i])
+            end = start + timer.stage_s(i, shape)
+            rep.free_at[i] = end
+            at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
+        token_t = at
+        finished: list[_Request] = []
+        for q in emitting:
+            q.context += 1
+            q.steps_left -= 1
+            last[q.rid] = token_t
+            if q.steps_left <= 0:
+                finished.append(q)
+        for q, c in chunks:
+            q.prompt_left -= c
+            q.context += c
+            if q.prompt_left == 0:  # the prompt's last chunk yields the first token
+                first[q.rid] = last[q.rid] = token_t
+                if q.steps_left <= 0:
+                    finished.append(q)
+        for q in finished:
+            heapq.heappush(rep.releases, token_t)
+            heapq.heappush(rep.done_at, token_t)
+            if closed_loop is not None and issued < n:  # that client sends its next request
+                times[issued] = token_t
+                heapq.heappush(pending, (token_t, issued))
+                issued += 1
+        if finished:
+            done = {id(q) for q in finished}
+            rep.members[m] = [q for q in mine if id(q) not in done]
+        order += 1
+        heapq.heappush(events, (token_t + timer.return_s(len(emitting) + len(chunks)), order, r, m))
+
+    heapq.heapify(pending)
+    while pending or events:
+        if pending and (not events or pending[0][0] <= events[0][0]):  # arrivals first at equal times
+            now, rid = heapq.heappop(pending)
+            best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
+            rep = reps[best]
+            rep.waiting.append(rid)
+            rep.in_system += 1
+            wake(best, now)
+        else:
+            now, _, r, m = heapq.heappop(events)
+            launch(r, m, now)
+
+    lat = sorted(last[r] - times[r] for r in range(n))
+    ttft = sorted(first[r] - times[r] for r in range(n))
+    itl = sorted((last[r] - first[r]) / steps[r] if steps[r] > 0 else 0.0 for r in range(n))
+    span = max(last) - min(times)
+    tokens = sum(steps) + n
+    return BatchSimResult(
+        slo_attainment=sum(1 for x in lat if x <= workload.slo_s) / n,
+        p50_s=_quantile(lat, 0.5), p99_s=_quantile(lat, 0.99), mean_s=sum(lat) / n,
+        throughput_rps=n / span if span > 0 else 0.0,
+        tokens_per_s=tokens / span if span > 0 else 0.0,
+        ttft_p50_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
+        itl_p50_s=_quantile(itl, 0.5), itl_p99_s=_quantile(itl, 0.99),
+        num_requests=n,
+    )
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+HORIZON_SLOS = 4  # a rate is judged on at least this many SLOs' worth of arrivals
+MAX_PEAK_REQUESTS = 20_000
+
+
+def peak_rate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
+                       target: float = 0.9, seed: int = 0, rel_tol: float = 0.02, max_batch: int | None = None) -> float:
+    """The highest Poisson rate at which SLO attainment stays >= ``target``.
+
+    A finite run only shows overload once the backlog outgrows the deadline: with many KV slots a
+    short burst is all admitted at once and meets any SLO. So each rate is simulated for at least
+    HORIZON_SLOS deadlines of arrivals and 10 x the slots (capped at MAX_PEAK_REQUESTS)."""
+    slots = (max_batch or workload.max_batch) * len(replicas)
+
+    def attainment(rate: float) -> float:
+        n = max(workload.num_requests, min(MAX_PEAK_REQUESTS, max(math.ceil(rate * HORIZON_SLOS * workload.slo_s), 10 * slots)))
+        work = Workload(rate, workload.slo_s, workload.prompt, workload.output, workload.max_batch, n)
+        return simulate_batching(cluster, cost, replicas, work, seed=seed, max_batch=max_batch).slo_attainment
+
+    return highest_rate(attainment, workload.rate, target, rel_tol) if replicas else 0.0

@@ -1,0 +1,128 @@
+"""Measured engine speed of one device on the served model, as the planner uses it.
+
+A node times its own engine (``hexswarm.swarm.calibrate``): the model's first
+``layers`` layers (all when they fit) with embedding and lm_head on one device,
+a decode step at a few batch sizes (at a known context length) and
+a prefill. The planner does not use these numbers directly as stage times,
+because a stage holds only some layers, maybe at a TP degree: it divides each
+measurement by what the analytic roofline predicts for the same run, and
+multiplies every analytic stage time on that device by this ratio
+(interpolated in log B between measured batch sizes, held flat outside).
+So the measurement corrects the analytic model's efficiencies and fixed
+overheads, and the analytic model keeps the shape (layers, TP, context).
+
+Wire / dict form (what the node gossips in its record's ``calibration`` field;
+``parse_calibration`` refuses anything else)::
+
+    {"decode": [[1, 0.00568], [8, 0.0061], [32, 0.0070]],   # [batch, seconds per step], batch ascending
+     "context": 160,                 # tokens of context per row during the decode steps
+     "prefill_tokens_per_s": 21000.0,  # prompt tokens per second, batch 1
+     "prompt": 128,                  # prompt length of the prefill measurement
+     "layers": 32,                   # layers measured (with embedding and lm_head); optional, 0 or absent: all
+     "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "<fingerprint>"}   # informational
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+MAX_POINTS = 16  # a handful of batch sizes is enough; bounds what a peer can make us store
+MAX_BATCH_MEASURED = 1 << 16
+MAX_TEXT = 128
+
+
+class CalibrationError(ValueError):
+    """A calibration value that is not of the documented shape."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    decode: tuple[tuple[int, float], ...]  # (batch, seconds per decode step), batch strictly ascending
+    context: int  # context tokens per row during the decode measurement
+    prefill_tokens_per_s: float
+    prompt: int  # prompt tokens of the prefill measurement
+    layers: int = 0  # layers measured, with embedding and lm_head (0: all of the model's)
+    device: str = ""
+    dtype: str = ""
+    model: str = ""
+
+    def decode_s(self, batch: float) -> float:
+        """Measured seconds per decode step at ``batch`` rows, linear in B between points, flat outside."""
+        return _interp([b for b, _ in self.decode], [t for _, t in self.decode], batch, log_x=False)
+
+    @property
+    def prefill_s(self) -> float:
+        return self.prompt / self.prefill_tokens_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        return {"decode": [[b, t] for b, t in self.decode], "context": self.context,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt, "layers": self.layers,
+                "device": self.device, "dtype": self.dtype, "model": self.model}
+
+
+def _interp(xs: list[float], ys: list[float], x: float, *, log_x: bool) -> float:
+    if x <= xs[0]:
+        return ys[0]
+    if x >= xs[-1]:
+        return ys[-1]
+    i = bisect.bisect_right(xs, x)
+    x0, x1 = xs[i - 1], xs[i]
+    if log_x:
+        w = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    else:
+        w = (x - x0) / (x1 - x0)
+    return ys[i - 1] + w * (ys[i] - ys[i - 1])
+
+
+def interp_log(xs: list[float], ys: list[float], x: float) -> float:
+    """Linear in log x between points, flat outside (ratios vary smoothly over batch sizes 1..256)."""
+    return _interp(xs, ys, x, log_x=True)
+
+
+def _positive_number(v: Any, what: str, upper: float = 1e12) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= upper:
+        raise CalibrationError(f"{what} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _positive_int(v: Any, what: str, upper: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= upper:
+        raise CalibrationError(f"{what} must be an integer in [1, {upper}], got {v!r}")
+    return v
+
+
+def _text(v: Any, what: str) -> str:
+    if v is None:
+        return ""
+    if not isinstance(v, str) or len(v) > MAX_TEXT:
+        raise CalibrationError(f"{what} must be a string of at most {MAX_TEXT} characters")
+    return v
+
+
+def parse_calibration(d: Any) -> Calibration:
+    """A ``Calibration`` from its dict form; ``CalibrationError`` on any malformed value."""
+    if not isinstance(d, Mapping):
+        raise CalibrationError("calibration must be a map")
+    points = d.get("decode")
+    if not isinstance(points, (list, tuple)) or not 1 <= len(points) <= MAX_POINTS:
+        raise CalibrationError(f"calibration decode must be a list of 1..{MAX_POINTS} [batch, seconds] pairs")
+    decode = []
+    for p in points:
+        if not isinstance(p, (list, tuple)) or len(p) != 2:
+            raise CalibrationError("calibration decode entries must be [batch, seconds]")
+        decode.append((_positive_int(p[0], "decode batch", MAX_BATCH_MEASURED), _positive_number(p[1], "decode seconds", 3600.0)))
+    if any(b1 <= b0 for (b0, _), (b1, _) in zip(decode, decode[1:])):
+        raise CalibrationError("calibration decode batches must be strictly ascending")
+    return Calibration(
+        decode=tuple(decode),
+        context=_positive_int(d.get("context"), "calibration context", 1 << 22),
+        prefill_tokens_per_s=_positive_number(d.get("prefill_tokens_per_s"), "prefill_tokens_per_s"),
+        prompt=_positive_int(d.get("prompt"), "calibration prompt", 1 << 22),
+        layers=0 if d.get("layers") in (None, 0) else _positive_int(d.get("layers"), "calibration layers", 1 << 12),
+        device=_text(d.get("device"), "calibration device"),
+        dtype=_text(d.get("dtype"), "calibration dtype"),
+        model=_text(d.get("model"), "calibration model"),
+    )

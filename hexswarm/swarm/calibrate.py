@@ -1,0 +1,135 @@
+"""Time this node's own engine on its own device and model, for the planner.
+
+The planner's analytic cost model is a roofline with guessed efficiencies; a
+node knows better: it runs the model's first layers (all of them when they fit
+in a share of the device memory), with the embedding and lm_head, and times
+
+* a decode step at a few batch sizes (``DECODE_BATCHES``) at ``CONTEXT``
+  tokens of context per row, through ``StageModel.decode_graphs`` (CUDA graphs
+  on GPUs, as the engine decodes);
+* a prefill of ``PROMPT`` tokens.
+
+Weights are random: speed does not depend on their values. The result is the
+dict form of ``hexswarm.plan.calibration.Calibration`` and goes into the
+node's signed record. It is cached in ``<data_dir>/calibration.json`` keyed by
+device name, model fingerprint and dtype, so a restart costs nothing; on the
+CPU test config (a tiny model) a fresh measurement takes a few milliseconds.
+The daemon runs it in a worker thread (``trio.to_thread``), never on the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from hexswarm.model.config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+CACHE_FILE = "calibration.json"
+DECODE_BATCHES = (1, 8, 32)
+CONTEXT = 128  # context tokens per row while timing decode steps
+PROMPT = 128  # prompt tokens of the timed prefill
+MEMORY_SHARE = 0.4  # the measured layers may take this share of the device memory (the stages load beside it)
+REPEATS = 5
+
+
+def cache_key(device_name: str, model_fingerprint: str, dtype: str) -> str:
+    return f"{device_name}|{model_fingerprint}|{dtype}"
+
+
+def layers_to_measure(cfg: LlamaConfig, device_memory_bytes: float, dtype_bytes: int) -> int:
+    """All layers if they fit in MEMORY_SHARE of the device, else as many as do (at least 1)."""
+    from hexswarm.plan.model_spec import ModelSpec
+
+    spec = ModelSpec.from_config(cfg)
+    ends = (spec.embedding_params + spec.head_params) * dtype_bytes
+    per_layer = spec.params_per_layer * dtype_bytes
+    room = device_memory_bytes * MEMORY_SHARE - ends
+    return max(1, min(cfg.num_hidden_layers, int(room // per_layer)))
+
+
+def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = None,
+            batches: tuple[int, ...] = DECODE_BATCHES, context: int = CONTEXT, prompt: int = PROMPT,
+            repeats: int = REPEATS) -> dict[str, Any]:
+    """Time decode steps and a prefill of the first ``layers`` layers (default: as many as fit)."""
+    import torch
+
+    from hexswarm.model.shard import TensorShard
+    from hexswarm.model.stage import StageModel, StagePart
+
+    dev = torch.device(device)
+    torch_dtype = getattr(torch, dtype)
+    if layers is None:
+        memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else 8 << 30
+        layers = layers_to_measure(cfg, memory, torch.tensor([], dtype=torch_dtype).element_size())
+    part = StagePart(0, layers, TensorShard.for_rank(cfg, 1, 0), with_embedding=True, with_head=True)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    with torch.inference_mode():
+        model = StageModel(cfg, part, torch_dtype, dev)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        for p in model.parameters():  # random weights: uninitialised memory may hold NaNs or denormals
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        kv = model.new_kv_cache(max(batches), max(context, prompt) + 2)
+        runner = model.decode_graphs(kv)
+
+        def decode(b: int) -> None:
+            ids = torch.zeros(b, dtype=torch.long, device=dev)
+            runner.step(ids, list(range(b)), [context] * b)
+
+        def prefill() -> None:
+            ids = torch.zeros(1, prompt, dtype=torch.long, device=dev)
+            h = model(model.embed(ids), kv, [0], [0])
+            model.logits(h[:, -1])
+
+        decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
+        prefill_s = _median_s(prefill, sync, max(1, repeats // 2))
+    return {"decode": decode_points, "context": context, "prefill_tokens_per_s": prompt / prefill_s,
+            "prompt": prompt, "layers": layers, "device": _device_name(device), "dtype": dtype}
+
+
+def _median_s(fn, sync, repeats: int) -> float:
+    fn()  # warm-up (and CUDA graph capture)
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return max(statistics.median(times), 1e-9)
+
+
+def cached_measure(data_dir: Path, model_dir: Path, fingerprint: str, device: str, dtype: str) -> dict[str, Any]:
+    """The measurement for this (device, model, dtype), from ``<data_dir>/calibration.json`` or fresh."""
+    cfg = LlamaConfig.from_dir(model_dir)
+    device_name = _device_name(device)
+    key = cache_key(device_name, fingerprint, dtype)
+    path = Path(data_dir) / CACHE_FILE
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache, dict) and isinstance(cache.get(key), dict):
+        return cache[key]
+    log.info("calibrating %s on %s (%s), cached in %s", model_dir, device_name, dtype, path)
+    result = {**measure(cfg, device, dtype), "model": fingerprint}
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cache, indent=1))
+    os.replace(tmp, path)
+    return result
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{os.cpu_count()}"
