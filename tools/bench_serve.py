@@ -445,6 +445,8 @@ def run(args) -> dict:
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, **summarize(records, wall)}
                             add_ratios(row, res)
                             res["serve"].append(row)
+                            if args.json:  # after every level: a run cut short keeps what it measured
+                                Path(args.json).write_text(json.dumps(res, indent=1))
                             log(f"{stages} stage(s) {frontend} c={c}: {row['tokens_per_s']} tokens/s, TTFT p50 "
                                 f"{row['ttft_p50_s']} s, ITL p50 {row['itl_p50_s']} s, x engine {row['ratio_tokens']}"
                                 + (f", {row['errors']} errors: {row.get('first_error')}" if row["errors"] else ""))

@@ -40,8 +40,8 @@ def head_settings(config: NodeConfig):
 async def calibrate_node(node, settings) -> None:
     """Measure the engine on this node's device and model (cached) off the trio loop; the next
     record announces it. A failure only costs the planner its analytic guess."""
+    from hexswarm.model.source import model_fingerprint
     from hexswarm.swarm import calibrate
-    from hexswarm.swarm.serving import model_fingerprint
 
     config = node.config
     try:
