@@ -102,6 +102,10 @@ def _model(doc: dict) -> ModelSpec:
     if isinstance(m, dict):
         if "hidden_size" not in m and isinstance(m.get("config"), dict):
             m = m["config"]
+        if "hidden_size" not in m and "hidden" in m:  # bench_serve's short shape
+            m = {"model_type": "llama", "num_hidden_layers": m["layers"], "hidden_size": m["hidden"],
+                 "num_attention_heads": m["heads"], "num_key_value_heads": m["kv_heads"],
+                 "intermediate_size": m["intermediate"], "vocab_size": m["vocab"]}
         return model_spec_from_dict(m, name=str(m.get("name", "model")))
     return load_model_spec(str(m))
 
