@@ -4,7 +4,7 @@ py-libp2p costs ~22x a raw socket per small message on loopback (tools/bench_hop
 multistream and Noise in pure Python), and a decode step sends one small message per pipeline
 hop.  So bulk pipeline traffic may leave libp2p once the peers know each other:
 
-1. The sender asks the receiver over `/hexswarm/direct/1` (a libp2p request: Noise-encrypted,
+1. The sender asks the receiver over `/hexswarm/direct/2` (a libp2p request: Noise-encrypted,
    both PeerIDs authenticated, admission checked).  The receiver answers with a TCP port of its
    direct listener, a fresh 256-bit key and a single-use 16-byte ticket, bound to the sender's PeerID.
 2. The sender connects, sends the ticket, then frames: 4-byte big-endian length + AES-256-GCM

@@ -45,8 +45,8 @@ DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)
 LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (swarm/serving.py)
 STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/serving.py)
 TRACE = protocol_id("trace", 1)  # a request's spans (swarm/submit.py)
-PIPE = protocol_id("pipe", 1)  # pipeline frames over libp2p streams (swarm/pipe.py)
-DIRECT = protocol_id("direct", 1)  # opening the direct data path (net/direct.py)
+PIPE = protocol_id("pipe", 2)  # pipeline frames over libp2p streams (swarm/pipe.py); 2: ragged rows, batched events
+DIRECT = protocol_id("direct", 2)  # opening the direct data path (net/direct.py); carries pipe/2 messages
 
 # Error codes in error frames.
 BAD_REQUEST = "bad_request"

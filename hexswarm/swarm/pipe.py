@@ -1,4 +1,4 @@
-"""One-way messages between peers over long-lived libp2p streams (`/hexswarm/pipe/1`).
+"""One-way messages between peers over long-lived libp2p streams (`/hexswarm/pipe/2`).
 
 Pipeline traffic (activations, sampled tokens, token events) is many small
 messages per second between the same few peers, so each sender keeps one
