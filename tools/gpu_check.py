@@ -50,9 +50,14 @@ def main() -> int:
                     ok &= same and rel < 1e-4
                 report["checks"].append(check)
                 print(json.dumps(check), flush=True)
+    return write_report(report, ok, a.out)
+
+
+def write_report(report: dict, ok: bool, out: str | None) -> int:
+    """Record the verdict (and the report at `out`); the exit code of a check tool."""
     report["ok"] = ok
-    if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=1))
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
     return 0 if ok else 1
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -23,6 +24,7 @@ from hexswarm.runtime.local_pipeline import LocalPipeline  # noqa: E402
 from hexswarm.runtime.offline import GenerateJob, generate  # noqa: E402
 from hexswarm.runtime.sampling import SamplingParams, sample_batch  # noqa: E402
 from hexswarm.runtime.stage_engine import EngineSettings  # noqa: E402
+from gpu_check import write_report  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The quick brown fox jumps over", "0123456789", "Hello", "Pipeline stages on GPUs",
            "A much longer prompt that needs several chunks when the step budget is small, so the chunked prefill "
@@ -114,10 +116,7 @@ def main() -> int:
                 ok &= equal == len(refs)
             report["checks"].append(check)
             print(json.dumps(check), flush=True)
-    report["ok"] = ok
-    if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=1))
-    return 0 if ok else 1
+    return write_report(report, ok, a.out)
 
 
 if __name__ == "__main__":

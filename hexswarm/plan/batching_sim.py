@@ -36,38 +36,24 @@ from typing import Protocol
 from hexswarm.plan.cluster import Cluster
 from hexswarm.plan.cost import CostModel, RooflineCostModel, StepShape
 from hexswarm.plan.replica import ReplicaLayout
-from hexswarm.plan.simulator import highest_rate
+from hexswarm.plan.simulator import SimResult, highest_rate
 from hexswarm.plan.workload import Workload
 
 
 @dataclass(frozen=True)
-class BatchSimResult:
-    slo_attainment: float
-    p50_s: float
-    p99_s: float
-    mean_s: float
-    throughput_rps: float
-    tokens_per_s: float
-    ttft_p50_s: float
-    ttft_p99_s: float
-    itl_p50_s: float  # per request: (last token - first token) / (tokens - 1), median over requests
-    itl_p99_s: float
-    num_requests: int
+class BatchSimResult(SimResult):
+    """SimResult plus what a streaming client sees: tokens/s, time to first token, inter-token latency."""
+
+    tokens_per_s: float = 0.0
+    ttft_p50_s: float = math.inf
+    ttft_p99_s: float = math.inf
+    itl_p50_s: float = math.inf  # per request: (last token - first token) / (tokens - 1), median over requests
+    itl_p99_s: float = math.inf
 
     def to_json(self) -> dict:
-        return {
-            "slo_attainment": round(self.slo_attainment, 4),
-            "p50_latency_s": round(self.p50_s, 4),
-            "p99_latency_s": round(self.p99_s, 4),
-            "mean_latency_s": round(self.mean_s, 4),
-            "throughput_rps": round(self.throughput_rps, 4),
-            "tokens_per_s": round(self.tokens_per_s, 2),
-            "ttft_p50_s": round(self.ttft_p50_s, 5),
-            "ttft_p99_s": round(self.ttft_p99_s, 5),
-            "itl_p50_s": round(self.itl_p50_s, 6),
-            "itl_p99_s": round(self.itl_p99_s, 6),
-            "simulated_requests": self.num_requests,
-        }
+        return {**super().to_json(), "tokens_per_s": round(self.tokens_per_s, 2),
+                "ttft_p50_s": round(self.ttft_p50_s, 5), "ttft_p99_s": round(self.ttft_p99_s, 5),
+                "itl_p50_s": round(self.itl_p50_s, 6), "itl_p99_s": round(self.itl_p99_s, 6)}
 
 
 class StepTimer(Protocol):
@@ -228,7 +214,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     pending = [(times[k], k) for k in range(n) if times[k] < math.inf]  # heap of (arrival, id)
     issued = len(pending)
     if not replicas or n == 0:
-        return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0.0, math.inf, math.inf, math.inf, math.inf, 0)
+        return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0)
     steps = [cost.with_lengths(p, o).decode_steps for p, o in zip(prompts, outputs)]
     first = [math.inf] * n
     last = [math.inf] * n
