@@ -151,3 +151,27 @@ def test_pinned_layout_fits_as_many_replicas_as_the_peers_allow(cfg):
     reps = pinned_layout(cfg, peers, {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 2})
     assert len(reps) == 2
     assert sorted((r[0].peer, r[1].peer) for r in reps) == [("a-two", "c-one"), ("b-two", "d-one")]
+
+
+@pytest.mark.parametrize("field", ["max_new_tokens", "top_k", "seed", "temperature"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 2**70])
+def test_non_finite_or_huge_submit_numbers_are_a_one_line_error(field, value):
+    """Red-team finding 1 (issue 13): int(inf) in the submit parser escaped the stream handler and ended the node."""
+    from hexswarm.errors import UserError
+
+    if field in ("temperature", "max_new_tokens") and value == 2**70:
+        return  # valid: a near-uniform draw; a budget the node clamps to its context
+    from hexswarm.swarm.submit import SubmitService
+
+    with pytest.raises(UserError):
+        SubmitService(server=None).parse({"prompt": "hello", field: value})
+
+
+@pytest.mark.parametrize("to", [[math.inf, 0, 0], [1, 0], "x", [1, 0, -1], [True, 0, 0], None])
+def test_a_malformed_stage_address_is_a_protocol_error(cfg, to):
+    """Red-team finding 2 (issue 13): a direct-path frame {"kind": "cancel", "to": [inf, 0, 0]} ended the node."""
+    from hexswarm.swarm.stages import ServeSettings, StageSet
+
+    stages = StageSet("A", cfg, None, ServeSettings(model_dir="unused"), pipe=None)
+    with pytest.raises(ProtocolError):
+        stages.route({"kind": "cancel", "to": to, "rid": "x"}, "B")

@@ -61,3 +61,26 @@ def test_engines_in_their_own_processes_match_generate(tiny_model, layout):
         ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=prompt, max_new_tokens=8))
         assert results[f"r{i}"]["tokens"] == ref["tokens"]
         assert pipe.events[f"r{i}"] == ref["tokens"]
+
+
+def test_a_request_id_is_its_entrys_and_bad_messages_do_not_stop_the_engine(tiny_model):
+    """Red-team findings 4 and 5 (issue 13): a start with a malformed field is dropped (the engine goes on),
+    and the same request id through another entry is refused instead of taking over the first's tokens."""
+    pipe = LocalPipeline(tiny_model, [(1, 4)])
+    try:
+        ids = pipe.tokenizer.encode(PROMPTS[0])
+        pipe.first.submit({"kind": "start", "rid": "bad", "prompt_ids": ids, "params": {"top_k": "x"},
+                           "max_new_tokens": 4, "stop": [], "entry": "entry"})
+        pipe.start("r0", PROMPTS[0], 6)
+        pipe.first.submit({"kind": "start", "rid": "r0", "prompt_ids": ids, "params": {}, "max_new_tokens": 6,
+                           "stop": [], "entry": "intruder"})
+        results = pipe.wait(2, timeout=60)
+        time.sleep(0.2)
+    finally:
+        pipe.close()
+    assert "error" in results["bad"]
+    assert [m.get("error", "") for peer, m in pipe.elsewhere if peer == "intruder"] == [
+        "request id r0 is already running from another entry node"]
+    ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[0], max_new_tokens=6))
+    assert results["r0"]["tokens"] == ref["tokens"]  # the first request kept its tokens
+    assert pipe.first.error is None

@@ -32,6 +32,7 @@ class LocalPipeline:
         self.done: queue.Queue = queue.Queue()
         self.events: dict[str, list[int]] = {}
         self.event_messages = 0
+        self.elsewhere: list[tuple[str, dict]] = []  # (peer, message) for entries other than ENTRY
         self.forward_rows: list[int] = []  # rows of every forward message between stages
         self._lock = threading.Lock()
         names = [f"s{i}" for i in range(len(layout))]
@@ -57,6 +58,10 @@ class LocalPipeline:
         self.first = self.engines[names[0]]
 
     def send(self, peer: str, msg: dict) -> None:
+        if peer not in self.engines and peer != ENTRY:  # another entry node: kept apart
+            with self._lock:
+                self.elsewhere.append((peer, msg))
+            return
         if peer == ENTRY:
             with self._lock:
                 if msg["kind"] == "events":

@@ -25,10 +25,10 @@ class SamplingParams:
     seed: int = 0
 
     def validate(self) -> "SamplingParams":
-        if not (self.temperature >= 0.0) or self.temperature != self.temperature:
-            raise UserError(f"--temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise UserError(f"--top-k must be >= 0, got {self.top_k}")
+        if not (0.0 <= self.temperature < float("inf")):  # NaN and inf fail too
+            raise UserError(f"--temperature must be a finite number >= 0, got {self.temperature}")
+        if not (0 <= self.top_k < 2**31):  # bounded: it travels in msgpack (no ints past 64 bits)
+            raise UserError(f"--top-k must be in [0, 2^31), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not (0 <= self.seed < 2**63):

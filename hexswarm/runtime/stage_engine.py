@@ -209,17 +209,42 @@ class StageEngine:
         events: dict[str, list[dict]] = {}
         for m in msgs:
             kind = m.get("kind")
-            if kind == "start":
-                self.waiting.append(m)
-            elif kind == "tokens":
-                self._step_returned(m, events)
-            elif kind == "cancel":
-                self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
+            try:
+                if kind == "start":
+                    self._start(m)
+                elif kind == "tokens":
+                    self._step_returned(m, events)
+                elif kind == "cancel":
+                    self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
+            except Exception as e:  # one bad message is dropped; the engine and its other requests go on
+                log.warning("stage engine %s dropped a %s message: %s: %s", self._thread.name, kind,
+                            type(e).__name__, e)
+                if kind == "start" and isinstance(m.get("entry"), str):
+                    self.send(m["entry"], {"kind": "done", "rid": m.get("rid"), "attempt": m.get("attempt"),
+                                           "error": f"stage 0 refused the request: {type(e).__name__}"})
         self._flush_events(events)
         while self.waiting and self.free_slots and len(self.requests) < self.admit_limit:
             req = self._admit(self.waiting.pop(0))
             if req.tokens and self._finish_if_done(req):
                 continue  # resumed after its last token: nothing left to compute
+
+    def _start(self, m: dict) -> None:
+        """Queue a new request.  A request is its entry's: the same id from another entry while the first
+        is live is refused (it would take over the first's tokens); from the same entry it is a newer
+        attempt (a resume that overtook the cancel of the old one), which replaces the old."""
+        rid, entry = m["rid"], m["entry"]
+        SamplingParams.from_dict(m["params"])  # a malformed request fails here, before it holds a slot
+        int(m["max_new_tokens"]), list(m["prompt_ids"]), int(m.get("attempt") or 0)
+        live = self.requests.get(rid)
+        queued = [w for w in self.waiting if w["rid"] == rid]
+        owner = live.entry if live is not None else (queued[0]["entry"] if queued else entry)
+        if owner != entry:
+            self.send(entry, {"kind": "done", "rid": rid, "attempt": m.get("attempt"),
+                              "error": f"request id {rid} is already running from another entry node"})
+            return
+        if live is not None:
+            self._release(live)
+        self.waiting = [w for w in self.waiting if w["rid"] != rid] + [m]
 
     def _admit(self, m: dict) -> ActiveRequest:
         params = SamplingParams.from_dict(m["params"])

@@ -88,7 +88,11 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         new = msg.get("max_new_tokens")
         _need(isinstance(new, int) and new >= 1 and 1 <= len(ids) and len(ids) + new <= max_len, "lengths")
         _need(len(resume) <= new, "resume tokens")
-        _need(isinstance(msg.get("rid"), str) and isinstance(msg.get("entry"), str), "rid / entry")
+        _need(isinstance(msg.get("rid"), str) and len(msg["rid"]) <= 128 and isinstance(msg.get("entry"), str),
+              "rid / entry")
+        attempt = msg.get("attempt", 0)
+        _need(attempt is None or (isinstance(attempt, int) and not isinstance(attempt, bool) and 0 <= attempt < 2**31),
+              "attempt")
         stop = msg.get("stop") or []
         _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
         _sampling({"params": msg.get("params"), "step": 0})

@@ -177,7 +177,7 @@ class MessagePipe:
             return
         try:
             fn(msg, sender)
-        except (KeyError, TypeError, ValueError, ProtocolError) as e:
+        except Exception as e:  # a malformed message costs one log line, never the connection or the node
             log.warning("bad %s message from %s: %s: %s", msg.get("kind"), sender, type(e).__name__, e)
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import trio
 
+from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
@@ -119,7 +120,11 @@ class StageSet:
     def route(self, msg: dict, sender: str) -> bool:
         """Check a pipe message and hand it to its stage worker; False when this node has no
         such stage; ProtocolError when the message is malformed or from the wrong peer."""
-        key = tuple(int(v) for v in msg["to"])
+        to = msg.get("to")
+        if not (isinstance(to, list) and len(to) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in to)):
+            raise ProtocolError("'to' must be [epoch, replica, stage]")
+        key = tuple(to)
         worker = self.workers.get(key)
         if worker is None:
             return False

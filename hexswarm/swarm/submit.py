@@ -98,7 +98,7 @@ class SubmitService:
             params = SamplingParams(float(msg.get("temperature", 0.0)), int(msg.get("top_k", 0)),
                                     float(msg.get("top_p", 1.0)), int(msg.get("seed", 0))).validate()
             max_new = int(msg.get("max_new_tokens", 64))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise UserError(f"bad sampling values: {e}") from None
         if max_new < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new}")
