@@ -205,6 +205,7 @@ def test_missing_or_wrong_token_gets_401(api, token):
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_p": 0}, "top_p"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stop": [1, 2]}, "stop"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "seed": "x"}, "seed"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "top_k": 2**64}, "top_k"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, "stream"),
     ("/v1/completions", {"model": "M", "prompt": ""}, "prompt"),
     ("/v1/completions", {"model": "M", "prompt": [1, 2, 3]}, "prompt"),
@@ -227,6 +228,12 @@ def test_malformed_body_gets_400_naming_the_field(api, path, body, param):
 def test_bad_json_wrong_model_route_and_method(api):
     status, _, raw = api.request("POST", "/v1/completions", raw=b"{not json")
     assert status == 400 and _error(raw)["code"] == "invalid_json"
+    # red-team finding 7 (issue 13): these were 500s
+    status, _, raw = api.request("POST", "/v1/completions", raw=b"[" * 100000 + b"]" * 100000)
+    assert status == 400 and _error(raw)["code"] == "invalid_json"
+    status, _, raw = api.request("POST", "/v1/completions",
+                                 raw=b'{"model": "' + api.model.encode() + b'", "prompt": "a \\ud800 b"}')
+    assert status == 400 and _error(raw)["code"] == "invalid_json", raw
     status, _, raw = api.request("POST", "/v1/completions", raw=b"[1, 2]")
     assert status == 400 and _error(raw)["code"] == "invalid_json"
     status, _, raw = api.request("POST", "/v1/completions", {"model": "gpt-4", "prompt": "hi"})

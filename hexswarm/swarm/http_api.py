@@ -37,6 +37,7 @@ from hexswarm.swarm.metrics import EntryMetrics
 log = logging.getLogger("hexswarm.http")
 
 MAX_BODY = 4 << 20
+BODY_TIMEOUT_S = 30.0
 MAX_STOP = 16  # the submit protocol's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -123,8 +124,8 @@ def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max:
     top_k = body.get("top_k")  # an extension (vLLM's): -1 or 0 means no cut
     if top_k is None or top_k == -1:
         top_k = 0
-    elif not _is_int(top_k) or top_k < 0:
-        raise bad("top_k", f"'top_k' must be an integer >= -1, got {top_k!r}")
+    elif not _is_int(top_k) or not 0 <= top_k < 2**31:
+        raise bad("top_k", f"'top_k' must be an integer in [-1, 2^31), got {top_k!r}")
     seed = body.get("seed")
     if seed is None:
         seed = secrets.randbits(62) if temperature > 0 else 0
@@ -377,12 +378,18 @@ class HttpApi:
         if path == "/v1/models":
             await self._json(send, 200, {"object": "list", "data": [self._model_card()]})
             return
-        body = await self._read_body(receive)
+        with trio.move_on_after(BODY_TIMEOUT_S) as timer:  # a slow body must not hold a connection forever
+            body = await self._read_body(receive)
+        if timer.cancelled_caught:
+            raise ApiError(408, f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", "invalid_request_error",
+                           None, "body_timeout")
         try:
             req = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON: {e}", "invalid_request_error", None,
-                           "invalid_json") from None
+            # a lone surrogate ("\ud800") parses but is no text: it would fail in the tokenizer and on the wire
+            json.dumps(req, ensure_ascii=False).encode("utf-8")
+        except (ValueError, UnicodeError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+            raise ApiError(400, f"the request body is not valid JSON text: {type(e).__name__}: {str(e)[:200]}",
+                           "invalid_request_error", None, "invalid_json") from None
         if not isinstance(req, dict):
             raise ApiError(400, "the request body must be a JSON object", "invalid_request_error", None, "invalid_json")
         chat = path == "/v1/chat/completions"
