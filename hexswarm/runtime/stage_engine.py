@@ -234,7 +234,7 @@ class StageEngine:
         attempt (a resume that overtook the cancel of the old one), which replaces the old."""
         rid, entry = m["rid"], m["entry"]
         SamplingParams.from_dict(m["params"])  # a malformed request fails here, before it holds a slot
-        int(m["max_new_tokens"]), list(m["prompt_ids"]), int(m.get("attempt") or 0)
+        int(m["max_new_tokens"]), list(m["prompt_ids"])
         live = self.requests.get(rid)
         queued = [w for w in self.waiting if w["rid"] == rid]
         owner = live.entry if live is not None else (queued[0]["entry"] if queued else entry)
@@ -242,6 +242,9 @@ class StageEngine:
             self.send(entry, {"kind": "done", "rid": rid, "attempt": m.get("attempt"),
                               "error": f"request id {rid} is already running from another entry node"})
             return
+        attempt = int(m.get("attempt") or 0)
+        if live is not None and attempt < live.attempt:
+            return  # an older attempt than the one running: stale
         if live is not None:
             self._release(live)
         self.waiting = [w for w in self.waiting if w["rid"] != rid] + [m]
