@@ -8,14 +8,17 @@ import pytest
 import trio
 
 from conftest import run_cli
-from hexswarm.errors import ProtocolError
+from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net import codec
 from hexswarm.net.admission import Admission, issue_certificate, verify_certificate
 from hexswarm.net.identity import generate, load_or_create
+from hexswarm.net.client import ask
+from hexswarm.net.protocols import LAYOUT, PING
 from hexswarm.net.signed import seal
 from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, peer_id_of, write_node_config
 from hexswarm.swarm.layout import StageAssignment, SwarmLayout
 from hexswarm.swarm.serving import LAYOUT_DOMAIN, read_layout_message
+from hexswarm.swarm.status_client import fetch_status
 from hexswarm.swarm.submit import submit_to
 
 
@@ -100,6 +103,10 @@ def test_stranger_cannot_join_submit_or_inject_gossip(tiny_model, tmp_path):
     fake_cert = tmp_path / "fake.cert"
     fake_cert.write_bytes(codec.encode(issue_certificate(fake_owner, "local", stranger_peer)))
     stranger_cfg.write_text(stranger_cfg.read_text() + f"admission_cert: {fake_cert}\n")
+    # the test reads the members' status as a client with a certificate (strangers are refused)
+    client = certify("client", "client")
+    client_id, client_cert = load_or_create(client["key"]), codec.decode(client["path"].read_bytes())
+    sw.client = (client_id, client_cert)
     sw.start()
     stranger = NodeProcess(stranger_cfg)
     try:
@@ -110,21 +117,31 @@ def test_stranger_cannot_join_submit_or_inject_gossip(tiny_model, tmp_path):
             st = sw.status(node)
             assert stranger_peer not in st["view"]
             assert st["layout"]["epoch"] == before["layout"]["epoch"] and st["head"] == before["head"]
+        # status and peers answer only certificate holders (issue 13 finding 4)
         peers = run_cli("peers", "--peer", sw.nodes[0].addr, "--json")
-        assert stranger_peer not in peers.stdout and peers.returncode == 0
+        assert peers.returncode != 0 and "forbidden" in peers.stderr
+        peers = run_cli("peers", "--peer", sw.nodes[0].addr, "--json", "--key", str(client["key"]),
+                        "--cert", str(client["path"]))
+        assert stranger_peer not in peers.stdout and peers.returncode == 0, peers.stderr
+        with pytest.raises(UserError, match="forbidden"):
+            trio.run(fetch_status, sw.nodes[0].addr, 5.0)
         # the stranger's own view: it learned nobody, since nobody answers it
-        assert sw.status(stranger)["view"] == [stranger_peer]
+        rogue = certify("rogue", "client", by=fake_owner)
+        rogue_id, rogue_cert = load_or_create(rogue["key"]), codec.decode(rogue["path"].read_bytes())
+        assert trio.run(fetch_status, stranger.addr, 5.0, rogue_id, rogue_cert)["view"] == [stranger_peer]
         # a client without a certificate is refused; with one it is served
         refused = trio.run(submit_to, sw.nodes[1].addr, {"prompt": "hi", "max_new_tokens": 3})
         assert refused.get("error", {}).get("code") == "forbidden", refused
-        client = certify("client", "client")
         ok = trio.run(submit_to, sw.nodes[1].addr, {"prompt": "hi", "max_new_tokens": 3}, None, 60,
-                      load_or_create(client["key"]), codec.decode(client["path"].read_bytes()))
+                      client_id, client_cert)
         assert "done" in ok, ok
+        # ...but its client certificate opens no node protocol (issue 13 finding 1)
+        for protocol, msg in ((PING, {"pad": b""}), (LAYOUT, {"ready": before["layout"]["epoch"] + 1})):
+            with pytest.raises(UserError, match="forbidden"):
+                trio.run(ask, sw.nodes[1].addr, protocol, msg, 5.0, client_id)
         # a client certificate from the wrong owner is refused too
-        rogue = certify("rogue", "client", by=fake_owner)
         bad = trio.run(submit_to, sw.nodes[1].addr, {"prompt": "hi", "max_new_tokens": 3}, None, 60,
-                       load_or_create(rogue["key"]), codec.decode(rogue["path"].read_bytes()))
+                       rogue_id, rogue_cert)
         assert bad.get("error", {}).get("code") == "forbidden", bad
     finally:
         stranger.kill()

@@ -165,12 +165,15 @@ def peers_command(
     png: Optional[Path] = typer.Option(
         None, "--png", help="Also draw the peers, their GPUs and measured links to this PNG."
     ),
+    key: Optional[str] = typer.Option(None, "--key", help="client key file (with --cert; a swarm with an owner)"),
+    cert: Optional[str] = typer.Option(None, "--cert", help="client certificate from `hexswarm admit --client`"),
 ) -> None:
     """Show a running node's peer table (PeerID, addresses, GPUs, measured engine speed, state, last seen, latency)."""
     setup_logging("error")
+    from hexswarm.cli.submit_cmd import client_credentials
     from hexswarm.swarm.peers_client import peers_of
 
-    reply = peers_of(peer, timeout)
+    reply = peers_of(peer, timeout, *client_credentials(key, cert))
     if not isinstance(reply.get("peers"), list):
         raise UserError(f"{peer} sent a malformed peers reply")
     if as_json:

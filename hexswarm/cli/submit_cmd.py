@@ -62,7 +62,7 @@ def submit(
     if request_id:
         for i, req in enumerate(requests):
             req["request_id"] = request_id if len(requests) == 1 else f"{request_id}-{i}"
-    identity, certificate = _client_credentials(key, cert)
+    identity, certificate = client_credentials(key, cert)
     run = _Run(list(peer), requests, concurrency, timeout, identity, certificate)
     if base["stream"]:
         finals = trio.run(run.all)
@@ -161,7 +161,7 @@ def _chat_prompt(model: str | None, question: str) -> str:
     return ChatTemplate.for_model(model).render([{"role": "user", "content": question}])
 
 
-def _client_credentials(key: str | None, cert: str | None):
+def client_credentials(key: str | None, cert: str | None):
     """(identity, certificate) for a swarm that requires client certificates; (None, None) otherwise."""
     if (key is None) != (cert is None):
         raise UserError("--key and --cert go together")
@@ -184,13 +184,15 @@ def _client_credentials(key: str | None, cert: str | None):
 def status(
     peer: str = typer.Option(..., "--peer", help="a node's multiaddr"),
     as_json: bool = typer.Option(False, "--json"),
+    key: Optional[str] = typer.Option(None, "--key", help="client key file (with --cert; a swarm with an owner)"),
+    cert: Optional[str] = typer.Option(None, "--cert", help="client certificate from `hexswarm admit --client`"),
 ) -> None:
     """Show a node's view of the head and the committed layout."""
     import trio
 
     from hexswarm.swarm.status_client import fetch_status
 
-    st = trio.run(fetch_status, peer)
+    st = trio.run(fetch_status, peer, 10.0, *client_credentials(key, cert))
     if as_json:
         print(json.dumps(st))
         return

@@ -5,7 +5,8 @@ A certificate is a sealed message (see signed.py), signed by the owner key, of
 swarm that names an owner (`swarm_owner`, the owner key's PeerID) presents its
 certificate in every inventory record; peers verify it before the record enters
 their table, and until then refuse that peer on every hexswarm protocol and
-drop its gossip.
+drop its gossip.  The role counts: a "client" certificate (`hexswarm admit --client`)
+lets a peer submit and read status, never use node-to-node protocols.
 """
 
 from __future__ import annotations
@@ -49,17 +50,27 @@ def verify_certificate(cert: Any, owner: str, swarm: str, peer: str, roles: tupl
 
 
 class Admission:
-    """Which peers have shown a valid certificate (self always has)."""
+    """Which peers have shown a valid certificate, and in which role (self always has, as a node).
+
+    A node certificate grants everything; a client certificate only what a client needs (submit,
+    status).  The role is kept per peer, so a client certificate never opens node protocols.
+    """
 
     def __init__(self, owner: str, swarm: str, me: str):
         self.owner = owner
         self.swarm = swarm
-        self._expires: dict[str, float] = {me: float("inf")}
+        # peer -> role -> expiry: a peer may hold both (a node that also submits with a client cert)
+        self._grants: dict[str, dict[str, float]] = {me: {"node": float("inf")}}
 
-    def admit(self, peer: str, cert: Any, roles: tuple[str, ...] = ("node",)) -> None:
-        """Record `peer` as admitted when `cert` is valid for it; ProtocolError otherwise."""
+    def admit(self, peer: str, cert: Any, roles: tuple[str, ...] = ("node",)) -> str:
+        """Record `peer` as admitted in its certificate's role (returned); ProtocolError when invalid."""
         body = verify_certificate(cert, self.owner, self.swarm, peer, roles)
-        self._expires[peer] = float(body["expires"])
+        self._grants.setdefault(peer, {})[body["role"]] = float(body["expires"])
+        return body["role"]
 
-    def is_admitted(self, peer: str) -> bool:
-        return self._expires.get(str(peer), 0.0) > time.time()
+    def is_admitted(self, peer: str, role: str = "node") -> bool:
+        """Does `peer` hold a current certificate good for `role`? (a node's is good for "client" too)"""
+        grants = self._grants.get(str(peer), {})
+        accepted = ("node", "client") if role == "client" else (role,)
+        now = time.time()
+        return any(grants.get(r, 0.0) > now for r in accepted)

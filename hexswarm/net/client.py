@@ -39,12 +39,12 @@ async def with_node(addr: str, fn: Callable[[Any, Any], Awaitable[T]], timeout: 
         raise UserError(f"talking to {addr} failed: {type(leaf).__name__}: {leaf}") from None
 
 
-async def ask(addr: str, protocol: str, msg: Any, timeout: float = 10.0) -> Any:
-    """One request/response exchange with the node at `addr`."""
+async def ask(addr: str, protocol: str, msg: Any, timeout: float = 10.0, client_identity=None) -> Any:
+    """One request/response exchange with the node at `addr` (as `client_identity` if given)."""
     async def exchange(host, peer_id):
         try:
             return await request(host, peer_id, protocol, msg, timeout=timeout)
         except RequestError as e:
             raise UserError(f"{addr}: {e}") from None
 
-    return await with_node(addr, exchange, timeout)
+    return await with_node(addr, exchange, timeout, client_identity)

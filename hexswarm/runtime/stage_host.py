@@ -21,7 +21,12 @@ from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
 from hexswarm.runtime.offline import DTYPES
 
-GROUP_TIMEOUT = datetime.timedelta(minutes=10)
+# Setting a group up (followers start, load and connect) must finish within this.
+SETUP_TIMEOUT = datetime.timedelta(minutes=10)
+# A collective's timeout is also how long an idle follower waits for its leader's next op, so an
+# idle stage must not hit it: effectively unbounded.  A follower that exits is caught by
+# followers_alive before every op instead (and a closed gloo socket fails a pending collective).
+OP_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -63,11 +68,13 @@ class StageSpec:
 def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_master: bool):
     import torch.distributed as dist
 
-    store = dist.TCPStore("127.0.0.1", store_port, size, is_master, timeout=GROUP_TIMEOUT)
+    store = dist.TCPStore("127.0.0.1", store_port, size, is_master, timeout=SETUP_TIMEOUT)
     prefixed = dist.PrefixStore(tag, store)
     if device == "cuda":
-        return dist.ProcessGroupNCCL(prefixed, rank, size), store
-    return dist.ProcessGroupGloo(prefixed, rank, size, GROUP_TIMEOUT), store
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = OP_TIMEOUT  # NCCL's watchdog would otherwise abort an idle follower's wait
+        return dist.ProcessGroupNCCL(prefixed, rank, size, options), store
+    return dist.ProcessGroupGloo(prefixed, rank, size, OP_TIMEOUT), store
 
 
 def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = False) -> StageExecutor:
@@ -133,7 +140,11 @@ class StageHost:
 
     def run(self, op: dict) -> torch.Tensor:
         """Forward one step (see StageExecutor.lead); the result may be a view of a CUDA-graph
-        buffer that the next call overwrites."""
+        buffer that the next call overwrites.  Raises when a follower has exited: the collective
+        would otherwise wait for it (OP_TIMEOUT), and the engine fails the stage over on the error."""
+        if not self.followers_alive():
+            codes = [p.returncode for p in self.followers if p.poll() is not None]
+            raise RuntimeError(f"stage {self.tag}: a tensor-parallel follower exited (code {codes[0]})")
         return self.executor.lead(op)
 
     def followers_alive(self) -> bool:

@@ -142,6 +142,8 @@ class LocalSwarm:
         self.serve_layout = serve_layout
         self.swarm = swarm
         self.extra = extra or {}
+        # (identity, client certificate) that status queries present: a swarm with an owner answers only those
+        self.client: tuple | None = None
         for n in devices_per_node:
             self.add_node(n, start=False)
 
@@ -171,7 +173,7 @@ class LocalSwarm:
 
         from hexswarm.swarm.status_client import fetch_status
 
-        return trio.run(fetch_status, node.addr, timeout)
+        return trio.run(fetch_status, node.addr, timeout, *(self.client or (None, None)))
 
     def wait_layout(self, timeout: float = 90.0, min_epoch: int = 1, nodes: Sequence[NodeProcess] | None = None) -> dict:
         """Wait until every live node reports the same committed layout (of at least min_epoch),

@@ -42,7 +42,7 @@ from hexswarm.net.host import (
     parse_peer_multiaddr,
 )
 from hexswarm.net.identity import Identity, load_or_create
-from hexswarm.net.protocols import PEERS, PING, Handler, RequestError, request, serve
+from hexswarm.net.protocols import FORBIDDEN, PEERS, PING, Handler, RemoteError, RequestError, request, serve
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
@@ -116,7 +116,7 @@ class Node:
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
-        self.register_handler(PEERS, self._on_peers, open_to_all=True)
+        self.register_handler(PEERS, self._on_peers, access="clients")
 
     # --- public API -------------------------------------------------------
 
@@ -129,10 +129,22 @@ class Node:
         return f"{self.config.topic_prefix}/{name}/{version}"
 
     def is_allowed(self, peer_id: Any) -> bool:
-        """May this peer use our protocols and reach us by gossip? (allowlist and admission)"""
+        """May this peer use our node-to-node protocols and reach us by gossip? (allowlist, and a
+        node certificate: a client certificate never opens these)"""
         if self._allowed is not None and str(peer_id) not in self._allowed:
             return False
-        return self.admission is None or self.admission.is_admitted(str(peer_id))
+        return self.admission is None or self.admission.is_admitted(str(peer_id), "node")
+
+    def admit_client(self, peer_id: Any, msg: Any) -> None:
+        """Let `peer_id` act as a client (submit, read status): it needs a node or client certificate,
+        already recorded or sent as `msg["cert"]`; PermissionError otherwise.  No-op without swarm_owner."""
+        if self.admission is None or self.admission.is_admitted(str(peer_id), "client"):
+            return
+        cert = msg.get("cert") if isinstance(msg, dict) else None
+        try:
+            self.admission.admit(str(peer_id), cert, roles=("client", "node"))
+        except ProtocolError as e:
+            raise PermissionError(f"this swarm needs a client certificate: {e}") from None
 
     def _load_admission(self, config: NodeConfig):
         """With `swarm_owner` set, our own certificate must be valid before we start."""
@@ -153,13 +165,34 @@ class Node:
         self.extra["cert"] = cert
         return admission
 
-    def register_handler(self, protocol: str, fn: Handler, *, open_to_all: bool = False, **options: Any) -> None:
+    def register_handler(self, protocol: str, fn: Handler, *, access: str = "nodes", **options: Any) -> None:
         """Answer request/response `protocol` with ``async fn(msg, remote_peer_id) -> reply``.
 
-        Only allowlisted peers may call it unless `open_to_all`. `options` go to
-        hexswarm.net.protocols.make_stream_handler (max_request, read_timeout, ...).
+        access: "nodes" (default): admitted, allowlisted nodes only; "clients": also clients with a
+        client certificate when swarm_owner is set, anyone without it; "public": anyone without
+        swarm_owner, nodes only with it.  `options` go to hexswarm.net.protocols.make_stream_handler
+        (max_request, read_timeout, ...).
         """
-        serve(self.host, protocol, fn, allow=None if open_to_all else self.is_allowed, **options)
+        if access == "nodes":
+            allow = self.is_allowed
+        elif access == "public":
+            allow = None if self.admission is None else self.is_allowed
+        elif access == "clients":
+            # checked once the request is read: a client may send its certificate in it
+            allow, fn = None, self._clients_only(fn)
+        else:
+            raise ValueError(f"access must be nodes, clients or public, not {access!r}")
+        serve(self.host, protocol, fn, allow=allow, **options)
+
+    def _clients_only(self, fn: Handler) -> Handler:
+        async def guarded(msg: Any, remote: Any) -> Any:
+            try:
+                self.admit_client(remote, msg)
+            except PermissionError as e:
+                raise RemoteError(FORBIDDEN, str(e)) from None
+            return await fn(msg, remote)
+
+        return guarded
 
     async def request(self, peer_id: Any, protocol: str, msg: Any, timeout: float = 10.0, **options: Any) -> Any:
         """One request to a peer (PeerID or its base58 text); raises RequestError."""

@@ -12,18 +12,20 @@ from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
 from hexswarm.net.protocols import PEERS, RequestError, request
 
 
-async def fetch_peers(addrs: list[str], timeout: float = 10.0) -> dict[str, Any]:
-    """addr -> the node's reply ({self, swarm, peers}) or {"error": str}, asking all at once."""
+async def fetch_peers(addrs: list[str], timeout: float = 10.0, client_identity=None, cert=None) -> dict[str, Any]:
+    """addr -> the node's reply ({self, swarm, peers}) or {"error": str}, asking all at once; a swarm
+    with an owner answers only holders of a certificate (`cert`, issued for `client_identity`)."""
     import multiaddr
 
     infos = {a: parse_peer_multiaddr(a, "--peer") for a in addrs}
-    host = make_host(identity.generate())
+    host = make_host(client_identity or identity.generate())
     results: dict[str, Any] = {}
 
     async def ask(addr: str) -> None:
         try:
             await dial(host, infos[addr], timeout=timeout)
-            results[addr] = await request(host, infos[addr].peer_id, PEERS, {}, timeout=timeout)
+            results[addr] = await request(host, infos[addr].peer_id, PEERS, {} if cert is None else {"cert": cert},
+                                          timeout=timeout)
         except (ConnectionError, RequestError) as e:
             results[addr] = {"error": str(e)}
 
@@ -35,9 +37,9 @@ async def fetch_peers(addrs: list[str], timeout: float = 10.0) -> dict[str, Any]
     return results
 
 
-def peers_of(addr: str, timeout: float = 10.0) -> dict[str, Any]:
+def peers_of(addr: str, timeout: float = 10.0, client_identity=None, cert=None) -> dict[str, Any]:
     """Blocking: one node's reply; UserError when it cannot be asked."""
-    reply = trio.run(fetch_peers, [addr], timeout)[addr]
+    reply = trio.run(fetch_peers, [addr], timeout, client_identity, cert)[addr]
     if "error" in reply and "peers" not in reply:
         raise UserError(f"cannot get peers from {addr}: {reply['error']}")
     return reply

@@ -89,7 +89,8 @@ class Server:
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
         self.highest_epoch = 0
-        self._ready: dict[int, set[str]] = {}
+        # head: epoch -> (its proposal, the assigned peers that reported ready); only while proposing
+        self._ready: dict[int, tuple[SwarmLayout, set[str]]] = {}
         self._proposing = False
         self._view_seen: tuple[frozenset, float] | None = None
         self._last_republish = 0.0
@@ -114,8 +115,9 @@ class Server:
             self.pipe.on("done", self._to_entry)
             self.node.register_handler(DISPATCH, self._on_dispatch)
             self.node.register_handler(LAYOUT, self._on_layout_request)
-            self.node.register_handler(STATUS, self._on_status, open_to_all=True)
-            self.node.register_handler(TRACE, self._on_trace, open_to_all=True)
+            self.node.register_handler(STATUS, self._on_status, access="clients")
+            # traces name every stage's peer and timings: nodes only in an owned swarm
+            self.node.register_handler(TRACE, self._on_trace, access="public")
             self.submit_service.register()
             await self.node.subscribe(self.node.topic("layout"), self._on_layout_gossip)
             nursery.start_soon(self._head_loop, nursery)
@@ -196,19 +198,19 @@ class Server:
             layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view),
                                  tuple(tuple(r) for r in replicas), predicted)
             log.info("head: proposing epoch %d: %s", epoch, layout.describe())
-            self._ready[epoch] = set()
+            self._ready[epoch] = (layout, set())
+            ready = self._ready[epoch][1]
             proposal = seal({"type": "propose", "layout": layout.to_wire()}, self.node.identity, LAYOUT_DOMAIN)
             await self._publish_layout(proposal)
             await self._on_layout_gossip(proposal, self.me)
             with trio.move_on_after(self.head_settings.ready_timeout_s):
-                while not layout.peers <= self._ready[epoch]:
+                while not layout.peers <= ready:
                     if frozenset(self.serving_view()) != frozenset(view):
                         log.info("head: view changed while epoch %d was loading; re-planning", epoch)
                         return
                     await trio.sleep(0.1)
-            if not layout.peers <= self._ready[epoch]:
-                log.warning("head: epoch %d not ready in time (missing %s)", epoch,
-                            sorted(layout.peers - self._ready[epoch]))
+            if not layout.peers <= ready:
+                log.warning("head: epoch %d not ready in time (missing %s)", epoch, sorted(layout.peers - ready))
                 return
             commit = seal({"type": "commit", "layout": layout.to_wire()}, self.node.identity, LAYOUT_DOMAIN)
             await self._on_layout_gossip(commit, self.me)
@@ -218,6 +220,7 @@ class Server:
             log.warning("head: cannot plan a layout: %s", e)
             await trio.sleep(2.0)
         finally:
+            self._ready.clear()  # one proposal at a time: nothing else is waited on
             self._proposing = False
 
     async def _learn_highest_epoch(self, view: list[str]) -> None:
@@ -244,8 +247,7 @@ class Server:
     # ---- layout messages (every node) ------------------------------------------------------
     async def _on_layout_gossip(self, msg: Any, publisher: str) -> None:
         kind, layout = read_layout_message(msg, self.cfg.num_hidden_layers, self.model_id)
-        if not self.node.is_allowed(layout.head):
-            raise ProtocolError(f"layout from {layout.head}, which is not admitted")
+        self.check_layout_head(layout)
         self.highest_epoch = max(self.highest_epoch, layout.epoch)
         if kind == "propose":
             if self.committed is None or layout.epoch > self.committed.epoch:
@@ -261,6 +263,16 @@ class Server:
             if layout.stages_of(self.me):
                 self._nursery.start_soon(self.stages.load_epoch, layout)
 
+    def check_layout_head(self, layout: SwarmLayout) -> None:
+        """ProtocolError unless the layout's head (its verified signer) may lead: admitted as a node,
+        up, serving our model and head-capable (a head candidate).  A layout carries no term, and
+        views differ for a moment around a rotation or failover, so any candidate is accepted rather
+        than only this term's head: a commit made just before a rotation still lands."""
+        if not self.node.is_allowed(layout.head):
+            raise ProtocolError(f"layout from {layout.head}, which is not admitted")
+        if layout.head not in self.head_candidates(self.serving_view()):
+            raise ProtocolError(f"layout from {layout.head}, which is not a live head candidate")
+
     async def _load_and_report(self, layout: SwarmLayout) -> None:
         try:
             await self.stages.load_epoch(layout)
@@ -270,7 +282,10 @@ class Server:
         for attempt in range(5):
             try:
                 if layout.head == self.me:
-                    self._ready.setdefault(layout.epoch, set()).add(self.me)
+                    try:
+                        self.mark_ready(layout.epoch, self.me)
+                    except ProtocolError as e:  # the proposal was dropped while we loaded
+                        log.debug("epoch %d: %s", layout.epoch, e)
                 else:
                     await self.node.request(layout.head, LAYOUT, {"ready": layout.epoch})
                 return
@@ -280,9 +295,20 @@ class Server:
 
     async def _on_layout_request(self, msg: Any, remote: Any) -> dict:
         if "ready" in msg:
-            self._ready.setdefault(int(msg["ready"]), set()).add(str(remote))
+            self.mark_ready(int(msg["ready"]), str(remote))
             return {}
         return {"layout": None if self.committed is None else self.committed.to_wire(), "highest": self.highest_epoch}
+
+    def mark_ready(self, epoch: int, peer: str) -> None:
+        """Count `peer` ready for `epoch`: only for the proposal this head waits on, and only from a
+        peer it assigns (anything else would grow _ready without bound or commit a layout early)."""
+        pending = self._ready.get(epoch)
+        if pending is None:
+            raise ProtocolError(f"no proposal of epoch {epoch} is waiting for ready reports")
+        layout, ready = pending
+        if peer not in layout.peers:
+            raise ProtocolError(f"epoch {epoch} assigns no stage to {peer}")
+        ready.add(peer)
 
     async def _retire_loop(self) -> None:
         while True:

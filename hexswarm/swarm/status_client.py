@@ -6,5 +6,7 @@ from hexswarm.net.client import ask
 from hexswarm.net.protocols import STATUS
 
 
-async def fetch_status(addr: str, timeout: float = 10.0) -> dict:
-    return await ask(addr, STATUS, {}, timeout)
+async def fetch_status(addr: str, timeout: float = 10.0, client_identity=None, cert=None) -> dict:
+    """The node's status; a swarm with an owner answers only its nodes and holders of a client
+    certificate (`cert`, issued for `client_identity`)."""
+    return await ask(addr, STATUS, {} if cert is None else {"cert": cert}, timeout, client_identity)

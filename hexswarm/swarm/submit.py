@@ -179,14 +179,8 @@ class SubmitService:
 
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
-        node = self.server.node
-        if not node.config.require_client_cert or node.admission.is_admitted(remote):
-            return
-        cert = msg.get("cert") if isinstance(msg, dict) else None
-        try:
-            node.admission.admit(remote, cert, roles=("client", "node"))
-        except ProtocolError as e:
-            raise PermissionError(f"submitting needs a client certificate: {e}") from None
+        if self.server.node.config.require_client_cert:
+            self.server.node.admit_client(remote, msg)
 
     async def _on_stream(self, stream) -> None:
         async def emit(frame: dict) -> None:

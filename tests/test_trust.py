@@ -1,0 +1,131 @@
+"""Issue 13 trust findings, as unit tests: certificate roles, who may lead a layout, which
+ready reports count, who may read swarm state, and TP stages that outlive idle time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import trio
+
+from hexswarm.errors import ProtocolError
+from hexswarm.net.admission import Admission, issue_certificate
+from hexswarm.net.identity import generate
+from hexswarm.net.protocols import RemoteError
+from hexswarm.runtime import stage_host
+from hexswarm.runtime.stage_host import StageHost, StageSpec
+from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+from hexswarm.swarm.peer_table import PeerTable
+from hexswarm.swarm.records import NodeRecord
+from hexswarm.swarm.serving import Server
+
+
+def _owner_and_admission():
+    owner = generate()
+    return owner, Admission(owner.peer_id.to_base58(), "s", "me")
+
+
+def test_a_client_certificate_grants_the_client_role_only():
+    owner, adm = _owner_and_admission()
+    client, node = "client-peer", "node-peer"
+    assert adm.admit(client, issue_certificate(owner, "s", client, "client"), roles=("client", "node")) == "client"
+    assert adm.is_admitted(client, "client") and not adm.is_admitted(client, "node") and not adm.is_admitted(client)
+    # certificates made before roles were recorded (role "node", the `hexswarm admit` default) stay valid
+    adm.admit(node, issue_certificate(owner, "s", node))
+    assert adm.is_admitted(node) and adm.is_admitted(node, "client")
+    # a node that later submits with a client certificate keeps its node role
+    adm.admit(node, issue_certificate(owner, "s", node, "client"), roles=("client", "node"))
+    assert adm.is_admitted(node, "node")
+    assert adm.is_admitted("me", "node")
+
+
+def _node(adm: Admission):
+    """Just what Node.is_allowed / admit_client / _clients_only use."""
+    from hexswarm.swarm.node import Node
+
+    node = object.__new__(Node)
+    node._allowed, node.admission = None, adm
+    return node
+
+
+def test_node_protocols_refuse_clients_and_readers_need_a_certificate():
+    owner, adm = _owner_and_admission()
+    node = _node(adm)
+    node.admit_client("client-peer", {"cert": issue_certificate(owner, "s", "client-peer", "client")})
+    assert not node.is_allowed("client-peer")  # ping, layout, dispatch, pipe, direct, gossip
+
+    async def status(msg, remote):
+        return "status"
+
+    guarded = node._clients_only(status)
+    assert trio.run(guarded, {}, "client-peer") == "status"
+    with pytest.raises(RemoteError) as refused:
+        trio.run(guarded, {}, "stranger")
+    assert refused.value.code == "forbidden" and "\n" not in str(refused.value)
+    rogue = generate()
+    with pytest.raises(RemoteError):
+        trio.run(guarded, {"cert": issue_certificate(rogue, "s", "stranger", "client")}, "stranger")
+    # a reader may bring its certificate in the request itself
+    assert trio.run(guarded, {"cert": issue_certificate(owner, "s", "reader", "client")}, "reader") == "status"
+    # without swarm_owner everything stays open to everyone, as before
+    assert trio.run(_node(None)._clients_only(status), {}, "anyone") == "status"
+
+
+def _record(peer: str, roles: list[str], model: str = "m1") -> NodeRecord:
+    return NodeRecord(peer, b"k" * 32, "s", [], [], roles, {}, 1, 1, 0.0, extra={"model": model, "serve": True})
+
+
+def _server(me: str, records: list[NodeRecord], admitted: set[str]) -> Server:
+    table = PeerTable(5.0, 10.0)
+    for r in records:
+        table.observe(r)
+    node = SimpleNamespace(table=table, config=SimpleNamespace(roles=["head", "worker"]),
+                           is_allowed=lambda p: p in admitted)
+    server = object.__new__(Server)
+    server.node, server.me, server.model_id, server._ready = node, me, "m1", {}
+    return server
+
+
+def _layout(head: str, peers: list[str], epoch: int = 3) -> SwarmLayout:
+    stages = tuple(StageAssignment(p, 1, i, i + 1) for i, p in enumerate(peers))
+    return SwarmLayout(epoch, head, "m1", tuple(peers), (stages,))
+
+
+def test_only_a_live_admitted_head_candidate_may_lead_a_layout():
+    server = _server("me", [_record("h2", ["head"]), _record("w", ["worker"]), _record("other", ["head"], "m2")],
+                     admitted={"me", "h2", "w", "other"})
+    server.check_layout_head(_layout("me", ["me", "w"]))
+    server.check_layout_head(_layout("h2", ["h2", "w"]))  # another candidate: e.g. last term's head
+    for head in ("w", "other", "stranger"):  # a worker, a node of another model, nobody we know
+        with pytest.raises(ProtocolError):
+            server.check_layout_head(_layout(head, [head]))
+    with pytest.raises(ProtocolError, match="not admitted"):
+        _server("me", [_record("h2", ["head"])], admitted={"me"}).check_layout_head(_layout("h2", ["h2"]))
+
+
+def test_ready_counts_only_for_the_pending_proposal_and_its_peers():
+    server = _server("me", [], admitted={"me"})
+    layout = _layout("me", ["me", "w"], epoch=7)
+    with pytest.raises(ProtocolError):
+        server.mark_ready(7, "w")  # nothing proposed yet
+    server._ready[7] = (layout, set())
+    server.mark_ready(7, "w")
+    for epoch, peer in ((8, "w"), (10**12, "w"), (7, "stranger")):
+        with pytest.raises(ProtocolError):
+            server.mark_ready(epoch, peer)
+    assert list(server._ready) == [7] and server._ready[7][1] == {"w"}
+
+
+def test_tp_groups_outlive_idle_time_and_a_dead_follower_fails_the_stage():
+    assert stage_host.OP_TIMEOUT.total_seconds() >= 30 * 86400  # the old 600 s killed idle TP-2 stages
+    host = StageHost(StageSpec("m", 0, 1, 2, True, True), "t")
+    host.executor = SimpleNamespace(lead=lambda op: "out")
+    host.followers = [subprocess.Popen([sys.executable, "-c", "pass"])]
+    host.followers[0].wait()
+    assert not host.followers_alive()
+    with pytest.raises(RuntimeError, match="follower exited"):
+        host.run({"op": "forward"})
+    host.followers = []
+    assert host.run({"op": "forward"}) == "out"
