@@ -102,3 +102,50 @@ def test_head_killed_with_requests_queued_all_complete(tiny_model, tmp_path):
         check_exactly_once(jobs, results, frames, tiny_model, 24)
     finally:
         sw.stop()
+
+
+def _tp_followers_of(node) -> list[int]:
+    """PIDs of the TP follower processes a node process started (its children running tp_follower)."""
+    import os
+
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+        except OSError:
+            continue
+        if ppid == node.proc.pid and b"tp_follower" in cmd:
+            out.append(int(pid))
+    return out
+
+
+def test_a_stage_whose_follower_dies_is_taken_out_and_requests_complete(tiny_model, tmp_path):
+    """Issue 13: a TP follower that dies fails its stage; the stage reports it in its record, the head
+    stops placing requests on that replica and plans a new epoch, the entries resume: nothing is lost."""
+    import os
+
+    sw = LocalSwarm(tmp_path, tiny_model, [2, 1], serve_layout={"hetero_config": [2, 1], "pp_partition": [2, 2],
+                                                                 "replicas": 1})
+    sw.start()
+    try:
+        st = sw.wait_layout(90)
+        tp_peer = next(s["peer"] for s in st["replicas"][0]["stages"] if s["tp"] == 2)
+        tp_node = next(n for n in sw.nodes if n.peer_id == tp_peer)
+        followers = _tp_followers_of(tp_node)
+        assert followers, "no TP follower process found: the test proves nothing"
+        for pid in followers:
+            os.kill(pid, signal.SIGKILL)
+        jobs = [(sw.nodes[i % 2].addr, {"prompt": p, "max_new_tokens": 12, "stream": True})
+                for i, p in enumerate(PROMPTS[:4])]
+        results, frames, started = [None] * 4, [[] for _ in range(4)], threading.Event()
+        run_streaming(jobs, results, frames, started)
+        check_exactly_once(jobs, results, frames, tiny_model, 12)
+        assert any(r["done"]["attempts"] > 1 for r in results), "no request met the failed stage"
+        assert sw.wait_layout(60, min_epoch=st["layout"]["epoch"] + 1)["layout"]["epoch"] > st["layout"]["epoch"]
+    finally:
+        sw.stop()

@@ -169,7 +169,8 @@ class Server:
             now = time.monotonic()
             if self._view_seen is None or self._view_seen[0] != key:
                 self._view_seen = (key, now)
-            stale = self.committed is None or frozenset(self.committed.view) != key
+            stale = (self.committed is None or frozenset(self.committed.view) != key
+                     or bool(self.failed_replicas(self.committed)))  # a new epoch loads fresh stages
             if stale and not self._proposing and now - self._view_seen[1] >= self.head_settings.settle_s:
                 self._proposing = True
                 nursery.start_soon(self._propose, view)
@@ -316,6 +317,7 @@ class Server:
             # every record this node gossips carries its stage-0 loads (the head's queue view)
             self.node.extra["load"] = self.stages.loads()
             self.node.extra["slots"] = self.stages.slot_counts()
+            self.node.extra["failed"] = self.stages.failed()
             self._set_admit_limits()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
@@ -348,7 +350,23 @@ class Server:
     # ---- dispatch (head side) --------------------------------------------------------------
     def healthy_replicas(self, layout: SwarmLayout) -> list[int]:
         up = set(self.serving_view())
-        return [i for i, r in enumerate(layout.replicas) if all(s.peer in up for s in r)]
+        failed = self.failed_replicas(layout)
+        return [i for i, r in enumerate(layout.replicas) if all(s.peer in up for s in r) and i not in failed]
+
+    def failed_replicas(self, layout: SwarmLayout) -> set[int]:
+        """Replicas of `layout` with a stage whose engine stopped, as its peer reports (or this node knows)."""
+        out = set()
+        for ri, replica in enumerate(layout.replicas):
+            for si, st in enumerate(replica):
+                key = f"{layout.epoch}:{ri}:{si}"
+                if st.peer == self.me:
+                    reported = self.stages.failed()
+                else:
+                    entry = self.node.table.get(st.peer)
+                    reported = entry.record.extra.get("failed") if entry else None
+                if isinstance(reported, list) and key in reported:
+                    out.add(ri)
+        return out
 
     async def _on_dispatch(self, msg: Any, remote: Any) -> dict:
         return await self.dispatch(msg)

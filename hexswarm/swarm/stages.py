@@ -143,6 +143,11 @@ class StageSet:
                 out.append({"epoch": e, "replica": r, "stage": s, "peer": self.me, **span})
         return out
 
+    def failed(self) -> list[str]:
+        """"epoch:replica:stage" of every stage here whose engine stopped (gossiped: the head stops
+        placing requests on its replica and plans a new epoch, the entries resume what it held)."""
+        return sorted(f"{e}:{r}:{s}" for (e, r, s), w in self.workers.items() if w.error is not None)
+
     def slot_counts(self) -> dict[str, int]:
         """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
         admits at most the smallest count of its stages)."""
@@ -157,7 +162,8 @@ class StageSet:
         now = time.monotonic()
         for key in [k for k in self.workers if k[0] < epoch]:
             worker = self.workers[key]
-            if worker.in_flight == 0 and now - self.last_used[key] > self.settings.retire_idle_s:
+            idle = worker.in_flight == 0 and now - self.last_used[key] > self.settings.retire_idle_s
+            if idle or worker.error is not None:  # a failed engine's requests were resumed elsewhere
                 del self.workers[key]
                 self.last_used.pop(key, None)
                 if not any(k[0] == key[0] for k in self.workers):

@@ -205,7 +205,12 @@ class SubmitService:
 
     def _pipeline_alive(self, placement: dict) -> bool:
         up = set(self.server.serving_view())
-        return all(st["peer"] in up for st in placement["stages"])
+        if not all(st["peer"] in up for st in placement["stages"]):
+            return False
+        layout = self.server.committed
+        if layout is None or layout.epoch != placement["epoch"]:
+            return True  # an older epoch: its stages report under it, checked when its layout is known
+        return placement["replica"] not in self.server.failed_replicas(layout)
 
     async def _relay(self, emit, req: dict, placement: dict, receive) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
