@@ -44,6 +44,7 @@ MAX_ATTEMPTS = 16
 HISTORY = 10000
 
 MAX_STOP_STRINGS = 16
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servable token is refused untokenized
 
 
 class SubmitService:
@@ -102,15 +103,26 @@ class SubmitService:
             raise UserError(f"bad sampling values: {e}") from None
         if max_new < 1:
             raise UserError(f"max_new_tokens must be >= 1, got {max_new}")
-        ids = self.server.tokenizer.encode(prompt)
         limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
-        if len(ids) >= limit:
-            raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
+        if len(prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
+            raise UserError(f"the prompt has {len(prompt)} characters; this swarm serves sequences of at most "
+                            f"{limit} tokens")
         rid = msg.get("request_id") or uuid.uuid4().hex
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
-        return {"rid": rid, "prompt_ids": ids, "params": params.to_dict(), "stop": stop,
-                "max_new_tokens": min(max_new, limit - len(ids)), "stream": bool(msg.get("stream", False))}
+        return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
+                "stream": bool(msg.get("stream", False))}
+
+    async def tokenize(self, req: dict) -> dict:
+        """The parsed request with its prompt ids and its budget cut to the context; a long prompt is
+        tokenized in a worker thread (a 4 MiB prompt took ~3 s, which the event loop must not spend)."""
+        tok = self.server.tokenizer
+        prompt = req.pop("prompt")
+        ids = tok.encode(prompt) if len(prompt) < 8192 else await trio.to_thread.run_sync(tok.encode, prompt)
+        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
+        if len(ids) >= limit:
+            raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
+        return {**req, "prompt_ids": ids, "max_new_tokens": min(req["max_new_tokens"], limit - len(ids))}
 
     async def place(self, req: dict) -> dict:
         """Ask the head (trying the next in line if it is gone) to place the request."""
@@ -153,7 +165,7 @@ class SubmitService:
         Used by the libp2p submit protocol and by the HTTP API."""
         server = self.server
         try:
-            req = self.parse(msg)
+            req = await self.tokenize(self.parse(msg))
         except UserError as e:
             return error_frame(BAD_REQUEST, str(e))
         rid = req["rid"]
