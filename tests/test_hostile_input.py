@@ -175,3 +175,58 @@ def test_a_malformed_stage_address_is_a_protocol_error(cfg, to):
     stages = StageSet("A", cfg, None, ServeSettings(model_dir="unused"), pipe=None)
     with pytest.raises(ProtocolError):
         stages.route({"kind": "cancel", "to": to, "rid": "x"}, "B")
+
+
+def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, tmp_path):
+    """Red-team finding 8 (issue 13): a peer that knows a request id sends `events` and `done` for it to the
+    entry; only the attempt's stage 0 speaks for a request, so the client still gets the real tokens."""
+    import threading
+    import time as clock
+
+    import multiaddr
+    from libp2p.custom_types import TProtocol
+
+    from hexswarm.net import codec, identity
+    from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
+    from hexswarm.net.protocols import PIPE
+    from hexswarm.swarm.submit import submit_to
+
+    sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]})
+    sw.start()
+    try:
+        sw.wait_layout(90)
+        entry = sw.nodes[0]
+        req = {"prompt": "Once upon a time", "max_new_tokens": 300, "stream": True, "request_id": "victim"}
+        got, first, done_at = {}, threading.Event(), []
+
+        def client():
+            got["final"] = trio.run(submit_to, entry.addr, req, lambda f: "token" in f and first.set(), 120)
+            done_at.append(clock.monotonic())
+
+        t = threading.Thread(target=client)
+        t.start()
+        assert first.wait(60)
+
+        async def inject():
+            info = parse_peer_multiaddr(entry.addr)
+            host = make_host(identity.generate())
+            async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                await dial(host, info)
+                s = await host.new_stream(info.peer_id, [TProtocol(PIPE)])
+                for attempt in (0, 1):
+                    await s.write(codec.frame({"kind": "events", "items": [
+                        {"rid": "victim", "attempt": attempt, "index": i, "token": 7} for i in range(400)]}))
+                    await s.write(codec.frame({"kind": "done", "rid": "victim", "attempt": attempt, "tokens": [7],
+                                               "prompt_tokens": [1], "text": "x", "finish_reason": "stop",
+                                               "timings": {}}))
+                await trio.sleep(0.3)
+                await s.close()
+
+        trio.run(inject)
+        injected_at = clock.monotonic()
+        t.join(120)
+        assert done_at and done_at[0] > injected_at - 0.3, "the request ended before the injection: proves nothing"
+        ref = reference(tiny_model, req["prompt"], 300)
+        assert got["final"]["done"]["tokens"] == ref["tokens"]
+    finally:
+        sw.stop()

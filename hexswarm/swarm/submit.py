@@ -244,6 +244,9 @@ class SubmitService:
                 ev = None
                 with trio.move_on_after(HEALTH_CHECK_S):
                     ev = await receive.receive()
+            if (ev is not None and ev.get("attempt") == attempt
+                    and ev.get("_sender") != placement["stages"][0]["peer"]):
+                continue  # only the attempt's stage 0 speaks for it: a peer that knows the id cannot inject
             if ev is None or int(ev.get("attempt", -1)) != attempt:
                 if ev is not None:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
