@@ -160,6 +160,8 @@ class DirectReceiver:
                 self.deliver(msg, peer)
         except (ProtocolError, trio.TooSlowError, OSError, trio.BrokenResourceError) as e:
             log.debug("direct connection ended: %s", e)
+        except Exception as e:  # never past this connection: the listener's nursery would end the node
+            log.warning("direct connection failed: %s: %s", type(e).__name__, e)
         finally:
             with trio.move_on_after(1):
                 await stream.aclose()

@@ -212,6 +212,9 @@ class SubmitService:
         except ProtocolError as e:  # the client went away
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
+        except Exception as e:  # one line and this stream closed; never the node
+            log.warning("submit stream failed: %s: %s", type(e).__name__, e)
+            await reset_quietly(stream)
         finally:
             await close_quietly(stream)
 
