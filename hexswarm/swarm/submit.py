@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from hexswarm.errors import ProtocolError, UserError
-from hexswarm.net.framing import read_frame, write_frame
+from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
     BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
     remote_peer_id, reset_quietly,
@@ -195,9 +195,6 @@ class SubmitService:
             self.server.node.admit_client(remote, msg)
 
     async def _on_stream(self, stream) -> None:
-        async def emit(frame: dict) -> None:
-            await write_frame(stream, frame)
-
         try:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
@@ -208,7 +205,20 @@ class SubmitService:
             except PermissionError as e:
                 await write_frame(stream, error_frame(FORBIDDEN, str(e)))
                 return
-            await write_frame(stream, await self.p2p_serve(msg, emit))
+            with trio.CancelScope() as work:
+                writer = FrameWriter(stream, work)  # token frames queued during a write go out together
+
+                async def emit(frame: dict) -> None:
+                    writer.put(frame)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(writer.run)
+                    try:
+                        writer.put(await self.p2p_serve(msg, emit))
+                    finally:
+                        writer.close()
+            if writer.error is not None:
+                raise writer.error
         except ProtocolError as e:  # the client went away
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
