@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
+
 import math
 
 import pytest
@@ -95,13 +97,30 @@ def test_rate_limiter_holds_a_peer_to_its_rate():
     assert rl.retry_after_s("p") > 0
 
 
-def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp_path):
+@asynccontextmanager
+async def stranger_pipe(addr: str):
+    """A pipe stream to the node at `addr` from a fresh, unadmitted identity (the attacker)."""
     import multiaddr
     from libp2p.custom_types import TProtocol
 
-    from hexswarm.net import codec, identity
+    from hexswarm.net import identity
     from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
     from hexswarm.net.protocols import PIPE
+
+    info = parse_peer_multiaddr(addr)
+    host = make_host(identity.generate())
+    async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        await dial(host, info)
+        stream = await host.new_stream(info.peer_id, [TProtocol(PIPE)])
+        try:
+            yield stream
+        finally:
+            await trio.sleep(0.5)  # let the node read it all before the connection goes
+            await stream.close()
+
+
+def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp_path):
+    from hexswarm.net import codec
 
     sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]},
                     extra={"max_queue": 4, "dispatch_wait_s": 5.0})
@@ -112,19 +131,13 @@ def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp
         epoch = st_["layout"]["epoch"]
 
         async def attack():
-            info = parse_peer_multiaddr(stage1.addr)
-            host = make_host(identity.generate())
-            async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-                await dial(host, info)
-                s = await host.new_stream(info.peer_id, [TProtocol(PIPE)])
+            async with stranger_pipe(stage1.addr) as s:
                 bad = good_forward()
                 bad["to"] = [epoch, 0, 1]
                 bad["x"] = torch.full((2, 1, 64), math.nan)
                 await s.write(codec.frame(bad))  # NaN activations from a peer that is not stage 0
                 await s.write(b"\x00\x00\x00\x05garbage")  # a corrupt frame
                 await s.write(b"\xff\xff\xff\xff")  # an absurd length
-                await trio.sleep(0.5)
-                await s.close()
 
         trio.run(attack)
         # a flood beyond max_queue at one entry: some are told 'busy', none hang, the rest are right
@@ -183,12 +196,7 @@ def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, t
     import threading
     import time as clock
 
-    import multiaddr
-    from libp2p.custom_types import TProtocol
-
-    from hexswarm.net import codec, identity
-    from hexswarm.net.host import dial, make_host, parse_peer_multiaddr
-    from hexswarm.net.protocols import PIPE
+    from hexswarm.net import codec
     from hexswarm.swarm.submit import submit_to
 
     sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]})
@@ -208,19 +216,13 @@ def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, t
         assert first.wait(60)
 
         async def inject():
-            info = parse_peer_multiaddr(entry.addr)
-            host = make_host(identity.generate())
-            async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-                await dial(host, info)
-                s = await host.new_stream(info.peer_id, [TProtocol(PIPE)])
+            async with stranger_pipe(entry.addr) as s:
                 for attempt in (0, 1):
                     await s.write(codec.frame({"kind": "events", "items": [
                         {"rid": "victim", "attempt": attempt, "index": i, "token": 7} for i in range(400)]}))
                     await s.write(codec.frame({"kind": "done", "rid": "victim", "attempt": attempt, "tokens": [7],
                                                "prompt_tokens": [1], "text": "x", "finish_reason": "stop",
                                                "timings": {}}))
-                await trio.sleep(0.3)
-                await s.close()
 
         trio.run(inject)
         injected_at = clock.monotonic()
