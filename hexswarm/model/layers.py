@@ -120,6 +120,14 @@ def _empty(shape, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def leading_decode_rows(rows: list[tuple[int, int, int]]) -> int:
+    """How many of a step's (slot, start, length) rows, from the first, are one-token decode rows."""
+    n = 0
+    while n < len(rows) and rows[n][2] == 1:
+        n += 1
+    return n
+
+
 class Segment:
     """A row of more than one new token (a prompt or a chunk of one) inside a step:
     tokens [offset, offset + length) of the flattened batch, written to `slot` at
@@ -158,9 +166,7 @@ class StepMeta:
         """rows: (slot, start, length).  The leading one-token rows are decode rows; every row after
         the first longer one is a segment (a one-token segment is correct, only slower).
         One host-to-device copy."""
-        n_decode = 0
-        while n_decode < len(rows) and rows[n_decode][2] == 1:
-            n_decode += 1
+        n_decode = leading_decode_rows(rows)
         tok_slot: list[int] = []
         tok_pos: list[int] = []
         for slot, start, length in rows:

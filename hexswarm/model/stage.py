@@ -12,7 +12,8 @@ from torch import nn
 
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache, slot_index
-from hexswarm.model.layers import AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for
+from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for,
+                                   leading_decode_rows)
 from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
 from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
 from hexswarm.model.rope import cos_sin, inverse_frequencies
@@ -96,9 +97,7 @@ class StageModel(nn.Module):
         if self.uses_fast_path(x):
             return self.forward_fast(x, kv, StepMeta.for_rows(rows, x.device), all_reduce)
         out = torch.empty_like(x)
-        n_decode = 0
-        while n_decode < len(rows) and rows[n_decode][2] == 1:
-            n_decode += 1
+        n_decode = leading_decode_rows(rows)
         # plain torch runs uniform batches: the decode rows together, each longer row alone
         groups = [(0, rows[:n_decode])] if n_decode else []
         offset = n_decode
