@@ -84,3 +84,24 @@ def test_a_request_id_is_its_entrys_and_bad_messages_do_not_stop_the_engine(tiny
     ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[0], max_new_tokens=6))
     assert results["r0"]["tokens"] == ref["tokens"]  # the first request kept its tokens
     assert pipe.first.error is None
+
+
+def test_a_step_with_non_finite_activations_is_dropped_and_the_stage_goes_on(tiny_model, caplog):
+    """Finiteness is checked by the engine on its device (not on the node's event loop): a NaN step from
+    the previous stage is dropped with a log line; the next well-formed request is served as `generate` does."""
+    import torch
+
+    pipe = LocalPipeline(tiny_model, [(1, 2), (1, 2)])
+    try:
+        second = pipe.engines["s1"]
+        second.submit({"kind": "forward", "steps": [999], "rows": [[0, 0, 2]], "rids": ["x"],
+                       "samples": [{"params": {}, "step": 0, "attempt": 0}], "x": torch.full((2, 64), float("nan")),
+                       "t": [0.0], "_sender": "s0"})
+        pipe.start("r0", PROMPTS[1], 5)
+        results = pipe.wait(1, timeout=60)
+    finally:
+        pipe.close()
+    assert second.error is None
+    assert "dropped a forward step with non-finite activations from s0" in caplog.text
+    ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[1], max_new_tokens=5))
+    assert results["r0"]["tokens"] == ref["tokens"]

@@ -490,7 +490,20 @@ class StageEngine:
 
     # ---- later stages --------------------------------------------------------------------
     def _forward_downstream(self, msgs: list[dict]) -> None:
-        """Run every queued step as one (their rows concatenated, decode rows first)."""
+        """Run every queued step as one (their rows concatenated, decode rows first).  A step whose
+        activations are not finite is dropped (its rows' requests fail over by their step expiry)."""
+        device = self.host.spec.device_of(0)
+        for m in msgs:
+            m["x"] = m["x"].to(device, non_blocking=True)
+        finite = torch.stack([torch.isfinite(m["x"]).all() for m in msgs]).tolist()  # one sync
+        if not all(finite):
+            for m, ok in zip(msgs, finite):
+                if not ok:
+                    log.warning("stage engine %s dropped a forward step with non-finite activations from %s",
+                                self._thread.name, m.get("_sender"))
+            msgs = [m for m, ok in zip(msgs, finite) if ok]
+            if not msgs:
+                return
         if len(msgs) == 1:
             m = msgs[0]
             rows, rids, samples, x = m["rows"], m["rids"], m["samples"], m["x"]

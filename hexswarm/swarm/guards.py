@@ -70,7 +70,8 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
             if spec is not None:
                 _sampling(spec)
         _need(isinstance(msg.get("t"), list) and all(isinstance(t, (int, float)) for t in msg["t"]), "stage times")
-        _need(bool(torch.isfinite(x).all()), "activations are not finite")
+        # finiteness is checked by the stage engine on its device: on the node's event loop a scan of a
+        # bf16 prefill chunk cost ~1 ms of CPU per MB (the busiest frame of a 2-stage profile on an H100)
     elif kind == "tokens":
         _need(stage == 0 and sender == stages[-1].peer, "tokens from a peer that is not the last stage")
         items = msg.get("items")
