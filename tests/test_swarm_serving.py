@@ -18,7 +18,8 @@ NEW = 10
 @pytest.fixture(scope="module")
 def swarm3(tiny_model, tmp_path_factory):
     sw = LocalSwarm(tmp_path_factory.mktemp("swarm3"), tiny_model, [2, 1, 1], serve_layout=PINNED,
-                    extra={"dispatch_wait_s": 5.0})
+                    extra={"dispatch_wait_s": 5.0, "local_links": False})  # stage traffic over the network path;
+    # the other swarm tests run with local links between the stages (the default: all nodes are on this host)
     sw.start()
     try:
         sw.wait_layout(90)

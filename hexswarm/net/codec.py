@@ -56,11 +56,8 @@ def _default(obj: Any):
     raise ProtocolError(f"cannot encode {type(obj).__name__}")
 
 
-def decode_tensor(payload: bytes):
-    try:
-        name, shape, raw = msgpack.unpackb(payload, raw=False)
-    except Exception as e:
-        raise ProtocolError(f"bad tensor payload: {e}") from None
+def tensor_nbytes(name: Any, shape: Any) -> int:
+    """Bytes of a tensor of dtype `name` and `shape`; ProtocolError unless both are allowed."""
     if name not in _DTYPE_SIZES:
         raise ProtocolError(f"dtype {name!r} not allowed")
     if (
@@ -69,16 +66,25 @@ def decode_tensor(payload: bytes):
         or not all(isinstance(d, int) and 0 <= d < 2**31 for d in shape)
     ):
         raise ProtocolError(f"bad tensor shape {shape!r}")
-    if not isinstance(raw, bytes):
-        raise ProtocolError("tensor data is not bytes")
     count = 1
     for d in shape:
         count *= d
-    if count * _DTYPE_SIZES[name] != len(raw):
+    return count * _DTYPE_SIZES[name]
+
+
+def decode_tensor(payload: bytes):
+    try:
+        name, shape, raw = msgpack.unpackb(payload, raw=False)
+    except Exception as e:
+        raise ProtocolError(f"bad tensor payload: {e}") from None
+    nbytes = tensor_nbytes(name, shape)
+    if not isinstance(raw, bytes):
+        raise ProtocolError("tensor data is not bytes")
+    if nbytes != len(raw):
         raise ProtocolError(f"tensor of shape {shape} {name} cannot hold {len(raw)} bytes")
     torch = _torch()
     dtype = getattr(torch, name)
-    if count == 0:
+    if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return flat.view(dtype).reshape(shape)

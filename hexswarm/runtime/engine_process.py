@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from hexswarm.net import codec
+from hexswarm.runtime.local_link import LinkSpec
 from hexswarm.runtime.spans import SpanLog
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, Send
 from hexswarm.runtime.stage_host import StageSpec
@@ -41,6 +42,7 @@ class EngineJob:
     name: str
     with_tokenizer: bool
     parent: int
+    links: LinkSpec | None = None
 
 
 class EngineProcess:
@@ -50,6 +52,7 @@ class EngineProcess:
         self.error: BaseException | None = None
         self._send = send
         self._in_flight = 0
+        self.last_message_at = time.monotonic()  # the child's, reported (CLOCK_MONOTONIC is system-wide)
         self._admit_limit = job.spec.n_slots
         ctx = mp.get_context("spawn")  # no CUDA state or trio loop is inherited
         self._conn, child = ctx.Pipe(duplex=True)
@@ -118,6 +121,7 @@ class EngineProcess:
                 return
             if m.get("kind") == "_state":
                 self._in_flight = int(m["in_flight"])
+                self.last_message_at = float(m["last_message_at"])
                 for rid, span in m["spans"].items():
                     self.spans.put(rid, span)
                 if m.get("error") and self.error is None:
@@ -153,7 +157,8 @@ def _child_main(conn, job: EngineJob) -> None:
     def report() -> None:
         while True:
             time.sleep(STATE_S)
-            write({"kind": "_state", "in_flight": engine.in_flight, "spans": engine.spans.take_updates(),
+            write({"kind": "_state", "in_flight": engine.in_flight, "last_message_at": engine.last_message_at,
+                   "spans": engine.spans.take_updates(),
                    "error": None if engine.error is None else f"{type(engine.error).__name__}: {engine.error}"})
 
     threading.Thread(target=report, daemon=True).start()
@@ -183,4 +188,4 @@ def _build(job: EngineJob, send: Send):
     host = StageHost(job.spec, tag=job.tag)
     host.start()
     tokenizer = TextTokenizer(job.spec.model_dir, LlamaConfig.from_dir(job.spec.model_dir)) if job.with_tokenizer else None
-    return StageEngine(host, job.route, send, tokenizer, job.name, job.settings)
+    return StageEngine(host, job.route, send, tokenizer, job.name, job.settings, job.links)

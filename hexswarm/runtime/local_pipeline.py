@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
+from hexswarm.runtime.local_link import LinkSpec
 from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec
@@ -21,11 +22,13 @@ ENTRY = "entry"
 
 class LocalPipeline:
     """layout: [(tp, layers), ...]; gpus: per stage, the CUDA ordinal of each TP rank (CUDA only);
-    processes: each engine in its own process (EngineProcess), as a CUDA node runs them."""
+    processes: each engine in its own process (EngineProcess), as a CUDA node runs them;
+    links_dir: the engines hand steps to each other over local links there (runtime/local_link.py)."""
 
     def __init__(self, model_dir, layout: Sequence[tuple[int, int]], n_slots: int = 8, max_len: int = 128,
                  settings: EngineSettings = EngineSettings(), device: str = "cpu", dtype: str = "float32",
-                 gpus: Sequence[tuple[int, ...]] | None = None, processes: bool = False):
+                 gpus: Sequence[tuple[int, ...]] | None = None, processes: bool = False,
+                 links_dir: str | None = None):
         cfg = LlamaConfig.from_dir(model_dir)
         self.tokenizer = TextTokenizer(model_dir, cfg)
         self.engines: dict[str, StageEngine | EngineProcess] = {}
@@ -42,13 +45,15 @@ class LocalPipeline:
                 spec = StageSpec(str(model_dir), start, start + n, tp, i == 0, i == len(layout) - 1, device, dtype,
                                  n_slots, max_len, tuple(gpus[i]) if gpus else ())
                 route = PipelineRoute(i, len(layout), names[i + 1] if i + 1 < len(layout) else None, names[0])
+                links = LinkSpec(names[i], (0, 0, i), links_dir) if links_dir else None
                 if processes:
-                    engine = EngineProcess(EngineJob(spec, f"local{i}", route, settings, names[i], i == 0, os.getpid()),
-                                           self.send)
+                    engine = EngineProcess(EngineJob(spec, f"local{i}", route, settings, names[i], i == 0, os.getpid(),
+                                                     links), self.send)
                 else:
                     host = StageHost(spec, tag=f"local{i}")
                     host.start()
-                    engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings)
+                    engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings,
+                                         links)
                 self.engines[names[i]] = engine
                 engine.start()
                 start += n

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from hexswarm.runtime.local_link import LinkSpec, LocalLinks
 from hexswarm.runtime.sampling import SamplingParams, sample_batch, sample_on_device
 from hexswarm.runtime.spans import SpanLog, waited, wire_delay
 from hexswarm.runtime.stage_host import StageHost
@@ -126,10 +127,13 @@ class LaunchedStep:
 
 class StageEngine:
     def __init__(self, host: StageHost, route: PipelineRoute, send: Send, tokenizer: TextTokenizer | None = None,
-                 name: str = "stage", settings: EngineSettings = EngineSettings()):
+                 name: str = "stage", settings: EngineSettings = EngineSettings(), links: LinkSpec | None = None):
         self.host = host
         self.route = route
         self.send = send
+        self.last_message_at = time.monotonic()  # for retiring idle stages (link messages skip the node)
+        # forward and tokens messages to stages on this host go straight to their engines
+        self.links = LocalLinks(links, self.submit) if links is not None else None
         self.tokenizer = tokenizer
         self.settings = settings
         self.inbox: queue.Queue = queue.Queue()
@@ -157,12 +161,24 @@ class StageEngine:
         self._thread.start()
 
     def submit(self, msg: dict) -> None:
+        self.last_message_at = time.monotonic()
         self.inbox.put(msg)
 
     def close(self) -> None:
         self.inbox.put({"kind": "close"})
         self._thread.join(timeout=10)
+        if self.links is not None:
+            self.links.close()
         self.host.close()
+
+    def _send_step(self, peer: str, msg: dict) -> None:
+        """A forward or tokens message: over the local link when that stage runs on this host."""
+        if self.links is not None:
+            e, r, s = self.links.spec.key
+            key = (e, r, s + 1) if msg["kind"] == "forward" else (e, r, 0)
+            if self.links.send(peer, key, msg):
+                return
+        self.send(peer, msg)
 
     @property
     def in_flight(self) -> int:
@@ -339,7 +355,7 @@ class StageEngine:
         sid = self._next_step
         self._next_step += 1
         self._steps[sid] = (time.monotonic(), [r.req.rid for r in rows])
-        self.send(self.route.next_peer, {
+        self._send_step(self.route.next_peer, {
             "kind": "forward", "steps": [sid], "rows": [[r.req.slot, r.start, r.n] for r in rows],
             "rids": [r.req.rid for r in rows],
             "samples": [r.req.sample_spec(r.step) if r.samples else None for r in rows],
@@ -526,12 +542,12 @@ class StageEngine:
             dt = time.perf_counter() - t0
             items = [{"rid": rids[i], "token": tok, "attempt": samples[i].get("attempt"), "step": int(samples[i]["step"])}
                      for i, tok in zip(picked, tokens)]
-            self.send(self.route.first_peer, {"kind": "tokens", "steps": steps, "items": items,
+            self._send_step(self.route.first_peer, {"kind": "tokens", "steps": steps, "items": items,
                                               "t": stage_times + [dt]})
         else:
             x_out = out.cpu()
             dt = time.perf_counter() - t0
-            self.send(self.route.next_peer, {"kind": "forward", "steps": steps, "rows": rows, "rids": rids,
+            self._send_step(self.route.next_peer, {"kind": "forward", "steps": steps, "rows": rows, "rids": rids,
                                              "samples": samples, "x": x_out, "t": stage_times + [dt]})
         for m, q in zip(msgs, queued):
             for rid in m["rids"]:

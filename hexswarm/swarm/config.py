@@ -276,6 +276,10 @@ class NodeConfig:
     )
     admission_cert: Path | None = field(default=None, metadata=_key(_optional_path, "this node's admission certificate"))
     require_client_cert: bool = field(default=False, metadata=_key(_bool, "submitters must present a client certificate"))
+    local_links: bool = field(
+        default=True, metadata=_key(_bool, "stage engines on this host hand activations and tokens to each other over "
+                                          "Unix sockets of this user, skipping the network")
+    )
     direct_data_path: bool = field(
         default=True, metadata=_key(_bool, "pipeline frames over direct AES-GCM TCP keyed over libp2p (else libp2p streams)")
     )

@@ -13,6 +13,7 @@ import trio
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
+from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec, slots_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
@@ -37,6 +38,7 @@ class ServeSettings:
     engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
     gpu_memory_fraction: float = 0.9
+    local_links: bool = True  # stage engines on one host hand steps to each other directly (runtime/local_link.py)
 
 
 class StageSet:
@@ -86,13 +88,15 @@ class StageSet:
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
         engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica))
         send = self._sender(layout.epoch, ri, si)
+        links = LinkSpec(self.me, (layout.epoch, ri, si), default_run_dir()) if s.local_links else None
         own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
         if own_process:
-            worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid()), send)
+            worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links), send)
         else:
             host = StageHost(spec, tag=tag)
             host.start()
-            worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine)
+            worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine,
+                                 links=links)
         worker.start()
         return worker
 
@@ -162,7 +166,8 @@ class StageSet:
         now = time.monotonic()
         for key in [k for k in self.workers if k[0] < epoch]:
             worker = self.workers[key]
-            idle = worker.in_flight == 0 and now - self.last_used[key] > self.settings.retire_idle_s
+            last = max(self.last_used[key], worker.last_message_at)  # steps over local links skip route()
+            idle = worker.in_flight == 0 and now - last > self.settings.retire_idle_s
             if idle or worker.error is not None:  # a failed engine's requests were resumed elsewhere
                 del self.workers[key]
                 self.last_used.pop(key, None)
