@@ -41,6 +41,7 @@ for p in (str(REPO), str(TOOLS)):  # spawned load generators import this module 
     if p not in sys.path:
         sys.path.insert(0, p)
 
+PREFILL_BATCH_TOKENS = 2048  # the engine's batched prefill rate is measured at this many tokens in one forward
 CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
 
 
@@ -157,6 +158,11 @@ def measure_engine(args, model_dir: Path, batches: list[int], log) -> dict:
     mode = "graph" if cuda else "eager"
     out["prefill_ms"] = round(engine_prefill_ms(model, 1, args.prompt_tokens, clock, warmup, repeats, "fast"), 3)
     log(f"engine prefill of {args.prompt_tokens} tokens: {out['prefill_ms']} ms")
+    # a serving ceiling needs the engine's best prefill rate too: every request's prompt is prefilled
+    many = max(1, PREFILL_BATCH_TOKENS // args.prompt_tokens) if cuda else 4
+    ms = engine_prefill_ms(model, many, args.prompt_tokens, clock, warmup, repeats, "fast")
+    out["prefill_batch"] = {"prompts": many, "ms": round(ms, 3), "tokens_per_s": round(many * args.prompt_tokens * 1e3 / ms)}
+    log(f"engine prefill of {many} x {args.prompt_tokens} tokens: {ms:.2f} ms ({out['prefill_batch']['tokens_per_s']} tokens/s)")
     rows = []
     for B in batches:
         ms = engine_decode_ms(model, B, args.prompt_tokens, steps, clock, warmup, repeats, mode)
@@ -389,6 +395,16 @@ def summarize(records: list[dict], wall_s: float) -> dict:
     return out
 
 
+def engine_ceiling(engine: dict, c: int, prompt_tokens: int, new_tokens: int) -> float | None:
+    """Tokens/s of the engine alone doing this level's work with nothing else in the way: c prompts
+    prefilled at its best batched rate, then new_tokens decode steps at batch c."""
+    step = {e["batch"]: e["ms_per_step"] for e in engine["engine"]}.get(c)
+    rate = (engine.get("prefill_batch") or {}).get("tokens_per_s")
+    if step is None or not rate:
+        return None
+    return c * new_tokens / (c * prompt_tokens / rate + new_tokens * step / 1e3)
+
+
 def add_ratios(row: dict, engine: dict) -> None:
     """Serving over the engine of this run: tokens/s vs the engine at batch = concurrency, ITL vs the
     engine's batch-1 step (and its batch-c step), TTFT vs the engine's prefill of one prompt."""
@@ -396,6 +412,9 @@ def add_ratios(row: dict, engine: dict) -> None:
     eng_c, eng_1 = by_batch.get(row["concurrency"]), by_batch.get(1)
     div = lambda a, b: None if a is None or not b else round(a / b, 3)  # noqa: E731
     row["ratio_tokens"] = div(row["tokens_per_s"], eng_c and eng_c["tokens_per_s"])
+    ceiling = engine_ceiling(engine, row["concurrency"], engine.get("prompt_tokens", 0), engine.get("new_tokens", 0))
+    row["engine_ceiling_tokens_per_s"] = None if ceiling is None else round(ceiling, 1)
+    row["ratio_tokens_vs_ceiling"] = div(row["tokens_per_s"], ceiling)
     row["ratio_itl_p50_vs_engine_b1"] = div(row["itl_p50_s"], eng_1 and eng_1["ms_per_step"] / 1e3)
     row["ratio_itl_p50_vs_engine_bc"] = div(row["itl_p50_s"], eng_c and eng_c["ms_per_step"] / 1e3)
     row["ratio_ttft_p50_vs_prefill"] = div(row["ttft_p50_s"], engine["prefill_ms"] / 1e3)
@@ -452,6 +471,8 @@ def run(args) -> dict:
                                 + (f", {row['errors']} errors: {row.get('first_error')}" if row["errors"] else ""))
                     finally:
                         gen.close()
+                linked = sum("local link to" in node.log() for node in swarm.nodes)
+                log(f"{stages} stage(s): {linked} of {len(swarm.nodes)} nodes sent steps over local links")
             finally:
                 swarm.stop()
         res["cpu_target"] = cpu_target(res) if args.cpu_target else None
@@ -484,15 +505,16 @@ def _device_name(device: str) -> str:
 def table(res: dict) -> str:
     f = lambda v, nd=1: "—" if v is None else f"{v:.{nd}f}"  # noqa: E731
     lines = [f"engine: prefill {res['prompt_tokens']} tokens {res['prefill_ms']:.2f} ms; decode "
-             + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms ({e['tokens_per_s']:.0f} tok/s)" for e in res["engine"]),
+             + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms ({e['tokens_per_s']:.0f} tok/s)" for e in res["engine"])
+             + (f"; batched prefill {res['prefill_batch']['tokens_per_s']} tok/s" if res.get("prefill_batch") else ""),
              "",
-             "| stages | front end | conc | tok/s | x engine tok/s | TTFT p50 ms | TTFT p99 ms | x prefill | "
+             "| stages | front end | conc | tok/s | x engine tok/s | x ceiling | TTFT p50 ms | TTFT p99 ms | x prefill | "
              "ITL p50 ms | ITL p99 ms | ITL x engine b1 | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     for r in res["serve"]:
         lines.append(f"| {r['stages']} | {r['frontend']} | {r['concurrency']} | {f(r['tokens_per_s'])} | "
-                     f"{f(r['ratio_tokens'], 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
+                     f"{f(r['ratio_tokens'], 3)} | {f(r.get('ratio_tokens_vs_ceiling'), 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
                      f"{f(r['ratio_ttft_p50_vs_prefill'], 2)} | {f(ms(r['itl_p50_s']), 2)} | {f(ms(r['itl_p99_s']), 2)} | "
                      f"{f(r['ratio_itl_p50_vs_engine_b1'], 2)} | {r['errors']} |")
     if res.get("cpu_target"):

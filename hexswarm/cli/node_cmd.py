@@ -21,10 +21,12 @@ def setup_logging(level: str) -> None:
     """Readable one-line logs on stderr; py-libp2p's own chatter only when debugging."""
     import libp2p  # noqa: F401  (its import resets the libp2p logger; configure after it)
 
+    from hexswarm.runtime.engine_process import LOG_DATEFMT, LOG_FORMAT
+
     logging.basicConfig(
         level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
+        format=LOG_FORMAT,
+        datefmt=LOG_DATEFMT,
         stream=sys.stderr,
         force=True,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from hexswarm.runtime.stage_host import StageSpec
 
 log = logging.getLogger(__name__)
 
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # a node's log lines (cli/node_cmd.py)
+LOG_DATEFMT = "%H:%M:%S"
 STATE_S = 0.2
 MAX_FRAME = 1 << 34
 START_TIMEOUT_S = 600.0  # loading a large shard from a slow disk
@@ -43,6 +46,7 @@ class EngineJob:
     with_tokenizer: bool
     parent: int
     links: LinkSpec | None = None
+    log_level: int = logging.WARNING  # the child's lines go to the node's log as the node's own do
 
 
 class EngineProcess:
@@ -139,6 +143,7 @@ def _child_main(conn, job: EngineJob) -> None:
     from hexswarm.runtime.tp_follower import exit_with_parent
 
     exit_with_parent(job.parent)
+    logging.basicConfig(level=job.log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr, force=True)
     lock = threading.Lock()
 
     def write(obj: dict) -> None:

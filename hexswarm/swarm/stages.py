@@ -91,7 +91,8 @@ class StageSet:
         links = LinkSpec(self.me, (layout.epoch, ri, si), default_run_dir()) if s.local_links else None
         own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
         if own_process:
-            worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links), send)
+            worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links,
+                                             logging.getLogger().getEffectiveLevel()), send)
         else:
             host = StageHost(spec, tag=tag)
             host.start()
