@@ -197,11 +197,12 @@ class StageEngine:
                     if any(m.get("kind") == "close" for m in msgs):
                         return
                     if self.route.is_first:
-                        self._handle_first(msgs)
+                        events = self._handle_first(msgs)
                         if self._can_step():
-                            self._step()
+                            self._step()  # launched before the events go out: they are off the GPU's path
                         elif self._launched is not None:
                             self._finish_launched()
+                        self._flush_events(events)
                     else:
                         forwards = [m for m in msgs if m.get("kind") == "forward"]
                         if forwards:
@@ -221,7 +222,8 @@ class StageEngine:
                 return msgs
 
     # ---- stage 0 -----------------------------------------------------------------------
-    def _handle_first(self, msgs: list[dict]) -> None:
+    def _handle_first(self, msgs: list[dict]) -> dict[str, list[dict]]:
+        """Take in new requests, returned tokens and cancels; returns the token events to send."""
         events: dict[str, list[dict]] = {}
         for m in msgs:
             kind = m.get("kind")
@@ -238,11 +240,11 @@ class StageEngine:
                 if kind == "start" and isinstance(m.get("entry"), str):
                     self.send(m["entry"], {"kind": "done", "rid": m.get("rid"), "attempt": m.get("attempt"),
                                            "error": f"stage 0 refused the request: {type(e).__name__}"})
-        self._flush_events(events)
         while self.waiting and self.free_slots and len(self.requests) < self.admit_limit:
             req = self._admit(self.waiting.pop(0))
             if req.tokens and self._finish_if_done(req):
                 continue  # resumed after its last token: nothing left to compute
+        return events
 
     def _start(self, m: dict) -> None:
         """Queue a new request.  A request is its entry's: the same id from another entry while the first
@@ -505,21 +507,24 @@ class StageEngine:
             self._release(req)
 
     # ---- later stages --------------------------------------------------------------------
+    def _finite(self, flags: torch.Tensor, msgs: list[dict]) -> bool:
+        """Whether every step of a combined forward had finite activations (read after the step's
+        own sync, so it costs no wait); a bad one drops the whole combined step with a log line."""
+        ok = flags.tolist()
+        for m, good in zip(msgs, ok):
+            if not good:
+                log.warning("stage engine %s dropped a forward step with non-finite activations from %s",
+                            self._thread.name, m.get("_sender"))
+        return all(ok)
+
     def _forward_downstream(self, msgs: list[dict]) -> None:
-        """Run every queued step as one (their rows concatenated, decode rows first).  A step whose
-        activations are not finite is dropped (its rows' requests fail over by their step expiry)."""
+        """Run every queued step as one (their rows concatenated, decode rows first).  Steps with
+        non-finite activations are not passed on (their requests fail over by step expiry); the
+        check runs on the device beside the forward and is read once the step's output is."""
         device = self.host.spec.device_of(0)
         for m in msgs:
             m["x"] = m["x"].to(device, non_blocking=True)
-        finite = torch.stack([torch.isfinite(m["x"]).all() for m in msgs]).tolist()  # one sync
-        if not all(finite):
-            for m, ok in zip(msgs, finite):
-                if not ok:
-                    log.warning("stage engine %s dropped a forward step with non-finite activations from %s",
-                                self._thread.name, m.get("_sender"))
-            msgs = [m for m, ok in zip(msgs, finite) if ok]
-            if not msgs:
-                return
+        finite = torch.stack([torch.isfinite(m["x"]).all() for m in msgs])
         if len(msgs) == 1:
             m = msgs[0]
             rows, rids, samples, x = m["rows"], m["rids"], m["samples"], m["x"]
@@ -539,6 +544,8 @@ class StageEngine:
             picked = [i for i, s in enumerate(samples) if s is not None]
             params = [SamplingParams.from_dict(samples[i]["params"]) for i in picked]
             tokens = sample_batch(out[picked], params, [int(samples[i]["step"]) for i in picked]) if picked else []
+            if not self._finite(finite, msgs):
+                return
             dt = time.perf_counter() - t0
             items = [{"rid": rids[i], "token": tok, "attempt": samples[i].get("attempt"), "step": int(samples[i]["step"])}
                      for i, tok in zip(picked, tokens)]
@@ -546,6 +553,8 @@ class StageEngine:
                                               "t": stage_times + [dt]})
         else:
             x_out = out.cpu()
+            if not self._finite(finite, msgs):
+                return
             dt = time.perf_counter() - t0
             self._send_step(self.route.next_peer, {"kind": "forward", "steps": steps, "rows": rows, "rids": rids,
                                              "samples": samples, "x": x_out, "t": stage_times + [dt]})

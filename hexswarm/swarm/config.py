@@ -256,8 +256,9 @@ class NodeConfig:
                                                    "pipeline ('auto': as many as fit in gpu_memory_fraction)"))
     gpu_memory_fraction: float = field(default=0.9, metadata=_key(_fraction, "share of free GPU memory a stage may "
                                                                   "take with max_batch: auto"))
-    max_step_tokens: int = field(default=512, metadata=_key(_positive_int, "tokens in one engine step: decode rows "
-                                                            "plus prompt chunks (chunked prefill)"))
+    max_step_tokens: int = field(default=0, metadata=_key(_positive_int_or_auto, "tokens in one engine step: decode "
+                                                          "rows plus prompt chunks (chunked prefill; auto: 2048 on "
+                                                          "CUDA, 512 on the CPU)"))
     quantize: str | None = field(default=None, metadata=_key(_choice(None, "none", "int8", "int4"), "weights kept "
                                                              "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "

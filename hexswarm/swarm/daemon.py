@@ -15,6 +15,13 @@ from hexswarm.swarm.config import NodeConfig
 log = logging.getLogger("hexswarm.node")
 
 
+def step_tokens_for(device: str) -> int:
+    """max_step_tokens: auto.  On an H100 (7B, 32 and 64 streams) 2048 gave the same c=32 and 1.2x the
+    c=64 tokens/s of 512, with lower TTFT and ITL p99 (docs/BENCHMARKS.md); a CPU step of 2048
+    tokens would hold decode rows for seconds."""
+    return 2048 if device == "cuda" else 512
+
+
 def serve_settings(config: NodeConfig, devices):
     from hexswarm.swarm.stages import ServeSettings
 
@@ -25,7 +32,7 @@ def serve_settings(config: NodeConfig, devices):
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
     return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
-                         max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens,
+                         max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens or step_tokens_for(device),
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
                          engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
                          quantize=config.quantize, local_links=config.local_links)
