@@ -199,7 +199,7 @@ class StageEngine:
                     if self.route.is_first:
                         events = self._handle_first(msgs)
                         if self._can_step():
-                            self._step()  # launched before the events go out: they are off the GPU's path
+                            self._step(events)  # the events go out once the step is launched
                         elif self._launched is not None:
                             self._finish_launched()
                         self._flush_events(events)
@@ -327,7 +327,8 @@ class StageEngine:
             budget -= n
         return rows
 
-    def _step(self) -> None:
+    def _step(self, events: dict[str, list[dict]]) -> None:
+        """Schedule and launch one step; `events` (token events to send) go out while the GPU runs it."""
         rows = self._schedule()
         if not rows:
             return
@@ -343,6 +344,8 @@ class StageEngine:
             if not r.req.prefill_done:
                 r.req.prefilled += r.n
                 r.req.prefill_done = r.samples
+        self._flush_events(events)
+        events.clear()
         if self.route.is_last:
             launched = self._sample(rows, out, t0, arrivals, queued)
             previous, self._launched = self._launched, launched
