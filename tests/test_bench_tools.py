@@ -75,17 +75,21 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
     out = tmp_path / "serve.json"
     res = bench.main(["--tiny", "--device", "cpu", "--stages", "1", "--concurrency", "1,4", "--new-tokens", "6",
                       "--requests-per-level", "4", "--client-procs", "2", "--engine-batches", "1",
-                      "--engine-steps", "3", "--json", str(out)])
+                      "--engine-steps", "3", "--frontends", "http,submit,http-whole", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["serve"] == res["serve"] and saved["device"].startswith("cpu")
     assert saved["model"]["tiny"] and saved["prefill_ms"] > 0
     assert {e["batch"] for e in saved["engine"]} == {1, 4}
     assert all(e["ms_per_step"] > 0 and e["tokens_per_s"] > 0 for e in saved["engine"])
     rows = {(r["frontend"], r["concurrency"]): r for r in saved["serve"]}
-    assert set(rows) == {("http", 1), ("http", 4), ("submit", 1), ("submit", 4)}
+    assert set(rows) == {(f, c) for f in ("http", "submit", "http-whole") for c in (1, 4)}
     for r in rows.values():
         assert r["stages"] == 1 and r["errors"] == 0 and r["requests"] == 4, r
         assert 0 < r["tokens"] <= 4 * 6 and r["tokens_per_request_min"] >= 1
+        assert r["ratio_tokens_vs_ceiling"] > 0 and r["engine_ceiling_tokens_per_s"] > 0
+        if r["frontend"] == "http-whole":  # one answer per request: counted, not timed per token
+            assert r["tokens_per_s"] > 0 and r["ttft_p50_s"] is None
+            continue
         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "ratio_tokens", "ratio_ttft_p50_vs_prefill"):
             assert r[key] > 0, (key, r)
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] and r["itl_p99_s"] >= r["itl_p50_s"] >= 0
