@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from hexswarm.net.host import dial, parse_peer_id
+from hexswarm.net.host import DIAL_TIMEOUT_S, dial, parse_peer_id
 from hexswarm.net.relay import Reachability, RelayStack, circuit_addrs, is_circuit
 
 log = logging.getLogger("hexswarm.nat")
@@ -25,6 +25,7 @@ log = logging.getLogger("hexswarm.nat")
 RESERVE_EVERY_S = 2.0
 REACHABILITY_EVERY_S = 60.0
 AUTONAT_SERVERS = 3
+DIRECT_TIMEOUT_WITH_RELAYS_S = 2.0
 
 
 class NatTraversal:
@@ -108,21 +109,23 @@ class NatTraversal:
         from hexswarm.net.host import parse_peer_multiaddr
 
         direct = [parse_peer_multiaddr(a).addrs[0] for a in addrs if not is_circuit(a)]
+        relayed = [a for a in addrs if is_circuit(a) and f"/p2p/{self.node.peer_id_str}/" not in a]
         errors = []
         if direct:
             from libp2p.peer.peerinfo import PeerInfo
 
             try:
-                await dial(self.node.host, PeerInfo(parse_peer_id(peer), direct))
+                # a peer that names relays is likely behind a NAT that drops our SYNs: do not wait long
+                await dial(self.node.host, PeerInfo(parse_peer_id(peer), direct),
+                           timeout=DIRECT_TIMEOUT_WITH_RELAYS_S if relayed else DIAL_TIMEOUT_S)
                 return
             except ConnectionError as e:
                 errors.append(str(e))
-        for addr in addrs:
-            if is_circuit(addr) and f"/p2p/{self.node.peer_id_str}/" not in addr:
-                try:
-                    await self.stack.dial(addr)
-                    log.info("connected to %s through a relay", peer)
-                    return
-                except ConnectionError as e:
-                    errors.append(str(e))
+        for addr in relayed:
+            try:
+                await self.stack.dial(addr)
+                log.info("connected to %s through a relay", peer)
+                return
+            except ConnectionError as e:
+                errors.append(str(e))
         raise ConnectionError("; ".join(errors) or "no address")

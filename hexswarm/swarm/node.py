@@ -121,7 +121,9 @@ class Node:
         self._stop = trio.Event()
         self._failure: BaseException | None = None
         self._nursery: trio.Nursery | None = None
-        self._dial_backoff: dict[str, tuple[float, Backoff]] = {}
+        # PeerID -> (next dial time, back-off, the addresses that failed): new addresses (a relay
+        # reservation, a restart) are dialed at once
+        self._dial_backoff: dict[str, tuple[float, Backoff, list[str]]] = {}
         self._dialing: set[str] = set()
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
@@ -507,14 +509,14 @@ class Node:
             addrs = [a for a in addrs if _names_peer(a, peer_id)]
             if not addrs or peer_id == self.peer_id_str or not self.is_allowed(peer_id):
                 continue
-            if peer_id in self._dialing or is_connected(self.host, parse_peer_id(peer_id)) or not self._dial_due(peer_id):
+            if peer_id in self._dialing or is_connected(self.host, parse_peer_id(peer_id)) or not self._dial_due(peer_id, addrs):
                 continue
             self._dialing.add(peer_id)
             self._nursery.start_soon(self._dial_discovered, peer_id, addrs)
 
-    def _dial_due(self, peer_id: str) -> bool:
-        next_at, _ = self._dial_backoff.get(peer_id, (0.0, None))
-        return trio.current_time() >= next_at
+    def _dial_due(self, peer_id: str, addrs: list[str]) -> bool:
+        next_at, _, failed = self._dial_backoff.get(peer_id, (0.0, None, addrs))
+        return trio.current_time() >= next_at or not set(addrs) <= set(failed)
 
     async def _dial_discovered(self, peer_id: str, addrs: list[str]) -> None:
         try:
@@ -523,9 +525,9 @@ class Node:
             await self._on_connected(parse_peer_id(peer_id))
             log.info("connected to peer %s", peer_id)
         except ConnectionError as e:
-            _, backoff = self._dial_backoff.get(peer_id, (0.0, None))
+            _, backoff, _ = self._dial_backoff.get(peer_id, (0.0, None, []))
             backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
-            self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff)
+            self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff, addrs)
             log.debug("dial to discovered peer %s failed: %s", peer_id, e)
         finally:
             self._dialing.discard(peer_id)
