@@ -128,6 +128,8 @@ class Node:
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
+        # inventory gossip received (first copies, valid or not): tools/swarm_scale.py reads it
+        self.gossip_in = 0
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
 
@@ -388,6 +390,7 @@ class Node:
         """Pubsub validator: invalid or foreign records are neither delivered nor forwarded."""
         from libp2p.peer.id import ID
 
+        self.gossip_in += 1
         try:
             self._accept_record(codec.decode(msg.data, MAX_GOSSIP_BYTES), ID(msg.from_id).to_base58())
         except Exception as e:
@@ -572,7 +575,8 @@ class Node:
     async def _on_peers(self, msg: Any, remote: Any) -> dict:
         if not isinstance(msg, dict):
             raise ProtocolError("peers wants a map")
-        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views()}
+        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(),
+                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability}}
 
     def peer_views(self) -> list[dict]:
         """The table as plain maps (what `hexswarm peers` prints)."""
