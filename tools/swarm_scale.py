@@ -80,7 +80,7 @@ async def measure(addrs: list[str], timeout_s: float, settle_s: float) -> dict:
         elapsed = time.monotonic() - t0
         rates = [(r.get("stats", {}).get("gossip_in", 0) - f) / elapsed for r, f in zip(replies, first) if r]
         return {"converged_s": None if converged_s is None else round(converged_s, 1),
-                "min_up_seen": min(up_counts()),
+                "min_up_seen": min(up_counts()), "unanswered": [i for i, r in enumerate(replies) if not r],
                 "gossip_in_per_node_s": round(statistics.mean(rates), 1) if rates else None}
 
 
@@ -88,6 +88,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=32)
     ap.add_argument("--heartbeat", type=float, default=2.0, help="heartbeat_s of every node")
+    ap.add_argument("--probe", type=float, default=5.0, help="probe_s of every node (all-pairs pings)")
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on convergence after this long")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds of gossip counted after convergence")
     ap.add_argument("--json", action="store_true")
@@ -95,7 +96,7 @@ def main() -> None:
     if args.nodes < 2:
         sys.exit("error: --nodes must be at least 2")
     timings = {"heartbeat_s": args.heartbeat, "down_after_s": 5 * args.heartbeat, "drop_after_s": 60 * args.heartbeat,
-               "probe_s": 5.0, "probe_bytes": 16384, "calibrate": False, "log_level": "info"}
+               "probe_s": args.probe, "probe_bytes": 16384, "calibrate": False, "log_level": "info"}
     nodes: list[NodeProcess] = []
     with tempfile.TemporaryDirectory(prefix="swarm_scale") as tmp:
         try:
@@ -110,12 +111,15 @@ def main() -> None:
             startup_s = time.monotonic() - t_launch
             result = trio.run(measure, [n.addr for n in nodes], args.timeout, args.settle)
             rss = [rss_mib(n.proc.pid) for n in nodes if n.alive()]
+            for i in result["unanswered"]:
+                print(f"node {i} did not answer (alive: {nodes[i].alive()}); its log ends:\n{nodes[i].log()[-1500:]}",
+                      file=sys.stderr)
         finally:
             for node in nodes:
                 node.send_signal(signal.SIGTERM)
             for node in nodes:
                 node.kill(signal.SIGTERM)
-    result.update(nodes=args.nodes, heartbeat_s=args.heartbeat, startup_s=round(startup_s, 1),
+    result.update(nodes=args.nodes, heartbeat_s=args.heartbeat, probe_s=args.probe, startup_s=round(startup_s, 1),
                   rss_mib_mean=round(statistics.mean(rss), 1), rss_mib_max=round(max(rss), 1),
                   gossip_in_per_node_heartbeat=None if result["gossip_in_per_node_s"] is None
                   else round(result["gossip_in_per_node_s"] * args.heartbeat, 2))
