@@ -20,7 +20,7 @@ import yaml
 from hexswarm.errors import UserError
 
 _SWARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROLES = ("head", "worker")
+ROLES = ("head", "worker", "relay")
 DEVICE_KEYS = {"kind", "name", "memory", "tflops", "mem_bw", "count"}
 
 
@@ -237,7 +237,7 @@ class NodeConfig:
     devices: str | list[dict] = field(default="auto", metadata=_key(_devices, "'auto' or a device list"))
     data_dir: Path = field(default=Path("~/.hexswarm"), metadata=_key(_path, "probe cache and default key folder"))
     allow_peers: list[str] | None = field(default=None, metadata=_key(_peer_ids, "PeerID allowlist"))
-    roles: list[str] = field(default_factory=lambda: ["worker"], metadata=_key(_roles, "head and/or worker"))
+    roles: list[str] = field(default_factory=lambda: ["worker"], metadata=_key(_roles, "head, worker, relay"))
     heartbeat_s: float = field(default=2.0, metadata=_key(_positive, "inventory heartbeat interval"))
     down_after_s: float = field(default=10.0, metadata=_key(_positive, "silence before a peer is down"))
     drop_after_s: float = field(default=120.0, metadata=_key(_positive, "silence before a peer is dropped"))
@@ -284,6 +284,9 @@ class NodeConfig:
     direct_data_path: bool = field(
         default=True, metadata=_key(_bool, "pipeline frames over direct AES-GCM TCP keyed over libp2p (else libp2p streams)")
     )
+    reachability: str = field(default="auto", metadata=_key(_choice("auto", "public", "private"), "auto: ask peers "
+                                                            "(AutoNAT); not public: reserve slots on relays"))
+    hole_punch: bool = field(default=True, metadata=_key(_bool, "upgrade relayed connections to direct ones (DCUtR)"))
     max_queue: int = field(default=256, metadata=_key(_positive_int, "requests this node accepts at once as an entry"))
     dispatch_wait_s: float = field(
         default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")

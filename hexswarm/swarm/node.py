@@ -65,6 +65,14 @@ class BootstrapFailed(UserError):
     pass
 
 
+def _names_peer(addr: str, peer_id: str) -> bool:
+    """Does `addr` parse and end in /p2p/<peer_id>? (records and DHT answers are other peers' words)"""
+    try:
+        return addr.endswith(f"/p2p/{peer_id}") and parse_peer_multiaddr(addr) is not None
+    except UserError:
+        return False
+
+
 @dataclass
 class LinkStats:
     rtt_ms: float
@@ -96,6 +104,9 @@ class Node:
         self._allowed = None if config.allow_peers is None else {*config.allow_peers, self.peer_id_str}
         self._bootstrap = [parse_peer_multiaddr(a, "bootstrap address") for a in config.bootstrap]
         self.host = make_host(self.identity)
+        from hexswarm.swarm.nat import NatTraversal  # py-libp2p's relay modules: imported with the node
+
+        self.nat = NatTraversal(self)
         self.links: dict[str, LinkStats] = {}
         # Small values later features announce in every record (e.g. loaded stages).
         self.extra: dict[str, Any] = {}
@@ -110,11 +121,15 @@ class Node:
         self._stop = trio.Event()
         self._failure: BaseException | None = None
         self._nursery: trio.Nursery | None = None
-        self._dial_backoff: dict[str, tuple[float, Backoff]] = {}
+        # PeerID -> (next dial time, back-off, the addresses that failed): new addresses (a relay
+        # reservation, a restart) are dialed at once
+        self._dial_backoff: dict[str, tuple[float, Backoff, list[str]]] = {}
         self._dialing: set[str] = set()
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
+        # inventory gossip received (first copies, valid or not): tools/swarm_scale.py reads it
+        self.gossip_in = 0
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
 
@@ -274,6 +289,7 @@ class Node:
                     self.pubsub.set_topic_validator(self.inventory_topic, self._inventory_valid, False)
                     subscription = await self.pubsub.subscribe(self.inventory_topic)
                     nursery.start_soon(self._deliver, self.inventory_topic, subscription, self._on_inventory)
+                    await nursery.start(self.nat.run)
                     await self._publish_record()
                     for loop in (self._heartbeat_loop, self._sweep_loop, self._discovery_loop, self._probe_loop):
                         nursery.start_soon(loop)
@@ -307,7 +323,7 @@ class Node:
             peer_id=self.peer_id_str,
             public_key=self.identity.public_bytes,
             swarm=self.config.swarm,
-            addrs=list(self.addrs),
+            addrs=[*self.addrs, *self.nat.circuit_addrs],
             devices=[d.to_wire() for d in self.devices],
             roles=list(self.config.roles),
             links={p: s.to_wire() for p, s in self.links.items()},
@@ -374,6 +390,7 @@ class Node:
         """Pubsub validator: invalid or foreign records are neither delivered nor forwarded."""
         from libp2p.peer.id import ID
 
+        self.gossip_in += 1
         try:
             self._accept_record(codec.decode(msg.data, MAX_GOSSIP_BYTES), ID(msg.from_id).to_base58())
         except Exception as e:
@@ -471,7 +488,7 @@ class Node:
         last_provide = -PROVIDE_INTERVAL_S
         while True:
             # Peers we hold records of first: no network round trip needed.
-            self._dial_new({e.peer_id: self._info_from_record(e.record) for e in self.table.entries()})
+            self._dial_new({e.peer_id: e.record.addrs for e in self.table.entries()})
             now = trio.current_time()
             if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S:
                 try:
@@ -482,50 +499,38 @@ class Node:
             try:
                 with trio.move_on_after(DIAL_TIMEOUT_S * 2):
                     providers = await self.dht.find_providers(key)
-                    self._dial_new({info.peer_id.to_base58(): info for info in providers})
+                    self._dial_new({i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs] for i in providers})
             except Exception as e:
                 log.debug("DHT find_providers failed: %s", e)
             with trio.move_on_after(DISCOVERY_INTERVAL_S):
                 await self._discovery_wake.wait()
             self._discovery_wake = trio.Event()
 
-    def _dial_new(self, candidates: dict[str, Any]) -> None:
-        """Start dialing each allowed, unconnected candidate whose back-off has passed."""
-        for peer_id, info in candidates.items():
-            if info is None or not info.addrs or peer_id == self.peer_id_str or not self.is_allowed(peer_id):
+    def _dial_new(self, candidates: dict[str, list[str]]) -> None:
+        """Start dialing each allowed, unconnected candidate (PeerID -> its addresses) whose back-off has passed."""
+        for peer_id, addrs in candidates.items():
+            addrs = [a for a in addrs if _names_peer(a, peer_id)]
+            if not addrs or peer_id == self.peer_id_str or not self.is_allowed(peer_id):
                 continue
-            if peer_id in self._dialing or is_connected(self.host, info.peer_id) or not self._dial_due(peer_id):
+            if peer_id in self._dialing or is_connected(self.host, parse_peer_id(peer_id)) or not self._dial_due(peer_id, addrs):
                 continue
             self._dialing.add(peer_id)
-            self._nursery.start_soon(self._dial_discovered, peer_id, info)
+            self._nursery.start_soon(self._dial_discovered, peer_id, addrs)
 
-    def _info_from_record(self, record: NodeRecord) -> Any:
-        from libp2p.peer.peerinfo import PeerInfo
+    def _dial_due(self, peer_id: str, addrs: list[str]) -> bool:
+        next_at, _, failed = self._dial_backoff.get(peer_id, (0.0, None, addrs))
+        return trio.current_time() >= next_at or not set(addrs) <= set(failed)
 
-        addrs = []
-        for text in record.addrs:
-            try:
-                addrs.extend(parse_peer_multiaddr(text).addrs)
-            except UserError:
-                continue
-        if not addrs:
-            return None
-        return PeerInfo(parse_peer_id(record.peer_id), addrs)
-
-    def _dial_due(self, peer_id: str) -> bool:
-        next_at, _ = self._dial_backoff.get(peer_id, (0.0, None))
-        return trio.current_time() >= next_at
-
-    async def _dial_discovered(self, peer_id: str, info: Any) -> None:
+    async def _dial_discovered(self, peer_id: str, addrs: list[str]) -> None:
         try:
-            await dial(self.host, info)
+            await self.nat.connect(peer_id, addrs)  # direct, else through a relay
             self._dial_backoff.pop(peer_id, None)
-            await self._on_connected(info.peer_id)
+            await self._on_connected(parse_peer_id(peer_id))
             log.info("connected to peer %s", peer_id)
         except ConnectionError as e:
-            _, backoff = self._dial_backoff.get(peer_id, (0.0, None))
+            _, backoff, _ = self._dial_backoff.get(peer_id, (0.0, None, []))
             backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
-            self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff)
+            self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff, addrs)
             log.debug("dial to discovered peer %s failed: %s", peer_id, e)
         finally:
             self._dialing.discard(peer_id)
@@ -570,7 +575,8 @@ class Node:
     async def _on_peers(self, msg: Any, remote: Any) -> dict:
         if not isinstance(msg, dict):
             raise ProtocolError("peers wants a map")
-        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views()}
+        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(),
+                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability}}
 
     def peer_views(self) -> list[dict]:
         """The table as plain maps (what `hexswarm peers` prints)."""

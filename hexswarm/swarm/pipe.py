@@ -134,9 +134,14 @@ class MessagePipe:
         """A direct connection to peer, or None (then the libp2p stream carries the frames)."""
         if not self.direct:
             return None
-        entry = self.node.table.get(peer)
-        ip = first_ipv4(entry.record.addrs) if entry else None
+        from hexswarm.net.host import parse_peer_id
+        from hexswarm.net.relay import remote_ip
+
+        # the address we reach the peer at now (behind a NAT: its public side), not the first one it
+        # lists; none over a relay, where only the libp2p stream gets through
+        ip = remote_ip(self.node.host, parse_peer_id(peer))
         if ip is None:
+            log.info("no direct connection to %s (relayed or closed); using the libp2p stream", peer)
             return None
         from hexswarm.net.direct import open_direct
 

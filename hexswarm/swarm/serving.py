@@ -39,6 +39,7 @@ LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
+READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 
 
 def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, SwarmLayout]:
@@ -280,7 +281,9 @@ class Server:
         except Exception as e:
             log.error("epoch %d: cannot load my stages: %s: %s", layout.epoch, type(e).__name__, e)
             return
-        for attempt in range(5):
+        # a peer behind a NAT may be reachable only once a relayed connection is up (seconds): keep
+        # trying for most of the head's ready timeout
+        for attempt in range(READY_ATTEMPTS):
             try:
                 if layout.head == self.me:
                     try:
@@ -292,7 +295,7 @@ class Server:
                 return
             except RequestError as e:
                 log.debug("ready for epoch %d not delivered: %s", layout.epoch, e)
-                await trio.sleep(0.5 * (attempt + 1))
+                await trio.sleep(min(0.5 * (attempt + 1), 5.0))
 
     async def _on_layout_request(self, msg: Any, remote: Any) -> dict:
         if "ready" in msg:

@@ -1,0 +1,162 @@
+"""NAT traversal on one py-libp2p host: circuit relay v2, DCUtR hole punching and AutoNAT, as shipped
+by py-libp2p 0.8.1 (`libp2p.relay.circuit_v2`, `libp2p.host.autonat`), with the defects found here
+worked around (docs/net.md, "NAT traversal"):
+
+* a relay given `data=0` ("no limit" in the spec) refuses every relayed byte: limits are set large;
+* the AutoNAT server dials the requester back over the connection the request came on, so every
+  requester is told it is reachable: the dial-back here comes from a fresh host of its own;
+* the swarm never dials `/p2p-circuit` addresses: relayed dials go through the relay transport.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from libp2p.host.autonat.autonat import AutoNATService
+
+from hexswarm.net.host import DIAL_TIMEOUT_S, make_host
+
+log = logging.getLogger("hexswarm.relay")
+
+CIRCUIT = "/p2p-circuit"
+# Large rather than 0: 0 means "no limit" in the spec, but py-libp2p's per-reservation byte counter
+# treats it as a zero budget and resets the circuit on its first byte.
+NO_LIMIT_BYTES = 1 << 60
+MAX_RESERVATIONS = 1024
+MAX_CIRCUITS_PER_PEER = 64
+
+
+def is_circuit(addr: str) -> bool:
+    return CIRCUIT in addr
+
+
+def circuit_addrs(relay_addrs: list[str], me: str) -> list[str]:
+    """Our addresses through a relay: each of its direct addresses (`.../p2p/<relay>`) + /p2p-circuit/p2p/<me>."""
+    return [f"{a}{CIRCUIT}/p2p/{me}" for a in relay_addrs if not is_circuit(a) and "/p2p/" in a]
+
+
+class Reachability:
+    UNKNOWN, PUBLIC, PRIVATE = "unknown", "public", "private"
+
+
+class RelayStack:
+    """Circuit relay v2 (hop when `hop`, stop and client always), DCUtR and AutoNAT on `host`."""
+
+    def __init__(self, host: Any, hop: bool, hole_punch: bool = True):
+        from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+        from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+        from libp2p.relay.circuit_v2.resources import RelayLimits
+        from libp2p.relay.circuit_v2.transport import CircuitV2Transport
+
+        self.host = host
+        self.hop = hop
+        self.hole_punch = hole_punch
+        limits = RelayLimits(duration=0, data=NO_LIMIT_BYTES, max_circuit_conns=MAX_CIRCUITS_PER_PEER,
+                             max_reservations=MAX_RESERVATIONS)
+        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=hop)
+        roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
+        self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=roles, limits=limits))
+        self.autonat = _AutoNAT(host)
+        self.dcutr = None
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        from libp2p.tools.anyio_service import background_trio_service
+
+        async with background_trio_service(self.protocol), trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.hole_punch:
+                from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+
+                self.dcutr = DCUtRProtocol(self.host)
+                async with background_trio_service(self.dcutr):
+                    task_status.started()
+                    await trio.sleep_forever()
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def reserve(self, relay_id: Any) -> bool:
+        """Reserve a slot on a connected relay (refreshed by py-libp2p before it expires)."""
+        from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
+
+        with trio.move_on_after(DIAL_TIMEOUT_S * 2):
+            stream = await self.host.new_stream(relay_id, [PROTOCOL_ID])
+            try:
+                return await self.transport.reserve(stream, relay_id, self._nursery)
+            finally:
+                await stream.close()
+        return False
+
+    def has_reservation(self, relay_id: Any) -> bool:
+        import time
+
+        return self.transport._reservations.get(relay_id, 0) > time.time()
+
+    async def dial(self, addr: str, timeout: float = DIAL_TIMEOUT_S * 2) -> None:
+        """Connect to a peer through the relay in circuit address `addr`; raises ConnectionError."""
+        import multiaddr
+
+        with trio.move_on_after(timeout):
+            try:
+                await self.transport.dial(multiaddr.Multiaddr(addr))
+            except Exception as e:
+                raise ConnectionError(f"through relay: {type(e).__name__}: {e}") from None
+            return
+        raise ConnectionError(f"no relayed connection within {timeout:g} s")
+
+    async def check_reachability(self, servers: list[Any]) -> str:
+        """Ask `servers` (AutoNAT) to dial us back; PUBLIC once any succeeds, PRIVATE when all fail."""
+        from libp2p.host.autonat.autonat import AutoNATStatus
+
+        self.autonat.confirmations = max(1, min(3, len(servers)))
+        status = await self.autonat.check_reachability(servers)
+        return {AutoNATStatus.PUBLIC: Reachability.PUBLIC, AutoNATStatus.PRIVATE: Reachability.PRIVATE}.get(
+            status, Reachability.UNKNOWN)
+
+
+def is_relayed(conn: Any) -> bool:
+    try:
+        return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
+    except Exception:
+        return False
+
+
+def remote_ip(host: Any, peer_id: Any) -> str | None:
+    """The IP we reach `peer_id` at over a direct (not relayed) connection, or None."""
+    for conn in host.get_network().connections.get(peer_id, []) or []:
+        if is_relayed(conn):
+            continue
+        try:
+            address = conn.muxed_conn.secured_conn.get_remote_address()
+        except Exception:
+            address = None
+        if address:
+            return address[0]
+    return None
+
+
+class _AutoNAT(AutoNATService):
+    """py-libp2p's AutoNAT, with the dial-back made from a fresh host: the stock server calls
+    host.connect, which returns the requester's own open connection, so it never dials at all."""
+
+    def __init__(self, host: Any):
+        super().__init__(host, serve=True)
+
+    async def _try_dial(self, peer_id: Any, addrs: list[bytes]) -> bytes | None:
+        import multiaddr
+        from libp2p.peer.peerinfo import PeerInfo
+
+        from hexswarm.net import identity
+
+        probe = make_host(identity.generate())
+        async with probe.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            for raw in addrs:
+                with trio.move_on_after(DIAL_TIMEOUT_S):
+                    try:
+                        await probe.connect(PeerInfo(peer_id, [multiaddr.Multiaddr(raw)]))
+                        return bytes(raw)
+                    except Exception as e:
+                        log.debug("AutoNAT dial-back to %s at %s failed: %s", peer_id, multiaddr.Multiaddr(raw), e)
+        return None
