@@ -546,7 +546,8 @@ class StageEngine:
         if self.route.is_last:
             picked = [i for i, s in enumerate(samples) if s is not None]
             params = [SamplingParams.from_dict(samples[i]["params"]) for i in picked]
-            tokens = sample_batch(out[picked], params, [int(samples[i]["step"]) for i in picked]) if picked else []
+            logits = out if len(picked) == len(samples) else out[picked]  # decode steps: every row samples
+            tokens = sample_batch(logits, params, [int(samples[i]["step"]) for i in picked]) if picked else []
             if not self._finite(finite, msgs):
                 return
             dt = time.perf_counter() - t0
