@@ -17,8 +17,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# (BLOCK_M, BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages): both paths, split-K on and off
-CONFIGS = [(1, 16, 4, 1, 4, 1), (1, 32, 2, 3, 4, 1), (16, 16, 4, 1, 4, 1), (16, 32, 2, 2, 4, 1)]
+# (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages): both paths, split-K off (WAVES 0)
+# and on (the interpreter counts 4 "SMs": WAVES 3 / 2 split these small grids 4 ways)
+CONFIGS = [(1, 16, 4, 0, 4, 1), (1, 32, 2, 3, 4, 1), (16, 16, 4, 0, 4, 1), (16, 32, 2, 2, 4, 1)]
 N, K = 40, 32 * 7  # N: a partial row block; K: 7 groups, a partial group block for BLOCK_G 2 and 4
 
 

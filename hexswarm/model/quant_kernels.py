@@ -8,9 +8,10 @@ a group, whose low nibbles are the group's columns 0..15 and high nibbles column
 (quant.py's layout), so each byte is loaded once and feeds two weights; for int8 the two
 16-byte halves.  Scales (and offsets) are loaded once per (row, group).  The next block's
 bytes are loaded before the current one is computed (a manual prefetch: the loads are not
-dot operands, so Triton's pipeliner would not overlap them).  Split-K (SPLIT_K programs per
+dot operands, so Triton's pipeliner would not overlap them).  Split-K (several programs per
 output tile, fp32 atomics into a zeroed buffer, then one cast) gives small N enough
-programs to keep every SM streaming.
+programs to keep every SM streaming: a config names WAVES, and K is split until the grid
+has WAVES programs per SM, so one config serves N = 4096 and N = 22016 alike.
 
 Two reduction paths, picked by BLOCK_M:
 * BLOCK_M == 1 (batch-1 decode): one program per row of x, plain FMAs into a
@@ -29,6 +30,7 @@ captured in CUDA graphs as they are (see cuda_graphs.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -190,7 +192,7 @@ if AVAILABLE:
 # Rows of x per GEMV bucket: a call with M rows uses the smallest bucket >= M; above the last
 # bucket (or where a bucket's config is None) the weight is dequantized and cuBLAS multiplies.
 M_BUCKETS = (1, 8, 16, 32, 64)
-# (BLOCK_M, BLOCK_N, BLOCK_G, SPLIT_K, num_warps, num_stages) per (bits, M bucket).
+# (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
 # Not measured yet: starting points chosen by hand (enough programs for 132 SMs at N = 4096).
 GEMV_CONFIGS = {
@@ -216,6 +218,13 @@ def gemv_config(bits: int, rows: int):
     return None
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter (the tests): a few "SMs", so that small shapes split K
+
+
 def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bool = True) -> torch.Tensor:
     """x [..., K] @ dequant(w).T (+ bias) -> [..., N] in x's dtype.  `config` overrides the
     table (tools/tune_quant.py); round_w=False skips rounding w to x's dtype on the M = 1
@@ -225,10 +234,10 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     M = x2.shape[0]
-    block_m, block_n, block_g, split, warps, stages = config or gemv_config(w.bits, M)
-    groups = K // GROUP
-    steps = triton.cdiv(groups, block_g)
-    per_split = triton.cdiv(steps, split)
+    block_m, block_n, block_g, waves, warps, stages = config or gemv_config(w.bits, M)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    steps = triton.cdiv(K // GROUP, block_g)
+    per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
     splits = triton.cdiv(steps, per_split)  # no program without groups
     atomic = splits > 1
     y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
