@@ -101,7 +101,7 @@ def kernel_check(device, shapes, dtype) -> dict:
             ref_w = q.dequantize(dtype)
             deq = quant_kernels.dequantize(q, dtype)
             out[f"dequant/{mode}/{n}x{k}"] = (deq.float() - ref_w.float()).abs().max().item() / ref_w.float().abs().max().item()
-            for m in [m for m in (1, 7, 16, 32, 64) if quant_kernels.gemv_config(q.bits, m)]:
+            for m in [m for m in (1, 7, 16, 32, 64) if quant_kernels.gemv_config(q, m)]:
                 x = torch.randn(m, k, device=device, generator=g).to(dtype)
                 bias = torch.randn(n, device=device, generator=g).to(dtype)
                 ref = F.linear(x, ref_w, bias).float()

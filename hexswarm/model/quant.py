@@ -72,7 +72,7 @@ class QuantLinear(nn.Module):
             from hexswarm.model import quant_kernels
 
             if quant_kernels.AVAILABLE:
-                config = quant_kernels.gemv_config(self.bits, x.numel() // self.in_features)
+                config = quant_kernels.gemv_config(self, x.numel() // self.in_features)
                 try:
                     if config is not None:
                         return quant_kernels.gemv(x, self, bias, config)

@@ -51,29 +51,38 @@ except Exception:  # pragma: no cover - CPU-only hosts
 if AVAILABLE:
 
     @triton.jit
+    def _load(ptr, mask, MASKED: tl.constexpr):
+        """tl.load, its mask (zeros outside) only where MASKED."""
+        if MASKED:
+            return tl.load(ptr, mask=mask, other=0)
+        else:
+            return tl.load(ptr)
+
+    @triton.jit
     def _load_packed(q_ptr, s_ptr, o_ptr, rn, g, rmask, gmask, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                     GROUP_SIZE: tl.constexpr):
-        """Raw codes of groups g (1D) for rows rn (1D, int64): (lo, hi, scale, offset) where lo/hi
-        are [BN, BG, GROUP/2] (int4: lo is the packed bytes and hi unused) and scale/offset
-        [BN, BG, 1] fp32 (offset = scale when there is none: never used then)."""
+                     GROUP_SIZE: tl.constexpr, MASKED: tl.constexpr):
+        """Raw codes of groups g (1D) for rows rn (1D): (lo, hi, scale, offset) where lo/hi are
+        [BN, BG, GROUP/2] (int4: lo is the packed bytes and hi unused) and scale/offset
+        [BN, BG, 1] fp32 (offset = scale when there is none: never used then).  MASKED=False:
+        every index is in range (no mask math in the hot loop)."""
         HALF: tl.constexpr = GROUP_SIZE // 2
         groups = K // GROUP_SIZE
         j = tl.arange(0, HALF)[None, None, :]
         rn3 = rn[:, None, None]
         g3 = g[None, :, None]
-        m3 = rmask[:, None, None] & gmask[None, :, None]
+        m3 = rmask[:, None, None] & gmask[None, :, None] if MASKED else None
         if BITS == 8:
             base = q_ptr + rn3 * K + g3 * GROUP_SIZE + j
-            lo = tl.load(base, mask=m3, other=0)
-            hi = tl.load(base + HALF, mask=m3, other=0)
+            lo = _load(base, m3, MASKED)
+            hi = _load(base + HALF, m3, MASKED)
         else:
-            lo = tl.load(q_ptr + rn3 * (K // 2) + g3 * HALF + j, mask=m3, other=0)
+            lo = _load(q_ptr + rn3 * (K // 2) + g3 * HALF + j, m3, MASKED)
             hi = lo
-        m2 = rmask[:, None] & gmask[None, :]
+        m2 = rmask[:, None] & gmask[None, :] if MASKED else None
         sidx = rn[:, None] * groups + g[None, :]
-        s = tl.load(s_ptr + sidx, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+        s = _load(s_ptr + sidx, m2, MASKED).to(tl.float32)[:, :, None]
         if HAS_OFFSET:
-            o = tl.load(o_ptr + sidx, mask=m2, other=0.0).to(tl.float32)[:, :, None]
+            o = _load(o_ptr + sidx, m2, MASKED).to(tl.float32)[:, :, None]
         else:
             o = s
         return lo, hi, s, o
@@ -104,10 +113,11 @@ if AVAILABLE:
     @triton.jit
     def _qgemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, groups_per_split,
                       BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
-                      ROUND_W: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                      ROUND_W: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """y[m, n] (+)= sum_k x[m, k] * w[n, k] over this program's groups
-        [pid_k * groups_per_split, +groups_per_split); ATOMIC: y is a zeroed fp32 buffer."""
+        [pid_k * groups_per_split, +groups_per_split); ATOMIC: y is a zeroed fp32 buffer.
+        EVEN: N a multiple of BLOCK_N and every program's groups a multiple of BLOCK_G."""
         HALF: tl.constexpr = GROUP_SIZE // 2
         pid_m = tl.program_id(0)  # fastest: the programs sharing a weight tile run together (L2)
         pid_n = tl.program_id(1)
@@ -115,7 +125,7 @@ if AVAILABLE:
         groups = K // GROUP_SIZE
         g_start = pid_k * groups_per_split
         g_end = tl.minimum(groups, g_start + groups_per_split)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # int32: gemv_config bounds the sizes
         nmask = rn < N
         act = x_ptr.dtype.element_ty
         if BLOCK_M == 1:
@@ -127,24 +137,30 @@ if AVAILABLE:
             mmask = rm < M
             kk = tl.arange(0, BLOCK_G * HALF)  # a half's columns of BLOCK_G groups, as the dot's K
             xcol = (kk // HALF) * GROUP_SIZE + kk % HALF
-        g = g_start + tl.arange(0, BLOCK_G)
-        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g, nmask, g < g_end, K, BITS, HAS_OFFSET, GROUP_SIZE)
+        gr = tl.arange(0, BLOCK_G)
+        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g_start + gr, nmask, g_start + gr < g_end, K, BITS,
+                                    HAS_OFFSET, GROUP_SIZE, not EVEN)
         for g0 in range(g_start, g_end, BLOCK_G):
+            g = g0 + gr
             gmask = g < g_end
-            gn = g + BLOCK_G
-            # the next block's loads go out before this block's math (fully masked after the last)
+            # the next block's loads go out before this block's math (after the last block:
+            # fully masked, or when EVEN the last block again, a cache hit)
+            if EVEN:
+                gn = tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
+            else:
+                gn = g + BLOCK_G
             nlo, nhi, ns, no = _load_packed(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < g_end, K, BITS, HAS_OFFSET,
-                                            GROUP_SIZE)
+                                            GROUP_SIZE, not EVEN)
             wa, wb = _dequant_packed(lo, hi, s, o, BITS, HAS_OFFSET)
             if BLOCK_M == 1:
                 xp = x_ptr + pid_m * K + g[None, :, None] * GROUP_SIZE + j3
-                xm = gmask[None, :, None]
-                xa = tl.load(xp, mask=xm, other=0.0).to(tl.float32)
-                xb = tl.load(xp + HALF, mask=xm, other=0.0).to(tl.float32)
+                xa = _load(xp, gmask[None, :, None], not EVEN).to(tl.float32)
+                xb = _load(xp + HALF, gmask[None, :, None], not EVEN).to(tl.float32)
                 if ROUND_W:
                     wa = wa.to(act).to(tl.float32)
                     wb = wb.to(act).to(tl.float32)
-                acc += wa * xa + wb * xb
+                acc += wa * xa  # two statements: two FFMAs (one expression compiles to FMUL + FFMA + FADD)
+                acc += wb * xb
             else:
                 xp = x_ptr + rm[None, :] * K + (g0 * GROUP_SIZE + xcol)[:, None]
                 xm = mmask[None, :] & (g0 + kk // HALF < g_end)[:, None]
@@ -153,7 +169,6 @@ if AVAILABLE:
                 acc = tl.dot(tl.reshape(wa.to(act), (BLOCK_N, BLOCK_G * HALF)), xa, acc)
                 acc = tl.dot(tl.reshape(wb.to(act), (BLOCK_N, BLOCK_G * HALF)), xb, acc)
             lo, hi, s, o = nlo, nhi, ns, no
-            g = gn
         if BLOCK_M == 1:
             out = tl.sum(tl.sum(acc, axis=2), axis=1)
             if HAS_BIAS:
@@ -181,7 +196,7 @@ if AVAILABLE:
         g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         nmask = rn < N
         gmask = g < K // GROUP_SIZE
-        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g, nmask, gmask, K, BITS, HAS_OFFSET, GROUP_SIZE)
+        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g, nmask, gmask, K, BITS, HAS_OFFSET, GROUP_SIZE, True)
         wa, wb = _dequant_packed(lo, hi, s, o, BITS, HAS_OFFSET)
         wp = w_ptr + rn[:, None, None] * K + g[None, :, None] * GROUP_SIZE + tl.arange(0, HALF)[None, None, :]
         m3 = nmask[:, None, None] & gmask[None, :, None]
@@ -197,24 +212,27 @@ M_BUCKETS = (1, 8, 16, 32, 64)
 # Not measured yet: starting points chosen by hand (enough programs for 132 SMs at N = 4096).
 GEMV_CONFIGS = {
     (8, 1): (1, 32, 8, 2, 4, 1),
-    (8, 8): (16, 64, 8, 2, 4, 1),
-    (8, 16): (16, 64, 8, 2, 4, 1),
-    (8, 32): (32, 64, 8, 2, 4, 1),
-    (8, 64): (64, 64, 8, 2, 4, 1),
+    (8, 8): (16, 64, 4, 2, 4, 1),
+    (8, 16): (16, 64, 4, 2, 4, 1),
+    (8, 32): (32, 64, 4, 2, 4, 1),
+    (8, 64): (64, 64, 4, 2, 8, 1),
     (4, 1): (1, 32, 8, 2, 4, 1),
-    (4, 8): (16, 64, 8, 2, 4, 1),
-    (4, 16): (16, 64, 8, 2, 4, 1),
-    (4, 32): (32, 64, 8, 2, 4, 1),
-    (4, 64): (64, 64, 8, 2, 4, 1),
+    (4, 8): (16, 64, 4, 2, 4, 1),
+    (4, 16): (16, 64, 4, 2, 4, 1),
+    (4, 32): (32, 64, 4, 2, 4, 1),
+    (4, 64): (64, 64, 4, 2, 8, 1),
 }
 # END TUNED
 
 
-def gemv_config(bits: int, rows: int):
-    """The GEMV config for `rows` rows of x, or None: dequantize and GEMM instead."""
+def gemv_config(w, rows: int):
+    """The GEMV config for `rows` rows of x times QuantLinear w, or None: dequantize and GEMM
+    instead (also for a weight of 2^31+ elements: the GEMV's indices are int32, for speed)."""
+    if w.qweight.numel() >= 2**31:
+        return None
     for b in M_BUCKETS:
         if rows <= b:
-            return GEMV_CONFIGS.get((bits, b))
+            return GEMV_CONFIGS.get((w.bits, b))
     return None
 
 
@@ -234,19 +252,20 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     M = x2.shape[0]
-    block_m, block_n, block_g, waves, warps, stages = config or gemv_config(w.bits, M)
+    block_m, block_n, block_g, waves, warps, stages = config or gemv_config(w, M)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
     splits = triton.cdiv(steps, per_split)  # no program without groups
     atomic = splits > 1
+    even = N % block_n == 0 and (K // GROUP) % block_g == 0
     y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     offset = w.offset if w.offset is not None else w.scale
     _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
                         per_split * block_g,
                         BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                        ROUND_W=round_w, GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
+                        ROUND_W=round_w, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
                         num_warps=warps, num_stages=stages)
     if atomic:
         y = y.to(x.dtype)
