@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,15 +30,18 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(REPO / "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
+from gpu_clock import Clock, copy_bandwidth  # noqa: E402  (torch only)
 from hexswarm.model import quant_kernels  # noqa: E402  (torch + triton only)
 from hexswarm.model.quant import quantize  # noqa: E402
 
 KERNELS = REPO / "hexswarm" / "model" / "quant_kernels.py"
 # Llama-2-7B projections as served: fused QKV, o, fused gate+up, down (N, K)
 SHAPES = ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008))
+CLOCK = Clock(torch.device("cuda"))
 COLD_BYTES = 256 << 20  # weight copies per graph: > 5x the H100's 50 MB L2
 
 
@@ -62,30 +64,6 @@ def candidates(bucket: int) -> list[tuple]:
     return out
 
 
-def copy_gbps(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy, bytes read + written per second (bench_gpu.copy_bandwidth's definition)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), 3, 20)
-    del src, dst
-    return 2 * nbytes / ms / 1e6
-
-
-def _median_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def graph_us(calls, repeats: int) -> float:
     """Microseconds per call: all calls captured in one CUDA graph (launch gaps as served,
     each call's weights cold in L2 as the copies cycle), replayed `repeats` times."""
@@ -99,7 +77,7 @@ def graph_us(calls, repeats: int) -> float:
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    us = _median_ms(graph.replay, 1, repeats) * 1e3 / len(calls)
+    us = CLOCK.median(graph.replay, 1, repeats) * 1e3 / len(calls)
     del graph
     return us
 
@@ -154,7 +132,7 @@ def tune(args) -> dict:
     res = {"env": {"gpu": f"{props.name}, {props.multi_processor_count} SMs", "torch": torch.__version__,
                    "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
            "shapes": [list(s) for s in args.shapes], "buckets": list(args.ms), "results": {}, "failed": []}
-    bw = copy_gbps()
+    bw = copy_bandwidth(torch.device("cuda"), CLOCK, 1 << 30) / 1e9
     res["copy_GBps"] = bw
     log(f"{res['env']['gpu']}: copy bandwidth {bw:.0f} GB/s")
     gen = torch.Generator(device="cuda").manual_seed(0)
