@@ -175,11 +175,16 @@ def tune(args) -> dict:
                 for layer, us in zip(layers[bits], per)})
             entry["GBps"] = sum(layer.moved_bytes(m) for layer in layers[bits]) / entry["us"] / 1e3
             entry["of_copy"] = entry["GBps"] / bw
-            if m == 1 and best[0] == 1:  # what rounding w to bf16 costs (information: it is kept)
-                entry["unrounded_us"] = sum(layer.gemv_us(m, best, args.repeats, False) for layer in layers[bits])
             entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:5]
-        if m >= args.dense_from:
-            entry["dense_us"] = sum(layer.dense_us(m, args.repeats) for layer in layers[bits])
+        extras = {"dense_us": (m >= args.dense_from, lambda layer: layer.dense_us(m, args.repeats)),
+                  # what rounding w to bf16 costs on the FMA path (information: the rounding is kept)
+                  "unrounded_us": (tried and best[0] == 1, lambda layer: layer.gemv_us(m, best, args.repeats, False))}
+        for name, (wanted, fn) in extras.items():
+            try:
+                if wanted:
+                    entry[name] = sum(fn(layer) for layer in layers[bits])
+            except Exception as e:  # keep the sweep's results
+                entry[name + "_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
         res["results"][f"int{bits}/{m}"] = entry
         log(f"int{bits} M={m}: " + (f"best {entry.get('config')} {entry['us']:.1f} us over the shapes, "
                                      f"{entry['GBps']:.0f} GB/s = {entry['of_copy']:.2f} of copy" if tried else
