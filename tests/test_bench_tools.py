@@ -122,3 +122,31 @@ def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
     assert res["smollm2"]["agree"] == res["smollm2"]["steps"]
     assert "| weights | batch |" in capsys.readouterr().out
     assert json.loads(out.read_text())["table"] == res["table"]
+
+
+def test_tune_quant_table_takes_the_faster_path_and_rewrites_only_the_tuned_block(tmp_path):
+    """tune_quant's decisions without a GPU: the best GEMV config per bucket, None from the
+    first bucket where dequantize + cuBLAS was faster, and --apply's rewrite of the table."""
+    import ast
+
+    tune = _load("tune_quant")
+    cfg = lambda n: [16, n, 8, 2, 4, 1]  # noqa: E731
+    res = {"env": {"gpu": "GPU X", "date": "today", "torch": "t", "triton": "tr"},
+           "results": {"int4/1": {"config": [1, 32, 8, 2, 4, 1], "us": 10.0},
+                       "int4/16": {"config": cfg(64), "us": 50.0, "dense_us": 60.0},
+                       "int4/32": {"config": cfg(32), "us": 80.0, "dense_us": 70.0},
+                       "int4/64": {"config": cfg(128), "us": 100.0, "dense_us": 120.0},
+                       "int8/1": {"tried": 0}, "int8/16": {"config": cfg(64), "us": 5.0, "dense_us": 9.0}}}
+    table = tune.table_from(res)
+    assert table == {(4, 1): (1, 32, 8, 2, 4, 1), (4, 16): tuple(cfg(64)), (4, 32): None, (4, 64): None,
+                     (8, 1): None, (8, 16): None}
+    path = tmp_path / "quant_kernels.py"
+    src = (REPO / "hexswarm" / "model" / "quant_kernels.py").read_text()
+    path.write_text(src)
+    tune.apply(table, res, path)
+    new = path.read_text()
+    assert "GPU X" in new
+    body = new.split("GEMV_CONFIGS = ", 1)[1].split("\n}\n", 1)[0] + "\n}"
+    assert ast.literal_eval(body) == table
+    head, tail = src.split("# BEGIN TUNED")[0], src.split("# END TUNED")[1]
+    assert new.startswith(head) and new.endswith(tail)

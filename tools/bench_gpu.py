@@ -32,7 +32,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -43,8 +42,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _p in (str(REPO), str(REPO / "tools")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 from hexswarm.model.checkpoint import CheckpointReader  # noqa: E402
 from hexswarm.model.config import LlamaConfig  # noqa: E402
@@ -155,46 +155,9 @@ def _scratch_dir(need_bytes: int) -> Path:
 
 # ---- timing ----------------------------------------------------------------------------
 
-class Clock:
-    """Milliseconds of fn(): CUDA events on a GPU, the host clock elsewhere; median of repeats."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def times(self, fn, warmup: int, repeats: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        out = []
-        for _ in range(repeats):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                t = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - t) * 1e3)
-        return out
-
-    def median(self, fn, warmup: int, repeats: int) -> float:
-        return statistics.median(self.times(fn, warmup, repeats))
-
-
-def copy_bandwidth(device: torch.device, clock: Clock, nbytes: int) -> float:
-    """Device-to-device copy, bytes read + written per second (random data, not zeros)."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    ms = clock.median(lambda: dst.copy_(src), 3, 20)
-    del src, dst
-    return 2 * nbytes / (ms / 1e3)
+# Clock and copy_bandwidth live in gpu_clock.py (torch only, for tune_quant.py); bench_serve and
+# bench_quant take them from here
+from gpu_clock import Clock, copy_bandwidth  # noqa: E402,F401
 
 
 # ---- hexswarm's engine -----------------------------------------------------------------

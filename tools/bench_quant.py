@@ -10,10 +10,11 @@ In one run, on the same GPU:
 * decode ms/step at batch 1 and 32 (CUDA graphs, bench_gpu's decode loop), and each one's
   floor = bytes of weights a step reads (packed weights + scales for the quantized layers,
   everything but the embedding table) / device copy bandwidth measured in the same run.
-  Batch 1 runs the dequantize-inside GEMV kernel; batch 32 (> 16 rows) dequantizes to bf16
-  and runs cuBLAS, so its floor (the packed bytes only) is not reachable by design;
-* kernel check: GEMV (1, 7, 16 rows) and the dequantize kernel against the torch
-  reference (dequantize in fp32, round to bf16, F.linear) on 7B layer shapes;
+  Both batches run the dequantize-inside GEMV kernel with quant_kernels.GEMV_CONFIGS (run
+  tools/tune_quant.py --apply first on a new GPU);
+* kernel check: GEMV (1, 7, 16, 32, 64 rows, those the table serves by GEMV) and the
+  dequantize kernel against the torch reference (dequantize in fp32, round to bf16,
+  F.linear) on 7B layer shapes;
 * SmolLM2-135M-Instruct (`make model`): 64 greedy steps of the dense-bf16 model, then the
   quantized model teacher-forced on the same tokens: steps whose argmax agrees.
 
@@ -100,7 +101,7 @@ def kernel_check(device, shapes, dtype) -> dict:
             ref_w = q.dequantize(dtype)
             deq = quant_kernels.dequantize(q, dtype)
             out[f"dequant/{mode}/{n}x{k}"] = (deq.float() - ref_w.float()).abs().max().item() / ref_w.float().abs().max().item()
-            for m in (1, 7, 16):
+            for m in [m for m in (1, 7, 16, 32, 64) if quant_kernels.gemv_config(q, m)]:
                 x = torch.randn(m, k, device=device, generator=g).to(dtype)
                 bias = torch.randn(n, device=device, generator=g).to(dtype)
                 ref = F.linear(x, ref_w, bias).float()

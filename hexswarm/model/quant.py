@@ -12,7 +12,8 @@ One format family, converted once at load, serves both GGUF files and `--quantiz
 
 `QuantLinear.__call__(x, bias)` is the one linear op the layers call (`linear()` below picks
 it or `F.linear` for a dense weight).  On CUDA with Triton it runs the fused dequantize-GEMV
-kernel for up to `GEMV_MAX_ROWS` rows (decode) and dequantize-then-GEMM above (prefill);
+kernel for decode-sized batches (quant_kernels.gemv_config: up to 64 rows, tuned per batch
+bucket) and dequantize-then-GEMM above (prefill);
 elsewhere it dequantizes in torch (the reference every kernel is checked against).
 See docs/DECISIONS.md for why this format.
 """
@@ -26,8 +27,6 @@ from torch import nn
 from hexswarm.errors import UserError
 
 from hexswarm.model.quant_format import GGUF_KEPT_TYPES, GROUP, QUANT_MODES
-
-GEMV_MAX_ROWS = 16  # decode batches up to this many rows read the packed weights directly
 
 
 class QuantLinear(nn.Module):
@@ -73,10 +72,10 @@ class QuantLinear(nn.Module):
             from hexswarm.model import quant_kernels
 
             if quant_kernels.AVAILABLE:
-                rows = x.numel() // self.in_features
+                config = quant_kernels.gemv_config(self, x.numel() // self.in_features)
                 try:
-                    if rows <= GEMV_MAX_ROWS:
-                        return quant_kernels.gemv(x, self, bias)
+                    if config is not None:
+                        return quant_kernels.gemv(x, self, bias, config)
                     return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
                 except torch.cuda.OutOfMemoryError:
                     raise

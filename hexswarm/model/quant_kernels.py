@@ -1,11 +1,28 @@
 """Triton kernels for `QuantLinear` (format in model/quant.py): a dequantize-inside GEMV for
-decode (up to 16 rows) and a dequantize-to-dense kernel for prefill / large batches.
+decode batches (up to the largest M bucket with a config below) and a dequantize-to-dense
+kernel for prefill.
 
-The GEMV reads each packed weight once, dequantizes a [BLOCK_N, BLOCK_K] tile in registers
-(fp32, as the reference does), rounds it to the activation dtype and multiplies on the
-tensor cores with fp32 accumulation: the same rounding as "dequantize to bf16, then
-F.linear", so the two agree to summation order.  Rows of x beyond M are masked (tl.dot
-needs 16 rows; decode is memory-bound, the idle rows cost nothing that matters).
+Memory-bound design: a program streams a [BLOCK_N rows, BLOCK_G groups] block of packed
+weights per step as 16-byte vectors per (row, group) half: for int4 the 16 packed bytes of
+a group, whose low nibbles are the group's columns 0..15 and high nibbles columns 16..31
+(quant.py's layout), so each byte is loaded once and feeds two weights; for int8 the two
+16-byte halves.  Scales (and offsets) are loaded once per (row, group).  The next block's
+bytes are loaded before the current one is computed (a manual prefetch: the loads are not
+dot operands, so Triton's pipeliner would not overlap them).  Split-K (several programs per
+output tile, fp32 atomics into a zeroed buffer, then one cast) gives small N enough
+programs to keep every SM streaming: a config names WAVES, and K is split until the grid
+has WAVES programs per SM, so one config serves N = 4096 and N = 22016 alike.
+
+Two reduction paths, picked by BLOCK_M:
+* BLOCK_M == 1 (batch-1 decode): one program per row of x, plain FMAs into a
+  [BLOCK_N, BLOCK_G, 16] fp32 accumulator reduced once at the end (tl.dot would pad M to 16).
+* BLOCK_M >= 16: tl.dot(W tile [BLOCK_N, K'], x tile [K', BLOCK_M]) ("swap AB": the weight
+  rows fill the MMA's 16+ row side, the few batch rows its narrow side).
+
+Numerics, both paths: the weight is dequantized in fp32 exactly as quant.py's reference
+(q * scale [+ offset]; int -> float via exponent bits, exact for these ranges), rounded to
+the activation dtype, and multiplied with fp32 accumulation: "dequantize to bf16, then
+F.linear" up to summation order (split-K adds its partial sums in any order).
 
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
@@ -13,6 +30,7 @@ captured in CUDA graphs as they are (see cuda_graphs.py).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -33,79 +51,224 @@ except Exception:  # pragma: no cover - CPU-only hosts
 if AVAILABLE:
 
     @triton.jit
-    def _load_weight_tile(q_ptr, s_ptr, o_ptr, rn, rk, mask, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                          GROUP_SIZE: tl.constexpr):
-        """Dequantized fp32 tile w[rn, rk] (rn [BN, 1], rk [1, BK]), computed as quant.py's reference."""
-        groups = K // GROUP_SIZE
-        g = rk // GROUP_SIZE
-        s = tl.load(s_ptr + rn * groups + g, mask=mask, other=0.0).to(tl.float32)
-        if BITS == 8:
-            q = tl.load(q_ptr + rn * K + rk, mask=mask, other=0).to(tl.float32)
-            w = q * s
+    def _load(ptr, mask, MASKED: tl.constexpr):
+        """tl.load, its mask (zeros outside) only where MASKED."""
+        if MASKED:
+            return tl.load(ptr, mask=mask, other=0)
         else:
-            j = rk % GROUP_SIZE
-            byte = tl.load(q_ptr + rn * (K // 2) + g * (GROUP_SIZE // 2) + (j % (GROUP_SIZE // 2)), mask=mask, other=0)
-            q = ((byte.to(tl.int32) >> ((j // (GROUP_SIZE // 2)) * 4)) & 0x0F).to(tl.float32)
-            if HAS_OFFSET:
-                o = tl.load(o_ptr + rn * groups + g, mask=mask, other=0.0).to(tl.float32)
-                w = q * s + o
-            else:
-                w = (q - 8.0) * s
-        return w
+            return tl.load(ptr)
 
     @triton.jit
-    def _qgemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
-                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        mask_m = rm < M
-        mask_n = rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mask_k = rk < K
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = _load_weight_tile(q_ptr, s_ptr, o_ptr, rn[:, None], rk[None, :], mask_n[:, None] & mask_k[None, :],
-                                  K, BITS, HAS_OFFSET, GROUP_SIZE)
-            acc += tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+    def _load_packed(q_ptr, s_ptr, o_ptr, rn, g, rmask, gmask, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr, MASKED: tl.constexpr):
+        """Raw codes of groups g (1D) for rows rn (1D): (lo, hi, scale, offset) where lo/hi are
+        [BN, BG, GROUP/2] (int4: lo is the packed bytes and hi unused) and scale/offset
+        [BN, BG, 1] fp32 (offset = scale when there is none: never used then).  MASKED=False:
+        every index is in range (no mask math in the hot loop)."""
+        HALF: tl.constexpr = GROUP_SIZE // 2
+        groups = K // GROUP_SIZE
+        j = tl.arange(0, HALF)[None, None, :]
+        rn3 = rn[:, None, None]
+        g3 = g[None, :, None]
+        m3 = rmask[:, None, None] & gmask[None, :, None] if MASKED else None
+        if BITS == 8:
+            base = q_ptr + rn3 * K + g3 * GROUP_SIZE + j
+            lo = _load(base, m3, MASKED)
+            hi = _load(base + HALF, m3, MASKED)
+        else:
+            lo = _load(q_ptr + rn3 * (K // 2) + g3 * HALF + j, m3, MASKED)
+            hi = lo
+        m2 = rmask[:, None] & gmask[None, :] if MASKED else None
+        sidx = rn[:, None] * groups + g[None, :]
+        s = _load(s_ptr + sidx, m2, MASKED).to(tl.float32)[:, :, None]
+        if HAS_OFFSET:
+            o = _load(o_ptr + sidx, m2, MASKED).to(tl.float32)[:, :, None]
+        else:
+            o = s
+        return lo, hi, s, o
+
+    @triton.jit
+    def _dequant_packed(lo, hi, s, o, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr):
+        """fp32 weights of a group's columns 0..15 and 16..31 from _load_packed's codes.
+
+        Codes become floats through the exponent bits (2^23 + c has c in its mantissa),
+        integer ops at full rate instead of the slower int->float conversion; the subtraction
+        is exact, so w = q * scale (+ offset) is computed as the reference computes it."""
+        MAGIC: tl.constexpr = 0x4B000000  # bits of 2^23
+        if BITS == 8:  # int8 c in [-128, 127] -> 2^23 + 128 + c
+            a = (lo.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0
+            b = (hi.to(tl.int32) + (MAGIC + 128)).to(tl.float32, bitcast=True) - 8388736.0
+            return a * s, b * s
+        else:
+            byte = lo.to(tl.int32)
+            if HAS_OFFSET:  # Q4_1 / --quantize int4: q * d + m
+                a = ((byte & 0x0F) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+                b = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388608.0
+                return a * s + o, b * s + o
+            else:  # Q4_0: (q - 8) * d, the 8 folded into the exact subtraction
+                a = ((byte & 0x0F) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0
+                b = ((byte >> 4) | MAGIC).to(tl.float32, bitcast=True) - 8388616.0
+                return a * s, b * s
+
+    @triton.jit
+    def _qgemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, groups_per_split,
+                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      ROUND_W: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """y[m, n] (+)= sum_k x[m, k] * w[n, k] over this program's groups
+        [pid_k * groups_per_split, +groups_per_split); ATOMIC: y is a zeroed fp32 buffer.
+        EVEN: N a multiple of BLOCK_N and every program's groups a multiple of BLOCK_G."""
+        HALF: tl.constexpr = GROUP_SIZE // 2
+        pid_m = tl.program_id(0)  # fastest: the programs sharing a weight tile run together (L2)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        groups = K // GROUP_SIZE
+        g_start = pid_k * groups_per_split
+        g_end = tl.minimum(groups, g_start + groups_per_split)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # int32: gemv_config bounds the sizes
+        nmask = rn < N
+        act = x_ptr.dtype.element_ty
+        if BLOCK_M == 1:
+            acc = tl.zeros((BLOCK_N, BLOCK_G, HALF), dtype=tl.float32)
+            j3 = tl.arange(0, HALF)[None, None, :]
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            mmask = rm < M
+            kk = tl.arange(0, BLOCK_G * HALF)  # a half's columns of BLOCK_G groups, as the dot's K
+            xcol = (kk // HALF) * GROUP_SIZE + kk % HALF
+        gr = tl.arange(0, BLOCK_G)
+        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g_start + gr, nmask, g_start + gr < g_end, K, BITS,
+                                    HAS_OFFSET, GROUP_SIZE, not EVEN)
+        for g0 in range(g_start, g_end, BLOCK_G):
+            g = g0 + gr
+            gmask = g < g_end
+            # the next block's loads go out before this block's math (after the last block:
+            # fully masked, or when EVEN the last block again, a cache hit)
+            if EVEN:
+                gn = tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
+            else:
+                gn = g + BLOCK_G
+            nlo, nhi, ns, no = _load_packed(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < g_end, K, BITS, HAS_OFFSET,
+                                            GROUP_SIZE, not EVEN)
+            wa, wb = _dequant_packed(lo, hi, s, o, BITS, HAS_OFFSET)
+            if BLOCK_M == 1:
+                xp = x_ptr + pid_m * K + g[None, :, None] * GROUP_SIZE + j3
+                xa = _load(xp, gmask[None, :, None], not EVEN).to(tl.float32)
+                xb = _load(xp + HALF, gmask[None, :, None], not EVEN).to(tl.float32)
+                if ROUND_W:
+                    wa = wa.to(act).to(tl.float32)
+                    wb = wb.to(act).to(tl.float32)
+                acc += wa * xa  # two statements: two FFMAs (one expression compiles to FMUL + FFMA + FADD)
+                acc += wb * xb
+            else:
+                xp = x_ptr + rm[None, :] * K + (g0 * GROUP_SIZE + xcol)[:, None]
+                xm = mmask[None, :] & (g0 + kk // HALF < g_end)[:, None]
+                xa = tl.load(xp, mask=xm, other=0.0)
+                xb = tl.load(xp + HALF, mask=xm, other=0.0)
+                acc = tl.dot(tl.reshape(wa.to(act), (BLOCK_N, BLOCK_G * HALF)), xa, acc)
+                acc = tl.dot(tl.reshape(wb.to(act), (BLOCK_N, BLOCK_G * HALF)), xb, acc)
+            lo, hi, s, o = nlo, nhi, ns, no
+        if BLOCK_M == 1:
+            out = tl.sum(tl.sum(acc, axis=2), axis=1)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+                out += tl.where(pid_k == 0, bias, 0.0)  # split-K: added once
+            yp = y_ptr + pid_m * N + rn
+            ymask = nmask
+        else:
+            out = acc
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+                out += tl.where(pid_k == 0, bias, 0.0)[:, None]
+            yp = y_ptr + rm[None, :] * N + rn[:, None]
+            ymask = nmask[:, None] & mmask[None, :]
+        if ATOMIC:
+            tl.atomic_add(yp, out, mask=ymask)
+        else:
+            tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ymask)
 
     @triton.jit
     def _dequant_kernel(q_ptr, s_ptr, o_ptr, w_ptr, N, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
-                        GROUP_SIZE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        HALF: tl.constexpr = GROUP_SIZE // 2
         rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask = (rn[:, None] < N) & (rk[None, :] < K)
-        w = _load_weight_tile(q_ptr, s_ptr, o_ptr, rn[:, None], rk[None, :], mask, K, BITS, HAS_OFFSET, GROUP_SIZE)
-        tl.store(w_ptr + rn[:, None] * K + rk[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+        g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+        nmask = rn < N
+        gmask = g < K // GROUP_SIZE
+        lo, hi, s, o = _load_packed(q_ptr, s_ptr, o_ptr, rn, g, nmask, gmask, K, BITS, HAS_OFFSET, GROUP_SIZE, True)
+        wa, wb = _dequant_packed(lo, hi, s, o, BITS, HAS_OFFSET)
+        wp = w_ptr + rn[:, None, None] * K + g[None, :, None] * GROUP_SIZE + tl.arange(0, HALF)[None, None, :]
+        m3 = nmask[:, None, None] & gmask[None, :, None]
+        tl.store(wp, wa.to(w_ptr.dtype.element_ty), mask=m3)
+        tl.store(wp + HALF, wb.to(w_ptr.dtype.element_ty), mask=m3)
 
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages): small N tiles give enough programs to keep every SM
-# streaming weights at decode (N = 4096 -> 256 programs); tools/bench_quant.py measures them.
-GEMV_CONFIG = {8: (16, 128, 4, 3), 4: (16, 256, 4, 3)}
+# Rows of x per GEMV bucket: a call with M rows uses the smallest bucket >= M; above the last
+# bucket (or where a bucket's config is None) the weight is dequantized and cuBLAS multiplies.
+M_BUCKETS = (1, 8, 16, 32, 64)
+# (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
+# BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
+# Not measured yet: starting points chosen by hand (enough programs for 132 SMs at N = 4096).
+GEMV_CONFIGS = {
+    (8, 1): (1, 32, 8, 2, 4, 1),
+    (8, 8): (16, 64, 4, 2, 4, 1),
+    (8, 16): (16, 64, 4, 2, 4, 1),
+    (8, 32): (32, 64, 4, 2, 4, 1),
+    (8, 64): (64, 64, 4, 2, 8, 1),
+    (4, 1): (1, 32, 8, 2, 4, 1),
+    (4, 8): (16, 64, 4, 2, 4, 1),
+    (4, 16): (16, 64, 4, 2, 4, 1),
+    (4, 32): (32, 64, 4, 2, 4, 1),
+    (4, 64): (64, 64, 4, 2, 8, 1),
+}
+# END TUNED
 
 
-def gemv(x: torch.Tensor, w, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., K] (at most 16 rows) @ dequant(w).T (+ bias) -> [..., N] in x's dtype."""
+def gemv_config(w, rows: int):
+    """The GEMV config for `rows` rows of x times QuantLinear w, or None: dequantize and GEMM
+    instead (also for a weight of 2^31+ elements: the GEMV's indices are int32, for speed)."""
+    if w.qweight.numel() >= 2**31:
+        return None
+    for b in M_BUCKETS:
+        if rows <= b:
+            return GEMV_CONFIGS.get((w.bits, b))
+    return None
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # Triton's CPU interpreter (the tests): a few "SMs", so that small shapes split K
+
+
+def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bool = True) -> torch.Tensor:
+    """x [..., K] @ dequant(w).T (+ bias) -> [..., N] in x's dtype.  `config` overrides the
+    table (tools/tune_quant.py); round_w=False skips rounding w to x's dtype on the M = 1
+    path (measured by the tuner only, not served: it would break the numerics contract)."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     M = x2.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    block_n, block_k, warps, stages = GEMV_CONFIG[w.bits]
-    grid = (triton.cdiv(N, block_n), triton.cdiv(M, 16))
+    block_m, block_n, block_g, waves, warps, stages = config or gemv_config(w, M)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    steps = triton.cdiv(K // GROUP, block_g)
+    per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
+    splits = triton.cdiv(steps, per_split)  # no program without groups
+    atomic = splits > 1
+    even = N % block_n == 0 and (K // GROUP) % block_g == 0
+    y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     offset = w.offset if w.offset is not None else w.scale
     _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
-                        BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, GROUP_SIZE=GROUP,
-                        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+                        per_split * block_g,
+                        BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                        ROUND_W=round_w, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
+                        num_warps=warps, num_stages=stages)
+    if atomic:
+        y = y.to(x.dtype)
     return y.view(*x.shape[:-1], N)
 
 
@@ -113,12 +276,11 @@ def dequantize(w, dtype: torch.dtype) -> torch.Tensor:
     """The dense [N, K] weight in `dtype` (for GEMMs over many rows)."""
     N, K = w.out_features, w.in_features
     out = torch.empty(N, K, dtype=dtype, device=w.qweight.device)
-    block_n, block_k = 32, 128
+    block_n, block_g = 32, 8
     offset = w.offset if w.offset is not None else w.scale
-    _dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+    _dequant_kernel[(triton.cdiv(N, block_n), triton.cdiv(K // GROUP, block_g))](
         w.qweight, w.scale, offset, out, N, K, BITS=w.bits, HAS_OFFSET=w.offset is not None, GROUP_SIZE=GROUP,
-        BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4)
+        BLOCK_N=block_n, BLOCK_G=block_g, num_warps=4)
     return out
 
 
