@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import ProtocolError, UserError
-from hexswarm.net import codec
+from hexswarm.net import codec, failures
 from hexswarm.net.host import (
     DIAL_TIMEOUT_S,
     Backoff,
@@ -393,8 +393,8 @@ class Node:
                 await fn(codec.decode(message.data, MAX_GOSSIP_BYTES), publisher)
             except ProtocolError as e:
                 log.debug("dropped message on %s: %s", topic, e)
-            except Exception:
-                log.exception("handler for %s failed", topic)
+            except Exception as e:
+                failures.unexpected(f"gossip {topic}", publisher, e)
 
     async def _on_inventory(self, msg: Any, publisher: str) -> None:
         if publisher == self.peer_id_str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from hexswarm.model.source import model_fingerprint
 from hexswarm.net.protocols import BUSY, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
 from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.pipe import MessagePipe
 from hexswarm.swarm.planning import PeerView, make_layout
@@ -39,6 +41,7 @@ LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
+START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
 
 
 def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, SwarmLayout]:
@@ -98,6 +101,8 @@ class Server:
         # head: when it sent requests to each (epoch, replica), for those not yet in the stage-0 load reports
         self.recent_dispatch: dict[tuple[int, int], list[float]] = {}
         self.entries: dict[str, trio.MemorySendChannel] = {}  # entry: rid -> events channel
+        # stage 0: (entry, rid) -> the newest attempt started here, the oldest forgotten first
+        self._start_attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         node.extra.update({"model": self.model_id, "serve": True})
         from hexswarm.swarm.submit import SubmitService
@@ -295,8 +300,9 @@ class Server:
                 await trio.sleep(0.5 * (attempt + 1))
 
     async def _on_layout_request(self, msg: Any, remote: Any) -> dict:
-        if "ready" in msg:
-            self.mark_ready(int(msg["ready"]), str(remote))
+        epoch = read_layout_request(msg)
+        if epoch is not None:
+            self.mark_ready(epoch, str(remote))
             return {}
         return {"layout": None if self.committed is None else self.committed.to_wire(), "highest": self.highest_epoch}
 
@@ -369,7 +375,7 @@ class Server:
         return out
 
     async def _on_dispatch(self, msg: Any, remote: Any) -> dict:
-        return await self.dispatch(msg)
+        return await self.dispatch(read_dispatch(msg, str(remote), self.cfg, self.settings.max_seq_len))
 
     async def dispatch(self, msg: dict) -> dict:
         """Place one request (head only); returns where it went."""
@@ -422,22 +428,38 @@ class Server:
 
     # ---- pipe routing ------------------------------------------------------------------------
     def _to_stage(self, msg: dict, sender: str) -> None:
+        if msg["kind"] == "start":
+            self._check_start(msg, sender)
         if not self.stages.route(msg, sender):
             log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
             if msg["kind"] == "start":
                 self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                               "error": f"stage {msg['to']} is not served by {self.me}"})
 
+    def _check_start(self, msg: dict, sender: str) -> None:
+        """A start comes from a head, and each (entry, request id) moves to a newer attempt: a replayed
+        attempt would meet the tokens of the one it replaces at stage 0 (seen killing the engine)."""
+        if sender != self.me and sender not in self.head_candidates(self.serving_view()):
+            raise ProtocolError(f"start from {sender}, which is not a head candidate")
+        key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
+        if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
+            raise ProtocolError("start: entry, rid and attempt")
+        if attempt <= self._start_attempts.get(key, 0):
+            raise ProtocolError(f"start of request {key[1]} repeats attempt {attempt}")
+        self._start_attempts[key] = attempt
+        self._start_attempts.move_to_end(key)
+        while len(self._start_attempts) > START_HISTORY:
+            self._start_attempts.popitem(last=False)
+
     def _events_to_entry(self, msg: dict, sender: str) -> None:
         """One stage-0 step's new tokens for requests that entered here: to each request's relay."""
-        items = msg["items"]
-        if not isinstance(items, list):
-            raise ProtocolError("events: items is not a list")
-        for item in items:
-            if isinstance(item, dict):
-                self._to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
+        for item in check_events(msg):
+            self._deliver_to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
 
     def _to_entry(self, msg: dict, sender: str) -> None:
+        self._deliver_to_entry(check_done(msg), sender)
+
+    def _deliver_to_entry(self, msg: dict, sender: str) -> None:
         msg["_sender"] = sender
         channel = self.entries.get(str(msg["rid"]))
         if channel is not None:
@@ -449,9 +471,9 @@ class Server:
     def _on_send_failed(self, peer: str, msgs: list[dict]) -> None:
         for msg in msgs:
             if msg.get("kind") == "start":
-                self._to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
-                                "error": f"stage 0 peer {peer} unreachable"}, self.me)
-            elif msg.get("kind") in ("events", "done"):
+                self._deliver_to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
+                                        "error": f"stage 0 peer {peer} unreachable"}, self.me)
+            elif msg.get("kind") in ("events", "done") and "to_stage0" in msg:
                 # the entry is gone: nobody will read these requests' tokens; stop computing them
                 for item in msg.get("items") or [msg]:
                     self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": item["rid"],
@@ -459,8 +481,8 @@ class Server:
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_trace(self, msg: Any, remote: Any) -> dict:
-        rid = str(msg["rid"])
-        if msg.get("local"):
+        rid, local = read_trace_request(msg)
+        if local:
             return {"spans": self.stages.spans(rid)}
         return await self.submit_service.trace(rid)
 

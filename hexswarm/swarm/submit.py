@@ -25,7 +25,8 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from hexswarm.errors import ProtocolError, UserError
+from hexswarm.errors import ProtocolError, UserError, first_leaf
+from hexswarm.net import failures
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
     BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
@@ -223,7 +224,7 @@ class SubmitService:
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
         except Exception as e:  # one line and this stream closed; never the node
-            log.warning("submit stream failed: %s: %s", type(e).__name__, e)
+            failures.unexpected("submit", remote_peer_id(stream), first_leaf(e))
             await reset_quietly(stream)
         finally:
             await close_quietly(stream)
