@@ -9,9 +9,6 @@ node logged a traceback or an unexpected handler failure.  One swarm serves the 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,22 +17,14 @@ from hypothesis import strategies as st
 
 from hexswarm.net.identity import generate
 from hexswarm.swarm.launcher import LocalSwarm, peer_id_of
+from conftest import load_tool
 from swarmutil import reference, submit_many
 
 # the attacker nodes' own threads use `random` while hypothesis draws: not the strategies' doing
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")]
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hostile = _load_tool("hostile")
+hostile = load_tool("hostile")
 
 OPS = st.lists(st.tuples(st.integers(0, 1 << 20), st.sampled_from(["replace", "replace", "drop", "extra", "whole"]),
                          st.sampled_from(hostile.WRONG_VALUES) | st.integers(-(2**63), 2**64 - 1) | st.floats()),
@@ -45,6 +34,7 @@ PER_EXAMPLE = 6  # mutated copies of each template per example: many messages pe
 FUZZ = settings(max_examples=4, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                phases=[Phase.explicit, Phase.generate])
 LOOPBACK = "127.0.0.1"
+IDLE_S = 2.0  # the swarm's pipe_idle_s: a silent inbound pipe stream is closed after twice that
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +44,7 @@ def fx(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz-swarm")
     owner = generate()
     sw = LocalSwarm(folder, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]},
-                    owner=owner, extra={"dispatch_wait_s": 3.0})
+                    owner=owner, extra={"dispatch_wait_s": 3.0, "pipe_idle_s": IDLE_S})
     client = generate()
     sw.client = (client, _cert(sw, client.peer_id.to_base58(), "client"))
     attackers = []
@@ -100,24 +90,13 @@ def _draws(data) -> list:
 @pytest.mark.parametrize("who", ["insider", "stranger"])
 @FUZZ
 @given(data=st.data())
-def test_request_protocols(fx, who, data):
+def test_request_protocols_and_submit(fx, who, data):
     a = _attacker(fx, who)
     for protocol, template in hostile.request_templates(a.hostile.target).values():
         for ops in _draws(data):
             msg = hostile.mutate(template, ops)
             for peer, _ in fx.peers:
                 a.call(a.hostile.request, peer, protocol, msg)
-
-
-@pytest.mark.parametrize("who", ["insider", "stranger"])
-@FUZZ
-@given(data=st.data())
-def test_submit(fx, who, data):
-    a = _attacker(fx, who)
-    for ops in _draws(data):
-        msg = hostile.mutate(hostile.SUBMIT_TEMPLATE, ops)
-        for peer, _ in fx.peers:
-            a.call(a.hostile.submit, peer, msg)
 
 
 @pytest.mark.parametrize("who", ["insider", "stranger"])
@@ -143,6 +122,95 @@ def test_gossip(fx, who, data):
         a.call(a.hostile.gossip_record, ops)
         a.call(a.hostile.gossip_layout, ops, a.node.peer_id_str)  # signed by its own head
         a.call(a.hostile.gossip_layout, ops, fx.status["head"])  # claims the real head
+
+
+async def _open_pipes(host, peer: str, n: int) -> list:
+    from libp2p.custom_types import TProtocol
+
+    from hexswarm.net.host import parse_peer_id
+    from hexswarm.net.protocols import PIPE
+
+    return [await host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)]) for _ in range(n)]
+
+
+async def _closed_within(stream, seconds: float) -> bool:
+    """Did the node close (or reset) this silent stream within `seconds`?"""
+    import trio
+
+    with trio.move_on_after(seconds):
+        try:
+            while await stream.read(1024):
+                pass
+        except Exception:
+            pass
+        return True
+    return False
+
+
+def test_inbound_pipe_streams_are_bounded_per_peer_and_closed_when_idle(fx):
+    from hexswarm.swarm.pipe import MAX_INBOUND_PER_PEER
+
+    a, peer = fx.insider, fx.sw.nodes[1].peer_id
+
+    async def check():
+        import trio
+
+        streams = await _open_pipes(a.node.host, peer, MAX_INBOUND_PER_PEER + 2)
+        await trio.sleep(0.5)
+        over = [await _closed_within(s, 0.5) for s in streams]
+        assert sum(over) >= 2, f"{len(streams)} silent pipe streams from one peer all stayed open"
+        t0 = trio.current_time()
+        assert all([await _closed_within(s, 4 * IDLE_S) for s in streams]), "a silent pipe stream stayed open"
+        assert trio.current_time() - t0 >= IDLE_S, "closed before it was idle"
+
+    a.call(check)
+
+
+def test_request_streams_are_bounded_per_peer(fx):
+    from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, PING
+
+    a, peer = fx.insider, fx.sw.nodes[0].peer_id
+
+    async def check():
+        from libp2p.custom_types import TProtocol
+
+        from hexswarm.net.host import parse_peer_id
+
+        held = [await a.node.host.new_stream(parse_peer_id(peer), [TProtocol(PING)])
+                for _ in range(DEFAULT_MAX_CONCURRENT // 4)]  # each waits for its request frame
+        reply = await a.hostile.request(peer, PING, {"pad": b""})
+        for s in held:
+            await s.reset()
+        return reply
+
+    reply = a.call(check)
+    assert reply["error"]["code"] == "busy" and "of yours in flight" in reply["error"]["message"], reply
+    assert a.call(a.hostile.request, peer, PING, {"pad": b""}) == {"ok": {"n": 0}}
+
+
+def test_a_client_reads_its_own_traces_and_nothing_else(fx):
+    """Role client (issue 13): submit, and the traces of its own requests; nothing else."""
+    import trio
+
+    from hexswarm.errors import UserError
+    from hexswarm.net.client import ask
+    from hexswarm.net.protocols import DISPATCH, TRACE
+    from hexswarm.swarm.submit import submit_to
+
+    client, cert = fx.sw.client
+    entry = fx.sw.nodes[0].addr
+    done = trio.run(submit_to, entry, {"prompt": "Hello", "max_new_tokens": 3, "request_id": "mine"}, None, 60,
+                    client, cert)
+    assert "done" in done, done
+    trace = trio.run(ask, entry, TRACE, {"rid": "mine", "cert": cert}, 10.0, client)
+    assert trace["request_id"] == "mine" and trace["attempts"] and trace["spans"]
+    other = generate()
+    other_cert = _cert(fx.sw, other.peer_id.to_base58(), "client")
+    for who, c, msg in ((other, other_cert, {"rid": "mine"}), (client, cert, {"rid": "mine", "local": True})):
+        with pytest.raises(UserError, match="forbidden"):
+            trio.run(ask, entry, TRACE, {**msg, "cert": c}, 10.0, who)
+    with pytest.raises(UserError, match="forbidden"):
+        trio.run(ask, entry, DISPATCH, {"cert": cert}, 10.0, client)
 
 
 def test_after_the_fuzz_the_swarm_serves_and_logged_no_traceback(fx, tiny_model):

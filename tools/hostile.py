@@ -151,6 +151,7 @@ def request_templates(t: Target) -> dict[str, tuple[str, dict]]:
         "ready": (LAYOUT, {"ready": t.epoch}),
         "layout_get": (LAYOUT, {"get": True}),
         "direct": (DIRECT, {}),
+        "submit": (SUBMIT, SUBMIT_TEMPLATE),
     }
 
 
@@ -180,13 +181,18 @@ class Hostile:
         self._direct: dict[str, Any] = {}
 
     async def request(self, peer: str, protocol: str, msg: Any) -> Any:
-        """The reply envelope, or None when the peer closed or reset the stream; Finding on
+        """The reply envelope (of a submit: its first frame; the stream is then reset, so an accepted
+        request is cancelled at once), or None when the peer closed or reset the stream; Finding on
         `internal` or a hang."""
         from libp2p.custom_types import TProtocol
 
         from hexswarm.net.host import parse_peer_id
 
         self.sent += 1
+        if protocol == SUBMIT and isinstance(msg, dict) and msg.get("request_id") == SUBMIT_TEMPLATE["request_id"]:
+            # a fresh id each time: a stage 0 that re-admits an id whose cancelled step is still in flight
+            # mixes the two up (a stage engine bug, reported apart from this boundary fuzz)
+            msg = {**msg, "request_id": f"{msg['request_id']}-{self.sent}"}
         try:
             with trio.fail_after(REPLY_TIMEOUT_S):
                 stream = await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(protocol)])
@@ -206,10 +212,6 @@ class Hostile:
             return reply
         finally:
             await reset_quietly(stream)
-
-    async def submit(self, peer: str, msg: Any) -> Any:
-        """The first reply frame of a submit (an accepted request is dropped at once: the entry cancels it)."""
-        return await self.request(peer, SUBMIT, msg)
 
     async def pipe(self, peer: str, msgs: list[Any]) -> None:
         """Messages over one libp2p pipe stream (no replies on the pipe)."""
@@ -289,7 +291,6 @@ class Hostile:
         for peer, ip in peers:
             for protocol, msg in request_templates(t).values():
                 await self.request(peer, protocol, mutate(msg, draw_ops()))
-            await self.submit(peer, mutate(SUBMIT_TEMPLATE, draw_ops()))
             kinds = pipe_templates(t).values()
             await self.pipe(peer, [mutate(m, draw_ops()) for m in kinds])
             await self.direct(peer, ip, [mutate(m, draw_ops()) for m in kinds])

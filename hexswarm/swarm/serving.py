@@ -26,7 +26,7 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.source import model_fingerprint
-from hexswarm.net.protocols import BUSY, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
+from hexswarm.net.protocols import BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
@@ -87,7 +87,8 @@ class Server:
         self.cfg = LlamaConfig.from_dir(settings.model_dir)
         self.tokenizer = TextTokenizer(settings.model_dir, self.cfg)
         self.model_id = model_fingerprint(settings.model_dir)
-        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path)
+        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path,
+                                idle_close_s=node.config.pipe_idle_s)
         self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe)
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
@@ -121,8 +122,8 @@ class Server:
             self.node.register_handler(DISPATCH, self._on_dispatch)
             self.node.register_handler(LAYOUT, self._on_layout_request)
             self.node.register_handler(STATUS, self._on_status, access="clients")
-            # traces name every stage's peer and timings: nodes only in an owned swarm
-            self.node.register_handler(TRACE, self._on_trace, access="public")
+            # traces name every stage's peer and timings: in an owned swarm a client reads only its own
+            self.node.register_handler(TRACE, self._on_trace, access="clients")
             self.submit_service.register()
             await self.node.subscribe(self.node.topic("layout"), self._on_layout_gossip)
             nursery.start_soon(self._head_loop, nursery)
@@ -323,10 +324,17 @@ class Server:
             # every record this node gossips carries its stage-0 loads (the head's queue view)
             self.node.extra["load"] = self.stages.loads()
             self.node.extra["slots"] = self.stages.slot_counts()
-            self.node.extra["failed"] = self.stages.failed()
+            self.node.extra["failed"] = self.failed_here()
             self._set_admit_limits()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
+
+    def failed_here(self) -> list[str]:
+        """"epoch:replica:stage" of this node's stages that stopped, or whose TP follower exited while the
+        stage sat idle (the engine only meets a dead follower at its next op; the record should say so now)."""
+        idle_dead = {f"{e}:{r}:{s}" for (e, r, s), w in list(self.stages.workers.items())
+                     if not getattr(getattr(w, "host", None), "followers_alive", lambda: True)()}
+        return sorted(set(self.stages.failed()) | idle_dead)
 
     def replica_slots(self, layout: SwarmLayout, replica: int) -> int | None:
         """The smallest KV slot count over a replica's stages (from this node's stages and the
@@ -366,7 +374,7 @@ class Server:
             for si, st in enumerate(replica):
                 key = f"{layout.epoch}:{ri}:{si}"
                 if st.peer == self.me:
-                    reported = self.stages.failed()
+                    reported = self.failed_here()
                 else:
                     entry = self.node.table.get(st.peer)
                     reported = entry.record.extra.get("failed") if entry else None
@@ -482,6 +490,8 @@ class Server:
     # ---- status --------------------------------------------------------------------------------
     async def _on_trace(self, msg: Any, remote: Any) -> dict:
         rid, local = read_trace_request(msg)
+        if not self.node.is_allowed(remote) and (local or self.submit_service.submitters.get(rid) != str(remote)):
+            raise RemoteError(FORBIDDEN, "a client reads only the traces of requests it submitted")
         if local:
             return {"spans": self.stages.spans(rid)}
         return await self.submit_service.trace(rid)

@@ -53,6 +53,8 @@ class SubmitService:
         self.server = server
         # rid -> where its attempts ran (for `hexswarm trace`); the oldest are forgotten first
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
+        # rid -> the peer that submitted it over libp2p (a client may read its own traces), as long as history
+        self.submitters: OrderedDict[str, str] = OrderedDict()
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
         # API's metrics) wraps it, and calls `serve` itself for its own requests
         self.p2p_serve = self.serve
@@ -190,6 +192,12 @@ class SubmitService:
         finally:
             server.entries.pop(rid, None)
 
+    def _note_submitter(self, rid: str, peer: str) -> None:
+        self.submitters[rid] = peer
+        self.submitters.move_to_end(rid)
+        while len(self.submitters) > HISTORY:
+            self.submitters.popitem(last=False)
+
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
         if self.server.node.config.require_client_cert:
@@ -210,6 +218,8 @@ class SubmitService:
                 writer = FrameWriter(stream, work)  # token frames queued during a write go out together
 
                 async def emit(frame: dict) -> None:
+                    if "accepted" in frame:
+                        self._note_submitter(frame["accepted"]["request_id"], str(remote_peer_id(stream)))
                     writer.put(frame)
 
                 async with trio.open_nursery() as nursery:
