@@ -46,7 +46,8 @@ def test_remembered_start_attempts_and_submitters_are_bounded(monkeypatch):
     assert len(server._start_attempts) == 8
 
     monkeypatch.setattr(submit, "HISTORY", 8)
-    service = SubmitService(SimpleNamespace())
+    service = SubmitService(SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(max_queue=4))))
     for i in range(20):
         service._note_submitter(f"r{i}", "client")
     assert len(service.submitters) == 8 and "r19" in service.submitters
+    assert service.open_streams.limit == 4  # submit streams one peer may hold open: the entry's max_queue
