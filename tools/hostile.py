@@ -189,10 +189,12 @@ class Hostile:
         from hexswarm.net.host import parse_peer_id
 
         self.sent += 1
-        if protocol == SUBMIT and isinstance(msg, dict) and msg.get("request_id") == SUBMIT_TEMPLATE["request_id"]:
-            # a fresh id each time: a stage 0 that re-admits an id whose cancelled step is still in flight
-            # mixes the two up (a stage engine bug, reported apart from this boundary fuzz)
-            msg = {**msg, "request_id": f"{msg['request_id']}-{self.sent}"}
+        field = {SUBMIT: "request_id", DISPATCH: "rid"}.get(protocol)
+        if field and isinstance(msg, dict) and msg.get(field) in ("hostile-s", "hostile-d"):
+            # a fresh id each time: a stage 0 that re-admits an id (a newer attempt) while a step of the
+            # replaced one is in flight credits that step to the new one and its engine fails (a stage
+            # engine bug, reported apart from this boundary fuzz)
+            msg = {**msg, field: f"{msg[field]}-{self.sent}"}
         try:
             with trio.fail_after(REPLY_TIMEOUT_S):
                 stream = await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(protocol)])

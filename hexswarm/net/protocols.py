@@ -115,13 +115,15 @@ def make_stream_handler(
     max_reply: int = codec.DEFAULT_MAX_FRAME,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     rate_per_peer: float = DEFAULT_RATE_PER_PEER,
+    max_per_peer: int | None = None,
 ) -> Callable[[Any], Awaitable[None]]:
     """Wrap a message handler into a libp2p stream handler with all the defences."""
     from hexswarm.net.ratelimit import PeerRateLimiter, PeerSlots
 
     limiter = trio.CapacityLimiter(max_concurrent)
     per_peer = PeerRateLimiter(rate_per_peer, 2 * rate_per_peer)
-    per_peer_open = PeerSlots(max(1, max_concurrent // 4))
+    # one peer holds at most this many of the protocol's streams at once (default: a quarter)
+    per_peer_open = PeerSlots(max_per_peer or max(1, max_concurrent // 4))
 
     async def answer(stream, envelope: dict) -> None:
         await write_frame(stream, envelope, timeout=read_timeout, max_size=max_reply)

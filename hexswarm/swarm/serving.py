@@ -26,7 +26,7 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.source import model_fingerprint
-from hexswarm.net.protocols import BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
+from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
@@ -48,8 +48,8 @@ def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, Sw
     """("propose" | "commit", layout) from a sealed layout message; ProtocolError when it is not
     signed by the layout's own head, altered, malformed, or for another model."""
     obj, signer = open_sealed(msg, LAYOUT_DOMAIN)
-    if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit"):
-        raise ProtocolError("layout message of unknown type")
+    if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit") or "layout" not in obj:
+        raise ProtocolError("layout message of unknown type, or without a layout")
     layout = SwarmLayout.from_wire(obj["layout"], n_layers)
     if signer != layout.head:
         raise ProtocolError(f"layout signed by {signer}, not by its head {layout.head}")
@@ -119,7 +119,8 @@ class Server:
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("events", self._events_to_entry)
             self.pipe.on("done", self._to_entry)
-            self.node.register_handler(DISPATCH, self._on_dispatch)
+            # an entry waits on many placements at once (up to its max_queue): no per-peer share here
+            self.node.register_handler(DISPATCH, self._on_dispatch, max_per_peer=DEFAULT_MAX_CONCURRENT)
             self.node.register_handler(LAYOUT, self._on_layout_request)
             self.node.register_handler(STATUS, self._on_status, access="clients")
             # traces name every stage's peer and timings: in an owned swarm a client reads only its own
