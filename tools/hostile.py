@@ -31,7 +31,8 @@ from hexswarm.net.protocols import (
     DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, TRACE, reset_quietly,
 )
 
-REPLY_TIMEOUT_S = 8.0
+# longer than a node's own read timeout (10 s): silence past it is a hang, not a slow loaded machine
+REPLY_TIMEOUT_S = 20.0
 
 # values of every type the codec carries, edge numbers first; ints stay inside msgpack's range
 WRONG_VALUES: list[Any] = [

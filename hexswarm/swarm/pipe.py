@@ -159,8 +159,12 @@ class MessagePipe:
 
         from hexswarm.net.host import parse_peer_id
 
+        peer_id = parse_peer_id(peer)
+        # py-libp2p refuses a peer for 60 s after a failed dial (its negative cache): a stage peer that
+        # restarted would get no pipe for a minute (seen in tools/chaos.py)
+        self.node.host.get_network().unblock_peer(peer_id)
         with trio.fail_after(10):
-            return await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)])
+            return await self.node.host.new_stream(peer_id, [TProtocol(PIPE)])
 
     async def _open_direct(self, peer: str):
         """A direct connection to peer, or None (then the libp2p stream carries the frames)."""
