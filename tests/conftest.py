@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,3 +46,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subpro
         [sys.executable, "-m", "hexswarm", *args],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
     )
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module (the tools are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

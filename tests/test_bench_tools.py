@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_tool
 
 
 def test_bench_gpu_tiny_cpu_runs_every_measurement(tmp_path, capsys):
-    bench = _load("bench_gpu")
+    bench = load_tool("bench_gpu")
     out = tmp_path / "bench.json"
     res = bench.main(["--device", "cpu", "--tiny", "--json", str(out)])
     assert not res.get("errors"), res.get("errors")
@@ -44,7 +33,7 @@ def test_bench_gpu_tiny_cpu_runs_every_measurement(tmp_path, capsys):
 
 def test_checkpoint_maker_writes_a_loadable_7b_shaped_model(tmp_path):
     """The GPU run's checkpoint maker, at one layer and on CPU: config and shapes as Llama-2-7B."""
-    bench = _load("bench_gpu")
+    bench = load_tool("bench_gpu")
     from safetensors import safe_open
 
     d = bench.make_llama_checkpoint(tmp_path / "m", layers=1, device=torch.device("cpu"), files=3)
@@ -58,7 +47,7 @@ def test_checkpoint_maker_writes_a_loadable_7b_shaped_model(tmp_path):
 
 
 def test_bench_hop_quick_measures_both_transports():
-    hop = _load("bench_hop")
+    hop = load_tool("bench_hop")
     res = hop.main(["--quick"])
     assert set(res["rows"]) == {"decode b=1", "decode b=32", "prefill 512"}
     for row in res["rows"].values():
@@ -71,7 +60,7 @@ def test_bench_hop_quick_measures_both_transports():
 def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
     """tools/bench_serve.py on CPU: tiny model, one stage, concurrency 1 and 4, a few tokens.
     Sane positive numbers for every row and ratio; no timing asserts."""
-    bench = _load("bench_serve")
+    bench = load_tool("bench_serve")
     out = tmp_path / "serve.json"
     res = bench.main(["--tiny", "--device", "cpu", "--stages", "1", "--concurrency", "1,4", "--new-tokens", "6",
                       "--requests-per-level", "4", "--client-procs", "2", "--engine-batches", "1",
@@ -97,7 +86,7 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
 
 
 def test_exact_prompt_has_the_asked_token_count(tiny_model):
-    bench = _load("bench_serve")
+    bench = load_tool("bench_serve")
     from hexswarm.model.config import LlamaConfig
     from hexswarm.runtime.tokenizer import TextTokenizer
 
@@ -110,7 +99,7 @@ def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
     from hexswarm.model.smollm2 import smollm2_path
 
     smollm2_path(install=True)
-    bench = _load("bench_quant")
+    bench = load_tool("bench_quant")
     out = tmp_path / "quant.json"
     res = bench.main(["--device", "cpu", "--tiny", "--json", str(out)])
     for mode in ("bf16", "int8", "int4"):

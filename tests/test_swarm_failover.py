@@ -124,9 +124,10 @@ def _tp_followers_of(node) -> list[int]:
     return out
 
 
-def test_a_stage_whose_follower_dies_is_taken_out_and_requests_complete(tiny_model, tmp_path):
-    """Issue 13: a TP follower that dies fails its stage; the stage reports it in its record, the head
-    stops placing requests on that replica and plans a new epoch, the entries resume: nothing is lost."""
+def test_a_stage_whose_follower_dies_while_idle_is_taken_out_and_requests_complete(tiny_model, tmp_path):
+    """Issue 13: a TP follower that dies while its stage is idle fails the stage at once (not at the next
+    request): the stage reports it in its record, the head plans a new epoch without waiting for traffic,
+    and requests sent afterwards complete, token for token."""
     import os
 
     sw = LocalSwarm(tmp_path, tiny_model, [2, 1], serve_layout={"hetero_config": [2, 1], "pp_partition": [2, 2],
@@ -140,12 +141,12 @@ def test_a_stage_whose_follower_dies_is_taken_out_and_requests_complete(tiny_mod
         assert followers, "no TP follower process found: the test proves nothing"
         for pid in followers:
             os.kill(pid, signal.SIGKILL)
+        # no request is sent: only the idle check can notice the dead follower
+        assert sw.wait_layout(60, min_epoch=st["layout"]["epoch"] + 1)["layout"]["epoch"] > st["layout"]["epoch"]
         jobs = [(sw.nodes[i % 2].addr, {"prompt": p, "max_new_tokens": 12, "stream": True})
                 for i, p in enumerate(PROMPTS[:4])]
         results, frames, started = [None] * 4, [[] for _ in range(4)], threading.Event()
         run_streaming(jobs, results, frames, started)
         check_exactly_once(jobs, results, frames, tiny_model, 12)
-        assert any(r["done"]["attempts"] > 1 for r in results), "no request met the failed stage"
-        assert sw.wait_layout(60, min_epoch=st["layout"]["epoch"] + 1)["layout"]["epoch"] > st["layout"]["epoch"]
     finally:
         sw.stop()

@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Chaos run: a local swarm under a stream of requests while peers are killed (SIGKILL, then
-restarted) or frozen (SIGSTOP, then SIGCONT) on a schedule.
+restarted) or frozen (SIGSTOP, then SIGCONT) on a schedule, with hostile peers sending garbage.
 
-    python tools/chaos.py [--nodes 2,1,2,1] [--duration 60] [--rate 2] [--every 8] [--seed 0] [--json]
+    python tools/chaos.py [--nodes 2,1,2,1] [--duration 60] [--rate 2] [--every 8] [--seed 0] [--hostile] [--json]
 
+Faults take turns among the current head, a node serving a TP-2 stage, and any node (the first
+node too: its restart bootstraps from a live peer).  With --hostile the swarm has an owner, and an
+admitted node and a stranger (tools/hostile.py) send mutated messages of every protocol all along.
 Reports requests accepted, completed, correct (token for token equal to an uninterrupted
-`generate`), lost (accepted, never completed), duplicated (a token index delivered twice or
-a streamed sequence that differs from the final one), and refused (a clear error such as busy).
-Traffic stays on 127.0.0.1.
+`generate`), wrong (completed, other tokens), lost (accepted, never completed), duplicated (a
+token index delivered twice or a streamed sequence that differs from the final one), refused (a
+clear error such as busy), and what the hostile senders saw.  Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import signal
 import sys
@@ -23,13 +27,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tools/hostile.py
 
 import trio  # noqa: E402
 
 from hexswarm.errors import UserError  # noqa: E402
+from hexswarm.model.config import LlamaConfig  # noqa: E402
+from hexswarm.net import codec  # noqa: E402
+from hexswarm.net.identity import generate as generate_identity  # noqa: E402
 from hexswarm.model.tiny import make_tiny_llama  # noqa: E402
 from hexswarm.runtime.offline import GenerateJob, generate  # noqa: E402
-from hexswarm.swarm.launcher import LocalSwarm  # noqa: E402
+from hexswarm.swarm.launcher import LocalSwarm, peer_id_of  # noqa: E402
 from hexswarm.swarm.submit import submit_with_failover  # noqa: E402
 
 PROMPTS = ["Hello, world!", "Once upon a time", "The quick brown fox", "0123456789", "Pipeline stages"]
@@ -60,23 +68,128 @@ def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally) -> None
     tally.add(rec)
 
 
+def victim_for(turn: int, swarm: LocalSwarm, rng: random.Random):
+    """Turns: the head, a node serving a TP-2 stage, any node (None when the role has no live node)."""
+    live = [n for n in swarm.nodes if n.alive()]
+    role = ("head", "tp2", "any")[turn % 3]
+    if role == "any":
+        return role, rng.choice(live)
+    for node in rng.sample(live, len(live)):
+        try:
+            st = swarm.status(node, timeout=3.0)
+        except Exception:
+            continue
+        if role == "head":
+            peers = {st["head"]}
+        else:
+            peers = {s["peer"] for r in (st["layout"] or {}).get("replicas", []) for s in r if s["tp"] == 2}
+        chosen = [n for n in live if n.peer_id in peers]
+        if chosen:
+            return role, chosen[0]
+    return role, None
+
+
 def chaos(swarm: LocalSwarm, stop: threading.Event, every: float, rng: random.Random, events: list) -> None:
-    """Every `every` s one node (never the first: the bootstrap) is killed or frozen, and brought back."""
+    """Every `every` s one node is killed or frozen (head, TP-2 stage, any: in turn), and brought back."""
+    turn = 0
     while not stop.wait(every):
-        victim = rng.choice(swarm.nodes[1:])
+        role, victim = victim_for(turn, swarm, rng)
+        turn += 1
+        if victim is None:
+            events.append((round(time.monotonic(), 1), "skip", role))
+            continue
+        tag = f"{role}:{victim.peer_id[:16]}"
         if rng.random() < 0.5:
             victim.kill(signal.SIGKILL)
-            events.append((round(time.monotonic(), 1), "SIGKILL", victim.peer_id[:16]))
+            events.append((round(time.monotonic(), 1), "SIGKILL", tag))
             if stop.wait(every / 2):
                 break
-            victim.start([swarm.nodes[0].addr])
-            events.append((round(time.monotonic(), 1), "restart", victim.peer_id[:16]))
+            boot = [a for a in live_addrs(swarm) if victim.peer_id not in a]
+            victim.start(boot[:2])
+            victim.wait_listening()
+            events.append((round(time.monotonic(), 1), "restart", tag))
         else:
             victim.kill(signal.SIGSTOP)
-            events.append((round(time.monotonic(), 1), "SIGSTOP", victim.peer_id[:16]))
+            events.append((round(time.monotonic(), 1), "SIGSTOP", tag))
             stop.wait(every / 2)
             victim.kill(signal.SIGCONT)
-            events.append((round(time.monotonic(), 1), "SIGCONT", victim.peer_id[:16]))
+            events.append((round(time.monotonic(), 1), "SIGCONT", tag))
+
+
+class HostileSenders:
+    """An admitted node and a stranger (tools/hostile.py) sending mutated messages of every kind to
+    every live node, until stopped; counts what they sent and what came back."""
+
+    def __init__(self, swarm: LocalSwarm, folder: Path, hidden: int, seed: int):
+        import hostile
+
+        self.h, self.swarm, self.rng = hostile, swarm, random.Random(seed)
+        self.stats = {"sent": 0, "internal_errors": 0, "unanswered": 0, "examples": []}
+        cfg = hostile.attacker_config(folder, "insider", swarm.swarm)
+        cfg = hostile.attacker_config(folder, "insider", swarm.swarm, swarm.owner.peer_id.to_base58(),
+                                      swarm.certificate(peer_id_of(cfg)))
+        fake = LocalSwarm(folder / "fake", swarm.model_dir, [], swarm=swarm.swarm, owner=generate_identity())
+        stranger = hostile.attacker_config(folder, "stranger", swarm.swarm)
+        stranger = hostile.attacker_config(folder, "stranger", swarm.swarm, fake.owner.peer_id.to_base58(),
+                                           fake.certificate(peer_id_of(stranger)))
+        boot = live_addrs(swarm)[:2]
+        self.attackers = [hostile.AttackerThread(c, boot) for c in (cfg, stranger)]
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # the attackers' dials to killed nodes
+        self.hidden = hidden
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            live = [n for n in self.swarm.nodes if n.alive()]
+            try:
+                st = self.swarm.status(self.rng.choice(live), timeout=3.0)
+            except Exception:
+                stop.wait(1.0)
+                continue
+            if st.get("layout") is None:
+                stop.wait(1.0)
+                continue
+            for a in self.attackers:
+                sender = self.h.Hostile(a.node, self.h.Target.from_status(st, self.hidden, a.node.peer_id_str))
+                try:
+                    a.call(sender.barrage, [(n.peer_id, "127.0.0.1") for n in live], lambda: self.h.random_ops(self.rng))
+                except self.h.Finding as e:
+                    key = "internal_errors" if "internal error" in str(e) else "unanswered"
+                    self.stats[key] += 1
+                    if key == "internal_errors" and len(self.stats["examples"]) < 5:
+                        self.stats["examples"].append(str(e)[:300])
+                except Exception as e:  # the attacker's own connection trouble (a frozen or killed node)
+                    log_once(f"hostile sender: {type(e).__name__}: {e}")
+                self.stats["sent"] += sender.sent
+
+    def close(self) -> None:
+        for a in self.attackers:
+            a.close()
+
+
+def live_addrs(swarm: LocalSwarm) -> list[str]:
+    """Addresses of the nodes running and listening now."""
+    out = []
+    for n in swarm.nodes:
+        try:
+            if n.alive():
+                out.append(n.addr)
+        except RuntimeError:  # restarted, not listening yet
+            pass
+    return out
+
+
+_logged: set[str] = set()
+
+
+def log_once(line: str) -> None:
+    if line[:80] not in _logged:
+        _logged.add(line[:80])
+        print(line[:300], file=sys.stderr)
+
+
+def tracebacks(swarm: LocalSwarm) -> int:
+    """Tracebacks and unexpected-error lines in every node's log (each one a bug)."""
+    return sum(n.log().count("Traceback") + n.log().count(" unexpected ") for n in swarm.nodes)
 
 
 def main() -> int:
@@ -88,24 +201,34 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=8.0, help="seconds between faults")
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hostile", action="store_true", help="an owned swarm, with hostile senders beside the faults")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     work = Path(tempfile.mkdtemp(prefix="hexswarm-chaos-"))
     model = make_tiny_llama(work / "model")
-    swarm = LocalSwarm(work / "nodes", model, [int(n) for n in a.nodes.split(",")],
+    owner = generate_identity() if a.hostile else None
+    swarm = LocalSwarm(work / "nodes", model, [int(n) for n in a.nodes.split(",")], owner=owner,
                        serve_layout={"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": a.replicas})
+    if owner is not None:  # status queries and submissions as a client of the owner
+        client = generate_identity()
+        swarm.client = (client, codec.decode(swarm.certificate(client.peer_id.to_base58(), "client").read_bytes()))
     tally, events, threads = Tally(), [], []
     stop = threading.Event()
+    senders = None
+    t_start = time.time()
     try:
         swarm.start()
         swarm.wait_layout(120)
-        addrs = [n.addr for n in swarm.nodes]
+        if a.hostile:
+            senders = HostileSenders(swarm, work / "hostile", LlamaConfig.from_dir(model).hidden_size, a.seed)
+            threading.Thread(target=senders.run, args=(stop,), daemon=True).start()
         fault = threading.Thread(target=chaos, args=(swarm, stop, a.every, rng, events), daemon=True)
         fault.start()
         t_end = time.monotonic() + a.duration
         i = 0
         while time.monotonic() < t_end:
+            addrs = live_addrs(swarm)  # a restarted node listens on a new port
             entry_order = rng.sample(addrs, len(addrs))
             t = threading.Thread(target=one_request, args=(i, entry_order, a.new_tokens, tally), daemon=True)
             t.start()
@@ -116,15 +239,22 @@ def main() -> int:
         fault.join()
         for t in threads:
             t.join(300)
+        # a node the schedule killed last may not be restarted yet; any other exit is a crash
+        survived = all(n.alive() or n.proc.returncode == -signal.SIGKILL for n in swarm.nodes)
+        bugs = tracebacks(swarm)
     finally:
         stop.set()
+        if senders is not None:
+            senders.close()
         for node in swarm.nodes:
             if node.alive():
                 node.kill(signal.SIGCONT)
         swarm.stop()
     refs: dict[str, list[int]] = {}
-    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "lost": 0,
-              "duplicated": 0, "refused": 0, "faults": events, "errors": {}}
+    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0,
+              "duplicated": 0, "refused": 0, "nodes_alive_at_end": survived, "log_tracebacks": bugs,
+              "seconds": round(time.time() - t_start), "hostile": senders.stats if senders else None,
+              "faults": events, "errors": {}}
     for rec in tally.records:
         final = rec["final"] or {}
         done = final.get("done")
@@ -136,6 +266,7 @@ def main() -> int:
                 refs[rec["prompt"]] = generate(GenerateJob(model_dir=str(model), prompt=rec["prompt"],
                                                            max_new_tokens=a.new_tokens))["tokens"]
             report["correct"] += done["tokens"] == refs[rec["prompt"]]
+            report["wrong"] += done["tokens"] != refs[rec["prompt"]]
             idx = [k for k, _ in rec["streamed"]]
             if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
                 report["duplicated"] += 1
@@ -152,7 +283,8 @@ def main() -> int:
         print(f"    faults: {len(events)}: " + ", ".join(f"{e[1]} {e[2]}" for e in events))
         for why, n in report["errors"].items():
             print(f"    {n} x {why}")
-    return 0 if report["lost"] == 0 and report["duplicated"] == 0 and report["correct"] == report["completed"] else 1
+    clean = report["lost"] == 0 and report["duplicated"] == 0 and report["wrong"] == 0 and survived and bugs == 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

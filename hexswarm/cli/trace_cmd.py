@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import typer
 
@@ -11,14 +12,19 @@ def trace(
     request_id: str = typer.Argument(..., help="the request id (`submit --json` prints it)"),
     peer: str = typer.Option(..., "--peer", help="the node the request entered through"),
     as_json: bool = typer.Option(False, "--json"),
+    key: Optional[str] = typer.Option(None, "--key", help="the key the request was submitted with (with --cert)"),
+    cert: Optional[str] = typer.Option(None, "--cert", help="client certificate from `hexswarm admit --client`"),
 ) -> None:
     """Show each stage a request crossed: peer, steps, queue, compute and inbound network time."""
     import trio
 
+    from hexswarm.cli.submit_cmd import client_credentials
     from hexswarm.net.client import ask
     from hexswarm.net.protocols import TRACE
 
-    reply = trio.run(ask, peer, TRACE, {"rid": request_id})
+    identity, certificate = client_credentials(key, cert)
+    msg = {"rid": request_id} if certificate is None else {"rid": request_id, "cert": certificate}
+    reply = trio.run(ask, peer, TRACE, msg, 10.0, identity)
     if as_json:
         print(json.dumps(reply))
         return

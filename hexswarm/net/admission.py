@@ -6,7 +6,7 @@ swarm that names an owner (`swarm_owner`, the owner key's PeerID) presents its
 certificate in every inventory record; peers verify it before the record enters
 their table, and until then refuse that peer on every hexswarm protocol and
 drop its gossip.  The role counts: a "client" certificate (`hexswarm admit --client`)
-lets a peer submit and read status, never use node-to-node protocols.
+lets a peer submit, read status and its own traces, never use node-to-node protocols.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Any failure falls back to the libp2p stream.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import struct
@@ -25,13 +26,15 @@ from typing import Any, Callable
 import trio
 
 from hexswarm.errors import ProtocolError
-from hexswarm.net import codec
+from hexswarm.net import codec, failures
 from hexswarm.net.protocols import DIRECT
+from hexswarm.net.ratelimit import PeerSlots
 
 log = logging.getLogger("hexswarm.direct")
 
 TICKET_BYTES = 16
 TICKET_TTL_S = 30.0
+MAX_PER_PEER = 4  # tickets outstanding and connections open per peer: one link per pair, plus overlap
 HEADER = struct.Struct(">I")
 TAG_BYTES = 16
 
@@ -103,7 +106,7 @@ class DirectOpener:
     async def read(self, stream) -> Any:
         from cryptography.exceptions import InvalidTag
 
-        (n,) = HEADER.unpack(await read_exactly(stream, HEADER.size))  # idle links wait as long as they like
+        (n,) = HEADER.unpack(await read_exactly(stream, HEADER.size))  # the caller bounds idle time
         if not TAG_BYTES <= n <= self.max_frame + TAG_BYTES:
             raise ProtocolError(f"direct frame of {n} bytes")
         with trio.fail_after(self.body_timeout):
@@ -119,13 +122,16 @@ class DirectOpener:
 class DirectReceiver:
     """This node's direct listener: hands out tickets, accepts ticketed connections, delivers frames."""
 
-    def __init__(self, node, deliver: Callable[[dict, str], None], max_frame: int, body_timeout: float):
+    def __init__(self, node, deliver: Callable[[dict, str], None], max_frame: int, body_timeout: float,
+                 idle_s: float = math.inf):
         self.node = node
         self.deliver = deliver
         self.max_frame = max_frame
         self.body_timeout = body_timeout
+        self.idle_s = idle_s  # a connection silent this long is closed (its sender closes idle ones sooner)
         self.port: int | None = None
         self._tickets: dict[bytes, tuple[str, bytes, float]] = {}  # ticket -> (peer, key, issued)
+        self._open = PeerSlots(MAX_PER_PEER)
 
     async def run(self, listen_ip: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=listen_ip)
@@ -138,21 +144,26 @@ class DirectReceiver:
         now = time.monotonic()
         for t in [t for t, (_, _, at) in self._tickets.items() if now - at > TICKET_TTL_S]:
             del self._tickets[t]
+        theirs = [t for t, (p, _, _) in self._tickets.items() if p == str(remote)]
+        for t in theirs[: max(0, len(theirs) - MAX_PER_PEER + 1)]:  # the oldest go: a peer holds a few at most
+            del self._tickets[t]
         ticket, key = os.urandom(TICKET_BYTES), os.urandom(32)
         self._tickets[ticket] = (str(remote), key, now)
         return {"port": self.port, "key": key, "ticket": ticket}
 
     async def _on_connection(self, stream: trio.SocketStream) -> None:
+        peer = None
         try:
             with trio.fail_after(5):
                 ticket = await read_exactly(stream, TICKET_BYTES)
             entry = self._tickets.pop(ticket, None)
-            if entry is None:
+            if entry is None or not self._open.acquire(entry[0]):
                 return
             peer, key, _ = entry
             opener = DirectOpener(key, self.max_frame, self.body_timeout)
             while True:
-                msg = await opener.read(stream)
+                with trio.fail_after(self.idle_s):
+                    msg = await opener.read(stream)
                 if not self.node.is_allowed(peer):
                     raise ProtocolError(f"{peer} is no longer allowed")
                 if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
@@ -161,7 +172,9 @@ class DirectReceiver:
         except (ProtocolError, trio.TooSlowError, OSError, trio.BrokenResourceError) as e:
             log.debug("direct connection ended: %s", e)
         except Exception as e:  # never past this connection: the listener's nursery would end the node
-            log.warning("direct connection failed: %s: %s", type(e).__name__, e)
+            failures.unexpected("direct", peer, e)
         finally:
+            if peer is not None:
+                self._open.release(peer)
             with trio.move_on_after(1):
                 await stream.aclose()

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import ProtocolError
-from hexswarm.net import codec
+from hexswarm.net import codec, failures
 from hexswarm.net.framing import DEFAULT_READ_TIMEOUT_S, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -115,21 +115,29 @@ def make_stream_handler(
     max_reply: int = codec.DEFAULT_MAX_FRAME,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     rate_per_peer: float = DEFAULT_RATE_PER_PEER,
+    max_per_peer: int | None = None,
 ) -> Callable[[Any], Awaitable[None]]:
     """Wrap a message handler into a libp2p stream handler with all the defences."""
-    from hexswarm.net.ratelimit import PeerRateLimiter
+    from hexswarm.net.ratelimit import PeerRateLimiter, PeerSlots
 
     limiter = trio.CapacityLimiter(max_concurrent)
     per_peer = PeerRateLimiter(rate_per_peer, 2 * rate_per_peer)
+    # one peer holds at most this many of the protocol's streams at once (default: a quarter)
+    per_peer_open = PeerSlots(max_per_peer or max(1, max_concurrent // 4))
 
     async def answer(stream, envelope: dict) -> None:
         await write_frame(stream, envelope, timeout=read_timeout, max_size=max_reply)
 
     async def on_stream(stream) -> None:
         remote = remote_peer_id(stream)
+        holds = False
         try:
             if allow is not None and not allow(remote):
                 await answer(stream, error_frame(FORBIDDEN, "peer not allowed"))
+                return
+            holds = per_peer_open.acquire(str(remote))
+            if not holds:  # one peer cannot take the whole protocol's share of streams
+                await answer(stream, error_frame(BUSY, f"{protocol}: {per_peer_open.limit} requests of yours in flight"))
                 return
             if not per_peer.allow(str(remote)):
                 await answer(stream, error_frame(BUSY, f"rate limit: retry after {per_peer.retry_after_s(str(remote)):.2f} s"))
@@ -157,7 +165,7 @@ def make_stream_handler(
                     await answer(stream, error_frame(BAD_REQUEST, f"{type(e).__name__}: {e}"))
                     return
                 except Exception as e:
-                    log.exception("%s handler failed for %s", protocol, remote)
+                    failures.unexpected(protocol, remote, e)
                     await answer(stream, error_frame(INTERNAL, f"{type(e).__name__}"))
                     return
                 try:
@@ -174,10 +182,12 @@ def make_stream_handler(
             # The peer went away or stalled while we answered: nothing left to tell it.
             log.debug("%s with %s ended: %s", protocol, remote, e)
             await reset_quietly(stream)
-        except Exception:
-            log.exception("%s stream with %s failed", protocol, remote)
+        except Exception as e:
+            failures.unexpected(protocol, remote, e)
             await reset_quietly(stream)
         finally:
+            if holds:
+                per_peer_open.release(str(remote))
             await close_quietly(stream)
 
     return on_stream

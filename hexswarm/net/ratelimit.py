@@ -1,4 +1,5 @@
-"""Per-peer token buckets: a peer may burst, then is held to a steady rate."""
+"""Per-peer bounds: token buckets (a peer may burst, then is held to a steady rate) and counts of
+what a peer holds open at once (streams, connections, tickets)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,28 @@ class PeerRateLimiter:
     def retry_after_s(self, peer: str) -> float:
         tokens, _ = self._buckets.get(peer, (self.burst, 0.0))
         return max(0.0, (1.0 - tokens) / self.rate)
+
+
+class PeerSlots:
+    """At most `limit` things open per peer at once; the table holds only peers with something open."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._open: dict[str, int] = {}
+
+    def acquire(self, peer: str) -> bool:
+        n = self._open.get(peer, 0)
+        if n >= self.limit:
+            return False
+        self._open[peer] = n + 1
+        return True
+
+    def release(self, peer: str) -> None:
+        n = self._open.get(peer, 0) - 1
+        if n > 0:
+            self._open[peer] = n
+        else:
+            self._open.pop(peer, None)
+
+    def held(self, peer: str) -> int:
+        return self._open.get(peer, 0)

@@ -288,6 +288,8 @@ class NodeConfig:
                                                             "(AutoNAT); not public: reserve slots on relays"))
     hole_punch: bool = field(default=True, metadata=_key(_bool, "upgrade relayed connections to direct ones (DCUtR)"))
     max_queue: int = field(default=256, metadata=_key(_positive_int, "requests this node accepts at once as an entry"))
+    pipe_idle_s: float = field(default=120.0, metadata=_key(_positive, "a pipeline link unused this long is closed by "
+                                                            "its sender (by its receiver after twice that)"))
     dispatch_wait_s: float = field(
         default=30.0, metadata=_key(_positive, "how long a request waits for a live pipeline before it is refused")
     )

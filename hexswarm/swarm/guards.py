@@ -1,9 +1,11 @@
-"""Checks on pipeline messages from peers before any of it reaches torch.
+"""Checks on every message a serving node gets from peers, before other code sees it.
 
-Every field a stage uses is checked for type and range, activations for dtype,
-shape and finiteness, and the sender against the peer the layout says the
-message must come from.  A message that fails is dropped (and logged); the
-request it belongs to is then resumed elsewhere by its entry node.
+Pipeline messages to a stage (start, forward, tokens, cancel): every field a stage uses is checked
+for type and range, activations for dtype and shape, and the sender against the peer the layout
+says the message must come from.  A message that fails is dropped (and logged); the request it
+belongs to is then resumed elsewhere by its entry node.  Messages to an entry (events, done) and the
+control requests (dispatch, layout, trace) are decoded into checked values (`check_*`, `read_*`):
+types, finiteness, integer ranges, lengths.  Anything that fails raises ProtocolError.
 """
 
 from __future__ import annotations
@@ -19,11 +21,28 @@ from hexswarm.swarm.layout import SwarmLayout
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STOP_STRINGS = 16
+MAX_RID = 128
+MAX_INT = 2**63 - 1  # epochs, attempts, indices: anything a peer may send that still fits an int64
 
 
 def _need(cond: bool, what: str) -> None:
     if not cond:
         raise ProtocolError(what)
+
+
+def _is_int(v: Any, lo: int = 0, hi: int = MAX_INT) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _rid(v: Any) -> str:
+    _need(isinstance(v, str) and 0 < len(v) <= MAX_RID, "request id: a string of 1 to 128 characters")
+    return v
+
+
+def check_address(v: Any, name: str = "to") -> list[int]:
+    """[epoch, replica, stage] of a stage."""
+    _need(isinstance(v, list) and len(v) == 3 and all(_is_int(i) for i in v), f"'{name}' must be [epoch, replica, stage]")
+    return v
 
 
 def _int_list(v: Any, name: str, n: int | None = None, lo: int = 0, hi: int | None = None) -> list[int]:
@@ -34,10 +53,16 @@ def _int_list(v: Any, name: str, n: int | None = None, lo: int = 0, hi: int | No
 
 
 def _sampling(spec: Any) -> None:
-    _need(isinstance(spec, dict) and isinstance(spec.get("step"), int) and spec["step"] >= 0, "sample spec")
+    _need(isinstance(spec, dict) and _is_int(spec.get("step")), "sample spec")
+    sampling_params(spec.get("params") or {})
+
+
+def sampling_params(params: Any) -> dict:
+    """Sampling parameters as the engine reads them (finite, in range)."""
+    _need(isinstance(params, dict), "sampling params: a map")
     try:
-        SamplingParams.from_dict(spec.get("params") or {})
-    except (UserError, TypeError, ValueError) as e:
+        return SamplingParams.from_dict(params).to_dict()
+    except (UserError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
         raise ProtocolError(f"sampling params: {e}") from None
 
 
@@ -101,3 +126,66 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         _need(isinstance(msg.get("rid"), str), "cancel rid")
     else:
         raise ProtocolError(f"unknown stage message {kind!r}")
+
+
+# ---- messages to an entry node (from a request's stage 0) -----------------------------------
+def check_events(msg: dict) -> list[dict]:
+    """The token items of an `events` message: {rid, attempt, index, token} each."""
+    items = msg.get("items")
+    _need(isinstance(items, list), "events: items is not a list")
+    if "to_stage0" in msg:
+        check_address(msg["to_stage0"], "to_stage0")
+    for it in items:
+        _need(isinstance(it, dict), "events: an item is not a map")
+        _rid(it.get("rid"))
+        _need(_is_int(it.get("attempt")) and _is_int(it.get("index")) and _is_int(it.get("token")),
+              "events: attempt, index and token are non-negative integers")
+    return items
+
+
+def check_done(msg: dict) -> dict:
+    """A `done` message: the finished request's tokens and timings, or an error."""
+    _rid(msg.get("rid"))
+    _need(_is_int(msg.get("attempt")), "done: attempt")
+    if "to_stage0" in msg:
+        check_address(msg["to_stage0"], "to_stage0")
+    if "error" in msg:
+        _need(isinstance(msg["error"], str), "done: error is not a string")
+        return msg
+    _int_list(msg.get("tokens"), "done: tokens")
+    _int_list(msg.get("prompt_tokens"), "done: prompt_tokens")
+    _need(isinstance(msg.get("text"), str) and isinstance(msg.get("finish_reason"), str), "done: text, finish_reason")
+    _need(isinstance(msg.get("timings"), dict), "done: timings")
+    return msg
+
+
+# ---- control requests ------------------------------------------------------------------------
+def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
+    """A request to place, from its entry node (the sender: a peer places only its own requests)."""
+    _need(isinstance(msg, dict), "dispatch: a map")
+    _need(msg.get("entry") == entry, "dispatch: the entry must be the sender")
+    ids = _int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
+    new = msg.get("max_new_tokens")
+    _need(_is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_len, "dispatch: lengths")
+    resume = _int_list(msg.get("resume_tokens") or [], "resume_tokens", None, 0, cfg.vocab_size)
+    _need(len(resume) <= new, "dispatch: more resume tokens than new tokens")
+    stop = msg.get("stop") or []
+    _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
+    _need(_is_int(msg.get("attempt"), 1, 2**31), "dispatch: attempt")
+    return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
+            "max_new_tokens": new, "stop": stop, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume}
+
+
+def read_layout_request(msg: Any) -> int | None:
+    """The epoch of a `ready` report, or None for a query of the committed layout."""
+    _need(isinstance(msg, dict), "layout: a map")
+    if "ready" not in msg:
+        return None
+    _need(_is_int(msg["ready"], 1), "layout: ready names an epoch")
+    return msg["ready"]
+
+
+def read_trace_request(msg: Any) -> tuple[str, bool]:
+    """(request id, only this node's spans?)"""
+    _need(isinstance(msg, dict), "trace: a map")
+    return _rid(msg.get("rid")), msg.get("local") is True

@@ -135,8 +135,10 @@ class LocalSwarm:
     """Several serving nodes on loopback, bootstrapped in a chain to the first."""
 
     def __init__(self, folder: Path, model_dir: Path, devices_per_node: Sequence[int], swarm: str = "local",
-                 serve_layout: dict | None = None, extra: dict | None = None):
+                 serve_layout: dict | None = None, extra: dict | None = None, owner=None):
         self.folder = Path(folder)
+        # the swarm owner's Identity: each node gets a node certificate from it (swarm_owner set)
+        self.owner = owner
         self.model_dir = Path(model_dir)
         self.nodes: list[NodeProcess] = []
         self.serve_layout = serve_layout
@@ -154,10 +156,28 @@ class LocalSwarm:
         if self.serve_layout:
             keys["serve_layout"] = self.serve_layout
         node = NodeProcess(write_node_config(self.folder, name, **keys))
+        if self.owner is not None:
+            self._certify(node)
         self.nodes.append(node)
         if start:
             node.start([self.nodes[0].addr] if len(self.nodes) > 1 else []).wait_listening()
         return node
+
+    def certificate(self, peer: str, role: str = "node", path: Path | None = None) -> Path:
+        """A certificate of this swarm's owner for `peer`, written to `path` (default: under the swarm's folder)."""
+        from hexswarm.net import codec
+        from hexswarm.net.admission import issue_certificate
+
+        path = path or self.folder / f"{peer}.{role}.cert"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(codec.encode(issue_certificate(self.owner, self.swarm, peer, role)))
+        return path
+
+    def _certify(self, node: NodeProcess) -> None:
+        cert = self.certificate(node.peer_id, path=node.config.parent / "node.cert")
+        data = yaml.safe_load(node.config.read_text())
+        data.update(swarm_owner=self.owner.peer_id.to_base58(), admission_cert=str(cert))
+        node.config.write_text(yaml.safe_dump(data))
 
     def start(self) -> "LocalSwarm":
         first, rest = self.nodes[0], self.nodes[1:]

@@ -56,7 +56,7 @@ class SwarmLayout:
                 replicas=tuple(tuple(StageAssignment.from_wire(s) for s in r) for r in d["replicas"]),
                 predicted=dict(d.get("predicted") or {}),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise ProtocolError(f"malformed layout: {type(e).__name__}: {e}") from None
         layout.check(n_layers)
         return layout

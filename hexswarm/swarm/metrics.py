@@ -21,6 +21,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from hexswarm.net import failures
+
 log = logging.getLogger("hexswarm.metrics")
 
 # seconds; Prometheus' default buckets stretched for CPU swarms and long prompts
@@ -250,6 +252,9 @@ class EntryMetrics:
                 callback=lambda: float(len(self.server.serving_view())) if self.server else 0.0)
         r.gauge("hexswarm_start_time_seconds", "Unix time this node's metrics started",
                 callback=lambda: self.started)
+        r.gauge("hexswarm_unexpected_errors", "Unexpected exceptions while handling peers' messages, per protocol, "
+                "since start (each closed its stream; hexswarm.net.failures)", ("protocol",),
+                callback=lambda: {(k,): float(v) for k, v in failures.COUNTS.items()})
         self.trace_fetches = 0
         self.trace_skipped = r.counter("hexswarm_trace_fetches_skipped_total", "Finished requests whose per-hop "
                                        "times were not fetched (too many fetches in flight)")

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import ProtocolError, UserError
-from hexswarm.net import codec
+from hexswarm.net import codec, failures
 from hexswarm.net.host import (
     DIAL_TIMEOUT_S,
     Backoff,
@@ -59,6 +59,7 @@ PROVIDE_INTERVAL_S = 60.0
 # (never pruned); we clear it on this period so memory stays bounded.
 GOSSIP_CACHE_PRUNE_S = 60.0
 UNREACHABLE_WARN_EVERY_S = 30.0
+MAX_DIAL_BACKOFF = 1024  # peers whose dial back-off is remembered; past that, only those still backing off
 
 
 class BootstrapFailed(UserError):
@@ -410,8 +411,8 @@ class Node:
                 await fn(codec.decode(message.data, MAX_GOSSIP_BYTES), publisher)
             except ProtocolError as e:
                 log.debug("dropped message on %s: %s", topic, e)
-            except Exception:
-                log.exception("handler for %s failed", topic)
+            except Exception as e:
+                failures.unexpected(f"gossip {topic}", publisher, e)
 
     async def _on_inventory(self, msg: Any, publisher: str) -> None:
         if publisher == self.peer_id_str:
@@ -531,6 +532,9 @@ class Node:
             _, backoff, _ = self._dial_backoff.get(peer_id, (0.0, None, []))
             backoff = backoff or Backoff(initial_s=1.0, max_s=30.0)
             self._dial_backoff[peer_id] = (trio.current_time() + backoff.next_delay(), backoff, addrs)
+            if len(self._dial_backoff) > MAX_DIAL_BACKOFF:  # discovery may name any number of peers
+                now = trio.current_time()
+                self._dial_backoff = {p: v for p, v in self._dial_backoff.items() if v[0] > now}
             log.debug("dial to discovered peer %s failed: %s", peer_id, e)
         finally:
             self._dialing.discard(peer_id)

@@ -13,29 +13,37 @@ hands each to the callback registered for that kind.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import trio
 
 from hexswarm.errors import ProtocolError
-from hexswarm.net import codec
+from hexswarm.net import codec, failures
 from hexswarm.net.framing import read_exactly, write_frame
 from hexswarm.net.protocols import PIPE, close_quietly, remote_peer_id, reset_quietly
+from hexswarm.net.ratelimit import PeerSlots
 
 log = logging.getLogger("hexswarm.pipe")
 
 MAX_PIPE_FRAME = 512 * 1024 * 1024  # a long prefill's activations
 BODY_TIMEOUT_S = 60.0
 QUEUE_DEPTH = 4096
+# A sender closes a link it has not used for IDLE_CLOSE_S (the next message opens a new one); a
+# receiver closes a link silent for twice that, so a silent peer holds no stream for ever and a
+# live sender is never cut mid-use.
+IDLE_CLOSE_S = 120.0
+MAX_INBOUND_PER_PEER = 4  # one link per peer pair, and a new one may overlap a closing one
 
 Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
 SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
 
 
 class MessagePipe:
-    def __init__(self, node, on_send_failed: SendFailed | None = None, direct: bool = False):
+    def __init__(self, node, on_send_failed: SendFailed | None = None, direct: bool = False,
+                 idle_close_s: float = IDLE_CLOSE_S):
         self.node = node
+        self.idle_close_s = idle_close_s
+        self._inbound = PeerSlots(MAX_INBOUND_PER_PEER)
         # pipeline frames over a direct AES-GCM TCP connection keyed over libp2p (net/direct.py)
         self.direct = direct
         self.receivers: dict[str, Receiver] = {}
@@ -57,7 +65,8 @@ class MessagePipe:
             if self.direct:
                 from hexswarm.net.direct import DirectReceiver
 
-                receiver = DirectReceiver(self.node, self._deliver, MAX_PIPE_FRAME, BODY_TIMEOUT_S)
+                receiver = DirectReceiver(self.node, self._deliver, MAX_PIPE_FRAME, BODY_TIMEOUT_S,
+                                          idle_s=2 * self.idle_close_s)
                 await nursery.start(receiver.run, first_ipv4(self.node.config.listen) or "127.0.0.1")
             task_status.started()
             await trio.sleep_forever()
@@ -98,7 +107,13 @@ class MessagePipe:
             sender = await self._open_direct(peer)
             if sender is None:
                 stream = await self._open_stream(peer)
-            async for msg in receive:
+            while True:
+                msg = None
+                with trio.move_on_after(self.idle_close_s):  # only the wait: never a write half done
+                    msg = await receive.receive()
+                if msg is None:
+                    self._retire_idle(peer, receive)
+                    return
                 pending = [msg]
                 if sender is not None:
                     await sender.send(msg, MAX_PIPE_FRAME)
@@ -115,20 +130,41 @@ class MessagePipe:
                 except (trio.WouldBlock, trio.EndOfChannel):
                     break
             if self.on_send_failed and pending:
-                self.on_send_failed(peer, pending)
+                try:
+                    self.on_send_failed(peer, pending)
+                except Exception as e:  # never past this task: the pipe's nursery would end the node
+                    failures.unexpected("pipe send-failure handler", peer, e)
         finally:
             if stream is not None:
                 await close_quietly(stream)
             if sender is not None:
                 await sender.aclose()
 
+    def _retire_idle(self, peer: str, receive: trio.MemoryReceiveChannel) -> None:
+        """Forget an idle link (its stream is closed by the caller); a message that raced in is re-sent
+        over a new one."""
+        if self._out.get(peer) is not None:
+            del self._out[peer]
+        late = []
+        while True:
+            try:
+                late.append(receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        for msg in late:
+            self._send_here(peer, msg)
+
     async def _open_stream(self, peer: str):
         from libp2p.custom_types import TProtocol
 
         from hexswarm.net.host import parse_peer_id
 
+        peer_id = parse_peer_id(peer)
+        # py-libp2p refuses a peer for 60 s after a failed dial (its negative cache): a stage peer that
+        # restarted would get no pipe for a minute (seen in tools/chaos.py)
+        self.node.host.get_network().unblock_peer(peer_id)
         with trio.fail_after(10):
-            return await self.node.host.new_stream(parse_peer_id(peer), [TProtocol(PIPE)])
+            return await self.node.host.new_stream(peer_id, [TProtocol(PIPE)])
 
     async def _open_direct(self, peer: str):
         """A direct connection to peer, or None (then the libp2p stream carries the frames)."""
@@ -156,12 +192,12 @@ class MessagePipe:
     # ---- receiving ----------------------------------------------------------------------
     async def _on_stream(self, stream) -> None:
         sender = str(remote_peer_id(stream))
-        if not self.node.is_allowed(sender):
+        if not self.node.is_allowed(sender) or not self._inbound.acquire(sender):
             await reset_quietly(stream)
             return
         try:
             while True:
-                header = await read_exactly(stream, codec.FRAME_HEADER.size, timeout=math.inf)
+                header = await read_exactly(stream, codec.FRAME_HEADER.size, timeout=2 * self.idle_close_s)
                 body = await read_exactly(stream, codec.frame_length(header, MAX_PIPE_FRAME), timeout=BODY_TIMEOUT_S)
                 msg = codec.decode(body, MAX_PIPE_FRAME)
                 if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
@@ -170,8 +206,9 @@ class MessagePipe:
         except ProtocolError as e:
             log.debug("pipe from %s ended: %s", sender, e)
         except Exception as e:
-            log.warning("pipe from %s failed: %s: %s", sender, type(e).__name__, e)
+            failures.unexpected("pipe", sender, e)
         finally:
+            self._inbound.release(sender)
             await reset_quietly(stream)
 
     def _deliver(self, msg: dict, sender: str) -> None:
@@ -182,8 +219,10 @@ class MessagePipe:
             return
         try:
             fn(msg, sender)
-        except Exception as e:  # a malformed message costs one log line, never the connection or the node
-            log.warning("bad %s message from %s: %s: %s", msg.get("kind"), sender, type(e).__name__, e)
+        except ProtocolError as e:  # a malformed message costs one log line, never the connection or the node
+            log.warning("bad %s message from %s: %s", msg.get("kind"), sender, e)
+        except Exception as e:
+            failures.unexpected(f"pipe {msg.get('kind')}", sender, e)
 
 
 def first_ipv4(addrs: list[str]) -> str | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.source import model_fingerprint
-from hexswarm.net.protocols import BUSY, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
+from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
 from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.pipe import MessagePipe
 from hexswarm.swarm.planning import PeerView, make_layout
@@ -40,14 +42,15 @@ NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
+START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
 
 
 def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, SwarmLayout]:
     """("propose" | "commit", layout) from a sealed layout message; ProtocolError when it is not
     signed by the layout's own head, altered, malformed, or for another model."""
     obj, signer = open_sealed(msg, LAYOUT_DOMAIN)
-    if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit"):
-        raise ProtocolError("layout message of unknown type")
+    if not isinstance(obj, dict) or obj.get("type") not in ("propose", "commit") or "layout" not in obj:
+        raise ProtocolError("layout message of unknown type, or without a layout")
     layout = SwarmLayout.from_wire(obj["layout"], n_layers)
     if signer != layout.head:
         raise ProtocolError(f"layout signed by {signer}, not by its head {layout.head}")
@@ -85,7 +88,8 @@ class Server:
         self.cfg = LlamaConfig.from_dir(settings.model_dir)
         self.tokenizer = TextTokenizer(settings.model_dir, self.cfg)
         self.model_id = model_fingerprint(settings.model_dir)
-        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path)
+        self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path,
+                                idle_close_s=node.config.pipe_idle_s)
         self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe)
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
@@ -99,6 +103,8 @@ class Server:
         # head: when it sent requests to each (epoch, replica), for those not yet in the stage-0 load reports
         self.recent_dispatch: dict[tuple[int, int], list[float]] = {}
         self.entries: dict[str, trio.MemorySendChannel] = {}  # entry: rid -> events channel
+        # stage 0: (entry, rid) -> the newest attempt started here, the oldest forgotten first
+        self._start_attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._nursery: trio.Nursery | None = None
         node.extra.update({"model": self.model_id, "serve": True})
         from hexswarm.swarm.submit import SubmitService
@@ -114,11 +120,12 @@ class Server:
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("events", self._events_to_entry)
             self.pipe.on("done", self._to_entry)
-            self.node.register_handler(DISPATCH, self._on_dispatch)
+            # an entry waits on many placements at once (up to its max_queue): no per-peer share here
+            self.node.register_handler(DISPATCH, self._on_dispatch, max_per_peer=DEFAULT_MAX_CONCURRENT)
             self.node.register_handler(LAYOUT, self._on_layout_request)
             self.node.register_handler(STATUS, self._on_status, access="clients")
-            # traces name every stage's peer and timings: nodes only in an owned swarm
-            self.node.register_handler(TRACE, self._on_trace, access="public")
+            # traces name every stage's peer and timings: in an owned swarm a client reads only its own
+            self.node.register_handler(TRACE, self._on_trace, access="clients")
             self.submit_service.register()
             await self.node.subscribe(self.node.topic("layout"), self._on_layout_gossip)
             nursery.start_soon(self._head_loop, nursery)
@@ -298,8 +305,9 @@ class Server:
                 await trio.sleep(min(0.5 * (attempt + 1), 5.0))
 
     async def _on_layout_request(self, msg: Any, remote: Any) -> dict:
-        if "ready" in msg:
-            self.mark_ready(int(msg["ready"]), str(remote))
+        epoch = read_layout_request(msg)
+        if epoch is not None:
+            self.mark_ready(epoch, str(remote))
             return {}
         return {"layout": None if self.committed is None else self.committed.to_wire(), "highest": self.highest_epoch}
 
@@ -320,10 +328,17 @@ class Server:
             # every record this node gossips carries its stage-0 loads (the head's queue view)
             self.node.extra["load"] = self.stages.loads()
             self.node.extra["slots"] = self.stages.slot_counts()
-            self.node.extra["failed"] = self.stages.failed()
+            self.node.extra["failed"] = self.failed_here()
             self._set_admit_limits()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
+
+    def failed_here(self) -> list[str]:
+        """"epoch:replica:stage" of this node's stages that stopped, or whose TP follower exited while the
+        stage sat idle (the engine only meets a dead follower at its next op; the record should say so now)."""
+        idle_dead = {f"{e}:{r}:{s}" for (e, r, s), w in list(self.stages.workers.items())
+                     if not getattr(getattr(w, "host", None), "followers_alive", lambda: True)()}
+        return sorted(set(self.stages.failed()) | idle_dead)
 
     def replica_slots(self, layout: SwarmLayout, replica: int) -> int | None:
         """The smallest KV slot count over a replica's stages (from this node's stages and the
@@ -363,7 +378,7 @@ class Server:
             for si, st in enumerate(replica):
                 key = f"{layout.epoch}:{ri}:{si}"
                 if st.peer == self.me:
-                    reported = self.stages.failed()
+                    reported = self.failed_here()
                 else:
                     entry = self.node.table.get(st.peer)
                     reported = entry.record.extra.get("failed") if entry else None
@@ -372,7 +387,7 @@ class Server:
         return out
 
     async def _on_dispatch(self, msg: Any, remote: Any) -> dict:
-        return await self.dispatch(msg)
+        return await self.dispatch(read_dispatch(msg, str(remote), self.cfg, self.settings.max_seq_len))
 
     async def dispatch(self, msg: dict) -> dict:
         """Place one request (head only); returns where it went."""
@@ -425,22 +440,38 @@ class Server:
 
     # ---- pipe routing ------------------------------------------------------------------------
     def _to_stage(self, msg: dict, sender: str) -> None:
+        if msg["kind"] == "start":
+            self._check_start(msg, sender)
         if not self.stages.route(msg, sender):
             log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
             if msg["kind"] == "start":
                 self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                               "error": f"stage {msg['to']} is not served by {self.me}"})
 
+    def _check_start(self, msg: dict, sender: str) -> None:
+        """A start comes from a head, and each (entry, request id) moves to a newer attempt: a replayed
+        attempt would meet the tokens of the one it replaces at stage 0 (seen killing the engine)."""
+        if sender != self.me and sender not in self.head_candidates(self.serving_view()):
+            raise ProtocolError(f"start from {sender}, which is not a head candidate")
+        key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
+        if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
+            raise ProtocolError("start: entry, rid and attempt")
+        if attempt <= self._start_attempts.get(key, 0):
+            raise ProtocolError(f"start of request {key[1]} repeats attempt {attempt}")
+        self._start_attempts[key] = attempt
+        self._start_attempts.move_to_end(key)
+        while len(self._start_attempts) > START_HISTORY:
+            self._start_attempts.popitem(last=False)
+
     def _events_to_entry(self, msg: dict, sender: str) -> None:
         """One stage-0 step's new tokens for requests that entered here: to each request's relay."""
-        items = msg["items"]
-        if not isinstance(items, list):
-            raise ProtocolError("events: items is not a list")
-        for item in items:
-            if isinstance(item, dict):
-                self._to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
+        for item in check_events(msg):
+            self._deliver_to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
 
     def _to_entry(self, msg: dict, sender: str) -> None:
+        self._deliver_to_entry(check_done(msg), sender)
+
+    def _deliver_to_entry(self, msg: dict, sender: str) -> None:
         msg["_sender"] = sender
         channel = self.entries.get(str(msg["rid"]))
         if channel is not None:
@@ -452,9 +483,9 @@ class Server:
     def _on_send_failed(self, peer: str, msgs: list[dict]) -> None:
         for msg in msgs:
             if msg.get("kind") == "start":
-                self._to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
-                                "error": f"stage 0 peer {peer} unreachable"}, self.me)
-            elif msg.get("kind") in ("events", "done"):
+                self._deliver_to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
+                                        "error": f"stage 0 peer {peer} unreachable"}, self.me)
+            elif msg.get("kind") in ("events", "done") and "to_stage0" in msg:
                 # the entry is gone: nobody will read these requests' tokens; stop computing them
                 for item in msg.get("items") or [msg]:
                     self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": item["rid"],
@@ -462,8 +493,10 @@ class Server:
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_trace(self, msg: Any, remote: Any) -> dict:
-        rid = str(msg["rid"])
-        if msg.get("local"):
+        rid, local = read_trace_request(msg)
+        if not self.node.is_allowed(remote) and (local or self.submit_service.submitters.get(rid) != str(remote)):
+            raise RemoteError(FORBIDDEN, "a client reads only the traces of requests it submitted")
+        if local:
             return {"spans": self.stages.spans(rid)}
         return await self.submit_service.trace(rid)
 

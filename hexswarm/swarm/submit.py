@@ -25,7 +25,9 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from hexswarm.errors import ProtocolError, UserError
+from hexswarm.errors import ProtocolError, UserError, first_leaf
+from hexswarm.net import failures
+from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
     BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
@@ -52,6 +54,9 @@ class SubmitService:
         self.server = server
         # rid -> where its attempts ran (for `hexswarm trace`); the oldest are forgotten first
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
+        # rid -> the peer that submitted it over libp2p (a client may read its own traces), as long as history
+        self.submitters: OrderedDict[str, str] = OrderedDict()
+        self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
         # API's metrics) wraps it, and calls `serve` itself for its own requests
         self.p2p_serve = self.serve
@@ -189,12 +194,24 @@ class SubmitService:
         finally:
             server.entries.pop(rid, None)
 
+    def _note_submitter(self, rid: str, peer: str) -> None:
+        self.submitters[rid] = peer
+        self.submitters.move_to_end(rid)
+        while len(self.submitters) > HISTORY:
+            self.submitters.popitem(last=False)
+
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
         if self.server.node.config.require_client_cert:
             self.server.node.admit_client(remote, msg)
 
     async def _on_stream(self, stream) -> None:
+        peer = str(remote_peer_id(stream))
+        if not self.open_streams.acquire(peer):  # one client cannot hold more streams than the node accepts
+            await write_frame(stream, error_frame(BUSY, f"busy: {self.open_streams.limit} submit streams of yours "
+                                                        "are open; retry after 1 s"))
+            await close_quietly(stream)
+            return
         try:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
@@ -209,6 +226,8 @@ class SubmitService:
                 writer = FrameWriter(stream, work)  # token frames queued during a write go out together
 
                 async def emit(frame: dict) -> None:
+                    if "accepted" in frame:
+                        self._note_submitter(frame["accepted"]["request_id"], peer)
                     writer.put(frame)
 
                 async with trio.open_nursery() as nursery:
@@ -223,9 +242,10 @@ class SubmitService:
             log.debug("submit stream ended: %s", e)
             await reset_quietly(stream)
         except Exception as e:  # one line and this stream closed; never the node
-            log.warning("submit stream failed: %s: %s", type(e).__name__, e)
+            failures.unexpected("submit", peer, first_leaf(e))
             await reset_quietly(stream)
         finally:
+            self.open_streams.release(peer)
             await close_quietly(stream)
 
     def _pipeline_alive(self, placement: dict) -> bool:
