@@ -105,3 +105,26 @@ def test_a_step_with_non_finite_activations_is_dropped_and_the_stage_goes_on(tin
     assert "dropped a forward step with non-finite activations from s0" in caplog.text
     ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[1], max_new_tokens=5))
     assert results["r0"]["tokens"] == ref["tokens"]
+
+
+def test_a_newer_attempt_taking_an_id_back_mid_step_is_served_as_generate(tiny_model):
+    """Chaos found it (issue 13): stage 0 counted an in-flight step of a replaced attempt against the new
+    attempt of the same request id, and the engine died in _schedule / _input_ids.  Here attempts replace each
+    other while their steps are in flight on a 3-stage pipeline; the last attempt is served as `generate` does."""
+    pipe = LocalPipeline(tiny_model, [(1, 1), (1, 2), (1, 1)], settings=EngineSettings(max_step_tokens=4, micro_batches=3))
+    ids = pipe.tokenizer.encode(PROMPTS[2])
+    try:
+        for attempt in range(8):
+            pipe.first.submit({"kind": "start", "rid": "r", "prompt_ids": ids, "params": {}, "max_new_tokens": 12,
+                               "stop": [], "entry": "entry", "attempt": attempt})
+            deadline = time.monotonic() + 5
+            while attempt < 7 and not pipe.forward_rows and time.monotonic() < deadline:
+                time.sleep(0.001)  # a step of this attempt is on its way before the next one takes the id
+            pipe.forward_rows.clear()
+        results = pipe.wait(1, timeout=60)
+    finally:
+        pipe.close()
+    assert pipe.first.error is None
+    assert results["r"]["attempt"] == 7
+    ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[2], max_new_tokens=12))
+    assert results["r"]["tokens"] == ref["tokens"]

@@ -144,7 +144,9 @@ class StageEngine:
         # the serving layer once it knows them; slots of different stages are sized apart)
         self.admit_limit = host.spec.n_slots
         self.spans = SpanLog()
-        self._steps: OrderedDict[int, tuple[float, list[str]]] = OrderedDict()  # in flight: id -> (sent, rids)
+        # in flight: id -> (sent, the requests of its rows).  The request objects, not their ids: an id taken
+        # back by a newer attempt while an old attempt's step is in flight must not count that step as its own
+        self._steps: OrderedDict[int, tuple[float, list[ActiveRequest]]] = OrderedDict()
         self._next_step = 0
         # A one-stage pipeline on CUDA launches step k+1 (fed with step k's tokens on the device)
         # before it reads step k's tokens, so the host's bookkeeping overlaps the GPU's work.
@@ -296,14 +298,13 @@ class StageEngine:
     def _expire_steps(self) -> None:
         now = time.monotonic()
         while self._steps:
-            sid, (sent, rids) = next(iter(self._steps.items()))
+            sid, (sent, reqs) = next(iter(self._steps.items()))
             if now - sent < STEP_EXPIRY_S:
                 return
             del self._steps[sid]
-            for rid in rids:
-                if rid in self.requests:
-                    self.requests[rid].in_flight = 0
-                    self.requests[rid].pending = 0
+            for req in reqs:
+                req.in_flight = 0
+                req.pending = 0
 
     def _schedule(self) -> list[Row]:
         """Decode rows first (each running request whose token is back, or on the device), then
@@ -359,7 +360,7 @@ class StageEngine:
         self._record_spans(rows, arrivals, queued, dt)
         sid = self._next_step
         self._next_step += 1
-        self._steps[sid] = (time.monotonic(), [r.req.rid for r in rows])
+        self._steps[sid] = (time.monotonic(), [r.req for r in rows])
         self._send_step(self.route.next_peer, {
             "kind": "forward", "steps": [sid], "rows": [[r.req.slot, r.start, r.n] for r in rows],
             "rids": [r.req.rid for r in rows],
@@ -434,7 +435,7 @@ class StageEngine:
         for sid in m.get("steps", []):
             entry = self._steps.pop(sid, None)
             if entry is not None:
-                reqs += [self.requests[rid] for rid in entry[1] if rid in self.requests]
+                reqs += [req for req in entry[1] if self.requests.get(req.rid) is req]
         for req in reqs:
             req.arrival = m
         self._tokens_back(reqs, m["items"], m.get("t", []), events)
