@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import load_tool
+from conftest import REPO, load_tool
 
 
 def test_bench_gpu_tiny_cpu_runs_every_measurement(tmp_path, capsys):
@@ -118,7 +118,7 @@ def test_tune_quant_table_takes_the_faster_path_and_rewrites_only_the_tuned_bloc
     first bucket where dequantize + cuBLAS was faster, and --apply's rewrite of the table."""
     import ast
 
-    tune = _load("tune_quant")
+    tune = load_tool("tune_quant")
     cfg = lambda n: [16, n, 8, 2, 4, 1]  # noqa: E731
     res = {"env": {"gpu": "GPU X", "date": "today", "torch": "t", "triton": "tr"},
            "results": {"int4/1": {"config": [1, 32, 8, 2, 4, 1], "us": 10.0},
