@@ -41,6 +41,7 @@ LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
+REPROPOSE_S = 5.0  # a proposal is published again this often until every assigned peer is ready
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
 
@@ -96,6 +97,7 @@ class Server:
         self.highest_epoch = 0
         # head: epoch -> (its proposal, the assigned peers that reported ready); only while proposing
         self._ready: dict[int, tuple[SwarmLayout, set[str]]] = {}
+        self._reporting: set[int] = set()  # epochs this peer is loading and reporting ready for
         self._proposing = False
         self._view_seen: tuple[frozenset, float] | None = None
         self._last_republish = 0.0
@@ -213,10 +215,16 @@ class Server:
             await self._publish_layout(proposal)
             await self._on_layout_gossip(proposal, self.me)
             with trio.move_on_after(self.head_settings.ready_timeout_s):
+                published = trio.current_time()
                 while not layout.peers <= ready:
                     if frozenset(self.serving_view()) != frozenset(view):
                         log.info("head: view changed while epoch %d was loading; re-planning", epoch)
                         return
+                    if trio.current_time() - published > REPROPOSE_S:
+                        # a peer whose gossip mesh formed after the first publish (e.g. one reached only
+                        # through a relay) never saw it; loading peers take a repeat as a no-op
+                        await self._publish_layout(proposal)
+                        published = trio.current_time()
                     await trio.sleep(0.1)
             if not layout.peers <= ready:
                 log.warning("head: epoch %d not ready in time (missing %s)", epoch, sorted(layout.peers - ready))
@@ -260,7 +268,8 @@ class Server:
         self.highest_epoch = max(self.highest_epoch, layout.epoch)
         if kind == "propose":
             if self.committed is None or layout.epoch > self.committed.epoch:
-                if layout.stages_of(self.me):
+                if layout.stages_of(self.me) and layout.epoch not in self._reporting:  # the head repeats proposals
+                    self._reporting.add(layout.epoch)
                     self._nursery.start_soon(self._load_and_report, layout)
             return
         if self.committed is None or layout.epoch > self.committed.epoch:
@@ -283,6 +292,12 @@ class Server:
             raise ProtocolError(f"layout from {layout.head}, which is not a live head candidate")
 
     async def _load_and_report(self, layout: SwarmLayout) -> None:
+        try:
+            await self._load_and_report_once(layout)
+        finally:
+            self._reporting.discard(layout.epoch)
+
+    async def _load_and_report_once(self, layout: SwarmLayout) -> None:
         try:
             await self.stages.load_epoch(layout)
         except Exception as e:
