@@ -68,9 +68,10 @@ def chunk_attention_check(dtype: torch.dtype) -> dict:
             "all_written": bool(torch.isfinite(out).all())}
 
 
-def served(model: Path, layout, settings: EngineSettings, dtype: str, gpus=None) -> dict[str, list[int]]:
+def served(model: Path, layout, settings: EngineSettings, dtype: str, gpus=None, linked: bool = False) -> dict[str, list[int]]:
+    """linked: each engine in its own process, steps over local links (what CUDA nodes on one host do)."""
     pipe = LocalPipeline(model, layout, n_slots=8, max_len=256, settings=settings, device="cuda", dtype=dtype,
-                         gpus=gpus)
+                         gpus=gpus, processes=linked, links_dir=tempfile.mkdtemp() if linked else None)
     try:
         for i, p in enumerate(PROMPTS):
             pipe.start(f"r{i}", p, 24, PARAMS[i % 2])
@@ -97,15 +98,18 @@ def main() -> int:
         print(json.dumps(c), flush=True)
     refs = {f"r{i}": generate(GenerateJob(str(model), p, max_new_tokens=24, sampling=PARAMS[i % 2]))["tokens"]
             for i, p in enumerate(PROMPTS)}
-    cases = [("1 stage", [(1, 8)], EngineSettings(), None),
-             ("1 stage, chunked prefill", [(1, 8)], EngineSettings(max_step_tokens=6), None),
-             ("2 stages, 2 micro-batches", [(1, 4), (1, 4)], EngineSettings(max_step_tokens=16, micro_batches=2), None)]
+    cases = [("1 stage", [(1, 8)], EngineSettings(), None, False),
+             ("1 stage, chunked prefill", [(1, 8)], EngineSettings(max_step_tokens=6), None, False),
+             ("2 stages, 2 micro-batches", [(1, 4), (1, 4)], EngineSettings(max_step_tokens=16, micro_batches=2), None,
+              False),
+             ("3 stages, engine processes on local links", [(1, 2), (1, 4), (1, 2)], EngineSettings(max_step_tokens=16),
+              None, True)]
     if torch.cuda.device_count() >= 2:
-        cases.append(("TP 2 (NCCL, GPUs 0+1) + TP 1", [(2, 4), (1, 4)], EngineSettings(), [(0, 1), (0,)]))
-    for name, layout, settings, gpus in cases:
+        cases.append(("TP 2 (NCCL, GPUs 0+1) + TP 1", [(2, 4), (1, 4)], EngineSettings(), [(0, 1), (0,)], False))
+    for name, layout, settings, gpus, linked in cases:
         for dtype in ("float32", "bfloat16"):
             try:
-                got = served(model, layout, settings, dtype, gpus)
+                got = served(model, layout, settings, dtype, gpus, linked)
                 equal = sum(got[r] == refs[r] for r in refs)
                 err = None
             except Exception as e:  # report and go on: the other cases still say something
