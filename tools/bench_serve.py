@@ -485,8 +485,11 @@ def run(args) -> dict:
                                 + (f", {row['errors']} errors: {row.get('first_error')}" if row["errors"] else ""))
                     finally:
                         gen.close()
-                linked = sum("local link to" in node.log() for node in swarm.nodes)
-                log(f"{stages} stage(s): {linked} of {len(swarm.nodes)} nodes sent steps over local links")
+                logs = [node.log() for node in swarm.nodes]
+                linked = sum("local link to" in t for t in logs)
+                on_gpu = sum("(on the GPU)" in t for t in logs)
+                log(f"{stages} stage(s): {linked} of {len(swarm.nodes)} nodes sent steps over local links, "
+                    f"{on_gpu} of them on the GPU")
             finally:
                 swarm.stop()
         res["cpu_target"] = cpu_target(res) if args.cpu_target else None

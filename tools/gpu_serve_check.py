@@ -103,7 +103,11 @@ def main() -> int:
              ("2 stages, 2 micro-batches", [(1, 4), (1, 4)], EngineSettings(max_step_tokens=16, micro_batches=2), None,
               False),
              ("3 stages, engine processes on local links", [(1, 2), (1, 4), (1, 2)], EngineSettings(max_step_tokens=16),
-              None, True)]
+              None, True),
+             ("2 stages, engine processes on local links, 2 micro-batches", [(1, 4), (1, 4)],
+              EngineSettings(max_step_tokens=16, micro_batches=2), None, True),
+             ("2 stages, engine processes on local links, step budget 512", [(1, 4), (1, 4)],
+              EngineSettings(max_step_tokens=512), None, True)]
     if torch.cuda.device_count() >= 2:
         cases.append(("TP 2 (NCCL, GPUs 0+1) + TP 1", [(2, 4), (1, 4)], EngineSettings(), [(0, 1), (0,)], False))
     for name, layout, settings, gpus, linked in cases:

@@ -12,6 +12,11 @@ Trust: the directory is this user's and mode 0700, and both ends check the other
 could read the nodes' keys anyway.  A link that cannot be made or breaks is not an error:
 the message goes through the node as before (`send` returns False), and the link is tried
 again after RETRY_S.
+
+Where both engines use the same GPU from different processes, the tensor of each message stays on
+the GPU (runtime/gpu_handoff.py): the sender's hello carries a CUDA-IPC ring of buffers for it,
+the receiver answers whether it could open the ring, and from then on a message names a ring slot
+(`dev: [slot, rows]`) instead of carrying bytes.
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ class LinkSpec:
     me: str  # this node's peer id
     key: StageKey  # the stage this engine serves
     run_dir: str
+    device: str = "cpu"  # this engine's device: rings are shared only between engines on one GPU
+    capacity: int = 0  # rows of a ring buffer (the step's token budget); 0: no GPU handoff
+    depth: int = 1  # ring slots: the steps a pipeline has in flight
+
+
+@dataclass
+class _Out:
+    """One outbound link: its socket, and its GPU ring if the receiver opened one."""
+
+    sock: socket.socket
+    field: str | None = None  # the message key whose tensor rides the ring
+    ring: object = None  # gpu_handoff.HandoffOut
 
 
 def default_run_dir() -> str:
@@ -82,6 +99,12 @@ def _recv_into(sock: socket.socket, view: memoryview) -> bool:
             return False
         got += k
     return True
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
 
 
 def write_message(sock: socket.socket, msg: dict) -> None:
@@ -131,7 +154,7 @@ class LocalLinks:
     def __init__(self, spec: LinkSpec, deliver: Callable[[dict], None]):
         self.spec = spec
         self._deliver = deliver
-        self._out: dict[tuple[str, StageKey], socket.socket] = {}
+        self._out: dict[tuple[str, StageKey], _Out] = {}
         self._retry_at: dict[tuple[str, StageKey], float] = {}
         self._closed = False
         self._listener: socket.socket | None = None
@@ -156,44 +179,77 @@ class LocalLinks:
     def send(self, peer: str, key: StageKey, msg: dict) -> bool:
         """Write msg to that stage's engine if it runs on this host; False: send it another way."""
         dest = (peer, key)
-        sock = self._out.get(dest)
-        if sock is None:
-            sock = self._connect(dest)
-            if sock is None:
-                return False
+        link = self._out.get(dest) or self._connect(dest)
+        if link is None:
+            return False
         msg["sent_at"] = time.time()
+        out = msg
+        t = msg.get(link.field) if link.ring is not None else None
+        if t is not None and link.ring.fits(t):
+            out = {k: v for k, v in msg.items() if k != link.field}
+            out["dev"] = link.ring.put(t)
         try:
-            write_message(sock, msg)
+            write_message(link.sock, out)
             return True
         except OSError as e:  # the receiver went away or is frozen; a half-written frame ends the link
             log.info("local link to %s %s broke (%s); through the node", peer[:12], key, e)
             self._drop(dest)
             return False
 
-    def _connect(self, dest: tuple[str, StageKey]) -> socket.socket | None:
+    def gpu_path(self, peer: str, key: StageKey, field: str, like) -> bool:
+        """Whether a message with tensor `like` under `field` would stay on the GPU to that stage
+        (connecting, and offering a ring shaped like it, if there is no link yet)."""
+        if not (self.spec.capacity and getattr(like, "is_cuda", False)):
+            return False
+        dest = (peer, key)
+        link = self._out.get(dest) or self._connect(dest, field, like)
+        return link is not None and link.field == field and link.ring is not None and link.ring.fits(like)
+
+    def _connect(self, dest: tuple[str, StageKey], field: str | None = None, like=None) -> _Out | None:
         if self._listener is None or time.monotonic() < self._retry_at.get(dest, 0.0):
             return None
         path = socket_path(self.spec.run_dir, *dest)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        link = _Out(sock)
         try:
             sock.connect(path)
             if not _same_user(sock):
                 raise OSError("the listener is another user's")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             sock.settimeout(SEND_TIMEOUT_S)
-            write_message(sock, {"peer": self.spec.me, "key": list(self.spec.key)})
-        except OSError:
+            hello = {"peer": self.spec.me, "key": list(self.spec.key)}
+            ring = self._offer_ring(like)
+            if ring is not None:
+                hello["ring"] = {"field": field, "gpu": ring[1], **ring[0].export()}
+            write_message(sock, hello)
+            reply = read_message(sock)
+            if not isinstance(reply, dict):
+                raise OSError("no answer to the hello")
+            if ring is not None and reply.get("ring") is True:
+                link.field, link.ring = field, ring[0]
+        except (OSError, ProtocolError):
             sock.close()
             self._retry_at[dest] = time.monotonic() + RETRY_S
             return None
-        log.info("local link to %s stage %s", dest[0][:12], dest[1])
-        self._out[dest] = sock
-        return sock
+        log.info("local link to %s stage %s%s", dest[0][:12], dest[1], " (on the GPU)" if link.ring else "")
+        self._out[dest] = link
+        return link
+
+    def _offer_ring(self, like):
+        if like is None or not getattr(like, "is_cuda", False) or not self.spec.capacity:
+            return None
+        from hexswarm.runtime import gpu_handoff
+
+        try:
+            return gpu_handoff.HandoffOut(like, self.spec.capacity, self.spec.depth), gpu_handoff.device_uuid(like.device)
+        except (RuntimeError, OSError) as e:  # no IPC on this GPU or driver: bytes through the host
+            log.info("no GPU handoff: %s", e)
+            return None
 
     def _drop(self, dest: tuple[str, StageKey]) -> None:
-        sock = self._out.pop(dest, None)
-        if sock is not None:
-            sock.close()
+        link = self._out.pop(dest, None)
+        if link is not None:
+            link.sock.close()
         self._retry_at[dest] = time.monotonic() + RETRY_S
 
     # ---- receiving ----------------------------------------------------------------------
@@ -216,12 +272,18 @@ class LocalLinks:
             if not (isinstance(hello, dict) and isinstance(hello.get("peer"), str)):
                 return
             sender = hello["peer"]
+            field, ring = self._open_ring(conn, hello.get("ring"))
+            write_message(conn, {"ring": ring is not None})
             while True:
                 msg = read_message(conn)
                 if msg is None:
                     return
                 if not isinstance(msg, dict):
                     continue
+                if "dev" in msg:
+                    if ring is None or not ring.valid(msg["dev"]):
+                        raise ProtocolError("a GPU slot on a link without that ring")
+                    msg[field] = ring.handoff(msg.pop("dev"))
                 msg["_sender"], msg["_recv_at"] = sender, time.time()
                 self._deliver(msg)
         except Exception as e:  # one bad link ends itself, never the engine
@@ -230,6 +292,21 @@ class LocalLinks:
         finally:
             self._inbound.discard(conn)
             conn.close()
+
+    def _open_ring(self, conn: socket.socket, offer):
+        """Open the sender's GPU ring if it is on this engine's GPU and in another process."""
+        if not (isinstance(offer, dict) and isinstance(offer.get("field"), str)):
+            return None, None
+        from hexswarm.runtime import gpu_handoff
+
+        pid, _uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        try:
+            if pid == os.getpid() or offer.get("gpu") is None or offer["gpu"] != gpu_handoff.device_uuid(self.spec.device):
+                return None, None
+            return offer["field"], gpu_handoff.HandoffIn(offer, torch_device(self.spec.device))
+        except Exception as e:  # a ring we cannot open: bytes through the host
+            log.info("GPU handoff from pid %d refused: %s: %s", pid, type(e).__name__, e)
+            return None, None
 
     def close(self) -> None:
         self._closed = True

@@ -14,10 +14,16 @@ in flight at once (stage 0 works on step k+1 while stage 1 works on step k).
 The last stage samples every row that ends a prompt or decodes, in one batched call,
 and returns one `tokens` message per step.  Stage 0 sends one `events` message per
 entry node per step (all of that entry's new tokens), and `done` per finished request.
+
+Stages that share one GPU in separate processes hand activations and sampled tokens over on the
+GPU (runtime/gpu_handoff.py): no stage waits for the GPU before passing a step on, and stage 0
+launches step k+1 on the tokens of step k while they are still on the device, as a one-stage
+pipeline does, reading them on the host one step later.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -29,8 +35,9 @@ from typing import Callable
 
 import torch
 
+from hexswarm.runtime.gpu_handoff import Handoff
 from hexswarm.runtime.local_link import LinkSpec, LocalLinks
-from hexswarm.runtime.sampling import SamplingParams, sample_batch, sample_on_device
+from hexswarm.runtime.sampling import SamplingParams, sample_on_device
 from hexswarm.runtime.spans import SpanLog, waited, wire_delay
 from hexswarm.runtime.stage_host import StageHost
 from hexswarm.runtime.stopping import StopChecker
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[str, dict], None]
 STEP_EXPIRY_S = 60.0  # a step whose tokens never came back (a peer died) stops counting as in flight
+GPU_WAIT_S = 30.0  # a step handed over on the GPU that never completes: the stage after it died mid-step
 
 
 @dataclass
@@ -114,7 +122,8 @@ class Row:
 
 @dataclass
 class LaunchedStep:
-    """A one-stage step whose tokens were drawn on the device and are being copied to the host."""
+    """A step whose tokens were drawn on the device and are being copied to the host: one of a
+    one-stage pipeline, or one the last stage handed back on the GPU (`remote`)."""
 
     rows: list[Row]
     tokens: torch.Tensor  # on the device: the next step may read them before the host does
@@ -123,6 +132,20 @@ class LaunchedStep:
     t0: float
     arrivals: list[dict]
     queued: list[float]
+    remote: bool = False  # drawn by another process: wait with a deadline (it may die mid-step)
+    sampled: set = field(default_factory=set)  # id() of the requests with a token in it
+
+
+@dataclass
+class InFlight:
+    """A step stage 0 sent down the pipeline and has no tokens of yet."""
+
+    sent: float  # time.monotonic()
+    reqs: list[ActiveRequest]  # the request objects, not their ids (see StageEngine._steps)
+    rows: list[Row] | None = None  # kept when the tokens will come back on the GPU
+    t0: float = 0.0
+    arrivals: list[dict] = field(default_factory=list)
+    queued: list[float] = field(default_factory=list)
 
 
 class StageEngine:
@@ -132,7 +155,11 @@ class StageEngine:
         self.route = route
         self.send = send
         self.last_message_at = time.monotonic()  # for retiring idle stages (link messages skip the node)
-        # forward and tokens messages to stages on this host go straight to their engines
+        # forward and tokens messages to stages on this host go straight to their engines (on the
+        # GPU when they share it: ring buffers of one step's rows, one per step in flight)
+        if links is not None:
+            links = dataclasses.replace(links, device=str(host.spec.device_of(0)), capacity=settings.max_step_tokens,
+                                        depth=max(1, settings.micro_batches))
         self.links = LocalLinks(links, self.submit) if links is not None else None
         self.tokenizer = tokenizer
         self.settings = settings
@@ -146,7 +173,7 @@ class StageEngine:
         self.spans = SpanLog()
         # in flight: id -> (sent, the requests of its rows).  The request objects, not their ids: an id taken
         # back by a newer attempt while an old attempt's step is in flight must not count that step as its own
-        self._steps: OrderedDict[int, tuple[float, list[ActiveRequest]]] = OrderedDict()
+        self._steps: OrderedDict[int, InFlight] = OrderedDict()
         self._next_step = 0
         # A one-stage pipeline on CUDA launches step k+1 (fed with step k's tokens on the device)
         # before it reads step k's tokens, so the host's bookkeeping overlaps the GPU's work.
@@ -173,14 +200,19 @@ class StageEngine:
             self.links.close()
         self.host.close()
 
+    def _link_key(self, kind: str) -> tuple[int, int, int]:
+        e, r, s = self.links.spec.key
+        return (e, r, s + 1) if kind == "forward" else (e, r, 0)
+
+    def _on_gpu(self, peer: str, kind: str, field: str, t: torch.Tensor) -> bool:
+        """Whether a step message with tensor t would reach that stage without leaving the GPU."""
+        return self.links is not None and self.links.gpu_path(peer, self._link_key(kind), field, t)
+
     def _send_step(self, peer: str, msg: dict) -> None:
         """A forward or tokens message: over the local link when that stage runs on this host."""
-        if self.links is not None:
-            e, r, s = self.links.spec.key
-            key = (e, r, s + 1) if msg["kind"] == "forward" else (e, r, 0)
-            if self.links.send(peer, key, msg):
-                return
-        self.send(peer, msg)
+        if self.links is not None and self.links.send(peer, self._link_key(msg["kind"]), msg):
+            return
+        self.send(peer, _on_host(msg))
 
     @property
     def in_flight(self) -> int:
@@ -280,12 +312,14 @@ class StageEngine:
         return req
 
     def _schedulable(self, req: ActiveRequest) -> bool:
-        """Nothing of it in flight; or (overlapping) exactly one decode row whose token is still on
-        the device and that is not the request's last, so the next row can follow it at once."""
+        """Nothing of it in flight; or exactly one row, whose token is on this device and not yet
+        read (the launched step: overlapping, or handed back on the GPU) and is not the request's
+        last, so the next row can follow it at once."""
         if req.in_flight == 0:
             return True
-        return (self._overlap and req.in_flight == 1 and req.pending == 1 and req.prefill_done
-                and req.length < req.stopper.max_new_tokens)
+        prev = self._launched
+        return (prev is not None and req.in_flight == 1 and req.pending == 1 and req.prefill_done
+                and req.length < req.stopper.max_new_tokens and id(req) in prev.sampled)
 
     def _can_step(self) -> bool:
         if not self.route.is_first:
@@ -298,11 +332,11 @@ class StageEngine:
     def _expire_steps(self) -> None:
         now = time.monotonic()
         while self._steps:
-            sid, (sent, reqs) = next(iter(self._steps.items()))
-            if now - sent < STEP_EXPIRY_S:
+            sid, step = next(iter(self._steps.items()))
+            if now - step.sent < STEP_EXPIRY_S:
                 return
             del self._steps[sid]
-            for req in reqs:
+            for req in step.reqs:
                 req.in_flight = 0
                 req.pending = 0
 
@@ -355,17 +389,21 @@ class StageEngine:
             if not self._overlap:
                 self._finish_launched()
             return
-        x = out.cpu()
+        on_gpu = self._on_gpu(self.route.next_peer, "forward", "x", out)
+        x = out if on_gpu else out.cpu()
         dt = time.perf_counter() - t0
-        self._record_spans(rows, arrivals, queued, dt)
+        if not on_gpu:  # on the GPU path the spans are taken when the tokens are read (_finish)
+            self._record_spans(rows, arrivals, queued, dt)
         sid = self._next_step
         self._next_step += 1
-        self._steps[sid] = (time.monotonic(), [r.req for r in rows])
+        self._steps[sid] = InFlight(time.monotonic(), [r.req for r in rows], rows if on_gpu else None, t0,
+                                    arrivals, queued)
         self._send_step(self.route.next_peer, {
             "kind": "forward", "steps": [sid], "rows": [[r.req.slot, r.start, r.n] for r in rows],
             "rids": [r.req.rid for r in rows],
             "samples": [r.req.sample_spec(r.step) if r.samples else None for r in rows],
             "x": x, "t": [dt]})
+        self._finish_launched()  # tokens handed back on the GPU: read now, while the GPU runs this step
 
     def _input_ids(self, rows: list[Row]) -> list[int] | torch.Tensor:
         """The step's token ids: a list, or (overlapping) a device tensor where rows decode the
@@ -395,15 +433,7 @@ class StageEngine:
             tokens = sample_on_device(logits, [rows[i].req.params for i in picked], [rows[i].step for i in picked])
         else:
             tokens = torch.empty(0, dtype=torch.long, device=logits.device)
-        ready = None
-        if tokens.is_cuda:
-            host_tokens = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
-            host_tokens.copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host_tokens = tokens
-        return LaunchedStep(rows, tokens, host_tokens, ready, t0, arrivals, queued)
+        return _reading(rows, tokens, t0, arrivals, queued)
 
     def _finish_launched(self) -> None:
         launched, self._launched = self._launched, None
@@ -413,7 +443,7 @@ class StageEngine:
     def _finish(self, step: LaunchedStep) -> None:
         """Read a one-stage step's tokens and hand them to their requests."""
         if step.ready is not None:
-            step.ready.synchronize()
+            _wait(step.ready, GPU_WAIT_S) if step.remote else step.ready.synchronize()
         tokens = step.host_tokens.tolist()
         dt = time.perf_counter() - step.t0
         self._record_spans(step.rows, step.arrivals, step.queued, dt)
@@ -431,14 +461,36 @@ class StageEngine:
         self.rows_run += len(rows)
 
     def _step_returned(self, m: dict, events: dict[str, list[dict]]) -> None:
+        tok = m.pop("tok", None)
+        if isinstance(tok, Handoff):
+            self._returned_on_gpu(m, tok)
+            return
+        if tok is not None:  # a link without a GPU ring: the tokens as a host tensor
+            for item, t in zip(m["items"], tok.tolist()):
+                item["token"] = t
         reqs: list[ActiveRequest] = []
         for sid in m.get("steps", []):
             entry = self._steps.pop(sid, None)
             if entry is not None:
-                reqs += [req for req in entry[1] if self.requests.get(req.rid) is req]
+                reqs += [req for req in entry.reqs if self.requests.get(req.rid) is req]
         for req in reqs:
             req.arrival = m
         self._tokens_back(reqs, m["items"], m.get("t", []), events)
+
+    def _returned_on_gpu(self, m: dict, tok: Handoff) -> None:
+        """The last stage drew a step's tokens into its ring: take a copy on this device and launch
+        from it; the host reads it after the next step is launched (see _step)."""
+        entries = [self._steps.pop(sid, None) for sid in m.get("steps", [])]
+        step = entries[0] if len(entries) == 1 else None
+        if step is None or step.rows is None:
+            log.warning("stage engine %s: GPU tokens for unknown steps %s", self._thread.name, m.get("steps"))
+            return
+        for req in step.reqs:
+            if self.requests.get(req.rid) is req:
+                req.arrival = m
+        launched = _reading(step.rows, tok.take().clone(), step.t0, step.arrivals, step.queued, remote=True)
+        self._finish_launched()
+        self._launched = launched
 
     def _tokens_back(self, reqs: list[ActiveRequest], items: list[dict], stage_times: list[float],
                      events: dict[str, list[dict]]) -> None:
@@ -524,11 +576,18 @@ class StageEngine:
     def _forward_downstream(self, msgs: list[dict]) -> None:
         """Run every queued step as one (their rows concatenated, decode rows first).  Steps with
         non-finite activations are not passed on (their requests fail over by step expiry); the
-        check runs on the device beside the forward and is read once the step's output is."""
+        check runs on the device beside the forward and is read once the step's output is.  Steps
+        handed over on the GPU come from an engine of this user on this GPU: not checked, and run
+        one at a time (stage 0 reads the tokens of each step by its ring slot)."""
+        if len(msgs) > 1 and any(isinstance(m["x"], Handoff) for m in msgs):
+            for m in msgs:
+                self._forward_downstream([m])
+            return
         device = self.host.spec.device_of(0)
+        checked = [m for m in msgs if not isinstance(m["x"], Handoff)]
         for m in msgs:
-            m["x"] = m["x"].to(device, non_blocking=True)
-        finite = torch.stack([torch.isfinite(m["x"]).all() for m in msgs])
+            m["x"] = m["x"].take() if isinstance(m["x"], Handoff) else m["x"].to(device, non_blocking=True)
+        finite = torch.stack([torch.isfinite(m["x"]).all() for m in checked]) if checked else None
         if len(msgs) == 1:
             m = msgs[0]
             rows, rids, samples, x = m["rows"], m["rids"], m["samples"], m["x"]
@@ -548,24 +607,64 @@ class StageEngine:
             picked = [i for i, s in enumerate(samples) if s is not None]
             params = [SamplingParams.from_dict(samples[i]["params"]) for i in picked]
             logits = out if len(picked) == len(samples) else out[picked]  # decode steps: every row samples
-            tokens = sample_batch(logits, params, [int(samples[i]["step"]) for i in picked]) if picked else []
-            if not self._finite(finite, msgs):
-                return
-            dt = time.perf_counter() - t0
-            items = [{"rid": rids[i], "token": tok, "attempt": samples[i].get("attempt"), "step": int(samples[i]["step"])}
-                     for i, tok in zip(picked, tokens)]
-            self._send_step(self.route.first_peer, {"kind": "tokens", "steps": steps, "items": items,
-                                              "t": stage_times + [dt]})
+            tok = (sample_on_device(logits, params, [int(samples[i]["step"]) for i in picked]) if picked
+                   else torch.empty(0, dtype=torch.long, device=out.device))
+            items = [{"rid": rids[i], "attempt": samples[i].get("attempt"), "step": int(samples[i]["step"])}
+                     for i in picked]
+            msg = {"kind": "tokens", "steps": steps, "items": items, "tok": tok}
+            dest = self.route.first_peer
         else:
-            x_out = out.cpu()
-            if not self._finite(finite, msgs):
-                return
-            dt = time.perf_counter() - t0
-            self._send_step(self.route.next_peer, {"kind": "forward", "steps": steps, "rows": rows, "rids": rids,
-                                             "samples": samples, "x": x_out, "t": stage_times + [dt]})
+            msg = {"kind": "forward", "steps": steps, "rows": rows, "rids": rids, "samples": samples, "x": out}
+            dest = self.route.next_peer
+        field = "tok" if self.route.is_last else "x"
+        if not self._on_gpu(dest, msg["kind"], field, msg[field]):
+            msg = _on_host(msg)  # waits for this step: the finiteness flags are ready with it
+        if finite is not None and not self._finite(finite, checked):
+            return
+        dt = time.perf_counter() - t0
+        msg["t"] = stage_times + [dt]
+        self._send_step(dest, msg)
         for m, q in zip(msgs, queued):
             for rid in m["rids"]:
                 self.spans.add(rid, queue_s=q, compute_s=dt, net_s=wire_delay(m))
+
+
+def _on_host(msg: dict) -> dict:
+    """A step message with its tensors on the host: activations copied down, drawn tokens
+    written into the items (for the node's path, or a link without a GPU ring)."""
+    x = msg.get("x")
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+        msg["x"] = x.cpu()
+    tok = msg.pop("tok", None)
+    if tok is not None:
+        for item, t in zip(msg["items"], tok.tolist()):
+            item["token"] = t
+    return msg
+
+
+def _reading(rows: list[Row], tokens: torch.Tensor, t0: float, arrivals: list[dict], queued: list[float],
+             remote: bool = False) -> LaunchedStep:
+    """A step whose tokens are on the device: start their copy to the host (read in _finish)."""
+    ready = None
+    if tokens.is_cuda:
+        host_tokens = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        host_tokens = tokens
+    return LaunchedStep(rows, tokens, host_tokens, ready, t0, arrivals, queued, remote,
+                        {id(r.req) for r in rows if r.samples})
+
+
+def _wait(event, limit_s: float) -> None:
+    """Wait for a CUDA event that depends on another process's GPU work, which may never finish
+    if that process died mid-step: the engine then fails (its requests fail over)."""
+    end = time.monotonic() + limit_s
+    while not event.query():
+        if time.monotonic() > end:
+            raise RuntimeError(f"a step handed over on the GPU did not finish in {limit_s:g} s")
+        time.sleep(50e-6)
 
 
 def _row_slice(msg: dict, row: int) -> torch.Tensor:
