@@ -307,6 +307,47 @@ def test_text_stream_holds_back_stop_string_prefixes():
     assert [ts.push(d) for d in ["a\ufffdb", "c"]] == ["a\ufffdb", "c"] and ts.finish("a\ufffdbcd") == "d"
 
 
+def test_tokens_queued_together_go_out_in_one_chunk_and_each_index_once():
+    """When the event loop falls behind, a relay takes every token already queued for its request in one
+    go (SubmitService._take_tokens) and HTTP writes them as one chunk: one write per batch, not per token."""
+    import trio
+
+    from hexswarm.swarm.http_api import Responder
+    from hexswarm.swarm.submit import SubmitService
+
+    class Text:
+        def push(self, t):
+            return f"<{t}>"
+
+    def ev(i, attempt=1, sender="s0"):
+        return {"kind": "event", "index": i, "token": 100 + i, "attempt": attempt, "_sender": sender}
+
+    async def main():
+        send, receive = trio.open_memory_channel(16)
+        for m in [ev(1), ev(1), ev(2), ev(3, sender="intruder"), ev(4)]:
+            send.send_nowait(m)
+        tokens = []
+        frames, held = SubmitService._take_tokens(ev(0), receive, tokens, Text(), "s0")
+        assert tokens == [100, 101, 102] and [f["index"] for f in frames] == [0, 1, 2]
+        assert held["_sender"] == "intruder"  # left to the relay's checks, not taken into the batch
+        frames2, held2 = SubmitService._take_tokens(ev(3), receive, tokens, None, "s0")
+        assert frames2 == [] and held2 is None and tokens == [100, 101, 102, 103, 104]  # not streamed: no frames
+
+        sent = []
+
+        async def asgi_send(msg):
+            sent.append(msg)
+
+        opts = {"stream": True, "stop": [], "return_token_ids": True, "include_usage": False}
+        r = Responder(None, asgi_send, "rid", "m", False, opts)
+        await r.on_frame({"batch": frames})
+        assert len(sent) == 1
+        chunk = json.loads(sent[0]["body"].decode().removeprefix("data: "))
+        assert chunk["choices"][0]["token_ids"] == [100, 101, 102] and chunk["choices"][0]["text"] == "<100><101><102>"
+
+    trio.run(main)
+
+
 def test_registry_renders_what_prometheus_client_parses():
     from hexswarm.swarm.metrics import Registry
 

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--profile", help="STAGES:FRONTEND:CONCURRENCY: sample every node process with py-spy during "
                     "that level (needs py-spy on PATH)")
     ap.add_argument("--profile-dir", default=".", help="where the py-spy profiles go")
+    ap.add_argument("--records", action="store_true",
+                    help="keep every request's [start, first token, end, tokens] (s from the level's start) in the JSON")
     ap.add_argument("--cpu-target", action="store_true",
                     help="the issue's CPU target: tiny model, HTTP, one node, tokens/s at 32 concurrent over at 1")
     a = ap.parse_args(argv)
@@ -476,6 +478,12 @@ def run(args) -> dict:
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
                                 records, wall = gen.run(c, n, prompt, args.new_tokens)
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, **summarize(records, wall)}
+                            if args.records:
+                                t_0 = min(r["start"] for r in records)
+                                row["records"] = [[round(r["start"] - t_0, 4),
+                                                   round(r["times"][0] - t_0, 4) if r.get("times") else None,
+                                                   round(r["end"] - t_0, 4), r.get("tokens", len(r.get("times", [])))]
+                                                  for r in sorted(records, key=lambda r: r["start"])]
                             add_ratios(row, res)
                             res["serve"].append(row)
                             if args.json:  # after every level: a run cut short keeps what it measured

@@ -544,10 +544,11 @@ class Responder:
             if self.stream:
                 await self._start()
             return
-        if "token" not in frame or not self.stream:
+        frames = frame.get("batch") or [frame]  # tokens queued together: one chunk, one write
+        if "token" not in frames[0] or not self.stream:
             return
-        delta = self.text.push(frame.get("text") or "")
-        ids = [int(frame["token"])] if self.opts["return_token_ids"] else None
+        delta = "".join(self.text.push(f.get("text") or "") for f in frames)
+        ids = [int(f["token"]) for f in frames] if self.opts["return_token_ids"] else None
         if delta or ids is not None:
             await self._event(self._chunk(delta, token_ids=ids))
 

@@ -286,18 +286,20 @@ class EntryMetrics:
         n_tokens = [0]
 
         async def measured(frame: dict) -> None:
-            if "token" in frame:
+            n = len(frame["batch"]) if "batch" in frame else int("token" in frame)  # a batch: tokens queued together
+            if n:
                 now = time.monotonic()
                 try:
-                    if last:
-                        self.itl.observe(now - last[0])
-                    else:
-                        self.ttft.observe(now - t0)
-                    n_tokens[0] += 1
-                    self.tokens.inc()
+                    for _ in range(n):
+                        if last:
+                            self.itl.observe(now - last[0])
+                        else:
+                            self.ttft.observe(now - t0)
+                        last[:] = [now]
+                    n_tokens[0] += n
+                    self.tokens.inc(n)
                 except Exception:
                     log.exception("metrics: token")
-                last[:] = [now]
                 if not wants_tokens:
                     return
             await emit(frame)

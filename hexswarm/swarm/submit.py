@@ -228,7 +228,8 @@ class SubmitService:
                 async def emit(frame: dict) -> None:
                     if "accepted" in frame:
                         self._note_submitter(frame["accepted"]["request_id"], peer)
-                    writer.put(frame)
+                    for one in frame.get("batch") or [frame]:  # the wire carries one frame per token
+                        writer.put(one)
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(writer.run)
@@ -270,13 +271,15 @@ class SubmitService:
         attempt = placement["attempt"]
         last_progress = trio.current_time()
         deadline = trio.current_time() + REQUEST_TIMEOUT_S
+        held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
         while trio.current_time() < deadline:
-            try:  # an event already queued: no timeout scope (one per token cost the event loop ~10%)
-                ev = receive.receive_nowait()
-            except trio.WouldBlock:
-                ev = None
-                with trio.move_on_after(HEALTH_CHECK_S):
-                    ev = await receive.receive()
+            ev, held = held, None
+            if ev is None:
+                try:  # an event already queued: no timeout scope (one per token cost the event loop ~10%)
+                    ev = receive.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(HEALTH_CHECK_S):
+                        ev = await receive.receive()
             if (ev is not None and ev.get("attempt") == attempt
                     and ev.get("_sender") != placement["stages"][0]["peer"]):
                 continue  # only the attempt's stage 0 speaks for it: a peer that knows the id cannot inject
@@ -300,11 +303,11 @@ class SubmitService:
                 continue
             last_progress = trio.current_time()
             if ev["kind"] == "event":
-                if int(ev["index"]) != len(tokens):
-                    continue  # already delivered (a resumed pipeline repeats nothing, but be safe)
-                tokens.append(int(ev["token"]))
-                if detok is not None:
-                    await emit({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
+                # every token already queued goes out in one frame batch: when the event loop falls behind,
+                # the client's writes (HTTP's above all) are paid per batch, not per token
+                frames, held = self._take_tokens(ev, receive, tokens, detok, placement["stages"][0]["peer"])
+                if frames:
+                    await emit(frames[0] if len(frames) == 1 else {"batch": frames})
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if attempt < MAX_ATTEMPTS:
@@ -325,6 +328,24 @@ class SubmitService:
             }}
         self._cancel_placement(req["rid"], placement)
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
+
+    @staticmethod
+    def _take_tokens(ev: dict, receive, tokens: list[int], detok, stage0: str) -> tuple[list[dict], dict | None]:
+        """ev and the token events of the same attempt queued behind it: appended to tokens (each index
+        once), as token frames when streaming; returns them and the first other message read, if any."""
+        frames = []
+        while True:
+            if int(ev["index"]) == len(tokens):  # else already delivered (a resumed pipeline repeats nothing)
+                tokens.append(int(ev["token"]))
+                if detok is not None:
+                    frames.append({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
+            try:
+                nxt = receive.receive_nowait()
+            except trio.WouldBlock:
+                return frames, None
+            if not (nxt.get("kind") == "event" and nxt.get("attempt") == ev["attempt"] and nxt.get("_sender") == stage0):
+                return frames, nxt
+            ev = nxt
 
     async def _resume(self, req: dict, tokens: list[int], deadline: float) -> dict:
         """Place an accepted request again, from its tokens so far.  It was accepted, so it is
