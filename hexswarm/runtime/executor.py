@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from hexswarm.model.host_copy import to_device
 from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.stage import StageModel
 from hexswarm.runtime.transport import broadcast_obj
@@ -113,7 +114,7 @@ class StageExecutor:
             end += r[2]
             last[i] = end - 1
         if end != len(rows):  # some row has several tokens: keep each row's last
-            h = h.index_select(0, torch.tensor(last, device=h.device))
+            h = h.index_select(0, to_device(last, torch.long, h.device))
         return self.model.logits(h)
 
 
@@ -135,3 +136,4 @@ def normalize_forward(op: dict) -> tuple[Rows, list[int] | None, torch.Tensor | 
         x = x.reshape(-1, x.shape[-1])
     rows = [(int(s), int(p), T) for s, p in zip(op["slots"], op["start"])]
     return rows, flat, x
+

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from hexswarm.errors import UserError
+from hexswarm.model.host_copy import to_device
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,14 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], steps: 
     if not rows:
         return greedy_tokens
     dev = logits.device
-    idx = _to(dev, rows, torch.long)
+    idx = to_device(rows, torch.long, dev)
     sel = [params[b] for b in rows]
-    temps = _to(dev, [p.temperature for p in sel], torch.float32)
+    temps = to_device([p.temperature for p in sel], torch.float32, dev)
     scaled = logits.index_select(0, idx) / temps[:, None]
     filtered = _filter_rows(scaled, [p.top_k for p in sel], [p.top_p for p in sel])
     probs = torch.softmax(filtered.double(), dim=-1)
     cdf = torch.cumsum(probs, dim=-1)
-    u = _to(dev, [uniform(p.seed, steps[b]) for p, b in zip(sel, rows)], torch.float64)
+    u = to_device([uniform(p.seed, steps[b]) for p, b in zip(sel, rows)], torch.float64, dev)
     target = (u * cdf[:, -1]).unsqueeze(1)
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=V - 1)
     # never land on a zero-probability token (the cdf plateaus at the right edge): step back to
@@ -106,16 +107,6 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams], steps: 
     return greedy_tokens.index_copy(0, idx, drawn)
 
 
-def _to(dev: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
-    """A small host list on the device without waiting for the device: a plain copy from pageable
-    memory would wait for every kernel queued before it, which ends the overlap of the step that
-    is still running (runtime/stage_engine.py)."""
-    t = torch.tensor(values, dtype=dtype)
-    if dev.type == "cuda":
-        return t.pin_memory().to(dev, non_blocking=True)
-    return t.to(dev)
-
-
 def _filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     """`filter_logits` for every row of [R, V] with its own k and p."""
     R, V = logits.shape
@@ -123,14 +114,14 @@ def _filter_rows(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     dev = logits.device
     k_max = max((k for k in top_k if 0 < k < V), default=0)
     if k_max:
-        ks = _to(dev, [k if 0 < k < V else V for k in top_k], torch.long)
+        ks = to_device([k if 0 < k < V else V for k in top_k], torch.long, dev)
         top = torch.topk(out, k_max, dim=-1).indices
         keep = torch.zeros_like(out, dtype=torch.bool)
         keep.scatter_(1, top, torch.arange(k_max, device=dev)[None, :] < ks[:, None])
         keep |= (ks == V)[:, None]  # rows without a top-k cut keep everything
         out.masked_fill_(~keep, float("-inf"))
     if any(p < 1.0 for p in top_p):
-        ps = _to(dev, top_p, torch.float64)
+        ps = to_device(top_p, torch.float64, dev)
         probs = torch.softmax(out.double(), dim=-1)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
