@@ -327,11 +327,14 @@ def test_tokens_queued_together_go_out_in_one_chunk_and_each_index_once():
         for m in [ev(1), ev(1), ev(2), ev(3, sender="intruder"), ev(4)]:
             send.send_nowait(m)
         tokens = []
-        frames, held = SubmitService._take_tokens(ev(0), receive, tokens, Text(), "s0")
+        frames, held = SubmitService._take_tokens(ev(0), receive, tokens, True, Text(), "s0")
         assert tokens == [100, 101, 102] and [f["index"] for f in frames] == [0, 1, 2]
         assert held["_sender"] == "intruder"  # left to the relay's checks, not taken into the batch
-        frames2, held2 = SubmitService._take_tokens(ev(3), receive, tokens, None, "s0")
+        frames2, held2 = SubmitService._take_tokens(ev(3), receive, tokens, False, None, "s0")
         assert frames2 == [] and held2 is None and tokens == [100, 101, 102, 103, 104]  # not streamed: no frames
+        send.send_nowait(ev(6))
+        frames3, _ = SubmitService._take_tokens(ev(5), receive, tokens, True, None, "s0")
+        assert frames3 == [{"token": 105, "index": 5}, {"token": 106, "index": 6}]  # timed only: no text
 
         sent = []
 

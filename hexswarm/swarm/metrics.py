@@ -5,7 +5,7 @@ histograms, each with optional labels, and renders the text exposition format 0.
 (`GET /metrics` on the HTTP API, see docs/http.md).
 
 `EntryMetrics` measures requests where they enter the swarm: it wraps
-`SubmitService.serve(msg, emit)` and sees every frame the entry relays — the
+`SubmitService.serve(msg, emit, text)` and sees every frame the entry relays — the
 accepted frame, each token (time to first token, inter-token latency), and the
 final done/error frame (outcome, token counts, per-stage compute time).  Per-hop
 network time comes from the request's trace spans (`SubmitService.trace`), fetched
@@ -307,7 +307,7 @@ class EntryMetrics:
         self.in_flight_entry += 1
         outcome = "cancelled"
         try:
-            final = await serve(msg, measured)
+            final = await serve(msg, measured, text=wants_tokens)
             outcome = self._finished(final, n_tokens[0])
             return final
         except Exception:

@@ -164,10 +164,11 @@ class SubmitService:
                 await trio.sleep(0.5)
         raise RemoteError("no_head", last_error)
 
-    async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]]) -> dict:
+    async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]], text: bool | None = None) -> dict:
         """Run one request given as a submit message; `emit` gets the accepted and token frames
         as they happen; returns the final frame ({"done": ...} or {"error": ...}).
-        Used by the libp2p submit protocol and by the HTTP API."""
+        Used by the libp2p submit protocol and by the HTTP API.  text=False: token frames without
+        their text (a caller that only times the tokens; no detokenizing per token)."""
         server = self.server
         try:
             req = await self.tokenize(self.parse(msg))
@@ -187,7 +188,7 @@ class SubmitService:
                 return error_frame(e.code, e.message)
             try:
                 await emit({"accepted": {"request_id": rid, **placement}})
-                return await self._relay(emit, req, placement, receive)
+                return await self._relay(emit, req, placement, receive, req["stream"] if text is None else text)
             except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
                 self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
                 raise
@@ -258,7 +259,7 @@ class SubmitService:
             return True  # an older epoch: its stages report under it, checked when its layout is known
         return placement["replica"] not in self.server.failed_replicas(layout)
 
-    async def _relay(self, emit, req: dict, placement: dict, receive) -> dict:
+    async def _relay(self, emit, req: dict, placement: dict, receive, text: bool) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
         goes down (or the pipeline stalls), resume the request elsewhere from the tokens it
         already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
@@ -267,7 +268,7 @@ class SubmitService:
         tokens: list[int] = []
         # one incremental decode per token (not the whole output again per token); tokens are
         # deduplicated by index below, so a resumed attempt feeds it each token once
-        detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] else None
+        detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] and text else None
         attempt = placement["attempt"]
         last_progress = trio.current_time()
         deadline = trio.current_time() + REQUEST_TIMEOUT_S
@@ -305,7 +306,8 @@ class SubmitService:
             if ev["kind"] == "event":
                 # every token already queued goes out in one frame batch: when the event loop falls behind,
                 # the client's writes (HTTP's above all) are paid per batch, not per token
-                frames, held = self._take_tokens(ev, receive, tokens, detok, placement["stages"][0]["peer"])
+                frames, held = self._take_tokens(ev, receive, tokens, req["stream"], detok,
+                                                 placement["stages"][0]["peer"])
                 if frames:
                     await emit(frames[0] if len(frames) == 1 else {"batch": frames})
                 continue
@@ -330,15 +332,20 @@ class SubmitService:
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
 
     @staticmethod
-    def _take_tokens(ev: dict, receive, tokens: list[int], detok, stage0: str) -> tuple[list[dict], dict | None]:
+    def _take_tokens(ev: dict, receive, tokens: list[int], streamed: bool, detok,
+                     stage0: str) -> tuple[list[dict], dict | None]:
         """ev and the token events of the same attempt queued behind it: appended to tokens (each index
-        once), as token frames when streaming; returns them and the first other message read, if any."""
+        once), as token frames when streaming (with their text if detok); returns them and the first
+        other message read, if any."""
         frames = []
         while True:
             if int(ev["index"]) == len(tokens):  # else already delivered (a resumed pipeline repeats nothing)
                 tokens.append(int(ev["token"]))
-                if detok is not None:
-                    frames.append({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
+                if streamed:
+                    frame = {"token": tokens[-1], "index": len(tokens) - 1}
+                    if detok is not None:
+                        frame["text"] = detok.push(tokens[-1])
+                    frames.append(frame)
             try:
                 nxt = receive.receive_nowait()
             except trio.WouldBlock:
