@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from hexswarm.net import codec
+from hexswarm.runtime.cpus import usable_cpus
 from hexswarm.runtime.local_link import LinkSpec
 from hexswarm.runtime.spans import SpanLog
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, Send
@@ -189,7 +190,7 @@ def _build(job: EngineJob, send: Send):
     from hexswarm.runtime.stage_host import StageHost
     from hexswarm.runtime.tokenizer import TextTokenizer
 
-    torch.set_num_threads(max(1, min(8, (os.cpu_count() or 2) // 2)))
+    torch.set_num_threads(max(1, min(8, usable_cpus() // 2)))
     host = StageHost(job.spec, tag=job.tag)
     host.start()
     tokenizer = TextTokenizer(job.spec.model_dir, LlamaConfig.from_dir(job.spec.model_dir)) if job.with_tokenizer else None

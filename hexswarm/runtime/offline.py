@@ -23,6 +23,7 @@ from hexswarm.model.quant_format import check_mode
 from hexswarm.model.source import open_checkpoint
 from hexswarm.model.stage import load_stage
 from hexswarm.net.ports import free_port
+from hexswarm.runtime.cpus import usable_cpus
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup, normalize_forward
 from hexswarm.runtime.layout import Layout
 from hexswarm.runtime.sampling import SamplingParams, sample_token
@@ -208,7 +209,7 @@ def _run_rank(rank: int, prep: _Prepared, port: int | None) -> dict | None:
     world = layout.world_size
     device = _rank_device(job.device, rank)
     if world > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(max(1, usable_cpus() // world))
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
