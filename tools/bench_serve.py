@@ -171,6 +171,14 @@ def measure_engine(args, model_dir: Path, batches: list[int], log) -> dict:
         rows.append({"batch": B, "ms_per_step": round(ms, 3), "tokens_per_s": round(B * 1e3 / ms, 1)})
         log(f"engine decode batch {B}: {ms:.2f} ms/step, {rows[-1]['tokens_per_s']} tokens/s")
     out["engine"] = rows
+    # the same decode over the contexts the served requests go through (prompt .. prompt + new tokens): the
+    # short run above reads less KV per step than the requests' later steps do
+    if args.new_tokens > steps:
+        out["engine_full"] = []
+        for B in batches:
+            ms = engine_decode_ms(model, B, args.prompt_tokens, args.new_tokens, clock, 1, 3 if cuda else 1, mode)
+            out["engine_full"].append({"batch": B, "ms_per_step": round(ms, 3), "tokens_per_s": round(B * 1e3 / ms, 1)})
+            log(f"engine decode batch {B} over {args.new_tokens} steps: {ms:.2f} ms/step")
     del model
     gc.collect()
     if cuda:
@@ -411,10 +419,10 @@ def summarize(records: list[dict], wall_s: float) -> dict:
     return out
 
 
-def engine_ceiling(engine: dict, c: int, prompt_tokens: int, new_tokens: int) -> float | None:
+def engine_ceiling(engine: dict, c: int, prompt_tokens: int, new_tokens: int, rows: str = "engine") -> float | None:
     """Tokens/s of the engine alone doing this level's work with nothing else in the way: c prompts
-    prefilled at its best batched rate, then new_tokens decode steps at batch c."""
-    step = {e["batch"]: e["ms_per_step"] for e in engine["engine"]}.get(c)
+    prefilled at its best batched rate, then new_tokens decode steps at batch c (step time from `rows`)."""
+    step = {e["batch"]: e["ms_per_step"] for e in engine.get(rows) or []}.get(c)
     rate = (engine.get("prefill_batch") or {}).get("tokens_per_s")
     if step is None or not rate:
         return None
@@ -431,6 +439,10 @@ def add_ratios(row: dict, engine: dict) -> None:
     ceiling = engine_ceiling(engine, row["concurrency"], engine.get("prompt_tokens", 0), engine.get("new_tokens", 0))
     row["engine_ceiling_tokens_per_s"] = None if ceiling is None else round(ceiling, 1)
     row["ratio_tokens_vs_ceiling"] = div(row["tokens_per_s"], ceiling)
+    full = {e["batch"]: e for e in engine.get("engine_full") or []}.get(row["concurrency"])
+    row["ratio_tokens_full"] = div(row["tokens_per_s"], full and full["tokens_per_s"])
+    row["ratio_tokens_vs_ceiling_full"] = div(row["tokens_per_s"], engine_ceiling(
+        engine, row["concurrency"], engine.get("prompt_tokens", 0), engine.get("new_tokens", 0), "engine_full"))
     row["ratio_itl_p50_vs_engine_b1"] = div(row["itl_p50_s"], eng_1 and eng_1["ms_per_step"] / 1e3)
     row["ratio_itl_p50_vs_engine_bc"] = div(row["itl_p50_s"], eng_c and eng_c["ms_per_step"] / 1e3)
     row["ratio_ttft_p50_vs_prefill"] = div(row["ttft_p50_s"], engine["prefill_ms"] / 1e3)
@@ -535,15 +547,18 @@ def table(res: dict) -> str:
     f = lambda v, nd=1: "—" if v is None else f"{v:.{nd}f}"  # noqa: E731
     lines = [f"engine: prefill {res['prompt_tokens']} tokens {res['prefill_ms']:.2f} ms; decode "
              + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms ({e['tokens_per_s']:.0f} tok/s)" for e in res["engine"])
-             + (f"; batched prefill {res['prefill_batch']['tokens_per_s']} tok/s" if res.get("prefill_batch") else ""),
+             + (f"; batched prefill {res['prefill_batch']['tokens_per_s']} tok/s" if res.get("prefill_batch") else "")
+             + ("; over the requests' contexts: " + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms"
+                                                          for e in res["engine_full"]) if res.get("engine_full") else ""),
              "",
-             "| stages | front end | conc | tok/s | x engine tok/s | x ceiling | TTFT p50 ms | TTFT p99 ms | x prefill | "
-             "ITL p50 ms | ITL p99 ms | ITL x engine b1 | errors |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stages | front end | conc | tok/s | x engine tok/s | x ceiling | x engine, full ctx | x ceiling, full ctx | "
+             "TTFT p50 ms | TTFT p99 ms | x prefill | ITL p50 ms | ITL p99 ms | ITL x engine b1 | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     for r in res["serve"]:
         lines.append(f"| {r['stages']} | {r['frontend']} | {r['concurrency']} | {f(r['tokens_per_s'])} | "
-                     f"{f(r['ratio_tokens'], 3)} | {f(r.get('ratio_tokens_vs_ceiling'), 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
+                     f"{f(r['ratio_tokens'], 3)} | {f(r.get('ratio_tokens_vs_ceiling'), 3)} | {f(r.get('ratio_tokens_full'), 3)} | "
+                     f"{f(r.get('ratio_tokens_vs_ceiling_full'), 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
                      f"{f(r['ratio_ttft_p50_vs_prefill'], 2)} | {f(ms(r['itl_p50_s']), 2)} | {f(ms(r['itl_p99_s']), 2)} | "
                      f"{f(r['ratio_itl_p50_vs_engine_b1'], 2)} | {r['errors']} |")
     for mode, t in (res.get("cpu_target") or {}).items():
