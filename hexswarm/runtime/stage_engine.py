@@ -232,6 +232,13 @@ class StageEngine:
                         return
                     if self.route.is_first:
                         events = self._handle_first(msgs)
+                        if self._overlap and self._launched is not None and self._new_prompts():
+                            # a step with new prompts waits for the step on the GPU (~one step of host
+                            # work not overlapped): prompts arriving meanwhile join it, and a burst of
+                            # requests is prefilled in fewer, fuller steps
+                            self._finish_launched()
+                            for entry, items in self._handle_first(self._drain(block=False)).items():
+                                events.setdefault(entry, []).extend(items)
                         if self._can_step():
                             self._step(events)  # the events go out once the step is launched
                         elif self._launched is not None:
@@ -320,6 +327,9 @@ class StageEngine:
         prev = self._launched
         return (prev is not None and req.in_flight == 1 and req.pending == 1 and req.prefill_done
                 and req.length < req.stopper.max_new_tokens and id(req) in prev.sampled)
+
+    def _new_prompts(self) -> bool:
+        return any(r.prefilled == 0 and r.in_flight == 0 for r in self.requests.values())
 
     def _can_step(self) -> bool:
         if not self.route.is_first:
