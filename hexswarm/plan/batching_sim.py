@@ -188,6 +188,7 @@ class _Replica:
     free_at: list[float] = field(default_factory=list)  # per stage (its engine)
     device_free_at: list[float] = field(default_factory=list)  # per device (the GPU time the stages on it share)
     device_of: list[int] = field(default_factory=list)  # per stage
+    started_at: float = 0.0  # when the last decided step starts (one-stage overlapped pipelines)
     releases: list[float] = field(default_factory=list)  # heap: times slots free up
     running: int = 0
     in_system: int = 0
@@ -277,16 +278,21 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     def launch(r: int, m: int, now: float) -> None:
         nonlocal order, issued
         rep = reps[r]
-        if rep.free_at[0] > now + 1e-15:  # stage 0 still busy: decide the step when it starts
+        ahead = rep.timer.stages() == 1 and overlap
+        # Stage 0 still busy: decide the step when it starts; a one-stage overlapped pipeline decides
+        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens).
+        busy_until = rep.started_at if ahead else rep.free_at[0]
+        if busy_until > now + 1e-15:
             order += 1
-            heapq.heappush(events, (rep.free_at[0], order, r, m))
+            heapq.heappush(events, (busy_until, order, r, m))
             return
         while rep.releases and rep.releases[0] <= now:
             heapq.heappop(rep.releases)
             rep.running -= 1
         mine = rep.members[m]
         budget = rep.step_tokens - sum(1 for q in mine if q.prompt_left == 0)
-        while rep.waiting and rep.running < rep.max_batch and budget > 0:
+        share = math.ceil(rep.max_batch / len(rep.members))  # the runtime splits its requests over the micro-batches
+        while rep.waiting and rep.running < rep.max_batch and budget > 0 and len(mine) < share:
             rid = rep.waiting.popleft()
             mine.append(_Request(rid, prompts[rid], steps[rid]))
             rep.running += 1
@@ -321,8 +327,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         for i in range(S):
             gpu, host = timer.stage_s(i, shape), timer.overhead_s(i, shape)
             start = max(at, rep.free_at[i])
-            if S == 1 and overlap:  # step k+1 launched before step k is read: host work under the GPU's
+            if ahead:  # step k+1 launched before step k is read: host work under the GPU's
                 end = start + max(gpu, host)
+                rep.started_at = start
             else:
                 d = rep.device_of[i]
                 gpu_end = max(start, rep.device_free_at[d]) + gpu
@@ -357,7 +364,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             done = {id(q) for q in finished}
             rep.members[m] = [q for q in mine if id(q) not in done]
         order += 1
-        heapq.heappush(events, (token_t + timer.return_s(len(emitting) + len(chunks)), order, r, m))
+        heapq.heappush(events, (rep.started_at if ahead else token_t + timer.return_s(len(emitting) + len(chunks)),
+                                order, r, m))
 
     heapq.heapify(pending)
     while pending or events:
@@ -394,7 +402,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+    """Nearest rank (as tools/bench_serve.py reports percentiles): with two closed-loop waves the
+    median falls between them, and the two definitions pick different waves."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
 HORIZON_SLOS = 4  # a rate is judged on at least this many SLOs' worth of arrivals
