@@ -118,3 +118,31 @@ def test_a_closed_loop_wave_waits_for_the_entry_and_the_step_budget():
     assert wave.ttft_p99_s > 2 * 0.045  # the second half waits for the first half's step
     slow_entry = pvm.predict(replace(b, entry_s=0.004), 1, 32, 32)
     assert slow_entry.ttft_p99_s > 32 * 0.004 > wave.ttft_p99_s  # the last of 32 passes the entry after 32 x 4 ms
+
+
+@pytest.mark.parametrize("shape", ["plain", "node cache"])
+def test_cli_takes_a_node_calibration_file_and_says_so(tmp_path, capsys, shape):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps(CAL_FILE if shape == "plain" else {"v2|H100|fp|bfloat16": CAL_FILE}))
+    assert pvm.main([str(bench), "--calibration", str(cal), "--stages", "1", "2", "--concurrency", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"host time per stage per step: B1 0.80 ms B32 1.20 ms ({cal})" in out
+    assert "| 2 | 1 |" in out and "entry 0.00 ms per request (not measured: 0)" in out
+
+
+def test_a_malformed_calibration_file_is_one_line_exit_2(tmp_path, capsys):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps({**CAL_FILE, "stage_overhead": [[1, -1.0]]}))
+    assert pvm.main([str(bench), "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cal.json" in err and "stage_overhead" in err
+
+
+def test_calibrate_node_summary_names_every_quantity():
+    import calibrate_node
+
+    text = calibrate_node.summary({**CAL_FILE, "layers": 32, "device": "H100", "dtype": "bfloat16"})
+    for part in ("B1 5.700 ms", "2048 tokens in one forward", "host time per stage per step B1 0.800 ms", "2.00 GB/s"):
+        assert part in text

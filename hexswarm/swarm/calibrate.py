@@ -7,9 +7,10 @@ in a share of the device memory), with the embedding and lm_head, and times
 * a decode step at a few batch sizes (``DECODE_BATCHES``) at ``CONTEXT``
   tokens of context per row, through ``StageModel.decode_graphs`` (CUDA graphs
   on GPUs, as the engine decodes);
-* a prefill of ``PROMPT`` tokens, and one forward of as many such prompts as
-  fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``):
-  one prompt is launch-bound, a full step compute-bound;
+* a prefill of ``PROMPT`` tokens, and one step of as many such prompts as
+  fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``),
+  both through ``StageModel.forward_rows`` (the engine's ragged step): one
+  prompt is launch-bound, a full step compute-bound;
 * with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
   and the local link's bandwidth (the runtime's own engines and link code).
 
@@ -92,10 +93,10 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
             ids = torch.zeros(b, dtype=torch.long, device=dev)
             runner.step(ids, list(range(b)), [context] * b)
 
-        def prefill(n: int) -> None:
-            ids = torch.zeros(n, prompt, dtype=torch.long, device=dev)
-            h = model(model.embed(ids), kv, list(range(n)), [0] * n)
-            model.logits(h[:, -1])
+        def prefill(n: int) -> None:  # the engine's ragged path: n prompts back to back in one step
+            ids = torch.zeros(n * prompt, dtype=torch.long, device=dev)
+            h = model.forward_rows(model.embed(ids), kv, [(i, 0, prompt) for i in range(n)])
+            model.logits(h[prompt - 1::prompt])
 
         decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
         prefill_s = _median_s(lambda: prefill(1), sync, max(1, repeats // 2))
