@@ -170,3 +170,13 @@ def test_a_serving_node_measures_and_gossips_its_calibration(tmp_path, tiny_mode
     finally:
         a.kill()
         b.kill()
+
+
+def test_peers_shows_the_runtime_quantities_when_a_peer_measured_them():
+    from hexswarm.cli.node_cmd import _format_calibration
+
+    old, new = _format_calibration(CAL), _format_calibration(CAL2)
+    assert "stage overhead" not in old and "local link" not in old  # a v1 record shows what it has
+    assert "45,210 tok/s at 2048 tokens" in new and "stage overhead B1:0.70 B8:0.80 B32:1.00 ms/step" in new
+    assert "local link 2.50 GB/s" in new
+    assert _format_calibration({**CAL2, "stage_overhead": "x"}) == "?"
