@@ -107,6 +107,9 @@ def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():
     one, two = pvm.predict(b, 1, 1, 4), pvm.predict(b, 2, 1, 4)
     assert one.gap_p50_s == pytest.approx(0.0057, rel=0.03)  # 0.8 ms host work under a 5.7 ms GPU step
     assert two.gap_p50_s == pytest.approx(0.0057 + 2 * 0.0008, rel=0.03)
+    # a prompt: its prefill (128 / 10,000 s) on the shared GPU, each stage's host time, its activations once
+    # over the local link (stage 0 -> 1: 128 x 4096 x 2 bytes at 2 GB/s)
+    assert two.ttft_p50_s == pytest.approx(0.0128 + 2 * 0.0008 + 128 * 4096 * 2 / 2e9, rel=0.03)
     apart = pvm.predict(replace(b, shared_device=False, micro_batches=None), 2, 8, 32)
     shared = pvm.predict(replace(b, micro_batches=None), 2, 8, 32)
     assert apart.tokens_per_s > 1.3 * shared.tokens_per_s  # two micro-batches overlap only on two devices

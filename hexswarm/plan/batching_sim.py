@@ -103,12 +103,13 @@ class RooflineTimer:
         return self._stages[i].seconds(shape)
 
     def overhead_s(self, i: int, shape: StepShape) -> float:
-        """The node's measured per-step host time for this many rows, plus the prompt chunk's activations
-        over its local link (the measurement's own rows already crossed it)."""
+        """The node's measured per-step host time for this many rows, plus, on a stage that sends
+        activations on, the prompt chunk's over its local link (the measurement's rows already crossed it)."""
         cal = self._cal[i]
         if cal is None:
             return 0.0
-        link = shape.prefill_tokens * self._token_bytes / cal.link_Bps if cal.link_Bps and len(self._cal) > 1 else 0.0
+        sends = i < len(self._cal) - 1
+        link = shape.prefill_tokens * self._token_bytes / cal.link_Bps if cal.link_Bps and sends else 0.0
         return cal.overhead_s(max(shape.rows_out, 1.0)) + link
 
     def hop_s(self, i: int, shape: StepShape) -> float:
