@@ -124,7 +124,7 @@ def _model(doc: dict) -> ModelSpec:
         if "hidden_size" not in m and isinstance(m.get("config"), dict):
             m = m["config"]
         if "hidden_size" not in m and "hidden" in m:  # bench_serve's short shape
-            m = {"model_type": "llama", "num_hidden_layers": m["layers"], "hidden_size": m["hidden"],
+            m = {"name": f"bench_serve random {m['layers']}-layer, hidden {m['hidden']}", "model_type": "llama", "num_hidden_layers": m["layers"], "hidden_size": m["hidden"],
                  "num_attention_heads": m["heads"], "num_key_value_heads": m["kv_heads"],
                  "intermediate_size": m["intermediate"], "vocab_size": m["vocab"]}
         return model_spec_from_dict(m, name=str(m.get("name", "model")))
@@ -177,11 +177,11 @@ def _engine_parts(doc: dict, where: str, prompt: int, output: int) -> _Calibrati
     rate = _number(doc.get("prefill_tokens_per_s"))
     if rate is None and _number(doc.get("prefill_ms")):
         rate = prompt / (float(doc["prefill_ms"]) / 1e3)
-    parts.offer("prefill_tokens_per_s", rate, f"one prompt's prefill ({where})")
+    parts.offer("prefill_tokens_per_s", rate, f"prefill_ms of {where}")
     batch = doc.get("prefill_batch") if isinstance(doc.get("prefill_batch"), dict) else {}
     if _number(batch.get("prompts")) and _number(batch.get("ms")):
         parts.offer("prefill_batch", [int(batch["prompts"]) * prompt, float(batch["ms"]) / 1e3],
-                    f"batched prefill of {where} ({int(batch['prompts'])} x {prompt} tokens)")
+                    f"prefill_batch of {where}: {int(batch['prompts'])} x {prompt} tokens")
     return parts
 
 
