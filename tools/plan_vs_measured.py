@@ -27,10 +27,10 @@ What the prediction is made of, each printed with where it came from:
   rows (decode, one prompt's prefill, batched prefill), then flags for what neither has: the per-stage
   host time of a pipeline (``--stage-overhead-ms``) and the local link's speed (``--link-gbps``);
   a quantity found nowhere is taken as not there (0 overhead, the analytic intra-host link);
-* the runtime's rules: token budget ``max_step_tokens`` (node_extra, else 2048 as on CUDA), chunked
-  prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a one-stage CUDA
-  pipeline hides its host work behind the GPU, and (bench_serve) every stage on the same GPU, so the
-  stages' GPU time adds up;
+* the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
+  512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
+  one-stage CUDA pipeline hides its host work behind the GPU, and (bench_serve) every stage on the same
+  device, so the stages' GPU time adds up;
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
   every client's first request arrives at once), and ``--entry-ms`` of serial entry work per request
   (front end, tokenizer, dispatch; not measured by any calibration yet: 0 unless given).
@@ -59,6 +59,7 @@ from hexswarm.plan.cluster import DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster,
 from hexswarm.plan.cost import RooflineCostModel, StepShape  # noqa: E402
 from hexswarm.plan.model_spec import ModelSpec, load_model_spec, model_spec_from_dict  # noqa: E402
 from hexswarm.plan.replica import ReplicaPlanner  # noqa: E402
+from hexswarm.swarm.daemon import step_tokens_for  # noqa: E402  (max_step_tokens: auto, as a node sets it)
 from hexswarm.plan.workload import LengthDist, Workload  # noqa: E402
 
 TARGET = 0.2  # the issue's "every predicted median within 20% of the measured one"
@@ -90,6 +91,7 @@ class Bench:
     step_tokens: int = 2048
     shared_device: bool = True
     entry_s: float = 0.0
+    cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
 
     @property
     def engine(self) -> tuple[tuple[int, float], ...]:
@@ -261,16 +263,19 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
         raise ValueError(f"calibration: {e}") from None
     extra = doc.get("node_extra") if isinstance(doc.get("node_extra"), dict) else {}
     micro = int(_number(extra.get("micro_batches")) or 0) or None
-    step_tokens = int(_number(extra.get("max_step_tokens")) or 0) or 2048
+    cuda = not str(_first(doc, "device", "device_name", "gpu", default="")).lower().startswith("cpu")
+    auto = step_tokens_for("cuda" if cuda else "cpu")
+    step_tokens = int(_number(extra.get("max_step_tokens")) or 0) or auto
     sources["micro_batches"] = f"node_extra of {where}" if micro else "node default (one per stage)"
-    sources["max_step_tokens"] = f"node_extra of {where}" if extra.get("max_step_tokens") else "auto on CUDA (2048)"
+    sources["max_step_tokens"] = f"node_extra of {where}" if extra.get("max_step_tokens") else \
+        f"auto on {'CUDA' if cuda else 'CPU'}"
     sources["entry"] = "--entry-ms" if entry_ms is not None else "not measured: 0"
     old_link = doc.get("link") if isinstance(doc.get("link"), dict) else None  # the older schema's separate hosts
     link = None if old_link is None else Link(_number(old_link.get("latency_s")) or 100e-6,
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
-                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3)
+                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3, cuda=cuda)
 
 
 def calibrated_device(bench: Bench) -> GpuKind:
@@ -310,7 +315,7 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
                     concurrency, n)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
-                             shared_device=bench.shared_device, entry_s=bench.entry_s)
+                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
