@@ -55,7 +55,8 @@ if str(REPO) not in sys.path:
 
 from hexswarm.plan.batching_sim import BatchSimResult, simulate_batching  # noqa: E402
 from hexswarm.plan.calibration import Calibration, CalibrationError, parse_calibration  # noqa: E402
-from hexswarm.plan.cluster import DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster, GpuKind, Host, Link, cluster_from_hosts  # noqa: E402
+from hexswarm.plan.cluster import (DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster, GpuKind, Host, Link,  # noqa: E402
+                                   cluster_from_hosts)
 from hexswarm.plan.cost import RooflineCostModel, StepShape  # noqa: E402
 from hexswarm.plan.model_spec import ModelSpec, load_model_spec, model_spec_from_dict  # noqa: E402
 from hexswarm.plan.replica import ReplicaPlanner  # noqa: E402
@@ -126,7 +127,8 @@ def _model(doc: dict) -> ModelSpec:
         if "hidden_size" not in m and isinstance(m.get("config"), dict):
             m = m["config"]
         if "hidden_size" not in m and "hidden" in m:  # bench_serve's short shape
-            m = {"name": f"bench_serve random {m['layers']}-layer, hidden {m['hidden']}", "model_type": "llama", "num_hidden_layers": m["layers"], "hidden_size": m["hidden"],
+            m = {"name": f"bench_serve random {m['layers']}-layer, hidden {m['hidden']}", "model_type": "llama",
+                 "num_hidden_layers": m["layers"], "hidden_size": m["hidden"],
                  "num_attention_heads": m["heads"], "num_key_value_heads": m["kv_heads"],
                  "intermediate_size": m["intermediate"], "vocab_size": m["vocab"]}
         return model_spec_from_dict(m, name=str(m.get("name", "model")))
@@ -357,8 +359,9 @@ def _fmt_ratio(r: float | None) -> str:
 def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     cal = bench.calibration
     engine = ", ".join(f"B{b} {t * 1e3:.2f} ms" for b, t in bench.engine) or "none (analytic)"
-    lines = [f"model {bench.model.name} ({bench.model.num_layers} layers), device {bench.device.name}, prompt "
-             f"{bench.prompt_len}, output {bench.output_len}; {'every stage on one device' if bench.shared_device else 'one device per stage'}",
+    placed = "every stage on one device" if bench.shared_device else "one device per stage"
+    lines = [f"model {bench.model.name}, device {bench.device.name}, prompt {bench.prompt_len}, output "
+             f"{bench.output_len}; {placed}",
              f"- decode: {engine} ({bench.sources.get('decode')})"]
     if cal is not None:
         lines.append(f"- prefill, one prompt: {cal.prefill_tokens_per_s:,.0f} tokens/s ({bench.sources['prefill_tokens_per_s']})")
