@@ -17,6 +17,8 @@ from hexswarm.swarm.records import SIGNING_DOMAIN, NodeRecord, open_record, sign
 
 CAL = {"decode": [[1, 0.00568], [8, 0.0061], [32, 0.007]], "context": 128, "prefill_tokens_per_s": 21000.0,
        "prompt": 128, "layers": 32, "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "abc"}
+# with the runtime's quantities (calibration v2): batched prefill, per-stage host time, local link speed
+CAL2 = {**CAL, "prefill_batch": [2048, 0.0453], "stage_overhead": [[1, 7e-4], [8, 8e-4], [32, 1e-3]], "link_Bps": 2.5e9}
 
 
 def _record(me: identity.Identity, **changes) -> NodeRecord:
@@ -29,12 +31,20 @@ def _resign(me: identity.Identity, body_map: dict) -> dict:
     return {"body": body, "sig": me.sign(SIGNING_DOMAIN + body)}
 
 
-def test_calibration_round_trips_through_the_signed_record():
+@pytest.mark.parametrize("cal", [CAL, CAL2])
+def test_calibration_round_trips_through_the_signed_record(cal):
     me = identity.generate()
-    wire = codec.decode(codec.encode(sign_record(_record(me, calibration=CAL), me)))
+    wire = codec.decode(codec.encode(sign_record(_record(me, calibration=cal), me)))
     got = open_record(wire)
-    assert got.calibration == CAL
-    assert parse_calibration(got.calibration).decode_s(8) == pytest.approx(0.0061)
+    assert got.calibration == cal
+    parsed = parse_calibration(got.calibration)
+    assert parsed.decode_s(8) == pytest.approx(0.0061)
+    assert parsed.to_json() == {**cal, "layers": 32}  # what a node announces is what it measured
+    if cal is CAL2:
+        assert parsed.overhead_s(1) == pytest.approx(7e-4) and parsed.overhead_s(20) == pytest.approx(9e-4)
+        assert parsed.prefill_batch == (2048, 0.0453) and parsed.link_Bps == 2.5e9
+    else:  # not measured: no overhead, the planner's analytic prefill shape
+        assert parsed.overhead_s(8) == 0.0 and parsed.prefill_batch is None and parsed.link_Bps is None
 
 
 def test_records_without_calibration_stay_valid_and_omit_the_field():
@@ -55,6 +65,17 @@ def test_records_without_calibration_stay_valid_and_omit_the_field():
     {**CAL, "prefill_tokens_per_s": "fast"},
     {**CAL, "context": 0},
     {**CAL, "device": "x" * 1000},
+    {**CAL2, "stage_overhead": [[8, 1e-3], [1, 7e-4]]},  # rows not ascending
+    {**CAL2, "stage_overhead": [[1, -1e-3]]},
+    {**CAL2, "stage_overhead": [[1, float("inf")]]},
+    {**CAL2, "stage_overhead": []},
+    {**CAL2, "stage_overhead": "fast"},
+    {**CAL2, "prefill_batch": [2048]},
+    {**CAL2, "prefill_batch": [2048, 0.0]},
+    {**CAL2, "prefill_batch": [1.5, 0.04]},
+    {**CAL2, "link_Bps": 0},
+    {**CAL2, "link_Bps": "2.5e9"},
+    {**CAL2, "link_Bps": float("nan")},
     "not a map",
 ])
 def test_malformed_calibration_is_refused(bad):
@@ -70,19 +91,33 @@ def test_unsigned_or_forged_calibration_is_refused():
     signed = sign_record(_record(me, calibration=CAL), me)
     with pytest.raises(ProtocolError):
         open_record({"body": signed["body"]})
-    faster = {**CAL, "decode": [[1, 1e-6]]}
-    forged = sign_record(_record(me, calibration=faster), me)
-    with pytest.raises(ProtocolError, match="signature"):
-        open_record({"body": forged["body"], "sig": signed["sig"]})
+    for faster in ({**CAL, "decode": [[1, 1e-6]]}, {**CAL2, "stage_overhead": [[1, 1e-9]]}):
+        forged = sign_record(_record(me, calibration=faster), me)
+        with pytest.raises(ProtocolError, match="signature"):
+            open_record({"body": forged["body"], "sig": signed["sig"]})
     with pytest.raises(ProtocolError, match="signature"):
         open_record({"body": signed["body"], "sig": mallory.sign(SIGNING_DOMAIN + signed["body"])})
 
 
+def _small_runtime_calibration(monkeypatch) -> None:
+    """Fewer and shorter runs of the runtime measurement: the code path, not a timing (tests assert none)."""
+    from hexswarm.swarm import calibrate_runtime as rt
+
+    for name, value in (("OVERHEAD_ROWS", (1, 2)), ("REPEATS", 1), ("SHORT", 2), ("LONG", 4), ("LINK_TOKENS", 16)):
+        monkeypatch.setattr(rt, name, value)
+    for name, value in (("DECODE_BATCHES", (1, 4)), ("PROMPT", 16), ("CONTEXT", 16)):
+        monkeypatch.setattr(calibrate, name, value)
+
+
 def test_measurement_on_the_tiny_model_is_cached_by_device_model_and_dtype(tiny_model, tmp_path, monkeypatch):
+    _small_runtime_calibration(monkeypatch)
     first = calibrate.cached_measure(tmp_path, tiny_model, "fp1", "cpu", "float32")
     cal = parse_calibration(first)  # the wire form the record carries
     assert [b for b, _ in cal.decode] == list(calibrate.DECODE_BATCHES)
     assert cal.layers == LlamaConfig.from_dir(tiny_model).num_hidden_layers and cal.model == "fp1"
+    # the runtime's share: a full step's prefill, host time per stage by rows (real engines, two stages), the link
+    assert cal.prefill_batch is not None and cal.prefill_batch[0] > cal.prompt == 16
+    assert [r for r, _ in cal.stage_overhead] == [1, 2] and cal.link_Bps > 0
 
     def boom(*a, **k):
         raise AssertionError("measured again")
@@ -135,3 +170,13 @@ def test_a_serving_node_measures_and_gossips_its_calibration(tmp_path, tiny_mode
     finally:
         a.kill()
         b.kill()
+
+
+def test_peers_shows_the_runtime_quantities_when_a_peer_measured_them():
+    from hexswarm.cli.node_cmd import _format_calibration
+
+    old, new = _format_calibration(CAL), _format_calibration(CAL2)
+    assert "stage overhead" not in old and "local link" not in old  # a v1 record shows what it has
+    assert "45,210 tok/s at 2048 tokens" in new and "stage overhead B1:0.70 B8:0.80 B32:1.00 ms/step" in new
+    assert "local link 2.50 GB/s" in new
+    assert _format_calibration({**CAL2, "stage_overhead": "x"}) == "?"

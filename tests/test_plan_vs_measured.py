@@ -2,6 +2,7 @@
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,11 @@ def test_cli_prints_predicted_measured_and_ratio(tmp_path, capsys):
     pred, meas, ratio = float(cells[2]), float(cells[3]), float(cells[4])
     assert meas == 170.0 and ratio == pytest.approx(pred / meas, abs=0.01)
     assert "| 2 | 8 |" in table and "| 1 | 8 |" in table  # unmeasured cells are predicted, marked "-"
-    rows = json.loads(out_json.read_text())
+    out = json.loads(out_json.read_text())
+    rows = out["rows"]
     assert len(rows) == 4 and rows[0]["measured"]["tokens_per_s"] == 170.0
+    assert out["sources"]["stage_overhead"].startswith("not measured")  # says what it did not have
+    assert "within 20%:" in table
 
 
 def test_unreadable_input_is_one_line_exit_2(tmp_path, capsys):
@@ -59,3 +63,89 @@ def test_unreadable_input_is_one_line_exit_2(tmp_path, capsys):
     bad.write_text("{}")
     assert pvm.main([str(bad)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+# bench_serve's own shape (run 9): engine rows, one prompt's and a full step's prefill, node_extra, serve rows
+# of several front ends; numbers made up.
+SERVE = {
+    "device": "NVIDIA H100 80GB HBM3, 79 GiB", "prompt_tokens": 128, "new_tokens": 32,
+    "model": {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 32, "intermediate": 11008, "vocab": 32000},
+    "node_extra": {"micro_batches": 1}, "prefill_ms": 12.0, "prefill_batch": {"prompts": 16, "ms": 45.0},
+    "engine": [{"batch": 1, "ms_per_step": 5.7}, {"batch": 8, "ms_per_step": 6.1}, {"batch": 32, "ms_per_step": 7.0}],
+    "serve": [{"stages": 1, "frontend": "http", "concurrency": 8, "requests": 16, "tokens_per_s": 1100.0,
+               "ttft_p50_s": 0.03, "itl_p50_s": 0.0062},
+              {"stages": 1, "frontend": "submit", "concurrency": 8, "requests": 16, "tokens_per_s": 900.0,
+               "ttft_p50_s": 0.05, "itl_p50_s": 0.0065},
+              {"stages": 2, "frontend": "http", "concurrency": 1, "requests": 4, "tokens_per_s": 130.0,
+               "ttft_p50_s": 0.02, "itl_p50_s": 0.0072}],
+}
+CAL_FILE = {"decode": [[1, 0.0057], [32, 0.007]], "context": 144, "prefill_tokens_per_s": 10000.0, "prompt": 128,
+            "prefill_batch": [2048, 0.045], "stage_overhead": [[1, 0.0008], [32, 0.0012]], "link_Bps": 2e9}
+
+
+def test_reads_bench_serve_rows_of_one_front_end_and_names_every_source():
+    b = pvm.read_bench(SERVE, "run.json")
+    assert {(m.stages, m.concurrency, m.tokens_per_s) for m in b.layouts} == {(1, 8, 1100.0), (2, 1, 130.0)}
+    assert pvm.read_bench(SERVE, frontend="submit").layouts[0].tokens_per_s == 900.0
+    cal = b.calibration
+    assert cal.prefill_tokens_per_s == pytest.approx(128 / 0.012) and cal.prefill_batch == (2048, 0.045)
+    assert cal.stage_overhead == () and cal.link_Bps is None and b.micro_batches == 1 and b.shared_device
+    assert "run.json" in b.sources["prefill_batch"] and b.sources["stage_overhead"].startswith("not measured")
+    # a node's calibration comes first; flags only fill what nothing measured
+    with_cal = pvm.read_bench(SERVE, calibration=CAL_FILE, calibration_name="cal.json", stage_overhead_ms="1:5")
+    assert with_cal.calibration.overhead_s(1) == pytest.approx(0.0008) and with_cal.sources["stage_overhead"] == "cal.json"
+    assert with_cal.engine == ((1, 0.0057), (32, 0.007))
+    flags = pvm.read_bench(SERVE, stage_overhead_ms="1:0.5,32:1.0", link_gbps=3.0, entry_ms=2.0)
+    assert flags.calibration.overhead_s(32) == pytest.approx(0.001) and flags.calibration.link_Bps == 3e9
+    assert flags.entry_s == pytest.approx(0.002) and flags.sources["stage_overhead"] == "--stage-overhead-ms"
+
+
+def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():
+    """micro_batches 1, two stages on one GPU: a batch-1 token costs the whole model's GPU step plus each
+    stage's host time (hand-computed); one stage hides its host time behind the GPU."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    one, two = pvm.predict(b, 1, 1, 4), pvm.predict(b, 2, 1, 4)
+    assert one.gap_p50_s == pytest.approx(0.0057, rel=0.03)  # 0.8 ms host work under a 5.7 ms GPU step
+    assert two.gap_p50_s == pytest.approx(0.0057 + 2 * 0.0008, rel=0.03)
+    # a prompt: its prefill (128 / 10,000 s) on the shared GPU, each stage's host time, its activations once
+    # over the local link (stage 0 -> 1: 128 x 4096 x 2 bytes at 2 GB/s)
+    assert two.ttft_p50_s == pytest.approx(0.0128 + 2 * 0.0008 + 128 * 4096 * 2 / 2e9, rel=0.03)
+    apart = pvm.predict(replace(b, shared_device=False, micro_batches=None), 2, 8, 32)
+    shared = pvm.predict(replace(b, micro_batches=None), 2, 8, 32)
+    assert apart.tokens_per_s > 1.3 * shared.tokens_per_s  # two micro-batches overlap only on two devices
+
+
+def test_a_closed_loop_wave_waits_for_the_entry_and_the_step_budget():
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    wave = pvm.predict(b, 1, 32, 32)  # one wave: 32 x 128 prompt tokens, 2048 per step
+    assert wave.ttft_p99_s > 2 * 0.045  # the second half waits for the first half's step
+    slow_entry = pvm.predict(replace(b, entry_s=0.004), 1, 32, 32)
+    assert slow_entry.ttft_p99_s > 32 * 0.004 > wave.ttft_p99_s  # the last of 32 passes the entry after 32 x 4 ms
+
+
+@pytest.mark.parametrize("shape", ["plain", "node cache"])
+def test_cli_takes_a_node_calibration_file_and_says_so(tmp_path, capsys, shape):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps(CAL_FILE if shape == "plain" else {"v2|H100|fp|bfloat16": CAL_FILE}))
+    assert pvm.main([str(bench), "--calibration", str(cal), "--stages", "1", "2", "--concurrency", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"host time per stage per step: B1 0.80 ms B32 1.20 ms ({cal})" in out
+    assert "| 2 | 1 |" in out and "entry 0.00 ms per request (not measured: 0)" in out
+
+
+def test_a_malformed_calibration_file_is_one_line_exit_2(tmp_path, capsys):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps({**CAL_FILE, "stage_overhead": [[1, -1.0]]}))
+    assert pvm.main([str(bench), "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cal.json" in err and "stage_overhead" in err
+
+
+def test_calibrate_node_summary_names_every_quantity():
+    import calibrate_node
+
+    text = calibrate_node.summary({**CAL_FILE, "layers": 32, "device": "H100", "dtype": "bfloat16"})
+    for part in ("B1 5.700 ms", "2048 tokens in one forward", "host time per stage per step B1 0.800 ms", "2.00 GB/s"):
+        assert part in text

@@ -127,12 +127,22 @@ def _format_devices(devices: list[dict]) -> str:
 
 
 def _format_calibration(cal: dict | None) -> str:
-    """The engine's measured speed a peer announces: ms per decode step by batch, prefill tokens/s."""
+    """The engine's measured speed a peer announces: ms per decode step by batch, prefill tokens/s (one
+    prompt; a full step), and what the runtime adds per stage of a pipeline and its local link's speed."""
     if not isinstance(cal, dict) or not cal.get("decode"):
         return "-"
     try:
         steps = " ".join(f"B{int(b)}:{float(t) * 1e3:.2f}" for b, t in cal["decode"])
-        return f"{steps} ms/step\nprefill {float(cal['prefill_tokens_per_s']):,.0f} tok/s"
+        lines = [f"{steps} ms/step", f"prefill {float(cal['prefill_tokens_per_s']):,.0f} tok/s"]
+        if cal.get("prefill_batch"):
+            n, secs = cal["prefill_batch"]
+            lines[-1] += f", {float(n) / float(secs):,.0f} tok/s at {int(n)} tokens"
+        if cal.get("stage_overhead"):
+            lines.append("stage overhead " + " ".join(f"B{int(r)}:{float(t) * 1e3:.2f}" for r, t in cal["stage_overhead"])
+                         + " ms/step")
+        if cal.get("link_Bps"):
+            lines.append(f"local link {float(cal['link_Bps']) / 1e9:.2f} GB/s")
+        return "\n".join(lines)
     except (TypeError, ValueError, KeyError):
         return "?"
 

@@ -4,8 +4,8 @@ It follows the serving engine's rule, per replica:
 
 * a replica holds at most ``max_batch`` requests (its KV slots); an arriving
   request waits FIFO until a slot is free;
-* the replica runs ``S`` micro-batches for ``S`` stages (as the runtime's
-  pipeline does), each request belongs to one micro-batch for life;
+* the replica runs ``micro_batches`` micro-batches (default: one per stage),
+  each request belongs to one micro-batch for life;
 * each step of a micro-batch carries one decode row per running request of it
   plus a chunk of waiting prompt tokens, bounded by the step token budget
   (chunked prefill); requests are admitted at the start of a step while slots
@@ -13,7 +13,16 @@ It follows the serving engine's rule, per replica:
 * the step goes through the stages in order; each stage runs one step at a
   time (FIFO), so the micro-batches overlap on different stages; between
   stages the activations cross the link, and the sampled tokens go back from
-  the last stage to stage 0 before that micro-batch's next step.
+  the last stage to stage 0 before that micro-batch's next step;
+* a stage's step is its GPU time plus the host time the runtime adds to it
+  (launch, wait, link hand-off; the node measures it, ``Calibration.stage_overhead``),
+  except on a one-stage pipeline, which launches step k+1 before reading
+  step k, so its host work hides behind the GPU (``overlap``);
+* stages that share one device (``shared_device``: several stage processes on
+  one GPU) share its time: their GPU work runs one at a time;
+* a request first passes the entry (``entry_s`` of serial work per request:
+  front end, tokenizer, dispatch), so a closed-loop wave of c requests reaches
+  stage 0 spread over c x entry_s.
 
 Step times come from the cost model for the exact step (rows, their contexts,
 prompt tokens), so batching, context growth and prefill/decode interference
@@ -49,11 +58,13 @@ class BatchSimResult(SimResult):
     ttft_p99_s: float = math.inf
     itl_p50_s: float = math.inf  # per request: (last token - first token) / (tokens - 1), median over requests
     itl_p99_s: float = math.inf
+    gap_p50_s: float = math.inf  # median over every gap between two tokens of a request (what a benchmark pools)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "tokens_per_s": round(self.tokens_per_s, 2),
                 "ttft_p50_s": round(self.ttft_p50_s, 5), "ttft_p99_s": round(self.ttft_p99_s, 5),
-                "itl_p50_s": round(self.itl_p50_s, 6), "itl_p99_s": round(self.itl_p99_s, 6)}
+                "itl_p50_s": round(self.itl_p50_s, 6), "itl_p99_s": round(self.itl_p99_s, 6),
+                "gap_p50_s": round(self.gap_p50_s, 6)}
 
 
 class StepTimer(Protocol):
@@ -61,7 +72,9 @@ class StepTimer(Protocol):
 
     def stages(self) -> int: ...
 
-    def stage_s(self, i: int, shape: StepShape) -> float: ...
+    def stage_s(self, i: int, shape: StepShape) -> float: ...  # GPU time
+
+    def overhead_s(self, i: int, shape: StepShape) -> float: ...  # host time the stage adds beyond its GPU time
 
     def hop_s(self, i: int, shape: StepShape) -> float: ...  # from stage i to stage i + 1
 
@@ -80,12 +93,24 @@ class RooflineTimer:
         self._hops = [cost.hop_coefficients(cluster.link(a.host, b.host), b.tp, cluster.hosts[b.host].intra)
                       for a, b in zip(st, st[1:])]
         self._return = cluster.link(st[-1].host, st[0].host) if len(st) > 1 else None
+        self._cal = [h.kind(s.kind).calibration for s, h in zip(st, hosts)]
+        self._token_bytes = cost.model.hidden_size * cost.model.bytes_per_param
 
     def stages(self) -> int:
         return len(self._stages)
 
     def stage_s(self, i: int, shape: StepShape) -> float:
         return self._stages[i].seconds(shape)
+
+    def overhead_s(self, i: int, shape: StepShape) -> float:
+        """The node's measured per-step host time for this many rows, plus, on a stage that sends
+        activations on, the prompt chunk's over its local link (the measurement's rows already crossed it)."""
+        cal = self._cal[i]
+        if cal is None:
+            return 0.0
+        sends = i < len(self._cal) - 1
+        link = shape.prefill_tokens * self._token_bytes / cal.link_Bps if cal.link_Bps and sends else 0.0
+        return cal.overhead_s(max(shape.rows_out, 1.0)) + link
 
     def hop_s(self, i: int, shape: StepShape) -> float:
         fixed, per_token = self._hops[i]
@@ -125,6 +150,9 @@ class PassTimer:
         rows = math.ceil(shape.decode_rows)
         return t + (self._at(rows)[0][i].decode_s if rows else 0.0)
 
+    def overhead_s(self, i: int, shape: StepShape) -> float:
+        return 0.0
+
     def hop_s(self, i: int, shape: StepShape) -> float:
         t = self._at(1)[1][i].prefill_s * self._prompt_share(shape) if shape.prefill_tokens else 0.0
         rows = math.ceil(shape.decode_rows)
@@ -158,7 +186,10 @@ class _Replica:
     waiting: deque = field(default_factory=deque)
     members: list[list[_Request]] = field(default_factory=list)  # per micro-batch
     idle: list[bool] = field(default_factory=list)
-    free_at: list[float] = field(default_factory=list)  # per stage
+    free_at: list[float] = field(default_factory=list)  # per stage (its engine)
+    device_free_at: list[float] = field(default_factory=list)  # per device (the GPU time the stages on it share)
+    device_of: list[int] = field(default_factory=list)  # per stage
+    started_at: float = 0.0  # when the last decided step starts (one-stage overlapped pipelines)
     releases: list[float] = field(default_factory=list)  # heap: times slots free up
     running: int = 0
     in_system: int = 0
@@ -191,12 +222,16 @@ def _capacity(timer: StepTimer, max_batch: int, prompt: float, steps: float) -> 
 
 def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
                       seed: int = 0, max_batch: int | None = None, step_tokens: int = 2048,
-                      closed_loop: int | None = None) -> BatchSimResult:
+                      closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
+                      overlap: bool = True, entry_s: float = 0.0) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
     send a request, and the next one as soon as the answer is complete (a benchmark at concurrency c).
-    ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget."""
+    ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget;
+    ``micro_batches`` defaults to one per stage; ``shared_device``: each replica's stages run on one
+    device; ``overlap``: a one-stage pipeline hides its host work behind the GPU (CUDA);
+    ``entry_s``: serial seconds of entry work per request before it reaches a replica."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -211,7 +246,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         outputs.append(workload.output.sample(rng))
     if closed_loop is not None:
         times[:closed_loop] = [0.0] * min(n, closed_loop)
-    pending = [(times[k], k) for k in range(n) if times[k] < math.inf]  # heap of (arrival, id)
+    pending = [(times[k], k, False) for k in range(n) if times[k] < math.inf]  # heap of (time, id, through the entry)
+    entry_free = 0.0
+    gaps: list[float] = []
     issued = len(pending)
     if not replicas or n == 0:
         return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0)
@@ -223,8 +260,10 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         timer = step_timer(cluster, cost, lay)
         cap, unloaded = _capacity(timer, slots, workload.prompt.mean, max(0, round(workload.output.mean) - 1))
         S = timer.stages()
-        reps.append(_Replica(timer, slots, step_tokens, cap, unloaded, members=[[] for _ in range(S)],
-                             idle=[True] * S, free_at=[0.0] * S))
+        M = max(1, micro_batches or S)
+        reps.append(_Replica(timer, slots, step_tokens, cap, unloaded, members=[[] for _ in range(M)],
+                             idle=[True] * M, free_at=[0.0] * S, device_free_at=[0.0] * S,
+                             device_of=[0] * S if shared_device else list(range(S))))
     events: list[tuple[float, int, int, int]] = []  # (time, order, replica, micro-batch)
     order = 0
 
@@ -240,16 +279,21 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     def launch(r: int, m: int, now: float) -> None:
         nonlocal order, issued
         rep = reps[r]
-        if rep.free_at[0] > now + 1e-15:  # stage 0 still busy: decide the step when it starts
+        ahead = rep.timer.stages() == 1 and overlap
+        # Stage 0 still busy: decide the step when it starts; a one-stage overlapped pipeline decides
+        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens).
+        busy_until = rep.started_at if ahead else rep.free_at[0]
+        if busy_until > now + 1e-15:
             order += 1
-            heapq.heappush(events, (rep.free_at[0], order, r, m))
+            heapq.heappush(events, (busy_until, order, r, m))
             return
         while rep.releases and rep.releases[0] <= now:
             heapq.heappop(rep.releases)
             rep.running -= 1
         mine = rep.members[m]
         budget = rep.step_tokens - sum(1 for q in mine if q.prompt_left == 0)
-        while rep.waiting and rep.running < rep.max_batch and budget > 0:
+        share = math.ceil(rep.max_batch / len(rep.members))  # the runtime splits its requests over the micro-batches
+        while rep.waiting and rep.running < rep.max_batch and budget > 0 and len(mine) < share:
             rid = rep.waiting.popleft()
             mine.append(_Request(rid, prompts[rid], steps[rid]))
             rep.running += 1
@@ -282,8 +326,16 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         S = timer.stages()
         at = now
         for i in range(S):
+            gpu, host = timer.stage_s(i, shape), timer.overhead_s(i, shape)
             start = max(at, rep.free_at[i])
-            end = start + timer.stage_s(i, shape)
+            if ahead:  # step k+1 launched before step k is read: host work under the GPU's
+                end = start + max(gpu, host)
+                rep.started_at = start
+            else:
+                d = rep.device_of[i]
+                gpu_end = max(start, rep.device_free_at[d]) + gpu
+                rep.device_free_at[d] = gpu_end
+                end = gpu_end + host
             rep.free_at[i] = end
             at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
         token_t = at
@@ -291,6 +343,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         for q in emitting:
             q.context += 1
             q.steps_left -= 1
+            gaps.append(token_t - last[q.rid])
             last[q.rid] = token_t
             if q.steps_left <= 0:
                 finished.append(q)
@@ -306,18 +359,23 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             heapq.heappush(rep.done_at, token_t)
             if closed_loop is not None and issued < n:  # that client sends its next request
                 times[issued] = token_t
-                heapq.heappush(pending, (token_t, issued))
+                heapq.heappush(pending, (token_t, issued, False))
                 issued += 1
         if finished:
             done = {id(q) for q in finished}
             rep.members[m] = [q for q in mine if id(q) not in done]
         order += 1
-        heapq.heappush(events, (token_t + timer.return_s(len(emitting) + len(chunks)), order, r, m))
+        heapq.heappush(events, (rep.started_at if ahead else token_t + timer.return_s(len(emitting) + len(chunks)),
+                                order, r, m))
 
     heapq.heapify(pending)
     while pending or events:
         if pending and (not events or pending[0][0] <= events[0][0]):  # arrivals first at equal times
-            now, rid = heapq.heappop(pending)
+            now, rid, entered = heapq.heappop(pending)
+            if entry_s > 0 and not entered:  # the entry handles one request at a time
+                entry_free = max(now, entry_free) + entry_s
+                heapq.heappush(pending, (entry_free, rid, True))
+                continue
             best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
             rep = reps[best]
             rep.waiting.append(rid)
@@ -339,12 +397,15 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         tokens_per_s=tokens / span if span > 0 else 0.0,
         ttft_p50_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
         itl_p50_s=_quantile(itl, 0.5), itl_p99_s=_quantile(itl, 0.99),
+        gap_p50_s=_quantile(sorted(gaps), 0.5) if gaps else 0.0,
         num_requests=n,
     )
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+    """Nearest rank (as tools/bench_serve.py reports percentiles): with two closed-loop waves the
+    median falls between them, and the two definitions pick different waves."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
 
 
 HORIZON_SLOS = 4  # a rate is judged on at least this many SLOs' worth of arrivals

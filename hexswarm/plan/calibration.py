@@ -19,7 +19,18 @@ Wire / dict form (what the node gossips in its record's ``calibration`` field;
      "prefill_tokens_per_s": 21000.0,  # prompt tokens per second, batch 1
      "prompt": 128,                  # prompt length of the prefill measurement
      "layers": 32,                   # layers measured (with embedding and lm_head); optional, 0 or absent: all
+     # optional (absent: not measured, the planner falls back to the analytic model / zero):
+     "prefill_batch": [2048, 0.0453],  # [prompt tokens, seconds] of one forward of several prompts (a full step)
+     "stage_overhead": [[1, 7e-4], [8, 8e-4], [32, 1e-3]],  # [rows, seconds]: host time one stage adds to a
+                                     # step of a pipeline of several stages (launch, wait, link hand-off), beyond GPU
+     "link_Bps": 2.5e9,              # local link: activation bytes/s, device -> socket -> device
      "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "<fingerprint>"}   # informational
+
+The optional quantities describe the runtime, not the kernels: with several stages on
+one host each step of a stage pays host work that a one-stage CUDA pipeline hides
+behind the GPU (it launches step k+1 before reading step k); ``stage_overhead`` is
+that work per stage, measured on the node's own serving engine (two stages handing
+steps over a local link, minus their GPU time).
 """
 
 from __future__ import annotations
@@ -45,6 +56,9 @@ class Calibration:
     prefill_tokens_per_s: float
     prompt: int  # prompt tokens of the prefill measurement
     layers: int = 0  # layers measured, with embedding and lm_head (0: all of the model's)
+    prefill_batch: tuple[int, float] | None = None  # (prompt tokens, seconds) of one batched prefill forward
+    stage_overhead: tuple[tuple[int, float], ...] = ()  # (rows, host seconds a stage adds per step), rows ascending
+    link_Bps: float | None = None  # local link bytes/s for activations (device to device through a socket)
     device: str = ""
     dtype: str = ""
     model: str = ""
@@ -57,10 +71,23 @@ class Calibration:
     def prefill_s(self) -> float:
         return self.prompt / self.prefill_tokens_per_s
 
+    def overhead_s(self, rows: float) -> float:
+        """Host seconds one stage adds to a step of ``rows`` rows (0 when not measured)."""
+        if not self.stage_overhead:
+            return 0.0
+        return _interp([b for b, _ in self.stage_overhead], [t for _, t in self.stage_overhead], rows, log_x=False)
+
     def to_json(self) -> dict[str, Any]:
-        return {"decode": [[b, t] for b, t in self.decode], "context": self.context,
-                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt, "layers": self.layers,
-                "device": self.device, "dtype": self.dtype, "model": self.model}
+        out = {"decode": [[b, t] for b, t in self.decode], "context": self.context,
+               "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt, "layers": self.layers,
+               "device": self.device, "dtype": self.dtype, "model": self.model}
+        if self.prefill_batch is not None:
+            out["prefill_batch"] = list(self.prefill_batch)
+        if self.stage_overhead:
+            out["stage_overhead"] = [[r, t] for r, t in self.stage_overhead]
+        if self.link_Bps is not None:
+            out["link_Bps"] = self.link_Bps
+        return out
 
 
 def _interp(xs: list[float], ys: list[float], x: float, *, log_x: bool) -> float:
@@ -102,22 +129,32 @@ def _text(v: Any, what: str) -> str:
     return v
 
 
+def _pair(p: Any, what: str, upper_int: int) -> tuple[int, float]:
+    if not isinstance(p, (list, tuple)) or len(p) != 2:
+        raise CalibrationError(f"calibration {what} entries must be [count, seconds]")
+    return _positive_int(p[0], f"{what} count", upper_int), _positive_number(p[1], f"{what} seconds", 3600.0)
+
+
+def _points(v: Any, what: str) -> tuple[tuple[int, float], ...]:
+    """[[count, seconds], ...]: 1..MAX_POINTS pairs, counts strictly ascending."""
+    if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_POINTS:
+        raise CalibrationError(f"calibration {what} must be a list of 1..{MAX_POINTS} [count, seconds] pairs")
+    out = tuple(_pair(p, what, MAX_BATCH_MEASURED) for p in v)
+    if any(b1 <= b0 for (b0, _), (b1, _) in zip(out, out[1:])):
+        raise CalibrationError(f"calibration {what} counts must be strictly ascending")
+    return out
+
+
 def parse_calibration(d: Any) -> Calibration:
     """A ``Calibration`` from its dict form; ``CalibrationError`` on any malformed value."""
     if not isinstance(d, Mapping):
         raise CalibrationError("calibration must be a map")
-    points = d.get("decode")
-    if not isinstance(points, (list, tuple)) or not 1 <= len(points) <= MAX_POINTS:
-        raise CalibrationError(f"calibration decode must be a list of 1..{MAX_POINTS} [batch, seconds] pairs")
-    decode = []
-    for p in points:
-        if not isinstance(p, (list, tuple)) or len(p) != 2:
-            raise CalibrationError("calibration decode entries must be [batch, seconds]")
-        decode.append((_positive_int(p[0], "decode batch", MAX_BATCH_MEASURED), _positive_number(p[1], "decode seconds", 3600.0)))
-    if any(b1 <= b0 for (b0, _), (b1, _) in zip(decode, decode[1:])):
-        raise CalibrationError("calibration decode batches must be strictly ascending")
+    optional = {k: d.get(k) for k in ("prefill_batch", "stage_overhead", "link_Bps")}
     return Calibration(
-        decode=tuple(decode),
+        decode=_points(d.get("decode"), "decode"),
+        prefill_batch=None if optional["prefill_batch"] is None else _pair(optional["prefill_batch"], "prefill_batch", 1 << 22),
+        stage_overhead=() if optional["stage_overhead"] is None else _points(optional["stage_overhead"], "stage_overhead"),
+        link_Bps=None if optional["link_Bps"] is None else _positive_number(optional["link_Bps"], "link_Bps"),
         context=_positive_int(d.get("context"), "calibration context", 1 << 22),
         prefill_tokens_per_s=_positive_number(d.get("prefill_tokens_per_s"), "prefill_tokens_per_s"),
         prompt=_positive_int(d.get("prompt"), "calibration prompt", 1 << 22),

@@ -140,9 +140,10 @@ class RooflineCostModel:
         """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps."""
         if kind.calibration is None or shape.new_tokens <= 0:
             return 1.0
-        batches, decode_ratio, prefill_ratio = calibration_ratios(self.analytic_core(), kind)
+        batches, decode_ratio, prefill_tokens, prefill_ratio = calibration_ratios(self.analytic_core(), kind)
         dec = interp_log(batches, decode_ratio, max(shape.decode_rows, 1.0))
-        return (shape.decode_rows * dec + shape.prefill_tokens * prefill_ratio) / shape.new_tokens
+        pre = interp_log(prefill_tokens, prefill_ratio, max(shape.prefill_tokens, 1.0)) if shape.prefill_tokens else 0.0
+        return (shape.decode_rows * dec + shape.prefill_tokens * pre) / shape.new_tokens
 
     @cached_property
     def _core(self) -> "RooflineCostModel":
@@ -245,17 +246,28 @@ def _step_model(core: RooflineCostModel, kind: GpuKind, tp: int, layers: int, in
 
 
 @lru_cache(maxsize=256)
-def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[float], list[float], float]:
-    """(batches, measured/analytic decode ratio per batch, measured/analytic prefill ratio) of a
-    calibrated device: the measurement ran the first ``cal.layers`` layers (all when 0) with
-    embedding and lm_head at TP 1 on it."""
+def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(batches, measured/analytic decode ratio per batch, prompt tokens, measured/analytic prefill ratio
+    per token count) of a calibrated device: the measurement ran the first ``cal.layers`` layers (all
+    when 0) with embedding and lm_head at TP 1 on it. Prefill has one point (one prompt) or two (plus a
+    batched forward of several prompts): one prompt is launch-bound, a full step compute-bound, so the
+    ratio is interpolated in log tokens between them."""
     cal = kind.calibration
     assert cal is not None
     L = min(cal.layers, core.model.num_layers) if cal.layers else core.model.num_layers
+
+    def analytic(shape: StepShape) -> float:
+        return core.analytic_step_s(kind, 1, L, last=True, shape=shape)
+
     batches = [float(b) for b, _ in cal.decode]
-    ratios = [t / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.decode(b, cal.context)) for b, t in cal.decode]
-    prefill = cal.prefill_s / core.analytic_step_s(kind, 1, L, last=True, shape=StepShape.prefill(1, cal.prompt))
-    return batches, ratios, prefill
+    ratios = [t / analytic(StepShape.decode(b, cal.context)) for b, t in cal.decode]
+    tokens = [float(cal.prompt)]
+    prefill = [cal.prefill_s / analytic(StepShape.prefill(1, cal.prompt))]
+    if cal.prefill_batch is not None and cal.prefill_batch[0] > cal.prompt:
+        n, secs = cal.prefill_batch
+        tokens.append(float(n))
+        prefill.append(secs / analytic(StepShape.prefill(n / cal.prompt, cal.prompt)))
+    return batches, ratios, tokens, prefill
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ in a share of the device memory), with the embedding and lm_head, and times
 * a decode step at a few batch sizes (``DECODE_BATCHES``) at ``CONTEXT``
   tokens of context per row, through ``StageModel.decode_graphs`` (CUDA graphs
   on GPUs, as the engine decodes);
-* a prefill of ``PROMPT`` tokens.
+* a prefill of ``PROMPT`` tokens, and one step of as many such prompts as
+  fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``),
+  both through ``StageModel.forward_rows`` (the engine's ragged step): one
+  prompt is launch-bound, a full step compute-bound;
+* with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
+  and the local link's bandwidth (the runtime's own engines and link code).
 
 Weights are random: speed does not depend on their values. The result is the
 dict form of ``hexswarm.plan.calibration.Calibration`` and goes into the
@@ -32,6 +37,7 @@ from hexswarm.model.config import LlamaConfig
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration.json"
+CACHE_VERSION = 2  # v2: batched prefill, stage overhead, link bandwidth (older entries are measured again)
 DECODE_BATCHES = (1, 8, 32)
 CONTEXT = 128  # context tokens per row while timing decode steps
 PROMPT = 128  # prompt tokens of the timed prefill
@@ -40,7 +46,7 @@ REPEATS = 5
 
 
 def cache_key(device_name: str, model_fingerprint: str, dtype: str) -> str:
-    return f"{device_name}|{model_fingerprint}|{dtype}"
+    return f"v{CACHE_VERSION}|{device_name}|{model_fingerprint}|{dtype}"
 
 
 def layers_to_measure(cfg: LlamaConfig, device_memory_bytes: float, dtype_bytes: int) -> int:
@@ -55,14 +61,17 @@ def layers_to_measure(cfg: LlamaConfig, device_memory_bytes: float, dtype_bytes:
 
 
 def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = None,
-            batches: tuple[int, ...] = DECODE_BATCHES, context: int = CONTEXT, prompt: int = PROMPT,
-            repeats: int = REPEATS) -> dict[str, Any]:
-    """Time decode steps and a prefill of the first ``layers`` layers (default: as many as fit)."""
+            batches: tuple[int, ...] | None = None, context: int | None = None, prompt: int | None = None,
+            repeats: int = REPEATS, step_tokens: int | None = None) -> dict[str, Any]:
+    """Time decode steps and prefills of the first ``layers`` layers (default: as many as fit; the
+    other defaults are the module's constants, read at call time)."""
     import torch
 
     from hexswarm.model.shard import TensorShard
     from hexswarm.model.stage import StageModel, StagePart
+    from hexswarm.swarm.daemon import step_tokens_for  # the runtime's max_step_tokens: auto
 
+    batches, context, prompt = batches or DECODE_BATCHES, context or CONTEXT, prompt or PROMPT
     dev = torch.device(device)
     torch_dtype = getattr(torch, dtype)
     if layers is None:
@@ -75,6 +84,8 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
         gen = torch.Generator(device="cpu").manual_seed(0)
         for p in model.parameters():  # random weights: uninitialised memory may hold NaNs or denormals
             p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+        step_tokens = step_tokens or step_tokens_for(dev.type)
+        many = max(1, min(step_tokens // prompt, max(batches)))  # prompts in one full step (KV slots permitting)
         kv = model.new_kv_cache(max(batches), max(context, prompt) + 2)
         runner = model.decode_graphs(kv)
 
@@ -82,15 +93,31 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
             ids = torch.zeros(b, dtype=torch.long, device=dev)
             runner.step(ids, list(range(b)), [context] * b)
 
-        def prefill() -> None:
-            ids = torch.zeros(1, prompt, dtype=torch.long, device=dev)
-            h = model(model.embed(ids), kv, [0], [0])
-            model.logits(h[:, -1])
+        def prefill(n: int) -> None:  # the engine's ragged path: n prompts back to back in one step
+            ids = torch.zeros(n * prompt, dtype=torch.long, device=dev)
+            h = model.forward_rows(model.embed(ids), kv, [(i, 0, prompt) for i in range(n)])
+            model.logits(h[prompt - 1::prompt])
 
         decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
-        prefill_s = _median_s(prefill, sync, max(1, repeats // 2))
-    return {"decode": decode_points, "context": context, "prefill_tokens_per_s": prompt / prefill_s,
-            "prompt": prompt, "layers": layers, "device": _device_name(device), "dtype": dtype}
+        prefill_s = _median_s(lambda: prefill(1), sync, max(1, repeats // 2))
+        out = {"decode": decode_points, "context": context, "prefill_tokens_per_s": prompt / prefill_s,
+               "prompt": prompt, "layers": layers, "device": _device_name(device), "dtype": dtype}
+        if many > 1:
+            out["prefill_batch"] = [many * prompt, _median_s(lambda: prefill(many), sync, max(1, repeats // 2))]
+    return out
+
+
+def measure_runtime(cfg: LlamaConfig, model_dir: Path, device: str, dtype: str) -> dict[str, Any]:
+    """The runtime's share (calibrate_runtime): per-stage host time by rows, local link bytes/s.
+    Empty for a one-layer model (a two-stage pipeline needs two layers)."""
+    from hexswarm.swarm import calibrate_runtime as rt
+
+    if cfg.num_hidden_layers < 2:
+        return {}
+    gpu = {b: t for b, t in measure(cfg, device, dtype, layers=2, batches=rt.OVERHEAD_ROWS)["decode"]}
+    return {"stage_overhead": rt.measure_stage_overhead(Path(model_dir), device, dtype, lambda r: gpu[r], rt.OVERHEAD_ROWS,
+                                                        rt.REPEATS),
+            "link_Bps": rt.measure_link_Bps(cfg.hidden_size, device, dtype, tokens=rt.LINK_TOKENS)}
 
 
 def _median_s(fn, sync, repeats: int) -> float:
@@ -119,6 +146,10 @@ def cached_measure(data_dir: Path, model_dir: Path, fingerprint: str, device: st
         return cache[key]
     log.info("calibrating %s on %s (%s), cached in %s", model_dir, device_name, dtype, path)
     result = {**measure(cfg, device, dtype), "model": fingerprint}
+    try:
+        result.update(measure_runtime(cfg, model_dir, device, dtype))
+    except Exception as e:  # noqa: BLE001 - the kernel timings stand alone; the planner then assumes no overhead
+        log.warning("runtime calibration failed (%s: %s)", type(e).__name__, e)
     cache = cache if isinstance(cache, dict) else {}
     cache[key] = result
     path.parent.mkdir(parents=True, exist_ok=True)
