@@ -51,10 +51,11 @@ def test_manifest_is_bound_to_the_fingerprint_and_checked(manifest):
 
 
 def test_weights_requests_are_checked():
-    assert read_weights_request({"block": b"x" * 32}) == ("block", b"x" * 32)
+    assert read_weights_request({"blocks": [b"x" * 32]}) == ("blocks", [b"x" * 32])
     assert read_weights_request({"manifest": "ab" * 8}) == ("manifest", "ab" * 8)
-    for msg in [{}, {"block": b"x"}, {"block": "x" * 32}, {"manifest": 1}, {"manifest": "a" * 65},
-                {"block": b"x" * 32, "manifest": "a"}, [], None, b"x"]:
+    for msg in [{}, {"blocks": [b"x"]}, {"blocks": ["x" * 32]}, {"blocks": []}, {"blocks": [b"x" * 32] * 65},
+                {"blocks": b"x" * 32}, {"manifest": 1}, {"manifest": "a" * 65}, {"blocks": [b"x" * 32], "manifest": "a"},
+                [], None, b"x"]:
         with pytest.raises(ProtocolError):
             read_weights_request(msg)
 
@@ -105,15 +106,16 @@ def test_cache_keeps_verified_blocks_across_restarts_and_writes_a_checkpoint(man
 
 @pytest.mark.slow
 def test_a_node_without_the_checkpoint_fetches_its_stage_from_peers_and_serves(tiny_model, tmp_path, monkeypatch):
-    from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, write_node_config
+    from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, free_port, write_node_config
     from swarmutil import reference, submit_many
 
     fp = model_fingerprint(tiny_model)
     layout = {"hetero_config": [1, 1, 1], "pp_partition": [2, 1, 1]}  # three stages: needs the third node
     sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout=layout, extra={"dispatch_wait_s": 5.0})
+    sw.nodes[0].port = free_port()  # known before it starts: all three nodes start at once
     monkeypatch.setenv(BLOCK_BYTES_ENV, str(SMALL_BLOCKS))
     try:
-        sw.nodes[0].start().wait_listening()
+        sw.nodes[0].start()
         monkeypatch.setenv(CORRUPT_ENV, "2")  # the holder node1 corrupts the third block it serves
         sw.nodes[1].start([sw.nodes[0].addr])
         monkeypatch.delenv(CORRUPT_ENV)
@@ -122,7 +124,7 @@ def test_a_node_without_the_checkpoint_fetches_its_stage_from_peers_and_serves(t
         fetcher = NodeProcess(cfg)
         sw.nodes.append(fetcher)
         fetcher.start([sw.nodes[0].addr])
-        for n in sw.nodes[1:]:
+        for n in sw.nodes:
             n.wait_listening()
         status = sw.wait_layout(90)
         log = fetcher.log()

@@ -4,7 +4,8 @@ and the fetch of a node started without one (`model_source: swarm`).
 Requests (one per stream, the usual envelope):
 
 - ``{"manifest": fingerprint}`` -> the holder's manifest (manifest.py) sealed with its node key;
-- ``{"block": 32-byte sha256}`` -> ``{"data": bytes}``, the block's bytes from the holder's files.
+- ``{"blocks": [32-byte sha256, ...]}`` (at most 64, and at most 8 MiB of blocks) -> ``{"data": [bytes, ...]}``,
+  the blocks' bytes from the holder's files, in order (several per request: one round trip per batch).
 
 The fetcher takes the manifest most holders agree on (checked: well formed, bound to the model
 fingerprint through config.json's hash), then asks holders for the blocks of the side files and, per
@@ -32,15 +33,17 @@ from hexswarm.model.manifest import (BLOCK_SIZE, MANIFEST_DOMAIN, MAX_MANIFEST_B
                                      check_manifest, stage_tensors)
 from hexswarm.model.weight_cache import WeightCache, load_saved_manifest
 from hexswarm.net import codec
-from hexswarm.net.protocols import WEIGHTS, RemoteError, RequestError
+from hexswarm.net.protocols import BAD_REQUEST, WEIGHTS, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 
 log = logging.getLogger("hexswarm.weights")
 
 NOT_FOUND = "not_found"
-PER_HOLDER = 4  # block requests in flight to one holder
+PER_HOLDER = 2  # block requests in flight to one holder
 MAX_FAILS = 3  # consecutive failed requests before a holder is left out of this round
 BLOCK_TIMEOUT_S = 60.0
+MAX_BATCH = 64  # blocks in one request
+BATCH_BYTES = 8 << 20  # and at most this many bytes of them (the reply frame stays small)
 # Test hooks (never set in production): the N-th block this holder serves has a byte flipped;
 # holders cut blocks of this size (small checkpoints then have tensors of several blocks).
 CORRUPT_ENV = "HEXSWARM_TEST_CORRUPT_BLOCK"
@@ -48,13 +51,15 @@ BLOCK_BYTES_ENV = "HEXSWARM_TEST_BLOCK_BYTES"
 
 
 def read_weights_request(msg: Any) -> tuple[str, Any]:
-    """("manifest", fingerprint) or ("block", digest) from a request; ProtocolError otherwise."""
+    """("manifest", fingerprint) or ("blocks", [digest, ...]) from a request; ProtocolError otherwise."""
     if isinstance(msg, dict) and len(msg) == 1:
         if isinstance(msg.get("manifest"), str) and len(msg["manifest"]) <= 64:
             return "manifest", msg["manifest"]
-        if isinstance(msg.get("block"), bytes) and len(msg["block"]) == 32:
-            return "block", msg["block"]
-    raise ProtocolError("expected {manifest: fingerprint} or {block: 32-byte digest}")
+        blocks = msg.get("blocks")
+        if (isinstance(blocks, list) and 0 < len(blocks) <= MAX_BATCH
+                and all(isinstance(d, bytes) and len(d) == 32 for d in blocks)):
+            return "blocks", blocks
+    raise ProtocolError(f"expected {{manifest: fingerprint}} or {{blocks: [1 to {MAX_BATCH} 32-byte digests]}}")
 
 
 def servable(model_dir: Path) -> bool:
@@ -99,21 +104,27 @@ class WeightServer:
                 raise RemoteError(NOT_FOUND, "this node serves another model")
             return await self._manifest()
         await self._manifest()
-        where = self._index.get(arg)
-        if where is None:
+        wheres = [self._index.get(d) for d in arg]
+        if None in wheres:
             raise RemoteError(NOT_FOUND, "no such block")
-        data = await trio.to_thread.run_sync(_read, where)
-        if self._corrupt_at is not None and self._served == self._corrupt_at:
-            data = bytes([data[0] ^ 0xFF]) + data[1:]
-            log.warning("test hook: serving block %s corrupted", arg.hex()[:12])
-        self._served += 1
+        if sum(w.length for w in wheres) > BATCH_BYTES + self._block_size:
+            raise RemoteError(BAD_REQUEST, f"more than {BATCH_BYTES} bytes of blocks in one request")
+        data = await trio.to_thread.run_sync(_read, wheres)
+        for i, d in enumerate(arg):
+            if self._corrupt_at is not None and self._served == self._corrupt_at:
+                data[i] = bytes([data[i][0] ^ 0xFF]) + data[i][1:]
+                log.warning("test hook: serving block %s corrupted", d.hex()[:12])
+            self._served += 1
         return {"data": data}
 
 
-def _read(where: Where) -> bytes:
-    with open(where.path, "rb") as f:
-        f.seek(where.offset)
-        return f.read(where.length)
+def _read(wheres: list[Where]) -> list[bytes]:
+    out = []
+    for w in wheres:
+        with open(w.path, "rb") as f:
+            f.seek(w.offset)
+            out.append(f.read(w.length))
+    return out
 
 
 class WeightFetcher:
@@ -218,40 +229,48 @@ class WeightFetcher:
         before = Counter(self.served)
         last_progress = [time.monotonic()]
         with _progress(what, total) as advance:
-            async def worker(peer: str, fails: Counter) -> None:
+            async def worker(peer: str, fails: Counter, share: int) -> None:
                 while todo and peer not in self.banned and fails[peer] < MAX_FAILS:
-                    d, size = todo.popleft()
+                    batch = [todo.popleft()]
+                    while todo and len(batch) < share and sum(n for _, n in batch) + todo[0][1] <= BATCH_BYTES:
+                        batch.append(todo.popleft())
                     try:
-                        reply = await self.node.request(peer, WEIGHTS, {"block": d}, timeout=BLOCK_TIMEOUT_S,
-                                                        max_reply=size + 1024)
+                        reply = await self.node.request(peer, WEIGHTS, {"blocks": [d for d, _ in batch]},
+                                                        timeout=BLOCK_TIMEOUT_S,
+                                                        max_reply=sum(n for _, n in batch) + 64 * len(batch) + 1024)
                     except RequestError as e:
                         fails[peer] += 1
-                        todo.append((d, size))
-                        log.debug("block %s from %s: %s", d.hex()[:12], peer, e)
+                        todo.extend(batch)
+                        log.debug("blocks from %s: %s", peer, e)
                         continue
                     data = reply.get("data") if isinstance(reply, dict) else None
-                    ok = isinstance(data, bytes) and len(data) == size and \
-                        await trio.to_thread.run_sync(cache.put_block, d, data)
-                    if not ok:
-                        todo.append((d, size))
-                        if peer not in self.banned:
-                            self.banned.add(peer)
-                            log.warning("peer %s served block %s that fails its hash: not asked again", peer,
-                                        d.hex()[:12])
-                        return
+                    if not (isinstance(data, list) and len(data) == len(batch)):
+                        data = [None] * len(batch)
+                    for i, ((d, size), block) in enumerate(zip(batch, data)):
+                        ok = isinstance(block, bytes) and len(block) == size and \
+                            await trio.to_thread.run_sync(cache.put_block, d, block)
+                        if not ok:
+                            todo.extend(batch[i:])
+                            if peer not in self.banned:
+                                self.banned.add(peer)
+                                log.warning("peer %s served block %s that fails its hash: not asked again", peer,
+                                            d.hex()[:12])
+                            return
+                        self.served[peer] += 1
+                        last_progress[0] = time.monotonic()
+                        advance(size)
                     fails[peer] = 0
-                    self.served[peer] += 1
-                    last_progress[0] = time.monotonic()
-                    advance(size)
 
             while todo:
                 holders = self.holders()
                 if holders:
                     fails: Counter = Counter()
+                    # batches no larger than a fair share, so that every holder gets some
+                    share = min(MAX_BATCH, -(-len(todo) // (2 * len(holders) * PER_HOLDER)))
                     async with trio.open_nursery() as nursery:
                         for peer in holders:
                             for _ in range(PER_HOLDER):
-                                nursery.start_soon(worker, peer, fails)
+                                nursery.start_soon(worker, peer, fails, share)
                 if todo:
                     if time.monotonic() - last_progress[0] > self.stall_s:
                         raise UserError(f"cannot fetch {what} of model {self.fingerprint}: no block arrived in "
