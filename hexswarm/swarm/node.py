@@ -580,7 +580,8 @@ class Node:
         if not isinstance(msg, dict):
             raise ProtocolError("peers wants a map")
         return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(),
-                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability}}
+                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability,
+                          "time": time.time()}}  # wall clock: `hexswarm doctor` compares clocks
 
     def peer_views(self) -> list[dict]:
         """The table as plain maps (what `hexswarm peers` prints)."""
