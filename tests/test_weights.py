@@ -146,3 +146,16 @@ def test_a_node_without_the_checkpoint_fetches_its_stage_from_peers_and_serves(t
     finally:
         sw.stop()
         os.environ.pop(CORRUPT_ENV, None)
+
+
+def test_config_model_fingerprint_means_fetch_from_peers(tmp_path):
+    from hexswarm.errors import UserError
+    from hexswarm.swarm.config import config_from_dict
+
+    cfg = config_from_dict({"model": "0123456789abcdef", "data_dir": str(tmp_path)}, tmp_path)
+    assert (cfg.model_source, cfg.model_fingerprint, cfg.model) == ("swarm", "0123456789abcdef", None)
+    assert cfg.model_cache == tmp_path / "models" / "0123456789abcdef"
+    for bad in [{"model_source": "swarm"}, {"model_fingerprint": "xyz"},
+                {"model_source": "swarm", "model_fingerprint": "0123456789abcdef", "model": str(tmp_path)}]:
+        with pytest.raises(UserError):
+            config_from_dict(bad, tmp_path)
