@@ -80,7 +80,9 @@ async def measure(addrs: list[str], timeout_s: float, settle_s: float) -> dict:
         elapsed = time.monotonic() - t0
         rates = [(r.get("stats", {}).get("gossip_in", 0) - f) / elapsed for r, f in zip(replies, first) if r]
         return {"converged_s": None if converged_s is None else round(converged_s, 1),
-                "min_up_seen": min(up_counts()), "unanswered": [i for i, r in enumerate(replies) if not r],
+                "min_up_seen": min(up_counts()),
+                "median_up_seen": statistics.median([c for c, r in zip(up_counts(), replies) if r] or [0]),
+                "unanswered": [i for i, r in enumerate(replies) if not r],
                 "gossip_in_per_node_s": round(statistics.mean(rates), 1) if rates else None}
 
 
