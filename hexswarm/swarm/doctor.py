@@ -14,7 +14,6 @@ import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hexswarm.errors import UserError
 
