@@ -28,7 +28,7 @@ from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.protocols import (
-    DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, TRACE, reset_quietly,
+    DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, TRACE, WEIGHTS, reset_quietly,
 )
 
 # longer than a node's own read timeout (10 s): silence past it is a hang, not a slow loaded machine
@@ -110,11 +110,12 @@ class Target:
     stage_peers: list[str]  # replica 0, stage by stage
     hidden: int
     me: str  # the attacker's PeerID
+    model: str = "0" * 16  # the model fingerprint
 
     @classmethod
     def from_status(cls, status: dict, hidden: int, me: str) -> "Target":
         layout = status["layout"]
-        return cls(layout["epoch"], [s["peer"] for s in layout["replicas"][0]], hidden, me)
+        return cls(layout["epoch"], [s["peer"] for s in layout["replicas"][0]], hidden, me, layout["model"])
 
 
 def pipe_templates(t: Target) -> dict[str, dict]:
@@ -153,6 +154,8 @@ def request_templates(t: Target) -> dict[str, tuple[str, dict]]:
         "layout_get": (LAYOUT, {"get": True}),
         "direct": (DIRECT, {}),
         "submit": (SUBMIT, SUBMIT_TEMPLATE),
+        "weights_manifest": (WEIGHTS, {"manifest": t.model}),
+        "weights_blocks": (WEIGHTS, {"blocks": [bytes(32), bytes(range(32))]}),
     }
 
 

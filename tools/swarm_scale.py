@@ -3,7 +3,7 @@
 model), every one bootstrapped to the first; one client host polls every node's /hexswarm/peers/1
 once a second (one call per node, no new process per poll).
 
-    python tools/swarm_scale.py --nodes 32 [--heartbeat 2] [--settle 20] [--json]
+    python tools/swarm_scale.py --nodes 32 [--heartbeat 2] [--settle 20] [--bootstrap hub|tree] [--json]
 
 Reports: seconds from "all N processes listen" until every node's table lists all N up; inventory
 gossip messages received per node per second (the nodes' own counters, over --settle seconds after
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
-from hexswarm.swarm.launcher import NodeProcess, write_node_config  # noqa: E402
+from hexswarm.swarm.launcher import NodeProcess, free_port, write_node_config  # noqa: E402
 
 STARTUP_TIMEOUT_S = 300.0
 
@@ -80,7 +80,9 @@ async def measure(addrs: list[str], timeout_s: float, settle_s: float) -> dict:
         elapsed = time.monotonic() - t0
         rates = [(r.get("stats", {}).get("gossip_in", 0) - f) / elapsed for r, f in zip(replies, first) if r]
         return {"converged_s": None if converged_s is None else round(converged_s, 1),
-                "min_up_seen": min(up_counts()), "unanswered": [i for i, r in enumerate(replies) if not r],
+                "min_up_seen": min(up_counts()),
+                "median_up_seen": statistics.median([c for c, r in zip(up_counts(), replies) if r] or [0]),
+                "unanswered": [i for i, r in enumerate(replies) if not r],
                 "gossip_in_per_node_s": round(statistics.mean(rates), 1) if rates else None}
 
 
@@ -91,6 +93,8 @@ def main() -> None:
     ap.add_argument("--probe", type=float, default=5.0, help="probe_s of every node (all-pairs pings)")
     ap.add_argument("--timeout", type=float, default=300.0, help="give up on convergence after this long")
     ap.add_argument("--settle", type=float, default=20.0, help="seconds of gossip counted after convergence")
+    ap.add_argument("--bootstrap", choices=("hub", "tree"), default="hub",
+                    help="hub: every node bootstraps to node 0; tree: node i to node (i-1)//2 (no single hub)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.nodes < 2:
@@ -103,10 +107,11 @@ def main() -> None:
             for i in range(args.nodes):
                 nodes.append(NodeProcess(write_node_config(Path(tmp), f"n{i}", swarm="scale", **timings)))
             t_launch = time.monotonic()
-            nodes[0].start().wait_listening(STARTUP_TIMEOUT_S)
-            for node in nodes[1:]:
-                node.start([nodes[0].addr])
-            for node in nodes[1:]:
+            for node in nodes:  # ports known before start: every node starts at once
+                node.port = free_port()
+            for i, node in enumerate(nodes):
+                node.start([] if i == 0 else [nodes[0 if args.bootstrap == "hub" else (i - 1) // 2].addr])
+            for node in nodes:
                 node.wait_listening(STARTUP_TIMEOUT_S)
             startup_s = time.monotonic() - t_launch
             result = trio.run(measure, [n.addr for n in nodes], args.timeout, args.settle)
@@ -119,7 +124,7 @@ def main() -> None:
                 node.send_signal(signal.SIGTERM)
             for node in nodes:
                 node.kill(signal.SIGTERM)
-    result.update(nodes=args.nodes, heartbeat_s=args.heartbeat, probe_s=args.probe, startup_s=round(startup_s, 1),
+    result.update(nodes=args.nodes, bootstrap=args.bootstrap, heartbeat_s=args.heartbeat, probe_s=args.probe, startup_s=round(startup_s, 1),
                   rss_mib_mean=round(statistics.mean(rss), 1), rss_mib_max=round(max(rss), 1),
                   gossip_in_per_node_heartbeat=None if result["gossip_in_per_node_s"] is None
                   else round(result["gossip_in_per_node_s"] * args.heartbeat, 2))

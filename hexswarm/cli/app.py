@@ -32,9 +32,9 @@ def _root() -> None:
 
 
 def _register_commands() -> None:
-    from hexswarm.cli import admit_cmd, generate_cmd, node_cmd, plan_cmd, submit_cmd, trace_cmd
+    from hexswarm.cli import admit_cmd, doctor_cmd, generate_cmd, node_cmd, plan_cmd, submit_cmd, trace_cmd
 
-    for module in (generate_cmd, plan_cmd, node_cmd, submit_cmd, admit_cmd, trace_cmd):
+    for module in (generate_cmd, plan_cmd, node_cmd, submit_cmd, admit_cmd, trace_cmd, doctor_cmd):
         module.register(app)
 
 

@@ -21,7 +21,7 @@ def setup_logging(level: str) -> None:
     """Readable one-line logs on stderr; py-libp2p's own chatter only when debugging."""
     import libp2p  # noqa: F401  (its import resets the libp2p logger; configure after it)
 
-    from hexswarm.runtime.engine_process import LOG_DATEFMT, LOG_FORMAT
+    from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT
 
     logging.basicConfig(
         level=getattr(logging, level.upper()),

@@ -47,6 +47,7 @@ STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/ser
 TRACE = protocol_id("trace", 1)  # a request's spans (swarm/submit.py)
 PIPE = protocol_id("pipe", 2)  # pipeline frames over libp2p streams (swarm/pipe.py); 2: ragged rows, batched events
 DIRECT = protocol_id("direct", 2)  # opening the direct data path (net/direct.py); carries pipe/2 messages
+WEIGHTS = protocol_id("weights", 1)  # a checkpoint's manifest and blocks by content hash (swarm/weights.py)
 
 # Error codes in error frames.
 BAD_REQUEST = "bad_request"

@@ -82,11 +82,16 @@ class RelayStack:
         from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID
 
         with trio.move_on_after(DIAL_TIMEOUT_S * 2):
-            stream = await self.host.new_stream(relay_id, [PROTOCOL_ID])
             try:
-                return await self.transport.reserve(stream, relay_id, self._nursery)
-            finally:
-                await stream.close()
+                stream = await self.host.new_stream(relay_id, [PROTOCOL_ID])
+                try:
+                    return await self.transport.reserve(stream, relay_id, self._nursery)
+                finally:
+                    await stream.close()
+            except Exception as e:  # noqa: BLE001 - py-libp2p raises StreamFailure, SwarmException ...
+                # a relay that died since it was last seen up: measured, its StreamFailure ended the node
+                log.debug("cannot reserve on %s: %s: %s", relay_id, type(e).__name__, e)
+                return False
         return False
 
     def has_reservation(self, relay_id: Any) -> bool:

@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT  # a node's log lines, as cli/node_cmd.py
 from hexswarm.net import codec
 from hexswarm.runtime.cpus import usable_cpus
 from hexswarm.runtime.local_link import LinkSpec
@@ -30,8 +31,6 @@ from hexswarm.runtime.stage_host import StageSpec
 
 log = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"  # a node's log lines (cli/node_cmd.py)
-LOG_DATEFMT = "%H:%M:%S"
 STATE_S = 0.2
 MAX_FRAME = 1 << 34
 START_TIMEOUT_S = 600.0  # loading a large shard from a slow disk

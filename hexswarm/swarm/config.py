@@ -220,6 +220,17 @@ def _optional_secret(raw: Any, base: Path) -> str | None:
     return raw
 
 
+_FINGERPRINT = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _optional_fingerprint(raw: Any, base: Path) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not _FINGERPRINT.match(raw):
+        raise _BadValue("expected a model fingerprint: 16 lowercase hex digits (`hexswarm peers` shows each peer's)")
+    return raw
+
+
 def _key(parse: Callable[[Any, Path], Any], doc: str) -> dict:
     return {"parse": parse, "doc": doc}
 
@@ -234,6 +245,13 @@ class NodeConfig:
     bootstrap: list[str] = field(default_factory=list, metadata=_key(_multiaddrs(True), "peers to join through"))
     swarm: str = field(default="default", metadata=_key(_swarm_name, "swarm name; other swarms are ignored"))
     model: Path | None = field(default=None, metadata=_key(_optional_path, "checkpoint folder or .gguf file"))
+    model_source: str = field(default="local", metadata=_key(_choice("local", "swarm"), "local: `model` is a checkpoint "
+                              "here; swarm: fetch the model_fingerprint's tensors from peers (`model: <fingerprint>` "
+                              "is short for both)"))
+    model_fingerprint: str | None = field(default=None, metadata=_key(_optional_fingerprint, "the model to fetch from "
+                                                                      "peers with model_source: swarm"))
+    model_cache: Path | None = field(default=None, metadata=_key(_optional_path, "where fetched weights go (default "
+                                                                 "<data_dir>/models/<fingerprint>)"))
     devices: str | list[dict] = field(default="auto", metadata=_key(_devices, "'auto' or a device list"))
     data_dir: Path = field(default=Path("~/.hexswarm"), metadata=_key(_path, "probe cache and default key folder"))
     allow_peers: list[str] | None = field(default=None, metadata=_key(_peer_ids, "PeerID allowlist"))
@@ -304,6 +322,8 @@ class NodeConfig:
         self.data_dir = Path(self.data_dir).expanduser()
         if self.key_file is None:
             self.key_file = self.data_dir / "node.key"
+        if self.model_cache is None and self.model_fingerprint is not None:
+            self.model_cache = self.data_dir / "models" / self.model_fingerprint
 
     @property
     def topic_prefix(self) -> str:
@@ -320,6 +340,10 @@ def _check(cfg: NodeConfig) -> None:
         raise UserError("key 'require_client_cert' needs swarm_owner (the key that signs client certificates)")
     if cfg.down_after_s <= cfg.heartbeat_s:
         raise UserError(f"key 'down_after_s' ({cfg.down_after_s:g}) must exceed heartbeat_s ({cfg.heartbeat_s:g})")
+    if cfg.model_source == "swarm" and cfg.model_fingerprint is None:
+        raise UserError("key 'model_source': swarm needs model_fingerprint (or `model: <fingerprint>`)")
+    if cfg.model_source == "swarm" and cfg.model is not None:
+        raise UserError("key 'model': a local checkpoint and model_source: swarm exclude each other")
     if cfg.drop_after_s <= cfg.down_after_s:
         raise UserError(f"key 'drop_after_s' ({cfg.drop_after_s:g}) must exceed down_after_s ({cfg.down_after_s:g})")
 
@@ -332,6 +356,12 @@ def config_from_dict(raw: Any, base: Path, source: Path | None = None) -> NodeCo
         raise UserError(f"{where}: expected a mapping of keys, got {type(raw).__name__}")
     known = {f.name: f for f in config_keys()}
     values: dict[str, Any] = {}
+    model = raw.get("model")
+    if isinstance(model, str) and _FINGERPRINT.match(model) and not (base / model).exists():
+        # `model: <fingerprint>`: no such checkpoint here, fetch it from peers
+        raw = {k: v for k, v in raw.items() if k != "model"}
+        raw.setdefault("model_source", "swarm")
+        raw.setdefault("model_fingerprint", model)
     for key, value in raw.items():
         if key not in known:
             raise UserError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")

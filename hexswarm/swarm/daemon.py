@@ -59,18 +59,35 @@ async def calibrate_node(node, settings) -> None:
         log.warning("calibration failed (%s: %s); the planner uses its analytic model", type(e).__name__, e)
 
 
+async def _weights(node):
+    """With model_source: swarm, the side files from peers (then `model` is the cache folder) and the
+    fetcher that brings each stage's tensors; else offer this checkpoint's blocks to such peers."""
+    from hexswarm.model.source import model_fingerprint
+    from hexswarm.swarm.weights import WeightFetcher, WeightServer, servable
+
+    config = node.config
+    if config.model_source == "swarm":
+        fetcher = WeightFetcher(node, config.model_fingerprint, config.model_cache)
+        config.model = await fetcher.prepare()
+        return fetcher
+    if servable(config.model):
+        WeightServer(node, config.model, model_fingerprint(config.model)).register()
+    return None
+
+
 async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Run the node, and the server on top of it when a model is configured."""
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         server = None
-        if node.config.model is not None:
+        if node.config.model is not None or node.config.model_source == "swarm":
             from hexswarm.swarm.serving import Server
 
+            weights = await _weights(node)
             settings = serve_settings(node.config, node.devices)
             if node.config.calibrate:
                 nursery.start_soon(calibrate_node, node, settings)
-            server = Server(node, settings, head_settings(node.config))
+            server = Server(node, settings, head_settings(node.config), weights)
             await nursery.start(server.run)
         else:
             log.info("no model configured: this node relays but serves no stages")

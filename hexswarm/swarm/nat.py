@@ -124,7 +124,7 @@ class NatTraversal:
         for addr in relayed:
             try:
                 await self.stack.dial(addr)
-                log.info("connected to %s through a relay", peer)
+                log.info("connected to %s through a relay: %s", peer, addr)
                 return
             except ConnectionError as e:
                 errors.append(str(e))

@@ -78,7 +78,7 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class Server:
-    def __init__(self, node, settings: ServeSettings, head: HeadSettings):
+    def __init__(self, node, settings: ServeSettings, head: HeadSettings, weights=None):
         import sys
 
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -91,7 +91,7 @@ class Server:
         self.model_id = model_fingerprint(settings.model_dir)
         self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path,
                                 idle_close_s=node.config.pipe_idle_s)
-        self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe)
+        self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe, weights)
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
         self.highest_epoch = 0

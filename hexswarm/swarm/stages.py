@@ -42,8 +42,10 @@ class ServeSettings:
 
 
 class StageSet:
-    def __init__(self, me: str, cfg: LlamaConfig, tokenizer: TextTokenizer, settings: ServeSettings, pipe):
+    def __init__(self, me: str, cfg: LlamaConfig, tokenizer: TextTokenizer, settings: ServeSettings, pipe,
+                 weights=None):
         self.me = me
+        self.weights = weights  # a WeightFetcher when this node's checkpoint comes from peers
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.settings = settings
@@ -65,6 +67,10 @@ class StageSet:
                 key = (layout.epoch, ri, si)
                 if key in self.workers:
                     continue
+                if self.weights is not None:  # this stage's tensors, from peers, before it loads
+                    st, n_stages = layout.replicas[ri][si], len(layout.replicas[ri])
+                    await self.weights.ensure_stage(st.layer_start, st.layer_end, si == 0, si == n_stages - 1,
+                                                    self.cfg.tie_word_embeddings)
                 worker = await trio.to_thread.run_sync(self._build_worker, layout, ri, si)
                 self.workers[key] = worker
                 self.last_used[key] = time.monotonic()
