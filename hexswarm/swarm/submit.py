@@ -329,9 +329,10 @@ class SubmitService:
     async def _resume(self, req: dict, tokens: list[int], deadline: float) -> dict:
         """Place an accepted request again, from its tokens so far.  It was accepted, so it is
         not given up while the swarm re-forms a layout: retried until the request's deadline."""
+        req["resume_tokens"] = list(tokens)
         while True:
-            try:
-                return await self.place({**req, "resume_tokens": list(tokens)})
+            try:  # on `req` itself, not a copy: each try takes a newer attempt number (stage 0 refuses a repeat)
+                return await self.place(req)
             except RemoteError as e:
                 if trio.current_time() >= deadline:
                     return error_frame(e.code, f"resuming after a failure: {e.message}")
