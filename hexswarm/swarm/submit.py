@@ -149,6 +149,9 @@ class SubmitService:
                     placement = await server.node.request(head, DISPATCH, msg,
                                                           timeout=server.head_settings.dispatch_wait_s + 5)
                 self._remember(req["rid"], placement)
+                # one line per attempt: where a request ran, for tracing a lost one through the logs
+                log.info("request %s attempt %d placed on epoch %s replica %s (stage 0 %s)", req["rid"],
+                         msg["attempt"], placement["epoch"], placement["replica"], placement["stages"][0]["peer"])
                 return placement
             except RemoteError as e:
                 if e.code == "no_layout" or (e.code == BUSY and not req.get("resume_tokens") and req["attempts"] == 1):
@@ -187,7 +190,10 @@ class SubmitService:
                 return error_frame(e.code, e.message)
             try:
                 await emit({"accepted": {"request_id": rid, **placement}})
-                return await self._relay(emit, req, placement, receive)
+                final = await self._relay(emit, req, placement, receive)
+                if "error" in final:
+                    log.warning("request %s accepted, ended with %s", rid, final["error"])
+                return final
             except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
                 self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
                 raise
