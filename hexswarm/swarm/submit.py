@@ -42,7 +42,7 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
-MAX_ATTEMPTS = 16
+MAX_ATTEMPTS = 16  # pipelines a request may be placed on (tries the head refused do not count)
 HISTORY = 10000
 
 MAX_STOP_STRINGS = 16
@@ -149,6 +149,7 @@ class SubmitService:
                     placement = await server.node.request(head, DISPATCH, msg,
                                                           timeout=server.head_settings.dispatch_wait_s + 5)
                 self._remember(req["rid"], placement)
+                req["placed"] = req.get("placed", 0) + 1
                 # one line per attempt: where a request ran, for tracing a lost one through the logs
                 log.info("request %s attempt %d placed on epoch %s replica %s (stage 0 %s)", req["rid"],
                          msg["attempt"], placement["epoch"], placement["replica"], placement["stages"][0]["peer"])
@@ -292,8 +293,8 @@ class SubmitService:
                 stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
                 if self._pipeline_alive(placement) and not stalled:
                     continue
-                if attempt >= MAX_ATTEMPTS:
-                    return error_frame("failed", f"request {req['rid']} failed on {attempt} pipelines")
+                if req["placed"] >= MAX_ATTEMPTS:
+                    return error_frame("failed", f"request {req['rid']} failed on {req['placed']} pipelines")
                 why = "stalled" if stalled else "lost a peer"
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
@@ -313,7 +314,7 @@ class SubmitService:
                     await emit({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
-                if attempt < MAX_ATTEMPTS:
+                if req["placed"] < MAX_ATTEMPTS:
                     placement = await self._resume(req, tokens, deadline)
                     if "error" in placement:
                         return placement
