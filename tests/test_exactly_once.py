@@ -27,6 +27,10 @@ class FakeHeadServer:
                 "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
 
 
+async def _ignore(frame: dict) -> None:
+    pass
+
+
 def test_every_resume_of_a_request_takes_a_newer_attempt():
     """Stage 0 refuses a start whose attempt is not newer than the last it saw for (entry, rid); resumes that
     all carried attempt 2 were refused there, stalled 60 s each and were lost (chaos run, 2026-11-25)."""
@@ -38,8 +42,8 @@ def test_every_resume_of_a_request_takes_a_newer_attempt():
     async def main():
         await svc.place(req)
         deadline = trio.current_time() + 10
-        await svc._resume(req, [5], deadline)
-        await svc._resume(req, [5, 6], deadline)
+        await svc._resume(req, [5], deadline, _ignore)
+        await svc._resume(req, [5, 6], deadline, _ignore)
 
     trio.run(main)
     assert [s["attempt"] for s in server.starts] == [1, 2, 3]
@@ -78,8 +82,86 @@ def test_tries_the_head_refuses_do_not_use_up_a_request_s_pipelines():
 
     async def main():
         placement = await svc.place(req)
-        return await svc._relay(None, req, placement, receive)
+        return await svc._relay(_ignore, req, placement, receive, trio.current_time() + 600)
 
     final = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert "done" in final, final
     assert len(placed) == 3 and placed[-1] > MAX_ATTEMPTS
+
+
+class FakeEntryServer(FakeHeadServer):
+    """A whole entry node for `SubmitService.serve`: the head's placements finish at once (a done from stage 0)
+    unless `silent`; the first `refuse` tries are refused with that error."""
+
+    def __init__(self, refuse: list[tuple[str, str]] = (), silent: int = 0):
+        super().__init__()
+        self.cfg = SimpleNamespace(max_position_embeddings=64)
+        self.settings = SimpleNamespace(max_seq_len=64)
+        self.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3])
+        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8))
+        self.pipe = SimpleNamespace(send=lambda peer, msg: None)
+        self.entries: dict = {}
+        self.committed = None
+        self.refuse, self.silent = list(refuse), silent
+
+    def serving_view(self) -> list[str]:
+        return ["s0"]
+
+    async def dispatch(self, msg: dict) -> dict:
+        from hexswarm.net.protocols import RemoteError
+
+        if self.refuse:
+            raise RemoteError(*self.refuse.pop(0))
+        placement = await super().dispatch(msg)
+        if len(self.starts) > self.silent:
+            self.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                  "_sender": "s0", "prompt_tokens": [1, 2, 3], "tokens": [7],
+                                                  "text": "x", "finish_reason": "length", "timings": {}})
+        return placement
+
+
+def _service(server) -> SubmitService:
+    svc = SubmitService(server=None)
+    svc.server = server
+    return svc
+
+
+def test_a_client_failover_is_resumed_not_refused():
+    """A client whose entry died submits the accepted request again through another entry (`resumed`); that entry
+    answered "busy" or "no live pipeline" like for a new request, and the request was lost (chaos run)."""
+    server = FakeEntryServer(refuse=[("busy", "busy: every pipeline has 32 requests queued"),
+                                     ("no_layout", "no live pipeline in epoch 3 after 30 s")])
+    frames = []
+
+    async def emit(frame):
+        frames.append(frame)
+
+    final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 1,
+                                              "resumed": True}, emit, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in final, final
+    assert server.starts[-1]["resumed"] is True  # the head does not refuse it for load either
+    assert any("waiting" in f for f in frames) and any("accepted" in f for f in frames)
+
+
+def test_a_resubmission_to_the_same_entry_takes_over_with_a_newer_attempt():
+    """A client that gave up on its stream (no frame for its timeout) and came back to the same entry got "already
+    running" (lost); and a request id this entry had served started again at attempt 1, which stage 0 refuses."""
+    server = FakeEntryServer(silent=1)  # the first placement never answers: its client gives up
+    svc = _service(server)
+    finals = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def one(name: str, msg: dict):
+                finals[name] = await svc.serve(msg, _ignore)
+
+            nursery.start_soon(one, "first", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1})
+            await trio.sleep(5)
+            nursery.start_soon(one, "again", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1,
+                                              "resumed": True})
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in finals["again"], finals
+    assert finals["first"]["error"]["code"] == "replaced"
+    assert [s["attempt"] for s in server.starts] == [1, 2]
+    assert not server.entries and not svc.running

@@ -117,10 +117,12 @@ class SwarmClient:
         sees each token once even when the new entry's pipeline regenerates the first ones."""
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
+        accepted = False
         last: Exception | None = None
 
         def relay(frame: dict) -> None:
-            nonlocal delivered
+            nonlocal delivered, accepted
+            accepted = accepted or "accepted" in frame
             if "token" in frame:
                 if frame["index"] < delivered:
                     return  # already seen through an earlier entry
@@ -130,6 +132,8 @@ class SwarmClient:
 
         for attempt in range(max_tries):
             addr = self.addrs[attempt % len(self.addrs)]
+            if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy
+                request = {**request, "resumed": True}
             try:
                 return await self.submit_once(addr, request, relay, timeout)
             except UserError as e:  # unreachable or broke mid-stream: the next entry

@@ -423,7 +423,8 @@ class Server:
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         cap = {r: PENDING_PER_SLOT * (self.replica_slots(layout, r) or self.settings.max_batch or 8) for r in replicas}
         load = {r: self.replica_load(layout, r) for r in replicas}
-        resuming = int(msg.get("attempt", 1)) > 1  # already accepted: never refused for load
+        # already accepted (a later attempt, or a client's failover from another entry): never refused for load
+        resuming = int(msg.get("attempt", 1)) > 1 or msg.get("resumed") is True
         if not resuming and all(load[r] >= cap[r] for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
             raise RemoteError(BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "

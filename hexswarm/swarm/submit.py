@@ -2,9 +2,13 @@
 
 Client -> entry node, one frame:
   {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-   "seed": int, "stop": [str], "stream": bool, "request_id": str (optional)}
+   "seed": int, "stop": [str], "stream": bool, "request_id": str (optional),
+   "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
+   of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout)}
 Entry node -> client, frames in order:
   {"accepted": {"request_id", "epoch", "replica", "head", "stages"}}
+  {"waiting": {"request_id", "tokens", "reason"}}     (while an accepted request waits to be placed again:
+                                                        the client knows it is alive; clients ignore it)
   {"token": int, "index": int, "text": str}            (only with stream: true; "text" is what the token
                                                         adds, from one IncrementalDetokenizer per request: an
                                                         incomplete UTF-8 character waits for a later frame, and
@@ -56,6 +60,8 @@ class SubmitService:
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
         # rid -> the peer that submitted it over libp2p (a client may read its own traces), as long as history
         self.submitters: OrderedDict[str, str] = OrderedDict()
+        # rid -> (cancel scope, finished) of the request running here: a resubmission takes it over
+        self.running: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
         # API's metrics) wraps it, and calls `serve` itself for its own requests
@@ -116,7 +122,7 @@ class SubmitService:
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
-                "stream": bool(msg.get("stream", False))}
+                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True}
 
     async def tokenize(self, req: dict) -> dict:
         """The parsed request with its prompt ids and its budget cut to the context; a long prompt is
@@ -135,6 +141,7 @@ class SubmitService:
         msg = {k: req[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop")}
         msg["entry"] = server.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
+        msg["resumed"] = bool(req.get("resumed"))
         req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
         tried: set[str] = set()
         deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
@@ -155,7 +162,7 @@ class SubmitService:
                          msg["attempt"], placement["epoch"], placement["replica"], placement["stages"][0]["peer"])
                 return placement
             except RemoteError as e:
-                if e.code == "no_layout" or (e.code == BUSY and not req.get("resume_tokens") and req["attempts"] == 1):
+                if e.code == "no_layout" or (e.code == BUSY and not req.get("resumed")):
                     raise
                 last_error = str(e)
                 tried.add(head)
@@ -178,28 +185,53 @@ class SubmitService:
         except UserError as e:
             return error_frame(BAD_REQUEST, str(e))
         rid = req["rid"]
+        if rid in self.running and req["resumed"]:
+            await self._take_over(rid)  # its client gave up on that stream and submitted again
         if rid in server.entries:
             return error_frame(BAD_REQUEST, f"request {rid} is already running")
         if len(server.entries) >= server.node.config.max_queue:
             return error_frame(BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+        # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
+        req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
         server.entries[rid] = send
+        scope, finished = self.running[rid] = (trio.CancelScope(), trio.Event())
         try:
+            with scope:
+                return await self._serve_placed(req, emit, receive)
+            return error_frame("replaced", f"request {rid} was submitted again; this stream is abandoned")
+        finally:
+            server.entries.pop(rid, None)
+            self.running.pop(rid, None)
+            finished.set()
+
+    async def _serve_placed(self, req: dict, emit, receive) -> dict:
+        rid = req["rid"]
+        deadline = trio.current_time() + REQUEST_TIMEOUT_S
+        if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
+            placement = await self._resume(req, [], deadline, emit)
+            if "error" in placement:
+                return placement
+        else:
             try:
                 placement = await self.place(req)
             except RemoteError as e:
                 return error_frame(e.code, e.message)
-            try:
-                await emit({"accepted": {"request_id": rid, **placement}})
-                final = await self._relay(emit, req, placement, receive)
-                if "error" in final:
-                    log.warning("request %s accepted, ended with %s", rid, final["error"])
-                return final
-            except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
-                self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
-                raise
-        finally:
-            server.entries.pop(rid, None)
+        try:
+            await emit({"accepted": {"request_id": rid, **placement}})
+            final = await self._relay(emit, req, placement, receive, deadline)
+            if "error" in final:
+                log.warning("request %s accepted, ended with %s", rid, final["error"])
+            return final
+        except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
+            self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
+            raise
+
+    async def _take_over(self, rid: str) -> None:
+        """End the request `rid` running here (its relay and its pipeline's work), for its resubmission."""
+        scope, finished = self.running[rid]
+        scope.cancel()
+        await finished.wait()
 
     def _note_submitter(self, rid: str, peer: str) -> None:
         self.submitters[rid] = peer
@@ -264,7 +296,7 @@ class SubmitService:
             return True  # an older epoch: its stages report under it, checked when its layout is known
         return placement["replica"] not in self.server.failed_replicas(layout)
 
-    async def _relay(self, emit, req: dict, placement: dict, receive) -> dict:
+    async def _relay(self, emit, req: dict, placement: dict, receive, deadline: float) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
         goes down (or the pipeline stalls), resume the request elsewhere from the tokens it
         already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
@@ -276,7 +308,6 @@ class SubmitService:
         detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] else None
         attempt = placement["attempt"]
         last_progress = trio.current_time()
-        deadline = trio.current_time() + REQUEST_TIMEOUT_S
         while trio.current_time() < deadline:
             try:  # an event already queued: no timeout scope (one per token cost the event loop ~10%)
                 ev = receive.receive_nowait()
@@ -299,7 +330,7 @@ class SubmitService:
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                placement = await self._resume(req, tokens, deadline)
+                placement = await self._resume(req, tokens, deadline, emit)
                 if "error" in placement:
                     return placement
                 attempt = placement["attempt"]
@@ -315,7 +346,7 @@ class SubmitService:
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if req["placed"] < MAX_ATTEMPTS:
-                    placement = await self._resume(req, tokens, deadline)
+                    placement = await self._resume(req, tokens, deadline, emit)
                     if "error" in placement:
                         return placement
                     attempt = placement["attempt"]
@@ -333,17 +364,22 @@ class SubmitService:
         self._cancel_placement(req["rid"], placement)
         return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
 
-    async def _resume(self, req: dict, tokens: list[int], deadline: float) -> dict:
+    async def _resume(self, req: dict, tokens: list[int], deadline: float, emit) -> dict:
         """Place an accepted request again, from its tokens so far.  It was accepted, so it is
-        not given up while the swarm re-forms a layout: retried until the request's deadline."""
+        not given up (nor refused as busy) while the swarm re-forms a layout: retried until the
+        request's deadline, with a `waiting` frame per try so its client does not give up on it."""
         req["resume_tokens"] = list(tokens)
+        req["resumed"] = True
+        why = "resuming"
         while True:
+            await emit({"waiting": {"request_id": req["rid"], "tokens": len(tokens), "reason": why}})
             try:  # on `req` itself, not a copy: each try takes a newer attempt number (stage 0 refuses a repeat)
                 return await self.place(req)
             except RemoteError as e:
                 if trio.current_time() >= deadline:
                     return error_frame(e.code, f"resuming after a failure: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
+                why = e.message
                 await trio.sleep(1.0)
 
     def _cancel_placement(self, rid: str, placement: dict) -> None:
