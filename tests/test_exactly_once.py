@@ -165,3 +165,24 @@ def test_a_resubmission_to_the_same_entry_takes_over_with_a_newer_attempt():
     assert finals["first"]["error"]["code"] == "replaced"
     assert [s["attempt"] for s in server.starts] == [1, 2]
     assert not server.entries and not svc.running
+
+
+def test_a_stage_0_that_refuses_for_a_while_does_not_use_up_the_request():
+    """A restarted stage-0 peer answers "stage ... is not served" until it has loaded the committed epoch's stages
+    (seconds, longer on a loaded machine); the entry re-placed at once each time, the head chose the same replica,
+    and 16 placements went in a moment: "failed" (chaos run).  Resumes back off while placements give nothing."""
+    server = FakeEntryServer()
+    loaded_at = 30.0
+
+    async def dispatch(msg: dict) -> dict:
+        placement = await FakeHeadServer.dispatch(server, msg)
+        end = ({"error": "stage [3, 0, 0] is not served by s0"} if trio.current_time() < loaded_at else
+               {"prompt_tokens": [1, 2, 3], "tokens": [7], "text": "x", "finish_reason": "length", "timings": {}})
+        server.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                "_sender": "s0", **end})
+        return placement
+
+    server.dispatch = dispatch
+    final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 1}, _ignore,
+                     clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in final, final

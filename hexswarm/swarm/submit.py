@@ -46,6 +46,7 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
+RESUME_BACKOFF_S, MAX_RESUME_BACKOFF_S = 0.5, 8.0  # before a resume, doubling per placement that gave no token
 MAX_ATTEMPTS = 16  # pipelines a request may be placed on (tries the head refused do not count)
 HISTORY = 10000
 
@@ -308,6 +309,16 @@ class SubmitService:
         detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] else None
         attempt = placement["attempt"]
         last_progress = trio.current_time()
+        fruitless = 0  # placements in a row that gave no token
+
+        async def resume() -> dict:
+            # backing off: a stage 0 still loading its stages (a restarted peer), or a head whose view still has a
+            # peer this entry sees down, would use up the request's MAX_ATTEMPTS pipelines in seconds
+            nonlocal fruitless
+            fruitless += 1
+            await trio.sleep(min(RESUME_BACKOFF_S * 2 ** (fruitless - 1), MAX_RESUME_BACKOFF_S))
+            return await self._resume(req, tokens, deadline, emit)
+
         while trio.current_time() < deadline:
             try:  # an event already queued: no timeout scope (one per token cost the event loop ~10%)
                 ev = receive.receive_nowait()
@@ -330,7 +341,7 @@ class SubmitService:
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                placement = await self._resume(req, tokens, deadline, emit)
+                placement = await resume()
                 if "error" in placement:
                     return placement
                 attempt = placement["attempt"]
@@ -340,13 +351,14 @@ class SubmitService:
             if ev["kind"] == "event":
                 if int(ev["index"]) != len(tokens):
                     continue  # already delivered (a resumed pipeline repeats nothing, but be safe)
+                fruitless = 0
                 tokens.append(int(ev["token"]))
                 if detok is not None:
                     await emit({"token": tokens[-1], "index": len(tokens) - 1, "text": detok.push(tokens[-1])})
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if req["placed"] < MAX_ATTEMPTS:
-                    placement = await self._resume(req, tokens, deadline, emit)
+                    placement = await resume()
                     if "error" in placement:
                         return placement
                     attempt = placement["attempt"]
