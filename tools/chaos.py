@@ -11,7 +11,8 @@ Reports requests accepted, completed, correct (token for token equal to an unint
 `generate`), wrong (completed, other tokens), lost (accepted, never completed), duplicated (a
 token index delivered twice or a streamed sequence that differs from the final one), refused (a
 clear error such as busy), and what the hostile senders saw.  Each lost request is traced: what the
-client saw, the faults during its life, and the node log lines that name its request id.  Traffic stays on 127.0.0.1.
+client saw, the faults during its life, and the node log lines that name its request id; lost_deadline
+counts those of them that ended only on a deadline (slowness of a loaded machine, not a dropped request).  Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -95,7 +96,15 @@ def trace_lost(rec: dict, swarm: LocalSwarm, events: list) -> dict:
     return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec["t1"]),
             "seconds": round(rec["t1"] - rec["t0"], 1), "entries": rec["entries"], "client_saw": rec["seen"],
             "tokens": len(rec["streamed"]), "error": rec["error"] or (rec["final"] or {}).get("error"),
-            "faults": faults, "node_log": lines[:40]}
+            "faults": faults, "node_log": lines[:40], "deadline": missed_deadline(rec)}
+
+
+def missed_deadline(rec: dict) -> bool:
+    """Did it end only because a deadline passed (the entry's request timeout, or no frame for the client's
+    timeout): on a loaded machine, slowness rather than a request the swarm dropped."""
+    error = rec["error"] or json.dumps((rec["final"] or {}).get("error"))
+    last = error.split("; ")[-1]  # the client's last try (each entry's failure is listed)
+    return '"timeout"' in error or "did not finish within" in error or " within 240 s" in last
 
 
 def victim_for(turn: int, swarm: LocalSwarm, rng: random.Random):
@@ -281,7 +290,7 @@ def main() -> int:
                 node.kill(signal.SIGCONT)
         swarm.stop()
     refs: dict[str, list[int]] = {}
-    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0,
+    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0, "lost_deadline": 0,
               "duplicated": 0, "refused": 0, "nodes_alive_at_end": survived, "log_tracebacks": bugs,
               "seconds": round(time.time() - t_start), "hostile": senders.stats if senders else None,
               "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
@@ -305,6 +314,7 @@ def main() -> int:
             report["lost" if rec["accepted"] else "refused"] += 1
             if rec["accepted"]:
                 report["lost_requests"].append(trace_lost(rec, swarm, events))
+                report["lost_deadline"] += report["lost_requests"][-1]["deadline"]
             why = rec["error"] or json.dumps(final.get("error"))
             report["errors"][why[:160]] = report["errors"].get(why[:160], 0) + 1
     if a.json:

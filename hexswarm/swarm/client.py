@@ -118,7 +118,7 @@ class SwarmClient:
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
         accepted = False
-        last: Exception | None = None
+        tried: list[str] = []  # what each entry said, for the error that ends it
 
         def relay(frame: dict) -> None:
             nonlocal delivered, accepted
@@ -137,9 +137,9 @@ class SwarmClient:
             try:
                 return await self.submit_once(addr, request, relay, timeout)
             except UserError as e:  # unreachable or broke mid-stream: the next entry
-                last = e
+                tried.append(str(e))
                 await trio.sleep(min(2.0, 0.25 * (attempt + 1)))
-        raise UserError(f"no entry node finished request {request['request_id']}: {last}")
+        raise UserError(f"no entry node finished request {request['request_id']}: " + "; ".join(tried))
 
     async def _drop(self, peer_id) -> None:
         try:
