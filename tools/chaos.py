@@ -139,13 +139,19 @@ def chaos(swarm: LocalSwarm, stop: threading.Event, every: float, rng: random.Ra
             continue
         tag = f"{role}:{victim.peer_id[:16]}"
         if rng.random() < 0.5:
+            # a restarted node keeps its port, as a deployed node does (its configured listen address): the
+            # clients' entry lists stay valid (on new ports, a client whose entries all restarted reached none)
+            victim.port = victim.port or int(victim.addr.split("/tcp/")[1].split("/")[0])
             victim.kill(signal.SIGKILL)
             events.append((time.time(), "SIGKILL", tag))
             if stop.wait(every / 2):
                 break
             boot = [a for a in live_addrs(swarm) if victim.peer_id not in a]
-            victim.start(boot[:2])
-            victim.wait_listening()
+            try:
+                victim.start(boot[:2]).wait_listening()
+            except RuntimeError:  # the port was taken meanwhile: one the OS picks
+                victim.port = None
+                victim.start(boot[:2]).wait_listening()
             events.append((time.time(), "restart", tag))
         else:
             victim.kill(signal.SIGSTOP)
