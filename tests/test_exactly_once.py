@@ -186,3 +186,12 @@ def test_a_stage_0_that_refuses_for_a_while_does_not_use_up_the_request():
     final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 1}, _ignore,
                      clock=trio.testing.MockClock(autojump_threshold=0))
     assert "done" in final, final
+
+
+def test_only_its_own_submitter_takes_a_running_request_over():
+    svc = SubmitService(server=None)
+    svc.running["r"] = (trio.CancelScope(), trio.Event())
+    svc.submitters["r"] = "alice"
+    msg = {"prompt": "hi", "request_id": "r", "resumed": True}
+    assert svc._only_own_take_over(msg, "alice")["resumed"] is True
+    assert svc._only_own_take_over(msg, "mallory")["resumed"] is False

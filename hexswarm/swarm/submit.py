@@ -240,6 +240,14 @@ class SubmitService:
         while len(self.submitters) > HISTORY:
             self.submitters.popitem(last=False)
 
+    def _only_own_take_over(self, msg: Any, peer: str) -> Any:
+        """A resubmission takes over the request running here only for the peer that submitted it: anyone
+        else who knows the id is answered "already running"."""
+        if (isinstance(msg, dict) and msg.get("resumed") is True and msg.get("request_id") in self.running
+                and self.submitters.get(msg.get("request_id")) != peer):
+            return {**msg, "resumed": False}
+        return msg
+
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
         if self.server.node.config.require_client_cert:
@@ -256,6 +264,7 @@ class SubmitService:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
                 self._check_submitter(str(remote_peer_id(stream)), msg)
+                msg = self._only_own_take_over(msg, peer)
             except ProtocolError as e:
                 await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
                 return
