@@ -217,8 +217,12 @@ class Server:
             with trio.move_on_after(self.head_settings.ready_timeout_s):
                 published = trio.current_time()
                 while not layout.peers <= ready:
-                    if frozenset(self.serving_view()) != frozenset(view):
-                        log.info("head: view changed while epoch %d was loading; re-planning", epoch)
+                    # only a peer it assigns going down spoils a proposal; one that came (back) up is planned
+                    # in after this commit (under faults every few seconds, re-planning on every change of the
+                    # view never committed a layout, and every request waited for one)
+                    gone = layout.peers - set(self.serving_view())
+                    if gone:
+                        log.info("head: %s down while epoch %d was loading; re-planning", sorted(gone), epoch)
                         return
                     if trio.current_time() - published > REPROPOSE_S:
                         # a peer whose gossip mesh formed after the first publish (e.g. one reached only
