@@ -397,8 +397,9 @@ class SubmitService:
             try:  # on `req` itself, not a copy: each try takes a newer attempt number (stage 0 refuses a repeat)
                 return await self.place(req)
             except RemoteError as e:
-                if trio.current_time() >= deadline:
-                    return error_frame(e.code, f"resuming after a failure: {e.message}")
+                if trio.current_time() >= deadline:  # a deadline, not a refusal: said as such
+                    return error_frame("timeout", f"request {req['rid']} was not placed again within "
+                                                  f"{REQUEST_TIMEOUT_S:g} s: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
                 why = e.message
                 await trio.sleep(1.0)
