@@ -240,3 +240,49 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     kinds = [serving.open_sealed(m, serving.LAYOUT_DOMAIN)[0]["type"] for m in gossip]
     assert kinds == ["propose", "commit"]
+
+
+def test_a_client_keeps_failing_over_an_accepted_request_until_its_timeout():
+    """With entries killed and restarted every few seconds, a client whose request was accepted spent its six
+    tries in about a minute on entries that were down or restarting, and the request was lost (chaos run)."""
+    from hexswarm.errors import UserError
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm.client import SwarmClient
+
+    addr = f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"
+    client = SwarmClient([addr], timeout=240)
+    calls = []
+
+    async def submit_once(addr, request, on_frame, timeout=None):
+        calls.append(request.get("resumed", False))
+        if len(calls) == 1:
+            on_frame({"accepted": {"request_id": request["request_id"]}})
+            raise UserError("the connection broke")
+        if len(calls) < 12:  # every entry down or restarting for a while
+            raise UserError("cannot reach")
+        return {"done": {"tokens": [7]}}
+
+    client.submit_once = submit_once
+    final = trio.run(client.submit, {"prompt": "hi"}, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert final == {"done": {"tokens": [7]}}
+    assert calls[0] is False and all(calls[1:])  # after acceptance every resubmission is marked resumed
+
+
+def test_a_client_gives_up_an_unaccepted_request_after_its_tries():
+    from hexswarm.errors import UserError
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm.client import SwarmClient
+
+    client = SwarmClient([f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"], timeout=240)
+    calls = []
+
+    async def submit_once(addr, request, on_frame, timeout=None):
+        calls.append(1)
+        raise UserError("cannot reach")
+
+    client.submit_once = submit_once
+    try:
+        trio.run(client.submit, {"prompt": "hi"}, clock=trio.testing.MockClock(autojump_threshold=0))
+    except UserError as e:
+        assert "cannot reach" in str(e)
+    assert len(calls) == 6
