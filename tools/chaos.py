@@ -10,7 +10,9 @@ admitted node and a stranger (tools/hostile.py) send mutated messages of every p
 Reports requests accepted, completed, correct (token for token equal to an uninterrupted
 `generate`), wrong (completed, other tokens), lost (accepted, never completed), duplicated (a
 token index delivered twice or a streamed sequence that differs from the final one), refused (a
-clear error such as busy), and what the hostile senders saw.  Traffic stays on 127.0.0.1.
+clear error such as busy), and what the hostile senders saw.  Each lost request is traced: what the
+client saw, the faults during its life, and the node log lines that name its request id; lost_deadline
+counts those of them that ended only on a deadline (slowness of a loaded machine, not a dropped request).  Traffic stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -53,19 +55,56 @@ class Tally:
             self.records.append(rec)
 
 
-def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally) -> None:
+def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally, seed: int) -> None:
     prompt = f"{PROMPTS[i % len(PROMPTS)]} #{i}"
     frames: list[dict] = []
-    rec = {"i": i, "prompt": prompt, "accepted": False, "final": None, "error": None}
+    # a known request id, so a lost request can be followed through the nodes' logs
+    rec = {"i": i, "rid": f"chaos{seed}-{i}", "prompt": prompt, "accepted": False, "final": None, "error": None,
+           "t0": time.time(), "entries": [a.rsplit("/", 1)[-1][:16] for a in addrs]}
+
+    def on_frame(frame: dict) -> None:
+        frames.append({**frame, "_t": time.time()})
+
     try:
-        final = trio.run(submit_with_failover, addrs, {"prompt": prompt, "max_new_tokens": new_tokens, "stream": True},
-                         frames.append, 240.0)
+        final = trio.run(submit_with_failover, addrs, {"prompt": prompt, "max_new_tokens": new_tokens, "stream": True,
+                                                       "request_id": rec["rid"]}, on_frame, 240.0)
         rec["final"] = final
     except UserError as e:
         rec["error"] = str(e)
+    rec["t1"] = time.time()
     rec["accepted"] = any("accepted" in f for f in frames)
     rec["streamed"] = [(f["index"], f["token"]) for f in frames if "token" in f]
+    # what the client saw: each acceptance (an entry placed it) and when its last token came
+    rec["seen"] = [f"{clock(f['_t'])} accepted epoch {f['accepted']['epoch']} replica {f['accepted']['replica']} "
+                   f"stage0 {f['accepted']['stages'][0]['peer'][:16]}" for f in frames if "accepted" in f]
+    if rec["streamed"]:
+        rec["seen"].append(f"{clock(max(f['_t'] for f in frames if 'token' in f))} token {rec['streamed'][-1][0]}")
     tally.add(rec)
+
+
+def clock(t: float) -> str:
+    """Wall-clock time as the nodes' logs print it (UTC here: the nodes log in the machine's time zone)."""
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 10) % 10}"
+
+
+def trace_lost(rec: dict, swarm: LocalSwarm, events: list) -> dict:
+    """Why one accepted request did not complete: what the client saw, the faults during its life, and
+    every node log line that names it."""
+    lines = [f"{n.config.parent.name}: {line}" for n in swarm.nodes for line in n.log().splitlines()
+             if rec["rid"] in line]
+    faults = [f"{clock(t)} {what} {tag}" for t, what, tag in events if rec["t0"] - 10 <= t <= rec["t1"]]
+    return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec["t1"]),
+            "seconds": round(rec["t1"] - rec["t0"], 1), "entries": rec["entries"], "client_saw": rec["seen"],
+            "tokens": len(rec["streamed"]), "error": rec["error"] or (rec["final"] or {}).get("error"),
+            "faults": faults, "node_log": lines[:40], "deadline": missed_deadline(rec)}
+
+
+def missed_deadline(rec: dict) -> bool:
+    """Did it end only because a deadline passed (the entry's request timeout, or no frame for the client's
+    timeout): on a loaded machine, slowness rather than a request the swarm dropped."""
+    error = rec["error"] or json.dumps((rec["final"] or {}).get("error"))
+    last = error.split("; ")[-1]  # the client's last try (each entry's failure is listed)
+    return '"timeout"' in error or "did not finish within" in error or " within 240 s" in last
 
 
 def victim_for(turn: int, swarm: LocalSwarm, rng: random.Random):
@@ -96,24 +135,30 @@ def chaos(swarm: LocalSwarm, stop: threading.Event, every: float, rng: random.Ra
         role, victim = victim_for(turn, swarm, rng)
         turn += 1
         if victim is None:
-            events.append((round(time.monotonic(), 1), "skip", role))
+            events.append((time.time(), "skip", role))
             continue
         tag = f"{role}:{victim.peer_id[:16]}"
         if rng.random() < 0.5:
+            # a restarted node keeps its port, as a deployed node does (its configured listen address): the
+            # clients' entry lists stay valid (on new ports, a client whose entries all restarted reached none)
+            victim.port = victim.port or int(victim.addr.split("/tcp/")[1].split("/")[0])
             victim.kill(signal.SIGKILL)
-            events.append((round(time.monotonic(), 1), "SIGKILL", tag))
+            events.append((time.time(), "SIGKILL", tag))
             if stop.wait(every / 2):
                 break
             boot = [a for a in live_addrs(swarm) if victim.peer_id not in a]
-            victim.start(boot[:2])
-            victim.wait_listening()
-            events.append((round(time.monotonic(), 1), "restart", tag))
+            try:
+                victim.start(boot[:2]).wait_listening()
+            except RuntimeError:  # the port was taken meanwhile: one the OS picks
+                victim.port = None
+                victim.start(boot[:2]).wait_listening()
+            events.append((time.time(), "restart", tag))
         else:
             victim.kill(signal.SIGSTOP)
-            events.append((round(time.monotonic(), 1), "SIGSTOP", tag))
+            events.append((time.time(), "SIGSTOP", tag))
             stop.wait(every / 2)
             victim.kill(signal.SIGCONT)
-            events.append((round(time.monotonic(), 1), "SIGCONT", tag))
+            events.append((time.time(), "SIGCONT", tag))
 
 
 class HostileSenders:
@@ -230,7 +275,7 @@ def main() -> int:
         while time.monotonic() < t_end:
             addrs = live_addrs(swarm)  # a restarted node listens on a new port
             entry_order = rng.sample(addrs, len(addrs))
-            t = threading.Thread(target=one_request, args=(i, entry_order, a.new_tokens, tally), daemon=True)
+            t = threading.Thread(target=one_request, args=(i, entry_order, a.new_tokens, tally, a.seed), daemon=True)
             t.start()
             threads.append(t)
             i += 1
@@ -251,10 +296,11 @@ def main() -> int:
                 node.kill(signal.SIGCONT)
         swarm.stop()
     refs: dict[str, list[int]] = {}
-    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0,
+    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0, "lost_deadline": 0,
               "duplicated": 0, "refused": 0, "nodes_alive_at_end": survived, "log_tracebacks": bugs,
               "seconds": round(time.time() - t_start), "hostile": senders.stats if senders else None,
-              "faults": events, "errors": {}}
+              "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
+              "work_dir": str(work)}
     for rec in tally.records:
         final = rec["final"] or {}
         done = final.get("done")
@@ -272,17 +318,22 @@ def main() -> int:
                 report["duplicated"] += 1
         else:
             report["lost" if rec["accepted"] else "refused"] += 1
+            if rec["accepted"]:
+                report["lost_requests"].append(trace_lost(rec, swarm, events))
+                report["lost_deadline"] += report["lost_requests"][-1]["deadline"]
             why = rec["error"] or json.dumps(final.get("error"))
             report["errors"][why[:160]] = report["errors"].get(why[:160], 0) + 1
     if a.json:
         print(json.dumps(report))
     else:
         for k, v in report.items():
-            if k not in ("faults", "errors"):
+            if k not in ("faults", "errors", "lost_requests"):
                 print(f"{k:>10}: {v}")
         print(f"    faults: {len(events)}: " + ", ".join(f"{e[1]} {e[2]}" for e in events))
         for why, n in report["errors"].items():
             print(f"    {n} x {why}")
+        for lost in report["lost_requests"]:
+            print(f"    lost {json.dumps(lost, indent=2)}")
     clean = report["lost"] == 0 and report["duplicated"] == 0 and report["wrong"] == 0 and survived and bugs == 0
     return 0 if clean else 1
 

@@ -117,10 +117,12 @@ class SwarmClient:
         sees each token once even when the new entry's pipeline regenerates the first ones."""
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
-        last: Exception | None = None
+        accepted = False
+        tried: list[str] = []  # what each entry said, for the error that ends it
 
         def relay(frame: dict) -> None:
-            nonlocal delivered
+            nonlocal delivered, accepted
+            accepted = accepted or "accepted" in frame
             if "token" in frame:
                 if frame["index"] < delivered:
                     return  # already seen through an earlier entry
@@ -128,14 +130,23 @@ class SwarmClient:
             if on_frame is not None:
                 on_frame(frame)
 
-        for attempt in range(max_tries):
+        # an accepted request is the swarm's to finish: its client keeps failing over until the request's
+        # timeout (with every entry restarting, six quick tries were all spent on entries still down)
+        deadline = trio.current_time() + (timeout or self.timeout)
+        attempt = 0
+        while True:
             addr = self.addrs[attempt % len(self.addrs)]
+            if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy
+                request = {**request, "resumed": True}
             try:
                 return await self.submit_once(addr, request, relay, timeout)
             except UserError as e:  # unreachable or broke mid-stream: the next entry
-                last = e
-                await trio.sleep(min(2.0, 0.25 * (attempt + 1)))
-        raise UserError(f"no entry node finished request {request['request_id']}: {last}")
+                tried = [*tried[-(max_tries - 1):], str(e)]
+                attempt += 1
+                if attempt >= max_tries and not (accepted and trio.current_time() < deadline):
+                    break
+                await trio.sleep(min(2.0, 0.25 * attempt))
+        raise UserError(f"no entry node finished request {request['request_id']}: " + "; ".join(tried))
 
     async def _drop(self, peer_id) -> None:
         try:

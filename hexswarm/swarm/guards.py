@@ -173,7 +173,8 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
     _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
     _need(_is_int(msg.get("attempt"), 1, 2**31), "dispatch: attempt")
     return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
-            "max_new_tokens": new, "stop": stop, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume}
+            "max_new_tokens": new, "stop": stop, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume,
+            "resumed": msg.get("resumed") is True}
 
 
 def read_layout_request(msg: Any) -> int | None:

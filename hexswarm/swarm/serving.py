@@ -41,6 +41,7 @@ LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
+PROPOSAL_GRACE_S = 5.0  # how long a peer a proposal assigns may look down before the proposal is dropped
 REPROPOSE_S = 5.0  # a proposal is published again this often until every assigned peer is ready
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
@@ -216,9 +217,17 @@ class Server:
             await self._on_layout_gossip(proposal, self.me)
             with trio.move_on_after(self.head_settings.ready_timeout_s):
                 published = trio.current_time()
+                down_since: dict[str, float] = {}
                 while not layout.peers <= ready:
-                    if frozenset(self.serving_view()) != frozenset(view):
-                        log.info("head: view changed while epoch %d was loading; re-planning", epoch)
+                    # only a peer it assigns staying down spoils a proposal; one that came (back) up is planned
+                    # in after this commit, and one missing a heartbeat or two on a busy host may still report
+                    # ready (under faults every few seconds, re-planning on every change of the view never
+                    # committed a layout, and every request waited for one)
+                    now, up = trio.current_time(), set(self.serving_view())
+                    down_since = {p: down_since.get(p, now) for p in layout.peers - up}
+                    gone = sorted(p for p, t in down_since.items() if now - t > PROPOSAL_GRACE_S)
+                    if gone:
+                        log.info("head: %s down while epoch %d was loading; re-planning", gone, epoch)
                         return
                     if trio.current_time() - published > REPROPOSE_S:
                         # a peer whose gossip mesh formed after the first publish (e.g. one reached only
@@ -423,7 +432,8 @@ class Server:
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         cap = {r: PENDING_PER_SLOT * (self.replica_slots(layout, r) or self.settings.max_batch or 8) for r in replicas}
         load = {r: self.replica_load(layout, r) for r in replicas}
-        resuming = int(msg.get("attempt", 1)) > 1  # already accepted: never refused for load
+        # already accepted (a later attempt, or a client's failover from another entry): never refused for load
+        resuming = int(msg.get("attempt", 1)) > 1 or msg.get("resumed") is True
         if not resuming and all(load[r] >= cap[r] for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
             raise RemoteError(BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "

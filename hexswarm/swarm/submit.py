@@ -2,9 +2,13 @@
 
 Client -> entry node, one frame:
   {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
-   "seed": int, "stop": [str], "stream": bool, "request_id": str (optional)}
+   "seed": int, "stop": [str], "stream": bool, "request_id": str (optional),
+   "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
+   of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout)}
 Entry node -> client, frames in order:
   {"accepted": {"request_id", "epoch", "replica", "head", "stages"}}
+  {"waiting": {"request_id", "tokens", "reason"}}     (while an accepted request waits to be placed again:
+                                                        the client knows it is alive; clients ignore it)
   {"token": int, "index": int, "text": str}            (only with stream: true; "text" is what the token
                                                         adds, from one IncrementalDetokenizer per request: an
                                                         incomplete UTF-8 character waits for a later frame, and
@@ -42,7 +46,8 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
-MAX_ATTEMPTS = 16
+RESUME_BACKOFF_S, MAX_RESUME_BACKOFF_S = 0.5, 8.0  # before a resume, doubling per placement that gave no token
+MAX_ATTEMPTS = 16  # pipelines a request may be placed on (tries the head refused do not count)
 HISTORY = 10000
 
 MAX_STOP_STRINGS = 16
@@ -56,6 +61,8 @@ class SubmitService:
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
         # rid -> the peer that submitted it over libp2p (a client may read its own traces), as long as history
         self.submitters: OrderedDict[str, str] = OrderedDict()
+        # rid -> (cancel scope, finished) of the request running here: a resubmission takes it over
+        self.running: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
         # API's metrics) wraps it, and calls `serve` itself for its own requests
@@ -116,7 +123,7 @@ class SubmitService:
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
-                "stream": bool(msg.get("stream", False))}
+                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True}
 
     async def tokenize(self, req: dict) -> dict:
         """The parsed request with its prompt ids and its budget cut to the context; a long prompt is
@@ -135,6 +142,7 @@ class SubmitService:
         msg = {k: req[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop")}
         msg["entry"] = server.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
+        msg["resumed"] = bool(req.get("resumed"))
         req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
         tried: set[str] = set()
         deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
@@ -149,9 +157,13 @@ class SubmitService:
                     placement = await server.node.request(head, DISPATCH, msg,
                                                           timeout=server.head_settings.dispatch_wait_s + 5)
                 self._remember(req["rid"], placement)
+                req["placed"] = req.get("placed", 0) + 1
+                # one line per attempt: where a request ran, for tracing a lost one through the logs
+                log.info("request %s attempt %d placed on epoch %s replica %s (stage 0 %s)", req["rid"],
+                         msg["attempt"], placement["epoch"], placement["replica"], placement["stages"][0]["peer"])
                 return placement
             except RemoteError as e:
-                if e.code == "no_layout" or (e.code == BUSY and not req.get("resume_tokens") and req["attempts"] == 1):
+                if e.code == "no_layout" or (e.code == BUSY and not req.get("resumed")):
                     raise
                 last_error = str(e)
                 tried.add(head)
@@ -175,31 +187,67 @@ class SubmitService:
         except UserError as e:
             return error_frame(BAD_REQUEST, str(e))
         rid = req["rid"]
+        if rid in self.running and req["resumed"]:
+            await self._take_over(rid)  # its client gave up on that stream and submitted again
         if rid in server.entries:
             return error_frame(BAD_REQUEST, f"request {rid} is already running")
         if len(server.entries) >= server.node.config.max_queue:
             return error_frame(BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+        # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
+        req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
         server.entries[rid] = send
+        scope, finished = self.running[rid] = (trio.CancelScope(), trio.Event())
         try:
+            with scope:
+                return await self._serve_placed(req, emit, receive, req["stream"] if text is None else text)
+            return error_frame("replaced", f"request {rid} was submitted again; this stream is abandoned")
+        finally:
+            server.entries.pop(rid, None)
+            self.running.pop(rid, None)
+            finished.set()
+
+    async def _serve_placed(self, req: dict, emit, receive, text: bool) -> dict:
+        rid = req["rid"]
+        deadline = trio.current_time() + REQUEST_TIMEOUT_S
+        if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
+            placement = await self._resume(req, [], deadline, emit)
+            if "error" in placement:
+                return placement
+        else:
             try:
                 placement = await self.place(req)
             except RemoteError as e:
                 return error_frame(e.code, e.message)
-            try:
-                await emit({"accepted": {"request_id": rid, **placement}})
-                return await self._relay(emit, req, placement, receive, req["stream"] if text is None else text)
-            except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
-                self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
-                raise
-        finally:
-            server.entries.pop(rid, None)
+        try:
+            await emit({"accepted": {"request_id": rid, **placement}})
+            final = await self._relay(emit, req, placement, receive, deadline, text)
+            if "error" in final:
+                log.warning("request %s accepted, ended with %s", rid, final["error"])
+            return final
+        except BaseException:  # the client went away or we were cancelled: stop the pipeline's work
+            self._cancel_placement(rid, self.history.get(rid, [placement])[-1])
+            raise
+
+    async def _take_over(self, rid: str) -> None:
+        """End the request `rid` running here (its relay and its pipeline's work), for its resubmission."""
+        scope, finished = self.running[rid]
+        scope.cancel()
+        await finished.wait()
 
     def _note_submitter(self, rid: str, peer: str) -> None:
         self.submitters[rid] = peer
         self.submitters.move_to_end(rid)
         while len(self.submitters) > HISTORY:
             self.submitters.popitem(last=False)
+
+    def _only_own_take_over(self, msg: Any, peer: str) -> Any:
+        """A resubmission takes over the request running here only for the peer that submitted it: anyone
+        else who knows the id is answered "already running"."""
+        if (isinstance(msg, dict) and msg.get("resumed") is True and msg.get("request_id") in self.running
+                and self.submitters.get(msg.get("request_id")) != peer):
+            return {**msg, "resumed": False}
+        return msg
 
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
@@ -217,6 +265,7 @@ class SubmitService:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
                 self._check_submitter(str(remote_peer_id(stream)), msg)
+                msg = self._only_own_take_over(msg, peer)
             except ProtocolError as e:
                 await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
                 return
@@ -259,7 +308,7 @@ class SubmitService:
             return True  # an older epoch: its stages report under it, checked when its layout is known
         return placement["replica"] not in self.server.failed_replicas(layout)
 
-    async def _relay(self, emit, req: dict, placement: dict, receive, text: bool) -> dict:
+    async def _relay(self, emit, req: dict, placement: dict, receive, deadline: float, text: bool = True) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
         goes down (or the pipeline stalls), resume the request elsewhere from the tokens it
         already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
@@ -271,8 +320,17 @@ class SubmitService:
         detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] and text else None
         attempt = placement["attempt"]
         last_progress = trio.current_time()
-        deadline = trio.current_time() + REQUEST_TIMEOUT_S
         held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
+        fruitless = 0  # placements in a row that gave no token
+
+        async def resume() -> dict:
+            # backing off: a stage 0 still loading its stages (a restarted peer), or a head whose view still has a
+            # peer this entry sees down, would use up the request's MAX_ATTEMPTS pipelines in seconds
+            nonlocal fruitless
+            fruitless += 1
+            await trio.sleep(min(RESUME_BACKOFF_S * 2 ** (fruitless - 1), MAX_RESUME_BACKOFF_S))
+            return await self._resume(req, tokens, deadline, emit)
+
         while trio.current_time() < deadline:
             ev, held = held, None
             if ev is None:
@@ -290,13 +348,13 @@ class SubmitService:
                 stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
                 if self._pipeline_alive(placement) and not stalled:
                     continue
-                if attempt >= MAX_ATTEMPTS:
-                    return error_frame("failed", f"request {req['rid']} failed on {attempt} pipelines")
+                if req["placed"] >= MAX_ATTEMPTS:
+                    return error_frame("failed", f"request {req['rid']} failed on {req['placed']} pipelines")
                 why = "stalled" if stalled else "lost a peer"
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                placement = await self._resume(req, tokens, deadline)
+                placement = await resume()
                 if "error" in placement:
                     return placement
                 attempt = placement["attempt"]
@@ -306,14 +364,17 @@ class SubmitService:
             if ev["kind"] == "event":
                 # every token already queued goes out in one frame batch: when the event loop falls behind,
                 # the client's writes (HTTP's above all) are paid per batch, not per token
+                had = len(tokens)
                 frames, held = self._take_tokens(ev, receive, tokens, req["stream"], detok,
                                                  placement["stages"][0]["peer"])
+                if len(tokens) > had:
+                    fruitless = 0
                 if frames:
                     await emit(frames[0] if len(frames) == 1 else {"batch": frames})
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
-                if attempt < MAX_ATTEMPTS:
-                    placement = await self._resume(req, tokens, deadline)
+                if req["placed"] < MAX_ATTEMPTS:
+                    placement = await resume()
                     if "error" in placement:
                         return placement
                     attempt = placement["attempt"]
@@ -354,16 +415,23 @@ class SubmitService:
                 return frames, nxt
             ev = nxt
 
-    async def _resume(self, req: dict, tokens: list[int], deadline: float) -> dict:
+    async def _resume(self, req: dict, tokens: list[int], deadline: float, emit) -> dict:
         """Place an accepted request again, from its tokens so far.  It was accepted, so it is
-        not given up while the swarm re-forms a layout: retried until the request's deadline."""
+        not given up (nor refused as busy) while the swarm re-forms a layout: retried until the
+        request's deadline, with a `waiting` frame per try so its client does not give up on it."""
+        req["resume_tokens"] = list(tokens)
+        req["resumed"] = True
+        why = "resuming"
         while True:
-            try:
-                return await self.place({**req, "resume_tokens": list(tokens)})
+            await emit({"waiting": {"request_id": req["rid"], "tokens": len(tokens), "reason": why}})
+            try:  # on `req` itself, not a copy: each try takes a newer attempt number (stage 0 refuses a repeat)
+                return await self.place(req)
             except RemoteError as e:
-                if trio.current_time() >= deadline:
-                    return error_frame(e.code, f"resuming after a failure: {e.message}")
+                if trio.current_time() >= deadline:  # a deadline, not a refusal: said as such
+                    return error_frame("timeout", f"request {req['rid']} was not placed again within "
+                                                  f"{REQUEST_TIMEOUT_S:g} s: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
+                why = e.message
                 await trio.sleep(1.0)
 
     def _cancel_placement(self, rid: str, placement: dict) -> None:

@@ -1,0 +1,288 @@
+"""Exactly-once failover (issue 13): each cause of requests lost in the chaos run (`tools/chaos.py`), kept as a
+test without a swarm: the entry's resumes and failovers, and the head committing layouts under churn."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import trio
+import trio.testing
+
+from hexswarm.swarm.submit import SubmitService
+
+
+class FakeHeadServer:
+    """The parts of a serving node `SubmitService.place` uses, with this node as the head."""
+
+    def __init__(self):
+        self.me = "entry"
+        self.head_settings = SimpleNamespace(dispatch_wait_s=1.0)
+        self.starts: list[dict] = []
+
+    def head_order(self) -> list[str]:
+        return [self.me]
+
+    async def dispatch(self, msg: dict) -> dict:
+        self.starts.append(dict(msg))
+        return {"epoch": 1, "replica": 0, "head": self.me, "attempt": msg["attempt"],
+                "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
+
+
+async def _ignore(frame: dict) -> None:
+    pass
+
+
+def test_every_resume_of_a_request_takes_a_newer_attempt():
+    """Stage 0 refuses a start whose attempt is not newer than the last it saw for (entry, rid); resumes that
+    all carried attempt 2 were refused there, stalled 60 s each and were lost (chaos run, 2026-11-25)."""
+    server = FakeHeadServer()
+    svc = SubmitService(server=None)
+    svc.server = server
+    req = {"rid": "r", "prompt_ids": [1, 2], "params": {}, "max_new_tokens": 8, "stop": []}
+
+    async def main():
+        await svc.place(req)
+        deadline = trio.current_time() + 10
+        await svc._resume(req, [5], deadline, _ignore)
+        await svc._resume(req, [5, 6], deadline, _ignore)
+
+    trio.run(main)
+    assert [s["attempt"] for s in server.starts] == [1, 2, 3]
+    assert [s["resume_tokens"] for s in server.starts] == [[], [5], [5, 6]]
+
+
+def test_tries_the_head_refuses_do_not_use_up_a_request_s_pipelines():
+    """While no layout could be formed, each resume try (refused `no_layout` by the head) took an attempt
+    number, and a request that then lost one more pipeline ended "failed on 17 pipelines" having run on 3
+    (chaos run, 2026-11-25): only placements count towards MAX_ATTEMPTS."""
+    from hexswarm.net.protocols import RemoteError
+    from hexswarm.swarm.submit import MAX_ATTEMPTS
+
+    server = FakeHeadServer()
+    server.serving_view = lambda: ["s0"]
+    server.committed = None
+    send, receive = trio.open_memory_channel(100)
+    svc = SubmitService(server=None)
+    svc.server = server
+    placed = []
+    refusals = MAX_ATTEMPTS + 4
+
+    async def dispatch(msg: dict) -> dict:
+        nonlocal refusals
+        if len(placed) == 1 and refusals > 0:  # the second placement waits for a layout
+            refusals -= 1
+            raise RemoteError("no_layout", "no live pipeline in epoch 1 after 1 s; retry later")
+        placed.append(msg["attempt"])
+        end = {"error": "stage lost"} if len(placed) < 3 else {
+            "prompt_tokens": [1, 2], "tokens": [7], "text": "x", "finish_reason": "length", "timings": {}}
+        send.send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"], "_sender": "s0", **end})
+        return await FakeHeadServer.dispatch(server, msg)
+
+    server.dispatch = dispatch
+    req = {"rid": "r", "prompt_ids": [1, 2], "params": {}, "max_new_tokens": 1, "stop": [], "stream": False}
+
+    async def main():
+        placement = await svc.place(req)
+        return await svc._relay(_ignore, req, placement, receive, trio.current_time() + 600)
+
+    final = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in final, final
+    assert len(placed) == 3 and placed[-1] > MAX_ATTEMPTS
+
+
+class FakeEntryServer(FakeHeadServer):
+    """A whole entry node for `SubmitService.serve`: the head's placements finish at once (a done from stage 0)
+    unless `silent`; the first `refuse` tries are refused with that error."""
+
+    def __init__(self, refuse: list[tuple[str, str]] = (), silent: int = 0):
+        super().__init__()
+        self.cfg = SimpleNamespace(max_position_embeddings=64)
+        self.settings = SimpleNamespace(max_seq_len=64)
+        self.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3])
+        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8))
+        self.pipe = SimpleNamespace(send=lambda peer, msg: None)
+        self.entries: dict = {}
+        self.committed = None
+        self.refuse, self.silent = list(refuse), silent
+
+    def serving_view(self) -> list[str]:
+        return ["s0"]
+
+    async def dispatch(self, msg: dict) -> dict:
+        from hexswarm.net.protocols import RemoteError
+
+        if self.refuse:
+            raise RemoteError(*self.refuse.pop(0))
+        placement = await super().dispatch(msg)
+        if len(self.starts) > self.silent:
+            self.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                  "_sender": "s0", "prompt_tokens": [1, 2, 3], "tokens": [7],
+                                                  "text": "x", "finish_reason": "length", "timings": {}})
+        return placement
+
+
+def _service(server) -> SubmitService:
+    svc = SubmitService(server=None)
+    svc.server = server
+    return svc
+
+
+def test_a_client_failover_is_resumed_not_refused():
+    """A client whose entry died submits the accepted request again through another entry (`resumed`); that entry
+    answered "busy" or "no live pipeline" like for a new request, and the request was lost (chaos run)."""
+    server = FakeEntryServer(refuse=[("busy", "busy: every pipeline has 32 requests queued"),
+                                     ("no_layout", "no live pipeline in epoch 3 after 30 s")])
+    frames = []
+
+    async def emit(frame):
+        frames.append(frame)
+
+    final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 1,
+                                              "resumed": True}, emit, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in final, final
+    assert server.starts[-1]["resumed"] is True  # the head does not refuse it for load either
+    assert any("waiting" in f for f in frames) and any("accepted" in f for f in frames)
+
+
+def test_a_resubmission_to_the_same_entry_takes_over_with_a_newer_attempt():
+    """A client that gave up on its stream (no frame for its timeout) and came back to the same entry got "already
+    running" (lost); and a request id this entry had served started again at attempt 1, which stage 0 refuses."""
+    server = FakeEntryServer(silent=1)  # the first placement never answers: its client gives up
+    svc = _service(server)
+    finals = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def one(name: str, msg: dict):
+                finals[name] = await svc.serve(msg, _ignore)
+
+            nursery.start_soon(one, "first", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1})
+            await trio.sleep(5)
+            nursery.start_soon(one, "again", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1,
+                                              "resumed": True})
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in finals["again"], finals
+    assert finals["first"]["error"]["code"] == "replaced"
+    assert [s["attempt"] for s in server.starts] == [1, 2]
+    assert not server.entries and not svc.running
+
+
+def test_a_stage_0_that_refuses_for_a_while_does_not_use_up_the_request():
+    """A restarted stage-0 peer answers "stage ... is not served" until it has loaded the committed epoch's stages
+    (seconds, longer on a loaded machine); the entry re-placed at once each time, the head chose the same replica,
+    and 16 placements went in a moment: "failed" (chaos run).  Resumes back off while placements give nothing."""
+    server = FakeEntryServer()
+    loaded_at = 30.0
+
+    async def dispatch(msg: dict) -> dict:
+        placement = await FakeHeadServer.dispatch(server, msg)
+        end = ({"error": "stage [3, 0, 0] is not served by s0"} if trio.current_time() < loaded_at else
+               {"prompt_tokens": [1, 2, 3], "tokens": [7], "text": "x", "finish_reason": "length", "timings": {}})
+        server.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                "_sender": "s0", **end})
+        return placement
+
+    server.dispatch = dispatch
+    final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 1}, _ignore,
+                     clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in final, final
+
+
+def test_only_its_own_submitter_takes_a_running_request_over():
+    svc = SubmitService(server=None)
+    svc.running["r"] = (trio.CancelScope(), trio.Event())
+    svc.submitters["r"] = "alice"
+    msg = {"prompt": "hi", "request_id": "r", "resumed": True}
+    assert svc._only_own_take_over(msg, "alice")["resumed"] is True
+    assert svc._only_own_take_over(msg, "mallory")["resumed"] is False
+
+
+def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not_spoil_it(monkeypatch):
+    """With a fault every 8 s, some peer went down or came back every few seconds, the head dropped its proposal
+    at every change of the view, no epoch after the first committed, and every request waited (chaos run).
+    A proposal is dropped only when a peer it assigns stays down (PROPOSAL_GRACE_S)."""
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.layout import StageAssignment
+
+    replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
+    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed: (replicas, {}))
+    head = object.__new__(serving.Server)
+    view = ["A", "B"]
+    gossip = []
+
+    async def noop(*args):
+        pass
+
+    async def on_gossip(msg, publisher):
+        gossip.append(msg)
+
+    head.__dict__.update(
+        me="A", model_id="m", cfg=None, highest_epoch=0, _ready={}, _proposing=True, serving_view=lambda: list(view),
+        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0),
+        node=SimpleNamespace(identity=generate()), _peer_views=lambda v: [], _learn_highest_epoch=noop,
+        _publish_layout=noop, _on_layout_gossip=on_gossip)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head._propose, ["A", "B"])
+            while 1 not in head._ready:  # planned (in a thread) and published
+                await trio.sleep(0.1)
+            view.append("C")  # a peer restarted: up again, not in this proposal
+            await trio.sleep(1)
+            view.remove("B")  # a peer of the proposal missed its heartbeats for a moment (a busy host)
+            await trio.sleep(2)
+            view.append("B")
+            head.mark_ready(1, "A")
+            head.mark_ready(1, "B")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    kinds = [serving.open_sealed(m, serving.LAYOUT_DOMAIN)[0]["type"] for m in gossip]
+    assert kinds == ["propose", "commit"]
+
+
+def test_a_client_keeps_failing_over_an_accepted_request_until_its_timeout():
+    """With entries killed and restarted every few seconds, a client whose request was accepted spent its six
+    tries in about a minute on entries that were down or restarting, and the request was lost (chaos run)."""
+    from hexswarm.errors import UserError
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm.client import SwarmClient
+
+    addr = f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"
+    client = SwarmClient([addr], timeout=240)
+    calls = []
+
+    async def submit_once(addr, request, on_frame, timeout=None):
+        calls.append(request.get("resumed", False))
+        if len(calls) == 1:
+            on_frame({"accepted": {"request_id": request["request_id"]}})
+            raise UserError("the connection broke")
+        if len(calls) < 12:  # every entry down or restarting for a while
+            raise UserError("cannot reach")
+        return {"done": {"tokens": [7]}}
+
+    client.submit_once = submit_once
+    final = trio.run(client.submit, {"prompt": "hi"}, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert final == {"done": {"tokens": [7]}}
+    assert calls[0] is False and all(calls[1:])  # after acceptance every resubmission is marked resumed
+
+
+def test_a_client_gives_up_an_unaccepted_request_after_its_tries():
+    from hexswarm.errors import UserError
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm.client import SwarmClient
+
+    client = SwarmClient([f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"], timeout=240)
+    calls = []
+
+    async def submit_once(addr, request, on_frame, timeout=None):
+        calls.append(1)
+        raise UserError("cannot reach")
+
+    client.submit_once = submit_once
+    try:
+        trio.run(client.submit, {"prompt": "hi"}, clock=trio.testing.MockClock(autojump_threshold=0))
+    except UserError as e:
+        assert "cannot reach" in str(e)
+    assert len(calls) == 6
