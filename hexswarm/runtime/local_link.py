@@ -86,8 +86,13 @@ def private_dir(run_dir: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
+def _peer_cred(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+
+
 def _same_user(sock: socket.socket) -> bool:
-    _pid, uid, _gid = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+    _pid, uid, _gid = _peer_cred(sock)
     return uid == os.getuid()
 
 
@@ -299,7 +304,7 @@ class LocalLinks:
             return None, None
         from hexswarm.runtime import gpu_handoff
 
-        pid, _uid, _gid = _CRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
+        pid, _uid, _gid = _peer_cred(conn)
         try:
             if pid == os.getpid() or offer.get("gpu") is None or offer["gpu"] != gpu_handoff.device_uuid(self.spec.device):
                 return None, None

@@ -471,13 +471,10 @@ class StageEngine:
         self.rows_run += len(rows)
 
     def _step_returned(self, m: dict, events: dict[str, list[dict]]) -> None:
-        tok = m.pop("tok", None)
-        if isinstance(tok, Handoff):
-            self._returned_on_gpu(m, tok)
+        if isinstance(m.get("tok"), Handoff):
+            self._returned_on_gpu(m, m.pop("tok"))
             return
-        if tok is not None:  # a link without a GPU ring: the tokens as a host tensor
-            for item, t in zip(m["items"], tok.tolist()):
-                item["token"] = t
+        _on_host(m)  # a link without a GPU ring sent the tokens as a host tensor: into the items
         reqs: list[ActiveRequest] = []
         for sid in m.get("steps", []):
             entry = self._steps.pop(sid, None)
