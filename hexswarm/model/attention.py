@@ -85,12 +85,13 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr,
-        stride_qrow, stride_cs, stride_cl, sm_scale,
+        q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr,
+        stride_qrow, stride_blk, stride_cl, stride_tab, sm_scale,
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,
     ):
         # one program per (row, query head, key split); online softmax over the split's share of
-        # keys [0, pos] of the row's slot.  SPLITS == 1 writes the output; else it writes
+        # keys [0, pos] of the row's slot, found through its block table.  SPLITS == 1 writes the output; else it writes
         # (max, sum, unnormalised acc) to the workspace for _decode_reduce_kernel.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
@@ -103,14 +104,15 @@ if HAVE_TRITON:
         chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n_keys)
-        base = slot * stride_cs + kvh * D
+        tab = table_ptr + slot * stride_tab
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             valid = n < hi
-            offs = base + n[:, None] * stride_cl + d[None, :]
+            blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
             # both loads issued before any use: one memory round trip per block, not two
             k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
             v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
@@ -162,9 +164,11 @@ def _splits(B: int, n_q: int, max_len: int) -> int:
     return splits
 
 
-def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: int,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
-    k_cache/v_cache: [slots, max_len, n_kv, D] holding keys [0, pos[b]] for slot[b];
+    k_cache/v_cache: [blocks, BLOCK, n_kv, D] holding keys [0, pos[b]] for slot[b] in the blocks
+    `table` [slots, max_blocks] maps;
     slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
     count comes from `pos` inside the kernel, so the launch is the same every step
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
@@ -173,17 +177,17 @@ def decode_attention(qkv, k_cache, v_cache, slot, pos, n_q: int, n_kv: int, out:
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
-    assert slot.is_contiguous() and pos.is_contiguous()
+    assert slot.is_contiguous() and pos.is_contiguous() and table.is_contiguous()
     if out is None:
         out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
     assert out.is_contiguous()
-    splits = _splits(B, n_q, k_cache.shape[1])
+    splits = _splits(B, n_q, table.shape[1] * k_cache.shape[1])
     ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
     _decode_attention_kernel[(B, n_q, splits)](
-        qkv, k_cache, v_cache, slot, pos, out, ws,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(D),
+        qkv, k_cache, v_cache, table, slot, pos, out, ws,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0), 1.0 / math.sqrt(D),
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
-        num_warps=4, num_stages=2,
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2,
     )
     if splits > 1:
         _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4)
@@ -194,10 +198,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _chunk_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, work_ptr, out_ptr,
-        stride_qrow, stride_cs, stride_cl, sm_scale, n_work,
+        q_ptr, kc_ptr, vc_ptr, table_ptr, work_ptr, out_ptr,
+        stride_qrow, stride_blk, stride_cl, stride_tab, sm_scale, n_work,
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
         # one program per (work item, query head); a work item is BLOCK_M query rows of one prompt
         # chunk: (first token row, rows, slot, first position).  Causal attention over the slot's
@@ -217,11 +221,12 @@ if HAVE_TRITON:
         m_i = tl.full([BLOCK_M], -float("inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        base = slot * stride_cs + kvh * D
+        tab = table_ptr + slot * stride_tab
         end = pos0 + n_rows
         for start in range(0, end, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
-            offs = base + n[:, None] * stride_cl + d[None, :]
+            blk = tl.load(tab + n // BLOCK_SIZE, mask=n < end, other=0).to(tl.int64)
+            offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
             k = tl.load(kc_ptr + offs, mask=(n < end)[:, None], other=0.0)
             v = tl.load(vc_ptr + offs, mask=(n < end)[:, None], other=0.0)
             if IEEE:
@@ -255,15 +260,16 @@ def chunk_work(segments: list[tuple[int, int, int, int]]) -> list[list[int]]:
     return [list(col) for col in zip(*items)] if items else [[], [], [], []]
 
 
-def chunk_attention(qkv, k_cache, v_cache, work: torch.Tensor, n_q: int, n_kv: int, out: torch.Tensor) -> None:
+def chunk_attention(qkv, k_cache, v_cache, table, work: torch.Tensor, n_q: int, n_kv: int, out: torch.Tensor) -> None:
     """Causal attention of every prompt chunk of a step in one launch.  qkv: [N, (n_q + 2 n_kv) * D]
-    (q rotated); the chunks' keys are already in k_cache/v_cache [slots, max_len, n_kv, D];
+    (q rotated); the chunks' keys are already in k_cache/v_cache [blocks, BLOCK, n_kv, D] (mapped by `table`);
     work: [4, W] int64 on the device (see chunk_work); writes the chunks' rows of out [N, n_q * D]."""
     D = k_cache.shape[-1]
     W = work.shape[1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and work.is_contiguous() and out.is_contiguous()
     _chunk_attention_kernel[(W, n_q)](
-        qkv, k_cache, v_cache, work, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), 1.0 / math.sqrt(D), W,
+        qkv, k_cache, v_cache, table, work, out, qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0),
+        1.0 / math.sqrt(D), W,
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_M=CHUNK_BLOCK_M, BLOCK_N=32 if qkv.dtype == torch.float32 else 64,
-        IEEE=qkv.dtype == torch.float32, num_warps=4, num_stages=2,
+        IEEE=qkv.dtype == torch.float32, BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2,
     )

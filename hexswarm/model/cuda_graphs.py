@@ -10,7 +10,8 @@ input and one graph launch; nothing waits on the GPU.
 
 A step of B rows replays the graph of the smallest bucket >= B (1, 2, 4, 8, then
 every multiple of 8): the padding rows read and write the KV cache's scratch slot
-and their outputs are dropped, so any batch size replays a graph.  A server
+and their outputs are dropped, so any batch size replays a graph.  The KV cache's block table is
+read by the kernels on the device, so a replay sees the blocks the slots hold now.  A server
 captures every bucket up to its slot count at load (`capture_all`), so serving
 never stalls on a capture; otherwise a bucket is captured on its first step, from
 that step's real inputs (warm-up runs write the same K/V the replay writes).
@@ -90,6 +91,7 @@ class DecodeGraphRunner:
         logits [B, V] on the last stage, else hidden [B, H].  With graphs on, the returned
         tensor is a view of a static buffer that the next step overwrites: consume or copy it first."""
         B = len(slots)
+        self.kv.prepare([(int(s), int(p), 1) for s, p in zip(slots, start)])
         if not self.use_graphs:
             meta_host = torch.tensor([int(s) for s in slots] + [int(p) for p in start], dtype=torch.long)
             inp = inp.to(self.model.device)

@@ -1,17 +1,37 @@
-"""A preallocated KV cache with one slot per in-flight request.
+"""A paged KV cache: every stage's keys and values in fixed-size blocks, mapped per request slot.
 
-Layout [layers, slots, max_len, kv_heads, head_dim] is what flash-attn's
-kvcache kernel reads directly; SDPA reads a transposed view.  Slot lengths are
-kept by the caller (the stage runtime), which knows every request's position.
+Pool layout [layers, blocks, BLOCK, kv_heads, head_dim]; `table` [slots + 1, max_blocks] (int32,
+on the device) maps a slot's position p to block table[slot, p // BLOCK], offset p % BLOCK.  The
+kernels (rotary_store here, decode and chunk attention in attention.py) read the table on the
+device, so CUDA graphs replay against whatever blocks the slots hold at the time.
 
-`rotary_store` (CUDA path) applies the rotary embedding to q and k in place in
-the fused qkv projection's output and writes k and v into the cache, one kernel
-for the whole step, slots and positions read from device tensors.
+Why paged: a contiguous cache gives every slot max_len positions, so a GPU holds
+memory / (max_len x bytes per token) requests however short they are; with blocks a slot holds
+only what it uses and `n_tokens` (the pool) is shared.  An MHA 7B at 2k context needs 128 GiB for
+128 contiguous slots; 128 requests of 256 tokens need 16 GiB of blocks.
+
+Allocation is host-side and deterministic, so the ranks of a tensor-parallel stage, given the
+same rows and frees in the same order, hold the same tables without sending them:
+- `prepare(rows)`: before a step, each row (slot, start, length) gets blocks up to start+length;
+  a row at start 0 is a new occupant of its slot (a new request, or a resumed one prefilling
+  again): the slot's old blocks go back first.  A row at start > 0 on a slot without blocks is a
+  stale row of a released request (a step launched before its release): it keeps the table row
+  at zeros and writes block 0, the scratch block, which nothing reads.
+- `release(slots)`: blocks go back to the pool.  Reuse is safe without waiting for the GPU: every
+  step that wrote a released slot was launched earlier on the same stream, and a caller applies
+  a step's frees before its rows, with each slot at most once in a step.
+Block 0 is the scratch block: the scratch slot (padding rows of CUDA-graph batches) and every
+unassigned table entry point at it.
+
+`rotary_store` (CUDA path) applies the rotary embedding to q and k in place in the fused qkv
+projection's output and writes k and v into their blocks, one kernel for the whole step.
 """
 
 from __future__ import annotations
 
 import torch
+
+from hexswarm.model.host_copy import to_device
 
 try:
     import triton
@@ -21,10 +41,20 @@ try:
 except Exception:  # pragma: no cover - depends on the host
     HAVE_TRITON = False
 
+BLOCK = 16  # positions per block (vLLM's default: little waste per request, small tables)
 
-def kv_bytes_per_slot(n_layers: int, max_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """K and V of one request at full length."""
-    return 2 * n_layers * max_len * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+class KVCacheFull(RuntimeError):
+    """No free block for a row: the stage holds more than its pool (see kv_tokens)."""
+
+
+def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """K and V of one position in every layer of a stage."""
+    return 2 * n_layers * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def blocks_for(n_tokens: int) -> int:
+    return -(-n_tokens // BLOCK)
 
 
 class KVCache:
@@ -37,24 +67,98 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        n_tokens: int | None = None,
     ):
-        # one slot more than requests: the padding rows of a CUDA-graph batch write there
-        shape = (n_layers, n_slots + 1, max_len, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        """n_tokens: the pool's capacity in positions (rounded up to whole blocks); default
+        n_slots x max_len, what a contiguous cache would hold."""
         self.n_slots = n_slots
         self.scratch_slot = n_slots
         self.max_len = max_len
+        self.max_blocks = blocks_for(max_len)
+        n_blocks = 1 + blocks_for(n_tokens if n_tokens is not None else n_slots * max_len)
+        shape = (n_layers, n_blocks, BLOCK, n_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.table = torch.zeros((n_slots + 1, self.max_blocks), dtype=torch.int32, device=device)
+        self.device = torch.device(device)
+        self._free = list(range(n_blocks - 1, 0, -1))  # popped from the end: low blocks first
+        self._held: list[list[int]] = [[] for _ in range(n_slots + 1)]
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks requests can hold (the scratch block excluded)."""
+        return self.k.shape[1] - 1
+
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def held_blocks(self, slot: int) -> int:
+        return len(self._held[slot])
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
+    def release(self, slots) -> None:
+        dirty = [s for s in slots if self._held[s]]
+        for s in dirty:
+            self._free.extend(reversed(self._held[s]))
+            self._held[s] = []
+        self._upload(dirty)
 
-def slot_index(slots: list[int], device) -> torch.Tensor | slice:
-    """A slice when the slots are consecutive (a view, no copy), else an index tensor."""
-    if slots == list(range(slots[0], slots[0] + len(slots))):
-        return slice(slots[0], slots[0] + len(slots))
-    return torch.tensor(slots, dtype=torch.long, device=device)
+    def prepare(self, rows) -> None:
+        """Blocks for a step's rows (slot, start, length); see the module docstring."""
+        dirty = []
+        for slot, start, length in rows:
+            if slot == self.scratch_slot:
+                continue
+            held = self._held[slot]
+            if start == 0 and held:
+                self._free.extend(reversed(held))
+                held.clear()
+                dirty.append(slot)
+            elif start > 0 and not held:
+                continue  # a stale row: writes the scratch block
+            need = blocks_for(start + length) - len(held)
+            if need > 0:
+                if need > len(self._free):
+                    raise KVCacheFull(f"KV cache full: {self.n_blocks} blocks of {BLOCK} positions all held; "
+                                      "raise kv_tokens or lower max_batch")
+                held.extend(self._free.pop() for _ in range(need))
+                dirty.append(slot)
+        self._upload(dirty)
+
+    def _upload(self, slots) -> None:
+        if not slots:
+            return
+        rows = [[s] + self._held[s] + [0] * (self.max_blocks - len(self._held[s])) for s in sorted(set(slots))]
+        # one copy through pinned memory: queued on the stream after the steps already launched, as a kernel
+        t = to_device(rows, torch.int32, self.device)
+        self.table.index_copy_(0, t[:, 0].long(), t[:, 1:])
+
+    def positions(self, slots: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Flat index into a layer's pool viewed [blocks * BLOCK, heads, dim] of (slot, pos) pairs
+        (broadcast shapes)."""
+        return self.table[slots, pos // BLOCK].long() * BLOCK + pos % BLOCK
+
+    def write(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v [..., heads, dim] at flat positions idx [...] (see `positions`)."""
+        self.k[layer].view(-1, *self.k.shape[3:])[idx] = k
+        self.v[layer].view(-1, *self.v.shape[3:])[idx] = v
+
+    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of positions [0, length) of `slots` [B]: two [B, length, heads, dim] copies."""
+        pos = torch.arange(length, device=self.k.device)
+        idx = self.positions(slots[:, None], pos[None, :])
+        return (self.k[layer].view(-1, *self.k.shape[3:])[idx], self.v[layer].view(-1, *self.v.shape[3:])[idx])
+
+
+def slot_tensor(slots, device) -> torch.Tensor:
+    """Slots (a list, a range-like slice or a tensor) as a long tensor on `device`."""
+    if isinstance(slots, torch.Tensor):
+        return slots
+    if isinstance(slots, slice):
+        return torch.arange(slots.start, slots.stop, device=device)
+    return torch.tensor(list(slots), dtype=torch.long, device=device)
 
 
 if HAVE_TRITON:
@@ -72,10 +176,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rotary_store_kernel(
-        qkv_ptr, cos_ptr, sin_ptr, slot_ptr, pos_ptr, kc_ptr, vc_ptr,
-        stride_row, stride_cs, stride_cl,
+        qkv_ptr, cos_ptr, sin_ptr, slot_ptr, pos_ptr, kc_ptr, vc_ptr, table_ptr,
+        stride_row, stride_blk, stride_cl, stride_tab,
         NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
-        BQ: tl.constexpr, BKV: tl.constexpr,
+        BQ: tl.constexpr, BKV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     ):
         tok = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)  # 0: q heads, 1: k heads, 2: v heads
@@ -94,10 +198,11 @@ if HAVE_TRITON:
             tl.store(row + hq[:, None] * D + HALF + d[None, :], q2, mask=mq)
         else:
             slot = tl.load(slot_ptr + tok)
+            blk = tl.load(table_ptr + slot * stride_tab + pos // BLOCK_SIZE).to(tl.int64)
             hk = tl.arange(0, BKV)
             mk = (hk < NKV)[:, None]
             base = row + NQ * D
-            dest = slot * stride_cs + pos * stride_cl + hk[:, None] * D
+            dest = blk * stride_blk + (pos % BLOCK_SIZE) * stride_cl + hk[:, None] * D
             if part == 1:
                 k1, k2 = _rotate(base, hk * D, d, HALF, c, s, mk)
                 tl.store(base + hk[:, None] * D + d[None, :], k1, mask=mk)
@@ -112,17 +217,18 @@ if HAVE_TRITON:
                 tl.store(vc_ptr + dest + HALF + d[None, :], v2, mask=mk)
 
 
-def rotary_store(qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, n_q: int, n_kv: int) -> None:
+def rotary_store(qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, table, n_q: int, n_kv: int) -> None:
     """qkv: [N, (n_q + 2 n_kv) * D] contiguous; cos_half/sin_half: [max_pos, D/2] float32
     (already rounded to the model dtype, as transformers rounds them); tok_slot/tok_pos: [N]
-    long; k_cache/v_cache: [slots, max_len, n_kv, D] (one layer)."""
+    long; k_cache/v_cache: [blocks, BLOCK, n_kv, D] (one layer); table: the cache's block table."""
     N = qkv.shape[0]
     half = cos_half.shape[1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert tok_slot.is_contiguous() and tok_pos.is_contiguous() and cos_half.is_contiguous()
+    assert table.is_contiguous() and k_cache.shape[1] == BLOCK
     _rotary_store_kernel[(N, 3)](
-        qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache,
-        qkv.stride(0), k_cache.stride(0), k_cache.stride(1),
+        qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, table,
+        qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0),
         NQ=n_q, NKV=n_kv, HALF=half, BQ=triton.next_power_of_2(n_q), BKV=triton.next_power_of_2(n_kv),
-        num_warps=4,
+        BLOCK_SIZE=BLOCK, num_warps=4,
     )

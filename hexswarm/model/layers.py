@@ -245,14 +245,16 @@ class DecoderLayerShard(nn.Module):
         sin: torch.Tensor,
         kv: KVCache,
         layer: int,
-        slots,
+        slots: torch.Tensor,
+        where: torch.Tensor,
         start: torch.Tensor,
         total: torch.Tensor,
         fresh: bool,
         all_reduce: AllReduce | None,
         start_host: list[int] | None = None,
     ) -> torch.Tensor:
-        """x: [B, T, H] at positions start[b] + [0, T); writes K/V into the cache slots.
+        """x: [B, T, H] at positions start[b] + [0, T) of slots [B]; writes K/V into the cache at
+        `where` [B, T] (kv.positions of those slots and positions).
 
         The reference path (plain torch).  `start_host`, when given, spares the
         host from reading `start`/`total` back from the device.
@@ -266,24 +268,13 @@ class DecoderLayerShard(nn.Module):
         v = v.view(B, T, self.n_kv, self.head_dim)
         q = apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)
         k = apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2)
-        k_cache, v_cache = kv.k[layer], kv.v[layer]
-        starts = start_host if start_host is not None else start.tolist()
-        if T == 1:
-            # decode: one new key per row, scattered to each slot's position
-            slot_t = slots if isinstance(slots, torch.Tensor) else torch.arange(slots.start, slots.stop, device=x.device)
-            k_cache[slot_t, start] = k[:, 0]
-            v_cache[slot_t, start] = v[:, 0]
-        else:
-            slot_list = list(range(slots.start, slots.stop)) if isinstance(slots, slice) else slots.tolist()
-            for b in range(B):
-                s0 = starts[b]
-                k_cache[slot_list[b], s0 : s0 + T] = k[b]
-                v_cache[slot_list[b], s0 : s0 + T] = v[b]
+        kv.write(layer, where, k, v)
         if fresh:
             attn = prefill_attention(q, k, v)
         else:
-            L = max(starts) + T
-            attn = cached_attention(q, k_cache[slots, :L], v_cache[slots, :L], start, total)
+            starts = start_host if start_host is not None else start.tolist()
+            k_all, v_all = kv.gather(layer, slots, max(starts) + T)
+            attn = cached_attention(q, k_all, v_all, start, total)
         out = linear(attn.reshape(B, T, self.q_size), self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)
@@ -317,21 +308,21 @@ class DecoderLayerShard(nn.Module):
         qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
-        rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, self.n_q, self.n_kv)
+        rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q, self.n_kv)
         if not meta.segments:
-            attn = decode_attention(qkv, k_cache, v_cache, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv)
+            attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv)
         else:
             attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)
             if meta.n_decode:
-                decode_attention(qkv[: meta.n_decode], k_cache, v_cache, meta.dec_slot, meta.dec_pos, self.n_q,
-                                 self.n_kv, out=attn[: meta.n_decode])
+                decode_attention(qkv[: meta.n_decode], k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos,
+                                 self.n_q, self.n_kv, out=attn[: meta.n_decode])
             if HAVE_TRITON and qkv.is_cuda and meta.chunk_work is not None:
                 # every prompt chunk of the step in one kernel (one SDPA call per chunk per layer
                 # cost more host time than the GPU spends on the whole step)
-                chunk_attention(qkv, k_cache, v_cache, meta.chunk_work, self.n_q, self.n_kv, attn)
+                chunk_attention(qkv, k_cache, v_cache, kv.table, meta.chunk_work, self.n_q, self.n_kv, attn)
             else:
                 for seg in meta.segments:
-                    attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, k_cache, v_cache, seg)
+                    attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, kv, layer, seg)
         out = linear(attn, self.o_weight)
         if all_reduce is not None:
             out = all_reduce(out)
@@ -348,8 +339,7 @@ class DecoderLayerShard(nn.Module):
             return None
         return add_rmsnorm(resid, out, next_norm.weight, next_norm.eps)
 
-    def _segment_attention(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           seg: Segment) -> torch.Tensor:
+    def _segment_attention(self, qkv: torch.Tensor, kv: KVCache, layer: int, seg: Segment) -> torch.Tensor:
         """Causal attention of one prompt chunk: over its own keys when it starts the sequence,
         else over the cache (which already holds this chunk's keys).  Returns [length, q_size]."""
         hd, L = self.head_dim, seg.length
@@ -360,7 +350,7 @@ class DecoderLayerShard(nn.Module):
             v = rows[:, self.q_size + self.kv_size :].view(1, L, self.n_kv, hd)
             attn = prefill_attention(q, k, v)
         else:
-            end = seg.start + L
-            attn = cached_attention(q, k_cache[seg.slot : seg.slot + 1, :end], v_cache[seg.slot : seg.slot + 1, :end],
-                                    seg.start_t, seg.total_t)
+            slot = torch.full((1,), seg.slot, dtype=torch.long, device=qkv.device)
+            k_all, v_all = kv.gather(layer, slot, seg.start + L)
+            attn = cached_attention(q, k_all, v_all, seg.start_t, seg.total_t)
         return attn.reshape(L, self.q_size)

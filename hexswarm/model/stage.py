@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.kv_cache import KVCache, slot_index
+from hexswarm.model.kv_cache import KVCache, slot_tensor
 from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for,
                                    leading_decode_rows)
 from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
@@ -65,10 +65,10 @@ class StageModel(nn.Module):
     # CUDA path (Triton kernels, graph-capturable decode); False forces the plain-torch path
     fast_kernels: bool = True
 
-    def new_kv_cache(self, n_slots: int, max_len: int) -> KVCache:
-        return KVCache(
-            self.part.n_layers, n_slots, max_len, self.part.shard.n_kv_heads, self.cfg.head_dim, self.dtype, self.device
-        )
+    def new_kv_cache(self, n_slots: int, max_len: int, n_tokens: int | None = None) -> KVCache:
+        """n_tokens: the paged pool's capacity (default n_slots x max_len)."""
+        return KVCache(self.part.n_layers, n_slots, max_len, self.part.shard.n_kv_heads, self.cfg.head_dim,
+                       self.dtype, self.device, n_tokens=n_tokens)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.embedding)
@@ -94,6 +94,7 @@ class StageModel(nn.Module):
     ) -> torch.Tensor:
         """A ragged step: x [N, H] holds the new tokens of `rows` (slot, start, length) back to back
         (one-token decode rows first, for the fast path).  Returns the hidden states [N, H]."""
+        kv.prepare(rows)
         if self.uses_fast_path(x):
             return self.forward_fast(x, kv, StepMeta.for_rows(rows, x.device), all_reduce)
         out = torch.empty_like(x)
@@ -120,9 +121,10 @@ class StageModel(nn.Module):
         positions = start_t[:, None] + torch.arange(T, device=x.device)[None, :]
         cos, sin = cos_sin(self.inv_freq, positions, x.dtype)
         total = start_t + T
-        idx = slot_index(slots, x.device)
+        slot_t = slot_tensor(slots, x.device)
+        where = kv.positions(slot_t[:, None], positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, i, idx, start_t, total, fresh, all_reduce, start_host=start)
+            x = layer(x, cos, sin, kv, i, slot_t, where, start_t, total, fresh, all_reduce, start_host=start)
         return x
 
     def rope_tables(self, n_positions: int) -> tuple[torch.Tensor, torch.Tensor]:

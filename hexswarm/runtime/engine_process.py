@@ -6,7 +6,7 @@ time and every decode step waited for the GIL (docs/DECISIONS.md).  Here the eng
 child process with the whole of its own interpreter; the node process keeps the network.
 
 `EngineProcess` has the interface the serving layer uses of a `StageEngine`: submit, close,
-spec, in_flight, spans, error, admit_limit.  Messages cross the pipe as codec frames (msgpack,
+spec, in_flight, spans, error, admit_limit, kv_limit.  Messages cross the pipe as codec frames (msgpack,
 tensors as raw bytes, no pickle).  The child reports its state (requests held, spans of the
 requests it touched, a failure) every STATE_S, and exits when its parent goes away.
 """
@@ -58,6 +58,7 @@ class EngineProcess:
         self._in_flight = 0
         self.last_message_at = time.monotonic()  # the child's, reported (CLOCK_MONOTONIC is system-wide)
         self._admit_limit = job.spec.n_slots
+        self._kv_limit = 0
         ctx = mp.get_context("spawn")  # no CUDA state or trio loop is inherited
         self._conn, child = ctx.Pipe(duplex=True)
         self._lock = threading.Lock()
@@ -92,7 +93,17 @@ class EngineProcess:
     def admit_limit(self, n: int) -> None:
         if n != self._admit_limit:
             self._admit_limit = n
-            self._write({"kind": "_admit_limit", "n": int(n)})
+            self._write({"kind": "_limit", "name": "admit_limit", "n": int(n)})
+
+    @property
+    def kv_limit(self) -> int:
+        return self._kv_limit
+
+    @kv_limit.setter
+    def kv_limit(self, n: int) -> None:
+        if n != self._kv_limit:
+            self._kv_limit = n
+            self._write({"kind": "_limit", "name": "kv_limit", "n": int(n)})
 
     def close(self) -> None:
         self._write({"kind": "close"})
@@ -172,8 +183,8 @@ def _child_main(conn, job: EngineJob) -> None:
             msg = codec.decode(conn.recv_bytes(), MAX_FRAME)
         except (EOFError, OSError):
             msg = {"kind": "close"}
-        if msg.get("kind") == "_admit_limit":
-            engine.admit_limit = msg["n"]
+        if msg.get("kind") == "_limit" and msg.get("name") in ("admit_limit", "kv_limit"):
+            setattr(engine, msg["name"], msg["n"])
             continue
         if msg.get("kind") == "close":
             engine.close()

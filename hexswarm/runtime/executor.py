@@ -1,8 +1,9 @@
 """Runs one stage shard on one rank; a stage leader drives its tensor-parallel followers.
 
-An op is a dict: {"op": "forward", "rows": [[slot, start, length], ...], "x": hidden [N, H]}
-where the rows' new tokens lie back to back in x (the first stage's leader may pass
-"ids", N token ids, instead of "x"), or {"op": "stop"}.  The older uniform form
+An op is a dict: {"op": "forward", "rows": [[slot, start, length], ...], "x": hidden [N, H],
+"free": [slot, ...]} where the rows' new tokens lie back to back in x (the first stage's leader
+may pass "ids", N token ids, instead of "x") and "free" (optional) names slots whose requests
+ended: their KV blocks go back to the pool before the rows get theirs; or {"op": "stop"}.  The older uniform form
 {"slots", "start", "ids" [B][T] | "x" [B, T, H]} is accepted too (`hexswarm generate`).
 The leader broadcasts each op to its TP group, so followers run the same op in the
 same order; activations never go to ranks that do not need them.
@@ -85,13 +86,15 @@ class StageExecutor:
                 self.tp.broadcast_op({"op": "stop"})
             return None
         rows, ids, x = normalize_forward(op)
+        free = [int(s) for s in op.get("free") or ()]
+        self.kv.release(free)
         if self.graphs is not None and all(r[2] == 1 for r in rows):
             inp = torch.as_tensor(ids, dtype=torch.long) if ids is not None else x
             return self.graphs.step(inp, [r[0] for r in rows], [r[1] for r in rows])
         if ids is not None:
             x = self.model.embed(torch.as_tensor(ids, dtype=torch.long, device=self.model.device))
         if self.tp is not None:
-            _, x = self.tp.broadcast_op({"op": "forward", "rows": rows}, x, self.model.dtype)
+            _, x = self.tp.broadcast_op({"op": "forward", "rows": rows, "free": free}, x, self.model.dtype)
         return self._forward(rows, x)
 
     @torch.inference_mode()
@@ -101,6 +104,7 @@ class StageExecutor:
             op, x = self.tp.broadcast_op(None, dtype=self.model.dtype)
             if op["op"] == "stop":
                 return
+            self.kv.release(op.get("free") or ())  # the leader's frees, so every rank's blocks stay alike
             self._forward([tuple(r) for r in op["rows"]], x)
 
     def _forward(self, rows: Rows, x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from hexswarm.model.kv_cache import BLOCK, blocks_for
 from hexswarm.runtime.gpu_handoff import Handoff
 from hexswarm.runtime.local_link import LinkSpec, LocalLinks
 from hexswarm.runtime.sampling import SamplingParams, sample_on_device
@@ -94,6 +95,7 @@ class ActiveRequest:
     stage_compute_s: list[float] = field(default_factory=list)
     arrival: dict = field(default_factory=dict)  # the message that made its next row ready (for spans)
     params_wire: dict = field(default_factory=dict)  # params.to_dict(), made once
+    kv_blocks: int = 0  # KV blocks promised to it at admission (stage 0)
 
     @property
     def length(self) -> int:
@@ -167,9 +169,14 @@ class StageEngine:
         self.requests: dict[str, ActiveRequest] = {}
         self.waiting: list[dict] = []  # started requests without a free KV slot yet
         self.free_slots = list(range(host.spec.n_slots))
+        # KV blocks promised to admitted requests (stage 0): a request is admitted only when its
+        # prompt + max_new_tokens fit beside the others', so no step ever finds the pool full
+        self.kv_committed = 0
+        self._freed: list[int] = []  # slots released since the last step: their blocks go back with it
         # requests admitted at once: the smallest KV slot count of the pipeline's stages (set by
         # the serving layer once it knows them; slots of different stages are sized apart)
         self.admit_limit = host.spec.n_slots
+        self.kv_limit = 0  # KV blocks: the smallest cache of the pipeline (serving layer); 0: this stage's own
         self.spans = SpanLog()
         # in flight: id -> (sent, the requests of its rows).  The request objects, not their ids: an id taken
         # back by a newer attempt while an old attempt's step is in flight must not count that step as its own
@@ -227,6 +234,8 @@ class StageEngine:
         try:
             with torch.inference_mode():
                 while True:
+                    if self.route.is_first:
+                        self._admit_waiting()  # requests that waited for a slot or KV blocks freed by the last step
                     msgs = self._drain(block=not self._can_step() and self._launched is None)
                     if any(m.get("kind") == "close" for m in msgs):
                         return
@@ -281,11 +290,14 @@ class StageEngine:
                 if kind == "start" and isinstance(m.get("entry"), str):
                     self.send(m["entry"], {"kind": "done", "rid": m.get("rid"), "attempt": m.get("attempt"),
                                            "error": f"stage 0 refused the request: {type(e).__name__}"})
-        while self.waiting and self.free_slots and len(self.requests) < self.admit_limit:
+        self._admit_waiting()
+        return events
+
+    def _admit_waiting(self) -> None:
+        while self.waiting and self.free_slots and len(self.requests) < self.admit_limit and self._fits(self.waiting[0]):
             req = self._admit(self.waiting.pop(0))
             if req.tokens and self._finish_if_done(req):
                 continue  # resumed after its last token: nothing left to compute
-        return events
 
     def _start(self, m: dict) -> None:
         """Queue a new request.  A request is its entry's: the same id from another entry while the first
@@ -308,6 +320,25 @@ class StageEngine:
             self._release(live)
         self.waiting = [w for w in self.waiting if w["rid"] != rid] + [m]
 
+    def _kv_need(self, m: dict) -> int:
+        """KV blocks a request can come to hold: its prompt, resumed tokens and new tokens."""
+        n = len(m["prompt_ids"]) + int(m["max_new_tokens"])
+        return blocks_for(min(n, self.host.spec.max_len))
+
+    def _fits(self, m: dict) -> bool:
+        """Whether the first waiting request's blocks are free now; one that could never fit is
+        refused (it would hold the queue for ever)."""
+        kv = self.host.executor.kv
+        limit = min(kv.n_blocks, self.kv_limit or kv.n_blocks)
+        need = self._kv_need(m)
+        if need > limit:
+            self.waiting.pop(0)
+            self.send(m["entry"], {"kind": "done", "rid": m["rid"], "attempt": m.get("attempt"),
+                                   "error": f"the request needs {need * BLOCK} KV positions; this pipeline's "
+                                            f"cache holds {limit * BLOCK} (kv_tokens)"})
+            return bool(self.waiting) and self._fits(self.waiting[0])
+        return self.kv_committed + need <= limit
+
     def _admit(self, m: dict) -> ActiveRequest:
         params = SamplingParams.from_dict(m["params"])
         stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []))
@@ -315,6 +346,8 @@ class StageEngine:
                             int(m.get("attempt") or 0), tokens=list(m.get("resume_tokens") or []))
         req.arrival = m
         req.params_wire = params.to_dict()
+        req.kv_blocks = self._kv_need(m)
+        self.kv_committed += req.kv_blocks
         self.requests[req.rid] = req
         return req
 
@@ -380,8 +413,9 @@ class StageEngine:
         arrivals = [r.req.arrival for r in rows]
         queued = [waited(m) for m in arrivals]
         t0 = time.perf_counter()
+        freed, self._freed = list(dict.fromkeys(self._freed)), []
         out = self.host.run({"op": "forward", "rows": [[r.req.slot, r.start, r.n] for r in rows],
-                             "ids": self._input_ids(rows)})
+                             "ids": self._input_ids(rows), "free": freed})
         for r in rows:
             r.req.in_flight += 1
             r.req.pending += r.samples
@@ -412,7 +446,7 @@ class StageEngine:
             "kind": "forward", "steps": [sid], "rows": [[r.req.slot, r.start, r.n] for r in rows],
             "rids": [r.req.rid for r in rows],
             "samples": [r.req.sample_spec(r.step) if r.samples else None for r in rows],
-            "x": x, "t": [dt]})
+            "x": x, "t": [dt], "free": freed})
         self._finish_launched()  # tokens handed back on the GPU: read now, while the GPU runs this step
 
     def _input_ids(self, rows: list[Row]) -> list[int] | torch.Tensor:
@@ -556,6 +590,8 @@ class StageEngine:
         # slot's cache past what a new owner has written before it reads, and its token is dropped
         del self.requests[req.rid]
         self.free_slots.append(req.slot)
+        self.kv_committed -= req.kv_blocks
+        self._freed.append(req.slot)
 
     def _cancel(self, rid: str, attempt: int | None, sender: str | None = None) -> None:
         """Drop a request (only the given attempt of it, when named); only its entry node,
@@ -586,7 +622,10 @@ class StageEngine:
         check runs on the device beside the forward and is read once the step's output is.  Steps
         handed over on the GPU come from an engine of this user on this GPU: not checked, and run
         one at a time (stage 0 reads the tokens of each step by its ring slot)."""
-        if len(msgs) > 1 and any(isinstance(m["x"], Handoff) for m in msgs):
+        slots = [row[0] for m in msgs for row in m["rows"]]
+        if len(msgs) > 1 and (any(isinstance(m["x"], Handoff) for m in msgs) or len(set(slots)) < len(slots)):
+            # (a slot twice in one step: a released request's last row beside its successor's first;
+            # a step maps each slot to one set of KV blocks)
             for m in msgs:
                 self._forward_downstream([m])
             return
@@ -606,8 +645,9 @@ class StageEngine:
             samples = [msgs[mi]["samples"][ri] for mi, ri in order]
             x = torch.cat([_row_slice(msgs[mi], ri) for mi, ri in order])
         queued = [waited(m) for m in msgs]
+        freed = list(dict.fromkeys(s for m in msgs for s in m.get("free") or ()))
         t0 = time.perf_counter()
-        out = self.host.run({"op": "forward", "rows": rows, "x": x})
+        out = self.host.run({"op": "forward", "rows": rows, "x": x, "free": freed})
         stage_times = [max(m["t"][i] for m in msgs) for i in range(min(len(m["t"]) for m in msgs))]
         steps = [sid for m in msgs for sid in m["steps"]]
         if self.route.is_last:
@@ -621,7 +661,8 @@ class StageEngine:
             msg = {"kind": "tokens", "steps": steps, "items": items, "tok": tok}
             dest = self.route.first_peer
         else:
-            msg = {"kind": "forward", "steps": steps, "rows": rows, "rids": rids, "samples": samples, "x": out}
+            msg = {"kind": "forward", "steps": steps, "rows": rows, "rids": rids, "samples": samples, "x": out,
+                   "free": freed}
             dest = self.route.next_peer
         field = "tok" if self.route.is_last else "x"
         if not self._on_gpu(dest, msg["kind"], field, msg[field]):

@@ -45,6 +45,7 @@ class StageSpec:
     max_len: int = 512
     gpus: tuple[int, ...] = ()  # CUDA ordinal of each TP rank; () means 0..tp-1
     quantize: str | None = None  # None, "none", "int8", "int4" (see load_stage)
+    kv_tokens: int = 0  # the paged KV cache's capacity in positions; 0: n_slots x max_len
 
     def device_of(self, tp_rank: int) -> torch.device:
         if self.device == "cuda":
@@ -62,7 +63,8 @@ class StageSpec:
             "--device", self.device, "--dtype", self.dtype, "--slots", str(self.n_slots), "--max-len", str(self.max_len),
         ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else []) + (
             ["--gpus", *map(str, self.gpus)] if self.gpus else []) + (
-            ["--quantize", self.quantize] if self.quantize else [])
+            ["--quantize", self.quantize] if self.quantize else []) + (
+            ["--kv-tokens", str(self.kv_tokens)] if self.kv_tokens else [])
 
 
 def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_master: bool):
@@ -84,19 +86,18 @@ def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = Fal
     device = spec.device_of(tp_rank)
     model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
                        quantize=spec.quantize)
-    kv = model.new_kv_cache(spec.n_slots, spec.max_len)
+    kv = model.new_kv_cache(spec.n_slots, spec.max_len, spec.kv_tokens or None)
     tp = TensorParallelGroup(pg, device) if pg is not None else None
     return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)
 
 
-def slots_that_fit(cfg: LlamaConfig, layers: int, tp: int, max_len: int, dtype: str, device: torch.device,
-                   memory_fraction: float, cap: int = 1024) -> int:
-    """How many requests' KV caches fit on `device` beside this stage's weights: the share
-    `memory_fraction` of the device's free memory, less the weights and a reserve for
-    activations and graphs.  At least 1."""
+def kv_tokens_that_fit(cfg: LlamaConfig, layers: int, tp: int, dtype: str, device: torch.device,
+                       memory_fraction: float) -> int:
+    """KV positions that fit on `device` beside this stage's weights: the share `memory_fraction`
+    of the device's free memory, less the weights and a reserve for activations and graphs."""
     import math
 
-    from hexswarm.model.kv_cache import kv_bytes_per_slot
+    from hexswarm.model.kv_cache import kv_bytes_per_token
 
     dt = DTYPES[dtype]
     size = torch.empty((), dtype=dt).element_size()
@@ -105,8 +106,8 @@ def slots_that_fit(cfg: LlamaConfig, layers: int, tp: int, max_len: int, dtype: 
     weights = (layers * per_layer // tp + 2 * cfg.vocab_size * H) * size
     free, _total = torch.cuda.mem_get_info(device)
     reserve = 2 << 30  # prefill activations, CUDA graphs, the sampler
-    per_slot = kv_bytes_per_slot(layers, max_len, math.ceil(cfg.num_key_value_heads / tp), hd, dt)
-    return max(1, min(cap, int((free * memory_fraction - weights - reserve) // per_slot)))
+    per_token = kv_bytes_per_token(layers, math.ceil(cfg.num_key_value_heads / tp), hd, dt)
+    return max(0, int((free * memory_fraction - weights - reserve) // per_token))
 
 
 class StageHost:

@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--last", action="store_true")
     ap.add_argument("--gpus", nargs="*", type=int, default=[])
     ap.add_argument("--quantize", default=None)
+    ap.add_argument("--kv-tokens", type=int, default=0)
     ap.add_argument("--rank", type=int, required=True)
     ap.add_argument("--store-port", type=int, required=True)
     ap.add_argument("--tag", required=True)
@@ -48,7 +49,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     spec = StageSpec(a.model, a.layers[0], a.layers[1], a.tp, a.first, a.last, a.device, a.dtype, a.slots, a.max_len, tuple(a.gpus),
-                     a.quantize)
+                     a.quantize, a.kv_tokens)
     pg, _store = make_group(a.device, a.store_port, a.tag, a.rank, a.tp, False)
     build_executor(spec, a.rank, pg).follow()
 

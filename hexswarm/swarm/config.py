@@ -272,8 +272,11 @@ class NodeConfig:
     )
     max_batch: int = field(default=8, metadata=_key(_positive_int_or_auto, "KV-cache slots: requests in flight per "
                                                    "pipeline ('auto': as many as fit in gpu_memory_fraction)"))
-    gpu_memory_fraction: float = field(default=0.9, metadata=_key(_fraction, "share of free GPU memory a stage may "
-                                                                  "take with max_batch: auto"))
+    gpu_memory_fraction: float = field(default=0.9, metadata=_key(_fraction, "share of free GPU memory a stage's "
+                                                                  "weights and KV cache may take (auto sizes)"))
+    kv_tokens: int = field(default=0, metadata=_key(_positive_int_or_auto, "KV-cache positions per stage, paged in "
+                                                    "blocks of 16 and shared by its requests (auto: max_batch x "
+                                                    "max_seq_len, at most what fits in gpu_memory_fraction)"))
     max_step_tokens: int = field(default=0, metadata=_key(_positive_int_or_auto, "tokens in one engine step: decode "
                                                           "rows plus prompt chunks (chunked prefill; auto: 2048 on "
                                                           "CUDA, 512 on the CPU)"))

@@ -35,7 +35,7 @@ def serve_settings(config: NodeConfig, devices):
                          max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens or step_tokens_for(device),
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
                          engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
-                         quantize=config.quantize, local_links=config.local_links)
+                         quantize=config.quantize, local_links=config.local_links, kv_tokens=config.kv_tokens)
 
 
 def head_settings(config: NodeConfig):

@@ -95,6 +95,8 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
             if spec is not None:
                 _sampling(spec)
         _need(isinstance(msg.get("t"), list) and all(isinstance(t, (int, float)) for t in msg["t"]), "stage times")
+        if msg.get("free") is not None:  # slots whose requests ended: their KV blocks go back to the pool
+            _need(len(_int_list(msg["free"], "free", None, 0, n_slots)) <= n_slots, "free: too many slots")
         # finiteness is checked by the stage engine on its device: on the node's event loop a scan of a
         # bf16 prefill chunk cost ~1 ms of CPU per MB (the busiest frame of a 2-stage profile on an H100)
     elif kind == "tokens":

@@ -352,6 +352,7 @@ class Server:
             # every record this node gossips carries its stage-0 loads (the head's queue view)
             self.node.extra["load"] = self.stages.loads()
             self.node.extra["slots"] = self.stages.slot_counts()
+            self.node.extra["kv"] = self.stages.kv_counts()
             self.node.extra["failed"] = self.failed_here()
             self._set_admit_limits()
             if self.committed is not None:
@@ -364,17 +365,18 @@ class Server:
                      if not getattr(getattr(w, "host", None), "followers_alive", lambda: True)()}
         return sorted(set(self.stages.failed()) | idle_dead)
 
-    def replica_slots(self, layout: SwarmLayout, replica: int) -> int | None:
-        """The smallest KV slot count over a replica's stages (from this node's stages and the
-        peers' records); None while a stage's count is unknown."""
+    def replica_slots(self, layout: SwarmLayout, replica: int, what: str = "slots") -> int | None:
+        """The smallest KV slot count ("slots") or KV block count ("kv") over a replica's stages (from
+        this node's stages and the peers' records); None while a stage's count is unknown."""
         counts = []
+        mine = self.stages.slot_counts() if what == "slots" else self.stages.kv_counts()
         for si, st in enumerate(layout.replicas[replica]):
             key = f"{layout.epoch}:{replica}:{si}"
             if st.peer == self.me:
-                counts.append(self.stages.slot_counts().get(key))
+                counts.append(mine.get(key))
             else:
                 entry = self.node.table.get(st.peer)
-                counts.append((entry.record.extra.get("slots") or {}).get(key) if entry else None)
+                counts.append((entry.record.extra.get(what) or {}).get(key) if entry else None)
         if any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in counts):
             return None
         return min(counts)
@@ -388,6 +390,11 @@ class Server:
             # fixed max_batch: every stage has the same count; "auto": wait for the others' counts
             fallback = worker.spec.n_slots if self.settings.max_batch else 1
             worker.admit_limit = known if known is not None else fallback
+            # a stage with a smaller cache than stage 0's (memory-capped sizes differ by GPU) caps what
+            # stage 0 promises; until its size is known, stage 0's own
+            kv = self.replica_slots(layout, r, "kv")
+            if kv is not None:
+                worker.kv_limit = kv
 
     # ---- dispatch (head side) --------------------------------------------------------------
     def healthy_replicas(self, layout: SwarmLayout) -> list[int]:

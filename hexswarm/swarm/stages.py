@@ -3,6 +3,7 @@ messages to them, retire them once a newer epoch is committed and they are idle.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -12,15 +13,19 @@ import trio
 
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
+from hexswarm.model.kv_cache import blocks_for
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
-from hexswarm.runtime.stage_host import StageHost, StageSpec, slots_that_fit
+from hexswarm.runtime.stage_host import StageHost, StageSpec, kv_tokens_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm.guards import check_stage_message
 from hexswarm.swarm.layout import SwarmLayout
 
 log = logging.getLogger("hexswarm.stages")
+
+AUTO_CONTEXT = 512  # positions a request is assumed to hold when max_batch is auto
+AUTO_MAX_BATCH = 256  # vLLM's default max_num_seqs
 
 StageKey = tuple[int, int, int]  # (epoch, replica, stage index)
 
@@ -39,6 +44,7 @@ class ServeSettings:
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
     gpu_memory_fraction: float = 0.9
     local_links: bool = True  # stage engines on one host hand steps to each other directly (runtime/local_link.py)
+    kv_tokens: int = 0  # KV positions per stage; 0: max_batch x max_seq_len, capped by what fits (CUDA)
 
 
 class StageSet:
@@ -85,11 +91,10 @@ class StageSet:
         s = self.settings
         spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
                          s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus, quantize=s.quantize)
-        if s.max_batch == 0:
-            slots = self.slots(spec) if s.device == "cuda" else 8
-            spec = StageSpec(**{**spec.__dict__, "n_slots": slots})
-            log.info("epoch %d: %d KV slots of %d tokens fit on %s", layout.epoch, slots, s.max_seq_len,
-                     spec.device_of(0))
+        slots, kv_tokens = self.kv_size(spec)
+        spec = dataclasses.replace(spec, n_slots=slots, kv_tokens=kv_tokens)
+        log.info("epoch %d: stage %d holds %d requests in a KV cache of %d positions on %s", layout.epoch, si, slots,
+                 kv_tokens, spec.device_of(0))
         tag, name = f"e{layout.epoch}r{ri}s{si}", f"stage-e{layout.epoch}-r{ri}-s{si}"
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
         engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica))
@@ -107,12 +112,26 @@ class StageSet:
         worker.start()
         return worker
 
-    def slots(self, spec: StageSpec) -> int:
-        """KV slots for a stage here: max_batch, or as many as fit when it is 0 ("auto")."""
-        if self.settings.max_batch:
-            return self.settings.max_batch
-        return slots_that_fit(self.cfg, spec.layer_end - spec.layer_start, spec.tp, spec.max_len, spec.dtype,
-                              spec.device_of(0), self.settings.gpu_memory_fraction)
+    def kv_size(self, spec: StageSpec) -> tuple[int, int]:
+        """(requests, KV positions) of a stage here.  The cache is paged, so requests share its
+        positions: by default it holds max_batch x max_seq_len, or on CUDA what fits beside the
+        weights when that is less; max_batch "auto" is what the positions hold at
+        min(max_seq_len, AUTO_CONTEXT) each, at most AUTO_MAX_BATCH (8 on the CPU)."""
+        s = self.settings
+        fit = None
+        if s.device == "cuda" and not (s.kv_tokens and s.max_batch):
+            fit = kv_tokens_that_fit(self.cfg, spec.layer_end - spec.layer_start, spec.tp, spec.dtype,
+                                     spec.device_of(0), s.gpu_memory_fraction)
+        if s.max_batch:
+            slots = s.max_batch
+        elif fit is None:
+            slots = 8
+        else:
+            slots = max(1, min(AUTO_MAX_BATCH, (s.kv_tokens or fit) // min(s.max_seq_len, AUTO_CONTEXT)))
+        tokens = s.kv_tokens or slots * s.max_seq_len
+        if not s.kv_tokens and fit is not None:
+            tokens = max(min(tokens, fit), s.max_seq_len)  # one longest request, whatever fits
+        return slots, tokens
 
     def _sender(self, epoch: int, ri: int, si: int):
         def send(peer: str, msg: dict) -> None:
@@ -163,6 +182,11 @@ class StageSet:
         """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
         admits at most the smallest count of its stages)."""
         return {f"{e}:{r}:{s}": w.spec.n_slots for (e, r, s), w in self.workers.items()}
+
+    def kv_counts(self) -> dict[str, int]:
+        """"epoch:replica:stage" -> KV blocks of each stage this node serves (gossiped: stage 0 admits
+        a request only when its blocks fit in the smallest cache of the pipeline)."""
+        return {f"{e}:{r}:{s}": blocks_for(w.spec.kv_tokens) for (e, r, s), w in self.workers.items()}
 
     def loads(self) -> dict[str, int]:
         """"epoch:replica" -> requests held by the stage 0 this node serves there."""
