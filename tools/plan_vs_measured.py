@@ -92,6 +92,7 @@ class Bench:
     step_tokens: int = 2048
     shared_device: bool = True
     entry_s: float = 0.0
+    entry_latency_s: float = 0.0
     cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
 
     @property
@@ -232,7 +233,7 @@ def _flag_overhead(text: str) -> list[list]:
 def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http",
                calibration: dict | None = None, calibration_name: str = "--calibration",
                stage_overhead_ms: str | None = None, link_gbps: float | None = None, entry_ms: float | None = None,
-               shared_device: bool = True) -> Bench:
+               entry_latency_ms: float | None = None, shared_device: bool = True) -> Bench:
     """Parse bench_serve's JSON (see the module docstring); raise ValueError when it has no usable rows."""
     flat = _rows(doc, "rows")
     layout_rows = _rows(doc, "serve", "layouts", "results") or [r for r in flat if "stages" in r]
@@ -272,12 +273,14 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
     sources["max_step_tokens"] = f"node_extra of {where}" if extra.get("max_step_tokens") else \
         f"auto on {'CUDA' if cuda else 'CPU'}"
     sources["entry"] = "--entry-ms" if entry_ms is not None else "not measured: 0"
+    sources["entry_latency"] = "--entry-latency-ms" if entry_latency_ms is not None else "not measured: 0"
     old_link = doc.get("link") if isinstance(doc.get("link"), dict) else None  # the older schema's separate hosts
     link = None if old_link is None else Link(_number(old_link.get("latency_s")) or 100e-6,
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
-                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3, cuda=cuda)
+                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
+                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, cuda=cuda)
 
 
 def calibrated_device(bench: Bench) -> GpuKind:
@@ -317,7 +320,8 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
                     concurrency, n)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
-                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s)
+                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s,
+                             entry_latency_s=bench.entry_latency_s, gpu_handoff=bench.shared_device and bench.cuda)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -374,7 +378,8 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
         lines.append(f"- local link: {link}({bench.sources['link_Bps']})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
               f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']}); "
-              f"entry {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']})", "",
+              f"entry {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
+              f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})", "",
               "| stages | conc | tok/s pred | tok/s meas | ratio | TTFT p50 ms pred | meas | ratio | ITL p50 ms pred | meas | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -397,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-overhead-ms", help="ROWS:MS,... host time per stage per step, when nothing measured it")
     ap.add_argument("--link-gbps", type=float, help="local link GB/s, when nothing measured it")
     ap.add_argument("--entry-ms", type=float, help="serial entry work per request (front end, dispatch)")
+    ap.add_argument("--entry-latency-ms", type=float, help="a request's way in and its first token's way out, "
+                    "beyond the serial entry work (not serial: it shifts the TTFT)")
     ap.add_argument("--separate-devices", action="store_true", help="the stages did not share one device")
     ap.add_argument("--stages", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
@@ -410,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         cal = _calibration_file(args.calibration) if args.calibration else None
         bench = read_bench(docs[0], where.name, frontend=args.frontend, calibration=cal,
                            calibration_name=str(args.calibration), stage_overhead_ms=args.stage_overhead_ms,
-                           link_gbps=args.link_gbps, entry_ms=args.entry_ms, shared_device=not args.separate_devices)
+                           link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
+                           shared_device=not args.separate_devices)
         more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
         bench = replace(bench, layouts=bench.layouts + tuple(more))
         rows = compare(bench, args.stages, args.concurrency, args.requests)
