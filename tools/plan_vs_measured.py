@@ -29,11 +29,14 @@ What the prediction is made of, each printed with where it came from:
   a quantity found nowhere is taken as not there (0 overhead, the analytic intra-host link);
 * the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
-  one-stage CUDA pipeline hides its host work behind the GPU, and (bench_serve) every stage on the same
-  device, so the stages' GPU time adds up;
+  one-stage CUDA pipeline hides its host work behind the GPU and waits for the step on the GPU before
+  starting new prompts, and (bench_serve) every stage on the same device, so the stages' GPU time adds
+  up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
+  ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request arrives at once), and ``--entry-ms`` of serial entry work per request
-  (front end, tokenizer, dispatch; not measured by any calibration yet: 0 unless given).
+  every client's first request arrives at once), ``--entry-ms`` of serial entry work per request
+  (front end, tokenizer, dispatch) and ``--entry-latency-ms`` more to each first token (the way in and
+  out, not serial); no calibration measures either yet: 0 unless given.
 
 The predicted ITL is the median over every gap between two tokens of a request, and percentiles are
 nearest rank, as bench_serve reports them.
@@ -94,6 +97,7 @@ class Bench:
     entry_s: float = 0.0
     entry_latency_s: float = 0.0
     cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
+    gpu_handoff: bool = True  # CUDA stages on one GPU hand over on it (the runtime since run 10, 2026-11-25)
 
     @property
     def engine(self) -> tuple[tuple[int, float], ...]:
@@ -321,7 +325,8 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
                              shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s,
-                             entry_latency_s=bench.entry_latency_s, gpu_handoff=bench.shared_device and bench.cuda)
+                             entry_latency_s=bench.entry_latency_s,
+                             gpu_handoff=bench.gpu_handoff and bench.shared_device and bench.cuda)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -364,6 +369,9 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     cal = bench.calibration
     engine = ", ".join(f"B{b} {t * 1e3:.2f} ms" for b, t in bench.engine) or "none (analytic)"
     placed = "every stage on one device" if bench.shared_device else "one device per stage"
+    if bench.shared_device and bench.cuda:
+        placed += (", handing steps over on the GPU (a stage turns a step in max(GPU, host time))" if bench.gpu_handoff
+                   else ", handing steps over through the host (GPU time + host time per stage)")
     lines = [f"model {bench.model.name}, device {bench.device.name}, prompt {bench.prompt_len}, output "
              f"{bench.output_len}; {placed}",
              f"- decode: {engine} ({bench.sources.get('decode')})"]
@@ -405,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entry-latency-ms", type=float, help="a request's way in and its first token's way out, "
                     "beyond the serial entry work (not serial: it shifts the TTFT)")
     ap.add_argument("--separate-devices", action="store_true", help="the stages did not share one device")
+    ap.add_argument("--host-handoff", action="store_true", help="the stages handed their steps over through the "
+                    "host, waiting for the GPU (runs before the GPU handoff: run 9 and earlier)")
     ap.add_argument("--stages", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, help="simulated requests where no measured row gives the count "
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                            link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
                            shared_device=not args.separate_devices)
         more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
-        bench = replace(bench, layouts=bench.layouts + tuple(more))
+        bench = replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff)
         rows = compare(bench, args.stages, args.concurrency, args.requests)
     except (OSError, ValueError, KeyError, TypeError, CalibrationError) as e:
         where = args.calibration if args.calibration and isinstance(e, CalibrationError) else where
