@@ -318,11 +318,16 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     def launch(r: int, m: int, now: float) -> None:
         nonlocal order, issued
         rep = reps[r]
-        ahead = rep.timer.stages() == 1 and overlap
-        # Stage 0 still busy: decide the step when it starts; a one-stage overlapped pipeline decides
-        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens).
+        S = rep.timer.stages()
+        handoff = gpu_handoff and shared_device and S > 1
+        # Stage 0 still busy: decide the step when it starts.  A one-stage overlapped pipeline decides
+        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens); so, nearly, does
+        # stage 0 of stages handing over on the GPU with one micro-batch: it launches k+1 from k's tokens
+        # on the device once it has read k-1's (k starts on the GPU) and the last stage has handed k's
+        # back (its host has queued its part of k), before k ends on the GPU.
+        ahead = overlap and (S == 1 or (handoff and len(rep.members) == 1))
         busy_until = rep.started_at if ahead else rep.free_at[0]
-        if ahead and rep.free_at[0] > now + 1e-15 and _new_prompts(rep, m):
+        if ahead and S == 1 and rep.free_at[0] > now + 1e-15 and _new_prompts(rep, m):
             busy_until = rep.free_at[0]  # the engine waits for the step on the GPU before starting prompts
         if busy_until > now + 1e-15:
             order += 1
@@ -364,19 +369,22 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 chunks.append((q, c))
         shape = StepShape(rows, prompt_tokens, context + pairs, context + written, rows + len(chunks))
         timer = rep.timer
-        S = timer.stages()
-        handoff = gpu_handoff and shared_device and S > 1
         at = now
         for i in range(S):
             gpu = timer.stage_s(i, shape)
             start = max(at, rep.free_at[i])
-            if ahead:  # step k+1 launched before step k is read: host work under the GPU's
+            if ahead and S == 1:  # step k+1 launched before step k is read: host work under the GPU's
                 end = start + gpu
                 rep.started_at = start
             else:
                 d = rep.device_of[i]
-                gpu_end = max(start, rep.device_free_at[d]) + gpu
+                gpu_start = max(start, rep.device_free_at[d])
+                gpu_end = gpu_start + gpu
                 rep.device_free_at[d] = gpu_end
+                if ahead and i == 0:
+                    rep.started_at = gpu_start  # stage 0 has read step k-1's tokens
+                if ahead and i == S - 1:  # ... and k's come back once the last stage has queued its part
+                    rep.started_at = max(rep.started_at, start + timer.host_s(i, shape))
                 if handoff:  # the host hands on without waiting for the GPU: what the GPU hides is free
                     end = max(gpu_end, start + timer.host_s(i, shape))
                 else:  # the host waits for its GPU, then does its own work and sends the activations
