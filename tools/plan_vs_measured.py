@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hexswarm.plan.batching_sim import BatchSimResult, simulate_batching  # noqa: E402
+from hexswarm.plan.batching_sim import BatchSimResult, simulate_batching, step_timer  # noqa: E402
 from hexswarm.plan.calibration import Calibration, CalibrationError, parse_calibration  # noqa: E402
 from hexswarm.plan.cluster import (DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster, GpuKind, Host, Link,  # noqa: E402
                                    cluster_from_hosts)
@@ -365,6 +365,20 @@ def _fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}" if abs(r - 1) <= TARGET else f"**{r:.2f}**"
 
 
+def _stage_host(bench: Bench) -> str:
+    """The stage host time the simulation uses, at the calibration's row counts, and where it came from."""
+    cal = bench.calibration
+    if not cal.stage_host and not cal.stage_overhead:
+        return "0 (not measured)"
+    cluster, cost, (layout,) = pipeline(bench, 2, 1)
+    timer = step_timer(cluster, cost, layout)
+    rows = [r for r, _ in (cal.stage_host or cal.stage_overhead)]
+    values = " ".join(f"B{r} {timer.host_s(0, StepShape.decode(r, cal.context)) * 1e3:.2f} ms" for r in rows)
+    how = ("stage_host of the calibration" if cal.stage_host else
+           "a v2 calibration: its overhead plus half its own GPU time of the two 1-layer stages it was measured on")
+    return f"{values} ({how})"
+
+
 def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     cal = bench.calibration
     engine = ", ".join(f"B{b} {t * 1e3:.2f} ms" for b, t in bench.engine) or "none (analytic)"
@@ -382,8 +396,12 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
                      + f"({bench.sources['prefill_batch']})")
         over = " ".join(f"B{r} {t * 1e3:.2f} ms" for r, t in cal.stage_overhead)
         lines.append(f"- host time per stage per step: {over + ' ' if over else ''}({bench.sources['stage_overhead']})")
+        if bench.gpu_handoff and bench.shared_device and bench.cuda and bench.model.num_layers > 1:
+            lines.append(f"- host time per stage per step, GPU time in (hidden under a longer GPU step): "
+                         f"{_stage_host(bench)}")
         link = f"{cal.link_Bps / 1e9:.2f} GB/s " if cal.link_Bps else ""
-        lines.append(f"- local link: {link}({bench.sources['link_Bps']})")
+        unused = "; not used: activations stay on the GPU" if bench.gpu_handoff and bench.shared_device and bench.cuda else ""
+        lines.append(f"- local link: {link}({bench.sources['link_Bps']}{unused})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
               f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']}); "
               f"entry {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
