@@ -173,3 +173,58 @@ def test_a_one_stage_engine_starts_new_prompts_when_the_step_on_the_gpu_ends():
     assert 6 * e < e + alone < 7 * e < 8 * e < e + alone + decode  # the arrivals fall as described
     assert wave.ttft_p99_s == pytest.approx(e + alone + decode + seven, rel=1e-4)
     assert wave.ttft_p50_s == pytest.approx(wave.ttft_p99_s, rel=1e-6)  # all 7 have it at once (times from 0)
+
+
+def test_a_closed_loop_wave_waits_for_the_entry_and_the_step_budget():
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    wave = pvm.predict(b, 1, 32, 32)  # one wave: 32 x 128 prompt tokens, 2048 per step
+    assert wave.ttft_p99_s > 2 * 0.045  # the second half waits for the first half's step
+    slow_entry = pvm.predict(replace(b, entry_s=0.004), 1, 32, 32)
+    assert slow_entry.ttft_p99_s > 32 * 0.004 > wave.ttft_p99_s  # the last of 32 passes the entry after 32 x 4 ms
+
+
+@pytest.mark.parametrize("shape", ["plain", "node cache"])
+def test_cli_takes_a_node_calibration_file_and_says_so(tmp_path, capsys, shape):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps(CAL_FILE if shape == "plain" else {"v2|H100|fp|bfloat16": CAL_FILE}))
+    assert pvm.main([str(bench), "--calibration", str(cal), "--stages", "1", "2", "--concurrency", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f"host time per stage per step: B1 0.80 ms B32 1.20 ms ({cal})" in out
+    assert "| 2 | 1 |" in out and "entry: 0.00 ms per request (not measured: 0)" in out
+
+
+def test_a_malformed_calibration_file_is_one_line_exit_2(tmp_path, capsys):
+    bench, cal = tmp_path / "run.json", tmp_path / "cal.json"
+    bench.write_text(json.dumps(SERVE))
+    cal.write_text(json.dumps({**CAL_FILE, "stage_overhead": [[1, -1.0]]}))
+    assert pvm.main([str(bench), "--calibration", str(cal)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cal.json" in err and "stage_overhead" in err
+
+
+def test_calibrate_node_summary_names_every_quantity():
+    import calibrate_node
+
+    text = calibrate_node.summary({**CAL_FILE, "layers": 32, "device": "H100", "dtype": "bfloat16"})
+    for part in ("B1 5.700 ms", "2048 tokens in one forward", "host time per stage per step B1 0.800 ms", "2.00 GB/s"):
+        assert part in text
+
+
+def test_the_entry_probe_gives_each_swarm_its_entry_latency_and_serial_work():
+    """bench_serve's probe (tiny requests alone and in one burst) is read back through the model: made from the
+    model with a known entry, it gives that entry back; the predictions then use it per stage count."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    tiny = replace(b, prompt_len=2, output_len=1)
+    alone = pvm.predict(tiny, 2, 1, 8).ttft_p50_s + 0.004
+    burst = pvm.predict(replace(tiny, entry_s=0.0006, entry_latency_s=0.004), 2, 32, 32).ttft_p50_s
+    probe = {"stages": 2, "frontend": "http", "prompt_tokens": 2, "new_tokens": 1, "burst": 32,
+             "alone_ttft_s": [alone] * 8, "burst_ttft_s": [burst] * 32}
+    doc = {**SERVE, "entry_probe": [probe, {**probe, "frontend": "submit", "alone_ttft_s": [1.0] * 8}, {"junk": 1}]}
+    probed = pvm.read_bench(doc, "run.json", calibration=CAL_FILE)
+    assert [p.stages for p in probed.entry_probes] == [2] and "entry probe of run.json" in probed.sources["entry"]
+    entry_s, latency = pvm.estimate_entry(probed, probed.entry_probes[0])
+    assert latency == pytest.approx(0.004, abs=1e-6) and entry_s == pytest.approx(0.0006, rel=0.05)
+    row = next(r for r in pvm.compare(probed, [2], [1], 4) if r["stages"] == 2)
+    assert row["predicted"]["ttft_p50_s"] == pytest.approx(pvm.predict(b, 2, 1, 4).ttft_p50_s + 0.004 + 0.0006, rel=0.02)
+    assert pvm.read_bench(doc, calibration=CAL_FILE, entry_ms=1.0).entry_probes == ()  # a flag says otherwise

@@ -82,6 +82,17 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class EntryProbe:
+    """bench_serve's entry probe on one swarm: TTFTs of tiny requests alone and in one burst."""
+
+    stages: int
+    prompt_len: int
+    alone_ttft_s: tuple[float, ...]
+    burst: int
+    burst_ttft_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Bench:
     model: ModelSpec
     device: GpuKind
@@ -98,6 +109,9 @@ class Bench:
     entry_latency_s: float = 0.0
     cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
     gpu_handoff: bool = True  # CUDA stages on one GPU hand over on it (the runtime since run 10, 2026-11-25)
+    entry_probes: tuple[EntryProbe, ...] = ()
+    # (entry_s, entry_latency_s) per stage count, from the probes (estimate_entries); else the flags' for all
+    entries: tuple[tuple[int, float, float], ...] = ()
 
     @property
     def engine(self) -> tuple[tuple[int, float], ...]:
@@ -278,13 +292,68 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
         f"auto on {'CUDA' if cuda else 'CPU'}"
     sources["entry"] = "--entry-ms" if entry_ms is not None else "not measured: 0"
     sources["entry_latency"] = "--entry-latency-ms" if entry_latency_ms is not None else "not measured: 0"
+    probes = tuple(_probe(r) for r in _rows(doc, "entry_probe") if not frontend or r.get("frontend") == frontend)
+    probes = tuple(p for p in probes if p is not None)
+    if probes and entry_ms is None and entry_latency_ms is None:
+        sources["entry"] = sources["entry_latency"] = f"entry probe of {where} (tiny requests alone and in a burst)"
     old_link = doc.get("link") if isinstance(doc.get("link"), dict) else None  # the older schema's separate hosts
     link = None if old_link is None else Link(_number(old_link.get("latency_s")) or 100e-6,
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
                  shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
-                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, cuda=cuda)
+                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, cuda=cuda,
+                 entry_probes=probes if entry_ms is None and entry_latency_ms is None else ())
+
+
+def _probe(r: dict) -> EntryProbe | None:
+    def times(key: str) -> tuple[float, ...]:
+        return tuple(sorted(x for x in (_number(v) for v in r.get(key) or []) if x is not None and x > 0))
+
+    alone, burst = times("alone_ttft_s"), times("burst_ttft_s")
+    if not (_number(r.get("stages")) and _number(r.get("burst")) and alone and burst):
+        return None
+    return EntryProbe(int(r["stages"]), int(_number(r.get("prompt_tokens")) or 2), alone, int(r["burst"]), burst)
+
+
+def _median(sorted_values: tuple[float, ...]) -> float:
+    """Nearest rank, as bench_serve's p50."""
+    return sorted_values[max(0, math.ceil(len(sorted_values) / 2) - 1)]
+
+
+def estimate_entry(bench: Bench, probe: EntryProbe) -> tuple[float, float]:
+    """(entry_s, entry_latency_s) of one swarm from its probe, through this model: the latency is the
+    alone TTFT's median less the model's own TTFT for that request (one tiny prompt through the stages);
+    the serial work per request is what makes the simulated burst's median TTFT the measured one (the
+    simulated median grows with it: bisection)."""
+    tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0, entries=())
+    model_alone = predict(tiny, probe.stages, 1, len(probe.alone_ttft_s)).ttft_p50_s
+    latency = max(0.0, _median(probe.alone_ttft_s) - model_alone)
+    tiny = replace(tiny, entry_latency_s=latency)
+    target = _median(probe.burst_ttft_s)
+
+    def burst_median(entry_s: float) -> float:
+        return predict(replace(tiny, entry_s=entry_s), probe.stages, probe.burst, probe.burst).ttft_p50_s
+
+    if burst_median(0.0) >= target:
+        return 0.0, latency
+    lo, hi = 0.0, 2 * target / probe.burst
+    while burst_median(hi) < target:
+        lo, hi = hi, 2 * hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if burst_median(mid) < target else (lo, mid)
+    return hi, latency
+
+
+def estimate_entries(bench: Bench) -> Bench:
+    """The bench with each probed stage count's entry quantities (nothing changes without probes)."""
+    found = {p.stages: estimate_entry(bench, p) for p in bench.entry_probes}
+    return replace(bench, entries=tuple((s, e, l) for s, (e, l) in sorted(found.items())))
+
+
+def _entry(bench: Bench, stages: int) -> tuple[float, float]:
+    return next(((e, l) for s, e, l in bench.entries if s == stages), (bench.entry_s, bench.entry_latency_s))
 
 
 def calibrated_device(bench: Bench) -> GpuKind:
@@ -322,10 +391,11 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
     n = requests or 16 * concurrency
     work = Workload(1.0, 1e9, LengthDist.constant(bench.prompt_len), LengthDist.constant(bench.output_len),
                     concurrency, n)
+    entry_s, entry_latency_s = _entry(bench, stages)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
-                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s,
-                             entry_latency_s=bench.entry_latency_s,
+                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=entry_s,
+                             entry_latency_s=entry_latency_s,
                              gpu_handoff=bench.gpu_handoff and bench.shared_device and bench.cuda)
 
 
@@ -337,6 +407,8 @@ def compare(bench: Bench, stages: list[int], concurrency: list[int], requests: i
     """One row per (stages, concurrency): predicted, measured (None where not measured) and ratios.
     The simulated request count is the measured row's (the same closed-loop waves), else ``requests``."""
     measured = {(m.stages, m.concurrency): m for m in bench.layouts}
+    if bench.entry_probes and not bench.entries:
+        bench = estimate_entries(bench)
     out = []
     for s in stages:
         for c in concurrency:
@@ -379,6 +451,16 @@ def _stage_host(bench: Bench) -> str:
     return f"{values} ({how})"
 
 
+def _entry_text(bench: Bench) -> str:
+    if bench.entry_probes:
+        b = bench if bench.entries else estimate_entries(bench)
+        per = "; ".join(f"{s} stage(s): {e * 1e3:.2f} ms per request, {l * 1e3:.2f} ms more to the first token"
+                        for s, e, l in b.entries)
+        return f"- entry ({bench.sources['entry']}): {per}"
+    return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
+            f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})")
+
+
 def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     cal = bench.calibration
     engine = ", ".join(f"B{b} {t * 1e3:.2f} ms" for b, t in bench.engine) or "none (analytic)"
@@ -403,9 +485,8 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
         unused = "; not used: activations stay on the GPU" if bench.gpu_handoff and bench.shared_device and bench.cuda else ""
         lines.append(f"- local link: {link}({bench.sources['link_Bps']}{unused})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
-              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']}); "
-              f"entry {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
-              f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})", "",
+              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']})",
+              _entry_text(bench), "",
               "| stages | conc | tok/s pred | tok/s meas | ratio | TTFT p50 ms pred | meas | ratio | ITL p50 ms pred | meas | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
