@@ -10,6 +10,11 @@
    (SwarmClient, streamed frames), at concurrency 1, 8, 32, 64; prompts of exactly --prompt-tokens tokens,
    --new-tokens new tokens each (the random model may emit EOS first: tokens are counted as they come).
 
+4. Before the levels, per swarm and streamed front end, an entry probe: TTFTs of tiny requests (a 2-token
+   prompt, 1 new token) one at a time and in one burst of the highest concurrency, i.e. what the entry,
+   dispatch and token relay add to a request (``--no-entry-probe`` skips it); tools/plan_vs_measured.py
+   reads it as its entry quantities.
+
 Reported per (stages, front end, concurrency): tokens/s, TTFT p50/p99, inter-token latency p50/p99, and
 their ratios to the engine measured in the same run: tokens/s over the engine's batch-c tokens/s, ITL over
 the engine's batch-1 ms/token, TTFT over the engine's prefill time.

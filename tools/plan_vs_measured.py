@@ -34,9 +34,11 @@ What the prediction is made of, each printed with where it came from:
   up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request arrives at once), ``--entry-ms`` of serial entry work per request
-  (front end, tokenizer, dispatch) and ``--entry-latency-ms`` more to each first token (the way in and
-  out, not serial); no calibration measures either yet: 0 unless given.
+  every client's first request arrives at once), the serial entry work per request (front end,
+  tokenizer, dispatch) and the latency it adds to each first token (the way in and out, not serial):
+  per stage count from bench_serve's entry probe (``entry_probe`` rows: tiny requests alone give the
+  latency, less the model's own time for them; one burst gives the serial work that makes the simulated
+  burst's median TTFT the measured one), else ``--entry-ms`` / ``--entry-latency-ms``, else 0.
 
 The predicted ITL is the median over every gap between two tokens of a request, and percentiles are
 nearest rank, as bench_serve reports them.
