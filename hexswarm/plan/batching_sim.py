@@ -374,7 +374,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             gpu = timer.stage_s(i, shape)
             start = max(at, rep.free_at[i])
             if ahead and S == 1:  # step k+1 launched before step k is read: host work under the GPU's
-                end = start + gpu
+                end = start + max(gpu, timer.host_s(i, shape))
                 rep.started_at = start
             else:
                 d = rep.device_of[i]
