@@ -116,6 +116,11 @@ class Bench:
     entries: tuple[tuple[int, float, float], ...] = ()
 
     @property
+    def hands_over_on_gpu(self) -> bool:
+        """Stage processes on one CUDA device, handing steps over on it (runtime/gpu_handoff.py)."""
+        return self.gpu_handoff and self.shared_device and self.cuda
+
+    @property
     def engine(self) -> tuple[tuple[int, float], ...]:
         return self.calibration.decode if self.calibration else ()
 
@@ -340,7 +345,9 @@ def estimate_entry(bench: Bench, probe: EntryProbe) -> tuple[float, float]:
     if burst_median(0.0) >= target:
         return 0.0, latency
     lo, hi = 0.0, 2 * target / probe.burst
-    while burst_median(hi) < target:
+    for _ in range(60):  # the simulated median grows without bound with the serial work
+        if burst_median(hi) >= target:
+            break
         lo, hi = hi, 2 * hi
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -398,7 +405,7 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
                              shared_device=bench.shared_device, overlap=bench.cuda, entry_s=entry_s,
                              entry_latency_s=entry_latency_s,
-                             gpu_handoff=bench.gpu_handoff and bench.shared_device and bench.cuda)
+                             gpu_handoff=bench.hands_over_on_gpu)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -455,9 +462,8 @@ def _stage_host(bench: Bench) -> str:
 
 def _entry_text(bench: Bench) -> str:
     if bench.entry_probes:
-        b = bench if bench.entries else estimate_entries(bench)
         per = "; ".join(f"{s} stage(s): {e * 1e3:.2f} ms per request, {l * 1e3:.2f} ms more to the first token"
-                        for s, e, l in b.entries)
+                        for s, e, l in (bench.entries or estimate_entries(bench).entries))
         return f"- entry ({bench.sources['entry']}): {per}"
     return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
             f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})")
@@ -480,11 +486,11 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
                      + f"({bench.sources['prefill_batch']})")
         over = " ".join(f"B{r} {t * 1e3:.2f} ms" for r, t in cal.stage_overhead)
         lines.append(f"- host time per stage per step: {over + ' ' if over else ''}({bench.sources['stage_overhead']})")
-        if bench.gpu_handoff and bench.shared_device and bench.cuda and bench.model.num_layers > 1:
+        if bench.hands_over_on_gpu and bench.model.num_layers > 1:
             lines.append(f"- host time per stage per step, GPU time in (hidden under a longer GPU step): "
                          f"{_stage_host(bench)}")
         link = f"{cal.link_Bps / 1e9:.2f} GB/s " if cal.link_Bps else ""
-        unused = "; not used: activations stay on the GPU" if bench.gpu_handoff and bench.shared_device and bench.cuda else ""
+        unused = "; not used: activations stay on the GPU" if bench.hands_over_on_gpu else ""
         lines.append(f"- local link: {link}({bench.sources['link_Bps']}{unused})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
               f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']})",
@@ -531,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                            link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
                            shared_device=not args.separate_devices)
         more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
-        bench = replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff)
+        bench = estimate_entries(replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff))
         rows = compare(bench, args.stages, args.concurrency, args.requests)
     except (OSError, ValueError, KeyError, TypeError, CalibrationError) as e:
         where = args.calibration if args.calibration and isinstance(e, CalibrationError) else where
