@@ -228,3 +228,15 @@ def test_the_entry_probe_gives_each_swarm_its_entry_latency_and_serial_work():
     row = next(r for r in pvm.compare(probed, [2], [1], 4) if r["stages"] == 2)
     assert row["predicted"]["ttft_p50_s"] == pytest.approx(pvm.predict(b, 2, 1, 4).ttft_p50_s + 0.004 + 0.0006, rel=0.02)
     assert pvm.read_bench(doc, calibration=CAL_FILE, entry_ms=1.0).entry_probes == ()  # a flag says otherwise
+
+
+def test_stage_0_of_gpu_handoff_stages_takes_no_prompt_that_arrives_after_it_decided_the_next_step():
+    """4 requests leaving the entry 2.5 ms apart, on one stage and on two GPU-handoff stages (same GPU work,
+    host time hidden).  One stage waits for the first prompt's step before starting prompts: 2-4 share the
+    next step.  Two stages decide that step before the first one ends (once its tokens are handed back),
+    with the prompts there by then (2 and 3); 4 arrives after and goes in a later step."""
+    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), entry_s=0.0025)
+    one, two = pvm.predict(b, 1, 4, 4), pvm.predict(b, 2, 4, 4)  # p50: request 2's TTFT, p99: request 4's
+    assert one.ttft_p50_s == pytest.approx(one.ttft_p99_s)
+    assert two.ttft_p50_s < one.ttft_p50_s < two.ttft_p99_s
+    assert two.gap_p50_s == pytest.approx(one.gap_p50_s, rel=0.05)
