@@ -83,6 +83,12 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
             assert r[key] > 0, (key, r)
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] and r["itl_p99_s"] >= r["itl_p50_s"] >= 0
     assert "| stages | front end |" in res["table"]
+    # the entry probe, per streamed front end: tiny requests alone, then one burst of the highest concurrency
+    probes = {p["frontend"]: p for p in saved["entry_probe"]}
+    assert set(probes) == {"http", "submit"}
+    for p in probes.values():
+        assert p["stages"] == 1 and p["burst"] == 4 and len(p["alone_ttft_s"]) == 8 and len(p["burst_ttft_s"]) == 4
+        assert all(t > 0 for t in p["alone_ttft_s"] + p["burst_ttft_s"])
 
 
 def test_exact_prompt_has_the_asked_token_count(tiny_model):

@@ -19,6 +19,8 @@ CAL = {"decode": [[1, 0.00568], [8, 0.0061], [32, 0.007]], "context": 128, "pref
        "prompt": 128, "layers": 32, "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "abc"}
 # with the runtime's quantities (calibration v2): batched prefill, per-stage host time, local link speed
 CAL2 = {**CAL, "prefill_batch": [2048, 0.0453], "stage_overhead": [[1, 7e-4], [8, 8e-4], [32, 1e-3]], "link_Bps": 2.5e9}
+# v3: a stage's whole host time per step too
+CAL3 = {**CAL2, "stage_host": [[1, 9e-4], [8, 1.1e-3], [32, 1.4e-3]]}
 
 
 def _record(me: identity.Identity, **changes) -> NodeRecord:
@@ -31,7 +33,7 @@ def _resign(me: identity.Identity, body_map: dict) -> dict:
     return {"body": body, "sig": me.sign(SIGNING_DOMAIN + body)}
 
 
-@pytest.mark.parametrize("cal", [CAL, CAL2])
+@pytest.mark.parametrize("cal", [CAL, CAL2, CAL3])
 def test_calibration_round_trips_through_the_signed_record(cal):
     me = identity.generate()
     wire = codec.decode(codec.encode(sign_record(_record(me, calibration=cal), me)))
@@ -40,9 +42,11 @@ def test_calibration_round_trips_through_the_signed_record(cal):
     parsed = parse_calibration(got.calibration)
     assert parsed.decode_s(8) == pytest.approx(0.0061)
     assert parsed.to_json() == {**cal, "layers": 32}  # what a node announces is what it measured
-    if cal is CAL2:
+    if cal is not CAL:
         assert parsed.overhead_s(1) == pytest.approx(7e-4) and parsed.overhead_s(20) == pytest.approx(9e-4)
         assert parsed.prefill_batch == (2048, 0.0453) and parsed.link_Bps == 2.5e9
+        # a v2 record has no host time of its own (the planner adds its GPU time back to the overhead)
+        assert parsed.host_s(1) is None if cal is CAL2 else parsed.host_s(20) == pytest.approx(1.25e-3)
     else:  # not measured: no overhead, the planner's analytic prefill shape
         assert parsed.overhead_s(8) == 0.0 and parsed.prefill_batch is None and parsed.link_Bps is None
 
@@ -70,6 +74,8 @@ def test_records_without_calibration_stay_valid_and_omit_the_field():
     {**CAL2, "stage_overhead": [[1, float("inf")]]},
     {**CAL2, "stage_overhead": []},
     {**CAL2, "stage_overhead": "fast"},
+    {**CAL3, "stage_host": [[8, 1e-3], [1, 7e-4]]},
+    {**CAL3, "stage_host": [[1, 0.0]]},
     {**CAL2, "prefill_batch": [2048]},
     {**CAL2, "prefill_batch": [2048, 0.0]},
     {**CAL2, "prefill_batch": [1.5, 0.04]},
@@ -118,6 +124,9 @@ def test_measurement_on_the_tiny_model_is_cached_by_device_model_and_dtype(tiny_
     # the runtime's share: a full step's prefill, host time per stage by rows (real engines, two stages), the link
     assert cal.prefill_batch is not None and cal.prefill_batch[0] > cal.prompt == 16
     assert [r for r, _ in cal.stage_overhead] == [1, 2] and cal.link_Bps > 0
+    # v3: the stage's whole host time, which is at least what it adds beyond its GPU time
+    assert [r for r, _ in cal.stage_host] == [1, 2]
+    assert all(h >= o for (_, h), (_, o) in zip(cal.stage_host, cal.stage_overhead))
 
     def boom(*a, **k):
         raise AssertionError("measured again")
@@ -178,5 +187,6 @@ def test_peers_shows_the_runtime_quantities_when_a_peer_measured_them():
     old, new = _format_calibration(CAL), _format_calibration(CAL2)
     assert "stage overhead" not in old and "local link" not in old  # a v1 record shows what it has
     assert "45,210 tok/s at 2048 tokens" in new and "stage overhead B1:0.70 B8:0.80 B32:1.00 ms/step" in new
-    assert "local link 2.50 GB/s" in new
+    assert "local link 2.50 GB/s" in new and "stage host" not in new
+    assert "stage host B1:0.90 B8:1.10 B32:1.40 ms/step" in _format_calibration(CAL3)
     assert _format_calibration({**CAL2, "stage_overhead": "x"}) == "?"

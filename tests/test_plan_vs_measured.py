@@ -101,10 +101,11 @@ def test_reads_bench_serve_rows_of_one_front_end_and_names_every_source():
 
 
 def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():
-    """micro_batches 1, two stages on one GPU: a batch-1 token costs the whole model's GPU step plus each
-    stage's host time (hand-computed); one stage hides its host time behind the GPU."""
-    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
-    one, two = pvm.predict(b, 1, 1, 4), pvm.predict(b, 2, 1, 4)
+    """micro_batches 1, two stages on one device whose hosts wait for it (no GPU handoff): a batch-1 token
+    costs the whole model's GPU step plus each stage's host time (hand-computed); one stage hides its
+    host time behind the GPU."""
+    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), cuda=False)
+    one, two = pvm.predict(replace(b, cuda=True), 1, 1, 4), pvm.predict(b, 2, 1, 4)
     assert one.gap_p50_s == pytest.approx(0.0057, rel=0.03)  # 0.8 ms host work under a 5.7 ms GPU step
     assert two.gap_p50_s == pytest.approx(0.0057 + 2 * 0.0008, rel=0.03)
     # a prompt: its prefill (128 / 10,000 s) on the shared GPU, each stage's host time, its activations once
@@ -113,6 +114,65 @@ def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():
     apart = pvm.predict(replace(b, shared_device=False, micro_batches=None), 2, 8, 32)
     shared = pvm.predict(replace(b, micro_batches=None), 2, 8, 32)
     assert apart.tokens_per_s > 1.3 * shared.tokens_per_s  # two micro-batches overlap only on two devices
+
+
+def test_stages_that_hand_over_on_the_gpu_expose_only_the_host_time_their_gpu_does_not_hide():
+    """CUDA stages on one GPU (bench_serve): a stage turns a step in max(GPU, host time), hand-computed:
+    1 ms of host time under each 16-layer stage's ~2.85 ms is hidden, 4 ms is not (2 x 4 ms a token)."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    hidden = replace(b, calibration=replace(b.calibration, stage_host=((1, 0.001),)))
+    exposed = replace(b, calibration=replace(b.calibration, stage_host=((1, 0.004),)))
+    assert pvm.predict(hidden, 2, 1, 4).gap_p50_s == pytest.approx(0.0057, rel=0.03)
+    assert pvm.predict(exposed, 2, 1, 4).gap_p50_s == pytest.approx(2 * 0.004, rel=1e-6)
+    # activations stay on the GPU: no socket link time for a prompt
+    assert pvm.predict(hidden, 2, 1, 4).ttft_p50_s == pytest.approx(0.0128, rel=0.03)
+
+
+def test_a_v2_calibration_gets_its_gpu_time_added_back_as_host_time():
+    """A v2 record holds (step - GPU time of two 1-layer stages) / 2; the stage's host time is that
+    plus half the same calibration's 2-layer GPU step (with lm_head)."""
+    from hexswarm.plan.batching_sim import step_timer
+    from hexswarm.plan.cost import StepShape
+
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    cluster, cost, (layout,) = pvm.pipeline(b, 2, 1)
+    timer = step_timer(cluster, cost, layout)
+    kind = cluster.hosts[0].gpus[0]
+    two_layers = cost.step_s(kind, 1, 2, pvm.NO_HOP, last=True, shape=StepShape.decode(1, 144))
+    assert timer.host_s(0, StepShape.decode(1, 144)) == pytest.approx(0.0008 + two_layers / 2, rel=1e-9)
+    assert 0 < two_layers < 0.0057 * 3 / 32  # about 2 of the 32 layers plus lm_head
+    v3 = replace(b, calibration=replace(b.calibration, stage_host=((1, 0.0009),)))
+    cluster, cost, (layout,) = pvm.pipeline(v3, 2, 1)
+    assert step_timer(cluster, cost, layout).host_s(1, StepShape.decode(1, 144)) == pytest.approx(0.0009)
+
+
+def test_entry_latency_shifts_the_first_token_only():
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    base, late = pvm.predict(b, 1, 1, 4), pvm.predict(replace(b, entry_latency_s=0.004), 1, 1, 4)
+    assert late.ttft_p50_s == pytest.approx(base.ttft_p50_s + 0.004, rel=1e-9)
+    assert late.gap_p50_s == pytest.approx(base.gap_p50_s, rel=1e-9)
+    assert late.tokens_per_s < base.tokens_per_s  # each client waits that long longer per request
+
+
+def test_a_one_stage_engine_starts_new_prompts_when_the_step_on_the_gpu_ends():
+    """A wave of 8 leaving the entry 2.5 ms apart (hand-computed).  The first prompt runs alone (the engine
+    was idle) and its decode row is launched at once behind it; prompts 2-6 arrive during the prefill,
+    7 and 8 during that decode step.  The engine waits for the step on the GPU before starting prompts,
+    so all 7 go in the step after the decode step, none in a later one."""
+    from hexswarm.plan.batching_sim import step_timer
+    from hexswarm.plan.cost import StepShape
+
+    e = 0.0025
+    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), entry_s=e)
+    wave = pvm.predict(b, 1, 8, 8)
+    cluster, cost, (layout,) = pvm.pipeline(b, 1, 8)
+    timer = step_timer(cluster, cost, layout)
+    alone = timer.stage_s(0, StepShape.prefill(1, 128))
+    decode = timer.stage_s(0, StepShape.decode(1, 128))
+    seven = timer.stage_s(0, StepShape.prefill(7, 128) + StepShape.decode(1, 129))
+    assert 6 * e < e + alone < 7 * e < 8 * e < e + alone + decode  # the arrivals fall as described
+    assert wave.ttft_p99_s == pytest.approx(e + alone + decode + seven, rel=1e-4)
+    assert wave.ttft_p50_s == pytest.approx(wave.ttft_p99_s, rel=1e-6)  # all 7 have it at once (times from 0)
 
 
 def test_a_closed_loop_wave_waits_for_the_entry_and_the_step_budget():
@@ -131,7 +191,7 @@ def test_cli_takes_a_node_calibration_file_and_says_so(tmp_path, capsys, shape):
     assert pvm.main([str(bench), "--calibration", str(cal), "--stages", "1", "2", "--concurrency", "1"]) == 0
     out = capsys.readouterr().out
     assert f"host time per stage per step: B1 0.80 ms B32 1.20 ms ({cal})" in out
-    assert "| 2 | 1 |" in out and "entry 0.00 ms per request (not measured: 0)" in out
+    assert "| 2 | 1 |" in out and "entry: 0.00 ms per request (not measured: 0)" in out
 
 
 def test_a_malformed_calibration_file_is_one_line_exit_2(tmp_path, capsys):
@@ -149,3 +209,34 @@ def test_calibrate_node_summary_names_every_quantity():
     text = calibrate_node.summary({**CAL_FILE, "layers": 32, "device": "H100", "dtype": "bfloat16"})
     for part in ("B1 5.700 ms", "2048 tokens in one forward", "host time per stage per step B1 0.800 ms", "2.00 GB/s"):
         assert part in text
+
+
+def test_the_entry_probe_gives_each_swarm_its_entry_latency_and_serial_work():
+    """bench_serve's probe (tiny requests alone and in one burst) is read back through the model: made from the
+    model with a known entry, it gives that entry back; the predictions then use it per stage count."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    tiny = replace(b, prompt_len=2, output_len=1)
+    alone = pvm.predict(tiny, 2, 1, 8).ttft_p50_s + 0.004
+    burst = pvm.predict(replace(tiny, entry_s=0.0006, entry_latency_s=0.004), 2, 32, 32).ttft_p50_s
+    probe = {"stages": 2, "frontend": "http", "prompt_tokens": 2, "new_tokens": 1, "burst": 32,
+             "alone_ttft_s": [alone] * 8, "burst_ttft_s": [burst] * 32}
+    doc = {**SERVE, "entry_probe": [probe, {**probe, "frontend": "submit", "alone_ttft_s": [1.0] * 8}, {"junk": 1}]}
+    probed = pvm.read_bench(doc, "run.json", calibration=CAL_FILE)
+    assert [p.stages for p in probed.entry_probes] == [2] and "entry probe of run.json" in probed.sources["entry"]
+    entry_s, latency = pvm.estimate_entry(probed, probed.entry_probes[0])
+    assert latency == pytest.approx(0.004, abs=1e-6) and entry_s == pytest.approx(0.0006, rel=0.05)
+    row = next(r for r in pvm.compare(probed, [2], [1], 4) if r["stages"] == 2)
+    assert row["predicted"]["ttft_p50_s"] == pytest.approx(pvm.predict(b, 2, 1, 4).ttft_p50_s + 0.004 + 0.0006, rel=0.02)
+    assert pvm.read_bench(doc, calibration=CAL_FILE, entry_ms=1.0).entry_probes == ()  # a flag says otherwise
+
+
+def test_stage_0_of_gpu_handoff_stages_takes_no_prompt_that_arrives_after_it_decided_the_next_step():
+    """4 requests leaving the entry 2.5 ms apart, on one stage and on two GPU-handoff stages (same GPU work,
+    host time hidden).  One stage waits for the first prompt's step before starting prompts: 2-4 share the
+    next step.  Two stages decide that step before the first one ends (once its tokens are handed back),
+    with the prompts there by then (2 and 3); 4 arrives after and goes in a later step."""
+    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), entry_s=0.0025)
+    one, two = pvm.predict(b, 1, 4, 4), pvm.predict(b, 2, 4, 4)  # p50: request 2's TTFT, p99: request 4's
+    assert one.ttft_p50_s == pytest.approx(one.ttft_p99_s)
+    assert two.ttft_p50_s < one.ttft_p50_s < two.ttft_p99_s
+    assert two.gap_p50_s == pytest.approx(one.gap_p50_s, rel=0.05)

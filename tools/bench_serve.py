@@ -10,6 +10,11 @@
    (SwarmClient, streamed frames), at concurrency 1, 8, 32, 64; prompts of exactly --prompt-tokens tokens,
    --new-tokens new tokens each (the random model may emit EOS first: tokens are counted as they come).
 
+4. Before the levels, per swarm and streamed front end, an entry probe: TTFTs of tiny requests (a 2-token
+   prompt, 1 new token) one at a time and in one burst of the highest concurrency, i.e. what the entry,
+   dispatch and token relay add to a request (``--no-entry-probe`` skips it); tools/plan_vs_measured.py
+   reads it as its entry quantities.
+
 Reported per (stages, front end, concurrency): tokens/s, TTFT p50/p99, inter-token latency p50/p99, and
 their ratios to the engine measured in the same run: tokens/s over the engine's batch-c tokens/s, ITL over
 the engine's batch-1 ms/token, TTFT over the engine's prefill time.
@@ -43,6 +48,8 @@ for p in (str(REPO), str(TOOLS)):  # spawned load generators import this module 
 
 PREFILL_BATCH_TOKENS = 2048  # the engine's batched prefill rate is measured at this many tokens in one forward
 CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
+PROBE_PROMPT_TOKENS = 2  # the entry probe's prompts: next to no GPU work, so their TTFT is mostly the entry's
+PROBE_ALONE = 8  # probe requests one at a time
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -70,6 +77,9 @@ def parse_args(argv=None):
     ap.add_argument("--profile", help="STAGES:FRONTEND:CONCURRENCY: sample every node process with py-spy during "
                     "that level (needs py-spy on PATH)")
     ap.add_argument("--profile-dir", default=".", help="where the py-spy profiles go")
+    ap.add_argument("--no-entry-probe", dest="entry_probe", action="store_false",
+                    help="skip the entry probe (per swarm and streamed front end: 2-token prompts, 1 new token, "
+                    "8 alone and one burst of the highest concurrency; what tools/plan_vs_measured.py reads as the entry)")
     ap.add_argument("--records", action="store_true",
                     help="keep every request's [start, first token, end, tokens] (s from the level's start) in the JSON")
     ap.add_argument("--cpu-target", action="store_true",
@@ -394,6 +404,19 @@ class profiling:
             p.wait(30)
 
 
+def entry_probe(gen: "LoadGenerator", prompt: str, burst: int) -> dict:
+    """What the serving system adds to a request besides the model: TTFTs of tiny requests (a 2-token
+    prompt, 1 new token), PROBE_ALONE one at a time (the entry's latency) and a burst of `burst` at once
+    (how the entry spreads a wave).  tools/plan_vs_measured.py turns them into its entry quantities."""
+    def ttfts(records: list[dict]) -> list[float]:
+        return sorted(round(r["times"][0] - r["start"], 5) for r in records if "error" not in r and r.get("times"))
+
+    alone, _ = gen.run(1, PROBE_ALONE, prompt, 1)
+    wave, _ = gen.run(burst, burst, prompt, 1)
+    return {"prompt_tokens": PROBE_PROMPT_TOKENS, "new_tokens": 1, "alone_ttft_s": ttfts(alone),
+            "burst": burst, "burst_ttft_s": ttfts(wave)}
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -466,6 +489,7 @@ def run(args) -> dict:
         cfg = LlamaConfig.from_dir(model_dir)
         tokenizer = TextTokenizer(model_dir, cfg)
         prompt = exact_prompt(tokenizer, args.prompt_tokens)
+        probe_prompt = exact_prompt(tokenizer, PROBE_PROMPT_TOKENS)
         levels = _csv_ints(args.concurrency)
         res: dict = {"device": _device_name(args.device), "date": time.strftime("%Y-%m-%d"),
                      "model": {"layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "heads": cfg.num_attention_heads,
@@ -485,6 +509,9 @@ def run(args) -> dict:
                     gen = LoadGenerator(frontend, target, max(1, min(args.client_procs, max(levels))))
                     try:
                         gen.run(min(max(levels), 8), min(max(levels), 8), prompt, 4)  # warm-up: first allocations, connections
+                        if args.entry_probe and frontend != "http-whole":
+                            res.setdefault("entry_probe", []).append(
+                                {"stages": stages, "frontend": frontend, **entry_probe(gen, probe_prompt, max(levels))})
                         for c in levels:
                             n = args.requests_per_level or max(4, 2 * c)
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):

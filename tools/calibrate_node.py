@@ -35,6 +35,8 @@ def summary(cal: dict) -> str:
         lines.append(f"prefill {n} tokens in one forward: {s * 1e3:.2f} ms ({n / s:,.0f} tokens/s)")
     if c.stage_overhead:
         lines.append("host time per stage per step " + ", ".join(f"B{r} {t * 1e3:.3f} ms" for r, t in c.stage_overhead))
+    if c.stage_host:
+        lines.append("host time per stage per step, GPU time in " + ", ".join(f"B{r} {t * 1e3:.3f} ms" for r, t in c.stage_host))
     if c.link_Bps:
         lines.append(f"local link {c.link_Bps / 1e9:.2f} GB/s")
     return "\n".join(lines)

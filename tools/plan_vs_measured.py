@@ -29,11 +29,16 @@ What the prediction is made of, each printed with where it came from:
   a quantity found nowhere is taken as not there (0 overhead, the analytic intra-host link);
 * the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
-  one-stage CUDA pipeline hides its host work behind the GPU, and (bench_serve) every stage on the same
-  device, so the stages' GPU time adds up;
+  one-stage CUDA pipeline hides its host work behind the GPU and waits for the step on the GPU before
+  starting new prompts, and (bench_serve) every stage on the same device, so the stages' GPU time adds
+  up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
+  ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request arrives at once), and ``--entry-ms`` of serial entry work per request
-  (front end, tokenizer, dispatch; not measured by any calibration yet: 0 unless given).
+  every client's first request arrives at once), the serial entry work per request (front end,
+  tokenizer, dispatch) and the latency it adds to each first token (the way in and out, not serial):
+  per stage count from bench_serve's entry probe (``entry_probe`` rows: tiny requests alone give the
+  latency, less the model's own time for them; one burst gives the serial work that makes the simulated
+  burst's median TTFT the measured one), else ``--entry-ms`` / ``--entry-latency-ms``, else 0.
 
 The predicted ITL is the median over every gap between two tokens of a request, and percentiles are
 nearest rank, as bench_serve reports them.
@@ -53,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from hexswarm.plan.batching_sim import BatchSimResult, simulate_batching  # noqa: E402
+from hexswarm.plan.batching_sim import BatchSimResult, simulate_batching, step_timer  # noqa: E402
 from hexswarm.plan.calibration import Calibration, CalibrationError, parse_calibration  # noqa: E402
 from hexswarm.plan.cluster import (DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster, GpuKind, Host, Link,  # noqa: E402
                                    cluster_from_hosts)
@@ -79,6 +84,17 @@ class Measured:
 
 
 @dataclass(frozen=True)
+class EntryProbe:
+    """bench_serve's entry probe on one swarm: TTFTs of tiny requests alone and in one burst."""
+
+    stages: int
+    prompt_len: int
+    alone_ttft_s: tuple[float, ...]
+    burst: int
+    burst_ttft_s: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class Bench:
     model: ModelSpec
     device: GpuKind
@@ -92,7 +108,17 @@ class Bench:
     step_tokens: int = 2048
     shared_device: bool = True
     entry_s: float = 0.0
+    entry_latency_s: float = 0.0
     cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
+    gpu_handoff: bool = True  # CUDA stages on one GPU hand over on it (the runtime since run 10, 2026-11-25)
+    entry_probes: tuple[EntryProbe, ...] = ()
+    # (entry_s, entry_latency_s) per stage count, from the probes (estimate_entries); else the flags' for all
+    entries: tuple[tuple[int, float, float], ...] = ()
+
+    @property
+    def hands_over_on_gpu(self) -> bool:
+        """Stage processes on one CUDA device, handing steps over on it (runtime/gpu_handoff.py)."""
+        return self.gpu_handoff and self.shared_device and self.cuda
 
     @property
     def engine(self) -> tuple[tuple[int, float], ...]:
@@ -232,7 +258,7 @@ def _flag_overhead(text: str) -> list[list]:
 def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http",
                calibration: dict | None = None, calibration_name: str = "--calibration",
                stage_overhead_ms: str | None = None, link_gbps: float | None = None, entry_ms: float | None = None,
-               shared_device: bool = True) -> Bench:
+               entry_latency_ms: float | None = None, shared_device: bool = True) -> Bench:
     """Parse bench_serve's JSON (see the module docstring); raise ValueError when it has no usable rows."""
     flat = _rows(doc, "rows")
     layout_rows = _rows(doc, "serve", "layouts", "results") or [r for r in flat if "stages" in r]
@@ -272,12 +298,71 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
     sources["max_step_tokens"] = f"node_extra of {where}" if extra.get("max_step_tokens") else \
         f"auto on {'CUDA' if cuda else 'CPU'}"
     sources["entry"] = "--entry-ms" if entry_ms is not None else "not measured: 0"
+    sources["entry_latency"] = "--entry-latency-ms" if entry_latency_ms is not None else "not measured: 0"
+    probes = tuple(_probe(r) for r in _rows(doc, "entry_probe") if not frontend or r.get("frontend") == frontend)
+    probes = tuple(p for p in probes if p is not None)
+    if probes and entry_ms is None and entry_latency_ms is None:
+        sources["entry"] = sources["entry_latency"] = f"entry probe of {where} (tiny requests alone and in a burst)"
     old_link = doc.get("link") if isinstance(doc.get("link"), dict) else None  # the older schema's separate hosts
     link = None if old_link is None else Link(_number(old_link.get("latency_s")) or 100e-6,
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
-                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3, cuda=cuda)
+                 shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
+                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, cuda=cuda,
+                 entry_probes=probes if entry_ms is None and entry_latency_ms is None else ())
+
+
+def _probe(r: dict) -> EntryProbe | None:
+    def times(key: str) -> tuple[float, ...]:
+        return tuple(sorted(x for x in (_number(v) for v in r.get(key) or []) if x is not None and x > 0))
+
+    alone, burst = times("alone_ttft_s"), times("burst_ttft_s")
+    if not (_number(r.get("stages")) and _number(r.get("burst")) and alone and burst):
+        return None
+    return EntryProbe(int(r["stages"]), int(_number(r.get("prompt_tokens")) or 2), alone, int(r["burst"]), burst)
+
+
+def _median(sorted_values: tuple[float, ...]) -> float:
+    """Nearest rank, as bench_serve's p50."""
+    return sorted_values[max(0, math.ceil(len(sorted_values) / 2) - 1)]
+
+
+def estimate_entry(bench: Bench, probe: EntryProbe) -> tuple[float, float]:
+    """(entry_s, entry_latency_s) of one swarm from its probe, through this model: the latency is the
+    alone TTFT's median less the model's own TTFT for that request (one tiny prompt through the stages);
+    the serial work per request is what makes the simulated burst's median TTFT the measured one (the
+    simulated median grows with it: bisection)."""
+    tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0, entries=())
+    model_alone = predict(tiny, probe.stages, 1, len(probe.alone_ttft_s)).ttft_p50_s
+    latency = max(0.0, _median(probe.alone_ttft_s) - model_alone)
+    tiny = replace(tiny, entry_latency_s=latency)
+    target = _median(probe.burst_ttft_s)
+
+    def burst_median(entry_s: float) -> float:
+        return predict(replace(tiny, entry_s=entry_s), probe.stages, probe.burst, probe.burst).ttft_p50_s
+
+    if burst_median(0.0) >= target:
+        return 0.0, latency
+    lo, hi = 0.0, 2 * target / probe.burst
+    for _ in range(60):  # the simulated median grows without bound with the serial work
+        if burst_median(hi) >= target:
+            break
+        lo, hi = hi, 2 * hi
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if burst_median(mid) < target else (lo, mid)
+    return hi, latency
+
+
+def estimate_entries(bench: Bench) -> Bench:
+    """The bench with each probed stage count's entry quantities (nothing changes without probes)."""
+    found = {p.stages: estimate_entry(bench, p) for p in bench.entry_probes}
+    return replace(bench, entries=tuple((s, e, l) for s, (e, l) in sorted(found.items())))
+
+
+def _entry(bench: Bench, stages: int) -> tuple[float, float]:
+    return next(((e, l) for s, e, l in bench.entries if s == stages), (bench.entry_s, bench.entry_latency_s))
 
 
 def calibrated_device(bench: Bench) -> GpuKind:
@@ -315,9 +400,12 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
     n = requests or 16 * concurrency
     work = Workload(1.0, 1e9, LengthDist.constant(bench.prompt_len), LengthDist.constant(bench.output_len),
                     concurrency, n)
+    entry_s, entry_latency_s = _entry(bench, stages)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
-                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=bench.entry_s)
+                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=entry_s,
+                             entry_latency_s=entry_latency_s,
+                             gpu_handoff=bench.hands_over_on_gpu)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -328,6 +416,8 @@ def compare(bench: Bench, stages: list[int], concurrency: list[int], requests: i
     """One row per (stages, concurrency): predicted, measured (None where not measured) and ratios.
     The simulated request count is the measured row's (the same closed-loop waves), else ``requests``."""
     measured = {(m.stages, m.concurrency): m for m in bench.layouts}
+    if bench.entry_probes and not bench.entries:
+        bench = estimate_entries(bench)
     out = []
     for s in stages:
         for c in concurrency:
@@ -356,10 +446,36 @@ def _fmt_ratio(r: float | None) -> str:
     return f"{r:.2f}" if abs(r - 1) <= TARGET else f"**{r:.2f}**"
 
 
+def _stage_host(bench: Bench) -> str:
+    """The stage host time the simulation uses, at the calibration's row counts, and where it came from."""
+    cal = bench.calibration
+    if not cal.stage_host and not cal.stage_overhead:
+        return "0 (not measured)"
+    cluster, cost, (layout,) = pipeline(bench, 2, 1)
+    timer = step_timer(cluster, cost, layout)
+    rows = [r for r, _ in (cal.stage_host or cal.stage_overhead)]
+    values = " ".join(f"B{r} {timer.host_s(0, StepShape.decode(r, cal.context)) * 1e3:.2f} ms" for r in rows)
+    how = ("stage_host of the calibration" if cal.stage_host else
+           "a v2 calibration: its overhead plus half its own GPU time of the two 1-layer stages it was measured on")
+    return f"{values} ({how})"
+
+
+def _entry_text(bench: Bench) -> str:
+    if bench.entry_probes:
+        per = "; ".join(f"{s} stage(s): {e * 1e3:.2f} ms per request, {l * 1e3:.2f} ms more to the first token"
+                        for s, e, l in (bench.entries or estimate_entries(bench).entries))
+        return f"- entry ({bench.sources['entry']}): {per}"
+    return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
+            f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})")
+
+
 def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     cal = bench.calibration
     engine = ", ".join(f"B{b} {t * 1e3:.2f} ms" for b, t in bench.engine) or "none (analytic)"
     placed = "every stage on one device" if bench.shared_device else "one device per stage"
+    if bench.shared_device and bench.cuda:
+        placed += (", handing steps over on the GPU (a stage turns a step in max(GPU, host time))" if bench.gpu_handoff
+                   else ", handing steps over through the host (GPU time + host time per stage)")
     lines = [f"model {bench.model.name}, device {bench.device.name}, prompt {bench.prompt_len}, output "
              f"{bench.output_len}; {placed}",
              f"- decode: {engine} ({bench.sources.get('decode')})"]
@@ -370,11 +486,15 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
                      + f"({bench.sources['prefill_batch']})")
         over = " ".join(f"B{r} {t * 1e3:.2f} ms" for r, t in cal.stage_overhead)
         lines.append(f"- host time per stage per step: {over + ' ' if over else ''}({bench.sources['stage_overhead']})")
+        if bench.hands_over_on_gpu and bench.model.num_layers > 1:
+            lines.append(f"- host time per stage per step, GPU time in (hidden under a longer GPU step): "
+                         f"{_stage_host(bench)}")
         link = f"{cal.link_Bps / 1e9:.2f} GB/s " if cal.link_Bps else ""
-        lines.append(f"- local link: {link}({bench.sources['link_Bps']})")
+        unused = "; not used: activations stay on the GPU" if bench.hands_over_on_gpu else ""
+        lines.append(f"- local link: {link}({bench.sources['link_Bps']}{unused})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
-              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']}); "
-              f"entry {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']})", "",
+              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']})",
+              _entry_text(bench), "",
               "| stages | conc | tok/s pred | tok/s meas | ratio | TTFT p50 ms pred | meas | ratio | ITL p50 ms pred | meas | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -397,7 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage-overhead-ms", help="ROWS:MS,... host time per stage per step, when nothing measured it")
     ap.add_argument("--link-gbps", type=float, help="local link GB/s, when nothing measured it")
     ap.add_argument("--entry-ms", type=float, help="serial entry work per request (front end, dispatch)")
+    ap.add_argument("--entry-latency-ms", type=float, help="a request's way in and its first token's way out, "
+                    "beyond the serial entry work (not serial: it shifts the TTFT)")
     ap.add_argument("--separate-devices", action="store_true", help="the stages did not share one device")
+    ap.add_argument("--host-handoff", action="store_true", help="the stages handed their steps over through the "
+                    "host, waiting for the GPU (runs before the GPU handoff: run 9 and earlier)")
     ap.add_argument("--stages", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, help="simulated requests where no measured row gives the count "
@@ -410,9 +534,10 @@ def main(argv: list[str] | None = None) -> int:
         cal = _calibration_file(args.calibration) if args.calibration else None
         bench = read_bench(docs[0], where.name, frontend=args.frontend, calibration=cal,
                            calibration_name=str(args.calibration), stage_overhead_ms=args.stage_overhead_ms,
-                           link_gbps=args.link_gbps, entry_ms=args.entry_ms, shared_device=not args.separate_devices)
+                           link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
+                           shared_device=not args.separate_devices)
         more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
-        bench = replace(bench, layouts=bench.layouts + tuple(more))
+        bench = estimate_entries(replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff))
         rows = compare(bench, args.stages, args.concurrency, args.requests)
     except (OSError, ValueError, KeyError, TypeError, CalibrationError) as e:
         where = args.calibration if args.calibration and isinstance(e, CalibrationError) else where

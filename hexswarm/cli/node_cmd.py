@@ -140,6 +140,9 @@ def _format_calibration(cal: dict | None) -> str:
         if cal.get("stage_overhead"):
             lines.append("stage overhead " + " ".join(f"B{int(r)}:{float(t) * 1e3:.2f}" for r, t in cal["stage_overhead"])
                          + " ms/step")
+        if cal.get("stage_host"):
+            lines.append("stage host " + " ".join(f"B{int(r)}:{float(t) * 1e3:.2f}" for r, t in cal["stage_host"])
+                         + " ms/step")
         if cal.get("link_Bps"):
             lines.append(f"local link {float(cal['link_Bps']) / 1e9:.2f} GB/s")
         return "\n".join(lines)

@@ -17,12 +17,20 @@ It follows the serving engine's rule, per replica:
 * a stage's step is its GPU time plus the host time the runtime adds to it
   (launch, wait, link hand-off; the node measures it, ``Calibration.stage_overhead``),
   except on a one-stage pipeline, which launches step k+1 before reading
-  step k, so its host work hides behind the GPU (``overlap``);
+  step k, so its host work hides behind the GPU (``overlap``), and on stages
+  that hand over on the GPU (``gpu_handoff``: stage processes sharing one GPU,
+  runtime/gpu_handoff.py), whose hosts never wait for the GPU: such a stage
+  turns a step in max(GPU time, host time) (``Calibration.stage_host``), and
+  its activations never cross a socket;
+* a one-stage overlapped pipeline decides a step that would start new prompts
+  only when the step on the GPU ends (the engine waits for it then, so that a
+  burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``);
 * stages that share one device (``shared_device``: several stage processes on
   one GPU) share its time: their GPU work runs one at a time;
 * a request first passes the entry (``entry_s`` of serial work per request:
   front end, tokenizer, dispatch), so a closed-loop wave of c requests reaches
-  stage 0 spread over c x entry_s.
+  stage 0 spread over c x entry_s, plus ``entry_latency_s`` that is not serial
+  (the way in and the first token's way out), which only delays the TTFT.
 
 Step times come from the cost model for the exact step (rows, their contexts,
 prompt tokens), so batching, context growth and prefill/decode interference
@@ -76,6 +84,10 @@ class StepTimer(Protocol):
 
     def overhead_s(self, i: int, shape: StepShape) -> float: ...  # host time the stage adds beyond its GPU time
 
+    def host_s(self, i: int, shape: StepShape) -> float: ...  # the stage's whole host time (hidden by longer GPU work)
+
+    def link_s(self, i: int, shape: StepShape) -> float: ...  # the step's activations over a local socket link
+
     def hop_s(self, i: int, shape: StepShape) -> float: ...  # from stage i to stage i + 1
 
     def return_s(self, rows: float) -> float: ...
@@ -93,7 +105,8 @@ class RooflineTimer:
         self._hops = [cost.hop_coefficients(cluster.link(a.host, b.host), b.tp, cluster.hosts[b.host].intra)
                       for a, b in zip(st, st[1:])]
         self._return = cluster.link(st[-1].host, st[0].host) if len(st) > 1 else None
-        self._cal = [h.kind(s.kind).calibration for s, h in zip(st, hosts)]
+        self._kinds = [h.kind(s.kind) for s, h in zip(st, hosts)]
+        self._cal = [k.calibration for k in self._kinds]
         self._token_bytes = cost.model.hidden_size * cost.model.bytes_per_param
 
     def stages(self) -> int:
@@ -103,14 +116,34 @@ class RooflineTimer:
         return self._stages[i].seconds(shape)
 
     def overhead_s(self, i: int, shape: StepShape) -> float:
-        """The node's measured per-step host time for this many rows, plus, on a stage that sends
-        activations on, the prompt chunk's over its local link (the measurement's rows already crossed it)."""
+        """The node's measured per-step host time beyond the GPU's, for this many rows."""
+        cal = self._cal[i]
+        return 0.0 if cal is None else cal.overhead_s(max(shape.rows_out, 1.0))
+
+    def host_s(self, i: int, shape: StepShape) -> float:
+        """The stage's host time per step, GPU time not taken off (``Calibration.stage_host``).  A v2
+        record has only the overhead, measured as (step - GPU time of its two 1-layer stages) / 2: the
+        GPU half is added back from the same calibration (its 2-layer step with embedding and lm_head)."""
         cal = self._cal[i]
         if cal is None:
             return 0.0
+        rows = max(shape.rows_out, 1.0)
+        host = cal.host_s(rows)
+        if host is not None:
+            return host
+        if not cal.stage_overhead:
+            return 0.0
+        kind = self._kinds[i]
+        gpu = self.cost.step_model(kind, 1, min(2, self.cost.model.num_layers), None, True).seconds(
+            StepShape.decode(rows, cal.context))
+        return cal.overhead_s(rows) + gpu / 2
+
+    def link_s(self, i: int, shape: StepShape) -> float:
+        """A stage that sends activations on: the prompt chunk's over its local socket link (the
+        overhead measurement's decode rows already crossed it)."""
+        cal = self._cal[i]
         sends = i < len(self._cal) - 1
-        link = shape.prefill_tokens * self._token_bytes / cal.link_Bps if cal.link_Bps and sends else 0.0
-        return cal.overhead_s(max(shape.rows_out, 1.0)) + link
+        return shape.prefill_tokens * self._token_bytes / cal.link_Bps if cal and cal.link_Bps and sends else 0.0
 
     def hop_s(self, i: int, shape: StepShape) -> float:
         fixed, per_token = self._hops[i]
@@ -152,6 +185,8 @@ class PassTimer:
 
     def overhead_s(self, i: int, shape: StepShape) -> float:
         return 0.0
+
+    host_s = link_s = overhead_s
 
     def hop_s(self, i: int, shape: StepShape) -> float:
         t = self._at(1)[1][i].prefill_s * self._prompt_share(shape) if shape.prefill_tokens else 0.0
@@ -223,7 +258,8 @@ def _capacity(timer: StepTimer, max_batch: int, prompt: float, steps: float) -> 
 def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaLayout], workload: Workload, *,
                       seed: int = 0, max_batch: int | None = None, step_tokens: int = 2048,
                       closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
-                      overlap: bool = True, entry_s: float = 0.0) -> BatchSimResult:
+                      overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
+                      gpu_handoff: bool = False) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
@@ -231,7 +267,10 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget;
     ``micro_batches`` defaults to one per stage; ``shared_device``: each replica's stages run on one
     device; ``overlap``: a one-stage pipeline hides its host work behind the GPU (CUDA);
-    ``entry_s``: serial seconds of entry work per request before it reaches a replica."""
+    ``entry_s``: serial seconds of entry work per request before it reaches a replica;
+    ``entry_latency_s``: seconds a request's first token takes beyond that, not serial (the way to
+    stage 0 and the token's way back out; it shifts the TTFT only); ``gpu_handoff``: the stages of
+    a replica share one GPU and hand over on it (with ``shared_device``)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -279,10 +318,17 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     def launch(r: int, m: int, now: float) -> None:
         nonlocal order, issued
         rep = reps[r]
-        ahead = rep.timer.stages() == 1 and overlap
-        # Stage 0 still busy: decide the step when it starts; a one-stage overlapped pipeline decides
-        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens).
+        S = rep.timer.stages()
+        handoff = gpu_handoff and shared_device and S > 1
+        # Stage 0 still busy: decide the step when it starts.  A one-stage overlapped pipeline decides
+        # step k+1 as soon as step k starts (it launches k+1 before reading k's tokens); so, nearly, does
+        # stage 0 of stages handing over on the GPU with one micro-batch: it launches k+1 from k's tokens
+        # on the device once it has read k-1's (k starts on the GPU) and the last stage has handed k's
+        # back (its host has queued its part of k), before k ends on the GPU.
+        ahead = overlap and (S == 1 or (handoff and len(rep.members) == 1))
         busy_until = rep.started_at if ahead else rep.free_at[0]
+        if ahead and S == 1 and rep.free_at[0] > now + 1e-15 and _new_prompts(rep, m):
+            busy_until = rep.free_at[0]  # the engine waits for the step on the GPU before starting prompts
         if busy_until > now + 1e-15:
             order += 1
             heapq.heappush(events, (busy_until, order, r, m))
@@ -323,19 +369,26 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 chunks.append((q, c))
         shape = StepShape(rows, prompt_tokens, context + pairs, context + written, rows + len(chunks))
         timer = rep.timer
-        S = timer.stages()
         at = now
         for i in range(S):
-            gpu, host = timer.stage_s(i, shape), timer.overhead_s(i, shape)
+            gpu = timer.stage_s(i, shape)
             start = max(at, rep.free_at[i])
-            if ahead:  # step k+1 launched before step k is read: host work under the GPU's
-                end = start + max(gpu, host)
+            if ahead and S == 1:  # step k+1 launched before step k is read: host work under the GPU's
+                end = start + max(gpu, timer.host_s(i, shape))
                 rep.started_at = start
             else:
                 d = rep.device_of[i]
-                gpu_end = max(start, rep.device_free_at[d]) + gpu
+                gpu_start = max(start, rep.device_free_at[d])
+                gpu_end = gpu_start + gpu
                 rep.device_free_at[d] = gpu_end
-                end = gpu_end + host
+                if ahead and i == 0:
+                    rep.started_at = gpu_start  # stage 0 has read step k-1's tokens
+                if ahead and i == S - 1:  # ... and k's come back once the last stage has queued its part
+                    rep.started_at = max(rep.started_at, start + timer.host_s(i, shape))
+                if handoff:  # the host hands on without waiting for the GPU: what the GPU hides is free
+                    end = max(gpu_end, start + timer.host_s(i, shape))
+                else:  # the host waits for its GPU, then does its own work and sends the activations
+                    end = gpu_end + timer.overhead_s(i, shape) + timer.link_s(i, shape)
             rep.free_at[i] = end
             at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
         token_t = at
@@ -357,9 +410,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         for q in finished:
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
-            if closed_loop is not None and issued < n:  # that client sends its next request
-                times[issued] = token_t
-                heapq.heappush(pending, (token_t, issued, False))
+            if closed_loop is not None and issued < n:  # that client sends its next request once it has the answer
+                times[issued] = token_t + entry_latency_s
+                heapq.heappush(pending, (times[issued], issued, False))
                 issued += 1
         if finished:
             done = {id(q) for q in finished}
@@ -385,10 +438,10 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             now, _, r, m = heapq.heappop(events)
             launch(r, m, now)
 
-    lat = sorted(last[r] - times[r] for r in range(n))
-    ttft = sorted(first[r] - times[r] for r in range(n))
+    lat = sorted(last[r] - times[r] + entry_latency_s for r in range(n))
+    ttft = sorted(first[r] - times[r] + entry_latency_s for r in range(n))
     itl = sorted((last[r] - first[r]) / steps[r] if steps[r] > 0 else 0.0 for r in range(n))
-    span = max(last) - min(times)
+    span = max(last) + entry_latency_s - min(times)
     tokens = sum(steps) + n
     return BatchSimResult(
         slo_attainment=sum(1 for x in lat if x <= workload.slo_s) / n,
@@ -400,6 +453,12 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         gap_p50_s=_quantile(sorted(gaps), 0.5) if gaps else 0.0,
         num_requests=n,
     )
+
+
+def _new_prompts(rep: _Replica, m: int) -> bool:
+    """Whether the next step of micro-batch m would start a prompt: one waiting for a slot that it can
+    take, or one admitted whose prefill has not begun."""
+    return (bool(rep.waiting) and rep.running < rep.max_batch) or any(q.context == 0 for q in rep.members[m])
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

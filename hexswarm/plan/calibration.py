@@ -23,6 +23,8 @@ Wire / dict form (what the node gossips in its record's ``calibration`` field;
      "prefill_batch": [2048, 0.0453],  # [prompt tokens, seconds] of one forward of several prompts (a full step)
      "stage_overhead": [[1, 7e-4], [8, 8e-4], [32, 1e-3]],  # [rows, seconds]: host time one stage adds to a
                                      # step of a pipeline of several stages (launch, wait, link hand-off), beyond GPU
+     "stage_host": [[1, 9e-4], [8, 1e-3], [32, 1.2e-3]],  # [rows, seconds] (v3): a stage's whole host time per
+                                     # step, GPU work included only where it is shorter (1-layer stages)
      "link_Bps": 2.5e9,              # local link: activation bytes/s, device -> socket -> device
      "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "<fingerprint>"}   # informational
 
@@ -30,7 +32,13 @@ The optional quantities describe the runtime, not the kernels: with several stag
 one host each step of a stage pays host work that a one-stage CUDA pipeline hides
 behind the GPU (it launches step k+1 before reading step k); ``stage_overhead`` is
 that work per stage, measured on the node's own serving engine (two stages handing
-steps over a local link, minus their GPU time).
+steps over a local link, minus their GPU time).  That difference is what a stage adds
+when its host waits for its GPU before handing on.  Stages that share one GPU hand over
+on the GPU (runtime/gpu_handoff.py) and never wait for it: there a stage turns a step
+in max(its GPU time, its host time), and ``stage_host`` (added in node calibration
+v3) is that host time: half the step of two 1-layer stages, whose GPU work is far
+shorter than their host work.  A v2 record has only ``stage_overhead``; the planner then
+adds the measurement's own GPU time back (``RooflineTimer``).
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ class Calibration:
     layers: int = 0  # layers measured, with embedding and lm_head (0: all of the model's)
     prefill_batch: tuple[int, float] | None = None  # (prompt tokens, seconds) of one batched prefill forward
     stage_overhead: tuple[tuple[int, float], ...] = ()  # (rows, host seconds a stage adds per step), rows ascending
+    stage_host: tuple[tuple[int, float], ...] = ()  # (rows, a stage's host seconds per step, hidden by longer GPU work)
     link_Bps: float | None = None  # local link bytes/s for activations (device to device through a socket)
     device: str = ""
     dtype: str = ""
@@ -77,6 +86,12 @@ class Calibration:
             return 0.0
         return _interp([b for b, _ in self.stage_overhead], [t for _, t in self.stage_overhead], rows, log_x=False)
 
+    def host_s(self, rows: float) -> float | None:
+        """A stage's host seconds per step at ``rows`` rows (None when not measured: a v2 record)."""
+        if not self.stage_host:
+            return None
+        return _interp([b for b, _ in self.stage_host], [t for _, t in self.stage_host], rows, log_x=False)
+
     def to_json(self) -> dict[str, Any]:
         out = {"decode": [[b, t] for b, t in self.decode], "context": self.context,
                "prefill_tokens_per_s": self.prefill_tokens_per_s, "prompt": self.prompt, "layers": self.layers,
@@ -85,6 +100,8 @@ class Calibration:
             out["prefill_batch"] = list(self.prefill_batch)
         if self.stage_overhead:
             out["stage_overhead"] = [[r, t] for r, t in self.stage_overhead]
+        if self.stage_host:
+            out["stage_host"] = [[r, t] for r, t in self.stage_host]
         if self.link_Bps is not None:
             out["link_Bps"] = self.link_Bps
         return out
@@ -149,11 +166,12 @@ def parse_calibration(d: Any) -> Calibration:
     """A ``Calibration`` from its dict form; ``CalibrationError`` on any malformed value."""
     if not isinstance(d, Mapping):
         raise CalibrationError("calibration must be a map")
-    optional = {k: d.get(k) for k in ("prefill_batch", "stage_overhead", "link_Bps")}
+    optional = {k: d.get(k) for k in ("prefill_batch", "stage_overhead", "stage_host", "link_Bps")}
     return Calibration(
         decode=_points(d.get("decode"), "decode"),
         prefill_batch=None if optional["prefill_batch"] is None else _pair(optional["prefill_batch"], "prefill_batch", 1 << 22),
         stage_overhead=() if optional["stage_overhead"] is None else _points(optional["stage_overhead"], "stage_overhead"),
+        stage_host=() if optional["stage_host"] is None else _points(optional["stage_host"], "stage_host"),
         link_Bps=None if optional["link_Bps"] is None else _positive_number(optional["link_Bps"], "link_Bps"),
         context=_positive_int(d.get("context"), "calibration context", 1 << 22),
         prefill_tokens_per_s=_positive_number(d.get("prefill_tokens_per_s"), "prefill_tokens_per_s"),

@@ -33,6 +33,7 @@ GPU_CATALOG: dict[str, GpuKind] = {
     k.name: k
     for k in (
         GpuKind("H100", 80 * GIB, 989.0, 3.35e12),
+        GpuKind("H200", 140 * GIB, 989.0, 4.8e12),  # H100 SXM compute, HBM3e (NVIDIA: 141 GB, 4.8 TB/s)
         GpuKind("A100-80G", 80 * GIB, 312.0, 2.04e12),
         GpuKind("A100-40G", 40 * GIB, 312.0, 1.56e12),
         GpuKind("L40S", 48 * GIB, 362.0, 0.864e12),

@@ -12,7 +12,8 @@ in a share of the device memory), with the embedding and lm_head, and times
   both through ``StageModel.forward_rows`` (the engine's ragged step): one
   prompt is launch-bound, a full step compute-bound;
 * with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
-  and the local link's bandwidth (the runtime's own engines and link code).
+  (beyond its GPU time, and in all) and the local link's bandwidth (the runtime's
+  own engines and link code).
 
 Weights are random: speed does not depend on their values. The result is the
 dict form of ``hexswarm.plan.calibration.Calibration`` and goes into the
@@ -37,7 +38,9 @@ from hexswarm.model.config import LlamaConfig
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration.json"
-CACHE_VERSION = 2  # v2: batched prefill, stage overhead, link bandwidth (older entries are measured again)
+# v2: batched prefill, stage overhead, link bandwidth; v3: stage host time (older entries are measured again;
+# the planner still reads a v2 record that a peer gossips)
+CACHE_VERSION = 3
 DECODE_BATCHES = (1, 8, 32)
 CONTEXT = 128  # context tokens per row while timing decode steps
 PROMPT = 128  # prompt tokens of the timed prefill
@@ -108,15 +111,14 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
 
 
 def measure_runtime(cfg: LlamaConfig, model_dir: Path, device: str, dtype: str) -> dict[str, Any]:
-    """The runtime's share (calibrate_runtime): per-stage host time by rows, local link bytes/s.
+    """The runtime's share (calibrate_runtime): per-stage host time by rows (added to, and in all), local link bytes/s.
     Empty for a one-layer model (a two-stage pipeline needs two layers)."""
     from hexswarm.swarm import calibrate_runtime as rt
 
     if cfg.num_hidden_layers < 2:
         return {}
     gpu = {b: t for b, t in measure(cfg, device, dtype, layers=2, batches=rt.OVERHEAD_ROWS)["decode"]}
-    return {"stage_overhead": rt.measure_stage_overhead(Path(model_dir), device, dtype, lambda r: gpu[r], rt.OVERHEAD_ROWS,
-                                                        rt.REPEATS),
+    return {**rt.measure_stage_times(Path(model_dir), device, dtype, lambda r: gpu[r], rt.OVERHEAD_ROWS, rt.REPEATS),
             "link_Bps": rt.measure_link_Bps(cfg.hidden_size, device, dtype, tokens=rt.LINK_TOKENS)}
 
 

@@ -11,8 +11,12 @@ waits for its GPU, and hands the result to the next stage over a local link
   local link (each engine in its own process on CUDA, as a CUDA node runs them),
   ``micro_batches`` 1, decoding ``rows`` requests at once.  Seconds per step, minus the
   GPU time of the same two layers (measured by ``calibrate.measure``), halved: what one
-  stage adds.  Per-step time comes from two runs of different lengths (prefill and
-  start-up cancel out).
+  stage adds when its host waits for its GPU.  Per-step time comes from two runs of
+  different lengths (prefill and start-up cancel out).
+* ``stage_host`` (v3) [[rows, seconds], ...]: the same step time, halved, GPU time not
+  taken off: a stage's host time per step.  On CUDA the two engines hand over on the GPU
+  and neither host waits for it, so a 1-layer stage turns a step in its host time, and a
+  stage of real size in max(host, GPU) (``batching_sim``).
 * ``link_Bps``: activation bytes per second through ``write_message``/``read_message``
   over a Unix socket pair, from a device tensor to a device tensor (a prefill chunk's
   activations cross the link this way).
@@ -69,10 +73,10 @@ def measure_link_Bps(hidden: int, device: str, dtype: str, tokens: int = LINK_TO
     return x.numel() * x.element_size() / max(statistics.median(times[1:]), 1e-9)
 
 
-def measure_stage_overhead(model_dir: Path, device: str, dtype: str, gpu_step_s: Callable[[int], float],
-                           rows: tuple[int, ...] = OVERHEAD_ROWS, repeats: int = REPEATS) -> list[list]:
-    """[[rows, seconds a stage adds per step], ...] from the real engines of a two-stage pipeline;
-    ``gpu_step_s(rows)``: the GPU time of one decode step of the same two layers (embedding, lm_head)."""
+def measure_stage_times(model_dir: Path, device: str, dtype: str, gpu_step_s: Callable[[int], float],
+                        rows: tuple[int, ...] = OVERHEAD_ROWS, repeats: int = REPEATS) -> dict[str, list[list]]:
+    """``stage_overhead`` and ``stage_host`` ([[rows, seconds], ...]) from the real engines of a two-stage
+    pipeline; ``gpu_step_s(rows)``: the GPU time of one decode step of the same two layers (embedding, lm_head)."""
     from hexswarm.runtime.local_pipeline import LocalPipeline
     from hexswarm.runtime.stage_engine import EngineSettings
 
@@ -91,7 +95,7 @@ def measure_stage_overhead(model_dir: Path, device: str, dtype: str, gpu_step_s:
         done = pipe.wait(n, timeout=300)
         return time.perf_counter() - start, max(len(m.get("tokens") or []) for m in done.values())
 
-    out = []
+    overhead, host = [], []
     try:
         for r in rows:
             run(r, LONG)  # warm-up: CUDA graphs of this batch size, first link connections
@@ -101,8 +105,10 @@ def measure_stage_overhead(model_dir: Path, device: str, dtype: str, gpu_step_s:
                 if n2 > n1:
                     steps.append((t2 - t1) / (n2 - n1))
             if steps:
-                out.append([r, max(1e-7, (statistics.median(steps) - gpu_step_s(r)) / 2)])
+                step = statistics.median(steps)
+                overhead.append([r, max(1e-7, (step - gpu_step_s(r)) / 2)])
+                host.append([r, max(1e-7, step / 2)])
     finally:
         pipe.close()
         shutil.rmtree(links, ignore_errors=True)
-    return out
+    return {"stage_overhead": overhead, "stage_host": host}
