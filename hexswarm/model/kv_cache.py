@@ -70,12 +70,12 @@ class KVCache:
         n_tokens: int | None = None,
     ):
         """n_tokens: the pool's capacity in positions (rounded up to whole blocks); default
-        n_slots x max_len, what a contiguous cache would hold."""
+        n_slots x max_len in whole blocks per slot, what a contiguous cache would hold."""
         self.n_slots = n_slots
         self.scratch_slot = n_slots
         self.max_len = max_len
         self.max_blocks = blocks_for(max_len)
-        n_blocks = 1 + blocks_for(n_tokens if n_tokens is not None else n_slots * max_len)
+        n_blocks = 1 + (blocks_for(n_tokens) if n_tokens is not None else n_slots * self.max_blocks)
         shape = (n_layers, n_blocks, BLOCK, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

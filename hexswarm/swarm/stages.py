@@ -13,7 +13,7 @@ import trio
 
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.kv_cache import blocks_for
+from hexswarm.model.kv_cache import BLOCK, blocks_for
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
@@ -128,7 +128,7 @@ class StageSet:
             slots = 8
         else:
             slots = max(1, min(AUTO_MAX_BATCH, (s.kv_tokens or fit) // min(s.max_seq_len, AUTO_CONTEXT)))
-        tokens = s.kv_tokens or slots * s.max_seq_len
+        tokens = s.kv_tokens or slots * blocks_for(s.max_seq_len) * BLOCK  # whole blocks per request
         if not s.kv_tokens and fit is not None:
             tokens = max(min(tokens, fit), s.max_seq_len)  # one longest request, whatever fits
         return slots, tokens
