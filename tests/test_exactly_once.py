@@ -207,7 +207,7 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
     from hexswarm.swarm.layout import StageAssignment
 
     replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
-    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed: (replicas, {}))
+    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
     head = object.__new__(serving.Server)
     view = ["A", "B"]
     gossip = []
@@ -219,7 +219,7 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
         gossip.append(msg)
 
     head.__dict__.update(
-        me="A", model_id="m", cfg=None, highest_epoch=0, _ready={}, _proposing=True, serving_view=lambda: list(view),
+        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _ready={}, _proposing=True, serving_view=lambda: list(view),
         head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0),
         node=SimpleNamespace(identity=generate()), _peer_views=lambda v: [], _learn_highest_epoch=noop,
         _publish_layout=noop, _on_layout_gossip=on_gossip)
@@ -286,3 +286,111 @@ def test_a_client_gives_up_an_unaccepted_request_after_its_tries():
     except UserError as e:
         assert "cannot reach" in str(e)
     assert len(calls) == 6
+
+
+# ---- a new epoch keeps the stages it repeats loaded (no load, no wait for ready) --------------------------------
+def _stage_set(built: list):
+    """A StageSet whose workers are stand-ins; `built` collects each (epoch, replica, stage) it loads."""
+    import time
+
+    from hexswarm.swarm.stages import ServeSettings, StageSet
+
+    class Worker:
+        def __init__(self, key):
+            self.key, self.error, self.in_flight, self.msgs, self.closed = key, None, 0, [], 0
+            self.spec = SimpleNamespace(n_slots=4)
+            self.last_message_at = time.monotonic()
+            self.spans = {}
+
+        def submit(self, msg):
+            self.msgs.append(msg)
+
+        def close(self):
+            self.closed += 1
+
+    stages = StageSet("A", SimpleNamespace(vocab_size=100, hidden_size=8), None,
+                      ServeSettings(model_dir="unused", retire_idle_s=0.0), pipe=None)
+
+    def build(layout, ri, si):
+        built.append((layout.epoch, ri, si))
+        return Worker((layout.epoch, ri, si))
+
+    stages._build_worker = build
+    return stages
+
+
+def _layouts():
+    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+
+    r0 = (StageAssignment("A", 2, 0, 2), StageAssignment("B", 1, 2, 4))
+    r1 = (StageAssignment("C", 2, 0, 2), StageAssignment("A", 1, 2, 4))
+    r1b = (StageAssignment("C", 2, 0, 2), StageAssignment("D", 1, 2, 4))
+    one = SwarmLayout(1, "A", "m", ("A", "B", "C"), (r0, r1))
+    two = SwarmLayout(2, "A", "m", ("A", "B", "C", "D"), (r1b, r0), continues=(None, (1, 0)))
+    return one, two
+
+
+def test_a_new_epoch_serves_on_with_the_stages_it_continues():
+    """Every epoch loaded every stage again: a TP-2 stage took 25-55 s on the loaded chaos machine, and under a
+    fault every 8 s no epoch after the first committed.  A replica the new layout continues keeps its worker;
+    the old epoch's requests (same worker) finish on it; it closes once, after both epochs let it go."""
+    from hexswarm.swarm.layout import SwarmLayout
+
+    one, two = _layouts()
+    assert SwarmLayout.from_wire(two.to_wire(), 4) == two  # continues goes over the wire
+    built = []
+    stages = _stage_set(built)
+    trio.run(stages.load_epoch, one)
+    trio.run(stages.load_epoch, two)
+    assert built == [(1, 0, 0), (1, 1, 1)]  # epoch 2's replica 1 is epoch 1's replica 0: nothing loaded
+    shared = stages.workers[(2, 1, 0)]
+    assert shared is stages.workers[(1, 0, 0)]
+    start = {"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2], "max_new_tokens": 2,
+             "params": {}, "to": [2, 1, 0]}
+    assert stages.route(start, "A") and shared.msgs[-1]["rid"] == "r"
+    # steps go to the key the worker was built for (its neighbours' workers send there), never to an alias
+    forward_to_alias = {"kind": "tokens", "to": [2, 1, 0], "steps": [0], "items": []}
+    assert not stages.route(forward_to_alias, "B")
+    assert stages.route({**forward_to_alias, "to": [1, 0, 0]}, "B")
+    assert stages.spans("r") == [] and stages.failed() == []
+    assert sorted(stages.slot_counts()) == ["1:0:0", "1:1:1", "2:1:0"]
+    trio.run(stages.retire_older_than, 2)
+    assert (1, 0, 0) in stages.workers and (1, 1, 1) not in stages.workers  # still addressed by its chain
+    assert shared.closed == 0
+    trio.run(stages.retire_older_than, 3)
+    assert stages.workers == {} and shared.closed == 1
+
+
+def test_a_stage_not_loaded_here_any_more_is_loaded_again_instead_of_continued():
+    """A peer restarted since the head saw its record (or its worker failed) has nothing to continue with:
+    it loads; its neighbours' continued workers send to a key it does not have, so no step meets a cache
+    that lacks its context (a dropped step fails over; a wrong token would be delivered)."""
+    one, two = _layouts()
+    built = []
+    stages = _stage_set(built)
+    trio.run(stages.load_epoch, one)
+    stages.workers[(1, 0, 0)].error = RuntimeError("engine stopped")
+    trio.run(stages.load_epoch, two)
+    assert (2, 1, 0) in built and stages.workers[(2, 1, 0)] is not stages.workers[(1, 0, 0)]
+
+
+def test_the_pinned_planner_keeps_the_replicas_that_survived():
+    """After a fault the pinned planner reshuffled the surviving peers (best fit by id), so even the replica
+    that lost nothing was loaded again; it is kept as it was, and the head marks it continued."""
+    from hexswarm.model.config import LlamaConfig
+    from hexswarm.model.tiny import make_tiny_llama
+    from hexswarm.swarm.planning import PeerView, pinned_layout
+
+    import tempfile
+    from pathlib import Path
+
+    cfg = LlamaConfig.from_dir(make_tiny_llama(Path(tempfile.mkdtemp()) / "m"))
+    cpu = {"kind": "cpu", "name": "cpu", "memory_gib": 4}
+    peers = {name: PeerView(name, [cpu] * n, {}) for name, n in (("a2", 2), ("b1", 1), ("c2", 2), ("d1", 1))}
+    shape = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 2}
+    first = pinned_layout(cfg, list(peers.values()), shape)
+    survivor = next(r for r in first if "b1" not in {s.peer for s in r})
+    after = pinned_layout(cfg, [p for n, p in peers.items() if n != "b1"], shape, keep=[survivor])
+    assert after == [survivor]
+    back = pinned_layout(cfg, list(peers.values()), shape, keep=after)
+    assert back[0] == survivor and len(back) == 2

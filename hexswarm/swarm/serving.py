@@ -201,14 +201,17 @@ class Server:
 
     async def _propose(self, view: list[str]) -> None:
         try:
+            committed = self.committed
+            keep = [list(committed.replicas[r]) for r in self.healthy_replicas(committed)] if committed else []
             replicas, predicted = await trio.to_thread.run_sync(
                 make_layout, self.cfg, self._peer_views(view), self.head_settings.serve_layout,
-                self.head_settings.plan_seed)
+                self.head_settings.plan_seed, keep)
             await self._learn_highest_epoch(view)
             epoch = self.highest_epoch + 1
             self.highest_epoch = epoch
-            layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view),
-                                 tuple(tuple(r) for r in replicas), predicted)
+            replicas = tuple(tuple(r) for r in replicas)
+            layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view), replicas, predicted,
+                                 self._continuations(committed, replicas))
             log.info("head: proposing epoch %d: %s", epoch, layout.describe())
             self._ready[epoch] = (layout, set())
             ready = self._ready[epoch][1]
@@ -248,6 +251,28 @@ class Server:
         finally:
             self._ready.clear()  # one proposal at a time: nothing else is waited on
             self._proposing = False
+
+    def _continuations(self, committed: SwarmLayout | None, replicas: tuple) -> tuple:
+        """For each new replica, the committed replica it repeats stage for stage, when every stage of that
+        one is loaded and healthy as its peer reports: its peers serve on with the stages they have
+        (no load, no wait for ready) instead of loading them again."""
+        if committed is None:
+            return ()
+        healthy = set(self.healthy_replicas(committed))
+        out: list[tuple[int, int] | None] = []
+        for stages in replicas:
+            old = next((r for r, o in enumerate(committed.replicas) if o == stages and r in healthy
+                        and all(self._serves(st.peer, f"{committed.epoch}:{r}:{si}") for si, st in enumerate(o))
+                        and (committed.epoch, r) not in out), None)
+            out.append(None if old is None else (committed.epoch, old))
+        return tuple(out) if any(c is not None for c in out) else ()
+
+    def _serves(self, peer: str, key: str) -> bool:
+        """Whether `peer` has the stage "epoch:replica:stage" loaded, as its last record (or this node) says."""
+        if peer == self.me:
+            return key in self.stages.slot_counts()
+        entry = self.node.table.get(peer)
+        return entry is not None and key in (entry.record.extra.get("slots") or {})
 
     async def _learn_highest_epoch(self, view: list[str]) -> None:
         """A head that just (re)started has seen no commit yet: ask the view for the newest epoch,
