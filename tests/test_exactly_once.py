@@ -219,7 +219,8 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
         gossip.append(msg)
 
     head.__dict__.update(
-        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _ready={}, _proposing=True, serving_view=lambda: list(view),
+        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None,
+        _ready={}, _proposing=True, serving_view=lambda: list(view),
         head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0),
         node=SimpleNamespace(identity=generate()), _peer_views=lambda v: [], _learn_highest_epoch=noop,
         _publish_layout=noop, _on_layout_gossip=on_gossip)
@@ -394,3 +395,19 @@ def test_the_pinned_planner_keeps_the_replicas_that_survived():
     assert after == [survivor]
     back = pinned_layout(cfg, list(peers.values()), shape, keep=after)
     assert back[0] == survivor and len(back) == 2
+
+
+def test_the_head_marks_continued_only_replicas_whose_stages_every_peer_has_loaded():
+    from hexswarm.swarm import serving
+
+    one, two = _layouts()
+    head = object.__new__(serving.Server)
+    slots = {"A": {"1:0:0": 4, "1:1:1": 4}, "B": {"1:0:1": 4}, "C": {}}  # C restarted: epoch 1 not loaded
+    head.__dict__.update(
+        me="A", serving_view=lambda: ["A", "B", "C", "D"], failed_here=lambda: [],
+        stages=SimpleNamespace(slot_counts=lambda: slots["A"]),
+        node=SimpleNamespace(table=SimpleNamespace(get=lambda p: SimpleNamespace(
+            record=SimpleNamespace(extra={"slots": slots.get(p, {}), "failed": []})))))
+    assert head._continuations([one], two.replicas) == (None, (1, 0))
+    slots["B"] = {}
+    assert head._continuations([one], two.replicas) == ()

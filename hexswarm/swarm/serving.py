@@ -100,6 +100,7 @@ class Server:
         self._ready: dict[int, tuple[SwarmLayout, set[str]]] = {}
         self._reporting: set[int] = set()  # epochs this peer is loading and reporting ready for
         self._proposing = False
+        self._last_proposal: SwarmLayout | None = None  # its stages may be loaded though it never committed
         self._view_seen: tuple[frozenset, float] | None = None
         self._last_republish = 0.0
         self._layout_changed = trio.Event()
@@ -201,8 +202,11 @@ class Server:
 
     async def _propose(self, view: list[str]) -> None:
         try:
-            committed = self.committed
-            keep = [list(committed.replicas[r]) for r in self.healthy_replicas(committed)] if committed else []
+            # replicas whose stages are loaded: the committed layout's healthy ones, and those of the last
+            # proposal that every peer loaded (it may have failed to commit only for another replica)
+            sources = [x for x in (self.committed, self._last_proposal) if x is not None]
+            keep = [list(src.replicas[r]) for src in sources for r in self.healthy_replicas(src)
+                    if src is self.committed or self._loaded(src, r)]
             replicas, predicted = await trio.to_thread.run_sync(
                 make_layout, self.cfg, self._peer_views(view), self.head_settings.serve_layout,
                 self.head_settings.plan_seed, keep)
@@ -211,7 +215,8 @@ class Server:
             self.highest_epoch = epoch
             replicas = tuple(tuple(r) for r in replicas)
             layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view), replicas, predicted,
-                                 self._continuations(committed, replicas))
+                                 self._continuations(sources, replicas))
+            self._last_proposal = layout
             log.info("head: proposing epoch %d: %s", epoch, layout.describe())
             self._ready[epoch] = (layout, set())
             ready = self._ready[epoch][1]
@@ -252,20 +257,20 @@ class Server:
             self._ready.clear()  # one proposal at a time: nothing else is waited on
             self._proposing = False
 
-    def _continuations(self, committed: SwarmLayout | None, replicas: tuple) -> tuple:
-        """For each new replica, the committed replica it repeats stage for stage, when every stage of that
-        one is loaded and healthy as its peer reports: its peers serve on with the stages they have
-        (no load, no wait for ready) instead of loading them again."""
-        if committed is None:
-            return ()
-        healthy = set(self.healthy_replicas(committed))
+    def _continuations(self, sources: list[SwarmLayout], replicas: tuple) -> tuple:
+        """For each new replica, a replica of `sources` (the committed layout, then the last proposal) it
+        repeats stage for stage, when every stage of that one is loaded and healthy as its peer reports: its
+        peers serve on with the stages they have (no load, no wait for ready) instead of loading them again."""
         out: list[tuple[int, int] | None] = []
         for stages in replicas:
-            old = next((r for r, o in enumerate(committed.replicas) if o == stages and r in healthy
-                        and all(self._serves(st.peer, f"{committed.epoch}:{r}:{si}") for si, st in enumerate(o))
-                        and (committed.epoch, r) not in out), None)
-            out.append(None if old is None else (committed.epoch, old))
+            old = next(((src.epoch, r) for src in sources for r in self.healthy_replicas(src)
+                        if src.replicas[r] == stages and self._loaded(src, r) and (src.epoch, r) not in out), None)
+            out.append(old)
         return tuple(out) if any(c is not None for c in out) else ()
+
+    def _loaded(self, layout: SwarmLayout, replica: int) -> bool:
+        return all(self._serves(st.peer, f"{layout.epoch}:{replica}:{si}")
+                   for si, st in enumerate(layout.replicas[replica]))
 
     def _serves(self, peer: str, key: str) -> bool:
         """Whether `peer` has the stage "epoch:replica:stage" loaded, as its last record (or this node) says."""
