@@ -113,7 +113,7 @@ def trace_lost(rec: dict, swarm: LocalSwarm, events: list) -> dict:
     lines = [f"{n.config.parent.name}: {line}" for n in swarm.nodes for line in n.log().splitlines()
              if rec["rid"] in line]
     faults = [f"{clock(t)} {what} {tag}" for t, what, tag in events if rec["t0"] - 10 <= t <= rec.get("t1", t)]
-    return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec["t1"]),
+    return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec.get("t1", time.time())),
             "seconds": round(rec.get("t1", time.time()) - rec["t0"], 1), "entries": rec["entries"], "client_saw": rec["seen"],
             "tokens": len(rec["streamed"]), "error": rec["error"] or (rec["final"] or {}).get("error"),
             "faults": faults, "node_log": lines[:40], "deadline": missed_deadline(rec), "open": rec["open"]}
@@ -423,7 +423,12 @@ def main() -> int:
             if node.alive():
                 node.kill(signal.SIGCONT)
         swarm.stop()
-    report = reporter.write()
+    try:
+        report = reporter.write()
+    except Exception as e:  # keep the last partial report on disk; say why the final one is missing
+        print(f"chaos: final report failed: {type(e).__name__}: {e}; the last partial one is in {out}",
+              file=sys.stderr)
+        raise
     if a.json:
         print(json.dumps(report))
     else:
