@@ -411,3 +411,75 @@ def test_the_head_marks_continued_only_replicas_whose_stages_every_peer_has_load
     assert head._continuations([one], two.replicas) == (None, (1, 0))
     slots["B"] = {}
     assert head._continuations([one], two.replicas) == ()
+
+
+def test_a_pipeline_peer_missing_heartbeats_for_a_moment_is_not_lost_but_a_restarted_one_is():
+    """Under load ~16 peers missed heartbeats for a second or two all the time; each miss cancelled and re-placed
+    every request on them (one request: 15 placements, ~6 tokens each, lost at the deadline; chaos run
+    2026-11-26).  A peer counts as lost once silent PEER_LOST_GRACE_S past down_after_s, or at once when it
+    restarted (a new incarnation: its stages, and the request's state on them, are gone)."""
+    from hexswarm.swarm.peer_table import PeerTable
+    from hexswarm.swarm.submit import PEER_LOST_GRACE_S
+
+    now = [0.0]
+    table = PeerTable(2.0, 60.0, clock=lambda: now[0])
+
+    def record(incarnation):
+        return SimpleNamespace(peer_id="s1", incarnation=incarnation, order=(incarnation, int(now[0] * 10)))
+
+    table.observe(record(1))
+    server = SimpleNamespace(me="s0", node=SimpleNamespace(table=table, config=SimpleNamespace(down_after_s=2.0)),
+                             committed=None)
+    svc = SubmitService(server=None)
+    svc.server = server
+    placement = {"epoch": 1, "replica": 0, "stages": [{"peer": "s0"}, {"peer": "s1"}]}
+    seen: dict = {}
+    assert svc._pipeline_alive(placement, seen)
+    now[0] = 3.5
+    table.sweep()  # down: silent > 2 s
+    assert svc._pipeline_alive(placement, seen)
+    now[0] = 2.0 + PEER_LOST_GRACE_S + 0.5
+    assert not svc._pipeline_alive(placement, seen)
+    table.observe(record(2))  # back, restarted
+    assert not svc._pipeline_alive(placement, seen)
+    assert svc._pipeline_alive(placement, {})  # a new placement on it is fine
+
+
+def test_the_head_re_plans_a_peer_out_only_once_it_stayed_down(monkeypatch):
+    """Each missed heartbeat of a busy peer made the head plan its replicas out after settle_s (1 s), and load
+    them again when it came back a second later (chaos run, load ~16): a view that lost a peer holds
+    PROPOSAL_GRACE_S first (requests meanwhile go to the committed layout's healthy replicas)."""
+    from hexswarm.swarm import serving
+
+    import time
+
+    monkeypatch.setattr(serving, "time", SimpleNamespace(monotonic=trio.current_time, time=time.time))
+    one, _ = _layouts()
+    head = object.__new__(serving.Server)
+    view = ["A", "B", "C"]
+    proposed = []
+
+    async def propose(v):
+        proposed.append((trio.current_time(), list(v)))  # and stays "proposing"
+
+    head.__dict__.update(
+        me="A", committed=one, _view_seen=None, _proposing=False, _commit_msg=None, serving_view=lambda: list(view),
+        current_head=lambda v=None: "A", failed_replicas=lambda layout: set(), _propose=propose,
+        head_settings=SimpleNamespace(settle_s=1.0))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head._head_loop, nursery)
+            view.remove("B")  # missed heartbeats for 2 s
+            await trio.sleep(2)
+            view.append("B")
+            view.sort()
+            await trio.sleep(10)
+            assert proposed == []
+            view.remove("C")  # stays down
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [v for _, v in proposed] == [["A", "B"]]
+    assert proposed[0][0] >= 12 + serving.PROPOSAL_GRACE_S

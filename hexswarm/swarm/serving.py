@@ -181,9 +181,14 @@ class Server:
             now = time.monotonic()
             if self._view_seen is None or self._view_seen[0] != key:
                 self._view_seen = (key, now)
-            stale = (self.committed is None or frozenset(self.committed.view) != key
-                     or bool(self.failed_replicas(self.committed)))  # a new epoch loads fresh stages
-            if stale and not self._proposing and now - self._view_seen[1] >= self.head_settings.settle_s:
+            failed = self.committed is not None and bool(self.failed_replicas(self.committed))
+            stale = self.committed is None or frozenset(self.committed.view) != key or failed
+            # a view that lost a peer holds PROPOSAL_GRACE_S first: on a loaded host peers missed heartbeats for
+            # a second all the time, and each miss planned their replicas out (to be loaded again a moment later);
+            # meanwhile requests go to the committed layout's healthy replicas
+            lost = self.committed is not None and not failed and not key >= frozenset(self.committed.view)
+            hold = max(self.head_settings.settle_s, PROPOSAL_GRACE_S) if lost else self.head_settings.settle_s
+            if stale and not self._proposing and now - self._view_seen[1] >= hold:
                 self._proposing = True
                 nursery.start_soon(self._propose, view)
             if self._commit_msg is not None and now - self._last_republish >= self.head_settings.republish_s:
