@@ -99,7 +99,9 @@ class FakeEntryServer(FakeHeadServer):
         self.cfg = SimpleNamespace(max_position_embeddings=64)
         self.settings = SimpleNamespace(max_seq_len=64)
         self.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3])
-        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8))
+        stage0 = SimpleNamespace(record=SimpleNamespace(incarnation=1))  # always heard from
+        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8, down_after_s=2.0),
+                                    table=SimpleNamespace(get=lambda peer: stage0, seconds_since_seen=lambda e: 0.0))
         self.pipe = SimpleNamespace(send=lambda peer, msg: None)
         self.entries: dict = {}
         self.committed = None
