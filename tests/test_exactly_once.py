@@ -485,3 +485,30 @@ def test_the_head_re_plans_a_peer_out_only_once_it_stayed_down(monkeypatch):
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert [v for _, v in proposed] == [["A", "B"]]
     assert proposed[0][0] >= 12 + serving.PROPOSAL_GRACE_S
+
+
+def test_a_placement_waiting_for_a_pipeline_takes_it_when_its_peer_is_back_up():
+    """The head's dispatch waited for a live pipeline only on a new commit: a replica whose peer missed heartbeats
+    for a moment stayed unused until the 30-s wait ran out ("no live pipeline in epoch N after 30 s", the most
+    common refusal of the chaos runs) although it was back up within seconds."""
+    from hexswarm.swarm import serving
+
+    one, _ = _layouts()
+    head = object.__new__(serving.Server)
+    back_at = 2.0
+    sent = []
+    head.__dict__.update(
+        me="A", committed=one, current_head=lambda v=None: "A", _layout_changed=trio.Event(),
+        healthy_replicas=lambda layout: [0] if trio.current_time() >= back_at else [],
+        head_settings=SimpleNamespace(dispatch_wait_s=30.0), settings=SimpleNamespace(max_batch=8),
+        replica_slots=lambda layout, r: 8, replica_load=lambda layout, r: 0, recent_dispatch={},
+        pipe=SimpleNamespace(send=lambda peer, msg: sent.append(peer)))
+    msg = {"rid": "r", "prompt_ids": [1], "params": {}, "max_new_tokens": 1, "stop": [], "entry": "E", "attempt": 1}
+
+    async def main():
+        placed = await head.dispatch(msg)
+        assert trio.current_time() < back_at + 1
+        return placed
+
+    placed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert placed["replica"] == 0 and sent == ["A"]

@@ -43,6 +43,7 @@ PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot o
 NOT_HEAD = "not_head"
 PROPOSAL_GRACE_S = 5.0  # how long a peer a proposal assigns may look down before the proposal is dropped
 REPROPOSE_S = 5.0  # a proposal is published again this often until every assigned peer is ready
+DISPATCH_RECHECK_S = 0.5  # a placement waiting for a live pipeline looks again this often
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
 
@@ -459,7 +460,9 @@ class Server:
                 replicas = self.healthy_replicas(layout) if layout else []
                 if replicas:
                     break
-                await self._layout_changed.wait()
+                # a new commit, or a peer back up (a missed heartbeat or two on a busy host): look again
+                with trio.move_on_after(DISPATCH_RECHECK_S):
+                    await self._layout_changed.wait()
         if not replicas:
             what = "no committed layout" if layout is None else f"no live pipeline in epoch {layout.epoch}"
             raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
