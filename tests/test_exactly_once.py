@@ -512,3 +512,25 @@ def test_a_placement_waiting_for_a_pipeline_takes_it_when_its_peer_is_back_up():
 
     placed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
     assert placed["replica"] == 0 and sent == ["A"]
+
+
+def test_a_step_that_never_came_back_is_run_again_from_the_prompt():
+    """A step lost for STEP_EXPIRY_S (its later stage died) that held a request's last prefill chunk left the
+    request "prefilled" with no token to decode: the stage-0 engine died in _schedule (IndexError, chaos run under
+    load), taking its replica out.  The request's context is prefilled again instead."""
+    import time
+
+    from hexswarm.runtime import stage_engine as se
+
+    spec = SimpleNamespace(n_slots=2, device="cpu", device_of=lambda i: "cpu")
+    engine = se.StageEngine(SimpleNamespace(spec=spec), se.PipelineRoute(0, 2, "B", "A"), lambda peer, msg: None)
+    engine._start({"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],
+                   "max_new_tokens": 4, "params": {}, "resume_tokens": []})
+    engine._handle_first([])  # admitted
+    req = engine.requests["r"]
+    rows = engine._schedule()
+    assert [(r.start, r.n, r.samples) for r in rows] == [(0, 3, True)]
+    req.in_flight, req.pending, req.prefilled, req.prefill_done = 1, 1, 3, True  # as _step leaves it
+    engine._steps[0] = se.InFlight(time.monotonic() - se.STEP_EXPIRY_S - 1, [req])
+    engine._expire_steps()
+    assert [(r.start, r.n, r.samples) for r in engine._schedule()] == [(0, 3, True)]

@@ -308,8 +308,8 @@ class Reporter:
                 idx = [k for k, _ in rec["streamed"]]
                 if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
                     report["duplicated"] += 1
-            elif rec["open"]:  # still running when this report was made
-                if rec["accepted"] and self.info["phase"] in ("done", "interrupted"):
+            elif rec["open"] or rec.get("cut"):  # still running when this report was made, or at the drain limit
+                if rec["accepted"] and (rec.get("cut") or self.info["phase"] in ("done", "interrupted")):
                     report["lost"] += 1  # the drain limit (or a signal) ended the run before it did
                     report["lost_open"] += 1
                     report["lost_requests"].append(trace_lost(rec, self.swarm, events))
@@ -402,6 +402,8 @@ def main() -> int:
             t.join(max(0.0, t_drain + a.drain_limit - time.monotonic()))
         reporter.info["drain"] = {"limit_s": a.drain_limit, "took_s": round(time.monotonic() - t_drain, 1),
                                   "open_at_end": sum(t.is_alive() for t in threads)}
+        for rec in tally.snapshot():
+            rec["cut"] = rec["open"]  # its client is ended with the swarm: lost to the drain limit
         reporter.info["phase"] = "done"
         # a node the schedule killed last may not be restarted yet; any other exit is a crash
         survived = all(n.alive() or n.proc.returncode == -signal.SIGKILL for n in swarm.nodes)
