@@ -290,7 +290,7 @@ class Reporter:
         events = list(self.events)
         report = {**self.info, "submitted": 0, "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0,
                   "lost_deadline": 0, "lost_open": 0, "duplicated": 0, "refused": 0, "open_unaccepted": 0,
-                  "log_tracebacks": tracebacks(self.swarm), "seconds": round(time.time() - self.t_start),
+                  "log_tracebacks": self.info.get("tracebacks_before_stop", tracebacks(self.swarm)), "seconds": round(time.time() - self.t_start),
                   "load_average_now": os.getloadavg(),
                   "hostile": self.senders.stats if self.senders else None,
                   "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
@@ -414,6 +414,7 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the report and the clean-up run to the end
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        reporter.info["tracebacks_before_stop"] = tracebacks(swarm)  # stopping nodes may log their own
         stop.set()
         stop_reports.set()
         reporter.info["nodes_alive_at_end"] = survived
