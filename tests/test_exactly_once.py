@@ -534,3 +534,28 @@ def test_a_step_that_never_came_back_is_run_again_from_the_prompt():
     engine._steps[0] = se.InFlight(time.monotonic() - se.STEP_EXPIRY_S - 1, [req])
     engine._expire_steps()
     assert [(r.start, r.n, r.samples) for r in engine._schedule()] == [(0, 3, True)]
+
+
+def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
+    """Stage 0 refused starts from a head it saw down for a moment ("not a head candidate"): each such request
+    stalled 60 s (chaos run, load ~14).  A head-capable peer in the table counts, up or not; others do not."""
+    from collections import OrderedDict
+
+    import pytest
+
+    from hexswarm.errors import ProtocolError
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.peer_table import PeerTable
+
+    now = [0.0]
+    table = PeerTable(2.0, 60.0, clock=lambda: now[0])
+    for peer, serve in (("H", True), ("W", False)):
+        table.observe(SimpleNamespace(peer_id=peer, order=(1, 1), roles=[], extra={"model": "m", "serve": serve}))
+    now[0] = 3.0
+    table.sweep()  # both down here
+    stage0 = object.__new__(serving.Server)
+    stage0.__dict__.update(me="S", model_id="m", _start_attempts=OrderedDict(),
+                           node=SimpleNamespace(table=table, config=SimpleNamespace(roles=[])))
+    stage0._check_start({"entry": "E", "rid": "r", "attempt": 1}, "H")
+    with pytest.raises(ProtocolError):
+        stage0._check_start({"entry": "E", "rid": "r2", "attempt": 1}, "W")

@@ -143,10 +143,10 @@ class Server:
                     await self.stages.close()
 
     # ---- the head --------------------------------------------------------------------------
-    def serving_view(self) -> list[str]:
-        """Live peers serving our model, self included, sorted."""
+    def serving_view(self, any_state: bool = False) -> list[str]:
+        """Live peers serving our model, self included, sorted (any_state: the table's down peers too)."""
         peers = {self.me}
-        for entry in self.node.table.up():
+        for entry in (self.node.table.entries() if any_state else self.node.table.up()):
             if entry.record.extra.get("model") == self.model_id and entry.record.extra.get("serve"):
                 peers.add(entry.peer_id)
         return sorted(peers)
@@ -514,7 +514,9 @@ class Server:
     def _check_start(self, msg: dict, sender: str) -> None:
         """A start comes from a head, and each (entry, request id) moves to a newer attempt: a replayed
         attempt would meet the tokens of the one it replaces at stage 0 (seen killing the engine)."""
-        if sender != self.me and sender not in self.head_candidates(self.serving_view()):
+        # head-capable among the peers in the table, up or not: a head that missed a heartbeat or two here (a
+        # busy host) still places requests, and its starts dropped here stalled them 60 s each (chaos run)
+        if sender != self.me and sender not in self.head_candidates(self.serving_view(any_state=True)):
             raise ProtocolError(f"start from {sender}, which is not a head candidate")
         key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
         if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
