@@ -559,3 +559,35 @@ def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
     stage0._check_start({"entry": "E", "rid": "r", "attempt": 1}, "H")
     with pytest.raises(ProtocolError):
         stage0._check_start({"entry": "E", "rid": "r2", "attempt": 1}, "W")
+
+
+def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeypatch):
+    """A restarted head that could not ask its view for the newest epoch (load) proposed epoch 1 while the others
+    were at 2: they ignored it, and it waited the 120-s ready timeout with no new epoch possible (chaos run)."""
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.layout import StageAssignment
+
+    replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
+    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
+    head = object.__new__(serving.Server)
+
+    async def noop(*args):
+        pass
+
+    head.__dict__.update(
+        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None, _ready={},
+        _proposing=True, serving_view=lambda: ["A", "B"], node=SimpleNamespace(identity=generate()),
+        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=120.0),
+        _peer_views=lambda v: [], _learn_highest_epoch=noop, _publish_layout=noop, _on_layout_gossip=noop)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head._propose, ["A", "B"])
+            while 1 not in head._ready:
+                await trio.sleep(0.1)
+            head.highest_epoch = 2  # a commit of epoch 2 came in
+            await trio.sleep(1)
+            assert not head._proposing  # given up, free to propose epoch 3
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

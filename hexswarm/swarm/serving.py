@@ -243,6 +243,11 @@ class Server:
                     if gone:
                         log.info("head: %s down while epoch %d was loading; re-planning", gone, epoch)
                         return
+                    if self.highest_epoch > epoch:
+                        # a head that (re)started and could not ask its view for the newest epoch proposed one the
+                        # others had passed: they ignore it, and it waited ready_timeout_s (120 s) for nothing
+                        log.info("head: epoch %d is already taken (seen %d); re-planning", epoch, self.highest_epoch)
+                        return
                     if trio.current_time() - published > REPROPOSE_S:
                         # a peer whose gossip mesh formed after the first publish (e.g. one reached only
                         # through a relay) never saw it; loading peers take a repeat as a no-op
