@@ -304,24 +304,32 @@ class SubmitService:
             await close_quietly(stream)
 
     def _pipeline_alive(self, placement: dict, incarnations: dict[str, int] | None = None) -> bool:
-        """Whether the placement's pipeline may still deliver: every peer of it known, neither restarted since
-        first checked (`incarnations`: its stages, and the request with them, are gone) nor silent past the grace,
-        and no stage of it reported failed."""
+        return self._pipeline_lost(placement, incarnations) is None
+
+    def _pipeline_lost(self, placement: dict, incarnations: dict[str, int] | None = None) -> str | None:
+        """Why the placement's pipeline cannot deliver any more, or None: a peer of it unknown, restarted since
+        first checked (`incarnations`: its stages, and the request with them, are gone) or silent past the grace,
+        or a stage of it reported failed."""
         node = self.server.node
         grace = node.config.down_after_s + PEER_LOST_GRACE_S
         for st in placement["stages"]:
             if st["peer"] == self.server.me:
                 continue
             entry = node.table.get(st["peer"])
-            if entry is None or node.table.seconds_since_seen(entry) > grace:
-                return False
+            if entry is None:
+                return f"lost peer {st['peer'][:16]} (not in the table)"
+            silent = node.table.seconds_since_seen(entry)
+            if silent > grace:
+                return f"lost peer {st['peer'][:16]} (silent {silent:.0f} s)"
             if incarnations is not None and incarnations.setdefault(st["peer"], entry.record.incarnation) != \
                     entry.record.incarnation:
-                return False
+                return f"lost peer {st['peer'][:16]} (restarted)"
         layout = self.server.committed
         if layout is None or layout.epoch != placement["epoch"]:
-            return True  # an older epoch: its stages report under it, checked when its layout is known
-        return placement["replica"] not in self.server.failed_replicas(layout)
+            return None  # an older epoch: its stages report under it, checked when its layout is known
+        if placement["replica"] in self.server.failed_replicas(layout):
+            return "a stage reported failed"
+        return None
 
     async def _relay(self, emit, req: dict, placement: dict, receive, deadline: float, text: bool = True) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
@@ -362,11 +370,12 @@ class SubmitService:
                 if ev is not None:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
                 stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
-                if self._pipeline_alive(placement, incarnations) and not stalled:
+                lost = self._pipeline_lost(placement, incarnations)
+                if lost is None and not stalled:
                     continue
                 if req["placed"] >= MAX_ATTEMPTS:
                     return error_frame("failed", f"request {req['rid']} failed on {req['placed']} pipelines")
-                why = "stalled" if stalled else "lost a peer"
+                why = "stalled" if stalled else lost
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
