@@ -303,13 +303,16 @@ class SubmitService:
             self.open_streams.release(peer)
             await close_quietly(stream)
 
-    def _pipeline_alive(self, placement: dict, incarnations: dict[str, int] | None = None) -> bool:
-        return self._pipeline_lost(placement, incarnations) is None
+    def _pipeline_alive(self, placement: dict, incarnations: dict[str, int] | None = None,
+                        quiet_s: float = math.inf) -> bool:
+        return self._pipeline_lost(placement, incarnations, quiet_s) is None
 
-    def _pipeline_lost(self, placement: dict, incarnations: dict[str, int] | None = None) -> str | None:
+    def _pipeline_lost(self, placement: dict, incarnations: dict[str, int] | None = None,
+                       quiet_s: float = math.inf) -> str | None:
         """Why the placement's pipeline cannot deliver any more, or None: a peer of it unknown, restarted since
-        first checked (`incarnations`: its stages, and the request with them, are gone) or silent past the grace,
-        or a stage of it reported failed."""
+        first checked (`incarnations`: its stages, and the request with them, are gone) or silent past the grace
+        while the request too has had nothing for that long (`quiet_s`: a token within the grace shows every stage
+        alive, whatever the heartbeats of a starved host say), or a stage of it reported failed."""
         node = self.server.node
         grace = node.config.down_after_s + PEER_LOST_GRACE_S
         for st in placement["stages"]:
@@ -319,7 +322,7 @@ class SubmitService:
             if entry is None:
                 return f"lost peer {st['peer'][:16]} (not in the table)"
             silent = node.table.seconds_since_seen(entry)
-            if silent > grace:
+            if silent > grace and quiet_s > grace:
                 return f"lost peer {st['peer'][:16]} (silent {silent:.0f} s)"
             if incarnations is not None and incarnations.setdefault(st["peer"], entry.record.incarnation) != \
                     entry.record.incarnation:
@@ -370,7 +373,7 @@ class SubmitService:
                 if ev is not None:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
                 stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
-                lost = self._pipeline_lost(placement, incarnations)
+                lost = self._pipeline_lost(placement, incarnations, trio.current_time() - last_progress)
                 if lost is None and not stalled:
                     continue
                 if req["placed"] >= MAX_ATTEMPTS:
