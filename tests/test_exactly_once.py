@@ -99,7 +99,9 @@ class FakeEntryServer(FakeHeadServer):
         self.cfg = SimpleNamespace(max_position_embeddings=64)
         self.settings = SimpleNamespace(max_seq_len=64)
         self.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3])
-        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8))
+        stage0 = SimpleNamespace(record=SimpleNamespace(incarnation=1))  # always heard from
+        self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8, down_after_s=2.0),
+                                    table=SimpleNamespace(get=lambda peer: stage0, seconds_since_seen=lambda e: 0.0))
         self.pipe = SimpleNamespace(send=lambda peer, msg: None)
         self.entries: dict = {}
         self.committed = None
@@ -207,7 +209,7 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
     from hexswarm.swarm.layout import StageAssignment
 
     replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
-    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed: (replicas, {}))
+    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
     head = object.__new__(serving.Server)
     view = ["A", "B"]
     gossip = []
@@ -219,7 +221,8 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
         gossip.append(msg)
 
     head.__dict__.update(
-        me="A", model_id="m", cfg=None, highest_epoch=0, _ready={}, _proposing=True, serving_view=lambda: list(view),
+        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None,
+        _ready={}, _proposing=True, serving_view=lambda: list(view),
         head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0),
         node=SimpleNamespace(identity=generate()), _peer_views=lambda v: [], _learn_highest_epoch=noop,
         _publish_layout=noop, _on_layout_gossip=on_gossip)
@@ -286,3 +289,306 @@ def test_a_client_gives_up_an_unaccepted_request_after_its_tries():
     except UserError as e:
         assert "cannot reach" in str(e)
     assert len(calls) == 6
+
+
+# ---- a new epoch keeps the stages it repeats loaded (no load, no wait for ready) --------------------------------
+def _stage_set(built: list):
+    """A StageSet whose workers are stand-ins; `built` collects each (epoch, replica, stage) it loads."""
+    import time
+
+    from hexswarm.swarm.stages import ServeSettings, StageSet
+
+    class Worker:
+        def __init__(self, key):
+            self.key, self.error, self.in_flight, self.msgs, self.closed = key, None, 0, [], 0
+            self.spec = SimpleNamespace(n_slots=4)
+            self.last_message_at = time.monotonic()
+            self.spans = {}
+
+        def submit(self, msg):
+            self.msgs.append(msg)
+
+        def close(self):
+            self.closed += 1
+
+    stages = StageSet("A", SimpleNamespace(vocab_size=100, hidden_size=8), None,
+                      ServeSettings(model_dir="unused", retire_idle_s=0.0), pipe=None)
+
+    def build(layout, ri, si):
+        built.append((layout.epoch, ri, si))
+        return Worker((layout.epoch, ri, si))
+
+    stages._build_worker = build
+    return stages
+
+
+def _layouts():
+    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+
+    r0 = (StageAssignment("A", 2, 0, 2), StageAssignment("B", 1, 2, 4))
+    r1 = (StageAssignment("C", 2, 0, 2), StageAssignment("A", 1, 2, 4))
+    r1b = (StageAssignment("C", 2, 0, 2), StageAssignment("D", 1, 2, 4))
+    one = SwarmLayout(1, "A", "m", ("A", "B", "C"), (r0, r1))
+    two = SwarmLayout(2, "A", "m", ("A", "B", "C", "D"), (r1b, r0), continues=(None, (1, 0)))
+    return one, two
+
+
+def test_a_new_epoch_serves_on_with_the_stages_it_continues():
+    """Every epoch loaded every stage again: a TP-2 stage took 25-55 s on the loaded chaos machine, and under a
+    fault every 8 s no epoch after the first committed.  A replica the new layout continues keeps its worker;
+    the old epoch's requests (same worker) finish on it; it closes once, after both epochs let it go."""
+    from hexswarm.swarm.layout import SwarmLayout
+
+    one, two = _layouts()
+    assert SwarmLayout.from_wire(two.to_wire(), 4) == two  # continues goes over the wire
+    built = []
+    stages = _stage_set(built)
+    trio.run(stages.load_epoch, one)
+    trio.run(stages.load_epoch, two)
+    assert built == [(1, 0, 0), (1, 1, 1)]  # epoch 2's replica 1 is epoch 1's replica 0: nothing loaded
+    shared = stages.workers[(2, 1, 0)]
+    assert shared is stages.workers[(1, 0, 0)]
+    start = {"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2], "max_new_tokens": 2,
+             "params": {}, "to": [2, 1, 0]}
+    assert stages.route(start, "A") and shared.msgs[-1]["rid"] == "r"
+    # steps go to the key the worker was built for (its neighbours' workers send there), never to an alias
+    forward_to_alias = {"kind": "tokens", "to": [2, 1, 0], "steps": [0], "items": []}
+    assert not stages.route(forward_to_alias, "B")
+    assert stages.route({**forward_to_alias, "to": [1, 0, 0]}, "B")
+    assert stages.spans("r") == [] and stages.failed() == []
+    assert sorted(stages.slot_counts()) == ["1:0:0", "1:1:1", "2:1:0"]
+    trio.run(stages.retire_older_than, 2)
+    assert (1, 0, 0) in stages.workers and (1, 1, 1) not in stages.workers  # still addressed by its chain
+    assert shared.closed == 0
+    trio.run(stages.retire_older_than, 3)
+    assert stages.workers == {} and shared.closed == 1
+
+
+def test_a_stage_not_loaded_here_any_more_is_loaded_again_instead_of_continued():
+    """A peer restarted since the head saw its record (or its worker failed) has nothing to continue with:
+    it loads; its neighbours' continued workers send to a key it does not have, so no step meets a cache
+    that lacks its context (a dropped step fails over; a wrong token would be delivered)."""
+    one, two = _layouts()
+    built = []
+    stages = _stage_set(built)
+    trio.run(stages.load_epoch, one)
+    stages.workers[(1, 0, 0)].error = RuntimeError("engine stopped")
+    trio.run(stages.load_epoch, two)
+    assert (2, 1, 0) in built and stages.workers[(2, 1, 0)] is not stages.workers[(1, 0, 0)]
+
+
+def test_the_pinned_planner_keeps_the_replicas_that_survived():
+    """After a fault the pinned planner reshuffled the surviving peers (best fit by id), so even the replica
+    that lost nothing was loaded again; it is kept as it was, and the head marks it continued."""
+    from hexswarm.model.config import LlamaConfig
+    from hexswarm.model.tiny import make_tiny_llama
+    from hexswarm.swarm.planning import PeerView, pinned_layout
+
+    import tempfile
+    from pathlib import Path
+
+    cfg = LlamaConfig.from_dir(make_tiny_llama(Path(tempfile.mkdtemp()) / "m"))
+    cpu = {"kind": "cpu", "name": "cpu", "memory_gib": 4}
+    peers = {name: PeerView(name, [cpu] * n, {}) for name, n in (("a2", 2), ("b1", 1), ("c2", 2), ("d1", 1))}
+    shape = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 2}
+    first = pinned_layout(cfg, list(peers.values()), shape)
+    survivor = next(r for r in first if "b1" not in {s.peer for s in r})
+    after = pinned_layout(cfg, [p for n, p in peers.items() if n != "b1"], shape, keep=[survivor])
+    assert after == [survivor]
+    back = pinned_layout(cfg, list(peers.values()), shape, keep=after)
+    assert back[0] == survivor and len(back) == 2
+
+
+def test_the_head_marks_continued_only_replicas_whose_stages_every_peer_has_loaded():
+    from hexswarm.swarm import serving
+
+    one, two = _layouts()
+    head = object.__new__(serving.Server)
+    slots = {"A": {"1:0:0": 4, "1:1:1": 4}, "B": {"1:0:1": 4}, "C": {}}  # C restarted: epoch 1 not loaded
+    head.__dict__.update(
+        me="A", serving_view=lambda: ["A", "B", "C", "D"], failed_here=lambda: [],
+        stages=SimpleNamespace(slot_counts=lambda: slots["A"]),
+        node=SimpleNamespace(table=SimpleNamespace(get=lambda p: SimpleNamespace(
+            record=SimpleNamespace(extra={"slots": slots.get(p, {}), "failed": []})))))
+    assert head._continuations([one], two.replicas) == (None, (1, 0))
+    slots["B"] = {}
+    assert head._continuations([one], two.replicas) == ()
+
+
+def test_a_pipeline_peer_missing_heartbeats_for_a_moment_is_not_lost_but_a_restarted_one_is():
+    """Under load ~16 peers missed heartbeats for a second or two all the time; each miss cancelled and re-placed
+    every request on them (one request: 15 placements, ~6 tokens each, lost at the deadline; chaos run
+    2026-11-26).  A peer counts as lost once silent PEER_LOST_GRACE_S past down_after_s, or at once when it
+    restarted (a new incarnation: its stages, and the request's state on them, are gone)."""
+    from hexswarm.swarm.peer_table import PeerTable
+    from hexswarm.swarm.submit import PEER_LOST_GRACE_S
+
+    now = [0.0]
+    table = PeerTable(2.0, 60.0, clock=lambda: now[0])
+
+    def record(incarnation):
+        return SimpleNamespace(peer_id="s1", incarnation=incarnation, order=(incarnation, int(now[0] * 10)))
+
+    table.observe(record(1))
+    server = SimpleNamespace(me="s0", node=SimpleNamespace(table=table, config=SimpleNamespace(down_after_s=2.0)),
+                             committed=None)
+    svc = SubmitService(server=None)
+    svc.server = server
+    placement = {"epoch": 1, "replica": 0, "stages": [{"peer": "s0"}, {"peer": "s1"}]}
+    seen: dict = {}
+    assert svc._pipeline_alive(placement, seen)
+    now[0] = 3.5
+    table.sweep()  # down: silent > 2 s
+    assert svc._pipeline_alive(placement, seen)
+    now[0] = 2.0 + PEER_LOST_GRACE_S + 0.5
+    assert svc._pipeline_alive(placement, seen, quiet_s=1.0)  # its tokens still come: every stage is alive
+    assert not svc._pipeline_alive(placement, seen)
+    table.observe(record(2))  # back, restarted
+    assert not svc._pipeline_alive(placement, seen)
+    assert svc._pipeline_alive(placement, {})  # a new placement on it is fine
+
+
+def test_the_head_re_plans_a_peer_out_only_once_it_stayed_down(monkeypatch):
+    """Each missed heartbeat of a busy peer made the head plan its replicas out after settle_s (1 s), and load
+    them again when it came back a second later (chaos run, load ~16): a view that lost a peer holds
+    PROPOSAL_GRACE_S first (requests meanwhile go to the committed layout's healthy replicas)."""
+    from hexswarm.swarm import serving
+
+    import time
+
+    monkeypatch.setattr(serving, "time", SimpleNamespace(monotonic=trio.current_time, time=time.time))
+    one, _ = _layouts()
+    head = object.__new__(serving.Server)
+    view = ["A", "B", "C"]
+    proposed = []
+
+    async def propose(v):
+        proposed.append((trio.current_time(), list(v)))  # and stays "proposing"
+
+    head.__dict__.update(
+        me="A", committed=one, _view_seen=None, _proposing=False, _commit_msg=None, serving_view=lambda: list(view),
+        current_head=lambda v=None: "A", failed_replicas=lambda layout: set(), _propose=propose,
+        head_settings=SimpleNamespace(settle_s=1.0))
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head._head_loop, nursery)
+            view.remove("B")  # missed heartbeats for 2 s
+            await trio.sleep(2)
+            view.append("B")
+            view.sort()
+            await trio.sleep(10)
+            assert proposed == []
+            view.remove("C")  # stays down
+            await trio.sleep(10)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert [v for _, v in proposed] == [["A", "B"]]
+    assert proposed[0][0] >= 12 + serving.PROPOSAL_GRACE_S
+
+
+def test_a_placement_waiting_for_a_pipeline_takes_it_when_its_peer_is_back_up():
+    """The head's dispatch waited for a live pipeline only on a new commit: a replica whose peer missed heartbeats
+    for a moment stayed unused until the 30-s wait ran out ("no live pipeline in epoch N after 30 s", the most
+    common refusal of the chaos runs) although it was back up within seconds."""
+    from hexswarm.swarm import serving
+
+    one, _ = _layouts()
+    head = object.__new__(serving.Server)
+    back_at = 2.0
+    sent = []
+    head.__dict__.update(
+        me="A", committed=one, current_head=lambda v=None: "A", _layout_changed=trio.Event(),
+        healthy_replicas=lambda layout: [0] if trio.current_time() >= back_at else [],
+        head_settings=SimpleNamespace(dispatch_wait_s=30.0), settings=SimpleNamespace(max_batch=8),
+        replica_slots=lambda layout, r: 8, replica_load=lambda layout, r: 0, recent_dispatch={},
+        pipe=SimpleNamespace(send=lambda peer, msg: sent.append(peer)))
+    msg = {"rid": "r", "prompt_ids": [1], "params": {}, "max_new_tokens": 1, "stop": [], "entry": "E", "attempt": 1}
+
+    async def main():
+        placed = await head.dispatch(msg)
+        assert trio.current_time() < back_at + 1
+        return placed
+
+    placed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert placed["replica"] == 0 and sent == ["A"]
+
+
+def test_a_step_that_never_came_back_is_run_again_from_the_prompt():
+    """A step lost for STEP_EXPIRY_S (its later stage died) that held a request's last prefill chunk left the
+    request "prefilled" with no token to decode: the stage-0 engine died in _schedule (IndexError, chaos run under
+    load), taking its replica out.  The request's context is prefilled again instead."""
+    import time
+
+    from hexswarm.runtime import stage_engine as se
+
+    spec = SimpleNamespace(n_slots=2, device="cpu", device_of=lambda i: "cpu")
+    engine = se.StageEngine(SimpleNamespace(spec=spec), se.PipelineRoute(0, 2, "B", "A"), lambda peer, msg: None)
+    engine._start({"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],
+                   "max_new_tokens": 4, "params": {}, "resume_tokens": []})
+    engine._handle_first([])  # admitted
+    req = engine.requests["r"]
+    rows = engine._schedule()
+    assert [(r.start, r.n, r.samples) for r in rows] == [(0, 3, True)]
+    req.in_flight, req.pending, req.prefilled, req.prefill_done = 1, 1, 3, True  # as _step leaves it
+    engine._steps[0] = se.InFlight(time.monotonic() - se.STEP_EXPIRY_S - 1, [req])
+    engine._expire_steps()
+    assert [(r.start, r.n, r.samples) for r in engine._schedule()] == [(0, 3, True)]
+
+
+def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
+    """Stage 0 refused starts from a head it saw down for a moment ("not a head candidate"): each such request
+    stalled 60 s (chaos run, load ~14).  A head-capable peer in the table counts, up or not; others do not."""
+    from collections import OrderedDict
+
+    import pytest
+
+    from hexswarm.errors import ProtocolError
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.peer_table import PeerTable
+
+    now = [0.0]
+    table = PeerTable(2.0, 60.0, clock=lambda: now[0])
+    for peer, serve in (("H", True), ("W", False)):
+        table.observe(SimpleNamespace(peer_id=peer, order=(1, 1), roles=[], extra={"model": "m", "serve": serve}))
+    now[0] = 3.0
+    table.sweep()  # both down here
+    stage0 = object.__new__(serving.Server)
+    stage0.__dict__.update(me="S", model_id="m", _start_attempts=OrderedDict(),
+                           node=SimpleNamespace(table=table, config=SimpleNamespace(roles=[])))
+    stage0._check_start({"entry": "E", "rid": "r", "attempt": 1}, "H")
+    with pytest.raises(ProtocolError):
+        stage0._check_start({"entry": "E", "rid": "r2", "attempt": 1}, "W")
+
+
+def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeypatch):
+    """A restarted head that could not ask its view for the newest epoch (load) proposed epoch 1 while the others
+    were at 2: they ignored it, and it waited the 120-s ready timeout with no new epoch possible (chaos run)."""
+    from hexswarm.net.identity import generate
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.layout import StageAssignment
+
+    replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
+    monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
+    head = object.__new__(serving.Server)
+
+    async def noop(*args):
+        pass
+
+    head.__dict__.update(
+        me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None, _ready={},
+        _proposing=True, serving_view=lambda: ["A", "B"], node=SimpleNamespace(identity=generate()),
+        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=120.0),
+        _peer_views=lambda v: [], _learn_highest_epoch=noop, _publish_layout=noop, _on_layout_gossip=noop)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(head._propose, ["A", "B"])
+            while 1 not in head._ready:
+                await trio.sleep(0.1)
+            head.highest_epoch = 2  # a commit of epoch 2 came in
+            await trio.sleep(1)
+            assert not head._proposing  # given up, free to propose epoch 3
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))

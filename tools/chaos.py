@@ -3,6 +3,7 @@
 restarted) or frozen (SIGSTOP, then SIGCONT) on a schedule, with hostile peers sending garbage.
 
     python tools/chaos.py [--nodes 2,1,2,1] [--duration 60] [--rate 2] [--every 8] [--seed 0] [--hostile] [--json]
+                          [--out FILE] [--drain-limit 600]
 
 Faults take turns among the current head, a node serving a TP-2 stage, and any node (the first
 node too: its restart bootstraps from a live peer).  With --hostile the swarm has an owner, and an
@@ -13,6 +14,12 @@ token index delivered twice or a streamed sequence that differs from the final o
 clear error such as busy), and what the hostile senders saw.  Each lost request is traced: what the
 client saw, the faults during its life, and the node log lines that name its request id; lost_deadline
 counts those of them that ended only on a deadline (slowness of a loaded machine, not a dropped request).  Traffic stays on 127.0.0.1.
+
+After the load, the run waits at most --drain-limit s for the requests still running (`drain` in the report:
+its limit, how long it took, how many were still open; open accepted requests count as lost).  The report is
+written to --out (default: report.json in the run's work directory, named on stderr at the start) every 30 s
+while it runs (`phase`: load, drain, done) and on SIGTERM / SIGINT (`phase`: interrupted), so an outer time
+limit never loses what was measured.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import signal
 import sys
@@ -54,16 +62,24 @@ class Tally:
         with self.lock:
             self.records.append(rec)
 
+    def snapshot(self) -> list[dict]:
+        with self.lock:
+            return list(self.records)
+
 
 def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally, seed: int) -> None:
     prompt = f"{PROMPTS[i % len(PROMPTS)]} #{i}"
     frames: list[dict] = []
     # a known request id, so a lost request can be followed through the nodes' logs
     rec = {"i": i, "rid": f"chaos{seed}-{i}", "prompt": prompt, "accepted": False, "final": None, "error": None,
-           "t0": time.time(), "entries": [a.rsplit("/", 1)[-1][:16] for a in addrs]}
+           "t0": time.time(), "entries": [a.rsplit("/", 1)[-1][:16] for a in addrs], "open": True, "streamed": [],
+           "seen": []}
+    tally.add(rec)  # now: a report written while it runs counts it (open)
 
     def on_frame(frame: dict) -> None:
         frames.append({**frame, "_t": time.time()})
+        if "accepted" in frame:
+            rec["accepted"] = True
 
     try:
         final = trio.run(submit_with_failover, addrs, {"prompt": prompt, "max_new_tokens": new_tokens, "stream": True,
@@ -71,6 +87,10 @@ def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally, seed: i
         rec["final"] = final
     except UserError as e:
         rec["error"] = str(e)
+    except BaseException as e:  # the client itself failed: a finding, not a request left open forever
+        rec["error"] = f"client: {type(e).__name__}: {e}"
+        rec["open"] = False
+        raise
     rec["t1"] = time.time()
     rec["accepted"] = any("accepted" in f for f in frames)
     rec["streamed"] = [(f["index"], f["token"]) for f in frames if "token" in f]
@@ -79,7 +99,7 @@ def one_request(i: int, addrs: list[str], new_tokens: int, tally: Tally, seed: i
                    f"stage0 {f['accepted']['stages'][0]['peer'][:16]}" for f in frames if "accepted" in f]
     if rec["streamed"]:
         rec["seen"].append(f"{clock(max(f['_t'] for f in frames if 'token' in f))} token {rec['streamed'][-1][0]}")
-    tally.add(rec)
+    rec["open"] = False
 
 
 def clock(t: float) -> str:
@@ -92,16 +112,18 @@ def trace_lost(rec: dict, swarm: LocalSwarm, events: list) -> dict:
     every node log line that names it."""
     lines = [f"{n.config.parent.name}: {line}" for n in swarm.nodes for line in n.log().splitlines()
              if rec["rid"] in line]
-    faults = [f"{clock(t)} {what} {tag}" for t, what, tag in events if rec["t0"] - 10 <= t <= rec["t1"]]
-    return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec["t1"]),
-            "seconds": round(rec["t1"] - rec["t0"], 1), "entries": rec["entries"], "client_saw": rec["seen"],
+    faults = [f"{clock(t)} {what} {tag}" for t, what, tag in events if rec["t0"] - 10 <= t <= rec.get("t1", t)]
+    return {"rid": rec["rid"], "submitted": clock(rec["t0"]), "ended": clock(rec.get("t1", time.time())),
+            "seconds": round(rec.get("t1", time.time()) - rec["t0"], 1), "entries": rec["entries"], "client_saw": rec["seen"],
             "tokens": len(rec["streamed"]), "error": rec["error"] or (rec["final"] or {}).get("error"),
-            "faults": faults, "node_log": lines[:40], "deadline": missed_deadline(rec)}
+            "faults": faults, "node_log": lines[:40], "deadline": missed_deadline(rec), "open": rec["open"]}
 
 
 def missed_deadline(rec: dict) -> bool:
     """Did it end only because a deadline passed (the entry's request timeout, or no frame for the client's
     timeout): on a loaded machine, slowness rather than a request the swarm dropped."""
+    if rec["open"]:
+        return False
     error = rec["error"] or json.dumps((rec["final"] or {}).get("error"))
     last = error.split("; ")[-1]  # the client's last try (each entry's failure is listed)
     return '"timeout"' in error or "did not finish within" in error or " within 240 s" in last
@@ -237,6 +259,87 @@ def tracebacks(swarm: LocalSwarm) -> int:
     return sum(n.log().count("Traceback") + n.log().count(" unexpected ") for n in swarm.nodes)
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT: stop, and report what was measured."""
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+class Reporter:
+    """The report, built from the records so far; written (atomically) to a file every `every` s by a thread
+    and at the end.  Reference tokens are computed once per prompt and kept between reports."""
+
+    def __init__(self, a, model: Path, swarm: LocalSwarm, tally: Tally, events: list, path: Path):
+        self.a, self.model, self.swarm, self.tally, self.events, self.path = a, model, swarm, tally, events, path
+        self.refs: dict[str, list[int]] = {}
+        self.lock = threading.Lock()  # the writing thread and the main thread's last report
+        self.info: dict = {"phase": "starting", "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                           "load_average_start": os.getloadavg(), "argv": sys.argv[1:]}
+        self.senders = None
+        self.t_start = time.time()
+
+    def reference(self, prompt: str) -> list[int]:
+        if prompt not in self.refs:
+            self.refs[prompt] = generate(GenerateJob(model_dir=str(self.model), prompt=prompt,
+                                                     max_new_tokens=self.a.new_tokens))["tokens"]
+        return self.refs[prompt]
+
+    def build(self) -> dict:
+        events = list(self.events)
+        report = {**self.info, "submitted": 0, "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0,
+                  "lost_deadline": 0, "lost_open": 0, "duplicated": 0, "refused": 0, "open_unaccepted": 0,
+                  "log_tracebacks": self.info.get("tracebacks_before_stop", tracebacks(self.swarm)), "seconds": round(time.time() - self.t_start),
+                  "load_average_now": os.getloadavg(),
+                  "hostile": self.senders.stats if self.senders else None,
+                  "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
+                  "work_dir": str(self.swarm.folder.parent)}
+        for rec in self.tally.snapshot():
+            report["submitted"] += 1
+            final = rec["final"] or {}
+            done = final.get("done")
+            if rec["accepted"] or done:
+                report["accepted"] += 1
+            if done:
+                report["completed"] += 1
+                good = done["tokens"] == self.reference(rec["prompt"])
+                report["correct" if good else "wrong"] += 1
+                idx = [k for k, _ in rec["streamed"]]
+                if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
+                    report["duplicated"] += 1
+            elif rec["open"] or rec.get("cut"):  # still running when this report was made, or at the drain limit
+                if rec["accepted"] and (rec.get("cut") or self.info["phase"] in ("done", "interrupted")):
+                    report["lost"] += 1  # the drain limit (or a signal) ended the run before it did
+                    report["lost_open"] += 1
+                    report["lost_requests"].append(trace_lost(rec, self.swarm, events))
+                elif not rec["accepted"]:
+                    report["open_unaccepted"] += 1
+            else:
+                report["lost" if rec["accepted"] else "refused"] += 1
+                if rec["accepted"]:
+                    report["lost_requests"].append(trace_lost(rec, self.swarm, events))
+                    report["lost_deadline"] += report["lost_requests"][-1]["deadline"]
+                why = rec["error"] or json.dumps(final.get("error"))
+                report["errors"][why[:160]] = report["errors"].get(why[:160], 0) + 1
+        return report
+
+    def write(self) -> dict:
+        with self.lock:
+            report = self.build()
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(report))
+            tmp.replace(self.path)
+            return report
+
+    def run(self, stop: threading.Event, every: float = 30.0) -> None:
+        while not stop.wait(every):
+            try:
+                self.write()
+            except Exception as e:  # a report is worth less than the run: say so and go on
+                log_once(f"partial report not written: {type(e).__name__}: {e}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="2,1,2,1", help="devices per node")
@@ -247,10 +350,17 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hostile", action="store_true", help="an owned swarm, with hostile senders beside the faults")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print the final report as JSON")
+    ap.add_argument("--out", type=Path, help="report file, rewritten every 30 s and at the end "
+                                             "(default: report.json in the work directory)")
+    ap.add_argument("--drain-limit", type=float, default=600.0,
+                    help="after the load, wait at most this long for running requests (default: 600 s, the "
+                         "entry's request deadline); those still open then count as lost")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     work = Path(tempfile.mkdtemp(prefix="hexswarm-chaos-"))
+    out = a.out or work / "report.json"
+    print(f"chaos: report in {out}", file=sys.stderr)
     model = make_tiny_llama(work / "model")
     owner = generate_identity() if a.hostile else None
     swarm = LocalSwarm(work / "nodes", model, [int(n) for n in a.nodes.split(",")], owner=owner,
@@ -259,15 +369,19 @@ def main() -> int:
         client = generate_identity()
         swarm.client = (client, codec.decode(swarm.certificate(client.peer_id.to_base58(), "client").read_bytes()))
     tally, events, threads = Tally(), [], []
-    stop = threading.Event()
-    senders = None
-    t_start = time.time()
+    stop, stop_reports = threading.Event(), threading.Event()
+    reporter = Reporter(a, model, swarm, tally, events, out)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    survived = False
     try:
         swarm.start()
         swarm.wait_layout(120)
         if a.hostile:
-            senders = HostileSenders(swarm, work / "hostile", LlamaConfig.from_dir(model).hidden_size, a.seed)
-            threading.Thread(target=senders.run, args=(stop,), daemon=True).start()
+            reporter.senders = HostileSenders(swarm, work / "hostile", LlamaConfig.from_dir(model).hidden_size, a.seed)
+            threading.Thread(target=reporter.senders.run, args=(stop,), daemon=True).start()
+        reporter.info["phase"] = "load"
+        threading.Thread(target=reporter.run, args=(stop_reports,), daemon=True).start()
         fault = threading.Thread(target=chaos, args=(swarm, stop, a.every, rng, events), daemon=True)
         fault.start()
         t_end = time.monotonic() + a.duration
@@ -282,47 +396,42 @@ def main() -> int:
             time.sleep(rng.expovariate(a.rate))
         stop.set()
         fault.join()
+        reporter.info["phase"] = "drain"
+        t_drain = time.monotonic()
         for t in threads:
-            t.join(300)
+            t.join(max(0.0, t_drain + a.drain_limit - time.monotonic()))
+        reporter.info["drain"] = {"limit_s": a.drain_limit, "took_s": round(time.monotonic() - t_drain, 1),
+                                  "open_at_end": sum(t.is_alive() for t in threads)}
+        for rec in tally.snapshot():
+            rec["cut"] = rec["open"]  # its client is ended with the swarm: lost to the drain limit
+        reporter.info["phase"] = "done"
         # a node the schedule killed last may not be restarted yet; any other exit is a crash
         survived = all(n.alive() or n.proc.returncode == -signal.SIGKILL for n in swarm.nodes)
-        bugs = tracebacks(swarm)
+    except Interrupted as e:
+        reporter.info["phase"] = "interrupted"
+        reporter.info["interrupted_by"] = str(e)
+        print(f"chaos: {e}: reporting what was measured", file=sys.stderr)
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the report and the clean-up run to the end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        reporter.info["tracebacks_before_stop"] = tracebacks(swarm)  # stopping nodes may log their own
         stop.set()
-        if senders is not None:
-            senders.close()
+        stop_reports.set()
+        reporter.info["nodes_alive_at_end"] = survived
+        reporter.info["ended"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        reporter.info["load_average_end"] = os.getloadavg()
+        if reporter.senders is not None:
+            reporter.senders.close()
         for node in swarm.nodes:
             if node.alive():
                 node.kill(signal.SIGCONT)
         swarm.stop()
-    refs: dict[str, list[int]] = {}
-    report = {"submitted": len(tally.records), "accepted": 0, "completed": 0, "correct": 0, "wrong": 0, "lost": 0, "lost_deadline": 0,
-              "duplicated": 0, "refused": 0, "nodes_alive_at_end": survived, "log_tracebacks": bugs,
-              "seconds": round(time.time() - t_start), "hostile": senders.stats if senders else None,
-              "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
-              "work_dir": str(work)}
-    for rec in tally.records:
-        final = rec["final"] or {}
-        done = final.get("done")
-        if rec["accepted"] or done:
-            report["accepted"] += 1
-        if done:
-            report["completed"] += 1
-            if rec["prompt"] not in refs:
-                refs[rec["prompt"]] = generate(GenerateJob(model_dir=str(model), prompt=rec["prompt"],
-                                                           max_new_tokens=a.new_tokens))["tokens"]
-            report["correct"] += done["tokens"] == refs[rec["prompt"]]
-            report["wrong"] += done["tokens"] != refs[rec["prompt"]]
-            idx = [k for k, _ in rec["streamed"]]
-            if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
-                report["duplicated"] += 1
-        else:
-            report["lost" if rec["accepted"] else "refused"] += 1
-            if rec["accepted"]:
-                report["lost_requests"].append(trace_lost(rec, swarm, events))
-                report["lost_deadline"] += report["lost_requests"][-1]["deadline"]
-            why = rec["error"] or json.dumps(final.get("error"))
-            report["errors"][why[:160]] = report["errors"].get(why[:160], 0) + 1
+    try:
+        report = reporter.write()
+    except Exception as e:  # keep the last partial report on disk; say why the final one is missing
+        print(f"chaos: final report failed: {type(e).__name__}: {e}; the last partial one is in {out}",
+              file=sys.stderr)
+        raise
     if a.json:
         print(json.dumps(report))
     else:
@@ -334,7 +443,8 @@ def main() -> int:
             print(f"    {n} x {why}")
         for lost in report["lost_requests"]:
             print(f"    lost {json.dumps(lost, indent=2)}")
-    clean = report["lost"] == 0 and report["duplicated"] == 0 and report["wrong"] == 0 and survived and bugs == 0
+    clean = (report["phase"] == "done" and report["lost"] == 0 and report["duplicated"] == 0 and report["wrong"] == 0
+             and survived and report["log_tracebacks"] == 0)
     return 0 if clean else 1
 
 

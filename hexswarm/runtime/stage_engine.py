@@ -382,6 +382,10 @@ class StageEngine:
             for req in step.reqs:
                 req.in_flight = 0
                 req.pending = 0
+                # its rows may not have reached the later stages' KV caches (and a lost last prefill chunk leaves
+                # no token to decode: IndexError in _schedule, the engine died, chaos run): run its whole context
+                # again, as a resume does
+                req.prefilled, req.prefill_done = 0, False
 
     def _schedule(self) -> list[Row]:
         """Decode rows first (each running request whose token is back, or on the device), then

@@ -40,12 +40,22 @@ class SwarmLayout:
     view: tuple[str, ...]  # the up peers the plan was made from
     replicas: tuple[tuple[StageAssignment, ...], ...]
     predicted: dict = field(default_factory=dict, compare=False)
+    # per replica: (epoch, replica) of the committed layout it repeats stage for stage, whose stages
+    # are kept loaded and serve on (StageSet.load_epoch), or None: loaded fresh.  () when none does.
+    # The head decides it once, so every peer of a replica reuses or none does.
+    continues: tuple[tuple[int, int] | None, ...] = ()
 
     def to_wire(self) -> dict:
-        return {
+        wire = {
             "epoch": self.epoch, "head": self.head, "model": self.model, "view": list(self.view),
             "replicas": [[s.to_wire() for s in r] for r in self.replicas], "predicted": self.predicted,
         }
+        if any(c is not None for c in self.continues):  # absent otherwise: older peers' layouts read the same
+            wire["continues"] = [None if c is None else list(c) for c in self.continues]
+        return wire
+
+    def continued(self, replica: int) -> tuple[int, int] | None:
+        return self.continues[replica] if replica < len(self.continues) else None
 
     @classmethod
     def from_wire(cls, d: Any, n_layers: int | None = None) -> "SwarmLayout":
@@ -55,6 +65,7 @@ class SwarmLayout:
                 view=tuple(str(p) for p in d["view"]),
                 replicas=tuple(tuple(StageAssignment.from_wire(s) for s in r) for r in d["replicas"]),
                 predicted=dict(d.get("predicted") or {}),
+                continues=tuple(None if c is None else (int(c[0]), int(c[1])) for c in d.get("continues") or ()),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise ProtocolError(f"malformed layout: {type(e).__name__}: {e}") from None
@@ -69,6 +80,9 @@ class SwarmLayout:
                 raise ProtocolError("a replica's stages must cover the layers contiguously from 0")
             if n_layers is not None and r[-1].layer_end != n_layers:
                 raise ProtocolError(f"a replica covers {r[-1].layer_end} of {n_layers} layers")
+        if self.continues and (len(self.continues) != len(self.replicas) or any(
+                c is not None and not (0 <= c[0] < self.epoch and 0 <= c[1]) for c in self.continues)):
+            raise ProtocolError("continues: one [older epoch, replica] or null per replica")
 
     def stages_of(self, peer: str) -> list[tuple[int, int]]:
         """(replica, stage index) pairs this peer serves."""

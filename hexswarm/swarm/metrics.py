@@ -239,7 +239,9 @@ class EntryMetrics:
         r.gauge("hexswarm_entry_in_flight", "Requests in flight that entered through this node",
                 callback=lambda: float(self.in_flight_entry))
         r.gauge("hexswarm_queue_depth", "Requests held by the stages this node serves (sum over its stages)",
-                callback=lambda: float(sum(s["in_flight"] for s in self._stages())))
+                callback=lambda: float(sum(s["in_flight"] for s in self._stages()  # a continued stage once
+                                          if s.get("loaded_for", [s["epoch"], s["replica"], s["stage"]])
+                                          == [s["epoch"], s["replica"], s["stage"]])))
         r.gauge("hexswarm_stage_in_flight", "Requests held by each stage this node serves",
                 ("epoch", "replica", "stage"),
                 callback=lambda: {(str(s["epoch"]), str(s["replica"]), str(s["stage"])): float(s["in_flight"])

@@ -3,8 +3,9 @@
 Three ways, in order: a layout shape pinned in the head's config
 (`serve_layout`), the HexGen scheduler (hexswarm.plan) on the measured
 inventories and links, or - if the scheduler finds nothing - one stage per
-peer with layers in proportion to memory.  All are deterministic in the view,
-so any head computes the same layout from the same table.
+peer with layers in proportion to memory.  All are deterministic in the view
+(and, pinned, the replicas kept from the committed layout), so any head computes
+the same layout from the same table.
 """
 
 from __future__ import annotations
@@ -50,19 +51,33 @@ class PeerView:
         return sum(float(d.get("memory_gib", 0)) for d in self.devices)
 
 
-def pinned_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict) -> list[list[StageAssignment]]:
+def pinned_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict,
+                  keep: list[list[StageAssignment]] = ()) -> list[list[StageAssignment]]:
     """Map a pinned shape {hetero_config, pp_partition, replicas} onto peers.
 
-    Each stage needs one peer with at least its TP degree of devices; stages with
-    the largest TP pick first, each the smallest peer that fits (ties by id), so
-    the result only depends on the view.  As many replicas as fit, up to `replicas`.
+    First the replicas of `keep` (the committed layout's healthy ones) that still fit the shape
+    and the view, as they are: their stages stay loaded and serve on in the new epoch, while a
+    reshuffle would make peers load again (a TP-2 stage took 25-55 s on a loaded host) and leave
+    requests waiting.  Then, for the rest, each stage needs one peer with at least its TP degree
+    of devices; stages with the largest TP pick first, each the smallest peer that fits (ties by
+    id), so the result only depends on the view.  As many replicas as fit, up to `replicas`.
     """
     hc, pp = list(shape["hetero_config"]), list(shape["pp_partition"])
     if len(hc) != len(pp) or sum(pp) != cfg.num_hidden_layers:
         raise UserError(f"serve_layout {hc} / {pp} does not fit the model's {cfg.num_hidden_layers} layers")
     free = sorted(peers, key=lambda p: p.peer)
+    bounds = [sum(pp[:i]) for i in range(len(pp) + 1)]
     replicas = []
-    for _ in range(int(shape.get("replicas", 1))):
+    for old in keep:
+        by_id = {p.peer: p for p in free}
+        fits = (len(replicas) < int(shape.get("replicas", 1)) and len(old) == len(hc)
+                and len({s.peer for s in old}) == len(old)
+                and all(s.peer in by_id and s.tp == hc[i] and by_id[s.peer].tp_capacity(cfg) >= s.tp
+                        and (s.layer_start, s.layer_end) == (bounds[i], bounds[i + 1]) for i, s in enumerate(old)))
+        if fits:
+            replicas.append(list(old))
+            free = [p for p in free if p.peer not in {s.peer for s in old}]
+    while len(replicas) < int(shape.get("replicas", 1)):
         chosen: dict[int, PeerView] = {}
         for si in sorted(range(len(hc)), key=lambda i: -hc[i]):
             # best fit: the smallest peer that can hold the stage, so bigger peers stay for wider stages
@@ -105,9 +120,10 @@ def scheduler_layout(cfg: LlamaConfig, peers: list[PeerView], seed: int = 0) -> 
     return plan_bridge.plan_from_view(cfg, peers, seed)
 
 
-def make_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict | None, seed: int = 0) -> tuple[list[list[StageAssignment]], dict]:
+def make_layout(cfg: LlamaConfig, peers: list[PeerView], shape: dict | None, seed: int = 0,
+                keep: list[list[StageAssignment]] = ()) -> tuple[list[list[StageAssignment]], dict]:
     if shape:
-        replicas = pinned_layout(cfg, peers, shape)
+        replicas = pinned_layout(cfg, peers, shape, keep)
         if not replicas:
             raise UserError(f"no peers fit the pinned layout {shape}")
         return replicas, {"source": "pinned"}

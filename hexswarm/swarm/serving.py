@@ -43,6 +43,7 @@ PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot o
 NOT_HEAD = "not_head"
 PROPOSAL_GRACE_S = 5.0  # how long a peer a proposal assigns may look down before the proposal is dropped
 REPROPOSE_S = 5.0  # a proposal is published again this often until every assigned peer is ready
+DISPATCH_RECHECK_S = 0.5  # a placement waiting for a live pipeline looks again this often
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
 
@@ -100,6 +101,7 @@ class Server:
         self._ready: dict[int, tuple[SwarmLayout, set[str]]] = {}
         self._reporting: set[int] = set()  # epochs this peer is loading and reporting ready for
         self._proposing = False
+        self._last_proposal: SwarmLayout | None = None  # its stages may be loaded though it never committed
         self._view_seen: tuple[frozenset, float] | None = None
         self._last_republish = 0.0
         self._layout_changed = trio.Event()
@@ -141,10 +143,10 @@ class Server:
                     await self.stages.close()
 
     # ---- the head --------------------------------------------------------------------------
-    def serving_view(self) -> list[str]:
-        """Live peers serving our model, self included, sorted."""
+    def serving_view(self, any_state: bool = False) -> list[str]:
+        """Live peers serving our model, self included, sorted (any_state: the table's down peers too)."""
         peers = {self.me}
-        for entry in self.node.table.up():
+        for entry in (self.node.table.entries() if any_state else self.node.table.up()):
             if entry.record.extra.get("model") == self.model_id and entry.record.extra.get("serve"):
                 peers.add(entry.peer_id)
         return sorted(peers)
@@ -180,9 +182,14 @@ class Server:
             now = time.monotonic()
             if self._view_seen is None or self._view_seen[0] != key:
                 self._view_seen = (key, now)
-            stale = (self.committed is None or frozenset(self.committed.view) != key
-                     or bool(self.failed_replicas(self.committed)))  # a new epoch loads fresh stages
-            if stale and not self._proposing and now - self._view_seen[1] >= self.head_settings.settle_s:
+            failed = self.committed is not None and bool(self.failed_replicas(self.committed))
+            stale = self.committed is None or frozenset(self.committed.view) != key or failed
+            # a view that lost a peer holds PROPOSAL_GRACE_S first: on a loaded host peers missed heartbeats for
+            # a second all the time, and each miss planned their replicas out (to be loaded again a moment later);
+            # meanwhile requests go to the committed layout's healthy replicas
+            lost = self.committed is not None and not failed and not key >= frozenset(self.committed.view)
+            hold = max(self.head_settings.settle_s, PROPOSAL_GRACE_S) if lost else self.head_settings.settle_s
+            if stale and not self._proposing and now - self._view_seen[1] >= hold:
                 self._proposing = True
                 nursery.start_soon(self._propose, view)
             if self._commit_msg is not None and now - self._last_republish >= self.head_settings.republish_s:
@@ -201,14 +208,21 @@ class Server:
 
     async def _propose(self, view: list[str]) -> None:
         try:
+            # replicas whose stages are loaded: the committed layout's healthy ones, and those of the last
+            # proposal that every peer loaded (it may have failed to commit only for another replica)
+            sources = [x for x in (self.committed, self._last_proposal) if x is not None]
+            keep = [list(src.replicas[r]) for src in sources for r in self.healthy_replicas(src)
+                    if src is self.committed or self._loaded(src, r)]
             replicas, predicted = await trio.to_thread.run_sync(
                 make_layout, self.cfg, self._peer_views(view), self.head_settings.serve_layout,
-                self.head_settings.plan_seed)
+                self.head_settings.plan_seed, keep)
             await self._learn_highest_epoch(view)
             epoch = self.highest_epoch + 1
             self.highest_epoch = epoch
-            layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view),
-                                 tuple(tuple(r) for r in replicas), predicted)
+            replicas = tuple(tuple(r) for r in replicas)
+            layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view), replicas, predicted,
+                                 self._continuations(sources, replicas))
+            self._last_proposal = layout
             log.info("head: proposing epoch %d: %s", epoch, layout.describe())
             self._ready[epoch] = (layout, set())
             ready = self._ready[epoch][1]
@@ -229,6 +243,11 @@ class Server:
                     if gone:
                         log.info("head: %s down while epoch %d was loading; re-planning", gone, epoch)
                         return
+                    if self.highest_epoch > epoch:
+                        # a head that (re)started and could not ask its view for the newest epoch proposed one the
+                        # others had passed: they ignore it, and it waited ready_timeout_s (120 s) for nothing
+                        log.info("head: epoch %d is already taken (seen %d); re-planning", epoch, self.highest_epoch)
+                        return
                     if trio.current_time() - published > REPROPOSE_S:
                         # a peer whose gossip mesh formed after the first publish (e.g. one reached only
                         # through a relay) never saw it; loading peers take a repeat as a no-op
@@ -248,6 +267,28 @@ class Server:
         finally:
             self._ready.clear()  # one proposal at a time: nothing else is waited on
             self._proposing = False
+
+    def _continuations(self, sources: list[SwarmLayout], replicas: tuple) -> tuple:
+        """For each new replica, a replica of `sources` (the committed layout, then the last proposal) it
+        repeats stage for stage, when every stage of that one is loaded and healthy as its peer reports: its
+        peers serve on with the stages they have (no load, no wait for ready) instead of loading them again."""
+        out: list[tuple[int, int] | None] = []
+        for stages in replicas:
+            old = next(((src.epoch, r) for src in sources for r in self.healthy_replicas(src)
+                        if src.replicas[r] == stages and self._loaded(src, r) and (src.epoch, r) not in out), None)
+            out.append(old)
+        return tuple(out) if any(c is not None for c in out) else ()
+
+    def _loaded(self, layout: SwarmLayout, replica: int) -> bool:
+        return all(self._serves(st.peer, f"{layout.epoch}:{replica}:{si}")
+                   for si, st in enumerate(layout.replicas[replica]))
+
+    def _serves(self, peer: str, key: str) -> bool:
+        """Whether `peer` has the stage "epoch:replica:stage" loaded, as its last record (or this node) says."""
+        if peer == self.me:
+            return key in self.stages.slot_counts()
+        entry = self.node.table.get(peer)
+        return entry is not None and key in (entry.record.extra.get("slots") or {})
 
     async def _learn_highest_epoch(self, view: list[str]) -> None:
         """A head that just (re)started has seen no commit yet: ask the view for the newest epoch,
@@ -431,7 +472,9 @@ class Server:
                 replicas = self.healthy_replicas(layout) if layout else []
                 if replicas:
                     break
-                await self._layout_changed.wait()
+                # a new commit, or a peer back up (a missed heartbeat or two on a busy host): look again
+                with trio.move_on_after(DISPATCH_RECHECK_S):
+                    await self._layout_changed.wait()
         if not replicas:
             what = "no committed layout" if layout is None else f"no live pipeline in epoch {layout.epoch}"
             raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
@@ -483,7 +526,9 @@ class Server:
     def _check_start(self, msg: dict, sender: str) -> None:
         """A start comes from a head, and each (entry, request id) moves to a newer attempt: a replayed
         attempt would meet the tokens of the one it replaces at stage 0 (seen killing the engine)."""
-        if sender != self.me and sender not in self.head_candidates(self.serving_view()):
+        # head-capable among the peers in the table, up or not: a head that missed a heartbeat or two here (a
+        # busy host) still places requests, and its starts dropped here stalled them 60 s each (chaos run)
+        if sender != self.me and sender not in self.head_candidates(self.serving_view(any_state=True)):
             raise ProtocolError(f"start from {sender}, which is not a head candidate")
         key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
         if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):

@@ -1,5 +1,12 @@
 """The stages this node serves, per layout epoch: load on proposal, route pipe
-messages to them, retire them once a newer epoch is committed and they are idle."""
+messages to them, retire them once a newer epoch is committed and they are idle.
+
+A replica that a new layout continues (`SwarmLayout.continues`: the same stages on the same peers
+as in the committed layout) is not loaded again: its workers serve the new epoch too, under a
+second key (an alias).  A worker keeps sending `forward` / `tokens` to the keys of the epoch it
+was built for, and takes them only there: every worker of a chain was built for the same epoch,
+so steps always meet the KV cache they belong to, and a peer that loaded afresh where the others
+continued (it restarted in between) drops them rather than computing on a cache it does not have."""
 
 from __future__ import annotations
 
@@ -59,6 +66,7 @@ class StageSet:
         self.workers: dict[StageKey, StageEngine | EngineProcess] = {}
         self.layouts: dict[int, SwarmLayout] = {}
         self.last_used: dict[StageKey, float] = {}
+        self.home: dict[StageKey, StageKey] = {}  # alias -> the key its worker was built for
         self._loading: dict[int, trio.Event] = {}
 
     async def load_epoch(self, layout: SwarmLayout) -> None:
@@ -71,7 +79,7 @@ class StageSet:
         try:
             for ri, si in layout.stages_of(self.me):
                 key = (layout.epoch, ri, si)
-                if key in self.workers:
+                if key in self.workers or self._continue(layout, ri, si):
                     continue
                 if self.weights is not None:  # this stage's tensors, from peers, before it loads
                     st, n_stages = layout.replicas[ri][si], len(layout.replicas[ri])
@@ -84,6 +92,28 @@ class StageSet:
                          layout.replicas[ri][si].layer_start, layout.replicas[ri][si].tp)
         finally:
             done.set()
+
+    def _continue(self, layout: SwarmLayout, ri: int, si: int) -> bool:
+        """Serve stage (ri, si) of `layout` with the worker already loaded for the replica it continues,
+        when that worker is alive and was built for the very same stages; False: load it."""
+        cont = layout.continued(ri)
+        if cont is None:
+            return False
+        old_key, key = (cont[0], cont[1], si), (layout.epoch, ri, si)
+        worker, old = self.workers.get(old_key), self.layouts.get(cont[0])
+        same = old is not None and cont[1] < len(old.replicas) and old.replicas[cont[1]] == layout.replicas[ri]
+        alive = (worker is not None and worker.error is None
+                 and getattr(getattr(worker, "host", None), "followers_alive", lambda: True)())
+        if not (same and alive):
+            log.info("epoch %d: replica %d stage %d cannot continue epoch %d's replica %d (%s); loading it",
+                     layout.epoch, ri, si, cont[0], cont[1], "not the same stages" if not same else "not loaded here")
+            return False
+        self.workers[key] = worker
+        self.home[key] = self.home.get(old_key, old_key)
+        self.last_used[key] = time.monotonic()
+        log.info("epoch %d: replica %d stage %d continues as loaded for epoch %d (no load)", layout.epoch, ri, si,
+                 self.home[key][0])
+        return True
 
     def _build_worker(self, layout: SwarmLayout, ri: int, si: int) -> StageEngine | EngineProcess:
         replica = layout.replicas[ri]
@@ -156,8 +186,8 @@ class StageSet:
             raise ProtocolError("'to' must be [epoch, replica, stage]")
         key = tuple(to)
         worker = self.workers.get(key)
-        if worker is None:
-            return False
+        if worker is None or (key in self.home and msg.get("kind") in ("forward", "tokens")):
+            return False  # steps go only to the key their worker was built for (module docstring)
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
                             worker.spec.n_slots, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
@@ -168,7 +198,7 @@ class StageSet:
         """This node's timings of one request, per stage it served."""
         out = []
         for (e, r, s), w in sorted(self.workers.items()):
-            span = w.spans.get(rid)
+            span = None if (e, r, s) in self.home else w.spans.get(rid)
             if span is not None:
                 out.append({"epoch": e, "replica": r, "stage": s, "peer": self.me, **span})
         return out
@@ -195,23 +225,36 @@ class StageSet:
     async def retire_older_than(self, epoch: int) -> None:
         """Close stages of older epochs once idle (their in-flight requests finish first)."""
         now = time.monotonic()
-        for key in [k for k in self.workers if k[0] < epoch]:
+        # aliases first: a worker whose aliases all go is retired under its own key in the same pass
+        for key in sorted((k for k in self.workers if k[0] < epoch), key=lambda k: k not in self.home):
             worker = self.workers[key]
             last = max(self.last_used[key], worker.last_message_at)  # steps over local links skip route()
             idle = worker.in_flight == 0 and now - last > self.settings.retire_idle_s
-            if idle or worker.error is not None:  # a failed engine's requests were resumed elsewhere
-                del self.workers[key]
-                self.last_used.pop(key, None)
-                if not any(k[0] == key[0] for k in self.workers):
-                    self.layouts.pop(key[0], None)
-                await trio.to_thread.run_sync(worker.close)
-                log.info("epoch %d: retired replica %d stage %d", *key)
+            if not (idle or worker.error is not None):  # a failed engine's requests were resumed elsewhere
+                continue
+            names = [k for k, w in self.workers.items() if w is worker]
+            if key not in self.home and len(names) > 1:
+                continue  # its steps are addressed here while a newer epoch's alias serves on with it
+            del self.workers[key]
+            self.home.pop(key, None)
+            self.last_used.pop(key, None)
+            if not any(k[0] == key[0] for k in self.workers):
+                self.layouts.pop(key[0], None)
+            if len(names) > 1:
+                log.info("epoch %d: replica %d stage %d serves on in a newer epoch", *key)
+                continue
+            await trio.to_thread.run_sync(worker.close)
+            log.info("epoch %d: retired replica %d stage %d", *key)
 
     async def close(self) -> None:
-        for key in list(self.workers):
-            await trio.to_thread.run_sync(self.workers.pop(key).close)
+        workers = list({id(w): w for w in self.workers.values()}.values())  # aliases name one worker
+        self.workers.clear()
+        self.home.clear()
+        for worker in workers:
+            await trio.to_thread.run_sync(worker.close)
 
     def describe(self) -> list[dict]:
         return [{"epoch": e, "replica": r, "stage": s, "in_flight": w.in_flight,
-                 "failed": None if w.error is None else repr(w.error)}
+                 "failed": None if w.error is None else repr(w.error),
+                 "loaded_for": list(self.home.get((e, r, s), (e, r, s)))}
                 for (e, r, s), w in sorted(self.workers.items())]
