@@ -160,6 +160,25 @@ def is_relayed(conn: Any) -> bool:
         return False
 
 
+def connection_kind(host: Any, peer_id: Any) -> str | None:
+    """"direct" when any connection to `peer_id` is not relayed, "relayed" when all are, None without one."""
+    conns = host.get_network().connections.get(peer_id, []) or []
+    if not conns:
+        return None
+    return "relayed" if all(is_relayed(c) for c in conns) else "direct"
+
+
+def route_of(host: Any, peer_id: Any, stream: Any) -> str:
+    """How `stream` reaches `peer_id`: its connection's transport address (a relayed one names the relay)."""
+    for conn in host.get_network().connections.get(peer_id, []) or []:
+        if conn.muxed_conn is stream.muxed_conn:
+            try:
+                return " ".join(str(a) for a in conn.get_transport_addresses()) or "unknown"
+            except Exception:
+                return "unknown"
+    return "unknown"
+
+
 def remote_ip(host: Any, peer_id: Any) -> str | None:
     """The IP we reach `peer_id` at over a direct (not relayed) connection, or None."""
     for conn in host.get_network().connections.get(peer_id, []) or []:

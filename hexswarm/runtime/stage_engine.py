@@ -275,6 +275,8 @@ class StageEngine:
                     self._step_returned(m, events)
                 elif kind == "cancel":
                     self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
+                elif kind == "_link_broken":  # from this node's pipe, never from the network
+                    self._link_broken(m["peer"])
             except Exception as e:  # one bad message is dropped; the engine and its other requests go on
                 log.warning("stage engine %s dropped a %s message: %s: %s", self._thread.name, kind,
                             type(e).__name__, e)
@@ -568,6 +570,22 @@ class StageEngine:
         req = self.requests.get(rid)
         if req is not None and attempt in (None, req.attempt) and may(req.entry):
             self._release(req)
+
+    def _link_broken(self, peer: str) -> None:
+        """A link of this pipeline to or from `peer` broke: the steps in flight may be lost.  Their
+        requests end here with an error, and each entry places its request again from the tokens
+        it has (exactly once); the pipeline is otherwise whole, so it may well get them back."""
+        lost = [req for req in self.requests.values() if req.in_flight]
+        if not lost:
+            return
+        log.warning("stage engine %s: link to %s broke with %d requests in flight; handing them back to their entries",
+                    self._thread.name, peer, len(lost))
+        for req in lost:
+            self._release(req)
+            self.send(req.entry, {"kind": "done", "rid": req.rid, "attempt": req.attempt,
+                                  "error": f"pipeline link to {peer} broke"})
+        # every step in flight held only these requests (a request with nothing in flight is in none)
+        self._steps.clear()
 
     # ---- later stages --------------------------------------------------------------------
     def _finite(self, flags: torch.Tensor, msgs: list[dict]) -> bool:
