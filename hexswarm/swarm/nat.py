@@ -82,7 +82,11 @@ class NatTraversal:
     async def _keep_reservations(self) -> None:
         relays = self.relay_peers()
         for relay in set(self._relays) - set(relays):
-            del self._relays[relay]
+            relay_id = parse_peer_id(relay)
+            # a relay whose records are late (a loaded machine) but that still holds our slot over a live
+            # connection stays in our record: dropping it re-published our addresses and made peers re-dial
+            if not (self.stack.has_reservation(relay_id) and is_connected(self.node.host, relay_id)):
+                del self._relays[relay]
         for relay, addrs in relays.items():
             relay_id = parse_peer_id(relay)
             if relay in self._relays and self.stack.has_reservation(relay_id):
