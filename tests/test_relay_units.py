@@ -61,3 +61,27 @@ def test_a_relayed_circuit_ending_leaves_the_other_circuits_of_its_peer_alone():
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_pipe_link_that_cannot_be_opened_is_reported_not_raised():
+    """A peer reached only through a relay that just died: opening the link fails.  The writer reports the
+    undelivered messages and the broken link; nothing escapes into the node (a KeyError here once ended it)."""
+    from hexswarm.swarm.pipe import MessagePipe
+
+    failed, broken = [], []
+    pipe = MessagePipe(node=None, on_send_failed=lambda peer, msgs: failed.append(msgs),
+                       on_link_broken=broken.append)
+
+    async def unreachable(peer):
+        raise ConnectionError("no relay left")
+
+    pipe._open_stream = unreachable
+
+    async def main():
+        channel, receive = trio.open_memory_channel(8)
+        pipe._out["B"] = channel
+        channel.send_nowait({"kind": "start"})
+        await pipe._writer("B", channel, receive)
+
+    trio.run(main)
+    assert failed == [[{"kind": "start"}]] and broken == ["B"] and "B" not in pipe._out

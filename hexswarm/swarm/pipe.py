@@ -155,7 +155,7 @@ class MessagePipe:
             if unannounced:
                 self._link_broken(peer)
         finally:
-            if self._out_streams.get(peer) is stream:
+            if stream is not None and self._out_streams.get(peer) is stream:
                 del self._out_streams[peer]
             if stream is not None:
                 await close_quietly(stream)
