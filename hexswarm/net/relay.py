@@ -168,6 +168,24 @@ def connection_kind(host: Any, peer_id: Any) -> str | None:
     return "relayed" if all(is_relayed(c) for c in conns) else "direct"
 
 
+async def drop_relayed(host: Any, peer_id: Any, muxed_conn: Any = None) -> int:
+    """Close relayed connections to `peer_id` (only the one carrying `muxed_conn`, when given) whose streams
+    failed: py-libp2p keeps some of them listed after their relay died (seen on the side that did not dial),
+    and every new stream to the peer then fails on them instead of a new connection being made."""
+    closed = 0
+    for conn in list(host.get_network().connections.get(peer_id, []) or []):
+        if is_relayed(conn) and (muxed_conn is None or conn.muxed_conn is muxed_conn):
+            with trio.move_on_after(5):
+                try:
+                    await conn.close()
+                except Exception as e:
+                    log.debug("closing relayed connection to %s: %s", peer_id, e)
+            closed += 1
+    if closed:
+        log.info("closed %d relayed connection(s) to %s whose streams failed", closed, peer_id)
+    return closed
+
+
 def route_of(host: Any, peer_id: Any, stream: Any) -> str:
     """How `stream` reaches `peer_id`: its connection's transport address (a relayed one names the relay)."""
     for conn in host.get_network().connections.get(peer_id, []) or []:

@@ -42,8 +42,18 @@ from hexswarm.net.host import (
     parse_peer_multiaddr,
 )
 from hexswarm.net.identity import Identity, load_or_create
-from hexswarm.net.relay import connection_kind
-from hexswarm.net.protocols import FORBIDDEN, PEERS, PING, Handler, RemoteError, RequestError, request, serve
+from hexswarm.net.relay import connection_kind, drop_relayed
+from hexswarm.net.protocols import (
+    FORBIDDEN,
+    PEERS,
+    PING,
+    Handler,
+    RemoteError,
+    RequestError,
+    StreamOpenFailed,
+    request,
+    serve,
+)
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
@@ -216,7 +226,12 @@ class Node:
         """One request to a peer (PeerID or its base58 text); raises RequestError."""
         if isinstance(peer_id, str):
             peer_id = parse_peer_id(peer_id)
-        return await request(self.host, peer_id, protocol, msg, timeout=timeout, **options)
+        try:
+            return await request(self.host, peer_id, protocol, msg, timeout=timeout, **options)
+        except StreamOpenFailed:
+            if connection_kind(self.host, peer_id) == "relayed":
+                await drop_relayed(self.host, peer_id)  # discovery then dials it again, through a live relay
+            raise
 
     async def publish(self, topic: str, msg: Any) -> None:
         data = codec.encode(msg)

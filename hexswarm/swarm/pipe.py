@@ -138,6 +138,12 @@ class MessagePipe:
                 pending = []
         except (Exception, trio.TooSlowError) as e:
             log.warning("pipe to %s broke: %s: %s", peer, type(e).__name__, e)
+            if stream is not None and self.node is not None:
+                from hexswarm.net.host import parse_peer_id
+                from hexswarm.net.relay import drop_relayed
+
+                # a relayed connection whose stream broke: gone for good, so the next link dials afresh
+                await drop_relayed(self.node.host, parse_peer_id(peer), stream.muxed_conn)
             # not yet forgotten: nobody has announced this link's end (_connection_closed did, if it was)
             unannounced = self._out.get(peer) is channel
             if unannounced:
