@@ -138,12 +138,17 @@ class MessagePipe:
                 pending = []
         except (Exception, trio.TooSlowError) as e:
             log.warning("pipe to %s broke: %s: %s", peer, type(e).__name__, e)
-            if stream is not None and self.node is not None:
+            if self.node is not None:
                 from hexswarm.net.host import parse_peer_id
-                from hexswarm.net.relay import drop_relayed
+                from hexswarm.net.relay import connection_kind, drop_relayed
 
-                # a relayed connection whose stream broke: gone for good, so the next link dials afresh
-                await drop_relayed(self.node.host, parse_peer_id(peer), stream.muxed_conn)
+                # a relayed connection whose stream broke, or on which no stream could be opened (the link
+                # failed before it had one): gone for good, so the next link dials afresh
+                peer_id = parse_peer_id(peer)
+                if stream is not None:
+                    await drop_relayed(self.node.host, peer_id, stream.muxed_conn)
+                elif connection_kind(self.node.host, peer_id) == "relayed":
+                    await drop_relayed(self.node.host, peer_id)
             # not yet forgotten: nobody has announced this link's end (_connection_closed did, if it was)
             unannounced = self._out.get(peer) is channel
             if unannounced:
