@@ -7,7 +7,9 @@ Topology (all addresses exist only inside these namespaces; deleted afterwards):
       └─ rt<j>       198.18.77.(50+j) ── 10.<j+1>.0.1/24 ── lan<j> 10.<j+1>.0.2 (default via the router)
 
 Each router masquerades what leaves its public side (iptables MASQUERADE) and has no route to the
-other LANs, so a LAN host reaches another LAN only through a public host.
+other LANs, so a LAN host reaches another LAN only through a public host.  A router answers a SYN
+that no mapping expects with a reset (Linux's default), or with `drop_unsolicited` drops it, as most
+home routers' firewalls do: only then can two peers behind such routers punch a TCP hole.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ def _run(*args: str) -> None:
 
 
 class NatNet:
-    def __init__(self, public_hosts: int, lans: int):
+    def __init__(self, public_hosts: int, lans: int, drop_unsolicited: bool = False):
+        self.drop_unsolicited = drop_unsolicited
         self.tag = uuid.uuid4().hex[:5]
         self.bridge = f"hxb{self.tag}"
         self.public = [f"hxp{self.tag}{i}" for i in range(public_hosts)]
@@ -86,6 +89,9 @@ class NatNet:
             _run("ip", "netns", "exec", router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
             _run("ip", "netns", "exec", router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", wan,
                  "-j", "MASQUERADE")
+            if self.drop_unsolicited:
+                _run("ip", "netns", "exec", router, "iptables", "-A", "INPUT", "-i", wan, "-p", "tcp",
+                     "-m", "conntrack", "--ctstate", "NEW", "-j", "DROP")
         return self
 
     def exec_prefix(self, ns: str) -> list[str]:
@@ -96,14 +102,14 @@ class NatNet:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=15)
 
 
-def nat_net(public_hosts: int, lans: int):
+def nat_net(public_hosts: int, lans: int, drop_unsolicited: bool = False):
     """A created NatNet, or pytest.skip with the reason this machine cannot make one."""
     if os.geteuid() != 0:
         pytest.skip("NAT namespaces need root (ip netns, iptables)")
     for tool in ("ip", "iptables"):
         if shutil.which(tool) is None:
             pytest.skip(f"NAT namespaces need the `{tool}` command")
-    net = NatNet(public_hosts, lans)
+    net = NatNet(public_hosts, lans, drop_unsolicited)
     try:
         return net.create()
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:

@@ -95,8 +95,25 @@ def check_chain(nodes: list[NodeProcess], query_fn: Callable[[list[str]], dict[s
     assert states(replies[b.addr]).get(b_peer_id) == "up" and peer_id_of(b.config) == b_peer_id
 
 
+def stream_request(addr: str, prompt: str, max_new_tokens: int) -> None:
+    """Submit one streamed request; print every frame as a JSON line as it comes (for tests that act
+    mid-generation from outside the client's network namespace)."""
+    import trio
+
+    from hexswarm.swarm.submit import submit_to
+
+    def show(frame: dict) -> None:
+        print(json.dumps(frame, default=str), flush=True)
+
+    request = {"prompt": prompt, "max_new_tokens": max_new_tokens, "stream": True}
+    show(trio.run(lambda: submit_to(addr, request, show, timeout=300)))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] != "query":
-        sys.exit("usage: netutil.py query MA [MA ...]")
+    if len(sys.argv) < 3 or sys.argv[1] not in ("query", "submit"):
+        sys.exit("usage: netutil.py query MA [MA ...] | submit MA PROMPT MAX_NEW_TOKENS")
     os.environ.setdefault("PYTHONPATH", str(REPO))
-    print(json.dumps(query(sys.argv[2:]), default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))
+    if sys.argv[1] == "submit":
+        stream_request(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        print(json.dumps(query(sys.argv[2:]), default=lambda b: b.hex() if isinstance(b, bytes) else str(b)))

@@ -128,3 +128,37 @@ def test_a_newer_attempt_taking_an_id_back_mid_step_is_served_as_generate(tiny_m
     assert results["r"]["attempt"] == 7
     ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[2], max_new_tokens=12))
     assert results["r"]["tokens"] == ref["tokens"]
+
+
+def test_a_broken_link_hands_the_requests_in_flight_back_to_their_entries(tiny_model):
+    """A pipe link of the pipeline broke (say, its relay died) and took a step with it: stage 0 ends the
+    requests it has in flight with an error at once, so their entries resume them, instead of holding a
+    step that never returns for 60 s; the resumed attempt is served as `generate` does."""
+    pipe = LocalPipeline(tiny_model, [(1, 2), (1, 2)])
+    lost = []
+
+    def lossy(peer, msg):  # the link dies once the first tokens are out: forwards go nowhere
+        if msg["kind"] == "forward" and pipe.events.get("r"):
+            lost.append(msg)
+        else:
+            pipe.send(peer, msg)
+
+    pipe.first.send = lossy
+    try:
+        pipe.start("r", PROMPTS[3], 16)
+        deadline = time.monotonic() + 30
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pipe.first.submit({"kind": "_link_broken", "peer": "s1"})
+        failed = pipe.wait(1, timeout=10)["r"]
+        pipe.first.send = pipe.send
+        tokens = pipe.events["r"]
+        pipe.first.submit({"kind": "start", "rid": "r", "prompt_ids": pipe.tokenizer.encode(PROMPTS[3]), "params": {},
+                           "max_new_tokens": 16, "stop": [], "entry": "entry", "attempt": 1, "resume_tokens": tokens})
+        done = pipe.wait(1, timeout=60)["r"]
+    finally:
+        pipe.close()
+    assert failed["error"] == "pipeline link to s1 broke" and lost
+    ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[3], max_new_tokens=16))
+    assert done["tokens"] == ref["tokens"]
+    assert pipe.first.error is None

@@ -36,6 +36,10 @@ def setup_logging(level: str) -> None:
     # py-libp2p logs normal stream ends as warnings and failed optional
     # protocol probes as errors; they drown our logs unless asked for.
     libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
+    # HEXSWARM_LIBP2P_DEBUG=libp2p.relay,...: those py-libp2p loggers only, at debug (all of them
+    # at debug slow a node down several times over)
+    for name in filter(None, os.environ.get("HEXSWARM_LIBP2P_DEBUG", "").split(",")):
+        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | None = None, http: str | None = None):

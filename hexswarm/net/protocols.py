@@ -69,6 +69,10 @@ class RemoteError(RequestError):
         self.message = message
 
 
+class StreamOpenFailed(RequestError):
+    """A stream to the peer could not be opened (no connection, or protocol negotiation failed on one)."""
+
+
 class RequestTimeout(RequestError):
     pass
 
@@ -216,7 +220,7 @@ async def request(
         try:
             stream = await host.new_stream(peer_id, [TProtocol(protocol)])
         except Exception as e:
-            raise RequestError(f"cannot open {protocol} to {peer_id}: {type(e).__name__}: {e}") from None
+            raise StreamOpenFailed(f"cannot open {protocol} to {peer_id}: {type(e).__name__}: {e}") from None
         try:
             await write_frame(stream, msg, timeout=timeout)
             envelope = await read_frame(stream, timeout=timeout, max_size=max_reply)

@@ -5,11 +5,14 @@ worked around (docs/net.md, "NAT traversal"):
 * a relay given `data=0` ("no limit" in the spec) refuses every relayed byte: limits are set large;
 * the AutoNAT server dials the requester back over the connection the request came on, so every
   requester is told it is reachable: the dial-back here comes from a fresh host of its own;
-* the swarm never dials `/p2p-circuit` addresses: relayed dials go through the relay transport.
+* the swarm never dials `/p2p-circuit` addresses: relayed dials go through the relay transport;
+* the relay's bookkeeping of open circuits is keyed by PeerID, so a circuit that ends closes the
+  streams of another circuit of the same peer: each circuit here closes only its own streams.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -46,7 +49,6 @@ class RelayStack:
 
     def __init__(self, host: Any, hop: bool, hole_punch: bool = True):
         from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
-        from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
         from libp2p.relay.circuit_v2.resources import RelayLimits
         from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 
@@ -55,7 +57,7 @@ class RelayStack:
         self.hole_punch = hole_punch
         limits = RelayLimits(duration=0, data=NO_LIMIT_BYTES, max_circuit_conns=MAX_CIRCUITS_PER_PEER,
                              max_reservations=MAX_RESERVATIONS)
-        self.protocol = CircuitV2Protocol(host, limits=limits, allow_hop=hop)
+        self.protocol = _relay_protocol()(host, limits=limits, allow_hop=hop)
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if hop else RelayRole(0))
         self.transport = CircuitV2Transport(host, self.protocol, RelayConfig(roles=roles, limits=limits))
         self.autonat = _AutoNAT(host)
@@ -121,11 +123,78 @@ class RelayStack:
             status, Reachability.UNKNOWN)
 
 
+class _Unkept(dict):
+    """A dict that keeps nothing: py-libp2p's per-peer circuit table, disabled (see _relay_protocol)."""
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+
+@functools.cache
+def _relay_protocol() -> type:
+    """py-libp2p's CircuitV2Protocol with per-circuit clean-up.  Stock, `_active_relays[peer]` holds the
+    streams of the newest circuit of `peer`, and the end of any circuit of that peer closes them: with
+    two circuits through one relay (B->A and C->A, or both ends dialing at once after a relay died)
+    the first to end takes the other down (docs/net.md, defect 4)."""
+    from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+
+    class PerCircuitRelay(CircuitV2Protocol):
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._active_relays = _Unkept()
+
+        async def _relay_data(self, src_stream: Any, dst_stream: Any, *args: Any, **kwargs: Any) -> None:
+            try:
+                await super()._relay_data(src_stream, dst_stream, *args, **kwargs)
+            finally:  # this circuit's own streams: the other direction then ends too
+                await self._close_stream(src_stream)
+                await self._close_stream(dst_stream)
+
+    return PerCircuitRelay
+
+
 def is_relayed(conn: Any) -> bool:
     try:
         return any(is_circuit(str(a)) for a in conn.get_transport_addresses())
     except Exception:
         return False
+
+
+def connection_kind(host: Any, peer_id: Any) -> str | None:
+    """"direct" when any connection to `peer_id` is not relayed, "relayed" when all are, None without one."""
+    conns = host.get_network().connections.get(peer_id, []) or []
+    if not conns:
+        return None
+    return "relayed" if all(is_relayed(c) for c in conns) else "direct"
+
+
+async def drop_relayed(host: Any, peer_id: Any, muxed_conn: Any = None) -> int:
+    """Close relayed connections to `peer_id` (only the one carrying `muxed_conn`, when given) whose streams
+    failed: py-libp2p keeps some of them listed after their relay died (seen on the side that did not dial),
+    and every new stream to the peer then fails on them instead of a new connection being made."""
+    closed = 0
+    for conn in list(host.get_network().connections.get(peer_id, []) or []):
+        if is_relayed(conn) and (muxed_conn is None or conn.muxed_conn is muxed_conn):
+            with trio.move_on_after(5):
+                try:
+                    await conn.close()
+                except Exception as e:
+                    log.debug("closing relayed connection to %s: %s", peer_id, e)
+            closed += 1
+    if closed:
+        log.info("closed %d relayed connection(s) to %s whose streams failed", closed, peer_id)
+    return closed
+
+
+def route_of(host: Any, peer_id: Any, stream: Any) -> str:
+    """How `stream` reaches `peer_id`: its connection's transport address (a relayed one names the relay)."""
+    for conn in host.get_network().connections.get(peer_id, []) or []:
+        if conn.muxed_conn is stream.muxed_conn:
+            try:
+                return " ".join(str(a) for a in conn.get_transport_addresses()) or "unknown"
+            except Exception:
+                return "unknown"
+    return "unknown"
 
 
 def remote_ip(host: Any, peer_id: Any) -> str | None:

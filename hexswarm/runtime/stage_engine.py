@@ -284,6 +284,8 @@ class StageEngine:
                     self._step_returned(m, events)
                 elif kind == "cancel":
                     self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
+                elif kind == "_link_broken":  # from this node's pipe, never from the network
+                    self._link_broken(m["peer"])
             except Exception as e:  # one bad message is dropped; the engine and its other requests go on
                 log.warning("stage engine %s dropped a %s message: %s: %s", self._thread.name, kind,
                             type(e).__name__, e)
@@ -373,19 +375,19 @@ class StageEngine:
         return any(self._schedulable(r) for r in self.requests.values())
 
     def _expire_steps(self) -> None:
+        """A step whose tokens never came back (a peer died, a frame was lost): its requests go back to
+        their entries.  Not sent again from here: a lost prefill chunk has already moved `prefilled` on,
+        so a re-sent decode row would run on a cache missing that chunk."""
         now = time.monotonic()
+        expired: list[ActiveRequest] = []
         while self._steps:
             sid, step = next(iter(self._steps.items()))
             if now - step.sent < STEP_EXPIRY_S:
-                return
+                break
             del self._steps[sid]
-            for req in step.reqs:
-                req.in_flight = 0
-                req.pending = 0
-                # its rows may not have reached the later stages' KV caches (and a lost last prefill chunk leaves
-                # no token to decode: IndexError in _schedule, the engine died, chaos run): run its whole context
-                # again, as a resume does
-                req.prefilled, req.prefill_done = 0, False
+            expired += [req for req in step.reqs if self.requests.get(req.rid) is req]
+        if expired:
+            self._hand_back(expired, f"no tokens for a step within {STEP_EXPIRY_S:g} s")
 
     def _schedule(self) -> list[Row]:
         """Decode rows first (each running request whose token is back, or on the device), then
@@ -608,6 +610,26 @@ class StageEngine:
         req = self.requests.get(rid)
         if req is not None and attempt in (None, req.attempt) and may(req.entry):
             self._release(req)
+
+    def _link_broken(self, peer: str) -> None:
+        """A link of this pipeline to or from `peer` broke: the steps in flight may be lost.  Their
+        requests end here with an error, and each entry places its request again from the tokens
+        it has (exactly once); the pipeline is otherwise whole, so it may well get them back."""
+        lost = [req for req in self.requests.values() if req.in_flight]
+        # every step in flight held only these requests (a request with nothing in flight is in none)
+        self._steps.clear()
+        if lost:
+            self._hand_back(lost, f"pipeline link to {peer} broke")
+
+    def _hand_back(self, reqs: list[ActiveRequest], why: str) -> None:
+        """End requests here with an error: each entry resumes its request from the tokens it has."""
+        log.warning("stage engine %s: %s; handing %d requests back to their entries", self._thread.name, why,
+                    len(reqs))
+        for req in reqs:
+            if self.requests.get(req.rid) is not req:
+                continue
+            self._release(req)
+            self.send(req.entry, {"kind": "done", "rid": req.rid, "attempt": req.attempt, "error": why})
 
     # ---- later stages --------------------------------------------------------------------
     def _finite(self, flags: torch.Tensor, msgs: list[dict]) -> bool:

@@ -17,8 +17,9 @@ from typing import Any
 
 import trio
 
-from hexswarm.net.host import DIAL_TIMEOUT_S, dial, parse_peer_id
-from hexswarm.net.relay import Reachability, RelayStack, circuit_addrs, is_circuit
+from hexswarm.errors import UserError
+from hexswarm.net.host import DIAL_TIMEOUT_S, dial, is_connected, parse_peer_id
+from hexswarm.net.relay import CIRCUIT, Reachability, RelayStack, circuit_addrs, is_circuit
 
 log = logging.getLogger("hexswarm.nat")
 
@@ -81,7 +82,11 @@ class NatTraversal:
     async def _keep_reservations(self) -> None:
         relays = self.relay_peers()
         for relay in set(self._relays) - set(relays):
-            del self._relays[relay]
+            relay_id = parse_peer_id(relay)
+            # a relay whose records are late (a loaded machine) but that still holds our slot over a live
+            # connection stays in our record: dropping it re-published our addresses and made peers re-dial
+            if not (self.stack.has_reservation(relay_id) and is_connected(self.node.host, relay_id)):
+                del self._relays[relay]
         for relay, addrs in relays.items():
             relay_id = parse_peer_id(relay)
             if relay in self._relays and self.stack.has_reservation(relay_id):
@@ -104,12 +109,21 @@ class NatTraversal:
             log.info("relayed addresses: %s", " ".join(addrs) or "none")
 
     # --- dialing ----------------------------------------------------------------------------
+    def _relay_connected(self, circuit: str) -> bool:
+        try:
+            return is_connected(self.node.host, parse_peer_id(circuit.split(CIRCUIT)[0].rsplit("/p2p/", 1)[-1]))
+        except UserError:
+            return False
+
     async def connect(self, peer: str, addrs: list[str]) -> None:
         """Connect to `peer`: its direct addresses, else through each relay it names; ConnectionError."""
         from hexswarm.net.host import parse_peer_multiaddr
 
         direct = [parse_peer_multiaddr(a).addrs[0] for a in addrs if not is_circuit(a)]
         relayed = [a for a in addrs if is_circuit(a) and f"/p2p/{self.node.peer_id_str}/" not in a]
+        # relays we hold a connection to first: a relay that died is still named in records for a while,
+        # and a dial to it can take the whole dial timeout
+        relayed.sort(key=lambda a: not self._relay_connected(a))
         errors = []
         if direct:
             from libp2p.peer.peerinfo import PeerInfo

@@ -42,7 +42,18 @@ from hexswarm.net.host import (
     parse_peer_multiaddr,
 )
 from hexswarm.net.identity import Identity, load_or_create
-from hexswarm.net.protocols import FORBIDDEN, PEERS, PING, Handler, RemoteError, RequestError, request, serve
+from hexswarm.net.relay import connection_kind, drop_relayed
+from hexswarm.net.protocols import (
+    FORBIDDEN,
+    PEERS,
+    PING,
+    Handler,
+    RemoteError,
+    RequestError,
+    StreamOpenFailed,
+    request,
+    serve,
+)
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
@@ -215,7 +226,12 @@ class Node:
         """One request to a peer (PeerID or its base58 text); raises RequestError."""
         if isinstance(peer_id, str):
             peer_id = parse_peer_id(peer_id)
-        return await request(self.host, peer_id, protocol, msg, timeout=timeout, **options)
+        try:
+            return await request(self.host, peer_id, protocol, msg, timeout=timeout, **options)
+        except StreamOpenFailed:
+            if connection_kind(self.host, peer_id) == "relayed":
+                await drop_relayed(self.host, peer_id)  # discovery then dials it again, through a live relay
+            raise
 
     async def publish(self, topic: str, msg: Any) -> None:
         data = codec.encode(msg)
@@ -523,6 +539,14 @@ class Node:
         next_at, _, failed = self._dial_backoff.get(peer_id, (0.0, None, addrs))
         return trio.current_time() >= next_at or not set(addrs) <= set(failed)
 
+    async def connect_peer(self, peer_id: str) -> None:
+        """Connect to a peer of the table the way discovery does (direct, else through a relay it
+        names); ConnectionError when that fails or its record is unknown."""
+        entry = self.table.get(peer_id)
+        if entry is None:
+            raise ConnectionError(f"no record of {peer_id}")
+        await self.nat.connect(peer_id, [a for a in entry.record.addrs if _names_peer(a, peer_id)])
+
     async def _dial_discovered(self, peer_id: str, addrs: list[str]) -> None:
         try:
             await self.nat.connect(peer_id, addrs)  # direct, else through a relay
@@ -607,6 +631,8 @@ class Node:
                     "last_seen_s": round(self.table.seconds_since_seen(entry), 3),
                     "latency_ms": 0.0 if is_self else (round(link.rtt_ms, 3) if link else None),
                     "mbps": None if is_self or link is None else link.mbps,
+                    # how this node holds a connection to it now: "direct", "relayed" or None
+                    "route": None if is_self else connection_kind(self.host, parse_peer_id(entry.peer_id)),
                     "self": is_self,
                     "links": record.links,
                     "extra": record.extra,

@@ -8,6 +8,12 @@ trip to every decode step.  Messages are dicts with a "kind"; the receiver
 hands each to the callback registered for that kind.
 
 `send` may be called from worker threads: it only queues the message.
+
+A link whose libp2p connection closes (a relay that carried it died, a peer that went away) is
+forgotten at once, not at its next write, and `on_link_broken(peer)` is called: frames written to
+it just before may be lost, which the serving layer turns into a resume of the requests in flight.
+The next message to that peer opens a new link, dialing the peer first (through a relay if that is
+how it is reached) when no connection is left.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ MAX_INBOUND_PER_PEER = 4  # one link per peer pair, and a new one may overlap a 
 
 Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
 SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
+LinkBroken = Callable[[str], None]  # (peer): a link to or from it broke; messages on it may be lost
 
 
 class MessagePipe:
     def __init__(self, node, on_send_failed: SendFailed | None = None, direct: bool = False,
-                 idle_close_s: float = IDLE_CLOSE_S):
+                 idle_close_s: float = IDLE_CLOSE_S, on_link_broken: LinkBroken | None = None):
         self.node = node
         self.idle_close_s = idle_close_s
         self._inbound = PeerSlots(MAX_INBOUND_PER_PEER)
@@ -48,7 +55,11 @@ class MessagePipe:
         self.direct = direct
         self.receivers: dict[str, Receiver] = {}
         self.on_send_failed = on_send_failed
+        self.on_link_broken = on_link_broken
         self._out: dict[str, trio.MemorySendChannel] = {}
+        # the libp2p streams of live links, to tell which links a closed connection took with it
+        self._out_streams: dict[str, object] = {}
+        self._in_streams: dict[str, set] = {}
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -62,6 +73,7 @@ class MessagePipe:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.node.host.set_stream_handler(TProtocol(PIPE), self._on_stream)
+            self.node.host.get_network().register_notifee(_ConnectionWatch(self))
             if self.direct:
                 from hexswarm.net.direct import DirectReceiver
 
@@ -92,7 +104,7 @@ class MessagePipe:
         if channel is None:
             channel, receive = trio.open_memory_channel(QUEUE_DEPTH)
             self._out[peer] = channel
-            self._nursery.start_soon(self._writer, peer, receive)
+            self._nursery.start_soon(self._writer, peer, channel, receive)
         try:
             channel.send_nowait(msg)
         except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -100,19 +112,23 @@ class MessagePipe:
             if self.on_send_failed:
                 self.on_send_failed(peer, [msg])
 
-    async def _writer(self, peer: str, receive: trio.MemoryReceiveChannel) -> None:
+    async def _writer(self, peer: str, channel: trio.MemorySendChannel, receive: trio.MemoryReceiveChannel) -> None:
         stream = sender = None
         pending: list[dict] = []
         try:
             sender = await self._open_direct(peer)
             if sender is None:
                 stream = await self._open_stream(peer)
+                self._out_streams[peer] = stream
             while True:
                 msg = None
                 with trio.move_on_after(self.idle_close_s):  # only the wait: never a write half done
-                    msg = await receive.receive()
+                    try:
+                        msg = await receive.receive()
+                    except trio.EndOfChannel:  # retired by _connection_closed; nothing was left queued
+                        return
                 if msg is None:
-                    self._retire_idle(peer, receive)
+                    self._retire_idle(peer, channel, receive)
                     return
                 pending = [msg]
                 if sender is not None:
@@ -122,7 +138,20 @@ class MessagePipe:
                 pending = []
         except (Exception, trio.TooSlowError) as e:
             log.warning("pipe to %s broke: %s: %s", peer, type(e).__name__, e)
-            if self._out.get(peer) is not None:
+            if self.node is not None:
+                from hexswarm.net.host import parse_peer_id
+                from hexswarm.net.relay import connection_kind, drop_relayed
+
+                # a relayed connection whose stream broke, or on which no stream could be opened (the link
+                # failed before it had one): gone for good, so the next link dials afresh
+                peer_id = parse_peer_id(peer)
+                if stream is not None:
+                    await drop_relayed(self.node.host, peer_id, stream.muxed_conn)
+                elif connection_kind(self.node.host, peer_id) == "relayed":
+                    await drop_relayed(self.node.host, peer_id)
+            # not yet forgotten: nobody has announced this link's end (_connection_closed did, if it was)
+            unannounced = self._out.get(peer) is channel
+            if unannounced:
                 del self._out[peer]
             while True:  # whatever was queued behind the failure did not go out either
                 try:
@@ -134,16 +163,20 @@ class MessagePipe:
                     self.on_send_failed(peer, pending)
                 except Exception as e:  # never past this task: the pipe's nursery would end the node
                     failures.unexpected("pipe send-failure handler", peer, e)
+            if unannounced:
+                self._link_broken(peer)
         finally:
+            if stream is not None and self._out_streams.get(peer) is stream:
+                del self._out_streams[peer]
             if stream is not None:
                 await close_quietly(stream)
             if sender is not None:
                 await sender.aclose()
 
-    def _retire_idle(self, peer: str, receive: trio.MemoryReceiveChannel) -> None:
+    def _retire_idle(self, peer: str, channel: trio.MemorySendChannel, receive: trio.MemoryReceiveChannel) -> None:
         """Forget an idle link (its stream is closed by the caller); a message that raced in is re-sent
         over a new one."""
-        if self._out.get(peer) is not None:
+        if self._out.get(peer) is channel:
             del self._out[peer]
         late = []
         while True:
@@ -159,12 +192,22 @@ class MessagePipe:
 
         from hexswarm.net.host import parse_peer_id
 
+        from hexswarm.net.host import is_connected
+
         peer_id = parse_peer_id(peer)
         # py-libp2p refuses a peer for 60 s after a failed dial (its negative cache): a stage peer that
         # restarted would get no pipe for a minute (seen in tools/chaos.py)
         self.node.host.get_network().unblock_peer(peer_id)
+        if not is_connected(self.node.host, peer_id):
+            # the swarm's own dial knows no relays: a peer behind a NAT whose relayed connection just
+            # closed is dialed the way discovery dials it (direct, then through each relay it names)
+            await self.node.connect_peer(peer)
         with trio.fail_after(10):
-            return await self.node.host.new_stream(peer_id, [TProtocol(PIPE)])
+            stream = await self.node.host.new_stream(peer_id, [TProtocol(PIPE)])
+        from hexswarm.net.relay import route_of
+
+        log.info("pipe to %s: libp2p stream over %s", peer, route_of(self.node.host, peer_id, stream))
+        return stream
 
     async def _open_direct(self, peer: str):
         """A direct connection to peer, or None (then the libp2p stream carries the frames)."""
@@ -195,6 +238,7 @@ class MessagePipe:
         if not self.node.is_allowed(sender) or not self._inbound.acquire(sender):
             await reset_quietly(stream)
             return
+        self._in_streams.setdefault(sender, set()).add(stream)
         try:
             while True:
                 header = await read_exactly(stream, codec.FRAME_HEADER.size, timeout=2 * self.idle_close_s)
@@ -209,7 +253,35 @@ class MessagePipe:
             failures.unexpected("pipe", sender, e)
         finally:
             self._inbound.release(sender)
+            streams = self._in_streams.get(sender, set())
+            streams.discard(stream)
+            if not streams:
+                self._in_streams.pop(sender, None)
             await reset_quietly(stream)
+
+    # ---- links that break ---------------------------------------------------------------
+    def _connection_closed(self, peer: str, muxed_conn) -> None:
+        """A libp2p connection to `peer` closed: the links that ran over it are gone."""
+        out = self._out_streams.get(peer)
+        hit_out = out is not None and getattr(out, "muxed_conn", None) is muxed_conn
+        hit_in = any(getattr(s, "muxed_conn", None) is muxed_conn for s in self._in_streams.get(peer, ()))
+        if not (hit_out or hit_in):
+            return  # another connection to the peer (a duplicate, a relayed one replaced by a punched one)
+        log.info("pipe link %s %s closed with its connection", "to" if hit_out else "from", peer)
+        if hit_out:
+            # the next message opens a new link instead of being written into the dead stream; the old
+            # writer ends once it has failed whatever was already queued on it
+            channel = self._out.pop(peer, None)
+            if channel is not None:
+                channel.close()
+        self._link_broken(peer)
+
+    def _link_broken(self, peer: str) -> None:
+        if self.on_link_broken is not None:
+            try:
+                self.on_link_broken(peer)
+            except Exception as e:  # never past the caller: it runs in the pipe's (or the swarm's) tasks
+                failures.unexpected("pipe link-broken handler", peer, e)
 
     def _deliver(self, msg: dict, sender: str) -> None:
         """Hand a message to its receiver (from the libp2p stream, the direct path, or ourselves)."""
@@ -223,6 +295,34 @@ class MessagePipe:
             log.warning("bad %s message from %s: %s", msg.get("kind"), sender, e)
         except Exception as e:
             failures.unexpected(f"pipe {msg.get('kind')}", sender, e)
+
+
+class _ConnectionWatch:
+    """py-libp2p network notifee: tells the pipe when a connection closes."""
+
+    def __init__(self, pipe: MessagePipe):
+        self.pipe = pipe
+
+    async def disconnected(self, network, conn) -> None:
+        muxed = getattr(conn, "muxed_conn", None)
+        peer = getattr(muxed, "peer_id", None)
+        if peer is not None:
+            self.pipe._connection_closed(str(peer), muxed)
+
+    async def connected(self, network, conn) -> None:
+        pass
+
+    async def opened_stream(self, network, stream) -> None:
+        pass
+
+    async def closed_stream(self, network, stream) -> None:
+        pass
+
+    async def listen(self, network, multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network, multiaddr) -> None:
+        pass
 
 
 def first_ipv4(addrs: list[str]) -> str | None:

@@ -92,7 +92,8 @@ class Server:
         self.tokenizer = TextTokenizer(settings.model_dir, self.cfg)
         self.model_id = model_fingerprint(settings.model_dir)
         self.pipe = MessagePipe(node, on_send_failed=self._on_send_failed, direct=node.config.direct_data_path,
-                                idle_close_s=node.config.pipe_idle_s)
+                                idle_close_s=node.config.pipe_idle_s,
+                                on_link_broken=lambda peer: self.stages.link_broken(peer))
         self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe, weights)
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is

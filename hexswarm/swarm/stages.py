@@ -194,6 +194,15 @@ class StageSet:
         worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True
 
+    def link_broken(self, peer: str) -> None:
+        """A pipe link to or from `peer` broke: every stage 0 here whose pipeline has `peer` in it
+        gives up the steps it has in flight (their frames may be lost), so their entries resume those
+        requests at once rather than after the 60 s stall timer."""
+        for (epoch, ri, si), worker in self.workers.items():
+            layout = self.layouts.get(epoch)
+            if si == 0 and peer != self.me and layout is not None and any(st.peer == peer for st in layout.replicas[ri]):
+                worker.submit({"kind": "_link_broken", "peer": peer})
+
     def spans(self, rid: str) -> list[dict]:
         """This node's timings of one request, per stage it served."""
         out = []
