@@ -49,6 +49,22 @@ class EngineJob:
     log_level: int = logging.WARNING  # the child's lines go to the node's log as the node's own do
 
 
+class ChildLimit:
+    """A limit the serving layer sets on a stage engine (`admit_limit`, `kv_limit`): kept here, and
+    written to the child's engine when it changes."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj._limits[self.name]
+
+    def __set__(self, obj, n: int) -> None:
+        if n != obj._limits[self.name]:
+            obj._limits[self.name] = n
+            obj._write({"kind": "_limit", "name": self.name, "n": int(n)})
+
+
 class EngineProcess:
     def __init__(self, job: EngineJob, send: Send):
         self.spec = job.spec
@@ -57,8 +73,7 @@ class EngineProcess:
         self._send = send
         self._in_flight = 0
         self.last_message_at = time.monotonic()  # the child's, reported (CLOCK_MONOTONIC is system-wide)
-        self._admit_limit = job.spec.n_slots
-        self._kv_limit = 0
+        self._limits = {"admit_limit": job.spec.n_slots, "kv_limit": 0}  # as the child's engine starts
         ctx = mp.get_context("spawn")  # no CUDA state or trio loop is inherited
         self._conn, child = ctx.Pipe(duplex=True)
         self._lock = threading.Lock()
@@ -85,25 +100,8 @@ class EngineProcess:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @property
-    def admit_limit(self) -> int:
-        return self._admit_limit
-
-    @admit_limit.setter
-    def admit_limit(self, n: int) -> None:
-        if n != self._admit_limit:
-            self._admit_limit = n
-            self._write({"kind": "_limit", "name": "admit_limit", "n": int(n)})
-
-    @property
-    def kv_limit(self) -> int:
-        return self._kv_limit
-
-    @kv_limit.setter
-    def kv_limit(self, n: int) -> None:
-        if n != self._kv_limit:
-            self._kv_limit = n
-            self._write({"kind": "_limit", "name": "kv_limit", "n": int(n)})
+    admit_limit = ChildLimit()
+    kv_limit = ChildLimit()
 
     def close(self) -> None:
         self._write({"kind": "close"})
