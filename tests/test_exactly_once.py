@@ -515,16 +515,19 @@ def test_a_placement_waiting_for_a_pipeline_takes_it_when_its_peer_is_back_up():
     assert placed["replica"] == 0 and sent == ["A"]
 
 
-def test_a_step_that_never_came_back_is_run_again_from_the_prompt():
+def test_a_step_that_never_came_back_hands_its_requests_back_to_their_entries():
     """A step lost for STEP_EXPIRY_S (its later stage died) that held a request's last prefill chunk left the
     request "prefilled" with no token to decode: the stage-0 engine died in _schedule (IndexError, chaos run under
-    load), taking its replica out.  The request's context is prefilled again instead."""
+    load), taking its replica out.  Now the request ends here with an error and its entry resumes it (exactly
+    once, from the tokens it has), and the engine goes on."""
     import time
 
     from hexswarm.runtime import stage_engine as se
 
-    spec = SimpleNamespace(n_slots=2, device="cpu", device_of=lambda i: "cpu")
-    engine = se.StageEngine(SimpleNamespace(spec=spec), se.PipelineRoute(0, 2, "B", "A"), lambda peer, msg: None)
+    sent = []
+    spec = SimpleNamespace(n_slots=2, max_len=64, device="cpu", device_of=lambda i: "cpu")
+    host = SimpleNamespace(spec=spec, executor=SimpleNamespace(kv=SimpleNamespace(n_blocks=8)))
+    engine = se.StageEngine(host, se.PipelineRoute(0, 2, "B", "A"), lambda peer, msg: sent.append((peer, msg)))
     engine._start({"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],
                    "max_new_tokens": 4, "params": {}, "resume_tokens": []})
     engine._handle_first([])  # admitted
@@ -534,7 +537,10 @@ def test_a_step_that_never_came_back_is_run_again_from_the_prompt():
     req.in_flight, req.pending, req.prefilled, req.prefill_done = 1, 1, 3, True  # as _step leaves it
     engine._steps[0] = se.InFlight(time.monotonic() - se.STEP_EXPIRY_S - 1, [req])
     engine._expire_steps()
-    assert [(r.start, r.n, r.samples) for r in engine._schedule()] == [(0, 3, True)]
+    assert engine._schedule() == [] and "r" not in engine.requests
+    assert [(peer, m["kind"], m["rid"], m["attempt"]) for peer, m in sent] == [("E", "done", "r", 1)]
+    assert "no tokens for a step" in sent[0][1]["error"]
+    assert engine.kv_committed == 0 and engine.free_slots == [1, 0]  # its slot and KV blocks are free again
 
 
 def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
