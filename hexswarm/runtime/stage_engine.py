@@ -328,18 +328,19 @@ class StageEngine:
         return blocks_for(min(n, self.host.spec.max_len))
 
     def _fits(self, m: dict) -> bool:
-        """Whether the first waiting request's blocks are free now; one that could never fit is
-        refused (it would hold the queue for ever)."""
+        """Whether the first waiting request (`m`) has its blocks free now; those at the front that
+        could never fit are refused first (they would hold the queue for ever)."""
         kv = self.host.executor.kv
         limit = min(kv.n_blocks, self.kv_limit or kv.n_blocks)
-        need = self._kv_need(m)
-        if need > limit:
+        while self._kv_need(m) > limit:
             self.waiting.pop(0)
             self.send(m["entry"], {"kind": "done", "rid": m["rid"], "attempt": m.get("attempt"),
-                                   "error": f"the request needs {need * BLOCK} KV positions; this pipeline's "
-                                            f"cache holds {limit * BLOCK} (kv_tokens)"})
-            return bool(self.waiting) and self._fits(self.waiting[0])
-        return self.kv_committed + need <= limit
+                                   "error": f"the request needs {self._kv_need(m) * BLOCK} KV positions; this "
+                                            f"pipeline's cache holds {limit * BLOCK} (kv_tokens)"})
+            if not self.waiting:
+                return False
+            m = self.waiting[0]
+        return self.kv_committed + self._kv_need(m) <= limit
 
     def _admit(self, m: dict) -> ActiveRequest:
         params = SamplingParams.from_dict(m["params"])
