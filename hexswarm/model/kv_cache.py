@@ -101,9 +101,12 @@ class KVCache:
     def release(self, slots) -> None:
         dirty = [s for s in slots if self._held[s]]
         for s in dirty:
-            self._free.extend(reversed(self._held[s]))
-            self._held[s] = []
+            self._give_back(s)
         self._upload(dirty)
+
+    def _give_back(self, slot: int) -> None:
+        self._free.extend(reversed(self._held[slot]))
+        self._held[slot].clear()
 
     def prepare(self, rows) -> None:
         """Blocks for a step's rows (slot, start, length); see the module docstring."""
@@ -113,8 +116,7 @@ class KVCache:
                 continue
             held = self._held[slot]
             if start == 0 and held:
-                self._free.extend(reversed(held))
-                held.clear()
+                self._give_back(slot)
                 dirty.append(slot)
             elif start > 0 and not held:
                 continue  # a stale row: writes the scratch block
@@ -140,25 +142,22 @@ class KVCache:
         (broadcast shapes)."""
         return self.table[slots, pos // BLOCK].long() * BLOCK + pos % BLOCK
 
+    def _flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's K and V pools viewed [blocks * BLOCK, heads, dim], indexed by `positions`."""
+        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
+
     def write(self, layer: int, idx: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v [..., heads, dim] at flat positions idx [...] (see `positions`)."""
-        self.k[layer].view(-1, *self.k.shape[3:])[idx] = k
-        self.v[layer].view(-1, *self.v.shape[3:])[idx] = v
+        k_pool, v_pool = self._flat(layer)
+        k_pool[idx] = k
+        v_pool[idx] = v
 
     def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of positions [0, length) of `slots` [B]: two [B, length, heads, dim] copies."""
         pos = torch.arange(length, device=self.k.device)
         idx = self.positions(slots[:, None], pos[None, :])
-        return (self.k[layer].view(-1, *self.k.shape[3:])[idx], self.v[layer].view(-1, *self.v.shape[3:])[idx])
-
-
-def slot_tensor(slots, device) -> torch.Tensor:
-    """Slots (a list, a range-like slice or a tensor) as a long tensor on `device`."""
-    if isinstance(slots, torch.Tensor):
-        return slots
-    if isinstance(slots, slice):
-        return torch.arange(slots.start, slots.stop, device=device)
-    return torch.tensor(list(slots), dtype=torch.long, device=device)
+        k_pool, v_pool = self._flat(layer)
+        return k_pool[idx], v_pool[idx]
 
 
 if HAVE_TRITON:

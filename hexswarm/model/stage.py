@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.kv_cache import KVCache, slot_tensor
+from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for,
                                    leading_decode_rows)
 from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
@@ -121,7 +121,7 @@ class StageModel(nn.Module):
         positions = start_t[:, None] + torch.arange(T, device=x.device)[None, :]
         cos, sin = cos_sin(self.inv_freq, positions, x.dtype)
         total = start_t + T
-        slot_t = slot_tensor(slots, x.device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=x.device)
         where = kv.positions(slot_t[:, None], positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv, i, slot_t, where, start_t, total, fresh, all_reduce, start_host=start)

@@ -332,15 +332,17 @@ class StageEngine:
         could never fit are refused first (they would hold the queue for ever)."""
         kv = self.host.executor.kv
         limit = min(kv.n_blocks, self.kv_limit or kv.n_blocks)
-        while self._kv_need(m) > limit:
+        need = self._kv_need(m)
+        while need > limit:
             self.waiting.pop(0)
             self.send(m["entry"], {"kind": "done", "rid": m["rid"], "attempt": m.get("attempt"),
-                                   "error": f"the request needs {self._kv_need(m) * BLOCK} KV positions; this "
+                                   "error": f"the request needs {need * BLOCK} KV positions; this "
                                             f"pipeline's cache holds {limit * BLOCK} (kv_tokens)"})
             if not self.waiting:
                 return False
             m = self.waiting[0]
-        return self.kv_committed + self._kv_need(m) <= limit
+            need = self._kv_need(m)
+        return self.kv_committed + need <= limit
 
     def _admit(self, m: dict) -> ActiveRequest:
         params = SamplingParams.from_dict(m["params"])
