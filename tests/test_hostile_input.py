@@ -74,9 +74,9 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | s
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(["forward", "tokens", "start", "cancel", "other"]),
+@given(st.sampled_from(["forward", "tokens", "start", "cancel", "link_broken", "other"]),
        st.dictionaries(st.sampled_from(["x", "rids", "rows", "steps", "samples", "t", "items", "prompt_ids",
-                                        "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens"]),
+                                        "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens", "peer"]),
                        values, max_size=10),
        st.sampled_from([0, 1]))
 def test_random_messages_raise_only_protocol_errors(cfg, kind, fields, stage):
@@ -231,3 +231,37 @@ def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, t
         assert got["final"]["done"]["tokens"] == ref["tokens"]
     finally:
         sw.stop()
+
+
+THREE = SwarmLayout(1, "A", "m", ("A", "B", "C"), ((StageAssignment("A", 1, 0, 1), StageAssignment("B", 1, 1, 2),
+                                                    StageAssignment("C", 1, 2, 4)),))
+
+
+def test_a_link_broken_notice_is_taken_only_from_a_later_stage_of_the_pipeline_about_one_of_its_peers(cfg):
+    notice = {"kind": "link_broken", "to": [1, 0, 0], "peer": "C"}
+    check_stage_message(notice, "B", THREE, 0, 0, cfg, 8, 128)
+    for sender, peer, stage, why in (("X", "C", 0, "not in this pipeline"), ("A", "C", 0, "not in this pipeline"),
+                                     ("B", "X", 0, "link_broken peer"), ("B", 7, 0, "link_broken peer"),
+                                     ("C", "B", 1, "not in this pipeline")):
+        with pytest.raises(ProtocolError, match=why):
+            check_stage_message({**notice, "peer": peer}, sender, THREE, 0, stage, cfg, 8, 128)
+
+
+def test_a_middle_stage_that_loses_a_neighbour_tells_its_stage_0(cfg):
+    """Stage 0 cannot see the link between two later stages break; the stage that does tells it, once per
+    pipeline, and only for a neighbour's link (a far peer's link breaking loses none of its steps)."""
+    from types import SimpleNamespace
+
+    from hexswarm.swarm.stages import ServeSettings, StageSet
+
+    sent = []
+    stages = StageSet("B", cfg, None, ServeSettings(model_dir="unused"), pipe=SimpleNamespace(
+        send=lambda peer, msg: sent.append((peer, msg))))
+    stages.layouts[1] = THREE
+    stages.workers[(1, 0, 1)] = SimpleNamespace(submit=lambda msg: pytest.fail("not stage 0"))
+    stages.link_broken("C")
+    assert sent == [("A", {"kind": "link_broken", "peer": "C", "to": [1, 0, 0]})]
+    sent.clear()
+    stages.link_broken("A")  # stage 0 itself: its own pipe sees that link break
+    stages.link_broken("Z")
+    assert sent == []

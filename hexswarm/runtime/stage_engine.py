@@ -284,7 +284,7 @@ class StageEngine:
                     self._step_returned(m, events)
                 elif kind == "cancel":
                     self._cancel(m["rid"], m.get("attempt"), m.get("_sender"))
-                elif kind == "_link_broken":  # from this node's pipe, never from the network
+                elif kind in ("_link_broken", "link_broken"):  # this node's pipe saw it, or a later stage did
                     self._link_broken(m["peer"])
             except Exception as e:  # one bad message is dropped; the engine and its other requests go on
                 log.warning("stage engine %s dropped a %s message: %s: %s", self._thread.name, kind,

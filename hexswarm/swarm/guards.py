@@ -126,6 +126,9 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         _sampling({"params": msg.get("params"), "step": 0})
     elif kind == "cancel":
         _need(isinstance(msg.get("rid"), str), "cancel rid")
+    elif kind == "link_broken":  # a later stage of this pipeline lost its link to a neighbour
+        _need(stage == 0 and sender in {st.peer for st in stages[1:]}, "link_broken from a peer not in this pipeline")
+        _need(isinstance(msg.get("peer"), str) and msg["peer"] in {st.peer for st in stages}, "link_broken peer")
     else:
         raise ProtocolError(f"unknown stage message {kind!r}")
 

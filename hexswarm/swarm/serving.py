@@ -122,7 +122,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.pipe.run)
-            for kind in ("start", "forward", "tokens", "cancel"):
+            for kind in ("start", "forward", "tokens", "cancel", "link_broken"):
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("events", self._events_to_entry)
             self.pipe.on("done", self._to_entry)

@@ -197,11 +197,21 @@ class StageSet:
     def link_broken(self, peer: str) -> None:
         """A pipe link to or from `peer` broke: every stage 0 here whose pipeline has `peer` in it
         gives up the steps it has in flight (their frames may be lost), so their entries resume those
-        requests at once rather than after the 60 s stall timer."""
+        requests at once rather than after the 60 s stall timer.  A later stage here whose neighbour
+        `peer` is tells its pipeline's stage 0 (`link_broken` over the pipe), which could not see a link
+        between two other peers break."""
+        told: set[tuple[int, int]] = set()
         for (epoch, ri, si), worker in self.workers.items():
             layout = self.layouts.get(epoch)
-            if si == 0 and peer != self.me and layout is not None and any(st.peer == peer for st in layout.replicas[ri]):
+            if peer == self.me or layout is None:
+                continue
+            stages = layout.replicas[ri]
+            if si == 0 and any(st.peer == peer for st in stages):
                 worker.submit({"kind": "_link_broken", "peer": peer})
+            elif (si > 0 and (epoch, ri) not in told and stages[0].peer not in (peer, self.me)
+                  and peer in {stages[si - 1].peer, stages[si + 1].peer if si + 1 < len(stages) else None}):
+                told.add((epoch, ri))  # a worker under two keys (stage reuse) tells once
+                self.pipe.send(stages[0].peer, {"kind": "link_broken", "peer": peer, "to": [epoch, ri, 0]})
 
     def spans(self, rid: str) -> list[dict]:
         """This node's timings of one request, per stage it served."""
