@@ -68,6 +68,7 @@ class BatchSimResult(SimResult):
     itl_p99_s: float = math.inf
     gap_p50_s: float = math.inf  # median over every gap between two tokens of a request (what a benchmark pools)
     ttft_min_s: float = math.inf
+    ttft_s: tuple[float, ...] = ()  # per request, in the order they were sent (not in to_json)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "tokens_per_s": round(self.tokens_per_s, 2),
@@ -463,11 +464,16 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             if what == RELAY:
                 relay(now, rid)
                 continue
-            if what != DISPATCH and entry.serial:  # through the entry's loop: its work, then the start
-                at = entry.arrive(now) if what == ARRIVE else entry.start(now)
+            if what == ARRIVE and entry.serial:  # through the entry's loop: its work, then the start
                 queue_order += 1
-                heapq.heappush(pending, (at, queue_order, START if what == ARRIVE else DISPATCH, rid))
+                heapq.heappush(pending, (entry.arrive(now), queue_order, START, rid))
                 continue
+            if what != DISPATCH:
+                at = entry.start(now)
+                if at > now:  # behind other starts (at once) or work the loop had queued
+                    queue_order += 1
+                    heapq.heappush(pending, (at, queue_order, DISPATCH, rid))
+                    continue
             best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
             rep = reps[best]
             rep.waiting.append(rid)
@@ -480,7 +486,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     if not entry.serial:
         seen = first
     lat = sorted(last[r] - times[r] + entry_latency_s for r in range(n))
-    ttft = sorted(seen[r] - times[r] + entry_latency_s for r in range(n))
+    each_ttft = tuple(seen[r] - times[r] + entry_latency_s for r in range(n))
+    ttft = sorted(each_ttft)
     itl = sorted((last[r] - first[r]) / steps[r] if steps[r] > 0 else 0.0 for r in range(n))
     span = max(last) + entry_latency_s - min(times)
     tokens = sum(steps) + n
@@ -492,13 +499,13 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         ttft_p50_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
         itl_p50_s=_quantile(itl, 0.5), itl_p99_s=_quantile(itl, 0.99),
         gap_p50_s=_quantile(sorted(gaps), 0.5) if gaps else 0.0,
-        ttft_min_s=ttft[0],
+        ttft_min_s=ttft[0], ttft_s=each_ttft,
         num_requests=n,
     )
 
 
 ARRIVE, START, DISPATCH, RELAY = range(4)  # what the entry does with a request (or a step's tokens)
-START_GAP_S = 1e-6  # starts that waited in the entry's loop reach stage 0 one by one, this far apart
+START_GAP_S = 1e-6  # starts due at once reach stage 0 one by one, this far apart
 
 
 @dataclass
@@ -506,14 +513,17 @@ class _Entry:
     """The entry node's event loop, one job at a time in the order the work comes (trio: a task that
     awaits resumes behind the tasks already runnable).  A request costs it ``arrive_s`` (HTTP, tokenizer,
     dispatch); its start then goes through the loop once more, behind the work queued meanwhile (so a
-    closed-loop wave's starts reach stage 0 together, once the whole wave is in, the first one alone
-    just before the others: an idle engine takes the first message it gets); a token goes out once
+    closed-loop wave's starts reach stage 0 together, once the whole wave is in); a token goes out once
     the work queued before it is done; a finished request costs ``done_s`` (its last chunk, the
-    response's end).  Zero costs: nothing waits (the model without an entry)."""
+    response's end).  Zero costs: nothing waits (the model without an entry).  Starts due at the same
+    time reach stage 0 one by one (messages, one at a time): an idle engine launches a step on the first
+    and the others wait for its next step, as the records of every closed-loop wave show (the first
+    request of a wave gets its first token alone, the others together one step later)."""
 
     arrive_s: float
     done_s: float
     free: float = 0.0
+    last_start: float = -math.inf
 
     @property
     def serial(self) -> bool:
@@ -524,8 +534,13 @@ class _Entry:
         return self.free
 
     def start(self, now: float) -> float:
-        self.free = max(now, self.free) + (START_GAP_S if self.arrive_s > 0 else 0.0)
-        return self.free
+        at = max(now, self.free) if self.serial else now
+        if at <= self.last_start:
+            at = self.last_start + START_GAP_S
+        self.last_start = at
+        if self.serial:
+            self.free = at
+        return at
 
     def token(self, now: float) -> float:
         return max(now, self.free)
