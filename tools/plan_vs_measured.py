@@ -1,7 +1,8 @@
 """The planner's prediction against a measurement: tokens/s, TTFT and ITL per layout and concurrency.
 
     python tools/plan_vs_measured.py BENCH.json [MORE.json ...] [--frontend http] [--calibration CAL.json]
-        [--stages 1 2 4] [--concurrency 1 8 32] [--entry-ms X] [--stage-overhead-ms 1:0.7,32:1.0]
+        [--stages 1 2 4] [--concurrency 1 8 32] [--entry-ms X] [--entry-done-ms X] [--entry-latency-ms X]
+        [--stage-overhead-ms 1:0.7,32:1.0]
         [--link-gbps G] [--json OUT]
 
 BENCH.json is what ``tools/bench_serve.py --json FILE`` writes (its ``serve`` rows, one front end:
@@ -34,11 +35,17 @@ What the prediction is made of, each printed with where it came from:
   up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request arrives at once), the serial entry work per request (front end,
-  tokenizer, dispatch) and the latency it adds to each first token (the way in and out, not serial):
-  per stage count from bench_serve's entry probe (``entry_probe`` rows: tiny requests alone give the
-  latency, less the model's own time for them; one burst gives the serial work that makes the simulated
-  burst's median TTFT the measured one), else ``--entry-ms`` / ``--entry-latency-ms``, else 0.
+  every client's first request is sent at once; starts due together reach stage 0 one by one, so the
+  first of a wave runs alone), and the entry node's event loop (batching_sim's ``_Entry``): serial work
+  per arriving request (front end, tokenizer, dispatch; the starts go through the loop behind it, so a
+  wave reaches stage 0 once it is all in) and per finished request, and a latency to each first token
+  that is not serial: per stage count from bench_serve's entry probe (``entry_probe`` rows: the burst's
+  first TTFT gives the work per request in, its median the work per request done, the tiny requests
+  alone the latency, less the model's own time for them), else ``--entry-ms`` / ``--entry-done-ms`` /
+  ``--entry-latency-ms``, else 0.
+
+Nothing is fitted to the serving rows it compares against: every quantity comes from the calibration,
+the bench's engine rows, the entry probe (tiny requests, before the levels) or a flag.
 
 The predicted ITL is the median over every gap between two tokens of a request, and percentiles are
 nearest rank, as bench_serve reports them.

@@ -27,10 +27,16 @@ It follows the serving engine's rule, per replica:
   burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``);
 * stages that share one device (``shared_device``: several stage processes on
   one GPU) share its time: their GPU work runs one at a time;
-* a request first passes the entry (``entry_s`` of serial work per request:
-  front end, tokenizer, dispatch), so a closed-loop wave of c requests reaches
-  stage 0 spread over c x entry_s, plus ``entry_latency_s`` that is not serial
-  (the way in and the first token's way out), which only delays the TTFT.
+* starts due at the same moment reach stage 0 one by one: an idle engine
+  launches a step on the first, the others wait for its next step;
+* a request first passes the entry node's event loop (``_Entry``: one job at a
+  time, in the order the work comes): ``entry_s`` of work per arriving request
+  (front end, tokenizer, dispatch), after which its start goes through the loop
+  behind the work queued meanwhile (a closed-loop wave of c requests reaches
+  stage 0 together, after c x entry_s); a first token goes out once the work
+  queued before it is done, and a finished request costs ``entry_done_s``; plus
+  ``entry_latency_s`` that is not serial (the rest of the way in and the first
+  token's way out), which shifts the TTFT.
 
 Step times come from the cost model for the exact step (rows, their contexts,
 prompt tokens), so batching, context growth and prefill/decode interference
