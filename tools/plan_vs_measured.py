@@ -534,7 +534,7 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     if cal is not None:
         lines.append(f"- prefill, one prompt: {cal.prefill_tokens_per_s:,.0f} tokens/s ({bench.sources['prefill_tokens_per_s']})")
         pb = cal.prefill_batch
-        lines.append(f"- prefill, full step: " + (f"{pb[0] / pb[1]:,.0f} tokens/s at {pb[0]} tokens " if pb else "")
+        lines.append("- prefill, full step: " + (f"{pb[0] / pb[1]:,.0f} tokens/s at {pb[0]} tokens " if pb else "")
                      + f"({bench.sources['prefill_batch']})")
         over = " ".join(f"B{r} {t * 1e3:.2f} ms" for r, t in cal.stage_overhead)
         lines.append(f"- host time per stage per step: {over + ' ' if over else ''}({bench.sources['stage_overhead']})")
