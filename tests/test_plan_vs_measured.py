@@ -155,7 +155,7 @@ def test_entry_latency_shifts_the_first_token_only():
 
 
 def test_a_one_stage_engine_starts_new_prompts_when_the_step_on_the_gpu_ends():
-    """A wave of 8 leaving the entry 2.5 ms apart (hand-computed).  The first prompt runs alone (the engine
+    """8 clients sending 2.5 ms apart, no entry (hand-computed).  The first prompt runs alone (the engine
     was idle) and its decode row is launched at once behind it; prompts 2-6 arrive during the prefill,
     7 and 8 during that decode step.  The engine waits for the step on the GPU before starting prompts,
     so all 7 go in the step after the decode step, none in a later one."""
@@ -163,16 +163,54 @@ def test_a_one_stage_engine_starts_new_prompts_when_the_step_on_the_gpu_ends():
     from hexswarm.plan.cost import StepShape
 
     e = 0.0025
-    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), entry_s=e)
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    wave = pvm.predict(b, 1, 8, 8, client_starts=[k * e for k in range(8)])
+    cluster, cost, (layout,) = pvm.pipeline(b, 1, 8)
+    timer = step_timer(cluster, cost, layout)
+    alone = timer.stage_s(0, StepShape.prefill(1, 128))
+    decode = timer.stage_s(0, StepShape.decode(1, 128))
+    seven = timer.stage_s(0, StepShape.prefill(7, 128) + StepShape.decode(1, 129))
+    assert 5 * e < alone < 6 * e < 7 * e < alone + decode  # the arrivals fall as described
+    assert wave.ttft_s[0] == pytest.approx(alone, rel=1e-4)
+    together = alone + decode + seven  # all 7 have their first token then
+    assert [t + k * e for k, t in enumerate(wave.ttft_s) if k] == pytest.approx([together] * 7, rel=1e-4)
+
+
+def test_the_first_of_simultaneous_starts_runs_alone():
+    """A wave whose starts reach stage 0 at the same moment: they come one message at a time, so the idle
+    engine starts a step on the first, and the others share the next (every closed-loop wave of run 14's
+    records: the first request's first token alone, the rest together a step later)."""
+    from hexswarm.plan.batching_sim import step_timer
+    from hexswarm.plan.cost import StepShape
+
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
     wave = pvm.predict(b, 1, 8, 8)
     cluster, cost, (layout,) = pvm.pipeline(b, 1, 8)
     timer = step_timer(cluster, cost, layout)
     alone = timer.stage_s(0, StepShape.prefill(1, 128))
     decode = timer.stage_s(0, StepShape.decode(1, 128))
     seven = timer.stage_s(0, StepShape.prefill(7, 128) + StepShape.decode(1, 129))
-    assert 6 * e < e + alone < 7 * e < 8 * e < e + alone + decode  # the arrivals fall as described
-    assert wave.ttft_p99_s == pytest.approx(e + alone + decode + seven, rel=1e-4)
-    assert wave.ttft_p50_s == pytest.approx(wave.ttft_p99_s, rel=1e-6)  # all 7 have it at once (times from 0)
+    assert wave.ttft_s[0] == pytest.approx(alone, rel=1e-4)
+    assert wave.ttft_s[1:] == pytest.approx([alone + decode + seven] * 7, rel=1e-4)
+
+
+def test_a_calibrated_prompt_step_takes_the_longer_of_the_launch_and_the_gpu_work():
+    """Between one prompt (launch-bound, 12.8 ms here) and a full step of 2048 tokens (45 ms), a step of n
+    prompt tokens takes max(12.8 ms, 45 ms x n / 2048), hand-computed, on the calibration's own run (all 32
+    layers with lm_head, TP 1): 7 prompts 19.7 ms, 2 prompts the launch time."""
+    from hexswarm.plan.cost import StepShape
+
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    cost = pvm.pipeline(b, 1, 8)[1]
+    kind = pvm.calibrated_device(b)
+
+    def step(prompts: int) -> float:
+        return cost.step_s(kind, 1, 32, pvm.NO_HOP, last=True, shape=StepShape.prefill(prompts, 128))
+
+    assert step(1) == pytest.approx(0.0128, rel=1e-9) and step(16) == pytest.approx(0.045, rel=1e-9)
+    assert step(2) == pytest.approx(0.0128, rel=1e-9)
+    assert step(7) == pytest.approx(0.045 * 7 / 16, rel=1e-9)
+    assert step(32) == pytest.approx(0.090, rel=1e-9)  # compute-bound: linear beyond the full step
 
 
 def test_a_closed_loop_wave_waits_for_the_entry_and_the_step_budget():
@@ -191,7 +229,7 @@ def test_cli_takes_a_node_calibration_file_and_says_so(tmp_path, capsys, shape):
     assert pvm.main([str(bench), "--calibration", str(cal), "--stages", "1", "2", "--concurrency", "1"]) == 0
     out = capsys.readouterr().out
     assert f"host time per stage per step: B1 0.80 ms B32 1.20 ms ({cal})" in out
-    assert "| 2 | 1 |" in out and "entry: 0.00 ms per request (not measured: 0)" in out
+    assert "| 2 | 1 |" in out and "entry: 0.00 ms per request in (not measured: 0)" in out
 
 
 def test_a_malformed_calibration_file_is_one_line_exit_2(tmp_path, capsys):
@@ -211,32 +249,50 @@ def test_calibrate_node_summary_names_every_quantity():
         assert part in text
 
 
-def test_the_entry_probe_gives_each_swarm_its_entry_latency_and_serial_work():
+def test_the_entry_probe_gives_each_swarm_its_entry_work_and_latency():
     """bench_serve's probe (tiny requests alone and in one burst) is read back through the model: made from the
     model with a known entry, it gives that entry back; the predictions then use it per stage count."""
     b = pvm.read_bench(SERVE, calibration=CAL_FILE)
     tiny = replace(b, prompt_len=2, output_len=1)
-    alone = pvm.predict(tiny, 2, 1, 8).ttft_p50_s + 0.004
-    burst = pvm.predict(replace(tiny, entry_s=0.0006, entry_latency_s=0.004), 2, 32, 32).ttft_p50_s
+    known = pvm.Entry(arrive_s=0.0006, done_s=0.0003, latency_s=0.004)
+    alone = pvm.predict(tiny, 2, 1, 8, entry=known).ttft_s
+    burst = pvm.predict(tiny, 2, 32, 32, entry=known).ttft_s
     probe = {"stages": 2, "frontend": "http", "prompt_tokens": 2, "new_tokens": 1, "burst": 32,
-             "alone_ttft_s": [alone] * 8, "burst_ttft_s": [burst] * 32}
+             "alone_ttft_s": list(alone), "burst_ttft_s": list(burst)}
     doc = {**SERVE, "entry_probe": [probe, {**probe, "frontend": "submit", "alone_ttft_s": [1.0] * 8}, {"junk": 1}]}
     probed = pvm.read_bench(doc, "run.json", calibration=CAL_FILE)
     assert [p.stages for p in probed.entry_probes] == [2] and "entry probe of run.json" in probed.sources["entry"]
-    entry_s, latency = pvm.estimate_entry(probed, probed.entry_probes[0])
-    assert latency == pytest.approx(0.004, abs=1e-6) and entry_s == pytest.approx(0.0006, rel=0.05)
+    got = pvm.estimate_entry(probed, probed.entry_probes[0])
+    assert got.latency_s == pytest.approx(0.004, abs=2e-5)
+    assert got.arrive_s == pytest.approx(0.0006, rel=0.02) and got.done_s == pytest.approx(0.0003, rel=0.05)
     row = next(r for r in pvm.compare(probed, [2], [1], 4) if r["stages"] == 2)
     assert row["predicted"]["ttft_p50_s"] == pytest.approx(pvm.predict(b, 2, 1, 4).ttft_p50_s + 0.004 + 0.0006, rel=0.02)
     assert pvm.read_bench(doc, calibration=CAL_FILE, entry_ms=1.0).entry_probes == ()  # a flag says otherwise
 
 
+def test_a_burst_reaches_stage_0_once_the_entry_has_taken_all_of_it_in():
+    """The entry's loop takes in every request of a burst (arrive_s each) before the first start gets through;
+    the first tokens then go out one by one behind each finished request's done_s (1-token requests,
+    hand-computed)."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    tiny = replace(b, prompt_len=2, output_len=1)
+    alone = pvm.predict(tiny, 1, 1, 1).ttft_p50_s
+    burst = pvm.predict(tiny, 1, 16, 16, entry=pvm.Entry(arrive_s=0.001, done_s=0.0005)).ttft_s
+    assert burst[0] == pytest.approx(16 * 0.001 + alone, rel=1e-3)  # the first start after 16 requests' work in
+    rest = sorted(burst[1:])  # the other 15 in the next step, their tokens 0.5 ms apart
+    assert [b - a for a, b in zip(rest, rest[1:])] == pytest.approx([0.0005] * 14, rel=1e-3)
+
+
 def test_stage_0_of_gpu_handoff_stages_takes_no_prompt_that_arrives_after_it_decided_the_next_step():
-    """4 requests leaving the entry 2.5 ms apart, on one stage and on two GPU-handoff stages (same GPU work,
-    host time hidden).  One stage waits for the first prompt's step before starting prompts: 2-4 share the
-    next step.  Two stages decide that step before the first one ends (once its tokens are handed back),
-    with the prompts there by then (2 and 3); 4 arrives after and goes in a later step."""
-    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), entry_s=0.0025)
-    one, two = pvm.predict(b, 1, 4, 4), pvm.predict(b, 2, 4, 4)  # p50: request 2's TTFT, p99: request 4's
-    assert one.ttft_p50_s == pytest.approx(one.ttft_p99_s)
-    assert two.ttft_p50_s < one.ttft_p50_s < two.ttft_p99_s
+    """4 clients sending 2.5 ms apart, on one stage and on two GPU-handoff stages (same GPU work, host time
+    hidden).  One stage waits for the first prompt's step before starting prompts: 2-4 share the next step.
+    Two stages decide that step before the first one ends (once its tokens are handed back), with the
+    prompts there by then (2 and 3); 4 arrives after and goes in a later step."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    starts = [0.0, 0.0025, 0.005, 0.0075]
+    one, two = pvm.predict(b, 1, 4, 4, client_starts=starts), pvm.predict(b, 2, 4, 4, client_starts=starts)
+    at_one = [t + s for t, s in zip(one.ttft_s, starts)]
+    at_two = [t + s for t, s in zip(two.ttft_s, starts)]
+    assert at_one[1] == pytest.approx(at_one[2]) and at_one[2] == pytest.approx(at_one[3])
+    assert at_two[1] == pytest.approx(at_two[2]) and at_two[2] < at_one[1] < at_two[3]
     assert two.gap_p50_s == pytest.approx(one.gap_p50_s, rel=0.05)

@@ -1,7 +1,8 @@
 """The planner's prediction against a measurement: tokens/s, TTFT and ITL per layout and concurrency.
 
     python tools/plan_vs_measured.py BENCH.json [MORE.json ...] [--frontend http] [--calibration CAL.json]
-        [--stages 1 2 4] [--concurrency 1 8 32] [--entry-ms X] [--stage-overhead-ms 1:0.7,32:1.0]
+        [--stages 1 2 4] [--concurrency 1 8 32] [--entry-ms X] [--entry-done-ms X] [--entry-latency-ms X]
+        [--stage-overhead-ms 1:0.7,32:1.0]
         [--link-gbps G] [--json OUT]
 
 BENCH.json is what ``tools/bench_serve.py --json FILE`` writes (its ``serve`` rows, one front end:
@@ -34,11 +35,17 @@ What the prediction is made of, each printed with where it came from:
   up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request arrives at once), the serial entry work per request (front end,
-  tokenizer, dispatch) and the latency it adds to each first token (the way in and out, not serial):
-  per stage count from bench_serve's entry probe (``entry_probe`` rows: tiny requests alone give the
-  latency, less the model's own time for them; one burst gives the serial work that makes the simulated
-  burst's median TTFT the measured one), else ``--entry-ms`` / ``--entry-latency-ms``, else 0.
+  every client's first request is sent at once; starts due together reach stage 0 one by one, so the
+  first of a wave runs alone), and the entry node's event loop (batching_sim's ``_Entry``): serial work
+  per arriving request (front end, tokenizer, dispatch; the starts go through the loop behind it, so a
+  wave reaches stage 0 once it is all in) and per finished request, and a latency to each first token
+  that is not serial: per stage count from bench_serve's entry probe (``entry_probe`` rows: the burst's
+  first TTFT gives the work per request in, its median the work per request done, the tiny requests
+  alone the latency, less the model's own time for them), else ``--entry-ms`` / ``--entry-done-ms`` /
+  ``--entry-latency-ms``, else 0.
+
+Nothing is fitted to the serving rows it compares against: every quantity comes from the calibration,
+the bench's engine rows, the entry probe (tiny requests, before the levels) or a flag.
 
 The predicted ITL is the median over every gap between two tokens of a request, and percentiles are
 nearest rank, as bench_serve reports them.
@@ -109,11 +116,12 @@ class Bench:
     shared_device: bool = True
     entry_s: float = 0.0
     entry_latency_s: float = 0.0
+    entry_done_s: float = 0.0
     cuda: bool = True  # a one-stage pipeline overlaps its host work with the GPU only on CUDA
     gpu_handoff: bool = True  # CUDA stages on one GPU hand over on it (the runtime since run 10, 2026-11-25)
     entry_probes: tuple[EntryProbe, ...] = ()
-    # (entry_s, entry_latency_s) per stage count, from the probes (estimate_entries); else the flags' for all
-    entries: tuple[tuple[int, float, float], ...] = ()
+    # (stages, Entry) per stage count, from the probes (estimate_entries); else the flags' for all
+    entries: tuple[tuple[int, "Entry"], ...] = ()
 
     @property
     def hands_over_on_gpu(self) -> bool:
@@ -123,6 +131,19 @@ class Bench:
     @property
     def engine(self) -> tuple[tuple[int, float], ...]:
         return self.calibration.decode if self.calibration else ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What the swarm's entry adds to a request (batching_sim's entry loop): serial work per arriving
+    request (``arrive_s``) and per finished one (``done_s``) on the entry's event loop, and a latency
+    that is not serial (``latency_s``: the rest of a request's way to its first token, as the probe's
+    requests alone show it beyond the model's own time for them; negative where the model's time for
+    a request alone is already longer than the swarm's whole answer)."""
+
+    arrive_s: float = 0.0
+    done_s: float = 0.0
+    latency_s: float = 0.0
 
 
 def _first(d: dict, *keys: str, default: Any = None) -> Any:
@@ -258,7 +279,8 @@ def _flag_overhead(text: str) -> list[list]:
 def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http",
                calibration: dict | None = None, calibration_name: str = "--calibration",
                stage_overhead_ms: str | None = None, link_gbps: float | None = None, entry_ms: float | None = None,
-               entry_latency_ms: float | None = None, shared_device: bool = True) -> Bench:
+               entry_latency_ms: float | None = None, entry_done_ms: float | None = None,
+               shared_device: bool = True) -> Bench:
     """Parse bench_serve's JSON (see the module docstring); raise ValueError when it has no usable rows."""
     flat = _rows(doc, "rows")
     layout_rows = _rows(doc, "serve", "layouts", "results") or [r for r in flat if "stages" in r]
@@ -297,20 +319,24 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
     sources["micro_batches"] = f"node_extra of {where}" if micro else "node default (one per stage)"
     sources["max_step_tokens"] = f"node_extra of {where}" if extra.get("max_step_tokens") else \
         f"auto on {'CUDA' if cuda else 'CPU'}"
-    sources["entry"] = "--entry-ms" if entry_ms is not None else "not measured: 0"
-    sources["entry_latency"] = "--entry-latency-ms" if entry_latency_ms is not None else "not measured: 0"
+    flags = {"entry": ("--entry-ms", entry_ms), "entry_latency": ("--entry-latency-ms", entry_latency_ms),
+             "entry_done": ("--entry-done-ms", entry_done_ms)}
+    for key, (flag, value) in flags.items():
+        sources[key] = flag if value is not None else "not measured: 0"
+    flagged = any(value is not None for _, value in flags.values())
     probes = tuple(_probe(r) for r in _rows(doc, "entry_probe") if not frontend or r.get("frontend") == frontend)
     probes = tuple(p for p in probes if p is not None)
-    if probes and entry_ms is None and entry_latency_ms is None:
-        sources["entry"] = sources["entry_latency"] = f"entry probe of {where} (tiny requests alone and in a burst)"
+    if probes and not flagged:
+        for key in flags:
+            sources[key] = f"entry probe of {where} (tiny requests alone and in a burst)"
     old_link = doc.get("link") if isinstance(doc.get("link"), dict) else None  # the older schema's separate hosts
     link = None if old_link is None else Link(_number(old_link.get("latency_s")) or 100e-6,
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
                  shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
-                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, cuda=cuda,
-                 entry_probes=probes if entry_ms is None and entry_latency_ms is None else ())
+                 entry_latency_s=(entry_latency_ms or 0.0) / 1e3, entry_done_s=(entry_done_ms or 0.0) / 1e3, cuda=cuda,
+                 entry_probes=probes if not flagged else ())
 
 
 def _probe(r: dict) -> EntryProbe | None:
@@ -328,41 +354,62 @@ def _median(sorted_values: tuple[float, ...]) -> float:
     return sorted_values[max(0, math.ceil(len(sorted_values) / 2) - 1)]
 
 
-def estimate_entry(bench: Bench, probe: EntryProbe) -> tuple[float, float]:
-    """(entry_s, entry_latency_s) of one swarm from its probe, through this model: the latency is the
-    alone TTFT's median less the model's own TTFT for that request (one tiny prompt through the stages);
-    the serial work per request is what makes the simulated burst's median TTFT the measured one (the
-    simulated median grows with it: bisection)."""
-    tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0, entries=())
-    model_alone = predict(tiny, probe.stages, 1, len(probe.alone_ttft_s)).ttft_p50_s
-    latency = max(0.0, _median(probe.alone_ttft_s) - model_alone)
-    tiny = replace(tiny, entry_latency_s=latency)
-    target = _median(probe.burst_ttft_s)
-
-    def burst_median(entry_s: float) -> float:
-        return predict(replace(tiny, entry_s=entry_s), probe.stages, probe.burst, probe.burst).ttft_p50_s
-
-    if burst_median(0.0) >= target:
-        return 0.0, latency
-    lo, hi = 0.0, 2 * target / probe.burst
-    for _ in range(60):  # the simulated median grows without bound with the serial work
-        if burst_median(hi) >= target:
+def _solve(f, target: float, hi: float) -> float:
+    """The smallest x >= 0 with f(x) >= target, for f growing with x (0 when f(0) already is)."""
+    if f(0.0) >= target:
+        return 0.0
+    lo = 0.0
+    for _ in range(60):  # f grows without bound with x
+        if f(hi) >= target:
             break
         lo, hi = hi, 2 * hi
     for _ in range(30):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if burst_median(mid) < target else (lo, mid)
-    return hi, latency
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return hi
+
+
+def estimate_entry(bench: Bench, probe: EntryProbe) -> Entry:
+    """The entry of one swarm from its probe, read through this model (batching_sim's entry loop):
+
+    * the burst's first answer: every tiny request of the burst is taken in before any start reaches
+      stage 0, so the first TTFT is the whole burst's work in plus one request's way: ``arrive_s``;
+    * the burst's median: after the first, the answers go out one by one, each request's end costing
+      the loop ``done_s`` before the next token goes out: ``done_s``;
+    * alone: the median TTFT less the model's own time for it (its entry work, its prompt through the
+      stages): ``latency_s``.
+
+    Each is solved with the other two fixed, a few rounds (they hardly depend on each other)."""
+    tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0,
+                   entry_done_s=0.0, entries=())
+    alone_t, first_t, median_t = _median(probe.alone_ttft_s), probe.burst_ttft_s[0], _median(probe.burst_ttft_s)
+
+    def alone(e: Entry) -> float:
+        return predict(tiny, probe.stages, 1, len(probe.alone_ttft_s), entry=e).ttft_p50_s
+
+    def burst(e: Entry):
+        return predict(tiny, probe.stages, probe.burst, probe.burst, entry=e)
+
+    e = Entry()
+    e = replace(e, latency_s=alone_t - alone(e))
+    for _ in range(4):
+        e = replace(e, arrive_s=_solve(lambda x: burst(replace(e, arrive_s=x)).ttft_min_s, first_t,
+                                       max(first_t, 1e-4) / probe.burst))
+        e = replace(e, done_s=_solve(lambda x: burst(replace(e, done_s=x)).ttft_p50_s, median_t,
+                                     max(median_t, 1e-4) / probe.burst))
+        e = replace(e, latency_s=e.latency_s + alone_t - alone(e))
+    return e
 
 
 def estimate_entries(bench: Bench) -> Bench:
     """The bench with each probed stage count's entry quantities (nothing changes without probes)."""
     found = {p.stages: estimate_entry(bench, p) for p in bench.entry_probes}
-    return replace(bench, entries=tuple((s, e, l) for s, (e, l) in sorted(found.items())))
+    return replace(bench, entries=tuple(sorted(found.items())))
 
 
-def _entry(bench: Bench, stages: int) -> tuple[float, float]:
-    return next(((e, l) for s, e, l in bench.entries if s == stages), (bench.entry_s, bench.entry_latency_s))
+def _entry(bench: Bench, stages: int) -> Entry:
+    return next((e for s, e in bench.entries if s == stages),
+                Entry(bench.entry_s, bench.entry_done_s, bench.entry_latency_s))
 
 
 def calibrated_device(bench: Bench) -> GpuKind:
@@ -395,17 +442,20 @@ def pipeline(bench: Bench, stages: int, max_batch: int) -> tuple[Cluster, Roofli
     return cluster, cost, [layout]
 
 
-def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = None, seed: int = 0) -> BatchSimResult:
+def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = None, seed: int = 0, *,
+            entry: Entry | None = None, client_starts: list[float] | None = None) -> BatchSimResult:
+    """One layout at one concurrency: ``requests`` requests from ``concurrency`` closed-loop clients
+    (first sent at ``client_starts``, default all at 0), the entry of that stage count (or ``entry``)."""
     cluster, cost, layouts = pipeline(bench, stages, concurrency)
     n = requests or 16 * concurrency
     work = Workload(1.0, 1e9, LengthDist.constant(bench.prompt_len), LengthDist.constant(bench.output_len),
                     concurrency, n)
-    entry_s, entry_latency_s = _entry(bench, stages)
+    e = entry or _entry(bench, stages)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
-                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=entry_s,
-                             entry_latency_s=entry_latency_s,
-                             gpu_handoff=bench.hands_over_on_gpu)
+                             shared_device=bench.shared_device, overlap=bench.cuda, entry_s=e.arrive_s,
+                             entry_latency_s=e.latency_s, entry_done_s=e.done_s,
+                             gpu_handoff=bench.hands_over_on_gpu, client_starts=client_starts)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -462,11 +512,13 @@ def _stage_host(bench: Bench) -> str:
 
 def _entry_text(bench: Bench) -> str:
     if bench.entry_probes:
-        per = "; ".join(f"{s} stage(s): {e * 1e3:.2f} ms per request, {l * 1e3:.2f} ms more to the first token"
-                        for s, e, l in (bench.entries or estimate_entries(bench).entries))
+        per = "; ".join(f"{s} stage(s): {e.arrive_s * 1e3:.2f} ms per request in, {e.done_s * 1e3:.2f} ms per "
+                        f"request done, {e.latency_s * 1e3:+.2f} ms to the first token"
+                        for s, e in (bench.entries or estimate_entries(bench).entries))
         return f"- entry ({bench.sources['entry']}): {per}"
-    return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request ({bench.sources['entry']}), "
-            f"{bench.entry_latency_s * 1e3:.2f} ms more to the first token ({bench.sources['entry_latency']})")
+    return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request in ({bench.sources['entry']}), "
+            f"{bench.entry_done_s * 1e3:.2f} ms per request done ({bench.sources['entry_done']}), "
+            f"{bench.entry_latency_s * 1e3:+.2f} ms to the first token ({bench.sources['entry_latency']})")
 
 
 def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
@@ -482,7 +534,7 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
     if cal is not None:
         lines.append(f"- prefill, one prompt: {cal.prefill_tokens_per_s:,.0f} tokens/s ({bench.sources['prefill_tokens_per_s']})")
         pb = cal.prefill_batch
-        lines.append(f"- prefill, full step: " + (f"{pb[0] / pb[1]:,.0f} tokens/s at {pb[0]} tokens " if pb else "")
+        lines.append("- prefill, full step: " + (f"{pb[0] / pb[1]:,.0f} tokens/s at {pb[0]} tokens " if pb else "")
                      + f"({bench.sources['prefill_batch']})")
         over = " ".join(f"B{r} {t * 1e3:.2f} ms" for r, t in cal.stage_overhead)
         lines.append(f"- host time per stage per step: {over + ' ' if over else ''}({bench.sources['stage_overhead']})")
@@ -516,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                     "node's calibration.json): its quantities come before the bench's engine rows")
     ap.add_argument("--stage-overhead-ms", help="ROWS:MS,... host time per stage per step, when nothing measured it")
     ap.add_argument("--link-gbps", type=float, help="local link GB/s, when nothing measured it")
-    ap.add_argument("--entry-ms", type=float, help="serial entry work per request (front end, dispatch)")
+    ap.add_argument("--entry-ms", type=float, help="serial entry work per arriving request (front end, dispatch)")
+    ap.add_argument("--entry-done-ms", type=float, help="serial entry work per finished request (its end)")
     ap.add_argument("--entry-latency-ms", type=float, help="a request's way in and its first token's way out, "
                     "beyond the serial entry work (not serial: it shifts the TTFT)")
     ap.add_argument("--separate-devices", action="store_true", help="the stages did not share one device")
@@ -535,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = read_bench(docs[0], where.name, frontend=args.frontend, calibration=cal,
                            calibration_name=str(args.calibration), stage_overhead_ms=args.stage_overhead_ms,
                            link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
+                           entry_done_ms=args.entry_done_ms,
                            shared_device=not args.separate_devices)
         more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
         bench = estimate_entries(replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff))

@@ -27,10 +27,16 @@ It follows the serving engine's rule, per replica:
   burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``);
 * stages that share one device (``shared_device``: several stage processes on
   one GPU) share its time: their GPU work runs one at a time;
-* a request first passes the entry (``entry_s`` of serial work per request:
-  front end, tokenizer, dispatch), so a closed-loop wave of c requests reaches
-  stage 0 spread over c x entry_s, plus ``entry_latency_s`` that is not serial
-  (the way in and the first token's way out), which only delays the TTFT.
+* starts due at the same moment reach stage 0 one by one: an idle engine
+  launches a step on the first, the others wait for its next step;
+* a request first passes the entry node's event loop (``_Entry``: one job at a
+  time, in the order the work comes): ``entry_s`` of work per arriving request
+  (front end, tokenizer, dispatch), after which its start goes through the loop
+  behind the work queued meanwhile (a closed-loop wave of c requests reaches
+  stage 0 together, after c x entry_s); a first token goes out once the work
+  queued before it is done, and a finished request costs ``entry_done_s``; plus
+  ``entry_latency_s`` that is not serial (the rest of the way in and the first
+  token's way out), which shifts the TTFT.
 
 Step times come from the cost model for the exact step (rows, their contexts,
 prompt tokens), so batching, context growth and prefill/decode interference
@@ -67,12 +73,14 @@ class BatchSimResult(SimResult):
     itl_p50_s: float = math.inf  # per request: (last token - first token) / (tokens - 1), median over requests
     itl_p99_s: float = math.inf
     gap_p50_s: float = math.inf  # median over every gap between two tokens of a request (what a benchmark pools)
+    ttft_min_s: float = math.inf
+    ttft_s: tuple[float, ...] = ()  # per request, in the order they were sent (not in to_json)
 
     def to_json(self) -> dict:
         return {**super().to_json(), "tokens_per_s": round(self.tokens_per_s, 2),
                 "ttft_p50_s": round(self.ttft_p50_s, 5), "ttft_p99_s": round(self.ttft_p99_s, 5),
                 "itl_p50_s": round(self.itl_p50_s, 6), "itl_p99_s": round(self.itl_p99_s, 6),
-                "gap_p50_s": round(self.gap_p50_s, 6)}
+                "gap_p50_s": round(self.gap_p50_s, 6), "ttft_min_s": round(self.ttft_min_s, 5)}
 
 
 class StepTimer(Protocol):
@@ -259,7 +267,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                       seed: int = 0, max_batch: int | None = None, step_tokens: int = 2048,
                       closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
                       overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
-                      gpu_handoff: bool = False) -> BatchSimResult:
+                      entry_done_s: float = 0.0, gpu_handoff: bool = False,
+                      client_starts: list[float] | None = None) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
@@ -267,10 +276,15 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     ``max_batch`` defaults to the workload's; ``step_tokens`` is the per-step token budget;
     ``micro_batches`` defaults to one per stage; ``shared_device``: each replica's stages run on one
     device; ``overlap``: a one-stage pipeline hides its host work behind the GPU (CUDA);
-    ``entry_s``: serial seconds of entry work per request before it reaches a replica;
-    ``entry_latency_s``: seconds a request's first token takes beyond that, not serial (the way to
-    stage 0 and the token's way back out; it shifts the TTFT only); ``gpu_handoff``: the stages of
-    a replica share one GPU and hand over on it (with ``shared_device``)."""
+    ``entry_s``, ``entry_done_s``: the entry's serial work (its event loop, one job at a time, in
+    the order the work comes): ``entry_s`` per arriving request, ``entry_done_s`` per finished one;
+    a request's start reaches its replica once the loop has done the work queued before it, and
+    its first token reaches the client likewise (see ``_Entry``); ``entry_latency_s``: seconds
+    a request's first token takes beyond that, not serial (the way to stage 0 and the token's way
+    back out; it shifts the TTFT, and a closed-loop client's next request when positive);
+    ``gpu_handoff``: the stages of a replica share one GPU and hand over on it (with
+    ``shared_device``); ``client_starts``: when each closed-loop client sends its first request
+    (default: all at 0)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -284,15 +298,19 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         prompts.append(workload.prompt.sample(rng))
         outputs.append(workload.output.sample(rng))
     if closed_loop is not None:
-        times[:closed_loop] = [0.0] * min(n, closed_loop)
-    pending = [(times[k], k, False) for k in range(n) if times[k] < math.inf]  # heap of (time, id, through the entry)
-    entry_free = 0.0
+        firsts = list(client_starts or []) + [0.0] * closed_loop
+        times[:closed_loop] = firsts[:min(n, closed_loop)]
+    # heap of (time, order, what, request or step): what the entry does (ARRIVE, START, DISPATCH, RELAY)
+    pending = [(times[k], k, ARRIVE, k) for k in range(n) if times[k] < math.inf]
+    entry = _Entry(entry_s, entry_done_s)
+    queue_order = n
     gaps: list[float] = []
     issued = len(pending)
     if not replicas or n == 0:
         return BatchSimResult(0.0, math.inf, math.inf, math.inf, 0.0, 0)
     steps = [cost.with_lengths(p, o).decode_steps for p, o in zip(prompts, outputs)]
-    first = [math.inf] * n
+    first = [math.inf] * n  # at stage 0
+    seen = [math.inf] * n  # the first token at the client (less entry_latency_s)
     last = [math.inf] * n
     reps: list[_Replica] = []
     for lay in replicas:
@@ -315,8 +333,27 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 order += 1
                 heapq.heappush(events, (now, order, r, m))
 
+    def send_next(done_at: float) -> None:
+        """A closed-loop client has its answer at ``done_at``: it sends its next request."""
+        nonlocal issued, queue_order
+        if closed_loop is not None and issued < n:
+            times[issued] = done_at + max(entry_latency_s, 0.0)
+            queue_order += 1
+            heapq.heappush(pending, (times[issued], queue_order, ARRIVE, issued))
+            issued += 1
+
+    def relay(now: float, out: list[tuple[int, bool, bool]]) -> None:
+        """A step's tokens at stage 0, in row order (request, its first token, its last): each
+        first token goes out once the entry has done the work queued before it; each finished
+        request costs the entry ``entry_done_s``, then its client has the answer."""
+        for rid, is_first, is_last in out:
+            if is_first:
+                seen[rid] = entry.token(now)
+            if is_last:
+                send_next(entry.done(now))
+
     def launch(r: int, m: int, now: float) -> None:
-        nonlocal order, issued
+        nonlocal order, queue_order
         rep = reps[r]
         S = rep.timer.stages()
         handoff = gpu_handoff and shared_device and S > 1
@@ -393,6 +430,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
         token_t = at
         finished: list[_Request] = []
+        out: list[tuple[int, bool, bool]] = []  # (request, first token, last token) in row order
         for q in emitting:
             q.context += 1
             q.steps_left -= 1
@@ -400,6 +438,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             last[q.rid] = token_t
             if q.steps_left <= 0:
                 finished.append(q)
+                out.append((q.rid, False, True))
         for q, c in chunks:
             q.prompt_left -= c
             q.context += c
@@ -407,13 +446,16 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 first[q.rid] = last[q.rid] = token_t
                 if q.steps_left <= 0:
                     finished.append(q)
+                out.append((q.rid, True, q.steps_left <= 0))
         for q in finished:
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
-            if closed_loop is not None and issued < n:  # that client sends its next request once it has the answer
-                times[issued] = token_t + entry_latency_s
-                heapq.heappush(pending, (times[issued], issued, False))
-                issued += 1
+        if out:
+            if entry.serial:  # the tokens go out through the entry's loop, at token_t
+                queue_order += 1
+                heapq.heappush(pending, (token_t, queue_order, RELAY, out))
+            else:
+                relay(token_t, out)
         if finished:
             done = {id(q) for q in finished}
             rep.members[m] = [q for q in mine if id(q) not in done]
@@ -423,12 +465,21 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
 
     heapq.heapify(pending)
     while pending or events:
-        if pending and (not events or pending[0][0] <= events[0][0]):  # arrivals first at equal times
-            now, rid, entered = heapq.heappop(pending)
-            if entry_s > 0 and not entered:  # the entry handles one request at a time
-                entry_free = max(now, entry_free) + entry_s
-                heapq.heappush(pending, (entry_free, rid, True))
+        if pending and (not events or pending[0][0] <= events[0][0]):  # the entry first at equal times
+            now, _, what, rid = heapq.heappop(pending)
+            if what == RELAY:
+                relay(now, rid)
                 continue
+            if what == ARRIVE and entry.serial:  # through the entry's loop: its work, then the start
+                queue_order += 1
+                heapq.heappush(pending, (entry.arrive(now), queue_order, START, rid))
+                continue
+            if what != DISPATCH:
+                at = entry.start(now)
+                if at > now:  # behind other starts (at once) or work the loop had queued
+                    queue_order += 1
+                    heapq.heappush(pending, (at, queue_order, DISPATCH, rid))
+                    continue
             best = min(range(len(reps)), key=lambda i: ((reps[i].load(now) + 1) / reps[i].capacity_rps + reps[i].unloaded_s, i))
             rep = reps[best]
             rep.waiting.append(rid)
@@ -438,8 +489,11 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             now, _, r, m = heapq.heappop(events)
             launch(r, m, now)
 
+    if not entry.serial:
+        seen = first
     lat = sorted(last[r] - times[r] + entry_latency_s for r in range(n))
-    ttft = sorted(first[r] - times[r] + entry_latency_s for r in range(n))
+    each_ttft = tuple(seen[r] - times[r] + entry_latency_s for r in range(n))
+    ttft = sorted(each_ttft)
     itl = sorted((last[r] - first[r]) / steps[r] if steps[r] > 0 else 0.0 for r in range(n))
     span = max(last) + entry_latency_s - min(times)
     tokens = sum(steps) + n
@@ -451,8 +505,55 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         ttft_p50_s=_quantile(ttft, 0.5), ttft_p99_s=_quantile(ttft, 0.99),
         itl_p50_s=_quantile(itl, 0.5), itl_p99_s=_quantile(itl, 0.99),
         gap_p50_s=_quantile(sorted(gaps), 0.5) if gaps else 0.0,
+        ttft_min_s=ttft[0], ttft_s=each_ttft,
         num_requests=n,
     )
+
+
+ARRIVE, START, DISPATCH, RELAY = range(4)  # what the entry does with a request (or a step's tokens)
+START_GAP_S = 1e-6  # starts due at once reach stage 0 one by one, this far apart
+
+
+@dataclass
+class _Entry:
+    """The entry node's event loop, one job at a time in the order the work comes (trio: a task that
+    awaits resumes behind the tasks already runnable).  A request costs it ``arrive_s`` (HTTP, tokenizer,
+    dispatch); its start then goes through the loop once more, behind the work queued meanwhile (so a
+    closed-loop wave's starts reach stage 0 together, once the whole wave is in); a token goes out once
+    the work queued before it is done; a finished request costs ``done_s`` (its last chunk, the
+    response's end).  Zero costs: nothing waits (the model without an entry).  Starts due at the same
+    time reach stage 0 one by one (messages, one at a time): an idle engine launches a step on the first
+    and the others wait for its next step, as the records of every closed-loop wave show (the first
+    request of a wave gets its first token alone, the others together one step later)."""
+
+    arrive_s: float
+    done_s: float
+    free: float = 0.0
+    last_start: float = -math.inf
+
+    @property
+    def serial(self) -> bool:
+        return self.arrive_s > 0 or self.done_s > 0
+
+    def arrive(self, now: float) -> float:
+        self.free = max(now, self.free) + self.arrive_s
+        return self.free
+
+    def start(self, now: float) -> float:
+        at = max(now, self.free) if self.serial else now
+        if at <= self.last_start:
+            at = self.last_start + START_GAP_S
+        self.last_start = at
+        if self.serial:
+            self.free = at
+        return at
+
+    def token(self, now: float) -> float:
+        return max(now, self.free)
+
+    def done(self, now: float) -> float:
+        self.free = max(now, self.free) + self.done_s
+        return self.free
 
 
 def _new_prompts(rep: _Replica, m: int) -> bool:

@@ -7,7 +7,9 @@ a prefill. The planner does not use these numbers directly as stage times,
 because a stage holds only some layers, maybe at a TP degree: it divides each
 measurement by what the analytic roofline predicts for the same run, and
 multiplies every analytic stage time on that device by this ratio
-(interpolated in log B between measured batch sizes, held flat outside).
+(interpolated in log B between measured batch sizes, held flat outside;
+a prompt step of n tokens takes max(one prompt's time, the full step's time
+x n / its tokens), see ``cost.CalibrationRatios``).
 So the measurement corrects the analytic model's efficiencies and fixed
 overheads, and the analytic model keeps the shape (layers, TP, context).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
-from typing import Protocol
+from typing import Callable, Protocol
 
 from hexswarm.plan.calibration import interp_log
 from hexswarm.plan.cluster import GIB, GpuKind, Link
@@ -140,9 +140,9 @@ class RooflineCostModel:
         """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps."""
         if kind.calibration is None or shape.new_tokens <= 0:
             return 1.0
-        batches, decode_ratio, prefill_tokens, prefill_ratio = calibration_ratios(self.analytic_core(), kind)
-        dec = interp_log(batches, decode_ratio, max(shape.decode_rows, 1.0))
-        pre = interp_log(prefill_tokens, prefill_ratio, max(shape.prefill_tokens, 1.0)) if shape.prefill_tokens else 0.0
+        ratios = calibration_ratios(self.analytic_core(), kind)
+        dec = ratios.decode(shape.decode_rows) if shape.decode_rows else 0.0
+        pre = ratios.prefill(shape.prefill_tokens) if shape.prefill_tokens else 0.0
         return (shape.decode_rows * dec + shape.prefill_tokens * pre) / shape.new_tokens
 
     @cached_property
@@ -245,13 +245,49 @@ def _step_model(core: RooflineCostModel, kind: GpuKind, tp: int, layers: int, in
     )
 
 
+@dataclass(frozen=True)
+class CalibrationRatios:
+    """Measured / analytic of one calibrated device, by step shape.
+
+    Decode: the ratio at each measured batch size, interpolated in log rows (flat outside).
+
+    Prefill: the measured time of a step of ``n`` prompt tokens, divided by the analytic time of the
+    same step.  With one point (one prompt of ``prompt`` tokens: ``one_prompt_s``) the ratio is that
+    point's, whatever ``n``.  With a full step too (``full``: ``(n2, t2)``, several prompts in one
+    forward) a step of ``n`` tokens takes ``max(one_prompt_s, t2 * n / n2)``: a prompt step runs its
+    kernels eagerly (no CUDA graph), the host launching them while the GPU runs those before, so a
+    small step takes the launch time (one prompt: every kernel launched, little GPU work behind it)
+    and a large one the GPU's time, which grows with the tokens (a full step is compute-bound).  Both
+    measured points are reproduced exactly."""
+
+    batches: tuple[float, ...]
+    decode_ratio: tuple[float, ...]
+    one_prompt_s: float
+    prompt: float
+    full: tuple[float, float] | None
+    analytic_prefill: Callable[[float], float]  # analytic seconds of a step of n prompt tokens (prompts of `prompt`)
+
+    def decode(self, rows: float) -> float:
+        return interp_log(list(self.batches), list(self.decode_ratio), max(rows, 1.0))
+
+    def prefill_s(self, tokens: float) -> float:
+        """The calibration's own time for a step of ``tokens`` prompt tokens (its layers, TP 1, lm_head)."""
+        if self.full is None:
+            return self.one_prompt_s * self.analytic_prefill(tokens) / self.analytic_prefill(self.prompt)
+        n2, t2 = self.full
+        return max(self.one_prompt_s, t2 * tokens / n2)
+
+    def prefill(self, tokens: float) -> float:
+        tokens = max(tokens, 1.0)
+        if self.full is None:
+            return self.one_prompt_s / self.analytic_prefill(self.prompt)
+        return self.prefill_s(tokens) / self.analytic_prefill(tokens)
+
+
 @lru_cache(maxsize=256)
-def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[float], list[float], list[float], list[float]]:
-    """(batches, measured/analytic decode ratio per batch, prompt tokens, measured/analytic prefill ratio
-    per token count) of a calibrated device: the measurement ran the first ``cal.layers`` layers (all
-    when 0) with embedding and lm_head at TP 1 on it. Prefill has one point (one prompt) or two (plus a
-    batched forward of several prompts): one prompt is launch-bound, a full step compute-bound, so the
-    ratio is interpolated in log tokens between them."""
+def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> CalibrationRatios:
+    """Measured / analytic ratios of a calibrated device (``CalibrationRatios``): the measurement ran the
+    first ``cal.layers`` layers (all when 0) with embedding and lm_head at TP 1 on it."""
     cal = kind.calibration
     assert cal is not None
     L = min(cal.layers, core.model.num_layers) if cal.layers else core.model.num_layers
@@ -259,15 +295,15 @@ def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> tuple[list[flo
     def analytic(shape: StepShape) -> float:
         return core.analytic_step_s(kind, 1, L, last=True, shape=shape)
 
-    batches = [float(b) for b, _ in cal.decode]
-    ratios = [t / analytic(StepShape.decode(b, cal.context)) for b, t in cal.decode]
-    tokens = [float(cal.prompt)]
-    prefill = [cal.prefill_s / analytic(StepShape.prefill(1, cal.prompt))]
+    def analytic_prefill(tokens: float) -> float:  # prompts of cal.prompt tokens, as the node measured them
+        return analytic(StepShape.prefill(tokens / cal.prompt, cal.prompt))
+
+    ratios = tuple(t / analytic(StepShape.decode(b, cal.context)) for b, t in cal.decode)
+    full = None
     if cal.prefill_batch is not None and cal.prefill_batch[0] > cal.prompt:
-        n, secs = cal.prefill_batch
-        tokens.append(float(n))
-        prefill.append(secs / analytic(StepShape.prefill(n / cal.prompt, cal.prompt)))
-    return batches, ratios, tokens, prefill
+        full = (float(cal.prefill_batch[0]), cal.prefill_batch[1])
+    return CalibrationRatios(tuple(float(b) for b, _ in cal.decode), ratios, cal.prefill_s, float(cal.prompt), full,
+                             analytic_prefill)
 
 
 @dataclass(frozen=True)
