@@ -170,7 +170,7 @@ if AVAILABLE:
                 acc = tl.dot(tl.reshape(wb.to(act), (BLOCK_N, BLOCK_G * HALF)), xb, acc)
             lo, hi, s, o = nlo, nhi, ns, no
         if BLOCK_M == 1:
-            out = tl.sum(tl.sum(acc, axis=2), axis=2, keep_dims=True)
+            out = tl.sum(tl.sum(acc, axis=2), axis=1)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
                 out += tl.where(pid_k == 0, bias, 0.0)  # split-K: added once
