@@ -61,7 +61,7 @@ COLD_BYTES = 256 << 20  # weight copies per graph: > 5x the H100's 50 MB L2
 # BLOCK_N / (32 * warps) rows of the same groups (the activations it loads serve them all); chosen
 # from the compiled loop (sm_90 SASS, Triton 3.6: ~3.6-4.6 instructions per weight, no spills)
 FACT_TILES = [(256, 2, 2), (128, 2, 1), (512, 2, 4), (256, 4, 2), (128, 4, 2), (256, 2, 4), (64, 2, 1),
-              (128, 4, 1)]
+              (128, 4, 1)]  # (128, 4, 1) spills registers for int8
 
 
 def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
@@ -86,13 +86,14 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     if bucket <= 8:
         ranked = sorted((i + later[v], (1, n, g, v, w, 1, "fact")) for i, (n, g, w) in enumerate(FACT_TILES)
                         for v in later)
-        fact = [c for _, c in ranked][: 20 if bucket == 1 else 4]
+        fact = [c for _, c in ranked][: 16 if bucket == 1 else 4]
     fact = fact if "fact" in variants else []
     deq = deq if "deq" in variants else []
-    if bucket == 1:  # the variants alternate, the new one first
+    if bucket == 1:  # the variants alternate, the new one first; "deq" M = 1 was tuned already:
+        deq = deq[:7]  # its best tiles, (1, 32, 8, 2, 4, 3) the last of them
         out = [c for pair in zip(fact, deq) for c in pair] + fact[len(deq):] + deq[len(fact):]
         return out
-    return deq + fact
+    return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
 def graph_us(calls, repeats: int) -> float:
