@@ -24,6 +24,16 @@ Numerics, both paths: the weight is dequantized in fp32 exactly as quant.py's re
 the activation dtype, and multiplied with fp32 accumulation: "dequantize to bf16, then
 F.linear" up to summation order (split-K adds its partial sums in any order).
 
+A second M = 1 kernel, the "fact" variant (_qgemv_fact_kernel; a config's 7th field picks it,
+6-field configs are the kernel above, "deq"): per (row, group) sum_j w_j x_j =
+scale * (sum_j f_j x_j - C) + offset * X, where f_j = B_j + code_j is the code turned into a float
+by OR-ing it into the mantissa of a power of two B_j (no subtraction), and C = sum_j B_j x_j,
+X = sum_j x_j come from the activations once per thread and group.  The loop then costs per weight
+a shift shared by several codes, one LOP3 and one FFMA (~3.6-4.6 SASS instructions per weight
+including loads and reductions, against ~10 for "deq", whose weights also go through shared
+memory; sm_90, Triton 3.6).  Numerics: fp32 products of unrounded weights (no rounding to the
+activation dtype), fp32 sums; within the same tolerance of the reference.
+
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
 """
