@@ -145,3 +145,21 @@ def test_tune_quant_table_takes_the_faster_path_and_rewrites_only_the_tuned_bloc
     assert ast.literal_eval(body) == table
     head, tail = src.split("# BEGIN TUNED")[0], src.split("# END TUNED")[1]
     assert new.startswith(head) and new.endswith(tail)
+
+
+def test_tune_quant_keeps_untuned_buckets_and_tries_both_variants():
+    """A sweep of some buckets keeps the table's other entries (None above a measured crossover);
+    the M = 1 candidates alternate the "fact" and "deq" kernels, the new one first."""
+    tune = load_tool("tune_quant")
+    base = {(4, 1): (1, 32, 8, 2, 4, 3), (4, 8): (16, 64, 4, 2, 4, 3), (4, 64): (64, 64, 4, 2, 4, 1),
+            (8, 1): (1, 32, 8, 2, 4, 3)}
+    fact = [1, 256, 2, 2, 2, 1, "fact"]
+    res = {"results": {"int4/1": {"config": fact, "us": 10.0}, "int4/32": {"config": [32, 64, 4, 2, 4, 1],
+                                                                          "us": 80.0, "dense_us": 70.0}}}
+    table = tune.table_from(res, base)
+    assert table == {(4, 1): tuple(fact), (4, 8): base[(4, 8)], (4, 32): None, (4, 64): None, (8, 1): base[(8, 1)]}
+    ones = tune.candidates(1)
+    assert ones[0][6:] == ("fact",) and len(ones[1]) == 6 and {len(c) for c in ones} == {6, 7}
+    assert all(c[0] == 1 for c in ones if len(c) == 7)
+    assert all(len(c) == 6 for c in tune.candidates(16))
+    assert [c for c in tune.candidates(1, ("deq",)) if len(c) == 7] == []

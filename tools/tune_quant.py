@@ -1,18 +1,29 @@
 #!/usr/bin/env python
 """Tune the quantized GEMV (hexswarm/model/quant_kernels.py) on one GPU: for int8 and int4,
-each M bucket (1, 8, 16, 32, 64 rows), a compact grid of kernel configs on the 7B layer
-shapes; every config's output checked against the torch reference; each timed as the sum
-over the shapes of a CUDA-graph replay (median of repeats) over enough weight copies that
-every call reads its weights from HBM, not L2.  Also times dequantize + cuBLAS (the prefill
-path) per bucket: a bucket where that wins gets no GEMV config (the crossover).
+each M bucket (1, 8, 16, 32, 64 rows), a compact grid of kernel configs of every kernel variant
+("deq": dequantize each weight, round it to bf16, multiply; "fact", M = 1 rows: scales factored
+out of the loop) on the 7B layer shapes; every config's output checked against the torch
+reference; each timed as the sum over the shapes of a CUDA-graph replay (median of repeats) over
+enough weight copies that every call reads its weights from HBM, not L2.  Also times dequantize
++ cuBLAS (the prefill path) per bucket: a bucket where that wins gets no GEMV config (the
+crossover).
 
-Prints and writes (--json) the best config per (bits, bucket) with GB/s achieved against the
-device copy bandwidth measured in the same run; --apply rewrites quant_kernels.py's table
-(GEMV_CONFIGS) with them.  Needs only torch and triton; meant to take < 4 minutes on an
-H100 (--budget-s bounds the sweep; configs are tried best-guess first, round robin over the
-buckets, so a cut sweep still covers every bucket).
+Prints and writes (--json) the best config per (bits, bucket), and the best per variant, with
+per-shape microseconds and GB/s against the device copy bandwidth measured in the same run;
+--apply rewrites quant_kernels.py's table (GEMV_CONFIGS) with them (buckets not measured keep
+their entry).  --decode then serves the result in the same process and runs
+tools/bench_quant.py's measurements (bf16 / int8 / int4 7B decode against their floors, the
+kernel check), into the same JSON.  Needs only torch and triton for the sweep; meant to take
+< 5 minutes on an H100 with --decode (--budget-s bounds the sweep; configs are tried best-guess
+first: every M = 1 candidate, then round robin over the other buckets, so a cut sweep still
+covers every bucket).
 
-    PYTHONPATH=$PWD python3 tools/tune_quant.py --json tune.json --apply   # the GPU run
+Without a GPU, under TRITON_INTERPRET=1 (Triton's CPU interpreter), the same command checks
+every variant's first configs against the reference on tiny shapes (int8, Q4_1 and Q4_0, M = 1,
+8, 16; about a minute), times nothing, skips --decode and applies nothing.
+
+    PYTHONPATH=$PWD python3 tools/tune_quant.py --budget-s 100 --decode --json tune.json --apply  # the GPU run
+    TRITON_INTERPRET=1 PYTHONPATH=$PWD python3 tools/tune_quant.py --decode --json tune-cpu.json   # on CPU
     python3 tools/tune_quant.py --from-json tune.json --apply                 # its table, on any machine
 """
 
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -45,23 +57,43 @@ CLOCK = Clock(torch.device("cuda"))
 COLD_BYTES = 256 << 20  # weight copies per graph: > 5x the H100's 50 MB L2
 
 
-def candidates(bucket: int) -> list[tuple]:
-    """(BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages), best guesses first: each tile
-    with split-K to 2 waves, then without, then 4 and 1 waves (those share the first's kernel)."""
+# "fact" tiles at M = 1 (BLOCK_N, BLOCK_G, num_warps), best guesses first: a thread holds
+# BLOCK_N / (32 * warps) rows of the same groups (the activations it loads serve them all); chosen
+# from the compiled loop (sm_90 SASS, Triton 3.6: ~3.6-4.6 instructions per weight, no spills)
+FACT_TILES = [(256, 2, 2), (128, 2, 1), (512, 2, 4), (256, 4, 2), (128, 4, 2), (256, 2, 4), (64, 2, 1),
+              (128, 4, 1)]  # (128, 4, 1) spills registers for int8
+
+
+def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages[, variant]), best guesses first:
+    each tile with split-K to 2 waves, then without, then 4 and 1 waves (those share the first's
+    kernel).  A 6-field config is the "deq" kernel; "fact" configs (BLOCK_M 1) come first at M = 1
+    and after the "deq" ones at M = 8 (one program per row there)."""
+    later = {2: 0.0, 0: 0.5, 4: 1.2, 1: 2.4}  # rank offsets of the WAVES values
     if bucket == 1:
         tiles = [(1, 32, 8, 4), (1, 64, 4, 4), (1, 64, 8, 8), (16, 64, 4, 4), (1, 128, 4, 8), (1, 16, 8, 4),
                  (1, 32, 16, 8), (1, 128, 2, 4), (1, 8, 16, 2)]  # (16, ...): tensor cores with 15 idle rows
     else:
-        bms = {8: (16,), 16: (16,), 32: (32, 16), 64: (64, 32)}[bucket]
+        bms = {8: (16,), 16: (16,), 32: (32, 16), 64: (64, 32)}.get(bucket, (16,))
         # (64, 8) with 4 warps spills registers at BLOCK_M 16 (sm_90 SASS, Triton 3.9): 8 warps there
         tiles = [(bm, n, g, w) for n, g, w in [(64, 4, 4), (64, 8, 8), (128, 4, 8), (32, 8, 4), (128, 8, 8),
                                                (32, 4, 4)] for bm in bms]
-    later = {2: 0.0, 0: 0.5, 4: 1.2, 1: 2.4}  # rank offsets of the WAVES values
     ranked = sorted(((i + later[v], (bm, n, g, v, w, 1)) for i, (bm, n, g, w) in enumerate(tiles) for v in later))
-    out = [c for _, c in ranked]
+    deq = [c for _, c in ranked]
     bm, n, g, w = tiles[0]
-    out.insert(6, (bm, n, g, 2, w, 3))  # Triton's own pipelining on top of the manual prefetch
-    return out
+    deq.insert(6, (bm, n, g, 2, w, 3))  # Triton's own pipelining on top of the manual prefetch
+    fact = []
+    if bucket <= 8:
+        ranked = sorted((i + later[v], (1, n, g, v, w, 1, "fact")) for i, (n, g, w) in enumerate(FACT_TILES)
+                        for v in later)
+        fact = [c for _, c in ranked][: 16 if bucket == 1 else 4]
+    fact = fact if "fact" in variants else []
+    deq = deq if "deq" in variants else []
+    if bucket == 1:  # the variants alternate, the new one first; "deq" M = 1 was tuned already:
+        deq = deq[:7]  # its best tiles, (1, 32, 8, 2, 4, 3) the last of them
+        out = [c for pair in zip(fact, deq) for c in pair] + fact[len(deq):] + deq[len(fact):]
+        return out
+    return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
 def graph_us(calls, repeats: int) -> float:
@@ -83,27 +115,34 @@ def graph_us(calls, repeats: int) -> float:
 
 
 class Layer:
-    """One (bits, N, K) shape: weight copies that overflow L2, a bias and the reference per M."""
+    """One (bits, N, K) shape: weight copies that overflow L2 (`copies` of them: 1 for the
+    correctness-only check), a bias and the reference per M."""
 
-    def __init__(self, bits: int, n: int, k: int, gen: torch.Generator):
-        w = torch.randn(n, k, device="cuda", generator=gen) * 0.02
-        self.q = [quantize(w, f"int{bits}")]
-        self.nbytes = self.q[0].nbytes
-        copies = max(2, math.ceil(COLD_BYTES / self.nbytes))
-        self.q += [type(self.q[0])(bits, self.q[0].qweight.clone(), self.q[0].scale.clone(),
-                                   None if self.q[0].offset is None else self.q[0].offset.clone())
+    def __init__(self, bits: int, n: int, k: int, gen: torch.Generator, device: str = "cuda", copies: int = 0,
+                 offset: bool = True):
+        w = torch.randn(n, k, device=device, generator=gen) * 0.02
+        q = quantize(w, f"int{bits}")
+        if not offset:  # GGUF Q4_0: w = scale * (q - 8), no offset
+            q = type(q)(bits, q.qweight, q.scale, None)
+        self.q = [q]
+        self.nbytes = q.nbytes
+        copies = copies or max(2, math.ceil(COLD_BYTES / self.nbytes))
+        self.q += [type(q)(bits, q.qweight.clone(), q.scale.clone(), None if q.offset is None else q.offset.clone())
                    for _ in range(copies - 1)]
-        self.ref_w = self.q[0].dequantize(torch.bfloat16)
-        self.bias = (torch.randn(n, device="cuda", generator=gen) * 0.1).to(torch.bfloat16)
-        self.gen, self.n, self.k, self.x, self.ref = gen, n, k, {}, {}
+        self.dtype = torch.bfloat16 if device == "cuda" else torch.float16  # fp16: the interpreter's numpy
+        self.ref_w = q.dequantize(self.dtype)
+        self.bias = (torch.randn(n, device=device, generator=gen) * 0.1).to(self.dtype)
+        self.gen, self.n, self.k, self.x, self.ref, self.device = gen, n, k, {}, {}, device
 
     def inputs(self, m: int):
         if m not in self.x:
-            self.x[m] = torch.randn(m, self.k, device="cuda", generator=self.gen).to(torch.bfloat16)
-            self.ref[m] = F.linear(self.x[m], self.ref_w, self.bias).float()
+            self.x[m] = torch.randn(m, self.k, device=self.device, generator=self.gen).to(self.dtype)
+            self.ref[m] = F.linear(self.x[m].float(), self.ref_w.float(), self.bias.float())
         return self.x[m], self.ref[m]
 
     def error(self, m: int, config, round_w: bool = True) -> float:
+        """Max difference from the reference (weights rounded to x's dtype, fp32 products) over
+        its max: what tools/bench_quant.py's kernel check reports."""
         x, ref = self.inputs(m)
         got = quant_kernels.gemv(x, self.q[0], self.bias, config, round_w).float()
         return ((got - ref).abs().max() / ref.abs().max()).item()
@@ -122,16 +161,64 @@ class Layer:
         return self.nbytes + 2 * m * (self.k + self.n)
 
 
+def _first_line(e: Exception) -> str:
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first}"
+
+
+def _env() -> dict:
+    import triton
+
+    gpu = "CPU (Triton interpreter)"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = f"{props.name}, {props.multi_processor_count} SMs"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def check_only(args) -> dict:
+    """Every variant's first configs against the reference on tiny shapes, nothing timed (the
+    CPU run, under TRITON_INTERPRET=1): int8, int4 with offset (Q4_1) and without (Q4_0)."""
+    t0 = time.perf_counter()
+    res = {"env": _env(), "mode": "check", "shapes": [list(sh) for sh in args.check_shapes], "checks": {},
+           "failed": []}
+    gen = torch.Generator().manual_seed(0)
+    layers = [(f"int{bits}" + ("" if off else "-q4_0"), Layer(bits, n, k, gen, "cpu", 1, off))
+              for bits, off in ((8, True), (4, True), (4, False)) for n, k in args.check_shapes]
+    worst: dict = {}
+    for m in args.ms:
+        cands = candidates(m, args.variants)
+        per_variant: dict = {}
+        for c in cands:  # the first few of each variant
+            v = quant_kernels.variant(c)
+            if len(per_variant.setdefault(v, [])) < args.check_configs:
+                per_variant[v].append(c)
+        for v, configs in per_variant.items():
+            for config in configs:
+                for name, layer in layers:
+                    key = f"{name}/{layer.n}x{layer.k}/m{m}/{list(config)}"
+                    try:
+                        res["checks"][key] = layer.error(m, config)
+                        worst[v] = max(worst.get(v, 0.0), res["checks"][key])
+                    except Exception as e:
+                        res["failed"].append({"check": key, "error": _first_line(e)})
+    bad = {k: v for k, v in res["checks"].items() if not v <= args.tolerance}
+    res["max_error"] = worst
+    res["ok"] = not bad and not res["failed"]
+    res["bad"] = bad
+    res["seconds"] = time.perf_counter() - t0
+    print(f"checked {len(res['checks'])} (variant, config, shape, M) against the reference: max error "
+          f"{res['max_error']}, {len(bad)} over {args.tolerance}, {len(res['failed'])} failed")
+    return res
+
+
 def tune(args) -> dict:
     t0 = time.perf_counter()
     deadline = t0 + args.budget_s
     log = lambda msg: print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)  # noqa: E731
-    props = torch.cuda.get_device_properties(0)
-    import triton
-
-    res = {"env": {"gpu": f"{props.name}, {props.multi_processor_count} SMs", "torch": torch.__version__,
-                   "triton": triton.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
-           "shapes": [list(s) for s in args.shapes], "buckets": list(args.ms), "results": {}, "failed": []}
+    res = {"env": _env(), "mode": "tune", "shapes": [list(sh) for sh in args.shapes], "buckets": list(args.ms),
+           "results": {}, "failed": []}
     bw = copy_bandwidth(torch.device("cuda"), CLOCK, 1 << 30) / 1e9
     res["copy_GBps"] = bw
     log(f"{res['env']['gpu']}: copy bandwidth {bw:.0f} GB/s")
@@ -139,75 +226,99 @@ def tune(args) -> dict:
     layers = {bits: [Layer(bits, n, k, gen) for n, k in args.shapes] for bits in args.bits}
     log("weights ready")
 
-    todo = {(bits, m): candidates(m)[:args.max_configs] for bits in args.bits for m in args.ms}
+    todo = {(bits, m): candidates(m, args.variants)[:args.max_configs] for bits in args.bits for m in args.ms}
     scores: dict = {key: {} for key in todo}
+    errors: dict = {key: {} for key in todo}
 
     def measure(bits, m, config):
         errs = [layer.error(m, config) for layer in layers[bits]]
+        errors[(bits, m)][config] = max(errs)
         if max(errs) > args.tolerance:
             raise AssertionError(f"max relative error {max(errs):.2e} > {args.tolerance}")
         return [layer.gemv_us(m, config, args.repeats) for layer in layers[bits]]
 
-    # round robin over (bits, bucket): rank 0 of every bucket, then rank 1, ... until the deadline
-    for rank in range(max(len(c) for c in todo.values())):
-        for (bits, m), configs in todo.items():
-            if rank >= len(configs) or time.perf_counter() > deadline:
-                continue
-            config = configs[rank]
-            try:
-                scores[(bits, m)][config] = measure(bits, m, config)
-            except Exception as e:  # a config that does not compile, runs out of resources or is wrong
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                res["failed"].append({"bits": bits, "m": m, "config": list(config),
-                                      "error": f"{type(e).__name__}: {first}"})
-                log(f"int{bits} M={m} {config}: FAILED {type(e).__name__}: {first}")
+    def attempt(bits, m, config):
+        try:
+            scores[(bits, m)][config] = measure(bits, m, config)
+        except Exception as e:  # a config that does not compile, runs out of resources or is wrong
+            res["failed"].append({"bits": bits, "m": m, "config": list(config), "error": _first_line(e)})
+            log(f"int{bits} M={m} {config}: FAILED {_first_line(e)}")
+
+    # every M = 1 candidate first (the decode that matters most), then round robin over the
+    # other buckets: rank 0 of every bucket, then rank 1, ... until the deadline
+    order = [key for key in todo if key[1] == 1] + [key for key in todo if key[1] != 1]
+    for key in order:
+        if key[1] == 1:
+            for config in todo[key]:
+                if time.perf_counter() < deadline:
+                    attempt(*key, config)
+    for rank in range(max((len(c) for c in todo.values()), default=0)):
+        for key in order:
+            if key[1] != 1 and rank < len(todo[key]) and time.perf_counter() < deadline:
+                attempt(*key, todo[key][rank])
     if time.perf_counter() > deadline:
         log(f"budget of {args.budget_s:.0f} s reached: later-ranked configs untried")
 
+    def summary(bits, m, config, per) -> dict:
+        out = {"config": list(config), "us": sum(per), "error": errors[(bits, m)].get(config), "shapes": {
+            f"{layer.n}x{layer.k}": {"us": us, "GBps": layer.moved_bytes(m) / us / 1e3,
+                                     "of_copy": layer.moved_bytes(m) / us / 1e3 / bw}
+            for layer, us in zip(layers[bits], per)}}
+        out["GBps"] = sum(layer.moved_bytes(m) for layer in layers[bits]) / out["us"] / 1e3
+        out["of_copy"] = out["GBps"] / bw
+        return out
+
     for (bits, m), tried in scores.items():
-        entry: dict = {"tried": len(tried)}
+        entry: dict = {"tried": len(tried), "max_error": max(errors[(bits, m)].values(), default=None)}
+        best = None
         if tried:
             best = min(tried, key=lambda c: sum(tried[c]))
-            per = tried[best]
-            entry.update(config=list(best), us=sum(per), shapes={
-                f"{layer.n}x{layer.k}": {"us": us, "GBps": layer.moved_bytes(m) / us / 1e3,
-                                         "of_copy": layer.moved_bytes(m) / us / 1e3 / bw}
-                for layer, us in zip(layers[bits], per)})
-            entry["GBps"] = sum(layer.moved_bytes(m) for layer in layers[bits]) / entry["us"] / 1e3
-            entry["of_copy"] = entry["GBps"] / bw
+            entry.update(summary(bits, m, best, tried[best]))
             entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:5]
-        extras = {"dense_us": (m >= args.dense_from, lambda layer: layer.dense_us(m, args.repeats)),
-                  # what rounding w to bf16 costs on the FMA path (information: the rounding is kept)
-                  "unrounded_us": (tried and best[0] == 1, lambda layer: layer.gemv_us(m, best, args.repeats, False))}
+            entry["variants"] = {}
+            for v in quant_kernels.VARIANTS:
+                mine = {c: t for c, t in tried.items() if quant_kernels.variant(c) == v}
+                if mine:
+                    vbest = min(mine, key=lambda c: sum(mine[c]))
+                    entry["variants"][v] = dict(summary(bits, m, vbest, mine[vbest]), tried=len(mine))
+        extras = {"dense_us": (m >= args.dense_from, lambda layer: layer.dense_us(m, args.repeats))}
+        deq = entry.get("variants", {}).get("deq")
+        if deq and deq["config"][0] == 1:  # what rounding w to bf16 costs the old FMA path (information)
+            extras["unrounded_us"] = (True, lambda layer: layer.gemv_us(m, tuple(deq["config"]), args.repeats, False))
         for name, (wanted, fn) in extras.items():
             try:
                 if wanted:
                     entry[name] = sum(fn(layer) for layer in layers[bits])
             except Exception as e:  # keep the sweep's results
-                entry[name + "_error"] = f"{type(e).__name__}: {str(e).strip()[:200]}"
+                entry[name + "_error"] = _first_line(e)
         res["results"][f"int{bits}/{m}"] = entry
-        log(f"int{bits} M={m}: " + (f"best {entry.get('config')} {entry['us']:.1f} us over the shapes, "
-                                     f"{entry['GBps']:.0f} GB/s = {entry['of_copy']:.2f} of copy" if tried else
-                                     "nothing measured")
+        vs = "; ".join(f"{v} {e['config']} {e['us']:.1f} us = {e['of_copy']:.2f} of copy"
+                       for v, e in entry.get("variants", {}).items())
+        log(f"int{bits} M={m}: " + (f"best {entry['config']} {entry['us']:.1f} us over the shapes, "
+                                     f"{entry['GBps']:.0f} GB/s = {entry['of_copy']:.2f} of copy ({vs})" if tried
+                                     else "nothing measured")
             + (f"; dequantize+cuBLAS {entry['dense_us']:.1f} us" if "dense_us" in entry else "")
-            + (f"; without rounding w {entry['unrounded_us']:.1f} us" if "unrounded_us" in entry else ""))
-    res["table"] = table_from(res)
+            + (f"; deq without rounding w {entry['unrounded_us']:.1f} us" if "unrounded_us" in entry else ""))
     res["seconds"] = time.perf_counter() - t0
     log("done")
     return res
 
 
-def table_from(res: dict) -> dict:
+def table_from(res: dict, base: dict | None = None) -> dict:
     """{(bits, bucket): config or None}: None where dequantize + cuBLAS beat the best GEMV, and
-    every bucket above it (a larger batch only favours the GEMM more)."""
-    table, dense_from = {}, {}
+    every bucket above it (a larger batch only favours the GEMM more).  `base` (the table in
+    force): its entries for buckets this result did not measure are kept."""
+    table, dense_from = dict(base or {}), {}
     for key, e in sorted(res["results"].items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]))):
         bits, m = int(key.split("/")[0][3:]), int(key.split("/")[1])
         dense = bits in dense_from or "config" not in e or e.get("dense_us", math.inf) < e["us"]
         if dense:
             dense_from.setdefault(bits, m)
         table[(bits, m)] = None if dense else tuple(e["config"])
-    return table
+    for (bits, m) in list(table):  # a kept entry above a measured crossover follows it
+        if bits in dense_from and m > dense_from[bits]:
+            table[(bits, m)] = None
+    return dict(sorted(table.items()))
 
 
 def apply(table: dict, res: dict, path: Path = KERNELS) -> None:
@@ -224,6 +335,21 @@ def apply(table: dict, res: dict, path: Path = KERNELS) -> None:
     path.write_text(new)
 
 
+def decode(args, table: dict) -> dict:
+    """tools/bench_quant.py's run with `table` served (the GEMV configs just tuned)."""
+    import bench_quant
+
+    quant_kernels.GEMV_CONFIGS.update(table)
+    bargs = args.decode_args.split()
+    res = bench_quant.run(bench_quant.parse_args(bargs))
+    print(res["table"])
+    return res
+
+
+def _parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in sh.split("x")) for sh in text.split(",")]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write every number here")
@@ -231,16 +357,26 @@ def parse_args(argv=None):
     ap.add_argument("--from-json", help="take the result from this file instead of measuring (with --apply)")
     ap.add_argument("--budget-s", type=float, default=150.0, help="stop trying configs after this long")
     ap.add_argument("--bits", default="4,8")
-    ap.add_argument("--ms", default=",".join(map(str, quant_kernels.M_BUCKETS)), help="M buckets to tune")
+    ap.add_argument("--ms", default=None, help="M buckets to tune (default: all of quant_kernels.M_BUCKETS; "
+                                                "on CPU 1,8,16)")
+    ap.add_argument("--variants", default=",".join(quant_kernels.VARIANTS), help="kernel variants to try")
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--max-configs", type=int, default=100, help="at most this many configs per bucket")
     ap.add_argument("--dense-from", type=int, default=16, help="time dequantize+cuBLAS from this bucket up")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tolerance", type=float, default=1e-2, help="max relative error against the reference")
+    ap.add_argument("--decode", action="store_true",
+                    help="then run tools/bench_quant.py with the tuned table (decode against the floors)")
+    ap.add_argument("--decode-args", default="", help="extra bench_quant.py arguments, e.g. '--batches 1'")
+    ap.add_argument("--check-shapes", default="40x224,64x256", help="CPU check: (N, K) shapes")
+    ap.add_argument("--check-configs", type=int, default=2, help="CPU check: configs per variant and bucket")
     a = ap.parse_args(argv)
     a.bits = [int(b) for b in a.bits.split(",")]
-    a.ms = [int(m) for m in a.ms.split(",")]
-    a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    a.cpu = not torch.cuda.is_available()
+    a.ms = [int(m) for m in (a.ms or ("1,8,16" if a.cpu else ",".join(map(str, quant_kernels.M_BUCKETS)))).split(",")]
+    a.shapes = _parse_shapes(a.shapes)
+    a.check_shapes = _parse_shapes(a.check_shapes)
+    a.variants = tuple(a.variants.split(","))
     return a
 
 
@@ -248,15 +384,36 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
-        table = table_from(res)
-    else:
-        if not torch.cuda.is_available() or not quant_kernels.AVAILABLE:
-            raise SystemExit("needs a CUDA GPU and Triton")
-        res = tune(args)
-        table = res.pop("table")
-        res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
+        table = table_from(res, quant_kernels.GEMV_CONFIGS)
+    elif args.cpu:
+        if not quant_kernels.AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("no CUDA GPU: run under TRITON_INTERPRET=1 (Triton's CPU interpreter) to check the "
+                             "kernels, or on a GPU to tune")
+        res = check_only(args)
+        if args.decode:  # bench_quant's tiny CPU path is tests/test_bench_tools.py's; nothing to time here
+            res["decode"] = {"skipped": "decode timing needs a GPU"}
+            print("--decode: skipped without a GPU")
         if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1))
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        if not res["ok"]:
+            raise SystemExit(f"kernel check FAILED: {res['bad'] or res['failed']}")
+        return res
+    else:
+        if not quant_kernels.AVAILABLE:
+            raise SystemExit("needs Triton")
+        res = tune(args)
+        table = table_from(res, quant_kernels.GEMV_CONFIGS)
+        res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
+        if args.json:  # written now and again after --decode: a decode that dies keeps the sweep
+            Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        if args.decode:
+            try:
+                res["decode"] = decode(args, table)
+            except Exception as e:
+                res["decode"] = {"error": _first_line(e)}
+                print(f"decode FAILED: {_first_line(e)}")
+            if args.json:
+                Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print("GEMV_CONFIGS = {" + "".join(f"\n    {k!r}: {v!r}," for k, v in table.items()) + "\n}")
     if args.apply:
         apply(table, res)

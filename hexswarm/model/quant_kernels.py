@@ -24,6 +24,16 @@ Numerics, both paths: the weight is dequantized in fp32 exactly as quant.py's re
 the activation dtype, and multiplied with fp32 accumulation: "dequantize to bf16, then
 F.linear" up to summation order (split-K adds its partial sums in any order).
 
+A second M = 1 kernel, the "fact" variant (_qgemv_fact_kernel; a config's 7th field picks it,
+6-field configs are the kernel above, "deq"): per (row, group) sum_j w_j x_j =
+scale * (sum_j f_j x_j - C) + offset * X, where f_j = B_j + code_j is the code turned into a float
+by OR-ing it into the mantissa of a power of two B_j (no subtraction), and C = sum_j B_j x_j,
+X = sum_j x_j come from the activations once per thread and group.  The loop then costs per weight
+a shift shared by several codes, one LOP3 and one FFMA (~3.6-4.6 SASS instructions per weight
+including loads and reductions, against ~10 for "deq", whose weights also go through shared
+memory; sm_90, Triton 3.6).  Numerics: fp32 products of unrounded weights (no rounding to the
+activation dtype), fp32 sums; within the same tolerance of the reference.
+
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
 """
@@ -203,6 +213,158 @@ if AVAILABLE:
         tl.store(wp, wa.to(w_ptr.dtype.element_ty), mask=m3)
         tl.store(wp + HALF, wb.to(w_ptr.dtype.element_ty), mask=m3)
 
+    # ---- the factored GEMV (variant "fact"): scales out of the inner loop -------------------------
+    @triton.jit
+    def _load_words(q_ptr, s_ptr, o_ptr, rn, g, rmask, gmask, K, WORDS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, MASKED: tl.constexpr):
+        """The packed codes of groups g (1D) for rows rn (1D) as int32 words [BN, BG, WORDS]
+        (q_ptr: the weight viewed as int32), and scale / offset [BN, BG, 1] fp32 (offset = scale
+        when there is none: never used then)."""
+        groups = K // GROUP_SIZE
+        i = tl.arange(0, WORDS)[None, None, :]
+        m3 = rmask[:, None, None] & gmask[None, :, None] if MASKED else None
+        words = _load(q_ptr + rn[:, None, None] * (groups * WORDS) + g[None, :, None] * WORDS + i, m3, MASKED)
+        # scales as [BN, BG, 1] (not [BN, BG] expanded): Triton then lays them out as the words
+        m1 = rmask[:, None, None] & gmask[None, :, None] if MASKED else None
+        sidx = rn[:, None, None] * groups + g[None, :, None]
+        s = _load(s_ptr + sidx, m1, MASKED).to(tl.float32)
+        if HAS_OFFSET:
+            o = _load(o_ptr + sidx, m1, MASKED).to(tl.float32)
+        else:
+            o = s
+        return words, s, o
+
+    @triton.jit
+    def _code(src, MASK: tl.constexpr, BITS_XOR):
+        """A code field already at its place in the mantissa, as a float: (src & MASK) ^ BITS_XOR
+        is B + code (BITS_XOR: the magic exponent of 2^E = B, and for int8 the sign flip)."""
+        return ((src & MASK) ^ BITS_XOR).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _x4(q, BF16: tl.constexpr):
+        """Four activations packed in an 8-byte word (bf16 or fp16) as fp32."""
+        lo = q.to(tl.int32)
+        hi = (q >> 32).to(tl.int32)
+        if BF16:  # a bf16 is the top half of its fp32
+            return ((lo << 16).to(tl.float32, bitcast=True), (lo & -65536).to(tl.float32, bitcast=True),
+                    (hi << 16).to(tl.float32, bitcast=True), (hi & -65536).to(tl.float32, bitcast=True))
+        else:
+            return (lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                    (lo >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                    hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+                    (hi >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+    @triton.jit
+    def _fact_partial(words, x_row, g, gmask, magic, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                      GROUP_SIZE: tl.constexpr, MASKED: tl.constexpr, BF16: tl.constexpr):
+        """For the words [BN, BG, WORDS] of groups g: (A [BN, BG, 1], C and X [1, BG, 1]) with
+        sum_j w_j x_j = scale * (A - C) + offset * X per (row, group): A = sum_j f_j x_j where
+        f_j = B_j + code_j is the code made a float by the exponent-bits trick without the usual
+        subtraction (B_j a power of two fixed per bit position), C = sum_j B_j x_j (+ 8 X for Q4_0,
+        whose weights are scale * (code - 8)), X = sum_j x_j.  Per weight: a shift shared by
+        several codes, one LOP3 (mask and magic), one FFMA.
+
+        Precision: |B_j| <= 2^11 (int4) / 2^15 (int8) against codes of ~8 / ~36, so A's fp32
+        rounding costs at most ~2^-13 of the exact sum: far below bf16's 2^-9."""
+        WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
+        m3 = gmask[None, :, None] if MASKED else None
+        # x as [1, BG, 4] tensors of 8-byte words (4 consecutive activations; the words' layout, so
+        # that no value changes threads), elements 4i..4i+3 of each group's half h (int4) or of
+        # the group (int8, i up to 7): one load per 4 activations
+        xq_ptr = x_row.to(tl.pointer_type(tl.int64), bitcast=True)
+        w = words.to(tl.uint32, bitcast=True)  # logical shifts
+        if BITS == 4:
+            xq = xq_ptr + g[None, :, None] * (GROUP_SIZE // 4) + tl.arange(0, 4)[None, None, :]
+            xa0, xa1, xa2, xa3 = _x4(_load(xq, m3, MASKED), BF16)  # elements 4i + b, h = 0
+            xb0, xb1, xb2, xb3 = _x4(_load(xq + 4, m3, MASKED), BF16)  # elements 16 + 4i + b, h = 1
+            # word i of a group holds bytes 4i..4i+3; nibble k = 2b + h of the word (bits 4k..4k+3)
+            # is element 16h + 4i + b (quant.py's layout).  Nibbles go to bits 12..15 (2^11 + q)
+            # or 16..19 (2^7 + q): w itself has nibbles 3 and 4 there, w << 8 nibbles 1 and 2,
+            # w >> 8 nibbles 5 and 6, w rotated by 16 nibbles 7 and 0.
+            t = w << 8
+            u = w >> 8
+            v = (w << 16) | (w >> 16)
+            M12: tl.constexpr = 0xF000
+            M16: tl.constexpr = 0xF0000
+            E16 = magic  # 2^7: mantissa bit 16 weighs 1
+            E12 = magic + (4 << 23)  # 2^11: mantissa bit 12 weighs 1
+            a = _code(v, M16, E16) * xa0  # separate statements: one FFMA each
+            a += _code(t, M12, E12) * xb0
+            a += _code(t, M16, E16) * xa1
+            a += _code(w, M12, E12) * xb1
+            a += _code(w, M16, E16) * xa2
+            a += _code(u, M12, E12) * xb2
+            a += _code(u, M16, E16) * xa3
+            a += _code(v, M12, E12) * xb3
+            s12 = tl.sum((xb0 + xb1) + (xb2 + xb3), axis=2, keep_dims=True)
+            s16 = tl.sum((xa0 + xa1) + (xa2 + xa3), axis=2, keep_dims=True)
+            xs = s12 + s16
+            c = 2048.0 * s12 + 128.0 * s16
+            if not HAS_OFFSET:
+                c += 8.0 * xs
+        else:
+            # word i holds elements 4i..4i+3, byte k at bits 8k; each byte goes to bits 8..15 with
+            # its sign bit flipped: 2^15 + 128 + code
+            xq = xq_ptr + g[None, :, None] * (GROUP_SIZE // 4) + tl.arange(0, WORDS)[None, None, :]
+            x0, x1, x2, x3 = _x4(_load(xq, m3, MASKED), BF16)
+            M8: tl.constexpr = 0xFF00
+            E8 = magic + ((8 << 23) | 0x8000)
+            a = _code(w << 8, M8, E8) * x0
+            a += _code(w, M8, E8) * x1
+            a += _code(w >> 8, M8, E8) * x2
+            a += _code(w >> 16, M8, E8) * x3
+            xs = tl.sum((x0 + x1) + (x2 + x3), axis=2, keep_dims=True)
+            c = 32896.0 * xs
+        return tl.sum(a, axis=2, keep_dims=True), c, xs
+
+    @triton.jit
+    def _qgemv_fact_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K, groups_per_split, magic,
+                           BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           ATOMIC: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """The "fact" variant of _qgemv_kernel at M = 1 (one program per row of x, as there):
+        per (row, group) sum_j w_j x_j = scale * (A - C) + offset * X (see _fact_partial), so
+        the inner loop has no per-weight scale, offset, subtraction or rounding."""
+        WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        groups = K // GROUP_SIZE
+        g_start = pid_k * groups_per_split
+        g_end = tl.minimum(groups, g_start + groups_per_split)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        x_row = x_ptr + pid_m * K
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        gr = tl.arange(0, BLOCK_G)
+        words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, g_start + gr, nmask, g_start + gr < g_end, K, WORDS,
+                                  HAS_OFFSET, GROUP_SIZE, not EVEN)
+        for g0 in range(g_start, g_end, BLOCK_G):
+            g = g0 + gr
+            gmask = g < g_end
+            if EVEN:
+                gn = tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
+            else:
+                gn = g + BLOCK_G
+            nwords, ns, no = _load_words(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < g_end, K, WORDS, HAS_OFFSET,
+                                         GROUP_SIZE, not EVEN)
+            a, c, xs = _fact_partial(words, x_row, g, gmask, magic, BITS, HAS_OFFSET, GROUP_SIZE, not EVEN,
+                                     x_ptr.dtype.element_ty == tl.bfloat16)
+            part = s * (a - c)
+            if HAS_OFFSET:
+                part += o * xs
+            acc += tl.sum(tl.sum(part, axis=2), axis=1)  # in-thread: a thread holds its rows' groups
+            words, s, o = nwords, ns, no
+        out = acc
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            out += tl.where(pid_k == 0, bias, 0.0)
+        yp = y_ptr + pid_m * N + rn
+        if ATOMIC:
+            tl.atomic_add(yp, out, mask=nmask)
+        else:
+            tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
 
 # Rows of x per GEMV bucket: a call with M rows uses the smallest bucket >= M; above the last
 # bucket (or where a bucket's config is None) the weight is dequantized and cuBLAS multiplies.
@@ -244,16 +406,43 @@ def _sm_count(device: torch.device) -> int:
     return 4  # Triton's CPU interpreter (the tests): a few "SMs", so that small shapes split K
 
 
+# the bits of 2^7 (the "fact" kernel's float magic), passed as an argument: a value the compiler
+# cannot see, so that mask-and-magic compiles to one LOP3 (two immediates would take two)
+MAGIC = (127 + 7) << 23
+VARIANTS = ("deq", "fact")  # a config's 7th field; a 6-field config is "deq"
+
+
+def variant(config) -> str:
+    """The kernel a config runs: "deq" (_qgemv_kernel: dequantize each weight, round it to x's
+    dtype, multiply) or "fact" (_qgemv_fact_kernel, M = 1 only: scales factored out of the loop)."""
+    return config[6] if len(config) > 6 else "deq"
+
+
+def _words(w):
+    """w's packed codes viewed as int32 words [N, K * bits / 32], or None where the storage does
+    not allow it (not contiguous or not 4-byte aligned): the "fact" kernel reads whole words."""
+    q = w.qweight
+    if not q.is_contiguous() or (q.storage_offset() * q.element_size()) % 4 or q.data_ptr() % 16:
+        return None
+    return q.view(torch.int32)
+
+
 def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bool = True) -> torch.Tensor:
     """x [..., K] @ dequant(w).T (+ bias) -> [..., N] in x's dtype.  `config` overrides the
-    table (tools/tune_quant.py); round_w=False skips rounding w to x's dtype on the M = 1
-    path (measured by the tuner only, not served: it would break the numerics contract)."""
+    table (tools/tune_quant.py); its 7th field picks the kernel (`variant`; a "fact" config with
+    BLOCK_M > 1, for x not bf16 / fp16 or for storage it cannot read as words runs "deq" with its
+    tile: the same result within the tolerances).
+    round_w=False skips rounding w to x's dtype on the "deq" M = 1 path (measured by the tuner
+    only, not served: it would break that kernel's numerics contract)."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     M = x2.shape[0]
-    block_m, block_n, block_g, waves, warps, stages = config or gemv_config(w, M)
+    config = config or gemv_config(w, M)
+    block_m, block_n, block_g, waves, warps, stages = config[:6]
+    fact = variant(config) == "fact" and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
@@ -263,11 +452,14 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     offset = w.offset if w.offset is not None else w.scale
-    _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
-                        per_split * block_g,
-                        BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                        ROUND_W=round_w, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
-                        num_warps=warps, num_stages=stages)
+    common = dict(BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, EVEN=even,
+                  GROUP_SIZE=GROUP, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=warps, num_stages=stages)
+    if words is not None:
+        _qgemv_fact_kernel[grid](x2, words, w.scale, offset, bias if bias is not None else x2, y, N, K,
+                                 per_split * block_g, MAGIC, **common)
+    else:
+        _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
+                            per_split * block_g, ROUND_W=round_w, BLOCK_M=block_m, **common)
     if atomic:
         y = y.to(x.dtype)
     return y.view(*x.shape[:-1], N)
