@@ -68,6 +68,7 @@ class StageSet:
         self.last_used: dict[StageKey, float] = {}
         self.home: dict[StageKey, StageKey] = {}  # alias -> the key its worker was built for
         self._loading: dict[int, trio.Event] = {}
+        self.tokens_out = 0  # tokens the stage 0s here sent their entries (swarm/backlog.py measures a rate)
 
     async def load_epoch(self, layout: SwarmLayout) -> None:
         """Load (once) every stage `layout` gives this peer; returns when all are ready."""
@@ -172,6 +173,8 @@ class StageSet:
                 msg["to"] = [epoch, ri, 0]
             elif kind in ("events", "done"):
                 msg["to_stage0"] = [epoch, ri, 0]  # lets the entry cancel this attempt
+                if kind == "events":
+                    self.tokens_out += len(msg.get("items") or ())  # engine threads: a lost count costs nothing
             msg["sent_at"] = time.time()  # for per-hop network time in traces
             self.pipe.send(peer, msg)
 
