@@ -361,3 +361,57 @@ def test_waiting_requests_do_not_storm_a_head_that_does_not_answer():
     for i in range(20):  # every ask of a request took a newer attempt number
         attempts = [a for _, rid, a in asks if rid == svc.wire_id(f"r{i}")]
         assert attempts == list(range(1, len(attempts) + 1))
+
+
+def test_a_request_queued_behind_others_at_a_busy_stage_0_is_not_taken_for_stalled():
+    """In an overloaded chaos run ~28 requests waited for one replica's 8 slots; after 60 s without a token each
+    was declared stalled, cancelled and placed again at the back of a queue.  While its stage 0 keeps emitting
+    (`emitted` in its record) the request waits (up to QUEUED_STALL_S); a stage 0 that emits nothing is stalled."""
+    from test_exactly_once import FakeEntryServer
+
+    from hexswarm.swarm.submit import STALL_TIMEOUT_S
+
+    def run(stage0_busy: bool) -> int:
+        server = FakeEntryServer(silent=1)  # the first placement gets no token from its stage 0 ...
+        emitted = lambda: int(trio.current_time() * 10) if stage0_busy else 5  # noqa: E731
+        stage0 = SimpleNamespace(record=SimpleNamespace(incarnation=1, extra={}))
+        server.node.table = SimpleNamespace(get=lambda p: stage0, seconds_since_seen=lambda e: 0.0)
+
+        async def main():
+            svc = _svc(server)
+            async with trio.open_nursery() as nursery:
+                async def tick():  # the stage 0's record, as gossip refreshes it
+                    while True:
+                        stage0.record.extra["emitted"] = emitted()
+                        await trio.sleep(0.5)
+
+                nursery.start_soon(tick)
+                async def finish_later():  # ... until its turn comes, 100 s on
+                    await trio.sleep(100)
+                    server.entries[svc.wire_id("r")].send_nowait(
+                        {"kind": "done", "rid": svc.wire_id("r"), "attempt": server.starts[0]["attempt"],
+                         "_sender": "s0", "prompt_tokens": [1, 2, 3], "tokens": [7], "text": "x",
+                         "finish_reason": "length", "timings": {}})
+
+                nursery.start_soon(finish_later)
+                final = await svc.serve({"prompt": "hi", "request_id": "r", "max_new_tokens": 1}, _noop)
+                nursery.cancel_scope.cancel()
+            return final
+
+        final = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+        assert "done" in final, final
+        return len(server.starts)
+
+    assert 100 > STALL_TIMEOUT_S
+    assert run(stage0_busy=True) == 1  # waited its turn on its first placement
+    assert run(stage0_busy=False) == 2  # a stage 0 that emits nothing: resumed elsewhere after the stall timeout
+
+
+async def _noop(frame):
+    pass
+
+
+def _svc(server) -> SubmitService:
+    svc = SubmitService(server=None)
+    svc.server = server
+    return svc

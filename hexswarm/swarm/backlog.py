@@ -4,7 +4,9 @@ Two numbers travel in every serving node's record (`extra`):
 - `rate`: the tokens per second the stage 0s of this node emitted while they held requests, over the last
   RATE_WINDOW_S (absent until they were busy for MIN_BUSY_S of it): what its pipelines serve, measured;
 - `owed`: the tokens this node, as an entry, still owes its clients (each request's `max_new_tokens` less
-  what it delivered, placed or still waiting to be placed).
+  what it delivered, placed or still waiting to be placed);
+- `emitted`: the running count of tokens its stage 0s emitted (an entry whose request waits in that stage 0's
+  queue sees the count grow, and does not take the wait for a stalled pipeline: swarm/submit.py).
 
 An entry adds up `owed` over the live serving peers (itself included, counted now) and `rate` over the stage
 0s of the committed layout's healthy replicas, and accepts a new request only when that backlog plus the
@@ -74,6 +76,7 @@ def publish(server) -> None:
     else:
         server.node.extra["rate"] = round(rate, 3)
     server.node.extra["owed"] = server.submit_service.owed()
+    server.node.extra["emitted"] = stages.tokens_out  # grows while stage 0 serves: a queued request is not stalled
 
 
 def swarm_rate(server) -> float | None:

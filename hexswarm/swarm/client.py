@@ -149,10 +149,12 @@ class SwarmClient:
                 await reset_quietly(stream)
 
     async def submit(self, request: dict, on_frame: Callable[[dict], None] | None = None,
-                     timeout: float | None = None, max_tries: int = 6) -> dict:
+                     timeout: float | None = None, max_tries: int = 6, addrs: Sequence[str] | None = None) -> dict:
         """Submit through the first entry node that answers; if an entry dies mid-request, submit again
         with the same request id through the next one.  Tokens are merged by index, so the caller
-        sees each token once even when the new entry's pipeline regenerates the first ones."""
+        sees each token once even when the new entry's pipeline regenerates the first ones.
+        `addrs`: the entries to try for this request, in order (default: the client's)."""
+        order = list(addrs or self.addrs)
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
         accepted = False
@@ -173,7 +175,7 @@ class SwarmClient:
         deadline = trio.current_time() + (timeout or self.timeout)
         attempt = 0
         while True:
-            addr = self.addrs[attempt % len(self.addrs)]
+            addr = order[attempt % len(order)]
             if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy
                 request = {**request, "resumed": True}
             left = deadline - trio.current_time()

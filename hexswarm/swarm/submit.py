@@ -58,6 +58,9 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
+# ... unless its stage 0 kept emitting other requests' tokens meanwhile: the request is queued there behind them
+# (re-placing it put it at the back of a queue again, over and over, in an overloaded chaos run); at most this long
+QUEUED_STALL_S = 4 * STALL_TIMEOUT_S
 # a pipeline peer marked down counts as lost only once silent this long past down_after_s (or restarted): on a
 # loaded host peers missed heartbeats for a second or two all the time, and each such miss cancelled and
 # re-prefilled every request on them (chaos run, load ~16: requests resumed 15 times, 6 tokens apiece)
@@ -390,6 +393,24 @@ class SubmitService:
                 writer.put({"keepalive": True})
                 last_put[0] = trio.current_time()
 
+    def _stalled(self, placement: dict, last_progress: float, seen: list) -> bool:
+        """No token for STALL_TIMEOUT_S while the attempt's stage 0 emitted none either (its `emitted` count,
+        gossiped: swarm/backlog.py; `seen`: [count, when it last changed, stage 0]), or none for QUEUED_STALL_S
+        however busy stage 0 is."""
+        now = trio.current_time()
+        stage0 = placement["stages"][0]["peer"]
+        if stage0 == self.server.me:
+            count = self.server.stages.tokens_out
+        else:
+            entry = self.server.node.table.get(stage0)
+            count = (getattr(entry.record, "extra", None) or {}).get("emitted") if entry is not None else None
+        if count != seen[0] or stage0 != seen[2]:
+            seen[:] = [count, now, stage0]
+        quiet = now - last_progress
+        if quiet <= STALL_TIMEOUT_S:
+            return False
+        return quiet > QUEUED_STALL_S or count is None or now - seen[1] > STALL_TIMEOUT_S
+
     def _pipeline_alive(self, placement: dict, incarnations: dict[str, int] | None = None,
                         quiet_s: float = math.inf) -> bool:
         return self._pipeline_lost(placement, incarnations, quiet_s) is None
@@ -437,6 +458,7 @@ class SubmitService:
         held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
         fruitless = 0  # placements in a row that gave no token
         incarnations: dict[str, int] = {}  # of the placement's peers when first checked
+        stage0_seen: list = [None, trio.current_time(), None]  # stage 0's emitted tokens, when they last grew, stage 0
 
         async def resume() -> dict:
             # backing off: a stage 0 still loading its stages (a restarted peer), or a head whose view still has a
@@ -460,7 +482,7 @@ class SubmitService:
             if ev is None or int(ev.get("attempt", -1)) != attempt:
                 if ev is not None:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
-                stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
+                stalled = self._stalled(placement, last_progress, stage0_seen)
                 lost = self._pipeline_lost(placement, incarnations, trio.current_time() - last_progress)
                 if lost is None and not stalled:
                     continue
