@@ -145,6 +145,9 @@ async def one_request(client: SwarmClient, i: int, addrs: list[str], new_tokens:
     rec["t1"] = time.time()
     rec["accepted"] = any("accepted" in f for f in frames)
     rec["streamed"] = [(f["index"], f["token"]) for f in frames if "token" in f]
+    # every frame the client passed on, in order, in short (for tracing a duplicated or wrong request)
+    rec["frames"] = [f"{clock(f['_t'])} " + (f"token {f['index']}={f['token']}" if "token" in f else
+                                            ",".join(k for k in f if k != "_t")) for f in frames]
     # what the client saw: each acceptance (an entry placed it) and when its last token came
     rec["seen"] = [f"{clock(f['_t'])} accepted epoch {f['accepted']['epoch']} replica {f['accepted']['replica']} "
                    f"stage0 {f['accepted']['stages'][0]['peer'][:16]}" for f in frames if "accepted" in f]
@@ -202,10 +205,28 @@ def victim_for(turn: int, swarm: LocalSwarm, rng: random.Random):
     return role, None
 
 
+def restart_gave_up(swarm: LocalSwarm, events: list) -> None:
+    """A node restarted by the schedule that gave up joining (no bootstrap peer answered within its
+    bootstrap_timeout_s: seen at load 25-40 on 2 cores) is started again, as a supervisor would; any other
+    exit is left alone (a crash, reported as nodes_alive_at_end)."""
+    for node in swarm.nodes:
+        if node.proc is None or node.alive() or node.proc.returncode == -signal.SIGKILL:
+            continue
+        if "cannot reach bootstrap peer" not in node.log()[-2000:]:
+            continue
+        boot = [a for a in live_addrs(swarm) if node.peer_id not in a]
+        try:
+            node.start(boot).wait_listening()
+        except (RuntimeError, TimeoutError):
+            continue
+        events.append((time.time(), "restart", f"gave-up:{node.peer_id[:16]}"))
+
+
 def chaos(swarm: LocalSwarm, stop: threading.Event, every: float, rng: random.Random, events: list) -> None:
     """Every `every` s one node is killed or frozen (head, TP-2 stage, any: in turn), and brought back."""
     turn = 0
     while not stop.wait(every):
+        restart_gave_up(swarm, events)
         role, victim = victim_for(turn, swarm, rng)
         turn += 1
         if victim is None:
@@ -348,6 +369,7 @@ class Reporter:
                   "load_average_now": os.getloadavg(),
                   "hostile": self.senders.stats if self.senders else None,
                   "faults": [(clock(t), what, tag) for t, what, tag in events], "errors": {}, "lost_requests": [],
+                  "duplicated_requests": [],
                   "work_dir": str(self.swarm.folder.parent)}
         for rec in self.tally.snapshot():
             report["submitted"] += 1
@@ -362,6 +384,9 @@ class Reporter:
                 idx = [k for k, _ in rec["streamed"]]
                 if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
                     report["duplicated"] += 1
+                    report["duplicated_requests"].append({
+                        **trace_lost(rec, self.swarm, events), "streamed": rec["streamed"], "done_tokens": done["tokens"],
+                        "reference": self.reference(rec["prompt"]), "frames": rec.get("frames")})
             elif rec["open"] or rec.get("cut"):  # still running when this report was made, or at the drain limit
                 if rec["accepted"] and (rec.get("cut") or self.info["phase"] in ("done", "interrupted")):
                     report["lost"] += 1  # the drain limit (or a signal) ended the run before it did

@@ -111,11 +111,14 @@ class SwarmClient:
         with trio.move_on_after(self.silent_s):
             try:
                 stream = await self.host.new_stream(peer_id, [TProtocol(SUBMIT2), TProtocol(SUBMIT)])
-            except Exception as e:  # the kept connection died: drop it, so the next request dials afresh
-                await self._drop(peer_id)
-                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}") from None
-        if stream is None:
-            await self._drop(peer_id)
+            except Exception as e:
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+                if type(e).__name__ != "StreamFailure":
+                    # the kept connection died: drop it, so the next request dials afresh (a stream that could not
+                    # be negotiated says nothing about the connection, which other requests' streams may be using)
+                    await self._drop(peer_id)
+                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}") from None
+        if stream is None:  # frozen, or too busy to answer: the next entry (other requests' streams stay)
             raise UserError(f"no stream to {addr} within {self.silent_s:g} s")
         # an entry that speaks submit/2 is never silent for long while it lives
         keepalive = str(stream.get_protocol()) == SUBMIT2
