@@ -386,6 +386,19 @@ def test_a_stage_not_loaded_here_any_more_is_loaded_again_instead_of_continued()
     assert "2:1:0" in stages.failed()
 
 
+def test_a_superseded_proposal_is_not_loaded_but_its_commit_is():
+    """Under churn a restarted TP-2 peer loaded four proposals one after the other (~90 s each on the loaded
+    machine) that newer ones had superseded, before the one that committed: stages of a proposal are not loaded
+    once a newer epoch is known; if that proposal commits after all, its commit loads them."""
+    one, _ = _layouts()
+    built = []
+    stages = _stage_set(built)
+    assert trio.run(lambda: stages.load_epoch(one, superseded=lambda: True)) is False
+    assert built == [] and stages.workers == {}
+    assert trio.run(stages.load_epoch, one) is True
+    assert built == [(1, 0, 0), (1, 1, 1)]
+
+
 def test_the_head_places_only_on_replicas_whose_stages_are_loaded():
     """A peer that restarted after the commit is up before it has loaded its stages again: the head placed
     requests there and stage 0 refused them "not served" (24 times in a 2-minute chaos run, a placement each)."""

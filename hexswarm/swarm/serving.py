@@ -355,7 +355,8 @@ class Server:
 
     async def _load_and_report_once(self, layout: SwarmLayout) -> None:
         try:
-            await self.stages.load_epoch(layout)
+            if not await self.stages.load_epoch(layout, superseded=lambda: self.highest_epoch > layout.epoch):
+                return  # superseded before it was loaded: no ready for it
         except Exception as e:
             log.error("epoch %d: cannot load my stages: %s: %s", layout.epoch, type(e).__name__, e)
             return

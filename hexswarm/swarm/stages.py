@@ -74,11 +74,19 @@ class StageSet:
         # to one of their aliases; reported as failed, so the head re-plans and entries resume at once
         self.inconsistent: set[StageKey] = set()
 
-    async def load_epoch(self, layout: SwarmLayout) -> None:
-        """Load (once) every stage `layout` gives this peer; returns when all are ready."""
-        if layout.epoch in self._loading:
+    async def load_epoch(self, layout: SwarmLayout, superseded=None) -> bool:
+        """Load (once) every stage `layout` gives this peer; returns when all are ready (True).  `superseded`
+        (for a proposal): a callable that says a newer epoch was proposed or committed since; the stages not
+        loaded yet are then left (False: no ready is due; a later load of the epoch, e.g. at its commit, loads
+        them).  Under churn a restarted TP-2 peer loaded four superseded proposals one after the other, ~90 s
+        each on a loaded machine, before the one that committed."""
+        while layout.epoch in self._loading:
             await self._loading[layout.epoch].wait()
-            return
+            keys = [(layout.epoch, ri, si) for ri, si in layout.stages_of(self.me)]
+            if all(k in self.workers for k in keys):
+                return True
+            if layout.epoch in self._loading:  # loaded as far as it went, and not superseded: failed
+                return False
         done = self._loading[layout.epoch] = trio.Event()
         self.layouts[layout.epoch] = layout
         try:
@@ -86,6 +94,13 @@ class StageSet:
                 key = (layout.epoch, ri, si)
                 if key in self.workers or self._continue(layout, ri, si):
                     continue
+                if superseded is not None and superseded():
+                    log.info("epoch %d: replica %d stage %d not loaded: a newer epoch superseded it", layout.epoch,
+                             ri, si)
+                    del self._loading[layout.epoch]  # a later load of it (its commit) loads what is left
+                    if not any(k[0] == layout.epoch for k in self.workers):
+                        self.layouts.pop(layout.epoch, None)
+                    return False
                 if layout.continued(ri) is not None:
                     # its neighbours continue workers built for an older epoch and send their steps there: this
                     # fresh one would never meet them (every step dropped, every request stalled until re-placed)
@@ -103,6 +118,7 @@ class StageSet:
                          layout.replicas[ri][si].layer_start, layout.replicas[ri][si].tp)
         finally:
             done.set()
+        return True
 
     def _continue(self, layout: SwarmLayout, ri: int, si: int) -> bool:
         """Serve stage (ri, si) of `layout` with the worker already loaded for the replica it continues,
