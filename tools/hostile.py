@@ -28,7 +28,7 @@ from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.protocols import (
-    DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, TRACE, WEIGHTS, reset_quietly,
+    DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, SUBMIT2, TRACE, WEIGHTS, reset_quietly,
 )
 
 # longer than a node's own read timeout (10 s): silence past it is a hang, not a slow loaded machine
@@ -136,6 +136,13 @@ def pipe_templates(t: Target) -> dict[str, dict]:
                  "prompt_tokens": [1, 2], "text": "x", "finish_reason": "length",
                  "timings": {"ttft_s": 0.1, "total_s": 0.2, "stage_compute_s": [0.1]}},
         "failed": {"kind": "done", "rid": "hostile-1", "attempt": 1, "error": "refused"},
+        "dispatch": {"kind": "dispatch", "rid": "hostile-p", "prompt_ids": [1, 2, 3], "max_new_tokens": 2, "stop": [],
+                     "params": params, "entry": t.me, "attempt": 1, "resume_tokens": [], "resumed": False},
+        "placed": {"kind": "placed", "rid": "hostile-1", "attempt": 1,
+                   "placement": {"epoch": e, "replica": 0, "head": t.me, "attempt": 1,
+                                 "stages": [{"peer": p, "tp": 1, "layers": [0, 1]} for p in t.stage_peers]}},
+        "placed_error": {"kind": "placed", "rid": "hostile-1", "attempt": 1,
+                         "error": {"code": "busy", "message": "busy"}},
     }
 
 
@@ -154,6 +161,7 @@ def request_templates(t: Target) -> dict[str, tuple[str, dict]]:
         "layout_get": (LAYOUT, {"get": True}),
         "direct": (DIRECT, {}),
         "submit": (SUBMIT, SUBMIT_TEMPLATE),
+        "submit2": (SUBMIT2, {**SUBMIT_TEMPLATE, "timeout_s": 60}),
         "weights_manifest": (WEIGHTS, {"manifest": t.model}),
         "weights_blocks": (WEIGHTS, {"blocks": [bytes(32), bytes(range(32))]}),
     }
@@ -193,7 +201,7 @@ class Hostile:
         from hexswarm.net.host import parse_peer_id
 
         self.sent += 1
-        field = {SUBMIT: "request_id", DISPATCH: "rid"}.get(protocol)
+        field = {SUBMIT: "request_id", SUBMIT2: "request_id", DISPATCH: "rid"}.get(protocol)
         if field and isinstance(msg, dict) and msg.get(field) in ("hostile-s", "hostile-d"):
             # a fresh id each time: a stage 0 that re-admits an id (a newer attempt) while a step of the
             # replaced one is in flight credits that step to the new one and its engine fails (a stage

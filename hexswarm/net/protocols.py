@@ -41,6 +41,7 @@ def protocol_id(name: str, version: int) -> str:
 PING = protocol_id("ping", 1)
 PEERS = protocol_id("peers", 1)
 SUBMIT = protocol_id("submit", 1)  # client -> entry node (swarm/submit.py)
+SUBMIT2 = protocol_id("submit", 2)  # submit/1 plus keepalive frames while the entry has nothing else to send
 DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)
 LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (swarm/serving.py)
 STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/serving.py)

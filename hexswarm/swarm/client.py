@@ -10,6 +10,13 @@ sends many requests keeps its host and connections, so time to first token pays 
 Requests may run concurrently from several trio tasks of one client (streams multiplex on the connection).
 `submit` fails over across the entry addresses as `submit_with_failover` always did; the frames are the
 submit protocol's (see swarm/submit.py).
+
+An entry that dies or freezes does not take the request with it: over `/hexswarm/submit/2` the entry sends a
+keepalive frame whenever it has nothing else to send, so a stream silent for `silent_s` is an entry that stopped
+answering; the client resets that stream and submits the same request (same id, same seed) through the next
+entry, marked `resumed` once any entry accepted it.  Tokens are delivered to the caller once each, by index.
+Each submission carries `timeout_s`, what is left of the caller's timeout: the entry ends the request then, and
+refuses a new one it cannot serve well within it (a `busy` error, before anything is accepted).
 """
 
 from __future__ import annotations
@@ -22,17 +29,23 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError, first_leaf
 from hexswarm.net import identity as identities
-from hexswarm.net.framing import read_frame, write_frame
+from hexswarm.net.framing import FrameTimeout, read_frame, write_frame
 from hexswarm.net.host import dial, is_connected, make_host, parse_peer_multiaddr
-from hexswarm.net.protocols import SUBMIT, close_quietly
+from hexswarm.net.protocols import SUBMIT, SUBMIT2, close_quietly, reset_quietly
 from hexswarm.swarm.submit import MAX_SUBMIT_FRAME, REQUEST_TIMEOUT_S
 
 DIAL_TIMEOUT_S = 10.0
+# an entry that sent nothing for this long (not even a keepalive, every 2 s: swarm/submit.py KEEPALIVE_S) is
+# dead or frozen; long enough that an entry whose event loop stalls for seconds under load is not left
+SILENT_S = 15.0
+# error codes after which an accepted request is submitted through the next entry rather than given up: that
+# entry could not take it now (full, no head, no layout), or this stream was replaced by a resubmission
+RETRY_CODES = {"busy", "no_head", "no_layout", "replaced"}
 
 
 class SwarmClient:
     def __init__(self, addrs: str | Sequence[str], identity=None, cert: dict | None = None,
-                 timeout: float = REQUEST_TIMEOUT_S, dial_timeout: float = DIAL_TIMEOUT_S):
+                 timeout: float = REQUEST_TIMEOUT_S, dial_timeout: float = DIAL_TIMEOUT_S, silent_s: float = SILENT_S):
         """`addrs`: entry nodes' /ip4/.../tcp/.../p2p/<PeerID> (tried in order on failover).
         `identity` and `cert`: the submitter's key and client certificate, where the swarm wants them."""
         self.addrs = [addrs] if isinstance(addrs, str) else list(addrs)
@@ -43,6 +56,7 @@ class SwarmClient:
         self.cert = cert
         self.timeout = timeout
         self.dial_timeout = dial_timeout
+        self.silent_s = silent_s
         self.host = None
         self._stack: AsyncExitStack | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
@@ -81,40 +95,69 @@ class SwarmClient:
     async def submit_once(self, addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
                           timeout: float | None = None) -> dict:
         """One request through the node at `addr`, on a new stream of the kept connection; the final frame.
-        Raises UserError when the node cannot be reached or the stream breaks."""
+        Raises UserError when the node cannot be reached, the stream breaks, or (submit/2) the node sends
+        nothing, not even a keepalive, for `silent_s`; keepalive frames are not passed to `on_frame`."""
         from libp2p.custom_types import TProtocol
 
         if self.host is None:
             raise RuntimeError("use the client as `async with SwarmClient(...) as client`")
         if self.cert is not None:
             request = {**request, "cert": self.cert}
+        deadline = trio.current_time() + (timeout or self.timeout)
         await self.connect(addr)
         peer_id = self.peers[addr].peer_id
+        stream = None
+        # a frozen node keeps its connection but never negotiates the stream (py-libp2p waits 30 s)
+        with trio.move_on_after(self.silent_s):
+            try:
+                stream = await self.host.new_stream(peer_id, [TProtocol(SUBMIT2), TProtocol(SUBMIT)])
+            except Exception as e:
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+                if type(e).__name__ != "StreamFailure":
+                    # the kept connection died: drop it, so the next request dials afresh (a stream that could not
+                    # be negotiated says nothing about the connection, which other requests' streams may be using)
+                    await self._drop(peer_id)
+                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}") from None
+        if stream is None:  # frozen, or too busy to answer: the next entry (other requests' streams stay)
+            raise UserError(f"no stream to {addr} within {self.silent_s:g} s")
+        # an entry that speaks submit/2 is never silent for long while it lives
+        keepalive = str(stream.get_protocol()) == SUBMIT2
+        finished = False
         try:
-            stream = await self.host.new_stream(peer_id, [TProtocol(SUBMIT)])
-        except Exception as e:  # the kept connection died: drop it, so the next request dials afresh
-            await self._drop(peer_id)
-            raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}") from None
-        try:
-            await write_frame(stream, request)
+            await write_frame(stream, request, timeout=self.silent_s)
             while True:
-                frame = await read_frame(stream, timeout=timeout or self.timeout, max_size=MAX_SUBMIT_FRAME)
+                left = deadline - trio.current_time()
+                limit = min(self.silent_s, left) if keepalive else left
+                try:
+                    frame = await read_frame(stream, timeout=max(0.001, limit), max_size=MAX_SUBMIT_FRAME)
+                except FrameTimeout:
+                    if left <= limit:
+                        raise UserError(f"no reply from {addr} within the request's timeout") from None
+                    raise UserError(f"{addr} sent nothing for {self.silent_s:g} s (dead or frozen)") from None
                 if not isinstance(frame, dict):
                     raise UserError("the node sent a malformed reply")
+                if "keepalive" in frame:
+                    continue
                 if on_frame is not None:
                     on_frame(frame)
                 if "done" in frame or "error" in frame:
+                    finished = True
                     return frame
         except ProtocolError as e:
             raise UserError(f"the connection to {addr} broke: {e}") from None
         finally:
-            await close_quietly(stream)
+            if finished:
+                await close_quietly(stream)
+            else:  # the entry sees its client gone at once (and stops the request's work) when it wakes
+                await reset_quietly(stream)
 
     async def submit(self, request: dict, on_frame: Callable[[dict], None] | None = None,
-                     timeout: float | None = None, max_tries: int = 6) -> dict:
+                     timeout: float | None = None, max_tries: int = 6, addrs: Sequence[str] | None = None) -> dict:
         """Submit through the first entry node that answers; if an entry dies mid-request, submit again
         with the same request id through the next one.  Tokens are merged by index, so the caller
-        sees each token once even when the new entry's pipeline regenerates the first ones."""
+        sees each token once even when the new entry's pipeline regenerates the first ones.
+        `addrs`: the entries to try for this request, in order (default: the client's)."""
+        order = list(addrs or self.addrs)
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
         accepted = False
@@ -135,17 +178,24 @@ class SwarmClient:
         deadline = trio.current_time() + (timeout or self.timeout)
         attempt = 0
         while True:
-            addr = self.addrs[attempt % len(self.addrs)]
+            addr = order[attempt % len(order)]
             if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy
                 request = {**request, "resumed": True}
+            left = deadline - trio.current_time()
             try:
-                return await self.submit_once(addr, request, relay, timeout)
-            except UserError as e:  # unreachable or broke mid-stream: the next entry
-                tried = [*tried[-(max_tries - 1):], str(e)]
-                attempt += 1
-                if attempt >= max_tries and not (accepted and trio.current_time() < deadline):
-                    break
-                await trio.sleep(min(2.0, 0.25 * attempt))
+                final = await self.submit_once(addr, request | {"timeout_s": max(1.0, left)}, relay, left)
+                code = (final.get("error") or {}).get("code") if isinstance(final.get("error"), dict) else None
+                if not (accepted and code in RETRY_CODES):
+                    return final
+                # an accepted request that this entry could not take now: the next entry, until the timeout
+                error = f"{addr}: {code}: {final['error'].get('message')}"
+            except UserError as e:  # unreachable, broke mid-stream or went silent: the next entry
+                error = str(e)
+            tried = [*tried[-(max_tries - 1):], error]
+            attempt += 1
+            if trio.current_time() >= deadline or (attempt >= max_tries and not accepted):
+                break
+            await trio.sleep(min(2.0, 0.25 * attempt, max(0.0, deadline - trio.current_time())))
         raise UserError(f"no entry node finished request {request['request_id']}: " + "; ".join(tried))
 
     async def _drop(self, peer_id) -> None:

@@ -21,7 +21,7 @@ from hexswarm.swarm.layout import SwarmLayout
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STOP_STRINGS = 16
-MAX_RID = 128
+MAX_RID = 160  # a client's id (at most 128 characters) scoped by its entry (swarm/submit.py: wire_id)
 MAX_INT = 2**63 - 1  # epochs, attempts, indices: anything a peer may send that still fits an int64
 
 
@@ -35,7 +35,7 @@ def _is_int(v: Any, lo: int = 0, hi: int = MAX_INT) -> bool:
 
 
 def _rid(v: Any) -> str:
-    _need(isinstance(v, str) and 0 < len(v) <= MAX_RID, "request id: a string of 1 to 128 characters")
+    _need(isinstance(v, str) and 0 < len(v) <= MAX_RID, f"request id: a string of 1 to {MAX_RID} characters")
     return v
 
 
@@ -116,7 +116,7 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         new = msg.get("max_new_tokens")
         _need(isinstance(new, int) and new >= 1 and 1 <= len(ids) and len(ids) + new <= max_len, "lengths")
         _need(len(resume) <= new, "resume tokens")
-        _need(isinstance(msg.get("rid"), str) and len(msg["rid"]) <= 128 and isinstance(msg.get("entry"), str),
+        _need(isinstance(msg.get("rid"), str) and len(msg["rid"]) <= MAX_RID and isinstance(msg.get("entry"), str),
               "rid / entry")
         attempt = msg.get("attempt", 0)
         _need(attempt is None or (isinstance(attempt, int) and not isinstance(attempt, bool) and 0 <= attempt < 2**31),
@@ -180,6 +180,26 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
     return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
             "max_new_tokens": new, "stop": stop, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume,
             "resumed": msg.get("resumed") is True}
+
+
+def read_placed(msg: Any) -> tuple[str, int, dict | None, tuple[str, str] | None]:
+    """A head's answer to a `dispatch` frame (swarm/placement.py): (rid, attempt, placement or None,
+    (code, message) or None)."""
+    _need(isinstance(msg, dict), "placed: a map")
+    rid, attempt = _rid(msg.get("rid")), msg.get("attempt")
+    _need(_is_int(attempt, 1, 2**31), "placed: attempt")
+    err = msg.get("error")
+    if err is not None:
+        _need(isinstance(err, dict) and isinstance(err.get("code"), str) and isinstance(err.get("message"), str),
+              "placed: error")
+        return rid, attempt, None, (err["code"][:64], err["message"][:500])
+    p = msg.get("placement")
+    _need(isinstance(p, dict) and _is_int(p.get("epoch")) and _is_int(p.get("replica")) and p.get("attempt") == attempt
+          and isinstance(p.get("head"), str) and isinstance(p.get("stages"), list) and 0 < len(p["stages"]) <= 1024
+          and all(isinstance(st, dict) and isinstance(st.get("peer"), str) and _is_int(st.get("tp"), 1)
+                  and isinstance(st.get("layers"), list) and len(st["layers"]) == 2 and all(_is_int(x) for x in st["layers"])
+                  for st in p["stages"]), "placed: placement")
+    return rid, attempt, p, None
 
 
 def read_layout_request(msg: Any) -> int | None:

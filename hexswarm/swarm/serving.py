@@ -29,9 +29,11 @@ from hexswarm.model.source import model_fingerprint
 from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
+from hexswarm.swarm import backlog
 from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
 from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.pipe import MessagePipe
+from hexswarm.swarm.placement import PipeDispatch
 from hexswarm.swarm.planning import PeerView, make_layout
 from hexswarm.swarm.stages import ServeSettings, StageSet
 
@@ -112,6 +114,8 @@ class Server:
         # stage 0: (entry, rid) -> the newest attempt started here, the oldest forgotten first
         self._start_attempts: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._nursery: trio.Nursery | None = None
+        self.service_rate = backlog.ServiceRate()  # tokens/s of the stage 0s here, in the records (backlog.py)
+        self.placement = PipeDispatch(self)  # dispatch/placed frames over the pipe (placement.py)
         node.extra.update({"model": self.model_id, "serve": True})
         from hexswarm.swarm.submit import SubmitService
 
@@ -126,6 +130,7 @@ class Server:
                 self.pipe.on(kind, self._to_stage)
             self.pipe.on("events", self._events_to_entry)
             self.pipe.on("done", self._to_entry)
+            self.placement.register(self.pipe, nursery)
             # an entry waits on many placements at once (up to its max_queue): no per-peer share here
             self.node.register_handler(DISPATCH, self._on_dispatch, max_per_peer=DEFAULT_MAX_CONCURRENT)
             self.node.register_handler(LAYOUT, self._on_layout_request)
@@ -350,7 +355,8 @@ class Server:
 
     async def _load_and_report_once(self, layout: SwarmLayout) -> None:
         try:
-            await self.stages.load_epoch(layout)
+            if not await self.stages.load_epoch(layout, superseded=lambda: self.highest_epoch > layout.epoch):
+                return  # superseded before it was loaded: no ready for it
         except Exception as e:
             log.error("epoch %d: cannot load my stages: %s: %s", layout.epoch, type(e).__name__, e)
             return
@@ -396,6 +402,7 @@ class Server:
             self.node.extra["slots"] = self.stages.slot_counts()
             self.node.extra["kv"] = self.stages.kv_counts()
             self.node.extra["failed"] = self.failed_here()
+            backlog.publish(self)
             self._set_admit_limits()
             if self.committed is not None:
                 await self.stages.retire_older_than(self.committed.epoch)
@@ -442,7 +449,10 @@ class Server:
     def healthy_replicas(self, layout: SwarmLayout) -> list[int]:
         up = set(self.serving_view())
         failed = self.failed_replicas(layout)
-        return [i for i, r in enumerate(layout.replicas) if all(s.peer in up for s in r) and i not in failed]
+        # loaded as each peer's record says: a peer restarted since the commit loads its stages again first (its
+        # starts were refused "not served", 24 in a 2-minute chaos run, each costing its request a placement)
+        return [i for i, r in enumerate(layout.replicas)
+                if all(s.peer in up for s in r) and i not in failed and self._loaded(layout, i)]
 
     def failed_replicas(self, layout: SwarmLayout) -> set[int]:
         """Replicas of `layout` with a stage whose engine stopped, as its peer reports (or this node knows)."""
@@ -563,6 +573,8 @@ class Server:
             if msg.get("kind") == "start":
                 self._deliver_to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
                                         "error": f"stage 0 peer {peer} unreachable"}, self.me)
+            elif msg.get("kind") == "dispatch":  # the head is unreachable: its entry asks again
+                self.placement.send_failed(peer, msg)
             elif msg.get("kind") in ("events", "done") and "to_stage0" in msg:
                 # the entry is gone: nobody will read these requests' tokens; stop computing them
                 for item in msg.get("items") or [msg]:

@@ -68,12 +68,25 @@ class StageSet:
         self.last_used: dict[StageKey, float] = {}
         self.home: dict[StageKey, StageKey] = {}  # alias -> the key its worker was built for
         self._loading: dict[int, trio.Event] = {}
+        self.tokens_out = 0  # tokens the stage 0s here sent their entries (swarm/backlog.py measures a rate)
+        # stages whose chain cannot work: built afresh where the layout says the replica continues (this peer
+        # restarted, its neighbours serve on with workers built for an older epoch), or whose neighbour sends steps
+        # to one of their aliases; reported as failed, so the head re-plans and entries resume at once
+        self.inconsistent: set[StageKey] = set()
 
-    async def load_epoch(self, layout: SwarmLayout) -> None:
-        """Load (once) every stage `layout` gives this peer; returns when all are ready."""
-        if layout.epoch in self._loading:
+    async def load_epoch(self, layout: SwarmLayout, superseded=None) -> bool:
+        """Load (once) every stage `layout` gives this peer; returns when all are ready (True).  `superseded`
+        (for a proposal): a callable that says a newer epoch was proposed or committed since; the stages not
+        loaded yet are then left (False: no ready is due; a later load of the epoch, e.g. at its commit, loads
+        them).  Under churn a restarted TP-2 peer loaded four superseded proposals one after the other, ~90 s
+        each on a loaded machine, before the one that committed."""
+        while layout.epoch in self._loading:
             await self._loading[layout.epoch].wait()
-            return
+            keys = [(layout.epoch, ri, si) for ri, si in layout.stages_of(self.me)]
+            if all(k in self.workers for k in keys):
+                return True
+            if layout.epoch in self._loading:  # loaded as far as it went, and not superseded: failed
+                return False
         done = self._loading[layout.epoch] = trio.Event()
         self.layouts[layout.epoch] = layout
         try:
@@ -81,6 +94,19 @@ class StageSet:
                 key = (layout.epoch, ri, si)
                 if key in self.workers or self._continue(layout, ri, si):
                     continue
+                if superseded is not None and superseded():
+                    log.info("epoch %d: replica %d stage %d not loaded: a newer epoch superseded it", layout.epoch,
+                             ri, si)
+                    del self._loading[layout.epoch]  # a later load of it (its commit) loads what is left
+                    if not any(k[0] == layout.epoch for k in self.workers):
+                        self.layouts.pop(layout.epoch, None)
+                    return False
+                if layout.continued(ri) is not None:
+                    # its neighbours continue workers built for an older epoch and send their steps there: this
+                    # fresh one would never meet them (every step dropped, every request stalled until re-placed)
+                    log.warning("epoch %d: replica %d stage %d is loaded afresh where its neighbours continue; "
+                                "reported failed so the head re-plans it", layout.epoch, ri, si)
+                    self.inconsistent.add(key)
                 if self.weights is not None:  # this stage's tensors, from peers, before it loads
                     st, n_stages = layout.replicas[ri][si], len(layout.replicas[ri])
                     await self.weights.ensure_stage(st.layer_start, st.layer_end, si == 0, si == n_stages - 1,
@@ -92,6 +118,7 @@ class StageSet:
                          layout.replicas[ri][si].layer_start, layout.replicas[ri][si].tp)
         finally:
             done.set()
+        return True
 
     def _continue(self, layout: SwarmLayout, ri: int, si: int) -> bool:
         """Serve stage (ri, si) of `layout` with the worker already loaded for the replica it continues,
@@ -172,6 +199,8 @@ class StageSet:
                 msg["to"] = [epoch, ri, 0]
             elif kind in ("events", "done"):
                 msg["to_stage0"] = [epoch, ri, 0]  # lets the entry cancel this attempt
+                if kind == "events":
+                    self.tokens_out += len(msg.get("items") or ())  # engine threads: a lost count costs nothing
             msg["sent_at"] = time.time()  # for per-hop network time in traces
             self.pipe.send(peer, msg)
 
@@ -186,13 +215,34 @@ class StageSet:
             raise ProtocolError("'to' must be [epoch, replica, stage]")
         key = tuple(to)
         worker = self.workers.get(key)
-        if worker is None or (key in self.home and msg.get("kind") in ("forward", "tokens")):
+        if worker is not None and key in self.home and msg.get("kind") in ("forward", "tokens"):
+            self._step_to_alias(key, msg["kind"], sender)
             return False  # steps go only to the key their worker was built for (module docstring)
+        if worker is None:
+            return False
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
                             worker.spec.n_slots, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
         worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True
+
+    def _step_to_alias(self, key: StageKey, kind: str, sender: str) -> None:
+        """A step for an alias comes from a neighbour whose worker was built for the alias's epoch, not for the
+        one this worker was built for (it loaded afresh): the chain is broken for good; every key of this worker
+        is reported failed (only when the sender is the neighbour the layout names: no stranger can do this)."""
+        layout = self.layouts.get(key[0])
+        if layout is None:
+            return
+        stages = layout.replicas[key[1]]
+        neighbour = stages[key[2] - 1].peer if kind == "forward" and key[2] > 0 else stages[-1].peer
+        if sender != neighbour or (kind == "tokens" and key[2] != 0):
+            return
+        worker = self.workers[key]
+        names = {k for k, w in self.workers.items() if w is worker}
+        if not names <= self.inconsistent:
+            log.warning("epoch %d: replica %d stage %d got a %s from %s built for another epoch than its own "
+                        "worker; reported failed so the head re-plans it", *key, kind, sender)
+            self.inconsistent |= names
 
     def link_broken(self, peer: str) -> None:
         """A pipe link to or from `peer` broke: every stage 0 here whose pipeline has `peer` in it
@@ -225,7 +275,8 @@ class StageSet:
     def failed(self) -> list[str]:
         """"epoch:replica:stage" of every stage here whose engine stopped (gossiped: the head stops
         placing requests on its replica and plans a new epoch, the entries resume what it held)."""
-        return sorted(f"{e}:{r}:{s}" for (e, r, s), w in self.workers.items() if w.error is not None)
+        return sorted(f"{e}:{r}:{s}" for (e, r, s), w in self.workers.items()
+                      if w.error is not None or (e, r, s) in self.inconsistent)
 
     def slot_counts(self) -> dict[str, int]:
         """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
@@ -255,6 +306,7 @@ class StageSet:
             if key not in self.home and len(names) > 1:
                 continue  # its steps are addressed here while a newer epoch's alias serves on with it
             del self.workers[key]
+            self.inconsistent.discard(key)
             self.home.pop(key, None)
             self.last_used.pop(key, None)
             if not any(k[0] == key[0] for k in self.workers):

@@ -4,8 +4,14 @@ Client -> entry node, one frame:
   {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
    "seed": int, "stop": [str], "stream": bool, "request_id": str (optional),
    "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
-   of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout)}
+   of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout),
+   "timeout_s": number (optional: how long the client waits for it; the entry ends it then, and refuses a new
+   request the swarm cannot serve well within it: swarm/backlog.py)}
 Entry node -> client, frames in order:
+  {"keepalive": true}                                  (`/hexswarm/submit/2` only: every KEEPALIVE_S while the
+                                                        entry sends nothing else, from the request's arrival
+                                                        on; a client that hears nothing for longer takes the
+                                                        entry for dead or frozen and submits again elsewhere)
   {"accepted": {"request_id", "epoch", "replica", "head", "stages"}}
   {"waiting": {"request_id", "tokens", "reason"}}     (while an accepted request waits to be placed again:
                                                         the client knows it is alive; clients ignore it)
@@ -16,7 +22,12 @@ Entry node -> client, frames in order:
   {"done": {...the `generate --json` object, plus request_id, replica, epoch, stages}}
   or, at any point, {"error": {"code": str, "message": str}} and the stream ends.
 The entry node tokenizes once, asks the head to place the request, and relays
-the token events that the replica's stage 0 sends it.
+the token events that the replica's stage 0 sends it.  `/hexswarm/submit/1` is the same without keepalives.
+
+In the swarm a request is its entry's: it travels as `wire_id(request_id)` (the id scoped by the entry's
+PeerID), so the same request resubmitted through another entry (a client's failover) never meets the first
+entry's copy at a stage 0; that copy ends when its entry sees its client gone (or dies, and stage 0 cannot
+deliver its tokens).
 """
 
 from __future__ import annotations
@@ -34,11 +45,12 @@ from hexswarm.net import failures
 from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
-    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, TRACE, RemoteError, RequestError, close_quietly, error_frame,
-    remote_peer_id, reset_quietly,
+    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, SUBMIT2, TRACE, RemoteError, RequestError, close_quietly,
+    error_frame, remote_peer_id, reset_quietly,
 )
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
 from hexswarm.runtime.sampling import SamplingParams
+from hexswarm.swarm import backlog
 
 log = logging.getLogger("hexswarm.submit")
 
@@ -46,6 +58,9 @@ MAX_SUBMIT_FRAME = 4 << 20
 REQUEST_TIMEOUT_S = 600.0
 HEALTH_CHECK_S = 0.25  # how often the entry checks that a request's pipeline is alive
 STALL_TIMEOUT_S = 60.0  # no token for this long with every peer up: resume elsewhere
+# ... unless its stage 0 kept emitting other requests' tokens meanwhile: the request is queued there behind them
+# (re-placing it put it at the back of a queue again, over and over, in an overloaded chaos run); at most this long
+QUEUED_STALL_S = 4 * STALL_TIMEOUT_S
 # a pipeline peer marked down counts as lost only once silent this long past down_after_s (or restarted): on a
 # loaded host peers missed heartbeats for a second or two all the time, and each such miss cancelled and
 # re-prefilled every request on them (chaos run, load ~16: requests resumed 15 times, 6 tokens apiece)
@@ -53,6 +68,8 @@ PEER_LOST_GRACE_S = 3.0
 RESUME_BACKOFF_S, MAX_RESUME_BACKOFF_S = 0.5, 8.0  # before a resume, doubling per placement that gave no token
 MAX_ATTEMPTS = 16  # pipelines a request may be placed on (tries the head refused do not count)
 HISTORY = 10000
+KEEPALIVE_S = 2.0  # submit/2: a keepalive frame after this long without another frame
+HEAD_BACKOFF_S, MAX_HEAD_BACKOFF_S = 0.5, 8.0  # asking a head that did not answer again: doubling per failure
 
 MAX_STOP_STRINGS = 16
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servable token is refused untokenized
@@ -68,9 +85,22 @@ class SubmitService:
         # rid -> (cancel scope, finished) of the request running here: a resubmission takes it over
         self.running: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
         self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
+        # wire id -> tokens still owed to the client, for every request this entry holds (backlog.py)
+        self._owed: dict[str, int] = {}
+        # head -> (not asked again before, the next back-off): heads that did not answer a placement
+        self._head_backoff: dict[str, tuple[float, float]] = {}
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
         # API's metrics) wraps it, and calls `serve` itself for its own requests
         self.p2p_serve = self.serve
+
+    def wire_id(self, rid: str) -> str:
+        """The id the swarm knows a request `rid` of this entry by: scoped by the entry, so two entries'
+        requests of one id (a client failing over) are two requests at a stage 0, never one."""
+        return f"{rid}@{self.server.me[-10:]}"
+
+    def owed(self) -> int:
+        """Tokens this entry still owes its clients (gossiped as `owed`: swarm/backlog.py)."""
+        return sum(self._owed.values())
 
     def _remember(self, rid: str, placement: dict) -> None:
         self.history.setdefault(rid, []).append(placement)
@@ -86,12 +116,13 @@ class SubmitService:
         if placements is None:
             raise RemoteError("unknown_request", f"request {rid} did not enter through this node (or is forgotten)")
         spans: list[dict] = []
+        wire = self.wire_id(rid)
         for peer in sorted({st["peer"] for p in placements for st in p["stages"]}):
             if peer == self.server.me:
-                spans += self.server.stages.spans(rid)
+                spans += self.server.stages.spans(wire)
                 continue
             try:
-                spans += (await self.server.node.request(peer, TRACE, {"rid": rid, "local": True}, timeout=5))["spans"]
+                spans += (await self.server.node.request(peer, TRACE, {"rid": wire, "local": True}, timeout=5))["spans"]
             except RequestError as e:
                 spans.append({"peer": peer, "error": str(e)})
         return {"request_id": rid, "attempts": placements, "spans": spans}
@@ -100,6 +131,7 @@ class SubmitService:
         from libp2p.custom_types import TProtocol
 
         self.server.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
+        self.server.node.host.set_stream_handler(TProtocol(SUBMIT2), self._on_stream)
 
     def parse(self, msg: Any) -> dict:
         """Check a submit request; UserError with a one-line reason."""
@@ -126,8 +158,12 @@ class SubmitService:
         rid = msg.get("request_id") or uuid.uuid4().hex
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
+        timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
+            raise UserError("'timeout_s' must be a positive number of seconds")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
-                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True}
+                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True,
+                "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
 
     async def tokenize(self, req: dict) -> dict:
         """The parsed request with its prompt ids and its budget cut to the context; a long prompt is
@@ -143,23 +179,31 @@ class SubmitService:
     async def place(self, req: dict) -> dict:
         """Ask the head (trying the next in line if it is gone) to place the request."""
         server = self.server
-        msg = {k: req[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop")}
+        msg = {k: req[k] for k in ("prompt_ids", "params", "max_new_tokens", "stop")}
+        msg["rid"] = self.wire_id(req["rid"])
         msg["entry"] = server.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
         msg["resumed"] = bool(req.get("resumed"))
-        req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
         tried: set[str] = set()
         deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
         last_error = "no head reachable"
         while trio.current_time() < deadline:
             order = [h for h in server.head_order() if h not in tried] or server.head_order()
             head = order[0]
+            if head != server.me and not await self._head_backed_off(head, deadline):
+                break
+            # every ask takes a new attempt number: a head that places an attempt after this entry gave up on
+            # it (no answer in time) cannot start it beside the next one; its tokens are cancelled as stale
+            req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
             try:
                 if head == server.me:
                     placement = await server.dispatch(msg)
+                elif getattr(server, "placement", None) is not None:
+                    placement = await server.placement.ask(head, msg, timeout=server.head_settings.dispatch_wait_s + 5)
                 else:
                     placement = await server.node.request(head, DISPATCH, msg,
                                                           timeout=server.head_settings.dispatch_wait_s + 5)
+                self._head_backoff.pop(head, None)
                 self._remember(req["rid"], placement)
                 req["placed"] = req.get("placed", 0) + 1
                 # one line per attempt: where a request ran, for tracing a lost one through the logs
@@ -167,6 +211,7 @@ class SubmitService:
                          msg["attempt"], placement["epoch"], placement["replica"], placement["stages"][0]["peer"])
                 return placement
             except RemoteError as e:
+                self._head_backoff.pop(head, None)  # it answered
                 if e.code == "no_layout" or (e.code == BUSY and not req.get("resumed")):
                     raise
                 last_error = str(e)
@@ -174,11 +219,31 @@ class SubmitService:
             except RequestError as e:
                 last_error = str(e)
                 tried.add(head)
-                await trio.sleep(0.25)
+                self._head_failed(head)
             if len(tried) >= len(server.head_order()):
                 tried.clear()
                 await trio.sleep(0.5)
         raise RemoteError("no_head", last_error)
+
+    async def _head_backed_off(self, head: str, deadline: float) -> bool:
+        """Wait until `head` may be asked again (it did not answer lately); False if not before `deadline`.
+        Shared by every request of this entry: under churn, a head that cannot be reached is not asked by each
+        waiting request several times a second (that load kept a busy head from answering at all)."""
+        until = self._head_backoff.get(head, (0.0, 0.0))[0]
+        if until > deadline:
+            return False
+        await trio.sleep_until(until)
+        return True
+
+    def _head_failed(self, head: str) -> None:
+        until, delay = self._head_backoff.get(head, (0.0, HEAD_BACKOFF_S / 2))
+        if until > trio.current_time():
+            return  # another request's ask of the same round failed first: one round, one doubling
+        delay = min(2 * delay, MAX_HEAD_BACKOFF_S)
+        self._head_backoff[head] = (trio.current_time() + delay, delay)
+        if len(self._head_backoff) > 1024:  # peers named by any view: forget those no longer backing off
+            now = trio.current_time()
+            self._head_backoff = {h: v for h, v in self._head_backoff.items() if v[0] > now}
 
     async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]], text: bool | None = None) -> dict:
         """Run one request given as a submit message; `emit` gets the accepted and token frames
@@ -191,29 +256,36 @@ class SubmitService:
         except UserError as e:
             return error_frame(BAD_REQUEST, str(e))
         rid = req["rid"]
+        wire = self.wire_id(rid)
         if rid in self.running and req["resumed"]:
             await self._take_over(rid)  # its client gave up on that stream and submitted again
-        if rid in server.entries:
+        if wire in server.entries:
             return error_frame(BAD_REQUEST, f"request {rid} is already running")
         if len(server.entries) >= server.node.config.max_queue:
             return error_frame(BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+        if not req["resumed"]:  # a new request joins the swarm's backlog only if it can be served in time
+            busy = backlog.refusal(server, req["max_new_tokens"], req["deadline_s"])
+            if busy is not None:
+                return error_frame(BUSY, busy)
         # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
         req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
-        server.entries[rid] = send
+        server.entries[wire] = send
+        self._owed[wire] = req["max_new_tokens"]
         scope, finished = self.running[rid] = (trio.CancelScope(), trio.Event())
         try:
             with scope:
                 return await self._serve_placed(req, emit, receive, req["stream"] if text is None else text)
             return error_frame("replaced", f"request {rid} was submitted again; this stream is abandoned")
         finally:
-            server.entries.pop(rid, None)
+            server.entries.pop(wire, None)
+            self._owed.pop(wire, None)
             self.running.pop(rid, None)
             finished.set()
 
     async def _serve_placed(self, req: dict, emit, receive, text: bool) -> dict:
         rid = req["rid"]
-        deadline = trio.current_time() + REQUEST_TIMEOUT_S
+        deadline = trio.current_time() + req.get("deadline_s", REQUEST_TIMEOUT_S)
         if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
             placement = await self._resume(req, [], deadline, emit)
             if "error" in placement:
@@ -276,20 +348,27 @@ class SubmitService:
             except PermissionError as e:
                 await write_frame(stream, error_frame(FORBIDDEN, str(e)))
                 return
+            keepalive = str(getattr(stream, "get_protocol", lambda: None)()) == SUBMIT2
             with trio.CancelScope() as work:
                 writer = FrameWriter(stream, work)  # token frames queued during a write go out together
+                last_put = [trio.current_time()]
+                finished = trio.Event()
 
                 async def emit(frame: dict) -> None:
                     if "accepted" in frame:
                         self._note_submitter(frame["accepted"]["request_id"], peer)
                     for one in frame.get("batch") or [frame]:  # the wire carries one frame per token
                         writer.put(one)
+                    last_put[0] = trio.current_time()
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(writer.run)
+                    if keepalive:
+                        nursery.start_soon(self._keep_alive, writer, last_put, finished)
                     try:
                         writer.put(await self.p2p_serve(msg, emit))
                     finally:
+                        finished.set()
                         writer.close()
             if writer.error is not None:
                 raise writer.error
@@ -302,6 +381,35 @@ class SubmitService:
         finally:
             self.open_streams.release(peer)
             await close_quietly(stream)
+
+    @staticmethod
+    async def _keep_alive(writer: FrameWriter, last_put: list[float], finished: trio.Event) -> None:
+        """submit/2: a keepalive frame whenever the request's stream had none for KEEPALIVE_S, so the client
+        tells a live entry (however slow the swarm) from a dead or frozen one."""
+        while not finished.is_set():
+            with trio.move_on_after(max(0.0, last_put[0] + KEEPALIVE_S - trio.current_time())):
+                await finished.wait()
+            if not finished.is_set() and trio.current_time() - last_put[0] >= KEEPALIVE_S:
+                writer.put({"keepalive": True})
+                last_put[0] = trio.current_time()
+
+    def _stalled(self, placement: dict, last_progress: float, seen: list) -> bool:
+        """No token for STALL_TIMEOUT_S while the attempt's stage 0 emitted none either (its `emitted` count,
+        gossiped: swarm/backlog.py; `seen`: [count, when it last changed, stage 0]), or none for QUEUED_STALL_S
+        however busy stage 0 is."""
+        now = trio.current_time()
+        stage0 = placement["stages"][0]["peer"]
+        if stage0 == self.server.me:
+            count = self.server.stages.tokens_out
+        else:
+            entry = self.server.node.table.get(stage0)
+            count = (getattr(entry.record, "extra", None) or {}).get("emitted") if entry is not None else None
+        if count != seen[0] or stage0 != seen[2]:
+            seen[:] = [count, now, stage0]
+        quiet = now - last_progress
+        if quiet <= STALL_TIMEOUT_S:
+            return False
+        return quiet > QUEUED_STALL_S or count is None or now - seen[1] > STALL_TIMEOUT_S
 
     def _pipeline_alive(self, placement: dict, incarnations: dict[str, int] | None = None,
                         quiet_s: float = math.inf) -> bool:
@@ -340,6 +448,7 @@ class SubmitService:
         already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
         draws what it would have drawn, so the client sees one output, no token missing or repeated."""
         server = self.server
+        wire = self.wire_id(req["rid"])
         tokens: list[int] = []
         # one incremental decode per token (not the whole output again per token); tokens are
         # deduplicated by index below, so a resumed attempt feeds it each token once
@@ -349,6 +458,7 @@ class SubmitService:
         held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
         fruitless = 0  # placements in a row that gave no token
         incarnations: dict[str, int] = {}  # of the placement's peers when first checked
+        stage0_seen: list = [None, trio.current_time(), None]  # stage 0's emitted tokens, when they last grew, stage 0
 
         async def resume() -> dict:
             # backing off: a stage 0 still loading its stages (a restarted peer), or a head whose view still has a
@@ -372,7 +482,7 @@ class SubmitService:
             if ev is None or int(ev.get("attempt", -1)) != attempt:
                 if ev is not None:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
-                stalled = trio.current_time() - last_progress > STALL_TIMEOUT_S
+                stalled = self._stalled(placement, last_progress, stage0_seen)
                 lost = self._pipeline_lost(placement, incarnations, trio.current_time() - last_progress)
                 if lost is None and not stalled:
                     continue
@@ -398,6 +508,8 @@ class SubmitService:
                                                  placement["stages"][0]["peer"])
                 if len(tokens) > had:
                     fruitless = 0
+                    if wire in self._owed:
+                        self._owed[wire] = max(0, req["max_new_tokens"] - len(tokens))
                 if frames:
                     await emit(frames[0] if len(frames) == 1 else {"batch": frames})
                 continue
@@ -420,7 +532,8 @@ class SubmitService:
                 "attempts": attempt, "timings": ev["timings"],
             }}
         self._cancel_placement(req["rid"], placement)
-        return error_frame("timeout", f"request {req['rid']} did not finish within {REQUEST_TIMEOUT_S:g} s")
+        return error_frame("timeout", f"request {req['rid']} did not finish within "
+                                      f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s")
 
     @staticmethod
     def _take_tokens(ev: dict, receive, tokens: list[int], streamed: bool, detok,
@@ -459,7 +572,7 @@ class SubmitService:
             except RemoteError as e:
                 if trio.current_time() >= deadline:  # a deadline, not a refusal: said as such
                     return error_frame("timeout", f"request {req['rid']} was not placed again within "
-                                                  f"{REQUEST_TIMEOUT_S:g} s: {e.message}")
+                                                  f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
                 why = e.message
                 await trio.sleep(1.0)
@@ -467,7 +580,7 @@ class SubmitService:
     def _cancel_placement(self, rid: str, placement: dict) -> None:
         stage0 = placement["stages"][0]["peer"]
         self.server.pipe.send(stage0, {"kind": "cancel", "to": [placement["epoch"], placement["replica"], 0],
-                                       "rid": rid, "attempt": placement["attempt"]})
+                                       "rid": self.wire_id(rid), "attempt": placement["attempt"]})
 
     def _cancel(self, ev: dict, sender: str | None) -> None:
         if sender and "to_stage0" in ev:
