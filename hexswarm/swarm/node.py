@@ -57,7 +57,7 @@ from hexswarm.net.protocols import (
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
-from hexswarm.swarm.records import NodeRecord, new_incarnation, open_record, sign_record
+from hexswarm.swarm.records import SCALE_KEY, NodeRecord, bounded_links, new_incarnation, open_record, sign_record
 
 log = logging.getLogger("hexswarm.node")
 
@@ -113,7 +113,7 @@ class Node:
         self.devices = devices if devices is not None else inventory(config.devices, config.data_dir)
         self.peer_id = self.identity.peer_id
         self.peer_id_str = self.peer_id.to_base58()
-        self.table = PeerTable(config.down_after_s, config.drop_after_s, clock)
+        self.table = PeerTable(config.down_after_s, config.drop_after_s, clock, config.heartbeat_peers)
         self._allowed = None if config.allow_peers is None else {*config.allow_peers, self.peer_id_str}
         self._bootstrap = [parse_peer_multiaddr(a, "bootstrap address") for a in config.bootstrap]
         self.host = make_host(self.identity)
@@ -141,8 +141,10 @@ class Node:
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
-        # inventory gossip received (first copies, valid or not): tools/swarm_scale.py reads it
+        # inventory gossip received (first copies, valid or not) and our last record's size:
+        # tools/swarm_scale.py reads them
         self.gossip_in = 0
+        self.record_bytes = 0
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
 
@@ -155,6 +157,11 @@ class Node:
     def topic(self, name: str, version: int = 1) -> str:
         """This swarm's gossip topic ``hexswarm/<swarm>/<name>/<version>``."""
         return f"{self.config.topic_prefix}/{name}/{version}"
+
+    @property
+    def heartbeat_s(self) -> float:
+        """The heartbeat in force: heartbeat_s, slowed in swarms larger than heartbeat_peers (peer_table.py)."""
+        return self.config.heartbeat_s * self.table.scale
 
     def is_allowed(self, peer_id: Any) -> bool:
         """May this peer use our node-to-node protocols and reach us by gossip? (allowlist, and a
@@ -337,6 +344,10 @@ class Node:
 
     def make_record(self) -> NodeRecord:
         self._seq += 1
+        extra = dict(self.extra)
+        scale = self.table.scale
+        if scale > 1:  # peers size their silence thresholds for us by it; absent (as before) at 1
+            extra[SCALE_KEY] = round(scale, 3)
         return NodeRecord(
             peer_id=self.peer_id_str,
             public_key=self.identity.public_bytes,
@@ -344,11 +355,11 @@ class Node:
             addrs=[*self.addrs, *self.nat.circuit_addrs],
             devices=[d.to_wire() for d in self.devices],
             roles=list(self.config.roles),
-            links={p: s.to_wire() for p, s in self.links.items()},
+            links=bounded_links({p: s.to_wire() for p, s in self.links.items()}),
             incarnation=self._incarnation,
             seq=self._seq,
             timestamp=time.time(),
-            extra=dict(self.extra),
+            extra=extra,
             calibration=dict(self.calibration),
         )
 
@@ -356,7 +367,9 @@ class Node:
         record = self.make_record()
         self._apply(record)
         try:
-            await self.pubsub.publish(self.inventory_topic, codec.encode(sign_record(record, self.identity)))
+            signed = sign_record(record, self.identity)
+            self.record_bytes = len(signed["body"])
+            await self.pubsub.publish(self.inventory_topic, codec.encode(signed))
         except Exception as e:  # no peers yet, or a peer stream broke mid-write
             log.debug("publishing record: %s", e)
 
@@ -385,9 +398,10 @@ class Node:
         if change.peer_id != self.peer_id_str:
             what = {None: "joined", PeerState.DOWN: "is back up"}.get(change.old, "is up")
             if change.new == PeerState.DOWN:
-                what = f"is down (silent > {self.config.down_after_s:g} s)"
+                entry = self.table.get(change.peer_id)
+                what = f"is down (silent > {self.table.down_after(entry) if entry else self.config.down_after_s:g} s)"
             elif change.new == PeerState.DROPPED:
-                what = f"dropped (silent > {self.config.drop_after_s:g} s)"
+                what = f"dropped (silent > {self.config.drop_after_s * self.table.scale:g} s)"
                 self.links.pop(change.peer_id, None)
             log.info("peer %s %s", change.peer_id, what)
         for listener in self.on_peer_change:
@@ -440,13 +454,13 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await trio.sleep(self.config.heartbeat_s)
+            await trio.sleep(self.heartbeat_s)
             await self._publish_record()
 
     async def _sweep_loop(self) -> None:
         last_prune = trio.current_time()
         while True:
-            await trio.sleep(min(self.config.heartbeat_s, self.config.down_after_s / 4))
+            await trio.sleep(min(self.heartbeat_s, self.config.down_after_s * self.table.scale / 4))
             for change in self.table.sweep():
                 self._report(change)
             if trio.current_time() - last_prune > GOSSIP_CACHE_PRUNE_S:
@@ -609,9 +623,16 @@ class Node:
     async def _on_peers(self, msg: Any, remote: Any) -> dict:
         if not isinstance(msg, dict):
             raise ProtocolError("peers wants a map")
-        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(),
-                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability,
-                          "time": time.time()}}  # wall clock: `hexswarm doctor` compares clocks
+        stats = {"gossip_in": self.gossip_in, "reachability": self.nat.reachability,
+                 "time": time.time(),  # wall clock: `hexswarm doctor` compares clocks
+                 # membership load (tools/swarm_scale.py): the heartbeat in force, this process's CPU seconds
+                 "heartbeat_s": round(self.heartbeat_s, 3), "cpu_s": round(time.process_time(), 3),
+                 "record_bytes": self.record_bytes}
+        if msg.get("summary") is True:  # counts only: a poll of every node of a large swarm stays cheap
+            up = self.table.up()
+            return {"self": self.peer_id_str, "swarm": self.config.swarm, "known": len(self.table), "up": len(up),
+                    "stats": stats}
+        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(), "stats": stats}
 
     def peer_views(self) -> list[dict]:
         """The table as plain maps (what `hexswarm peers` prints)."""
