@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """How a swarm of N membership-only nodes converges: N node processes on 127.0.0.1 (CPU config, no
-model), all started at once; one client host asks every node for a summary of its table
-(/hexswarm/peers/1 with {"summary": true}: counts, not the table) once a second.
+model), all started at once.  Each node's table is followed in its own log (the "peer P joined / is
+down" lines it writes anyway), so watching costs the nodes nothing; one client host asks every node
+for its counters (/hexswarm/peers/1 with {"summary": true}) at the start and the end of the settle
+window, two requests per node in all.
 
     python3 tools/swarm_scale.py --nodes 32 [--timeout 240] [--settle 20] [--bootstrap multi|hub|tree]
                                  [--heartbeat 2] [--heartbeat-peers 16] [--out FILE] [--json]
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -38,7 +41,7 @@ import trio  # noqa: E402
 from hexswarm.swarm.launcher import NodeProcess, free_port, write_node_config  # noqa: E402
 
 TEARDOWN_S = 15.0  # kept out of the convergence budget: stopping N nodes
-POLL_S = 1.0
+LOG_READ_S = 0.25
 
 
 def rss_mib(pid: int) -> float:
@@ -49,6 +52,15 @@ def rss_mib(pid: int) -> float:
     except OSError:
         pass
     return 0.0
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a local process (/proc), None where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def bootstrap_of(i: int, how: str) -> list[int]:
@@ -84,7 +96,39 @@ def machine() -> dict:
     return out
 
 
-async def measure(addrs: list[str], deadline: float, settle_s: float) -> dict:
+class LogTables:
+    """Every node's view of the swarm, read from its own log ("peer P joined / is up / is back up / is down /
+    dropped" lines, as the node writes them): no request to the nodes, so watching costs them nothing."""
+
+    EVENT = re.compile(r"hexswarm\.node: peer (\S+) (joined|is up|is back up|is down|dropped)")
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.offsets = [0] * len(paths)
+        self.partial = [""] * len(paths)
+        self.up: list[set[str]] = [set() for _ in paths]
+
+    def read(self) -> list[int]:
+        """Read what the logs gained; each node's count of peers up, itself included."""
+        for i, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets[i])
+                    data = f.read()
+            except OSError:
+                continue
+            self.offsets[i] += len(data)
+            text = self.partial[i] + data.decode(errors="replace")
+            lines = text.split("\n")
+            self.partial[i] = lines.pop()
+            for line in lines:
+                m = self.EVENT.search(line)
+                if m:
+                    (self.up[i].add if m.group(2) in ("joined", "is up", "is back up") else self.up[i].discard)(m.group(1))
+        return [len(u) + 1 for u in self.up]
+
+
+async def measure(addrs: list[str], logs: list[Path], pids: list[int], deadline: float, settle_s: float) -> dict:
     import multiaddr
 
     from hexswarm.net import identity
@@ -95,14 +139,18 @@ async def measure(addrs: list[str], deadline: float, settle_s: float) -> dict:
     host = make_host(identity.generate())
     n = len(addrs)
     replies: list[dict] = [{} for _ in addrs]
+    tables = LogTables(logs)
 
     async def poll() -> None:
         async def one(i: int) -> None:
-            try:
-                await dial(host, infos[i])
-                replies[i] = await request(host, infos[i].peer_id, PEERS, {"summary": True}, timeout=10)
-            except (ConnectionError, RequestError):
-                replies[i] = {}
+            replies[i] = {}
+            for _ in range(3):  # a loaded node may miss one
+                try:
+                    await dial(host, infos[i])
+                    replies[i] = await request(host, infos[i].peer_id, PEERS, {"summary": True}, timeout=10)
+                    return
+                except (ConnectionError, RequestError):
+                    await trio.sleep(1.0)
 
         async with trio.open_nursery() as nursery:
             for i in range(n):
@@ -117,46 +165,52 @@ async def measure(addrs: list[str], deadline: float, settle_s: float) -> dict:
         value = r.get("stats", {}).get(key)
         return None if value is None else float(value)
 
+    start = time.monotonic()
+    converged_s = None
+    trace = []  # [seconds, min up, median up], once a second, from the logs
+    while time.monotonic() < deadline:
+        counts = tables.read()
+        now = time.monotonic() - start
+        if not trace or now - trace[-1][0] >= 1.0:
+            trace.append([round(now, 1), min(counts), statistics.median(counts)])
+        if min(counts) >= n:
+            converged_s = now
+            trace.append([round(now, 1), min(counts), statistics.median(counts)])
+            break
+        await trio.sleep(LOG_READ_S)
     async with host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-        start = time.monotonic()
-        converged_s = None
-        trace = []  # [seconds, min up, median up] once per poll
-        while time.monotonic() < deadline:
-            await poll()
-            counts = [up(r) for r in replies]
-            trace.append([round(time.monotonic() - start, 1), min(counts),
-                          statistics.median([c for c, r in zip(counts, replies) if r] or [0])])
-            if min(counts) == n:
-                converged_s = time.monotonic() - start
-                break
-            await trio.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
-        first = [dict(r) for r in replies]
-        t0 = time.monotonic()
-        await trio.sleep(settle_s)
+        # the nodes' counters at the start and the end of the settle window: two requests per node in all
         await poll()
-        elapsed = time.monotonic() - t0
-        counts = [up(r) for r in replies]
-        both = [(a, b) for a, b in zip(first, replies) if a and b]
+        first = [dict(r) for r in replies]
+        cpu0, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
+        await trio.sleep(settle_s)
+        cpu1, elapsed = [cpu_seconds(p) for p in pids], time.monotonic() - t0
+        await poll()
+    counts = [up(r) for r in replies]
+    both = [(a, b) for a, b in zip(first, replies) if a and b]
 
-        def rate(key: str) -> list[float]:
-            return [(stat(b, key) - stat(a, key)) / elapsed for a, b in both
-                    if stat(a, key) is not None and stat(b, key) is not None]
+    def rate(key: str) -> list[float]:
+        return [(stat(b, key) - stat(a, key)) / elapsed for a, b in both
+                if stat(a, key) is not None and stat(b, key) is not None]
 
-        gossip, cpu = rate("gossip_in"), rate("cpu_s")
-        heartbeats = [stat(r, "heartbeat_s") for r in replies if stat(r, "heartbeat_s") is not None]
-        record_bytes = [stat(r, "record_bytes") for r in replies if stat(r, "record_bytes")]
-        return {"converged_s": None if converged_s is None else round(converged_s, 1),
-                "min_up_seen": min(counts),
-                "median_up_seen": statistics.median([c for c, r in zip(counts, replies) if r] or [0]),
-                "unanswered": [i for i, r in enumerate(replies) if not r],
-                "settle_s": round(elapsed, 1),
-                "gossip_in_per_node_s": round(statistics.mean(gossip), 2) if gossip else None,
-                "cpu_per_node": round(statistics.mean(cpu), 4) if cpu else None,
-                "cpu_per_node_max": round(max(cpu), 4) if cpu else None,
-                "cpu_all_nodes": round(sum(cpu), 3) if cpu else None,
-                "heartbeat_in_force_s": statistics.median(heartbeats) if heartbeats else None,
-                "record_bytes_mean": round(statistics.mean(record_bytes)) if record_bytes else None,
-                "up_trace": trace}
+    gossip = rate("gossip_in")
+    # CPU from /proc where the nodes run here, else from their own counters
+    cpu = [(b - a) / elapsed for a, b in zip(cpu0, cpu1) if a is not None and b is not None] or rate("cpu_s")
+    heartbeats = [stat(r, "heartbeat_s") for r in replies if stat(r, "heartbeat_s") is not None]
+    record_bytes = [stat(r, "record_bytes") for r in replies if stat(r, "record_bytes")]
+    return {"converged_s": None if converged_s is None else round(converged_s, 1),
+            "min_up_seen": min(counts),
+            "median_up_seen": statistics.median([c for c, r in zip(counts, replies) if r] or [0]),
+            "unanswered": [i for i, r in enumerate(replies) if not r],
+            "settle_s": round(elapsed, 1),
+            "gossip_in_per_node_s": round(statistics.mean(gossip), 2) if gossip else None,
+            "cpu_per_node": round(statistics.mean(cpu), 4) if cpu else None,
+            "cpu_per_node_max": round(max(cpu), 4) if cpu else None,
+            "cpu_all_nodes": round(statistics.mean(cpu) * n, 3) if cpu else None,  # the mean node's, times N
+            "nodes_counted": len(cpu),
+            "heartbeat_in_force_s": statistics.median(heartbeats) if heartbeats else None,
+            "record_bytes_mean": round(statistics.mean(record_bytes)) if record_bytes else None,
+            "up_trace": trace}
 
 
 def main() -> None:
@@ -208,7 +262,9 @@ def main() -> None:
                 result["listening"] = sum("listening on" in n.log() for n in nodes)
             else:
                 result["startup_s"] = round(time.monotonic() - t_launch, 1)
-                result.update(trio.run(measure, [n.addr for n in nodes], deadline - args.settle, args.settle))
+                result.update(trio.run(measure, [n.addr for n in nodes], [n.log_path for n in nodes],
+                                               [n.proc.pid for n in nodes], deadline - args.settle,
+                                               args.settle))
             rss = [rss_mib(n.proc.pid) for n in nodes if n.alive()]
             result.update(rss_mib_mean=round(statistics.mean(rss), 1) if rss else None,
                           rss_mib_max=round(max(rss), 1) if rss else None,

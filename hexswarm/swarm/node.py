@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -72,6 +73,12 @@ GOSSIP_CACHE_PRUNE_S = 60.0
 UNREACHABLE_WARN_EVERY_S = 30.0
 MAX_DIAL_BACKOFF = 1024  # peers whose dial back-off is remembered; past that, only those still backing off
 PROBE_FANOUT = 8  # peers probed per probe round (all of them in small swarms)
+# gossipsub mesh degree (target, low, high) and heartbeat; at a membership scale > 1 (a swarm larger than
+# heartbeat_peers) the leaner degree and a heartbeat slowed alike (peer_table.py): every record reaches a
+# node about once per mesh peer, so the degree multiplies every node's inventory work.
+GOSSIP_DEGREE = (6, 4, 12)
+GOSSIP_DEGREE_AT_SCALE = (3, 2, 6)
+GOSSIP_HEARTBEAT_S = 1.0
 
 
 class BootstrapFailed(UserError):
@@ -292,10 +299,14 @@ class Node:
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.gossipsub = GossipSub(
                 protocols=[TProtocol(p) for p in GOSSIPSUB_PROTOCOLS],
-                degree=6,
-                degree_low=4,
-                degree_high=12,
-                heartbeat_interval=1,
+                degree=GOSSIP_DEGREE[0],
+                degree_low=GOSSIP_DEGREE[1],
+                degree_high=GOSSIP_DEGREE[2],
+                heartbeat_interval=GOSSIP_HEARTBEAT_S,
+                # py-libp2p's "adaptive gossip" rewrites the heartbeat to max(60, 0.75 x ours) s when its
+                # health score (which counts peers of score 0 as unhealthy) is below 0.7: measured, the
+                # gossipsub heartbeat went from 1 s to 60 s 30 s after start. Fixed parameters instead.
+                adaptive_gossip_enabled=False,
                 # Our own records are rate-bounded by heartbeat_s; the built-in
                 # limit (10 msg/s per forwarder per topic) drops inventory in
                 # swarms of more than a few nodes.
@@ -364,6 +375,7 @@ class Node:
         )
 
     async def _publish_record(self) -> None:
+        self._tune_gossip()
         record = self.make_record()
         self._apply(record)
         try:
@@ -372,6 +384,13 @@ class Node:
             await self.pubsub.publish(self.inventory_topic, codec.encode(signed))
         except Exception as e:  # no peers yet, or a peer stream broke mid-write
             log.debug("publishing record: %s", e)
+
+    def _tune_gossip(self) -> None:
+        """gossipsub's degree and heartbeat for this swarm's size (as configured at scale 1)."""
+        scale = self.table.scale
+        degree = GOSSIP_DEGREE if scale <= 1 else GOSSIP_DEGREE_AT_SCALE
+        self.gossipsub.degree, self.gossipsub.degree_low, self.gossipsub.degree_high = degree
+        self.gossipsub.heartbeat_interval = GOSSIP_HEARTBEAT_S * scale
 
     def _accept_record(self, msg: Any, publisher: str) -> NodeRecord:
         """The verified record in `msg`, or ProtocolError saying why it is not one of ours."""
@@ -517,24 +536,30 @@ class Node:
 
     async def _discovery_loop(self) -> None:
         key = swarm_key(self.config.swarm)
-        last_provide = -PROVIDE_INTERVAL_S
+        last_provide = last_lookup = -math.inf
         while True:
             # Peers we hold records of first: no network round trip needed.
             self._dial_new({e.peer_id: e.record.addrs for e in self.table.entries()})
-            now = trio.current_time()
-            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S:
+            now, scale = trio.current_time(), self.table.scale
+            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S * scale:
                 try:
                     if await self.dht.provide(key):
                         last_provide = now
                 except Exception as e:
                     log.debug("DHT provide failed: %s", e)
-            try:
-                with trio.move_on_after(DIAL_TIMEOUT_S * 2):
-                    providers = await self.dht.find_providers(key)
-                    self._dial_new({i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs] for i in providers})
-            except Exception as e:
-                log.debug("DHT find_providers failed: %s", e)
-            with trio.move_on_after(DISCOVERY_INTERVAL_S):
+            # at scale 1 a lookup every round (every DISCOVERY_INTERVAL_S, and when a new peer wakes us);
+            # in larger swarms at most every DISCOVERY_INTERVAL_S x scale: every node asks the same k
+            # peers (those nearest the swarm key), so their load grows with N / interval
+            if scale <= 1 or now - last_lookup >= DISCOVERY_INTERVAL_S * scale:
+                last_lookup = now
+                try:
+                    with trio.move_on_after(DIAL_TIMEOUT_S * 2):
+                        providers = await self.dht.find_providers(key)
+                        self._dial_new({i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs]
+                                        for i in providers})
+                except Exception as e:
+                    log.debug("DHT find_providers failed: %s", e)
+            with trio.move_on_after(DISCOVERY_INTERVAL_S * scale):
                 await self._discovery_wake.wait()
             self._discovery_wake = trio.Event()
 
@@ -581,7 +606,7 @@ class Node:
     async def _probe_loop(self) -> None:
         rounds = 0
         while True:
-            await trio.sleep(self.config.probe_s)
+            await trio.sleep(self.config.probe_s * self.table.scale)
             peers = sorted(e.peer_id for e in self.table.up() if e.peer_id != self.peer_id_str)
             # At most PROBE_FANOUT peers a round, in turn: a node's probe work stays O(1) per round
             # instead of O(N) (O(N^2) swarm-wide: measured, it starved gossip at 32 nodes on 2 cores);
