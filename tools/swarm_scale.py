@@ -6,7 +6,7 @@ for its counters (/hexswarm/peers/1 with {"summary": true}) at the start and the
 window, two requests per node in all.
 
     python3 tools/swarm_scale.py --nodes 32 [--timeout 240] [--settle 20] [--bootstrap multi|hub|tree]
-                                 [--heartbeat 2] [--heartbeat-peers 16] [--out FILE] [--json]
+                                 [--heartbeat 2] [--heartbeat-peers 16] [--out FILE] [--logs DIR] [--json]
 
 Reports: seconds from "all N processes listen" until every node's table lists all N up; inventory
 records received per node per second and CPU seconds per node per second (the nodes' own counters,
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -230,6 +231,7 @@ def main() -> None:
                          "slows with the swarm's size)")
     ap.add_argument("--probe", type=float, default=5.0, help="probe_s of every node")
     ap.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    ap.add_argument("--logs", type=Path, help="copy every node's log into this folder (n<i>.log) at the end")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = ap.parse_args()
     if args.nodes < 2:
@@ -277,6 +279,11 @@ def main() -> None:
                 node.send_signal(signal.SIGTERM)
             for node in nodes:
                 node.kill(signal.SIGTERM)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                for i, node in enumerate(nodes):
+                    if node.log_path.exists():
+                        shutil.copyfile(node.log_path, args.logs / f"n{i}.log")
     result["load_avg_end"] = os.getloadavg()[0]
     result["wall_s"] = round(time.monotonic() - t_launch, 1)
     if result.get("gossip_in_per_node_s") is not None and result.get("heartbeat_in_force_s"):

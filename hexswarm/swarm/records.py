@@ -98,7 +98,8 @@ def bounded_links(links: dict[str, dict], limit: int = MAX_RECORD_LINKS) -> dict
 
 def announced_scale(record: NodeRecord) -> float:
     """The heartbeat multiplier `record`'s sender announced (1 when absent or not a number), in [1, MAX_SCALE]."""
-    value = record.extra.get(SCALE_KEY, 1.0)
+    extra = getattr(record, "extra", None)
+    value = extra.get(SCALE_KEY, 1.0) if isinstance(extra, dict) else 1.0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return 1.0
     return min(max(float(value), 1.0), MAX_SCALE)
