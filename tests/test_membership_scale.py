@@ -226,3 +226,12 @@ def test_py_libp2p_yamux_is_shielded_once_a_host_exists():
 
     host_mod.make_host(identity.generate())
     assert getattr(Yamux._write_frame, "_hexswarm_shielded", False)
+
+
+def test_dht_lookups_slow_down_with_scale_and_while_they_find_nothing_new():
+    from hexswarm.swarm.node import DISCOVERY_INTERVAL_S, PROVIDE_INTERVAL_S, lookup_interval
+
+    assert lookup_interval(2.0, 0) == 2 * DISCOVERY_INTERVAL_S
+    assert lookup_interval(2.0, 1) == 4 * DISCOVERY_INTERVAL_S
+    assert lookup_interval(2.0, 50) == 2 * PROVIDE_INTERVAL_S  # capped
+    assert lookup_interval(125.0, 0) == 125 * DISCOVERY_INTERVAL_S

@@ -108,6 +108,7 @@ class LogTables:
         self.offsets = [0] * len(paths)
         self.partial = [""] * len(paths)
         self.up: list[set[str]] = [set() for _ in paths]
+        self.downs = 0  # "is down" lines read so far, all nodes
 
     def read(self) -> list[int]:
         """Read what the logs gained; each node's count of peers up, itself included."""
@@ -125,6 +126,7 @@ class LogTables:
             for line in lines:
                 m = self.EVENT.search(line)
                 if m:
+                    self.downs += m.group(2) == "is down"
                     (self.up[i].add if m.group(2) in ("joined", "is up", "is back up") else self.up[i].discard)(m.group(1))
         return [len(u) + 1 for u in self.up]
 
@@ -184,7 +186,11 @@ async def measure(addrs: list[str], logs: list[Path], pids: list[int], deadline:
         await poll()
         first = [dict(r) for r in replies]
         cpu0, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
-        await trio.sleep(settle_s)
+        tables.read()
+        downs0, low = tables.downs, n
+        while time.monotonic() - t0 < settle_s:  # stability: how often a peer is seen down meanwhile
+            await trio.sleep(LOG_READ_S)
+            low = min(low, *tables.read())
         cpu1, elapsed = [cpu_seconds(p) for p in pids], time.monotonic() - t0
         await poll()
     counts = [up(r) for r in replies]
@@ -204,6 +210,10 @@ async def measure(addrs: list[str], logs: list[Path], pids: list[int], deadline:
             "median_up_seen": statistics.median([c for c, r in zip(counts, replies) if r] or [0]),
             "unanswered": [i for i, r in enumerate(replies) if not r],
             "settle_s": round(elapsed, 1),
+            # during the settle window, from the logs: "peer is down" events (all nodes) and the fewest
+            # peers up any node listed at any moment
+            "down_events_settle": tables.downs - downs0,
+            "min_up_settle": low,
             "gossip_in_per_node_s": round(statistics.mean(gossip), 2) if gossip else None,
             "cpu_per_node": round(statistics.mean(cpu), 4) if cpu else None,
             "cpu_per_node_max": round(max(cpu), 4) if cpu else None,

@@ -81,6 +81,12 @@ GOSSIP_DEGREE_AT_SCALE = (3, 2, 6)
 GOSSIP_HEARTBEAT_S = 1.0
 
 
+def lookup_interval(scale: float, idle_lookups: int) -> float:
+    """Seconds between DHT lookups of the swarm key in a swarm of membership scale `scale` > 1, after
+    `idle_lookups` lookups in a row that found no peer missing from the table."""
+    return min(DISCOVERY_INTERVAL_S * scale * 2 ** min(idle_lookups, 16), PROVIDE_INTERVAL_S * scale)
+
+
 class BootstrapFailed(UserError):
     pass
 
@@ -537,6 +543,7 @@ class Node:
     async def _discovery_loop(self) -> None:
         key = swarm_key(self.config.swarm)
         last_provide = last_lookup = -math.inf
+        idle_lookups = 0  # lookups in a row that named no peer missing from our table (used at scale > 1)
         while True:
             # Peers we hold records of first: no network round trip needed.
             self._dial_new({e.peer_id: e.record.addrs for e in self.table.entries()})
@@ -548,15 +555,18 @@ class Node:
                 except Exception as e:
                     log.debug("DHT provide failed: %s", e)
             # at scale 1 a lookup every round (every DISCOVERY_INTERVAL_S, and when a new peer wakes us);
-            # in larger swarms at most every DISCOVERY_INTERVAL_S x scale: every node asks the same k
-            # peers (those nearest the swarm key), so their load grows with N / interval
-            if scale <= 1 or now - last_lookup >= DISCOVERY_INTERVAL_S * scale:
+            # in larger swarms every DISCOVERY_INTERVAL_S x scale, doubling (up to PROVIDE_INTERVAL_S x
+            # scale) while lookups find no peer our table lacks: every node asks the same k peers (those
+            # nearest the swarm key), and gossip already brings every member's record
+            if scale <= 1 or now - last_lookup >= lookup_interval(scale, idle_lookups):
                 last_lookup = now
                 try:
                     with trio.move_on_after(DIAL_TIMEOUT_S * 2):
-                        providers = await self.dht.find_providers(key)
-                        self._dial_new({i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs]
-                                        for i in providers})
+                        providers = {i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs]
+                                     for i in await self.dht.find_providers(key)}
+                        self._dial_new(providers)
+                        unknown = [p for p in providers if p != self.peer_id_str and p not in self.table]
+                        idle_lookups = 0 if unknown else idle_lookups + 1
                 except Exception as e:
                     log.debug("DHT find_providers failed: %s", e)
             with trio.move_on_after(DISCOVERY_INTERVAL_S * scale):
