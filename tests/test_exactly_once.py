@@ -101,7 +101,8 @@ class FakeEntryServer(FakeHeadServer):
         self.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3])
         stage0 = SimpleNamespace(record=SimpleNamespace(incarnation=1))  # always heard from
         self.node = SimpleNamespace(config=SimpleNamespace(max_queue=8, down_after_s=2.0),
-                                    table=SimpleNamespace(get=lambda peer: stage0, seconds_since_seen=lambda e: 0.0))
+                                    table=SimpleNamespace(get=lambda peer: stage0, seconds_since_seen=lambda e: 0.0,
+                                                          down_after=lambda e: 2.0))
         self.pipe = SimpleNamespace(send=lambda peer, msg: None)
         self.entries: dict = {}
         self.committed = None

@@ -259,6 +259,9 @@ class NodeConfig:
     heartbeat_s: float = field(default=2.0, metadata=_key(_positive, "inventory heartbeat interval"))
     down_after_s: float = field(default=10.0, metadata=_key(_positive, "silence before a peer is down"))
     drop_after_s: float = field(default=120.0, metadata=_key(_positive, "silence before a peer is dropped"))
+    heartbeat_peers: int = field(default=8, metadata=_key(_non_negative_int, "swarm size the three timings above "
+                                                            "are for: a node that knows N > this many peers "
+                                                            "multiplies them by N / heartbeat_peers (0: never)"))
     bootstrap_timeout_s: float = field(
         default=30.0, metadata=_key(_positive, "give up if no bootstrap answers this long and no peer is known")
     )

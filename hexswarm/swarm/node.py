@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ from hexswarm.net.protocols import (
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
-from hexswarm.swarm.records import NodeRecord, new_incarnation, open_record, sign_record
+from hexswarm.swarm.records import SCALE_KEY, NodeRecord, bounded_links, new_incarnation, open_record, sign_record
 
 log = logging.getLogger("hexswarm.node")
 
@@ -72,6 +73,18 @@ GOSSIP_CACHE_PRUNE_S = 60.0
 UNREACHABLE_WARN_EVERY_S = 30.0
 MAX_DIAL_BACKOFF = 1024  # peers whose dial back-off is remembered; past that, only those still backing off
 PROBE_FANOUT = 8  # peers probed per probe round (all of them in small swarms)
+# gossipsub mesh degree (target, low, high) and heartbeat; at a membership scale > 1 (a swarm larger than
+# heartbeat_peers) the leaner degree and a heartbeat slowed alike (peer_table.py): every record reaches a
+# node about once per mesh peer, so the degree multiplies every node's inventory work.
+GOSSIP_DEGREE = (6, 4, 12)
+GOSSIP_DEGREE_AT_SCALE = (3, 2, 6)
+GOSSIP_HEARTBEAT_S = 1.0
+
+
+def lookup_interval(scale: float, idle_lookups: int) -> float:
+    """Seconds between DHT lookups of the swarm key in a swarm of membership scale `scale` > 1, after
+    `idle_lookups` lookups in a row that found no peer missing from the table."""
+    return min(DISCOVERY_INTERVAL_S * scale * 2 ** min(idle_lookups, 16), PROVIDE_INTERVAL_S * scale)
 
 
 class BootstrapFailed(UserError):
@@ -113,7 +126,7 @@ class Node:
         self.devices = devices if devices is not None else inventory(config.devices, config.data_dir)
         self.peer_id = self.identity.peer_id
         self.peer_id_str = self.peer_id.to_base58()
-        self.table = PeerTable(config.down_after_s, config.drop_after_s, clock)
+        self.table = PeerTable(config.down_after_s, config.drop_after_s, clock, config.heartbeat_peers)
         self._allowed = None if config.allow_peers is None else {*config.allow_peers, self.peer_id_str}
         self._bootstrap = [parse_peer_multiaddr(a, "bootstrap address") for a in config.bootstrap]
         self.host = make_host(self.identity)
@@ -141,8 +154,10 @@ class Node:
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
-        # inventory gossip received (first copies, valid or not): tools/swarm_scale.py reads it
+        # inventory gossip received (first copies, valid or not) and our last record's size:
+        # tools/swarm_scale.py reads them
         self.gossip_in = 0
+        self.record_bytes = 0
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
 
@@ -155,6 +170,11 @@ class Node:
     def topic(self, name: str, version: int = 1) -> str:
         """This swarm's gossip topic ``hexswarm/<swarm>/<name>/<version>``."""
         return f"{self.config.topic_prefix}/{name}/{version}"
+
+    @property
+    def heartbeat_s(self) -> float:
+        """The heartbeat in force: heartbeat_s, slowed in swarms larger than heartbeat_peers (peer_table.py)."""
+        return self.config.heartbeat_s * self.table.scale
 
     def is_allowed(self, peer_id: Any) -> bool:
         """May this peer use our node-to-node protocols and reach us by gossip? (allowlist, and a
@@ -285,10 +305,14 @@ class Node:
             self.dht = KadDHT(self.host, DHTMode.SERVER)
             self.gossipsub = GossipSub(
                 protocols=[TProtocol(p) for p in GOSSIPSUB_PROTOCOLS],
-                degree=6,
-                degree_low=4,
-                degree_high=12,
-                heartbeat_interval=1,
+                degree=GOSSIP_DEGREE[0],
+                degree_low=GOSSIP_DEGREE[1],
+                degree_high=GOSSIP_DEGREE[2],
+                heartbeat_interval=GOSSIP_HEARTBEAT_S,
+                # py-libp2p's "adaptive gossip" rewrites the heartbeat to max(60, 0.75 x ours) s when its
+                # health score (which counts peers of score 0 as unhealthy) is below 0.7: measured, the
+                # gossipsub heartbeat went from 1 s to 60 s 30 s after start. Fixed parameters instead.
+                adaptive_gossip_enabled=False,
                 # Our own records are rate-bounded by heartbeat_s; the built-in
                 # limit (10 msg/s per forwarder per topic) drops inventory in
                 # swarms of more than a few nodes.
@@ -337,6 +361,10 @@ class Node:
 
     def make_record(self) -> NodeRecord:
         self._seq += 1
+        extra = dict(self.extra)
+        scale = self.table.scale
+        if scale > 1:  # peers size their silence thresholds for us by it; absent (as before) at 1
+            extra[SCALE_KEY] = round(scale, 3)
         return NodeRecord(
             peer_id=self.peer_id_str,
             public_key=self.identity.public_bytes,
@@ -344,21 +372,31 @@ class Node:
             addrs=[*self.addrs, *self.nat.circuit_addrs],
             devices=[d.to_wire() for d in self.devices],
             roles=list(self.config.roles),
-            links={p: s.to_wire() for p, s in self.links.items()},
+            links=bounded_links({p: s.to_wire() for p, s in self.links.items()}),
             incarnation=self._incarnation,
             seq=self._seq,
             timestamp=time.time(),
-            extra=dict(self.extra),
+            extra=extra,
             calibration=dict(self.calibration),
         )
 
     async def _publish_record(self) -> None:
+        self._tune_gossip()
         record = self.make_record()
         self._apply(record)
         try:
-            await self.pubsub.publish(self.inventory_topic, codec.encode(sign_record(record, self.identity)))
+            signed = sign_record(record, self.identity)
+            self.record_bytes = len(signed["body"])
+            await self.pubsub.publish(self.inventory_topic, codec.encode(signed))
         except Exception as e:  # no peers yet, or a peer stream broke mid-write
             log.debug("publishing record: %s", e)
+
+    def _tune_gossip(self) -> None:
+        """gossipsub's degree and heartbeat for this swarm's size (as configured at scale 1)."""
+        scale = self.table.scale
+        degree = GOSSIP_DEGREE if scale <= 1 else GOSSIP_DEGREE_AT_SCALE
+        self.gossipsub.degree, self.gossipsub.degree_low, self.gossipsub.degree_high = degree
+        self.gossipsub.heartbeat_interval = GOSSIP_HEARTBEAT_S * scale
 
     def _accept_record(self, msg: Any, publisher: str) -> NodeRecord:
         """The verified record in `msg`, or ProtocolError saying why it is not one of ours."""
@@ -385,9 +423,10 @@ class Node:
         if change.peer_id != self.peer_id_str:
             what = {None: "joined", PeerState.DOWN: "is back up"}.get(change.old, "is up")
             if change.new == PeerState.DOWN:
-                what = f"is down (silent > {self.config.down_after_s:g} s)"
+                entry = self.table.get(change.peer_id)
+                what = f"is down (silent > {self.table.down_after(entry) if entry else self.config.down_after_s:g} s)"
             elif change.new == PeerState.DROPPED:
-                what = f"dropped (silent > {self.config.drop_after_s:g} s)"
+                what = f"dropped (silent > {self.config.drop_after_s * self.table.scale:g} s)"
                 self.links.pop(change.peer_id, None)
             log.info("peer %s %s", change.peer_id, what)
         for listener in self.on_peer_change:
@@ -440,13 +479,13 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await trio.sleep(self.config.heartbeat_s)
+            await trio.sleep(self.heartbeat_s)
             await self._publish_record()
 
     async def _sweep_loop(self) -> None:
         last_prune = trio.current_time()
         while True:
-            await trio.sleep(min(self.config.heartbeat_s, self.config.down_after_s / 4))
+            await trio.sleep(min(self.heartbeat_s, self.config.down_after_s * self.table.scale / 4))
             for change in self.table.sweep():
                 self._report(change)
             if trio.current_time() - last_prune > GOSSIP_CACHE_PRUNE_S:
@@ -503,24 +542,34 @@ class Node:
 
     async def _discovery_loop(self) -> None:
         key = swarm_key(self.config.swarm)
-        last_provide = -PROVIDE_INTERVAL_S
+        last_provide = last_lookup = -math.inf
+        idle_lookups = 0  # lookups in a row that named no peer missing from our table (used at scale > 1)
         while True:
             # Peers we hold records of first: no network round trip needed.
             self._dial_new({e.peer_id: e.record.addrs for e in self.table.entries()})
-            now = trio.current_time()
-            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S:
+            now, scale = trio.current_time(), self.table.scale
+            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S * scale:
                 try:
                     if await self.dht.provide(key):
                         last_provide = now
                 except Exception as e:
                     log.debug("DHT provide failed: %s", e)
-            try:
-                with trio.move_on_after(DIAL_TIMEOUT_S * 2):
-                    providers = await self.dht.find_providers(key)
-                    self._dial_new({i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs] for i in providers})
-            except Exception as e:
-                log.debug("DHT find_providers failed: %s", e)
-            with trio.move_on_after(DISCOVERY_INTERVAL_S):
+            # at scale 1 a lookup every round (every DISCOVERY_INTERVAL_S, and when a new peer wakes us);
+            # in larger swarms every DISCOVERY_INTERVAL_S x scale, doubling (up to PROVIDE_INTERVAL_S x
+            # scale) while lookups find no peer our table lacks: every node asks the same k peers (those
+            # nearest the swarm key), and gossip already brings every member's record
+            if scale <= 1 or now - last_lookup >= lookup_interval(scale, idle_lookups):
+                last_lookup = now
+                try:
+                    with trio.move_on_after(DIAL_TIMEOUT_S * 2):
+                        providers = {i.peer_id.to_base58(): [f"{a}/p2p/{i.peer_id}" for a in i.addrs]
+                                     for i in await self.dht.find_providers(key)}
+                        self._dial_new(providers)
+                        unknown = [p for p in providers if p != self.peer_id_str and p not in self.table]
+                        idle_lookups = 0 if unknown else idle_lookups + 1
+                except Exception as e:
+                    log.debug("DHT find_providers failed: %s", e)
+            with trio.move_on_after(DISCOVERY_INTERVAL_S * scale):
                 await self._discovery_wake.wait()
             self._discovery_wake = trio.Event()
 
@@ -567,7 +616,7 @@ class Node:
     async def _probe_loop(self) -> None:
         rounds = 0
         while True:
-            await trio.sleep(self.config.probe_s)
+            await trio.sleep(self.config.probe_s * self.table.scale)
             peers = sorted(e.peer_id for e in self.table.up() if e.peer_id != self.peer_id_str)
             # At most PROBE_FANOUT peers a round, in turn: a node's probe work stays O(1) per round
             # instead of O(N) (O(N^2) swarm-wide: measured, it starved gossip at 32 nodes on 2 cores);
@@ -609,9 +658,16 @@ class Node:
     async def _on_peers(self, msg: Any, remote: Any) -> dict:
         if not isinstance(msg, dict):
             raise ProtocolError("peers wants a map")
-        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(),
-                "stats": {"gossip_in": self.gossip_in, "reachability": self.nat.reachability,
-                          "time": time.time()}}  # wall clock: `hexswarm doctor` compares clocks
+        stats = {"gossip_in": self.gossip_in, "reachability": self.nat.reachability,
+                 "time": time.time(),  # wall clock: `hexswarm doctor` compares clocks
+                 # membership load (tools/swarm_scale.py): the heartbeat in force, this process's CPU seconds
+                 "heartbeat_s": round(self.heartbeat_s, 3), "cpu_s": round(time.process_time(), 3),
+                 "record_bytes": self.record_bytes}
+        if msg.get("summary") is True:  # counts only: a poll of every node of a large swarm stays cheap
+            up = self.table.up()
+            return {"self": self.peer_id_str, "swarm": self.config.swarm, "known": len(self.table), "up": len(up),
+                    "stats": stats}
+        return {"self": self.peer_id_str, "swarm": self.config.swarm, "peers": self.peer_views(), "stats": stats}
 
     def peer_views(self) -> list[dict]:
         """The table as plain maps (what `hexswarm peers` prints)."""

@@ -6,6 +6,15 @@ dropped (silent longer than drop_after_s: removed from the table). A peer
 heard again with a newer record is UP again. Records older than or equal to
 the newest seen from that peer (by incarnation, seq) are replays and ignored,
 even after a drop.
+
+Scale: every record is gossiped to every node, so a node's inventory work per
+second grows with N / heartbeat.  With `heartbeat_peers` = P set, a table that
+knows N > P peers (itself included) has ``scale = N / P``: the node heartbeats
+every heartbeat_s * scale, and the silence thresholds are multiplied alike, by
+the larger of this table's scale and the scale the peer announced in its last
+record (``records.announced_scale``), so a peer that knows more of the swarm
+(and so heartbeats more slowly) is not marked down early.  At N <= P the scale
+is 1 and nothing changes.
 """
 
 from __future__ import annotations
@@ -15,9 +24,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from hexswarm.swarm.records import NodeRecord
+from hexswarm.swarm.records import NodeRecord, announced_scale
 
 Clock = Callable[[], float]
+
+
+def membership_scale(known: int, heartbeat_peers: int) -> float:
+    """How much slower than configured a node that knows `known` peers (itself included) heartbeats,
+    and how much longer it waits before a silent peer is down or dropped: 1 up to `heartbeat_peers`
+    peers, then known / heartbeat_peers (0: always 1)."""
+    if heartbeat_peers <= 0 or known <= heartbeat_peers:
+        return 1.0
+    return known / heartbeat_peers
 
 
 class PeerState(str, Enum):
@@ -46,11 +64,13 @@ class StateChange:
 
 
 class PeerTable:
-    def __init__(self, down_after_s: float, drop_after_s: float, clock: Clock = time.monotonic):
+    def __init__(self, down_after_s: float, drop_after_s: float, clock: Clock = time.monotonic,
+                 heartbeat_peers: int = 0):
         if not 0 < down_after_s < drop_after_s:
             raise ValueError("need 0 < down_after_s < drop_after_s")
         self.down_after_s = down_after_s
         self.drop_after_s = drop_after_s
+        self.heartbeat_peers = heartbeat_peers
         self._clock = clock
         self._entries: dict[str, PeerEntry] = {}
         # Newest (incarnation, seq) per peer, kept past drops to refuse replays.
@@ -75,15 +95,27 @@ class PeerTable:
         """Apply timeouts; call it often (e.g. every heartbeat / 2)."""
         now = self._clock()
         changes = []
+        scale = self.scale
         for peer_id, entry in list(self._entries.items()):
             silent = now - entry.last_seen
-            if silent > self.drop_after_s:
+            factor = max(scale, announced_scale(entry.record))
+            if silent > self.drop_after_s * factor:
                 del self._entries[peer_id]
                 changes.append(StateChange(peer_id, entry.state, PeerState.DROPPED))
-            elif silent > self.down_after_s and entry.state == PeerState.UP:
+            elif silent > self.down_after_s * factor and entry.state == PeerState.UP:
                 entry.state = PeerState.DOWN
                 changes.append(StateChange(peer_id, PeerState.UP, PeerState.DOWN))
         return changes
+
+    @property
+    def scale(self) -> float:
+        """This table's membership scale (membership_scale of the peers it holds, itself included)."""
+        return membership_scale(len(self._entries), self.heartbeat_peers)
+
+    def down_after(self, entry: PeerEntry) -> float:
+        """Silence after which this peer is marked down: down_after_s times the larger of this table's
+        scale and the one the peer announced."""
+        return self.down_after_s * max(self.scale, announced_scale(entry.record))
 
     def get(self, peer_id: str) -> PeerEntry | None:
         return self._entries.get(peer_id)

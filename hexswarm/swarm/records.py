@@ -10,10 +10,17 @@ PeerID. Signing the exact bytes sent avoids any canonical-encoding question.
 Optional fields (``_OPTIONAL_FIELD_TYPES``) may be absent: records of nodes
 that predate them stay valid, and a record leaves an empty optional field out
 of its body so that such nodes accept it too.
+
+Size: a record is bounded whatever the swarm's size: ``links`` lists at most
+``MAX_RECORD_LINKS`` peers (the lowest round-trip times; ``bounded_links``), so
+it stays far below ``MAX_RECORD_BYTES`` at any N (all links up to 33 nodes).
+A node whose heartbeat is slowed by the swarm's size says so in
+``extra["hb_scale"]`` (absent: 1; see peer_table.py).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +33,12 @@ from hexswarm.plan.calibration import CalibrationError, parse_calibration
 SIGNING_DOMAIN = b"hexswarm/node-record/1\x00"
 MAX_RECORD_BYTES = 64 * 1024
 RECORD_VERSION = 1
+# Links a record carries at most: enough for every peer of a 33-node swarm; beyond, the nearest ones.
+MAX_RECORD_LINKS = 32
+# extra key: the sender's heartbeat multiplier (peer_table.membership_scale); absent when 1.
+SCALE_KEY = "hb_scale"
+# Announced multipliers are clamped to [1, MAX_SCALE]: a peer cannot make itself look alive for ever.
+MAX_SCALE = 1024.0
 
 
 @dataclass
@@ -68,6 +81,28 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "version": int,
 }
 _OPTIONAL_FIELD_TYPES: dict[str, type] = {"calibration": dict}
+
+
+def bounded_links(links: dict[str, dict], limit: int = MAX_RECORD_LINKS) -> dict[str, dict]:
+    """The `limit` links with the lowest round-trip time (ties by PeerID), for a record: all of them when
+    there are no more than `limit`."""
+    if len(links) <= limit:
+        return dict(links)
+
+    def key(item: tuple[str, dict]) -> tuple[float, str]:
+        rtt = item[1].get("rtt_ms")
+        return (rtt if isinstance(rtt, (int, float)) and not isinstance(rtt, bool) else math.inf, item[0])
+
+    return dict(sorted(links.items(), key=key)[:limit])
+
+
+def announced_scale(record: NodeRecord) -> float:
+    """The heartbeat multiplier `record`'s sender announced (1 when absent or not a number), in [1, MAX_SCALE]."""
+    extra = getattr(record, "extra", None)
+    value = extra.get(SCALE_KEY, 1.0) if isinstance(extra, dict) else 1.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return 1.0
+    return min(max(float(value), 1.0), MAX_SCALE)
 
 
 def sign_record(record: NodeRecord, identity: Identity) -> dict:

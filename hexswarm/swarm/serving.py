@@ -518,7 +518,7 @@ class Server:
         else:
             entry = self.node.table.get(stage0)
             reported = int((entry.record.extra.get("load") or {}).get(key, 0)) if entry else 0
-            lag = 2 * self.node.config.heartbeat_s
+            lag = 2 * self.node.heartbeat_s  # the heartbeat in force (slower in large swarms)
         now = time.monotonic()
         recent = [t for t in self.recent_dispatch.get((layout.epoch, replica), []) if now - t <= lag]
         self.recent_dispatch[(layout.epoch, replica)] = recent

@@ -422,13 +422,14 @@ class SubmitService:
         while the request too has had nothing for that long (`quiet_s`: a token within the grace shows every stage
         alive, whatever the heartbeats of a starved host say), or a stage of it reported failed."""
         node = self.server.node
-        grace = node.config.down_after_s + PEER_LOST_GRACE_S
         for st in placement["stages"]:
             if st["peer"] == self.server.me:
                 continue
             entry = node.table.get(st["peer"])
             if entry is None:
                 return f"lost peer {st['peer'][:16]} (not in the table)"
+            # down_after_s, scaled as the table scales it in large swarms (slower heartbeats there)
+            grace = node.table.down_after(entry) + PEER_LOST_GRACE_S
             silent = node.table.seconds_since_seen(entry)
             if silent > grace and quiet_s > grace:
                 return f"lost peer {st['peer'][:16]} (silent {silent:.0f} s)"
