@@ -18,7 +18,7 @@ counts those of them that ended only on a deadline (slowness of a loaded machine
 All requests go through one client (`SwarmClient`: one libp2p host, one kept connection per entry, each request
 a task of its trio loop in a thread of its own), with each request's entries in an order of its own; an entry
 that dies or goes silent is left for the next, the same request id resubmitted (see swarm/client.py).  Before
-2026-11-27 every request ran its own client host in a thread, ~480 hosts at 2 requests/s, which loaded this
+2026-11-26 every request ran its own client host in a thread, ~480 hosts at 2 requests/s, which loaded this
 process more than the swarm.
 
 After the load, the run waits at most --drain-limit s for the requests still running (`drain` in the report:
