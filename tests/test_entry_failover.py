@@ -375,7 +375,8 @@ def test_a_request_queued_behind_others_at_a_busy_stage_0_is_not_taken_for_stall
         server = FakeEntryServer(silent=1)  # the first placement gets no token from its stage 0 ...
         emitted = lambda: int(trio.current_time() * 10) if stage0_busy else 5  # noqa: E731
         stage0 = SimpleNamespace(record=SimpleNamespace(incarnation=1, extra={}))
-        server.node.table = SimpleNamespace(get=lambda p: stage0, seconds_since_seen=lambda e: 0.0)
+        server.node.table = SimpleNamespace(get=lambda p: stage0, seconds_since_seen=lambda e: 0.0,
+                                            down_after=lambda e: 10.0)
 
         async def main():
             svc = _svc(server)
