@@ -68,6 +68,25 @@ def test_frame_roundtrip_in_small_chunks():
     assert trio.run(main) == {"a": [1, b"x"]}
 
 
+def test_tensors_decode_only_where_a_protocol_carries_them():
+    """A tensor in a submit frame reached `bool(...)` in the parser and raised past it (chaos run with the
+    hostile sender, 2026-11-26): every decode refuses tensors unless its protocol carries them."""
+    import torch
+
+    body = codec.encode({"prompt": "hi", "stream": torch.zeros(2)})
+    assert torch.equal(codec.decode(body, tensors=True)["stream"], torch.zeros(2))
+    with pytest.raises(ProtocolError, match="no tensor belongs"):
+        codec.decode(body)
+
+    async def main():
+        out = MemoryStream()
+        await write_frame(out, {"prompt": "hi", "top_k": torch.ones(3)})
+        return await read_frame(MemoryStream(bytes(out.written)))
+
+    with pytest.raises(ProtocolError, match="no tensor belongs"):
+        trio.run(main)
+
+
 @pytest.mark.parametrize(
     "data, error",
     [

@@ -96,20 +96,27 @@ def _ext_hook(code: int, data: bytes):
     raise ProtocolError(f"unknown ext type {code}")
 
 
+def _no_ext(code: int, data: bytes):
+    raise ProtocolError(f"ext type {code} where no tensor belongs")
+
+
 def encode(obj: Any) -> bytes:
     """Encode a message (dicts, lists, str, bytes, numbers, torch tensors)."""
     return msgpack.packb(obj, default=_default, use_bin_type=True)
 
 
-def decode(data: bytes, max_size: int = DEFAULT_MAX_FRAME) -> Any:
-    """Decode one message; any malformed input raises ProtocolError."""
+def decode(data: bytes, max_size: int = DEFAULT_MAX_FRAME, tensors: bool = False) -> Any:
+    """Decode one message; any malformed input raises ProtocolError.  Tensors are taken only where a
+    protocol carries them (`tensors=True`: pipeline frames, engine and TP channels); anywhere else a
+    tensor is refused here, so no handler meets one where it expects a number, a string or a list
+    (a tensor in a submit frame reached `bool(...)` and raised past the parser: chaos run, 2026-11-26)."""
     if len(data) > max_size:
         raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_size}-byte limit")
     try:
         return msgpack.unpackb(
             data,
             raw=False,
-            ext_hook=_ext_hook,
+            ext_hook=_ext_hook if tensors else _no_ext,
             strict_map_key=False,
         )
     except ProtocolError:

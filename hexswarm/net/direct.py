@@ -116,7 +116,7 @@ class DirectOpener:
         except InvalidTag:
             raise ProtocolError("direct frame failed authentication") from None
         self.counter += 1
-        return codec.decode(body, self.max_frame)
+        return codec.decode(body, self.max_frame, tensors=True)
 
 
 class DirectReceiver:

@@ -121,7 +121,7 @@ class EngineProcess:
 
     def _recv(self) -> dict | None:
         try:
-            return codec.decode(self._conn.recv_bytes(), MAX_FRAME)
+            return codec.decode(self._conn.recv_bytes(), MAX_FRAME, tensors=True)
         except (EOFError, OSError):
             return None
 
@@ -178,7 +178,7 @@ def _child_main(conn, job: EngineJob) -> None:
     threading.Thread(target=report, daemon=True).start()
     while True:
         try:
-            msg = codec.decode(conn.recv_bytes(), MAX_FRAME)
+            msg = codec.decode(conn.recv_bytes(), MAX_FRAME, tensors=True)
         except (EOFError, OSError):
             msg = {"kind": "close"}
         if msg.get("kind") == "_limit" and msg.get("name") in ("admit_limit", "kv_limit"):

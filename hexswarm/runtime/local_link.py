@@ -137,7 +137,7 @@ def read_message(sock: socket.socket) -> dict | None:
     body = bytearray(codec.frame_length(bytes(header), MAX_HEAD))
     if not _recv_into(sock, memoryview(body)):
         return None
-    head = codec.decode(body, MAX_HEAD)
+    head = codec.decode(body, MAX_HEAD, tensors=True)
     if not (isinstance(head, dict) and isinstance(head.get("m"), dict) and isinstance(head.get("t"), list)):
         raise ProtocolError("local link frame is not {m, t}")
     msg = head["m"]

@@ -25,7 +25,7 @@ def recv_obj(src: int) -> Any:
     dist.recv(n, src)
     buf = torch.empty(int(n[0]), dtype=torch.uint8)
     dist.recv(buf, src)
-    return codec.decode(buf.numpy().tobytes(), max_size=1 << 40)
+    return codec.decode(buf.numpy().tobytes(), max_size=1 << 40, tensors=True)
 
 
 def broadcast_obj(obj: Any, pg, device: torch.device | str = "cpu") -> Any:
@@ -45,4 +45,4 @@ def broadcast_obj(obj: Any, pg, device: torch.device | str = "cpu") -> Any:
     pg.broadcast(n, 0).wait()
     buf = torch.empty(int(n[0]), dtype=torch.uint8, device=device)
     pg.broadcast(buf, 0).wait()
-    return codec.decode(buf.cpu().numpy().tobytes(), max_size=1 << 40)
+    return codec.decode(buf.cpu().numpy().tobytes(), max_size=1 << 40, tensors=True)

@@ -243,7 +243,7 @@ class MessagePipe:
             while True:
                 header = await read_exactly(stream, codec.FRAME_HEADER.size, timeout=2 * self.idle_close_s)
                 body = await read_exactly(stream, codec.frame_length(header, MAX_PIPE_FRAME), timeout=BODY_TIMEOUT_S)
-                msg = codec.decode(body, MAX_PIPE_FRAME)
+                msg = codec.decode(body, MAX_PIPE_FRAME, tensors=True)
                 if not isinstance(msg, dict) or not isinstance(msg.get("kind"), str):
                     raise ProtocolError("pipe message is not a dict with a kind")
                 self._deliver(msg, sender)
