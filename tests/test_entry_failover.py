@@ -415,3 +415,42 @@ def _svc(server) -> SubmitService:
     svc = SubmitService(server=None)
     svc.server = server
     return svc
+
+
+def test_a_resubmission_to_the_same_entry_never_repeats_an_attempt_it_asked_for():
+    """A head that did not answer in time may still have started an attempt at a stage 0; a resubmission taken
+    over by the same entry numbered its attempts from the last *placed* one and repeated that number ("start of
+    request ... repeats attempt 6", refused at stage 0, in a chaos run).  Attempts go on from the last asked."""
+    from test_exactly_once import FakeEntryServer
+
+    server = FakeEntryServer()
+    server.head_order = lambda: ["H"]
+    server.head_settings = SimpleNamespace(dispatch_wait_s=5.0)
+    asked: list[int] = []
+
+    async def ask(head, msg, timeout):
+        asked.append(msg["attempt"])
+        if len(asked) <= 3:
+            raise RequestError("no placement from head H within 10 s")  # (it may have placed it all the same)
+        server.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                "_sender": "s0", "prompt_tokens": [1, 2, 3], "tokens": [7],
+                                                "text": "x", "finish_reason": "length", "timings": {}})
+        return {"epoch": 1, "replica": 0, "head": "H", "attempt": msg["attempt"],
+                "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
+
+    server.placement = SimpleNamespace(ask=ask)
+    svc = _svc(server)
+    finals = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def one(name, msg):
+                finals[name] = await svc.serve(msg, _noop)
+
+            nursery.start_soon(one, "first", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1})
+            await trio.sleep(1.2)  # three asks unanswered so far
+            nursery.start_soon(one, "again", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1, "resumed": True})
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in finals["again"] and finals["first"]["error"]["code"] == "replaced"
+    assert asked == sorted(set(asked)), asked  # strictly increasing across both serves

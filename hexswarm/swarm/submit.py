@@ -87,6 +87,9 @@ class SubmitService:
         self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
         # wire id -> tokens still owed to the client, for every request this entry holds (backlog.py)
         self._owed: dict[str, int] = {}
+        # rid -> the newest attempt number this entry asked a head to place (placed or not: an ask the entry gave up
+        # on may still have started at a stage 0, which refuses a repeat), the oldest forgotten first
+        self.asked: OrderedDict[str, int] = OrderedDict()
         # head -> (not asked again before, the next back-off): heads that did not answer a placement
         self._head_backoff: dict[str, tuple[float, float]] = {}
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
@@ -140,7 +143,9 @@ class SubmitService:
         prompt = msg.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise UserError("'prompt' must be a non-empty string")
-        stop = msg.get("stop") or []
+        # no truth test on what a peer sent: a tensor in any field raised past this check (a chaos run's fuzzer)
+        stop = msg.get("stop")
+        stop = [] if stop is None else stop
         if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
             raise UserError(f"'stop' must be a list of at most {MAX_STOP_STRINGS} strings")
         try:
@@ -155,14 +160,18 @@ class SubmitService:
         if len(prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
             raise UserError(f"the prompt has {len(prompt)} characters; this swarm serves sequences of at most "
                             f"{limit} tokens")
-        rid = msg.get("request_id") or uuid.uuid4().hex
+        rid = msg.get("request_id")
+        rid = uuid.uuid4().hex if rid is None or (isinstance(rid, str) and not rid) else rid
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
+        stream = msg.get("stream", False)
+        if not isinstance(stream, bool):
+            raise UserError("'stream' must be true or false")
         timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
             raise UserError("'timeout_s' must be a positive number of seconds")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
-                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True,
+                "stream": stream, "resumed": msg.get("resumed") is True,
                 "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
 
     async def tokenize(self, req: dict) -> dict:
@@ -194,7 +203,11 @@ class SubmitService:
                 break
             # every ask takes a new attempt number: a head that places an attempt after this entry gave up on
             # it (no answer in time) cannot start it beside the next one; its tokens are cancelled as stale
-            req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
+            req["attempts"] = msg["attempt"] = max(req.get("attempts", 0), self.asked.get(req["rid"], 0)) + 1
+            self.asked[req["rid"]] = msg["attempt"]
+            self.asked.move_to_end(req["rid"])
+            while len(self.asked) > HISTORY:
+                self.asked.popitem(last=False)
             try:
                 if head == server.me:
                     placement = await server.dispatch(msg)
