@@ -6,7 +6,10 @@ Client -> entry node, one frame:
    "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
    of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout),
    "timeout_s": number (optional: how long the client waits for it; the entry ends it then, and refuses a new
-   request the swarm cannot serve well within it: swarm/backlog.py)}
+   request the swarm cannot serve well within it: swarm/backlog.py),
+   "resume_tokens": [int] (optional, with "resumed" only: the tokens the client already has, in order; the new
+   entry's pipeline continues after them instead of generating them again, and its token frames start at
+   their count)}
 Entry node -> client, frames in order:
   {"keepalive": true}                                  (`/hexswarm/submit/2` only: every KEEPALIVE_S while the
                                                         entry sends nothing else, from the request's arrival
@@ -170,7 +173,13 @@ class SubmitService:
         timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
             raise UserError("'timeout_s' must be a positive number of seconds")
+        have = msg.get("resume_tokens")
+        have = [] if have is None or msg.get("resumed") is not True else have
+        if not (isinstance(have, list) and len(have) <= max_new
+                and all(type(t) is int and 0 <= t < self.server.cfg.vocab_size for t in have)):
+            raise UserError("'resume_tokens' must be a list of at most max_new_tokens token ids of the model")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
+                "client_tokens": have,
                 "stream": stream, "resumed": msg.get("resumed") is True,
                 "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
 
@@ -183,7 +192,10 @@ class SubmitService:
         limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
         if len(ids) >= limit:
             raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
-        return {**req, "prompt_ids": ids, "max_new_tokens": min(req["max_new_tokens"], limit - len(ids))}
+        max_new = min(req["max_new_tokens"], limit - len(ids))
+        if len(req.get("client_tokens") or []) > max_new:
+            raise UserError(f"'resume_tokens' has more tokens than the {max_new} this prompt leaves room for")
+        return {**req, "prompt_ids": ids, "max_new_tokens": max_new}
 
     async def place(self, req: dict) -> dict:
         """Ask the head (trying the next in line if it is gone) to place the request."""
@@ -300,7 +312,7 @@ class SubmitService:
         rid = req["rid"]
         deadline = trio.current_time() + req.get("deadline_s", REQUEST_TIMEOUT_S)
         if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
-            placement = await self._resume(req, [], deadline, emit)
+            placement = await self._resume(req, req.get("client_tokens") or [], deadline, emit)
             if "error" in placement:
                 return placement
         else:
@@ -462,10 +474,16 @@ class SubmitService:
         draws what it would have drawn, so the client sees one output, no token missing or repeated."""
         server = self.server
         wire = self.wire_id(req["rid"])
-        tokens: list[int] = []
+        # a client's failover may bring the tokens it has: the pipeline continues after them
+        tokens: list[int] = list(req.get("client_tokens") or []) if req.get("resumed") else []
         # one incremental decode per token (not the whole output again per token); tokens are
         # deduplicated by index below, so a resumed attempt feeds it each token once
         detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] and text else None
+        if detok is not None:
+            for t in tokens:  # the client has their text: the next frames' text continues after it
+                detok.push(t)
+        if tokens and wire in self._owed:
+            self._owed[wire] = max(0, req["max_new_tokens"] - len(tokens))
         attempt = placement["attempt"]
         last_progress = trio.current_time()
         held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
