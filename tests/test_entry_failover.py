@@ -55,7 +55,7 @@ def test_a_client_leaves_an_entry_that_froze_and_gets_every_token_once():
         msg = await read_frame(stream)
         seen_by_b.append(msg)
         await write_frame(stream, {"accepted": {"request_id": msg["request_id"]}})
-        for i in range(4):  # its pipeline starts over: the client drops what it has
+        for i in range(1, 4):  # one token more than it need send: the client passes each index on once
             await write_frame(stream, {"token": 10 + i, "index": i})
         await write_frame(stream, {"done": {"tokens": [10, 11, 12, 13]}})
 
@@ -79,6 +79,7 @@ def test_a_client_leaves_an_entry_that_froze_and_gets_every_token_once():
     assert [(f["index"], f["token"]) for f in frames if "token" in f] == [(0, 10), (1, 11), (2, 12), (3, 13)]
     (again,) = seen_by_b
     assert again["request_id"] == "r" and again["seed"] == 7 and again["resumed"] is True
+    assert again["resume_tokens"] == [10, 11]  # what the client has: B's pipeline continues after it
     assert 0 < again["timeout_s"] <= 60
 
 
@@ -416,3 +417,84 @@ def _svc(server) -> SubmitService:
     svc = SubmitService(server=None)
     svc.server = server
     return svc
+
+
+def test_a_resubmission_to_the_same_entry_never_repeats_an_attempt_it_asked_for():
+    """A head that did not answer in time may still have started an attempt at a stage 0; a resubmission taken
+    over by the same entry numbered its attempts from the last *placed* one and repeated that number ("start of
+    request ... repeats attempt 6", refused at stage 0, in a chaos run).  Attempts go on from the last asked."""
+    from test_exactly_once import FakeEntryServer
+
+    server = FakeEntryServer()
+    server.head_order = lambda: ["H"]
+    server.head_settings = SimpleNamespace(dispatch_wait_s=5.0)
+    asked: list[int] = []
+
+    async def ask(head, msg, timeout):
+        asked.append(msg["attempt"])
+        if len(asked) <= 3:
+            raise RequestError("no placement from head H within 10 s")  # (it may have placed it all the same)
+        server.entries[msg["rid"]].send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"],
+                                                "_sender": "s0", "prompt_tokens": [1, 2, 3], "tokens": [7],
+                                                "text": "x", "finish_reason": "length", "timings": {}})
+        return {"epoch": 1, "replica": 0, "head": "H", "attempt": msg["attempt"],
+                "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
+
+    server.placement = SimpleNamespace(ask=ask)
+    svc = _svc(server)
+    finals = {}
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            async def one(name, msg):
+                finals[name] = await svc.serve(msg, _noop)
+
+            nursery.start_soon(one, "first", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1})
+            await trio.sleep(1.2)  # three asks unanswered so far
+            nursery.start_soon(one, "again", {"prompt": "hi", "request_id": "r", "max_new_tokens": 1, "resumed": True})
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert "done" in finals["again"] and finals["first"]["error"]["code"] == "replaced"
+    assert asked == sorted(set(asked)), asked  # strictly increasing across both serves
+
+
+def test_a_failover_entry_continues_after_the_tokens_the_client_has():
+    """A resubmission carries the tokens its client already has: the new entry places it as a resume from them
+    (no token generated twice) and its token frames go on from their count, the text continuing after theirs."""
+    from test_exactly_once import FakeEntryServer
+
+    server = FakeEntryServer()
+    server.cfg.vocab_size = 100
+    server.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3], decode=lambda ids, **k: "".join(f"<{i}>" for i in ids))
+
+    async def dispatch(msg):
+        placement = await FakeHeadServer_dispatch(server, msg)
+        ch = server.entries[msg["rid"]]
+        for i, t in ((2, 12), (3, 13)):
+            ch.send_nowait({"kind": "event", "rid": msg["rid"], "attempt": msg["attempt"], "index": i, "token": t,
+                            "_sender": "s0"})
+        ch.send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"], "_sender": "s0",
+                        "prompt_tokens": [1, 2, 3], "tokens": [10, 11, 12, 13], "text": "x", "finish_reason": "length",
+                        "timings": {}})
+        return placement
+
+    server.dispatch = dispatch
+    frames = []
+
+    async def emit(frame):
+        frames.extend(frame.get("batch") or [frame])
+
+    final = trio.run(_svc(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 4, "stream": True,
+                                          "resumed": True, "resume_tokens": [10, 11]}, emit,
+                     clock=trio.testing.MockClock(autojump_threshold=0))
+    assert final["done"]["tokens"] == [10, 11, 12, 13]
+    assert server.starts[-1]["resume_tokens"] == [10, 11]
+    assert [(f["index"], f["token"]) for f in frames if "token" in f] == [(2, 12), (3, 13)]
+    with pytest.raises(Exception):  # tokens that are not the model's are refused
+        _svc(server).parse({"prompt": "hi", "resumed": True, "resume_tokens": [100]})
+
+
+async def FakeHeadServer_dispatch(server, msg):
+    from test_exactly_once import FakeHeadServer
+
+    return await FakeHeadServer.dispatch(server, msg)

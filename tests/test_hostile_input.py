@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import asynccontextmanager
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -177,6 +178,24 @@ def test_non_finite_or_huge_submit_numbers_are_a_one_line_error(field, value):
 
     with pytest.raises(UserError):
         SubmitService(server=None).parse({"prompt": "hello", field: value})
+
+
+@pytest.mark.parametrize("field", ["stop", "stream", "request_id", "timeout_s", "resumed", "seed", "prompt"])
+def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
+    """Found by the chaos run's hostile sender: `stop`, `stream` or `request_id` holding a tensor reached a truth
+    test in the submit parser ("Boolean value of Tensor ... is ambiguous"), an unexpected error on the stream."""
+    import torch
+
+    from hexswarm.errors import UserError
+    from hexswarm.swarm.submit import SubmitService
+
+    svc = SubmitService(server=None)
+    svc.server = SimpleNamespace(cfg=SimpleNamespace(max_position_embeddings=64), settings=SimpleNamespace(max_seq_len=64))
+    try:
+        req = svc.parse({"prompt": "hello", field: torch.zeros(3)})
+    except UserError:
+        return
+    assert field == "resumed" and req["resumed"] is False  # anything but `true` is not a resubmission
 
 
 @pytest.mark.parametrize("to", [[math.inf, 0, 0], [1, 0], "x", [1, 0, -1], [True, 0, 0], None])

@@ -160,6 +160,7 @@ class SwarmClient:
         order = list(addrs or self.addrs)
         request = {**request, "request_id": request.get("request_id") or uuid.uuid4().hex}
         delivered = 0
+        have: list[int] = []  # the tokens delivered so far, in order (streamed requests)
         accepted = False
         tried: list[str] = []  # what each entry said, for the error that ends it
 
@@ -170,6 +171,8 @@ class SwarmClient:
                 if frame["index"] < delivered:
                     return  # already seen through an earlier entry
                 delivered = frame["index"] + 1
+                if frame["index"] == len(have):
+                    have.append(frame["token"])
             if on_frame is not None:
                 on_frame(frame)
 
@@ -179,8 +182,9 @@ class SwarmClient:
         attempt = 0
         while True:
             addr = order[attempt % len(order)]
-            if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy
-                request = {**request, "resumed": True}
+            if accepted:  # the swarm took it once: the next entry resumes it, never refuses it as busy, and its
+                # pipeline continues after the tokens this client has (not generating them again)
+                request = {**request, "resumed": True, "resume_tokens": list(have)}
             left = deadline - trio.current_time()
             try:
                 final = await self.submit_once(addr, request | {"timeout_s": max(1.0, left)}, relay, left)

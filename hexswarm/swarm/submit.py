@@ -6,7 +6,10 @@ Client -> entry node, one frame:
    "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
    of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout),
    "timeout_s": number (optional: how long the client waits for it; the entry ends it then, and refuses a new
-   request the swarm cannot serve well within it: swarm/backlog.py)}
+   request the swarm cannot serve well within it: swarm/backlog.py),
+   "resume_tokens": [int] (optional, with "resumed" only: the tokens the client already has, in order; the new
+   entry's pipeline continues after them instead of generating them again, and its token frames start at
+   their count)}
 Entry node -> client, frames in order:
   {"keepalive": true}                                  (`/hexswarm/submit/2` only: every KEEPALIVE_S while the
                                                         entry sends nothing else, from the request's arrival
@@ -87,6 +90,9 @@ class SubmitService:
         self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
         # wire id -> tokens still owed to the client, for every request this entry holds (backlog.py)
         self._owed: dict[str, int] = {}
+        # rid -> the newest attempt number this entry asked a head to place (placed or not: an ask the entry gave up
+        # on may still have started at a stage 0, which refuses a repeat), the oldest forgotten first
+        self.asked: OrderedDict[str, int] = OrderedDict()
         # head -> (not asked again before, the next back-off): heads that did not answer a placement
         self._head_backoff: dict[str, tuple[float, float]] = {}
         # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
@@ -140,7 +146,9 @@ class SubmitService:
         prompt = msg.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise UserError("'prompt' must be a non-empty string")
-        stop = msg.get("stop") or []
+        # no truth test on what a peer sent: a tensor in any field raised past this check (a chaos run's fuzzer)
+        stop = msg.get("stop")
+        stop = [] if stop is None else stop
         if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
             raise UserError(f"'stop' must be a list of at most {MAX_STOP_STRINGS} strings")
         try:
@@ -155,14 +163,24 @@ class SubmitService:
         if len(prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
             raise UserError(f"the prompt has {len(prompt)} characters; this swarm serves sequences of at most "
                             f"{limit} tokens")
-        rid = msg.get("request_id") or uuid.uuid4().hex
+        rid = msg.get("request_id")
+        rid = uuid.uuid4().hex if rid is None or (isinstance(rid, str) and not rid) else rid
         if not isinstance(rid, str) or len(rid) > 128:
             raise UserError("'request_id' must be a string of at most 128 characters")
+        stream = msg.get("stream", False)
+        if not isinstance(stream, bool):
+            raise UserError("'stream' must be true or false")
         timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
             raise UserError("'timeout_s' must be a positive number of seconds")
+        have = msg.get("resume_tokens")
+        have = [] if have is None or msg.get("resumed") is not True else have
+        if not (isinstance(have, list) and len(have) <= max_new
+                and all(type(t) is int and 0 <= t < self.server.cfg.vocab_size for t in have)):
+            raise UserError("'resume_tokens' must be a list of at most max_new_tokens token ids of the model")
         return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
-                "stream": bool(msg.get("stream", False)), "resumed": msg.get("resumed") is True,
+                "client_tokens": have,
+                "stream": stream, "resumed": msg.get("resumed") is True,
                 "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
 
     async def tokenize(self, req: dict) -> dict:
@@ -174,7 +192,10 @@ class SubmitService:
         limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
         if len(ids) >= limit:
             raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
-        return {**req, "prompt_ids": ids, "max_new_tokens": min(req["max_new_tokens"], limit - len(ids))}
+        max_new = min(req["max_new_tokens"], limit - len(ids))
+        if len(req.get("client_tokens") or []) > max_new:
+            raise UserError(f"'resume_tokens' has more tokens than the {max_new} this prompt leaves room for")
+        return {**req, "prompt_ids": ids, "max_new_tokens": max_new}
 
     async def place(self, req: dict) -> dict:
         """Ask the head (trying the next in line if it is gone) to place the request."""
@@ -194,7 +215,11 @@ class SubmitService:
                 break
             # every ask takes a new attempt number: a head that places an attempt after this entry gave up on
             # it (no answer in time) cannot start it beside the next one; its tokens are cancelled as stale
-            req["attempts"] = msg["attempt"] = req.get("attempts", 0) + 1
+            req["attempts"] = msg["attempt"] = max(req.get("attempts", 0), self.asked.get(req["rid"], 0)) + 1
+            self.asked[req["rid"]] = msg["attempt"]
+            self.asked.move_to_end(req["rid"])
+            while len(self.asked) > HISTORY:
+                self.asked.popitem(last=False)
             try:
                 if head == server.me:
                     placement = await server.dispatch(msg)
@@ -287,7 +312,7 @@ class SubmitService:
         rid = req["rid"]
         deadline = trio.current_time() + req.get("deadline_s", REQUEST_TIMEOUT_S)
         if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
-            placement = await self._resume(req, [], deadline, emit)
+            placement = await self._resume(req, req.get("client_tokens") or [], deadline, emit)
             if "error" in placement:
                 return placement
         else:
@@ -450,10 +475,16 @@ class SubmitService:
         draws what it would have drawn, so the client sees one output, no token missing or repeated."""
         server = self.server
         wire = self.wire_id(req["rid"])
-        tokens: list[int] = []
+        # a client's failover may bring the tokens it has: the pipeline continues after them
+        tokens: list[int] = list(req.get("client_tokens") or []) if req.get("resumed") else []
         # one incremental decode per token (not the whole output again per token); tokens are
         # deduplicated by index below, so a resumed attempt feeds it each token once
         detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] and text else None
+        if detok is not None:
+            for t in tokens:  # the client has their text: the next frames' text continues after it
+                detok.push(t)
+        if tokens and wire in self._owed:
+            self._owed[wire] = max(0, req["max_new_tokens"] - len(tokens))
         attempt = placement["attempt"]
         last_progress = trio.current_time()
         held: dict | None = None  # a message read while gathering a run of tokens, not yet handled
