@@ -276,6 +276,10 @@ def main() -> None:
                "probe_s": args.probe, "probe_bytes": 16384, "calibrate": False, "log_level": "info"}
     if args.heartbeat_peers is not None:
         timings["heartbeat_peers"] = args.heartbeat_peers
+    else:  # the nodes' default (None: a checkout from before the key)
+        from hexswarm.swarm.config import NodeConfig
+
+        args.heartbeat_peers = getattr(NodeConfig(), "heartbeat_peers", None)
     result: dict = {"nodes": args.nodes, "bootstrap": args.bootstrap, "heartbeat_s": args.heartbeat,
                     "heartbeat_peers": args.heartbeat_peers, "probe_s": args.probe, "timeout_s": args.timeout,
                     "machine": machine(), "load_avg_start": os.getloadavg()[0]}
