@@ -235,3 +235,34 @@ def test_dht_lookups_slow_down_with_scale_and_while_they_find_nothing_new():
     assert lookup_interval(2.0, 1) == 4 * DISCOVERY_INTERVAL_S
     assert lookup_interval(2.0, 50) == 2 * PROVIDE_INTERVAL_S  # capped
     assert lookup_interval(125.0, 0) == 125 * DISCOVERY_INTERVAL_S
+
+
+# --- tools/swarm_scale.py helpers -------------------------------------------------
+
+
+def _swarm_scale():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "swarm_scale.py"
+    spec = importlib.util.spec_from_file_location("swarm_scale", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_swarm_scale_bootstraps_through_several_peers_and_reads_tables_from_logs(tmp_path):
+    tool = _swarm_scale()
+    assert tool.bootstrap_of(0, "multi") == [] and tool.bootstrap_of(1, "multi") == [0]
+    assert tool.bootstrap_of(9, "multi") == [2, 4, 8] and tool.bootstrap_of(9, "hub") == [0]
+    assert tool.bootstrap_of(9, "tree") == [4]
+    log = tmp_path / "n0.log"
+    log.write_text("06:00:00 INFO    hexswarm.node: peer A joined\n06:00:01 INFO    hexswarm.node: peer B joined\n")
+    tables = tool.LogTables([log])
+    assert tables.read() == [3]
+    with open(log, "a") as f:
+        f.write("06:00:09 INFO    hexswarm.node: peer A is down (silent > 20 s)\n06:00:10 INFO    hexswarm.node: peer")
+    assert tables.read() == [2] and tables.downs == 1
+    with open(log, "a") as f:  # the line finished later is read whole
+        f.write(" A is back up\n06:00:11 INFO    hexswarm.node: peer B dropped (silent > 240 s)\n")
+    assert tables.read() == [2] and tables.up == [{"A"}]

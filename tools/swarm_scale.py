@@ -41,8 +41,10 @@ import trio  # noqa: E402
 
 from hexswarm.swarm.launcher import NodeProcess, free_port, write_node_config  # noqa: E402
 
-TEARDOWN_S = 15.0  # kept out of the convergence budget: stopping N nodes
 LOG_READ_S = 0.25
+POLL_BUDGET_S = 20.0  # one round of counter requests to every node
+# kept out of the convergence budget: the two rounds of counter requests and stopping N nodes
+TEARDOWN_S = 2 * POLL_BUDGET_S + 15.0
 
 
 def rss_mib(pid: int) -> float:
@@ -62,6 +64,25 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def stop(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
+    """SIGTERM to every node at once, SIGKILL to those still running after `grace_s` (the whole teardown
+    is bounded, however many nodes are slow to stop)."""
+    for node in nodes:
+        node.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(node.alive() for node in nodes):
+        time.sleep(0.2)
+    for node in nodes:
+        if node.alive():
+            node.send_signal(signal.SIGKILL)
+    for node in nodes:
+        if node.proc is not None:
+            try:
+                node.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def bootstrap_of(i: int, how: str) -> list[int]:
@@ -155,9 +176,10 @@ async def measure(addrs: list[str], logs: list[Path], pids: list[int], deadline:
                 except (ConnectionError, RequestError):
                     await trio.sleep(1.0)
 
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(one, i)
+        with trio.move_on_after(POLL_BUDGET_S):  # starved nodes must not hold the run past its timeout
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i)
 
     def up(r: dict) -> int:
         if "up" in r:
@@ -254,6 +276,10 @@ def main() -> None:
                "probe_s": args.probe, "probe_bytes": 16384, "calibrate": False, "log_level": "info"}
     if args.heartbeat_peers is not None:
         timings["heartbeat_peers"] = args.heartbeat_peers
+    else:  # the nodes' default (None: a checkout from before the key)
+        from hexswarm.swarm.config import NodeConfig
+
+        args.heartbeat_peers = getattr(NodeConfig(), "heartbeat_peers", None)
     result: dict = {"nodes": args.nodes, "bootstrap": args.bootstrap, "heartbeat_s": args.heartbeat,
                     "heartbeat_peers": args.heartbeat_peers, "probe_s": args.probe, "timeout_s": args.timeout,
                     "machine": machine(), "load_avg_start": os.getloadavg()[0]}
@@ -285,10 +311,7 @@ def main() -> None:
                 print(f"node {i} did not answer (alive: {nodes[i].alive()}); its log ends:\n{nodes[i].log()[-1500:]}",
                       file=sys.stderr)
         finally:
-            for node in nodes:
-                node.send_signal(signal.SIGTERM)
-            for node in nodes:
-                node.kill(signal.SIGTERM)
+            stop(nodes)
             if args.logs:
                 args.logs.mkdir(parents=True, exist_ok=True)
                 for i, node in enumerate(nodes):
