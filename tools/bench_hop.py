@@ -73,7 +73,7 @@ def _tcp_read_frame(sock):
     from hexswarm.net import codec
 
     n = codec.frame_length(_recv_exactly(sock, codec.FRAME_HEADER.size))
-    return codec.decode(_recv_exactly(sock, n))
+    return codec.decode(_recv_exactly(sock, n), tensors=True)
 
 
 def serve_tcp() -> None:
@@ -154,7 +154,7 @@ def serve_libp2p(kind: str = "libp2p") -> None:
         async def handler(stream):
             try:
                 while True:
-                    msg = await read_frame(stream, timeout=120)
+                    msg = await read_frame(stream, timeout=120, tensors=True)
                     await write_frame(stream, _reply(msg), timeout=120)
             except StreamClosed:
                 pass
@@ -195,7 +195,7 @@ def client_libp2p(addr: str, cases: list[dict], kind: str = "libp2p") -> dict:
                 for i in range(case["warmup"] + case["iters"]):
                     t = time.perf_counter()
                     await write_frame(stream, msg, timeout=120)
-                    await read_frame(stream, timeout=120, max_size=codec.DEFAULT_MAX_FRAME)
+                    await read_frame(stream, timeout=120, max_size=codec.DEFAULT_MAX_FRAME, tensors=True)
                     if i >= case["warmup"]:
                         times.append(time.perf_counter() - t)
                 out[case["name"]] = times

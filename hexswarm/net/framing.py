@@ -51,13 +51,13 @@ async def read_exactly(stream, n: int, timeout: float = DEFAULT_READ_TIMEOUT_S) 
 
 
 async def read_frame(
-    stream, timeout: float = DEFAULT_READ_TIMEOUT_S, max_size: int = codec.DEFAULT_MAX_FRAME
+    stream, timeout: float = DEFAULT_READ_TIMEOUT_S, max_size: int = codec.DEFAULT_MAX_FRAME, tensors: bool = False
 ) -> Any:
-    """Read and decode one frame; the timeout covers header and body together."""
+    """Read and decode one frame; the timeout covers header and body together (tensors: codec.decode)."""
     with trio.move_on_after(timeout):
         header = await _read_exactly(stream, codec.FRAME_HEADER.size)
         body = await _read_exactly(stream, codec.frame_length(header, max_size))
-        return codec.decode(body, max_size)
+        return codec.decode(body, max_size, tensors)
     raise FrameTimeout(f"no whole frame within {timeout:g} s")
 
 
