@@ -69,6 +69,15 @@ if AVAILABLE:
             return tl.load(ptr)
 
     @triton.jit
+    def _next_groups(g0, g_end, gr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+        """The groups whose loads go out before the current block's math: the next block's (after the
+        last block: fully masked, or when EVEN the last block again, a cache hit)."""
+        if EVEN:
+            return tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
+        else:
+            return g0 + gr + BLOCK_G
+
+    @triton.jit
     def _load_packed(q_ptr, s_ptr, o_ptr, rn, g, rmask, gmask, K, BITS: tl.constexpr, HAS_OFFSET: tl.constexpr,
                      GROUP_SIZE: tl.constexpr, MASKED: tl.constexpr):
         """Raw codes of groups g (1D) for rows rn (1D): (lo, hi, scale, offset) where lo/hi are
@@ -153,12 +162,7 @@ if AVAILABLE:
         for g0 in range(g_start, g_end, BLOCK_G):
             g = g0 + gr
             gmask = g < g_end
-            # the next block's loads go out before this block's math (after the last block:
-            # fully masked, or when EVEN the last block again, a cache hit)
-            if EVEN:
-                gn = tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
-            else:
-                gn = g + BLOCK_G
+            gn = _next_groups(g0, g_end, gr, BLOCK_G, EVEN)
             nlo, nhi, ns, no = _load_packed(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < g_end, K, BITS, HAS_OFFSET,
                                             GROUP_SIZE, not EVEN)
             wa, wb = _dequant_packed(lo, hi, s, o, BITS, HAS_OFFSET)
@@ -342,10 +346,7 @@ if AVAILABLE:
         for g0 in range(g_start, g_end, BLOCK_G):
             g = g0 + gr
             gmask = g < g_end
-            if EVEN:
-                gn = tl.minimum(g0 + BLOCK_G, g_end - BLOCK_G) + gr
-            else:
-                gn = g + BLOCK_G
+            gn = _next_groups(g0, g_end, gr, BLOCK_G, EVEN)
             nwords, ns, no = _load_words(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < g_end, K, WORDS, HAS_OFFSET,
                                          GROUP_SIZE, not EVEN)
             a, c, xs = _fact_partial(words, x_row, g, gmask, magic, BITS, HAS_OFFSET, GROUP_SIZE, not EVEN,
