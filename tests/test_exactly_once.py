@@ -385,6 +385,16 @@ def test_a_stage_not_loaded_here_any_more_is_loaded_again_instead_of_continued()
     # it, so it is reported failed at once (the head re-plans; a chaos run's replica stalled every request for
     # minutes, the head placing on it over and over)
     assert "2:1:0" in stages.failed()
+    # a replica whose every stage is on this peer, all loaded afresh, is whole: not reported
+    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+
+    solo1 = SwarmLayout(3, "A", "m", ("A",), ((StageAssignment("A", 1, 0, 4),),))
+    solo2 = SwarmLayout(4, "A", "m", ("A",), ((StageAssignment("A", 1, 0, 4),),), continues=((3, 0),))
+    stages = _stage_set([])
+    trio.run(stages.load_epoch, solo1)
+    stages.workers[(3, 0, 0)].error = RuntimeError("engine stopped")
+    trio.run(stages.load_epoch, solo2)
+    assert stages.failed() == ["3:0:0"]
 
 
 def test_a_superseded_proposal_is_not_loaded_but_its_commit_is():

@@ -266,7 +266,7 @@ class HostileSenders:
         import hostile
 
         self.h, self.swarm, self.rng = hostile, swarm, random.Random(seed)
-        self.stats = {"sent": 0, "internal_errors": 0, "unanswered": 0, "examples": []}
+        self.stats = {"sent": 0, "internal_errors": 0, "unanswered": 0, "examples": [], "attacker_restarts": 0}
         cfg = hostile.attacker_config(folder, "insider", swarm.swarm)
         cfg = hostile.attacker_config(folder, "insider", swarm.swarm, swarm.owner.peer_id.to_base58(),
                                       swarm.certificate(peer_id_of(cfg)))
@@ -274,13 +274,27 @@ class HostileSenders:
         stranger = hostile.attacker_config(folder, "stranger", swarm.swarm)
         stranger = hostile.attacker_config(folder, "stranger", swarm.swarm, fake.owner.peer_id.to_base58(),
                                            fake.certificate(peer_id_of(stranger)))
-        boot = live_addrs(swarm)[:2]
-        self.attackers = [hostile.AttackerThread(c, boot) for c in (cfg, stranger)]
+        self.configs = [cfg, stranger]
+        boot = live_addrs(swarm)
+        self.attackers = [hostile.AttackerThread(c, boot) for c in self.configs]
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)  # the attackers' dials to killed nodes
         self.hidden = hidden
 
+    def _revive(self) -> None:
+        """An attacker node whose loop ended (it gave up joining when the nodes it bootstrapped from were killed:
+        one chaos run's senders sent nothing after that) is started again from the nodes alive now."""
+        for i, a in enumerate(self.attackers):
+            if a._thread.is_alive():
+                continue
+            try:
+                self.attackers[i] = self.h.AttackerThread(self.configs[i], live_addrs(self.swarm))
+                self.stats["attacker_restarts"] += 1
+            except RuntimeError as e:
+                log_once(f"hostile sender did not restart: {e}")
+
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
+            self._revive()
             live = [n for n in self.swarm.nodes if n.alive()]
             try:
                 st = self.swarm.status(self.rng.choice(live), timeout=3.0)
@@ -301,6 +315,8 @@ class HostileSenders:
                         self.stats["examples"].append(str(e)[:300])
                 except Exception as e:  # the attacker's own connection trouble (a frozen or killed node)
                     log_once(f"hostile sender: {type(e).__name__}: {e}")
+                except trio.Cancelled:  # its node's loop ended under the call: revived on the next round
+                    log_once("hostile sender: its node stopped; starting it again")
                 self.stats["sent"] += sender.sent
 
     def close(self) -> None:

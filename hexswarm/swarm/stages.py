@@ -101,9 +101,9 @@ class StageSet:
                     if not any(k[0] == layout.epoch for k in self.workers):
                         self.layouts.pop(layout.epoch, None)
                     return False
-                if layout.continued(ri) is not None:
-                    # its neighbours continue workers built for an older epoch and send their steps there: this
-                    # fresh one would never meet them (every step dropped, every request stalled until re-placed)
+                if layout.continued(ri) is not None and any(st.peer != self.me for st in layout.replicas[ri]):
+                    # its neighbours (other peers) continue workers built for an older epoch and send their steps
+                    # there: this fresh one would never meet them (every step dropped, every request stalled)
                     log.warning("epoch %d: replica %d stage %d is loaded afresh where its neighbours continue; "
                                 "reported failed so the head re-plans it", layout.epoch, ri, si)
                     self.inconsistent.add(key)
@@ -234,8 +234,10 @@ class StageSet:
         if layout is None:
             return
         stages = layout.replicas[key[1]]
-        neighbour = stages[key[2] - 1].peer if kind == "forward" and key[2] > 0 else stages[-1].peer
-        if sender != neighbour or (kind == "tokens" and key[2] != 0):
+        if (kind == "forward") == (key[2] == 0):  # forward goes to a later stage, tokens to stage 0
+            return
+        neighbour = stages[key[2] - 1].peer if kind == "forward" else stages[-1].peer
+        if sender != neighbour:
             return
         worker = self.workers[key]
         names = {k for k, w in self.workers.items() if w is worker}
