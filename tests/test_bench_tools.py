@@ -91,6 +91,23 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         assert all(t > 0 for t in p["alone_ttft_s"] + p["burst_ttft_s"])
 
 
+def test_bench_serve_steady_state_window_and_variants():
+    """The steady window runs from the first request's end to the last one's start: tokens streamed in
+    it over its length, TTFTs of requests started in it; --node-extra given twice is two variants."""
+    bench = load_tool("bench_serve")
+    recs = [{"start": 0.0, "times": [1.0, 2.0, 3.0], "end": 3.0},  # the first wave: its TTFT is out
+            {"start": 0.0, "times": [1.5, 2.5, 3.5, 4.5], "end": 4.5},
+            {"start": 3.0, "times": [3.2, 4.0, 6.0], "end": 6.0},
+            {"start": 4.0, "times": [4.4, 5.0, 7.0], "end": 7.0}]
+    out = bench.steady_state(recs)
+    # window [3.0, 4.0]: tokens at 3.0, 3.5, 3.2 and 4.0 -> 4 in 1 s; TTFTs of the starts 3.0 and 4.0
+    assert out["steady_window_s"] == 1.0 and out["steady_tokens_per_s"] == 4.0 and out["steady_requests"] == 2
+    assert out["steady_ttft_p50_s"] == 0.2 and out["steady_ttft_p99_s"] == 0.4
+    assert bench.steady_state(recs[:1]) == {}  # no window: one request
+    args = bench.parse_args(["--node-extra", "{}", "--node-extra", '{"gather_prompts": false}'])
+    assert args.variants == [{}, {"gather_prompts": False}] and args.node_extra == {}
+
+
 def test_exact_prompt_has_the_asked_token_count(tiny_model):
     bench = load_tool("bench_serve")
     from hexswarm.model.config import LlamaConfig

@@ -19,9 +19,12 @@ PROMPTS = ["Hello, world!", "Once upon a time", "The quick brown fox", "01234567
     ([(1, 4)], EngineSettings()),
     ([(1, 4)], EngineSettings(max_step_tokens=5)),  # prompts in chunks, decode rows beside them
     ([(1, 4)], EngineSettings(max_step_tokens=5, overlap=True)),  # step k+1 fed from step k's unread tokens
+    # new prompts join a step without waiting for the one on the device
+    ([(1, 4)], EngineSettings(max_step_tokens=5, overlap=True, gather_prompts=False)),
     ([(1, 1), (2, 3)], EngineSettings()),
     ([(2, 2), (1, 1), (1, 1)], EngineSettings(max_step_tokens=7, micro_batches=3)),
-], ids=["single", "single-chunked", "single-chunked-overlapped", "1+tp2", "tp2+1+1-chunked-microbatched"])
+], ids=["single", "single-chunked", "single-chunked-overlapped",
+    "single-chunked-overlapped-ungathered", "1+tp2", "tp2+1+1-chunked-microbatched"])
 def test_concurrent_requests_match_generate(tiny_model, layout, settings):
     pipe = LocalPipeline(tiny_model, layout, settings=settings)
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=30, seed=9)]

@@ -73,7 +73,9 @@ def parse_args(argv=None):
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--client-procs", type=int, default=4, help="load generator processes (at most one per request in flight)")
-    ap.add_argument("--node-extra", default="{}", help="JSON of node config keys added to every node (e.g. micro_batches)")
+    ap.add_argument("--node-extra", action="append", default=None,
+                    help="JSON of node config keys added to every node (e.g. micro_batches); given several times, "
+                         "each is a variant: its own swarm per stage count, after one engine measurement")
     ap.add_argument("--engine-steps", type=int, default=0, help="decode steps per engine measurement (default 32 on cuda, 8 on cpu)")
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--profile", help="STAGES:FRONTEND:CONCURRENCY: sample every node process with py-spy during "
@@ -93,10 +95,11 @@ def parse_args(argv=None):
         a.new_tokens = min(a.new_tokens, 64)
         a.requests_per_level = a.requests_per_level or 32
     try:
-        a.node_extra = json.loads(a.node_extra)
-        assert isinstance(a.node_extra, dict)
+        a.variants = [json.loads(v) for v in a.node_extra or ["{}"]]
+        assert all(isinstance(v, dict) for v in a.variants)
     except (ValueError, AssertionError):
         ap.error("--node-extra must be a JSON object")
+    a.node_extra = a.variants[0]  # the variant being run (start_swarm reads it)
     return a
 
 
@@ -216,7 +219,7 @@ def start_swarm(args, work: Path, model_dir: Path, stages: int, layers: int, max
     if cuda:  # the planner's view of the device (a pinned layout only needs one device per TP-1 stage)
         extra["devices"] = [{"kind": "cuda", "name": "cuda0", "memory": 80, "tflops": 900, "mem_bw": 3000}]
     extra.update(args.node_extra)
-    swarm = LocalSwarm(work / f"swarm{stages}", model_dir, [1] * stages,
+    swarm = LocalSwarm(work / f"swarm{stages}-{len(list(work.glob('swarm*')))}", model_dir, [1] * stages,
                        serve_layout={"hetero_config": [1] * stages, "pp_partition": split, "replicas": 1},
                        extra=extra)
     entry = swarm.nodes[0]
@@ -461,8 +464,30 @@ def summarize(records: list[dict], wall_s: float) -> dict:
         for q in (50, 99):
             p = percentile(vals, q)
             out[f"{name}_p{q}_s"] = None if p is None else round(p, 5)
+    out.update(steady_state(ok))
     if len(ok) < len(records):
         out["first_error"] = next(r["error"] for r in records if "error" in r)
+    return out
+
+
+def steady_state(ok: list[dict]) -> dict:
+    """The level without its ramp-up and drain: from the first request's end (every client has sent, and
+    the first wave's prompts are in) to the last request's start (no client has stopped yet), the closed
+    loop holds `concurrency` requests in flight.  Tokens streamed in that window over its length, and the
+    TTFTs of the requests started in it (the first wave's synchronized burst is out of them)."""
+    timed = [r for r in ok if r.get("times")]
+    if not timed:
+        return {}
+    a, b = min(r["end"] for r in timed), max(r["start"] for r in timed)
+    if b - a <= 0:
+        return {}
+    n = sum(a <= t <= b for r in timed for t in r["times"])
+    ttft = [r["times"][0] - r["start"] for r in timed if a <= r["start"] <= b]
+    out = {"steady_window_s": round(b - a, 3), "steady_tokens_per_s": round(n / (b - a), 1),
+           "steady_requests": len(ttft)}
+    for q in (50, 99):
+        p = percentile(ttft, q)
+        out[f"steady_ttft_p{q}_s"] = None if p is None else round(p, 5)
     return out
 
 
@@ -483,6 +508,7 @@ def add_ratios(row: dict, engine: dict) -> None:
     eng_c, eng_1 = by_batch.get(row["concurrency"]), by_batch.get(1)
     div = lambda a, b: None if a is None or not b else round(a / b, 3)  # noqa: E731
     row["ratio_tokens"] = div(row["tokens_per_s"], eng_c and eng_c["tokens_per_s"])
+    row["ratio_steady_tokens"] = div(row.get("steady_tokens_per_s"), eng_c and eng_c["tokens_per_s"])
     ceiling = engine_ceiling(engine, row["concurrency"], engine.get("prompt_tokens", 0), engine.get("new_tokens", 0))
     row["engine_ceiling_tokens_per_s"] = None if ceiling is None else round(ceiling, 1)
     row["ratio_tokens_vs_ceiling"] = div(row["tokens_per_s"], ceiling)
@@ -520,14 +546,17 @@ def run(args) -> dict:
                                "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size,
                                "vocab": cfg.vocab_size, "tiny": bool(args.tiny)},
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "node_extra": args.node_extra}
+                     "node_extra": args.variants[0]}
         batches = sorted(set(_csv_ints(args.engine_batches)) | set(levels))
         res.update(measure_engine(args, model_dir, batches, log))
         res["serve"] = []
-        for stages in _csv_ints(args.stages):
+        if len(args.variants) > 1:
+            res["variants"] = args.variants
+        for variant, stages in [(v, n) for v in args.variants for n in _csv_ints(args.stages)]:
+            args.node_extra = variant
             t = time.perf_counter()
             swarm, target = start_swarm(args, work, model_dir, stages, cfg.num_hidden_layers, max(levels))
-            log(f"swarm of {stages} stage(s) up in {time.perf_counter() - t:.0f} s")
+            log(f"swarm of {stages} stage(s) {json.dumps(variant)} up in {time.perf_counter() - t:.0f} s")
             try:
                 for frontend in [f for f in args.frontends.split(",") if f]:
                     gen = LoadGenerator(frontend, target, max(1, min(args.client_procs, max(levels))))
@@ -543,7 +572,8 @@ def run(args) -> dict:
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
                                 records, wall = gen.run(c, n, prompt, args.new_tokens)
                             cpu1 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
-                            row = {"stages": stages, "frontend": frontend, "concurrency": c, **summarize(records, wall),
+                            row = {"stages": stages, "frontend": frontend, "concurrency": c, "node_extra": variant,
+                                   **summarize(records, wall),
                                    # cores busy during the level (from ready to last record; wall is first send to last token)
                                    "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2)}
                             if args.records:
@@ -557,7 +587,9 @@ def run(args) -> dict:
                             if args.json:  # after every level: a run cut short keeps what it measured
                                 Path(args.json).write_text(json.dumps(res, indent=1))
                             log(f"{stages} stage(s) {frontend} c={c}: {row['tokens_per_s']} tokens/s, TTFT p50 "
-                                f"{row['ttft_p50_s']} s, ITL p50 {row['itl_p50_s']} s, x engine {row['ratio_tokens']}"
+                                f"{row['ttft_p50_s']} s, ITL p50 {row['itl_p50_s']} s, x engine {row['ratio_tokens']}; steady "
+                                f"{row.get('steady_tokens_per_s')} tokens/s (x engine {row.get('ratio_steady_tokens')}), "
+                                f"TTFT p99 {row.get('steady_ttft_p99_s')} s"
                                 + (f", {row['errors']} errors: {row.get('first_error')}" if row["errors"] else ""))
                     finally:
                         gen.close()

@@ -74,6 +74,9 @@ class EngineSettings:
     max_step_tokens: int = 512  # decode rows + prompt-chunk tokens in one step
     micro_batches: int = 1  # steps in flight at once on a pipeline of several stages
     overlap: bool | None = None  # one-stage pipelines: launch step k+1 before reading step k (None: on CUDA)
+    # overlapping, a step with new prompts first waits for the step on the GPU so prompts arriving meanwhile
+    # join it (a burst prefills in fewer, fuller steps); off, every step keeps the overlap
+    gather_prompts: bool = True
 
 
 @dataclass
@@ -241,7 +244,8 @@ class StageEngine:
                         return
                     if self.route.is_first:
                         events = self._handle_first(msgs)
-                        if self._overlap and self._launched is not None and self._new_prompts():
+                        if (self._overlap and self.settings.gather_prompts and self._launched is not None
+                                and self._new_prompts()):
                             # a step with new prompts waits for the step on the GPU (~one step of host
                             # work not overlapped): prompts arriving meanwhile join it, and a burst of
                             # requests is prefilled in fewer, fuller steps

@@ -283,6 +283,9 @@ class NodeConfig:
     max_step_tokens: int = field(default=0, metadata=_key(_positive_int_or_auto, "tokens in one engine step: decode "
                                                           "rows plus prompt chunks (chunked prefill; auto: 2048 on "
                                                           "CUDA, 512 on the CPU)"))
+    gather_prompts: bool = field(default=True, metadata=_key(_bool, "a step with new prompts waits for the step on "
+                                                         "the GPU so prompts arriving meanwhile join it (fewer, "
+                                                         "fuller prefill steps; off: host work stays overlapped)"))
     quantize: str | None = field(default=None, metadata=_key(_choice(None, "none", "int8", "int4"), "weights kept "
                                                              "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "

@@ -33,6 +33,7 @@ def serve_settings(config: NodeConfig, devices):
         dtype = "bfloat16" if device == "cuda" else "float32"
     return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
                          max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens or step_tokens_for(device),
+                         gather_prompts=config.gather_prompts,
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
                          engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
                          quantize=config.quantize, local_links=config.local_links, kv_tokens=config.kv_tokens)

@@ -46,6 +46,7 @@ class ServeSettings:
     max_seq_len: int = 512
     retire_idle_s: float = 5.0
     max_step_tokens: int = 512
+    gather_prompts: bool = True  # see EngineSettings
     micro_batches: int = 0  # 0: one per pipeline stage
     engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
@@ -154,7 +155,8 @@ class StageSet:
                  kv_tokens, spec.device_of(0))
         tag, name = f"e{layout.epoch}r{ri}s{si}", f"stage-e{layout.epoch}-r{ri}-s{si}"
         route = PipelineRoute(si, len(replica), replica[si + 1].peer if si + 1 < len(replica) else None, replica[0].peer)
-        engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica))
+        engine = EngineSettings(max_step_tokens=s.max_step_tokens, micro_batches=s.micro_batches or len(replica),
+                                gather_prompts=s.gather_prompts)
         send = self._sender(layout.epoch, ri, si)
         links = LinkSpec(self.me, (layout.epoch, ri, si), default_run_dir()) if s.local_links else None
         own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
