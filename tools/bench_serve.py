@@ -336,7 +336,9 @@ async def _submit_request(client, target: dict, job: dict, i: int) -> dict:
                                 on_frame=on_frame)
     if "error" in final:
         return {"error": str(final["error"])[:200], "start": t0, "end": time.monotonic()}
-    return {"start": t0, "times": times, "end": time.monotonic()}
+    # stage 0's own clock: from its start message to the first token (what the engine, not the path, took)
+    return {"start": t0, "times": times, "end": time.monotonic(),
+            "engine_ttft_s": (final.get("timings") or {}).get("ttft_s")}
 
 
 class LoadGenerator:
@@ -465,6 +467,9 @@ def summarize(records: list[dict], wall_s: float) -> dict:
             p = percentile(vals, q)
             out[f"{name}_p{q}_s"] = None if p is None else round(p, 5)
     out.update(steady_state(ok))
+    engine_ttft = [r["engine_ttft_s"] for r in ok if isinstance(r.get("engine_ttft_s"), (int, float))]
+    if engine_ttft:  # submit: how much of the TTFT stage 0 saw
+        out["engine_ttft_p50_s"], out["engine_ttft_p99_s"] = percentile(engine_ttft, 50), percentile(engine_ttft, 99)
     if len(ok) < len(records):
         out["first_error"] = next(r["error"] for r in records if "error" in r)
     return out
