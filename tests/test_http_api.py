@@ -351,6 +351,18 @@ def test_tokens_queued_together_go_out_in_one_chunk_and_each_index_once():
     trio.run(main)
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_token_chunks_formatted_once_equal_the_whole_chunk_dumped(chat):
+    """The token chunk's fast path writes the same characters json.dumps gives for the full chunk."""
+    from hexswarm.swarm.http_api import Responder
+
+    opts = {"stream": True, "stop": [], "return_token_ids": True, "include_usage": False}
+    r = Responder(None, None, 'r"1\u00e9', 'model "x"', chat, opts)
+    for delta, ids in [("", []), ("Hi \"there\"\n", [1, 22]), ("\u00e9\u4e2d\U0001f600", None), ("", None)]:
+        want = f"data: {json.dumps(r._chunk(delta, token_ids=ids))}\n\n".encode()
+        assert r._token_event(delta, ids) == want
+
+
 def test_registry_renders_what_prometheus_client_parses():
     from hexswarm.swarm.metrics import Registry
 

@@ -70,6 +70,8 @@ def parse_args(argv=None):
     ap.add_argument("--engine-batches", default="1,8,32,64")
     ap.add_argument("--requests-per-level", type=int, default=0,
                     help="requests at each concurrency level (default: 2 x concurrency, at least 4)")
+    ap.add_argument("--waves", type=int, default=0,
+                    help="requests at each level = waves x concurrency (at least 4), unless --requests-per-level")
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--client-procs", type=int, default=4, help="load generator processes (at most one per request in flight)")
@@ -571,7 +573,7 @@ def run(args) -> dict:
                             res.setdefault("entry_probe", []).append(
                                 {"stages": stages, "frontend": frontend, **entry_probe(gen, probe_prompt, max(levels))})
                         for c in levels:
-                            n = args.requests_per_level or max(4, 2 * c)
+                            n = args.requests_per_level or max(4, (args.waves or 2) * c)
                             node_pids, gen_pids = [nd.proc.pid for nd in swarm.nodes], [p.pid for p in gen.procs]
                             cpu0 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):

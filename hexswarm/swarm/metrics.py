@@ -70,6 +70,8 @@ class _Metric:
         self._lock = threading.Lock()
 
     def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
+        if not labels and not self.label_names:  # the per-token metrics: no sets built
+            return ()
         if set(labels) != set(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
         return tuple(str(labels[n]) for n in self.label_names)
