@@ -340,7 +340,7 @@ async def _submit_request(client, target: dict, job: dict, i: int) -> dict:
         return {"error": str(final["error"])[:200], "start": t0, "end": time.monotonic()}
     # stage 0's own clock: from its start message to the first token (what the engine, not the path, took)
     return {"start": t0, "times": times, "end": time.monotonic(),
-            "engine_ttft_s": (final.get("timings") or {}).get("ttft_s")}
+            "engine_ttft_s": ((final.get("done") or {}).get("timings") or {}).get("ttft_s")}
 
 
 class LoadGenerator:
