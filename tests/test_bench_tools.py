@@ -82,6 +82,8 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         for key in ("tokens_per_s", "ttft_p50_s", "ttft_p99_s", "ratio_tokens", "ratio_ttft_p50_vs_prefill"):
             assert r[key] > 0, (key, r)
         assert r["ttft_p99_s"] >= r["ttft_p50_s"] and r["itl_p99_s"] >= r["itl_p50_s"] >= 0
+        if r["frontend"] == "submit":  # stage 0's own clock, from the done frame: part of the client's TTFT
+            assert 0 < r["engine_ttft_p50_s"] <= r["ttft_p99_s"], r
     assert "| stages | front end |" in res["table"]
     # the entry probe, per streamed front end: tiny requests alone, then one burst of the highest concurrency
     probes = {p["frontend"]: p for p in saved["entry_probe"]}
