@@ -184,7 +184,7 @@ def test_bench_gemlite_tiny_cpu_runs_the_hexswarm_side_and_decode(tmp_path, caps
 def test_bench_gemlite_picks_the_fastest_gemlite_kernel_for_batch_1():
     bench = load_tool("bench_gemlite")
     res = {"int4/m1": {"hexswarm": {"us": 5.0}, "gemlite/GEMV_REVSPLITK": {"us": 9.0},
-                       "gemlite/GEMV_SPLITK": {"us": 7.0}},
+                       "gemlite/GEMV_SPLITK": {"us": 7.0}, "gemlite/GEMV_REVSPLITK+bf16atomics": {"us": 6.0}},
            "int8/m1": {"gemlite/GEMV_SPLITK": {"failed": "x"}, "gemlite/GEMV_REVSPLITK": {"skipped": "budget"}}}
     assert bench.best_m1(res, "best") == {4: "GEMV_SPLITK", 8: None}
     assert bench.best_m1(res, "auto") == {8: None, 4: None}

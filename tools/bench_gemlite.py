@@ -8,8 +8,10 @@
   tools/tune_quant.py times), bytes moved per second and its fraction of the device copy bandwidth
   measured in the same run, max error against the torch reference (dequantize in fp32, round to
   bf16, F.linear).  gemlite: its default kernel per M (GEMV_REVSPLITK for int4, GEMV_SPLITK for
-  int8 at M = 1; GEMM_SPLITK at 32), then while --budget-s lasts the other M = 1 kernel; each
-  autotuned on first call over quant_gemlite.CANDIDATES (the seconds that took are reported).
+  int8 at M = 1; GEMM_SPLITK at 32), then while --budget-s lasts the other M = 1 kernel and the
+  split-K kernels with gemlite's native bf16 atomics (its Hopper default, faster and less exact;
+  we serve fp32 atomics); each autotuned on first call over quant_gemlite.CANDIDATES (the seconds
+  that took are reported).
   Also: GGUF Q4_0 (scalar zero point) against the reference, and our conversion against
   gemlite's own GemLiteLinear.pack() (same W_q and scales).
 * the configs gemlite's autotune chose, as a gemlite config file (--config-out): commit it as
@@ -121,10 +123,15 @@ class Shape:
         return self.x[m], self.ref[m]
 
     def calls(self, m: int, kernel: str | None, gl):
-        """One call per weight copy: QuantLinear as served (kernel None) or gemlite's `kernel`."""
+        """One call per weight copy: QuantLinear as served (kernel None) or gemlite's `kernel`;
+        "<kernel>+bf16atomics": with gemlite's own default on Hopper, split-K sums added in bf16
+        (quant_gemlite turns that off for accuracy: this measures what it costs)."""
         x, _ = self.inputs(m)
         if kernel is None:
             return [lambda q=q: q(x, self.bias) for q in self.q]
+        kernel, _, variant = kernel.partition("+")
+        if variant == "bf16atomics":
+            return [lambda w=w: _with_bf16_atomics(gl, lambda: w.run(gl, x, self.bias, kernel)) for w in self.gemlite()]
         return [lambda w=w: w.run(gl, x, self.bias, kernel) for w in self.gemlite()]
 
     def error(self, m: int, call) -> float:
@@ -134,6 +141,14 @@ class Shape:
 
     def moved_bytes(self, m: int) -> int:
         return self.q[0].nbytes + 2 * m * (self.k + self.n)
+
+
+def _with_bf16_atomics(gl, fn):
+    gl.set_native_atomic_bfp16(True)
+    try:
+        return fn()
+    finally:
+        gl.set_native_atomic_bfp16(False)
 
 
 def time_us(calls, device: torch.device, repeats: int) -> float:
@@ -170,7 +185,7 @@ def measure(shape: Shape, m: int, kernel: str | None, gl, device, repeats: int) 
     out = {"first_call_s": time.perf_counter() - t, "error": err}
     out["us"] = time_us(calls, device, repeats)
     if kernel is not None:
-        out["config"] = tuned_config(kernel, m, shape.n, shape.k, shape.bits)
+        out["config"] = tuned_config(kernel.partition("+")[0], m, shape.n, shape.k, shape.bits)
     return out
 
 
@@ -182,28 +197,36 @@ def summarize(per_shape: dict, shapes: list[Shape], m: int, bw_GBps: float) -> d
             "first_call_s": sum(v.get("first_call_s", 0.0) for v in per_shape.values()), "shapes": per_shape}
 
 
-def kernels(args, device, bw_GBps: float, gl, log) -> dict:
-    """Per (bits, M): hexswarm as served and each gemlite kernel, summed over the shapes."""
+def kernels(args, device, bw_GBps: float, gl, log, served_done=lambda: None) -> dict:
+    """Per (bits, M): hexswarm as served and each gemlite kernel, summed over the shapes.
+    served_done() runs once every configuration that can be served has been tuned, before the
+    bf16-atomics rows (their autotune results share the served ones' config-file entries)."""
     t0 = time.perf_counter()
     gen = torch.Generator(device=device).manual_seed(0)
     out: dict = {}
     shapes = {bits: [Shape(bits, n, k, device, gen) for n, k in args.shapes] for bits in args.bits}
     log("weights ready")
-    plan = []  # (bits, m, kernel, required): ours and gemlite's default first, alternatives after
+    plan = []  # (tier, bits, m, kernel): 0 ours and gemlite's default, 1 the other M = 1 kernel, 2 bf16 atomics
     for bits in args.bits:
         for m in args.ms:
-            plan.append((bits, m, None, True))
+            plan.append((0, bits, m, None))
             if gl is not None and m <= quant_gemlite.MAX_ROWS:
                 from gemlite.core import get_matmul_type
 
                 default = get_matmul_type(m, bits)
-                plan.append((bits, m, default, True))
+                plan.append((0, bits, m, default))
                 if m == 1:
-                    plan += [(bits, m, kern, False) for kern in M1_KERNELS if kern != default]
-    plan.sort(key=lambda p: not p[3])
-    for bits, m, kernel, required in plan:
+                    plan += [(1, bits, m, kern) for kern in M1_KERNELS if kern != default]
+                if default in ("GEMV_REVSPLITK", "GEMM_SPLITK"):  # the kernels that add partial sums atomically
+                    plan.append((2, bits, m, default + "+bf16atomics"))
+    plan.sort(key=lambda p: p[0])
+    done = False
+    for tier, bits, m, kernel in plan:
+        if tier == 2 and not done:
+            served_done()
+            done = True
         name = "hexswarm" if kernel is None else f"gemlite/{kernel}"
-        if not required and time.perf_counter() - t0 > args.budget_s:
+        if tier and time.perf_counter() - t0 > args.budget_s:
             out.setdefault(f"int{bits}/m{m}", {})[name] = {"skipped": f"--budget-s {args.budget_s:.0f} reached"}
             continue
         per_shape, failed = {}, None
@@ -217,11 +240,13 @@ def kernels(args, device, bw_GBps: float, gl, log) -> dict:
         if kernel is not None and gl is not None:
             from gemlite.core import get_matmul_type
 
-            entry["gemlite_default"] = kernel == get_matmul_type(m, bits)
+            entry["gemlite_default"] = kernel.partition("+")[0] == get_matmul_type(m, bits)
         out.setdefault(f"int{bits}/m{m}", {})[name] = entry
         log(f"int{bits} M={m} {name}: " + (f"FAILED {failed}" if failed else
                                             f"{entry['us']:.1f} us = {entry['of_copy']:.2f} of copy, error "
                                             f"{entry['max_error']:.1e}, first calls {entry['first_call_s']:.1f} s"))
+    if not done:
+        served_done()
     del shapes
     return out
 
@@ -337,7 +362,7 @@ def best_m1(kernel_res: dict, choice: str) -> dict:
     out = {}
     for bits in (8, 4):
         timed = {name.split("/", 1)[1]: e["us"] for name, e in kernel_res.get(f"int{bits}/m1", {}).items()
-                 if name.startswith("gemlite/") and "us" in e}
+                 if name.startswith("gemlite/") and "+" not in name and "us" in e}  # served: fp32 atomics
         out[bits] = min(timed, key=timed.get) if timed else None
     return out
 
@@ -381,7 +406,13 @@ def run(args) -> dict:
         gl.reset_config()  # autotune afresh for these shapes (over CANDIDATES), not from a loaded file
     else:
         log(f"gemlite not usable here ({quant_gemlite.FAILURE or 'needs a CUDA device'}): hexswarm only")
-    res["kernels"] = kernels(args, device, bw / 1e9, gl, log)
+
+    def write_configs():
+        if gl is not None and args.config_out:
+            res["configs_written"] = gemlite_configs(Path(args.config_out))
+            log(f"gemlite configs: {res['configs_written']} entries -> {args.config_out}")
+
+    res["kernels"] = kernels(args, device, bw / 1e9, gl, log, write_configs)
     if gl is not None:
         checks = (("q4_0", lambda: q4_0_check(args, device, gl)), ("pack_check", lambda: pack_check(args, device)))
         for name, fn in checks:
@@ -390,9 +421,6 @@ def run(args) -> dict:
             except Exception as e:
                 res[name] = {"error": f"{type(e).__name__}: {str(e).strip()[:300]}"}
             log(f"{name}: {res[name]}")
-        if args.config_out:
-            res["configs_written"] = gemlite_configs(Path(args.config_out))
-            log(f"gemlite configs: {res['configs_written']} entries -> {args.config_out}")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
