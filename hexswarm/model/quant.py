@@ -123,7 +123,8 @@ class QuantLinear(nn.Module):
         if self.gemlite is None and self.qweight.is_cuda and backend() == "gemlite":
             from hexswarm.model import quant_gemlite
 
-            if quant_gemlite.load() is not None:
+            # one group in all (N = 1, K = 32) would read as gemlite's scalar zero point: keep ours
+            if quant_gemlite.load() is not None and self.out_features * self.in_features > GROUP:
                 return self.to_gemlite()
         return self
 
