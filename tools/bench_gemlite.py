@@ -424,6 +424,8 @@ def run(args) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    if args.json:  # now too: a run cut short in the decode section keeps the kernel numbers
+        Path(args.json).write_text(json.dumps(dict(res, table=table(res)), indent=1, default=str))
     if args.decode:
         m1 = best_m1(res["kernels"], args.m1_kernel)
         log(f"decode with gemlite's batch-1 kernel per bits: {m1}")
