@@ -190,6 +190,9 @@ def measure(shape: Shape, m: int, kernel: str | None, gl, device, repeats: int) 
 
 
 def summarize(per_shape: dict, shapes: list[Shape], m: int, bw_GBps: float) -> dict:
+    for s in shapes:
+        e = per_shape[f"{s.n}x{s.k}"]
+        e["of_copy"] = s.moved_bytes(m) / e["us"] / 1e3 / bw_GBps
     us = sum(v["us"] for v in per_shape.values())
     moved = sum(s.moved_bytes(m) for s in shapes)
     return {"us": us, "GBps": moved / us / 1e3, "of_copy": moved / us / 1e3 / bw_GBps,
