@@ -182,3 +182,29 @@ def test_tune_quant_keeps_untuned_buckets_and_tries_both_variants():
     assert all(c[0] == 1 for c in ones if len(c) == 7)
     assert all(len(c) == 6 for c in tune.candidates(16))
     assert [c for c in tune.candidates(1, ("deq",)) if len(c) == 7] == []
+
+
+def test_bench_gemlite_tiny_cpu_runs_the_hexswarm_side_and_decode(tmp_path, capsys):
+    """bench_gemlite's code path on CPU: gemlite needs a CUDA device, so only hexswarm's rows, and
+    the decode section with both backend settings (gemlite's falls back to ours off CUDA)."""
+    bench = load_tool("bench_gemlite")
+    out = tmp_path / "gemlite.json"
+    res = bench.main(["--device", "cpu", "--tiny", "--bits", "4", "--decode", "int4", "--batches", "1",
+                      "--json", str(out)])
+    assert set(res["kernels"]) == {"int4/m1", "int4/m3"}
+    for entries in res["kernels"].values():
+        assert set(entries) == {"hexswarm"} and entries["hexswarm"]["max_error"] < 1e-6
+    assert set(res["decode"]["ms"]) == {"int4/hexswarm/1", "int4/gemlite/1"}
+    assert res["decode"]["gemlite_layers"]["int4/gemlite"] == 0
+    assert "| int4/gemlite | 1 |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["table"] == res["table"]
+
+
+def test_bench_gemlite_picks_the_fastest_gemlite_kernel_for_batch_1():
+    bench = load_tool("bench_gemlite")
+    res = {"int4/m1": {"hexswarm": {"us": 5.0}, "gemlite/GEMV_REVSPLITK": {"us": 9.0},
+                       "gemlite/GEMV_SPLITK": {"us": 7.0}, "gemlite/GEMV_REVSPLITK+bf16atomics": {"us": 6.0}},
+           "int8/m1": {"gemlite/GEMV_SPLITK": {"failed": "x"}, "gemlite/GEMV_REVSPLITK": {"skipped": "budget"}}}
+    assert bench.best_m1(res, "best") == {4: "GEMV_SPLITK", 8: None}
+    assert bench.best_m1(res, "auto") == {8: None, 4: None}
+    assert bench.best_m1(res, "GEMV_SPLITK") == {8: "GEMV_SPLITK", 4: "GEMV_SPLITK"}

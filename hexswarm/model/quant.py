@@ -15,10 +15,14 @@ it or `F.linear` for a dense weight).  On CUDA with Triton it runs the fused deq
 kernel for decode-sized batches (quant_kernels.gemv_config: up to 64 rows, tuned per batch
 bucket) and dequantize-then-GEMM above (prefill);
 elsewhere it dequantizes in torch (the reference every kernel is checked against).
+With HEXSWARM_QUANT_BACKEND=gemlite (`backend()`), a CUDA QuantLinear is converted once at load
+into gemlite's layout and served by gemlite's kernels instead (model/quant_gemlite.py).
 See docs/DECISIONS.md for why this format.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,18 @@ from torch import nn
 from hexswarm.errors import UserError
 
 from hexswarm.model.quant_format import GGUF_KEPT_TYPES, GROUP, QUANT_MODES
+
+BACKEND_ENV = "HEXSWARM_QUANT_BACKEND"
+BACKENDS = ("hexswarm", "gemlite")
+
+
+def backend() -> str:
+    """The GPU kernels that serve quantized weights: "hexswarm" (quant_kernels.py, the default)
+    or "gemlite" (quant_gemlite.py; needs the gemlite package, else hexswarm's serve)."""
+    name = os.environ.get(BACKEND_ENV, "").strip().lower() or "hexswarm"
+    if name not in BACKENDS:
+        raise UserError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {name!r}")
+    return name
 
 
 class QuantLinear(nn.Module):
@@ -42,6 +58,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qweight)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
+        self.gemlite = None  # a quant_gemlite.GemliteWeight once converted (to_gemlite): ours are then None
 
     @property
     def kind(self) -> str:
@@ -49,14 +66,18 @@ class QuantLinear(nn.Module):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None)
+        own = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None)
+        return own + (self.gemlite.nbytes if self.gemlite is not None else 0)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, out={self.out_features}, in={self.in_features}, group={GROUP}"
+        layout = ", gemlite" if self.gemlite is not None else ""
+        return f"{self.kind}, out={self.out_features}, in={self.in_features}, group={GROUP}{layout}"
 
     # ---- reference (torch) ----------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [N, K] weight, computed in float32 as llama.cpp's dequantizers do."""
+        if self.gemlite is not None:
+            return self.gemlite.dequantize(dtype)
         N, K = self.out_features, self.in_features
         q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
         q = q.view(N, K // GROUP, GROUP).float()
@@ -68,6 +89,8 @@ class QuantLinear(nn.Module):
         return w.view(N, K).to(dtype)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gemlite is not None:
+            return self.gemlite(x, bias)
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
             from hexswarm.model import quant_kernels
 
@@ -82,6 +105,28 @@ class QuantLinear(nn.Module):
                 except Exception as e:  # a Triton build that cannot compile them: serve slower, not fail
                     quant_kernels.disable(e)
         return F.linear(x, self.dequantize(x.dtype), bias)
+
+    # ---- backends ---------------------------------------------------------------------------
+    def to_gemlite(self) -> "QuantLinear":
+        """Hold the weight in gemlite's layout instead of ours (once, at load; int8 shares our
+        bytes, int4 is repacked) and serve it with gemlite's kernels."""
+        if self.gemlite is None:
+            from hexswarm.model.quant_gemlite import GemliteWeight, convert
+
+            self.gemlite = GemliteWeight(convert(self), self.in_features, self.out_features)
+            self.qweight = self.scale = self.offset = None
+        return self
+
+    def for_backend(self) -> "QuantLinear":
+        """This weight as `backend()` serves it: converted to gemlite's layout when that backend is
+        chosen, the weight is on a CUDA device and gemlite loads there; else as it is."""
+        if self.gemlite is None and self.qweight.is_cuda and backend() == "gemlite":
+            from hexswarm.model import quant_gemlite
+
+            # one group in all (N = 1, K = 32) would read as gemlite's scalar zero point: keep ours
+            if quant_gemlite.load() is not None and self.out_features * self.in_features > GROUP:
+                return self.to_gemlite()
+        return self
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -107,6 +152,8 @@ class QuantLinear(nn.Module):
         """Row-wise concatenation (fused QKV / gate-up); None when the formats differ."""
         if len(parts) == 1:
             return parts[0]
+        if any(p.gemlite is not None for p in parts):
+            raise ValueError("concatenate QuantLinears before converting them to gemlite's layout")
         if len({(p.bits, p.in_features, p.offset is None) for p in parts}) != 1:
             return None
         offset = None if parts[0].offset is None else torch.cat([p.offset for p in parts])

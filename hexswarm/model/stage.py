@@ -299,8 +299,8 @@ def _load_projection(reader, sources, shape, dtype, device, keep_blocks: bool, m
             q = QuantLinear.cat(parts)
             if q is not None:
                 _check_shape((q.out_features, q.in_features), shape, sources)
-                return q.to(device)
+                return q.to(device).for_backend()
     dense = _read_dense(reader, sources, shape).to(device)  # quantized on the device: fast on a GPU
     if mode in QUANT_MODES and dense.shape[1] % GROUP == 0:
-        return quantize_weight(dense, mode)
+        return quantize_weight(dense, mode).for_backend()
     return dense.to(dtype)
