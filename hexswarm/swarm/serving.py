@@ -544,8 +544,10 @@ class Server:
         key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
         if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
             raise ProtocolError("start: entry, rid and attempt")
-        if attempt <= self._start_attempts.get(key, 0):
-            raise ProtocolError(f"start of request {key[1]} repeats attempt {attempt}")
+        newest = self._start_attempts.get(key, 0)
+        if attempt <= newest:  # also a late start of an ask its entry gave up on (a head that answered late)
+            raise ProtocolError(f"start of request {key[1]} attempt {attempt} is not newer than attempt {newest} "
+                                "started here")
         self._start_attempts[key] = attempt
         self._start_attempts.move_to_end(key)
         while len(self._start_attempts) > START_HISTORY:
