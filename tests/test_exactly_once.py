@@ -192,6 +192,80 @@ def test_a_stage_0_that_refuses_for_a_while_does_not_use_up_the_request():
     assert "done" in final, final
 
 
+def test_token_events_lost_on_the_way_still_reach_the_client_once_each_in_order():
+    """A pipe link that breaks loses the frames written to it just before (swarm/pipe.py); stage 0's next
+    `events` go over a new link.  The entry took every later token for one it already had (index ahead of its
+    count) and relayed the `done`: the client got accepted, then done with 24 tokens, and was streamed none of
+    them ("duplicated", chaos0-200, chaos run 2026-11-26).  Attempt 1 loses the events of token 2: the entry
+    resumes from the 2 tokens it has; attempt 2 loses those of its last token: the done brings it."""
+    want = [11, 12, 13, 14, 15, 16]
+    server = FakeEntryServer()
+    server.tokenizer = SimpleNamespace(encode=lambda text: [1, 2, 3],
+                                       decode=lambda ids: "".join(chr(ord("a") + i % 26) for i in ids))
+    lost = [{2}, {5}]  # per placement: the token indices whose events never arrive
+
+    async def dispatch(msg: dict) -> dict:
+        placement = await FakeHeadServer.dispatch(server, msg)
+        channel, gone = server.entries[msg["rid"]], lost.pop(0)
+        for i in range(len(msg["resume_tokens"]), len(want)):
+            if i not in gone:
+                channel.send_nowait({"kind": "event", "rid": msg["rid"], "attempt": msg["attempt"], "index": i,
+                                     "token": want[i], "_sender": "s0"})
+        channel.send_nowait({"kind": "done", "rid": msg["rid"], "attempt": msg["attempt"], "_sender": "s0",
+                             "prompt_tokens": [1, 2, 3], "tokens": list(want), "text": "lmnopq",
+                             "finish_reason": "length", "timings": {}})
+        return placement
+
+    server.dispatch = dispatch
+    frames = []
+
+    async def emit(frame):
+        frames.extend(frame.get("batch") or [frame])
+
+    final = trio.run(_service(server).serve, {"prompt": "hi", "request_id": "r", "max_new_tokens": 6,
+                                              "stream": True}, emit, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert final["done"]["tokens"] == want
+    streamed = [(f["index"], f["token"]) for f in frames if "token" in f]
+    assert streamed == list(enumerate(want))
+    assert "".join(f["text"] for f in frames if "token" in f) == "lmnopq"
+    assert [s["resume_tokens"] for s in server.starts] == [[], [11, 12]]
+
+
+def test_a_done_that_does_not_continue_the_tokens_relayed_is_not_relayed():
+    assert SubmitService._events_lost({"kind": "done", "tokens": [11, 12, 13]}, [11, 12]) is None
+    assert SubmitService._events_lost({"kind": "done", "tokens": [11, 99, 13]}, [11, 12]) is not None
+    assert SubmitService._events_lost({"kind": "done", "tokens": [11]}, [11, 12]) is not None
+    assert SubmitService._events_lost({"kind": "done", "error": "stage lost"}, [11, 12]) is None
+    assert SubmitService._events_lost({"kind": "event", "index": 2, "token": 7}, [11, 12]) is None
+    assert SubmitService._events_lost({"kind": "event", "index": 3, "token": 7}, [11, 12]) is not None
+
+
+def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_link():
+    """Token events that cannot be sent to an entry stop their requests at stage 0 (the entry may be gone).  When
+    only the link broke, the entry heard nothing and waited for its stall timer (60 to 240 s) before resuming:
+    it is told (a `done` error, which a new link carries), once per request; a notice that fails too only cancels."""
+    from hexswarm.swarm import serving
+    from hexswarm.swarm.guards import check_done
+
+    server = object.__new__(serving.Server)
+    routed, sent = [], []
+    server.__dict__.update(me="S0", stages=SimpleNamespace(route=lambda msg, sender: routed.append(msg)),
+                           pipe=SimpleNamespace(send=lambda peer, msg: sent.append((peer, msg))))
+    to = [3, 0, 0]
+    first = {"kind": "events", "to_stage0": to, "items": [{"rid": "a@E", "attempt": 2, "index": 4, "token": 9},
+                                                          {"rid": "b@E", "attempt": 1, "index": 0, "token": 5}]}
+    behind = {"kind": "events", "to_stage0": to, "items": [{"rid": "a@E", "attempt": 2, "index": 5, "token": 8}]}
+    server._on_send_failed("E", [first, behind])
+    assert [(m["kind"], m["to"], m["rid"], m["attempt"]) for m in routed] == [
+        ("cancel", to, "a@E", 2), ("cancel", to, "b@E", 1), ("cancel", to, "a@E", 2)]
+    assert [(peer, m["rid"], m["attempt"]) for peer, m in sent] == [("E", "a@E", 2), ("E", "b@E", 1)]
+    assert all(check_done(m)["error"] for _, m in sent)  # what the entry's guard takes: its relay resumes at once
+    notices = [m for _, m in sent]
+    sent.clear()
+    server._on_send_failed("E", notices)  # the entry is gone after all: nothing more is sent
+    assert sent == [] and len(routed) == 5
+
+
 def test_only_its_own_submitter_takes_a_running_request_over():
     svc = SubmitService(server=None)
     svc.running["r"] = (trio.CancelScope(), trio.Event())

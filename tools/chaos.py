@@ -398,10 +398,18 @@ class Reporter:
                 good = done["tokens"] == self.reference(rec["prompt"])
                 report["correct" if good else "wrong"] += 1
                 idx = [k for k, _ in rec["streamed"]]
-                if idx != list(range(len(idx))) or [t for _, t in rec["streamed"]] != done["tokens"]:
+                streamed = [t for _, t in rec["streamed"]]
+                if idx != list(range(len(idx))) or streamed != done["tokens"]:
                     report["duplicated"] += 1
+                    # which way the stream and the final tokens disagree (chaos0-200 of a 2026-11-26 run was counted
+                    # here with none of its tokens streamed: missing, not repeated)
+                    why = ("an index streamed twice" if len(set(idx)) < len(idx) else
+                           "indices out of order or skipped" if idx != list(range(len(idx))) else
+                           "fewer tokens streamed than the final ones" if done["tokens"][:len(streamed)] == streamed
+                           else "streamed tokens differ from the final ones")
                     report["duplicated_requests"].append({
-                        **trace_lost(rec, self.swarm, events), "streamed": rec["streamed"], "done_tokens": done["tokens"],
+                        **trace_lost(rec, self.swarm, events), "why": why,
+                        "streamed": rec["streamed"], "done_tokens": done["tokens"],
                         "reference": self.reference(rec["prompt"]), "frames": rec.get("frames")})
             elif rec["open"] or rec.get("cut"):  # still running when this report was made, or at the drain limit
                 if rec["accepted"] and (rec.get("cut") or self.info["phase"] in ("done", "interrupted")):

@@ -544,8 +544,10 @@ class Server:
         key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
         if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
             raise ProtocolError("start: entry, rid and attempt")
-        if attempt <= self._start_attempts.get(key, 0):
-            raise ProtocolError(f"start of request {key[1]} repeats attempt {attempt}")
+        newest = self._start_attempts.get(key, 0)
+        if attempt <= newest:  # also a late start of an ask its entry gave up on (a head that answered late)
+            raise ProtocolError(f"start of request {key[1]} attempt {attempt} is not newer than attempt {newest} "
+                                "started here")
         self._start_attempts[key] = attempt
         self._start_attempts.move_to_end(key)
         while len(self._start_attempts) > START_HISTORY:
@@ -569,6 +571,7 @@ class Server:
                 pass
 
     def _on_send_failed(self, peer: str, msgs: list[dict]) -> None:
+        told: set[tuple] = set()  # (rid, attempt) whose entry is told, once however many events failed
         for msg in msgs:
             if msg.get("kind") == "start":
                 self._deliver_to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
@@ -580,6 +583,14 @@ class Server:
                 for item in msg.get("items") or [msg]:
                     self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": item["rid"],
                                        "attempt": item.get("attempt")}, self.me)
+                    if msg["kind"] == "events" and (item["rid"], item.get("attempt")) not in told:
+                        # ... or only its link broke, and a live entry would wait for these tokens until its stall
+                        # timer (up to 240 s): told over a new link, it resumes the request at once.  A done that
+                        # fails too only cancels, so a dead entry costs one more try
+                        told.add((item["rid"], item.get("attempt")))
+                        self.pipe.send(peer, {"kind": "done", "rid": item["rid"], "attempt": item.get("attempt"),
+                                              "to_stage0": msg["to_stage0"],
+                                              "error": f"token events to the entry {peer[:16]} were lost"})
 
     # ---- status --------------------------------------------------------------------------------
     async def _on_trace(self, msg: Any, remote: Any) -> dict:

@@ -492,13 +492,20 @@ class SubmitService:
         incarnations: dict[str, int] = {}  # of the placement's peers when first checked
         stage0_seen: list = [None, trio.current_time(), None]  # stage 0's emitted tokens, when they last grew, stage 0
 
-        async def resume() -> dict:
+        async def resume() -> dict | None:
+            """Place the request again from `tokens`; None when placed (the relay follows the new attempt), else
+            the error frame that ends the request."""
             # backing off: a stage 0 still loading its stages (a restarted peer), or a head whose view still has a
             # peer this entry sees down, would use up the request's MAX_ATTEMPTS pipelines in seconds
-            nonlocal fruitless
+            nonlocal fruitless, placement, attempt, last_progress
             fruitless += 1
             await trio.sleep(min(RESUME_BACKOFF_S * 2 ** (fruitless - 1), MAX_RESUME_BACKOFF_S))
-            return await self._resume(req, tokens, deadline, emit)
+            placed = await self._resume(req, tokens, deadline, emit)
+            if "error" in placed:
+                return placed
+            placement, attempt, last_progress = placed, placed["attempt"], trio.current_time()
+            incarnations.clear()
+            return None
 
         while trio.current_time() < deadline:
             ev, held = held, None
@@ -511,25 +518,23 @@ class SubmitService:
             if (ev is not None and ev.get("attempt") == attempt
                     and ev.get("_sender") != placement["stages"][0]["peer"]):
                 continue  # only the attempt's stage 0 speaks for it: a peer that knows the id cannot inject
-            if ev is None or int(ev.get("attempt", -1)) != attempt:
-                if ev is not None:  # a message from an abandoned attempt: stop that work
+            current = ev is not None and int(ev.get("attempt", -1)) == attempt
+            gap = self._events_lost(ev, tokens) if current else None
+            if not current or gap:
+                if ev is not None and not gap:  # a message from an abandoned attempt: stop that work
                     self._cancel(ev, sender=ev.get("_sender"))
                 stalled = self._stalled(placement, last_progress, stage0_seen)
-                lost = self._pipeline_lost(placement, incarnations, trio.current_time() - last_progress)
+                lost = gap or self._pipeline_lost(placement, incarnations, trio.current_time() - last_progress)
                 if lost is None and not stalled:
                     continue
                 if req["placed"] >= MAX_ATTEMPTS:
                     return error_frame("failed", f"request {req['rid']} failed on {req['placed']} pipelines")
-                why = "stalled" if stalled else lost
+                why = lost if gap or not stalled else "stalled"
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
                 self._cancel_placement(req["rid"], placement)
-                placement = await resume()
-                if "error" in placement:
-                    return placement
-                attempt = placement["attempt"]
-                last_progress = trio.current_time()
-                incarnations.clear()
+                if (end := await resume()) is not None:
+                    return end
                 continue
             last_progress = trio.current_time()
             if ev["kind"] == "event":
@@ -547,13 +552,14 @@ class SubmitService:
                 continue
             if "error" in ev:  # the pipeline could not take it (e.g. retired stage): try another
                 if req["placed"] < MAX_ATTEMPTS:
-                    placement = await resume()
-                    if "error" in placement:
-                        return placement
-                    attempt = placement["attempt"]
-                    incarnations.clear()
+                    if (end := await resume()) is not None:
+                        return end
                     continue
                 return error_frame("failed", str(ev["error"]))
+            # the done holds all of the attempt's tokens: those whose events were lost last go out before it
+            frames = [self._push(t, tokens, req["stream"], detok) for t in ev["tokens"][len(tokens):]]
+            if req["stream"] and frames:
+                await emit(frames[0] if len(frames) == 1 else {"batch": frames})
             stages = placement["stages"]
             return {"done": {
                 "request_id": req["rid"], "prompt_tokens": ev["prompt_tokens"], "tokens": ev["tokens"],
@@ -572,23 +578,45 @@ class SubmitService:
                      stage0: str) -> tuple[list[dict], dict | None]:
         """ev and the token events of the same attempt queued behind it: appended to tokens (each index
         once), as token frames when streaming (with their text if detok); returns them and the first
-        other message read, if any."""
+        message read that is not the next token (another message, or a token ahead of the next one: the
+        relay's to handle), if any."""
         frames = []
         while True:
             if int(ev["index"]) == len(tokens):  # else already delivered (a resumed pipeline repeats nothing)
-                tokens.append(int(ev["token"]))
+                frame = SubmitService._push(int(ev["token"]), tokens, streamed, detok)
                 if streamed:
-                    frame = {"token": tokens[-1], "index": len(tokens) - 1}
-                    if detok is not None:
-                        frame["text"] = detok.push(tokens[-1])
                     frames.append(frame)
             try:
                 nxt = receive.receive_nowait()
             except trio.WouldBlock:
                 return frames, None
-            if not (nxt.get("kind") == "event" and nxt.get("attempt") == ev["attempt"] and nxt.get("_sender") == stage0):
+            if not (nxt.get("kind") == "event" and nxt.get("attempt") == ev["attempt"] and nxt.get("_sender") == stage0
+                    and int(nxt["index"]) <= len(tokens)):
                 return frames, nxt
             ev = nxt
+
+    @staticmethod
+    def _events_lost(ev: dict, tokens: list[int]) -> str | None:
+        """Why the current attempt's `ev` shows that some of its token events never came, or None.  A pipe link
+        that breaks loses the frames written to it just before, and the next go over a new link (swarm/pipe.py):
+        a token ahead of the next one, or a done whose tokens do not continue those relayed.  The attempt's
+        later tokens could not be streamed in order; the request goes on from the tokens the client has."""
+        if ev.get("kind") == "event" and int(ev["index"]) > len(tokens):
+            return f"lost token events (token {ev['index']} came next)"
+        if ev.get("kind") == "done" and "error" not in ev and ev["tokens"][:len(tokens)] != tokens:
+            return "lost token events (its done does not continue the tokens relayed)"
+        return None
+
+    @staticmethod
+    def _push(token: int, tokens: list[int], streamed: bool, detok) -> dict | None:
+        """Append the next token; its frame (with its text if detok) when streaming."""
+        tokens.append(token)
+        if not streamed:
+            return None
+        frame = {"token": token, "index": len(tokens) - 1}
+        if detok is not None:
+            frame["text"] = detok.push(token)
+        return frame
 
     async def _resume(self, req: dict, tokens: list[int], deadline: float, emit) -> dict:
         """Place an accepted request again, from its tokens so far.  It was accepted, so it is
