@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -314,18 +313,9 @@ def decode(args, device, bw: float, m1: dict, log) -> dict:
     import bench_quant
 
     out: dict = {"ms": {}, "floor_ms": {}, "bytes": {}, "gemlite_layers": {}, "m1_kernel": m1}
-    work = Path(tempfile.mkdtemp(prefix="hexswarm-bench-gemlite-"))
+    work = None
     try:
-        if args.tiny:
-            from hexswarm.model.tiny import TinySpec, make_tiny_llama
-
-            model_dir = make_tiny_llama(work / "tiny", TinySpec(layers=2, hidden=64, heads=4, kv_heads=2,
-                                                                intermediate=128, max_positions=256))
-        else:
-            shutil.rmtree(work)
-            work = model_dir = bench_gpu._scratch_dir(int(13.5e9 * (args.layers + 1) / 33))
-            bench_gpu.make_llama_checkpoint(model_dir, args.layers, device)
-            log(f"checkpoint: {args.layers} layers")
+        work, model_dir = bench_quant.scratch_model(args, device, log, "hexswarm-bench-gemlite-")
         clock = Clock(device)
         runs = [(mode, b) for mode in args.decode for b in (("-",) if mode == "bf16" else ("hexswarm", "gemlite"))]
         for mode, backend in runs:
@@ -352,7 +342,8 @@ def decode(args, device, bw: float, m1: dict, log) -> dict:
                 torch.cuda.empty_cache()
     finally:
         os.environ.pop(BACKEND_ENV, None)
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     return out
 
 

@@ -152,18 +152,9 @@ def run(args) -> dict:
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     batches = bench_gpu._csv_ints(args.batches)
 
-    work = Path(tempfile.mkdtemp(prefix="hexswarm-bench-quant-"))
+    work = None
     try:
-        if args.tiny:
-            from hexswarm.model.tiny import TinySpec, make_tiny_llama
-
-            model_dir = make_tiny_llama(work / "tiny", TinySpec(layers=2, hidden=64, heads=4, kv_heads=2,
-                                                                intermediate=128, max_positions=256))
-        else:
-            shutil.rmtree(work)
-            work = model_dir = bench_gpu._scratch_dir(int(13.5e9 * (args.layers + 1) / 33))
-            bench_gpu.make_llama_checkpoint(model_dir, args.layers, device)
-            log(f"checkpoint: {args.layers} layers")
+        work, model_dir = scratch_model(args, device, log, "hexswarm-bench-quant-")
         cfg = load_config(model_dir)
         try:
             res["kernels"] = kernel_check(device, [(cfg.hidden_size, cfg.hidden_size),
@@ -192,7 +183,8 @@ def run(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
 
     from hexswarm.errors import UserError
     from hexswarm.model.smollm2 import smollm2_path
@@ -217,6 +209,22 @@ def table(res: dict, batches: list[int]) -> str:
             lines.append(f"| {mode} | {B} | {ms:.3f} | {floor:.3f} | {floor / ms:.2f} | {res['bytes'][mode] / 2**30:.2f} |")
     return "\n".join(lines)
 
+
+
+def scratch_model(args, device, log, prefix: str) -> tuple[Path, Path]:
+    """(a folder to remove afterwards, a checkpoint in it): the tiny model (--tiny), else the random
+    7B-shaped one with --layers layers in a scratch folder (bench_gpu's maker)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    if args.tiny:
+        from hexswarm.model.tiny import TinySpec, make_tiny_llama
+
+        return work, make_tiny_llama(work / "tiny", TinySpec(layers=2, hidden=64, heads=4, kv_heads=2,
+                                                             intermediate=128, max_positions=256))
+    shutil.rmtree(work)
+    model_dir = bench_gpu._scratch_dir(int(13.5e9 * (args.layers + 1) / 33))
+    bench_gpu.make_llama_checkpoint(model_dir, args.layers, device)
+    log(f"checkpoint: {args.layers} layers")
+    return model_dir, model_dir
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
