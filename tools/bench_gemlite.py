@@ -309,7 +309,6 @@ def gemlite_configs(path: Path) -> int:
 # ---- decode --------------------------------------------------------------------------------
 def decode(args, device, bw: float, m1: dict, log) -> dict:
     """ms per decode step per (weights, backend, batch) against each one's floor."""
-    import bench_gpu
     import bench_quant
 
     out: dict = {"ms": {}, "floor_ms": {}, "bytes": {}, "gemlite_layers": {}, "m1_kernel": m1}
@@ -330,16 +329,11 @@ def decode(args, device, bw: float, m1: dict, log) -> dict:
                                              for m in model.modules())
             log(f"{key}: loaded in {time.perf_counter() - t:.1f} s, {nbytes / 2**30:.2f} GiB per step, "
                 f"{out['gemlite_layers'][key]} layers on gemlite")
-            for B in args.batches:
-                ms = bench_gpu.engine_decode_ms(model, B, args.decode_prompt, args.decode_steps, clock, 1, 3, "graph")
-                out["ms"][f"{key}/{B}"] = ms
-                out["floor_ms"][f"{key}/{B}"] = nbytes / bw * 1e3
-                floor = nbytes / bw * 1e3
-                log(f"{key} batch {B}: {ms:.3f} ms/step (floor {floor:.3f}, x{ms / floor:.2f})")
+            timed = bench_quant.time_decode(model, key, args.batches, args, clock, nbytes / bw * 1e3, 1, 3, log)
+            out["ms"].update(timed)
+            out["floor_ms"].update({k: nbytes / bw * 1e3 for k in timed})
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            bench_quant.release(device)
     finally:
         os.environ.pop(BACKEND_ENV, None)
         if work is not None:

@@ -172,16 +172,11 @@ def run(args) -> dict:
             nbytes = streamed_bytes(model)
             res["bytes"][mode] = nbytes
             log(f"{mode}: loaded in {time.perf_counter() - t:.1f} s, {nbytes / 2**30:.2f} GiB read per step")
-            for B in batches:
-                ms = bench_gpu.engine_decode_ms(model, B, args.decode_prompt, args.decode_steps, clock, args.warmup,
-                                                args.repeats, "graph")
-                res["decode"][f"{mode}/{B}"] = ms
-                res["floor"][f"{mode}/{B}"] = nbytes / bw * 1e3
-                log(f"{mode} batch {B}: {ms:.3f} ms/step (floor {nbytes / bw * 1e3:.3f})")
+            timed = time_decode(model, mode, batches, args, clock, nbytes / bw * 1e3, args.warmup, args.repeats, log)
+            res["decode"].update(timed)
+            res["floor"].update({k: nbytes / bw * 1e3 for k in timed})
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            release(device)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
@@ -210,6 +205,23 @@ def table(res: dict, batches: list[int]) -> str:
     return "\n".join(lines)
 
 
+
+
+def time_decode(model, key: str, batches, args, clock, floor_ms: float, warmup: int, repeats: int, log) -> dict:
+    """{f"{key}/{B}": ms per decode step} at each batch (CUDA graphs), each logged against floor_ms."""
+    out = {}
+    for B in batches:
+        ms = bench_gpu.engine_decode_ms(model, B, args.decode_prompt, args.decode_steps, clock, warmup, repeats, "graph")
+        out[f"{key}/{B}"] = ms
+        log(f"{key} batch {B}: {ms:.3f} ms/step (floor {floor_ms:.3f}, x{ms / floor_ms:.2f})")
+    return out
+
+
+def release(device) -> None:
+    """Give a deleted model's memory back before the next one loads."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 def scratch_model(args, device, log, prefix: str) -> tuple[Path, Path]:
     """(a folder to remove afterwards, a checkpoint in it): the tiny model (--tiny), else the random
