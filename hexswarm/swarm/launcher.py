@@ -37,8 +37,10 @@ def write_node_config(folder: Path, name: str, **keys: Any) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     # calibrate off: every local node shares this machine, so timing the engine in each one measures
     # contention (and slows the start), not a device; a test that wants it passes calibrate=True.
+    # bootstrap_timeout_s 120: local nodes start together on one machine, and under load the first one
+    # answered no dial for ~50 s while its peers gave up after the default 30 s (a test's node exited)
     data = {"data_dir": str(home), "swarm": "local", "devices": [CPU_DEVICE], "log_level": "info",
-            "calibrate": False, **FAST_TIMINGS, **keys}
+            "calibrate": False, "bootstrap_timeout_s": 120.0, **FAST_TIMINGS, **keys}
     path = home / "node.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
