@@ -228,6 +228,66 @@ def test_py_libp2p_yamux_is_shielded_once_a_host_exists():
     assert getattr(Yamux._write_frame, "_hexswarm_shielded", False)
 
 
+def test_yamux_credits_reads_back_in_batches_and_bulk_data_still_flows():
+    """Small messages read a byte of varint at a time (as gossipsub reads) send no WINDOW_UPDATE until half the
+    window is consumed; a transfer of several windows still completes (the sender is never left waiting)."""
+    import multiaddr
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import PeerInfo
+    from libp2p.stream_muxer.yamux.yamux import DEFAULT_WINDOW_SIZE, YamuxStream
+
+    proto, small, bulk = TProtocol("/test/window/1"), 200, 4 * DEFAULT_WINDOW_SIZE + 12345
+    updates = []
+    received = {}
+
+    async def main():
+        a, b = host_mod.make_host(identity.generate()), host_mod.make_host(identity.generate())
+        send_update = YamuxStream.send_window_update
+
+        async def counted(self, increment, skip_lock=False):
+            if self.conn is b_conn[0]:
+                updates.append(increment)
+            await send_update(self, increment, skip_lock)
+
+        done = trio.Event()
+
+        async def handler(stream):
+            b_conn[0] = stream.muxed_conn
+            for _ in range(small):  # a 1-byte length, then the body: two reads per message
+                n = (await stream.read(1))[0]
+                body = await stream.read(n)
+                while len(body) < n:
+                    body += await stream.read(n - len(body))
+            received["small_updates"] = len(updates)
+            data = b""
+            while len(data) < bulk:
+                data += await stream.read(bulk - len(data))
+            received["bulk"] = data
+            done.set()
+
+        b_conn = [None]
+        b.set_stream_handler(proto, handler)
+        addr = multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")
+        async with a.run([addr]), b.run([addr]):
+            await a.connect(PeerInfo(b.get_id(), b.get_addrs()))
+            YamuxStream.send_window_update = counted
+            try:
+                with trio.fail_after(20):
+                    stream = await a.new_stream(b.get_id(), [proto])
+                    for i in range(small):
+                        await stream.write(bytes([100]) + bytes([i % 256]) * 100)
+                    await stream.write(bytes(range(256)) * (bulk // 256) + bytes(bulk % 256))
+                    await done.wait()
+            finally:
+                YamuxStream.send_window_update = send_update
+
+    trio.run(main)
+    assert received["small_updates"] == 0  # 20 KiB read: far below half the window
+    assert received["bulk"] == bytes(range(256)) * (bulk // 256) + bytes(bulk % 256)
+    assert len(updates) >= 4  # the bulk transfer was credited back, in few updates
+    assert len(updates) < 20
+
+
 def test_dht_lookups_slow_down_with_scale_and_while_they_find_nothing_new():
     from hexswarm.swarm.node import DISCOVERY_INTERVAL_S, PROVIDE_INTERVAL_S, lookup_interval
 
