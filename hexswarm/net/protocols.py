@@ -40,6 +40,7 @@ def protocol_id(name: str, version: int) -> str:
 # Every hexswarm protocol id, in one place (torch-free: clients import these).
 PING = protocol_id("ping", 1)
 PEERS = protocol_id("peers", 1)
+RECORDS = protocol_id("records", 1)  # a node's table as signed records, for a newcomer (swarm/node.py)
 SUBMIT = protocol_id("submit", 1)  # client -> entry node (swarm/submit.py)
 SUBMIT2 = protocol_id("submit", 2)  # submit/1 plus keepalive frames while the entry has nothing else to send
 DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)

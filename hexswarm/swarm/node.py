@@ -48,6 +48,7 @@ from hexswarm.net.protocols import (
     FORBIDDEN,
     PEERS,
     PING,
+    RECORDS,
     Handler,
     RemoteError,
     RequestError,
@@ -73,6 +74,9 @@ GOSSIP_CACHE_PRUNE_S = 60.0
 UNREACHABLE_WARN_EVERY_S = 30.0
 MAX_DIAL_BACKOFF = 1024  # peers whose dial back-off is remembered; past that, only those still backing off
 PROBE_FANOUT = 8  # peers probed per probe round (all of them in small swarms)
+# Discovery dials in flight at once: a node that learns a whole table at once (joining a large swarm) dials
+# its peers a few at a time instead of starting N handshakes together.
+DIAL_CONCURRENCY = 4
 # gossipsub mesh degree (target, low, high) and heartbeat; at a membership scale > 1 (a swarm larger than
 # heartbeat_peers) the leaner degree and a heartbeat slowed alike (peer_table.py): every record reaches a
 # node about once per mesh peer, so the degree multiplies every node's inventory work.
@@ -151,6 +155,9 @@ class Node:
         # reservation, a restart) are dialed at once
         self._dial_backoff: dict[str, tuple[float, Backoff, list[str]]] = {}
         self._dialing: set[str] = set()
+        self._dial_slots = trio.Semaphore(DIAL_CONCURRENCY)
+        # PeerID -> the signed form of the record the table holds for it (ours too): sent to newcomers
+        self._signed: dict[str, dict] = {}
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
@@ -160,6 +167,9 @@ class Node:
         self.record_bytes = 0
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
+        # "clients": a newcomer's record may not have reached us yet, so its certificate comes in the
+        # request (admitted here as for a client); the handler then answers admitted nodes only
+        self.register_handler(RECORDS, self._on_records, access="clients")
 
     # --- public API -------------------------------------------------------
 
@@ -321,6 +331,7 @@ class Node:
                 eclipse_protection_enabled=False,
             )
             self.pubsub = Pubsub(self.host, self.gossipsub, strict_signing=True)
+            self._replay_own_records_only()
             async with background_trio_service(self.pubsub), background_trio_service(
                 self.gossipsub
             ), background_trio_service(self.dht):
@@ -383,10 +394,15 @@ class Node:
     async def _publish_record(self) -> None:
         self._tune_gossip()
         record = self.make_record()
-        self._apply(record)
         try:
             signed = sign_record(record, self.identity)
-            self.record_bytes = len(signed["body"])
+        except ProtocolError as e:
+            self._apply(record)
+            log.debug("signing record: %s", e)
+            return
+        self._apply(record, signed)
+        self.record_bytes = len(signed["body"])
+        try:
             await self.pubsub.publish(self.inventory_topic, codec.encode(signed))
         except Exception as e:  # no peers yet, or a peer stream broke mid-write
             log.debug("publishing record: %s", e)
@@ -399,10 +415,15 @@ class Node:
         self.gossipsub.heartbeat_interval = GOSSIP_HEARTBEAT_S * scale
 
     def _accept_record(self, msg: Any, publisher: str) -> NodeRecord:
-        """The verified record in `msg`, or ProtocolError saying why it is not one of ours."""
-        record = open_record(msg)
+        """The verified record in `msg`, published by `publisher`, or ProtocolError saying why it is not one of ours."""
+        record = self._verify_record(msg)
         if record.peer_id != publisher:
             raise ProtocolError(f"record of {record.peer_id} published by {publisher}")
+        return record
+
+    def _verify_record(self, msg: Any) -> NodeRecord:
+        """The verified record in `msg` (signed by its own node, of our swarm, admitted), or ProtocolError."""
+        record = open_record(msg)
         if record.swarm != self.config.swarm:
             raise ProtocolError(f"record of swarm {record.swarm!r}")
         if self.admission is not None:
@@ -412,8 +433,11 @@ class Node:
             raise ProtocolError(f"{record.peer_id} is not in allow_peers")
         return record
 
-    def _apply(self, record: NodeRecord) -> None:
-        change = self.table.observe(record)
+    def _apply(self, record: NodeRecord, signed: dict | None = None, age_s: float = 0.0) -> None:
+        change = self.table.observe(record, age_s)
+        entry = self.table.get(record.peer_id)
+        if signed is not None and entry is not None and entry.record is record:
+            self._signed[record.peer_id] = signed
         if change is not None:
             self._report(change)
             if change.peer_id != self.peer_id_str:
@@ -428,6 +452,7 @@ class Node:
             elif change.new == PeerState.DROPPED:
                 what = f"dropped (silent > {self.config.drop_after_s * self.table.scale:g} s)"
                 self.links.pop(change.peer_id, None)
+                self._signed.pop(change.peer_id, None)
             log.info("peer %s %s", change.peer_id, what)
         for listener in self.on_peer_change:
             try:
@@ -473,7 +498,63 @@ class Node:
     async def _on_inventory(self, msg: Any, publisher: str) -> None:
         if publisher == self.peer_id_str:
             return
-        self._apply(self._accept_record(msg, publisher))
+        self._apply(self._accept_record(msg, publisher), msg)
+
+    def _replay_own_records_only(self) -> None:
+        """On the inventory topic, greet a newly subscribed peer with our own latest record only.
+
+        py-libp2p replays every message of its recent-message cache (~1.5 heartbeats of every node's
+        records) to each peer that subscribes, that is on every new connection: with every node
+        connected to every other, O(N) records per connection and O(N^3) in a forming swarm, nearly
+        all of them duplicates.  A newcomer asks one bootstrap peer for its table instead
+        (_sync_table); our own record still goes to each new peer at once, which forwards it to its
+        mesh, so a node that joins is announced without waiting a heartbeat.  Other topics: as before.
+        """
+        router, replay = self.gossipsub, self.gossipsub.send_recent_messages
+        me = self.peer_id.to_bytes()
+
+        async def send_recent_messages(peer_id: Any, topic: str) -> None:
+            if topic != self.inventory_topic:
+                return await replay(peer_id, topic)
+            stream = self.pubsub.peers.get(peer_id)
+            ours = [m for m in map(router.mcache.get, router.mcache.window(topic)) if m is not None and m.from_id == me]
+            if stream is None or not ours:
+                return
+            from libp2p.pubsub.pb import rpc_pb2
+
+            newest = max(ours, key=lambda m: int.from_bytes(m.seqno, "big"))
+            await self.pubsub.write_msg(stream, rpc_pb2.RPC(publish=[newest]))
+
+        router.send_recent_messages = send_recent_messages
+
+    async def _sync_table(self, peer_id: Any) -> None:
+        """Take the table of a peer we just joined through: every record it holds up, verified here one by
+        one, each counted as heard as long ago as that peer heard it.  A newcomer knows the swarm at once
+        instead of after a heartbeat of every peer."""
+        try:
+            cert = self.extra.get("cert") if self.admission is not None else None
+            reply = await self.request(peer_id, RECORDS, {} if cert is None else {"cert": cert}, timeout=10.0)
+        except RequestError as e:
+            log.debug("no table from %s: %s", peer_id, e)
+            return
+        items = reply.get("records") if isinstance(reply, dict) else None
+        if not isinstance(items, list):
+            log.debug("table from %s is not a list of records", peer_id)
+            return
+        new = 0
+        for item in items:
+            try:
+                signed, age_s = item
+                record = self._verify_record(signed)
+                if not isinstance(age_s, (int, float)) or isinstance(age_s, bool) or not math.isfinite(age_s):
+                    raise ProtocolError("age is not a number")
+            except (ProtocolError, TypeError, ValueError) as e:
+                log.debug("record in the table from %s: %s", peer_id, e)
+                continue
+            if record.peer_id != self.peer_id_str:
+                new += record.peer_id not in self.table
+                self._apply(record, signed, float(age_s))
+        log.info("took the table of %s: %d records, %d peers new here", peer_id, len(items), new)
 
     # --- loops --------------------------------------------------------------
 
@@ -512,6 +593,7 @@ class Node:
                 await dial(self.host, info)
                 await self._on_connected(info.peer_id)
                 log.info("connected to bootstrap peer %s", info.peer_id)
+                self._nursery.start_soon(self._sync_table, info.peer_id)
                 joined = True
                 continue
             except ConnectionError as e:
@@ -598,7 +680,10 @@ class Node:
 
     async def _dial_discovered(self, peer_id: str, addrs: list[str]) -> None:
         try:
-            await self.nat.connect(peer_id, addrs)  # direct, else through a relay
+            async with self._dial_slots:
+                if is_connected(self.host, parse_peer_id(peer_id)):  # it dialed us meanwhile
+                    return
+                await self.nat.connect(peer_id, addrs)  # direct, else through a relay
             self._dial_backoff.pop(peer_id, None)
             await self._on_connected(parse_peer_id(peer_id))
             log.info("connected to peer %s", peer_id)
@@ -649,6 +734,20 @@ class Node:
             log.debug("probe of %s failed: %s", peer_id, e)
 
     # --- protocol handlers ------------------------------------------------
+
+    async def _on_records(self, msg: Any, remote: Any) -> dict:
+        """Our table as signed records, for a peer that joins through us: [[signed record, seconds since we
+        heard it], ...] of every peer up (ours included)."""
+        if not isinstance(msg, dict):
+            raise ProtocolError("records wants a map")
+        if not self.is_allowed(remote):
+            raise RemoteError(FORBIDDEN, "the table is for nodes of this swarm")
+        records = []
+        for entry in self.table.up():
+            signed = self._signed.get(entry.peer_id)
+            if signed is not None and entry.peer_id != str(remote):
+                records.append([signed, round(self.table.seconds_since_seen(entry), 3)])
+        return {"records": records}
 
     async def _on_ping(self, msg: Any, remote: Any) -> dict:
         if not isinstance(msg, dict) or not isinstance(msg.get("pad", b""), bytes):

@@ -76,19 +76,30 @@ class PeerTable:
         # Newest (incarnation, seq) per peer, kept past drops to refuse replays.
         self._newest: dict[str, tuple[int, int]] = {}
 
-    def observe(self, record: NodeRecord) -> StateChange | None:
-        """Take a verified record; returns the state change it caused, if any."""
+    def observe(self, record: NodeRecord, age_s: float = 0.0) -> StateChange | None:
+        """Take a verified record; returns the state change it caused, if any.
+
+        age_s: how long ago the record was heard, where it comes second hand (a peer's table, sent to a
+        newcomer): the peer then counts as heard age_s ago, so it is marked down when it would have been
+        had the record come by gossip.  A record already past the down threshold is not taken.
+        """
         newest = self._newest.get(record.peer_id)
         if newest is not None and record.order <= newest:
             return None
+        age_s = max(0.0, age_s)
+        if age_s and age_s >= self.down_after_s * max(self.scale, announced_scale(record)):
+            return None
         self._newest[record.peer_id] = record.order
         now = self._clock()
+        seen = now - age_s
         entry = self._entries.get(record.peer_id)
         if entry is None:
-            self._entries[record.peer_id] = PeerEntry(record, PeerState.UP, now, now)
+            self._entries[record.peer_id] = PeerEntry(record, PeerState.UP, seen, now)
             return StateChange(record.peer_id, None, PeerState.UP)
+        if seen < entry.last_seen:  # a newer record heard earlier than the one we hold: keep the later time
+            seen = entry.last_seen
         old = entry.state
-        entry.record, entry.last_seen, entry.state = record, now, PeerState.UP
+        entry.record, entry.last_seen, entry.state = record, seen, PeerState.UP
         return StateChange(record.peer_id, old, PeerState.UP) if old != PeerState.UP else None
 
     def sweep(self) -> list[StateChange]:

@@ -1,0 +1,137 @@
+"""A node joining a swarm (issue 16): it takes its bootstrap peer's table as signed records at once, and a
+new connection carries only each side's own latest record, not the whole recent-message cache."""
+
+from __future__ import annotations
+
+import trio
+
+from hexswarm.swarm.config import config_from_dict
+from hexswarm.swarm.node import Node
+from hexswarm.swarm.peer_table import PeerState, PeerTable
+from hexswarm.swarm.records import NodeRecord
+from netutil import CPU_DEVICE
+
+# A heartbeat far longer than the test: every record seen here comes from a node's start, its greeting
+# of a new peer, or a table taken on joining.
+SLOW = {"heartbeat_s": 30.0, "down_after_s": 90.0, "drop_after_s": 300.0, "probe_s": 60.0, "probe_bytes": 0}
+
+
+def _node(tmp_path, name, **keys) -> Node:
+    cfg = config_from_dict(
+        {"listen": ["/ip4/127.0.0.1/tcp/0"], "data_dir": str(tmp_path / name), "devices": CPU_DEVICE, "swarm": "join",
+         **SLOW, **keys},
+        tmp_path,
+    )
+    return Node(cfg)
+
+
+async def _until(predicate, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+
+
+def test_a_newcomer_takes_the_table_of_its_bootstrap_peer(tmp_path):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            a = _node(tmp_path, "a")
+            await nursery.start(a.run)
+            b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
+            await nursery.start(b.run)
+            await _until(lambda: a.peer_id_str in b.table and b.peer_id_str in a.table, 15)
+            # a's record leaves b's recent-message cache (3 gossipsub heartbeats of 1 s): gossip would not bring
+            # it to a newcomer for another 30 s heartbeat
+            await trio.sleep(4.0)
+            c = _node(tmp_path, "c", bootstrap=[b.addrs[0]])
+            await nursery.start(c.run)
+            await _until(lambda: a.peer_id_str in c.table, 5)
+            entry = c.table.get(a.peer_id_str)
+            assert entry.state == PeerState.UP
+            # counted as heard when b heard it, not when c was told
+            assert c.table.seconds_since_seen(entry) >= 4.0
+            for node in (a, b, c):
+                node.stop()
+
+    trio.run(main)
+
+
+class _CountingNode(Node):
+    """Notes (forwarder, publisher) of every gossip message it receives, duplicates included."""
+
+    def _replay_own_records_only(self) -> None:
+        from libp2p.peer.id import ID
+
+        super()._replay_own_records_only()
+        self.received: list[tuple[str, str]] = []
+        push = self.pubsub.push_msg
+
+        async def counted(forwarder, msg):
+            self.received.append((str(forwarder), ID(msg.from_id).to_base58()))
+            await push(forwarder, msg)
+
+        self.pubsub.push_msg = counted
+
+
+def test_a_new_connection_carries_only_each_sides_own_record(tmp_path):
+    async def main():
+        async with trio.open_nursery() as nursery:
+            a = _node(tmp_path, "a")
+            await nursery.start(a.run)
+            b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
+            await nursery.start(b.run)
+            await _until(lambda: a.peer_id_str in b.table and b.peer_id_str in a.table, 15)
+            # at once: a's record is still in b's recent-message cache, which py-libp2p would replay whole
+            c = _CountingNode(config_from_dict({"listen": ["/ip4/127.0.0.1/tcp/0"], "data_dir": str(tmp_path / "c"),
+                                                "devices": CPU_DEVICE, "swarm": "join", "bootstrap": [b.addrs[0]],
+                                                **SLOW}, tmp_path))
+            await nursery.start(c.run)
+            await _until(lambda: c.peer_id_str in b.table and b.peer_id_str in c.table and a.peer_id_str in c.table, 10)
+            await trio.sleep(1.0)  # anything else b would send has arrived by now
+            assert {publisher for forwarder, publisher in c.received if forwarder == b.peer_id_str} == {b.peer_id_str}
+            for node in (a, b, c):
+                node.stop()
+
+    trio.run(main)
+
+
+def _rec(peer: str, seq: int) -> NodeRecord:
+    return NodeRecord(peer, b"k" * 32, "s", [], [], [], {}, 1, seq, 0.0, {})
+
+
+def test_a_record_heard_second_hand_keeps_its_age():
+    now = [100.0]
+    table = PeerTable(10.0, 60.0, lambda: now[0])
+    table.observe(_rec("p", 1), age_s=7.0)
+    assert table.seconds_since_seen(table.get("p")) == 7.0
+    now[0] += 3.5
+    assert [c.new for c in table.sweep()] == [PeerState.DOWN]  # 10.5 s since p was heard
+    assert table.observe(_rec("q", 1), age_s=10.0) is None and "q" not in table  # already past down_after
+    table.observe(_rec("p", 2))  # a newer record first hand: up again, heard now
+    now[0] += 1.0
+    table.observe(_rec("p", 3), age_s=5.0)  # newer still, heard before p's last record: taken, the later time kept
+    assert table.get("p").record.seq == 3 and table.seconds_since_seen(table.get("p")) == 1.0
+
+
+def test_discovery_dials_a_few_peers_at_a_time(tmp_path):
+    from hexswarm.swarm import node as node_mod
+
+    async def main():
+        node = _node(tmp_path, "n")
+        others = [_node(tmp_path, f"p{i}") for i in range(3 * node_mod.DIAL_CONCURRENCY)]
+        in_flight, most = [0], [0]
+
+        async def slow_connect(peer_id, addrs):
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+            await trio.sleep(0.05)
+            in_flight[0] -= 1
+
+        node.nat.connect = slow_connect
+        async with trio.open_nursery() as nursery:
+            node._nursery = nursery
+            node._dial_new({o.peer_id_str: [f"/ip4/127.0.0.1/tcp/1/p2p/{o.peer_id_str}"] for o in others})
+            assert len(node._dialing) == len(others)  # every one is on its way...
+        assert most[0] == node_mod.DIAL_CONCURRENCY  # ...a few at a time
+        assert not node._dialing
+
+    trio.run(main)
