@@ -112,15 +112,18 @@ def test_a_record_heard_second_hand_keeps_its_age():
     assert table.get("p").record.seq == 3 and table.seconds_since_seen(table.get("p")) == 1.0
 
 
-def test_discovery_dials_a_few_peers_at_a_time(tmp_path):
+def test_discovery_dials_a_few_peers_at_a_time_and_the_first_peer_id_first(tmp_path):
     from hexswarm.swarm import node as node_mod
 
     async def main():
-        node = _node(tmp_path, "n")
-        others = [_node(tmp_path, f"p{i}") for i in range(3 * node_mod.DIAL_CONCURRENCY)]
-        in_flight, most = [0], [0]
+        nodes = sorted((_node(tmp_path, f"p{i}") for i in range(3 * node_mod.DIAL_CONCURRENCY + 1)),
+                       key=lambda n: n.peer_id_str)
+        node = nodes[len(nodes) // 2]  # half the others sort before it, half after
+        others = [n for n in nodes if n is not node]
+        in_flight, most, order = [0], [0], []
 
-        async def slow_connect(peer_id, addrs):
+        async def slow_connect(peer_id, addrs, timeout):
+            order.append(peer_id)
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
             await trio.sleep(0.05)
@@ -133,5 +136,8 @@ def test_discovery_dials_a_few_peers_at_a_time(tmp_path):
             assert len(node._dialing) == len(others)  # every one is on its way...
         assert most[0] == node_mod.DIAL_CONCURRENCY  # ...a few at a time
         assert not node._dialing
+        # a peer whose PeerID sorts before ours is given time to dial us first (it dials at once by the same rule)
+        first = [p > node.peer_id_str for p in order]
+        assert sorted(first, reverse=True) == first and len(order) == len(others)
 
     trio.run(main)

@@ -115,8 +115,9 @@ class NatTraversal:
         except UserError:
             return False
 
-    async def connect(self, peer: str, addrs: list[str]) -> None:
-        """Connect to `peer`: its direct addresses, else through each relay it names; ConnectionError."""
+    async def connect(self, peer: str, addrs: list[str], timeout: float = DIAL_TIMEOUT_S) -> None:
+        """Connect to `peer`: its direct addresses (within `timeout`), else through each relay it names;
+        ConnectionError."""
         from hexswarm.net.host import parse_peer_multiaddr
 
         direct = [parse_peer_multiaddr(a).addrs[0] for a in addrs if not is_circuit(a)]
@@ -131,7 +132,7 @@ class NatTraversal:
             try:
                 # a peer that names relays is likely behind a NAT that drops our SYNs: do not wait long
                 await dial(self.node.host, PeerInfo(parse_peer_id(peer), direct),
-                           timeout=DIRECT_TIMEOUT_WITH_RELAYS_S if relayed else DIAL_TIMEOUT_S)
+                           timeout=DIRECT_TIMEOUT_WITH_RELAYS_S if relayed else timeout)
                 return
             except ConnectionError as e:
                 errors.append(str(e))

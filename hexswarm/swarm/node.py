@@ -77,6 +77,13 @@ PROBE_FANOUT = 8  # peers probed per probe round (all of them in small swarms)
 # Discovery dials in flight at once: a node that learns a whole table at once (joining a large swarm) dials
 # its peers a few at a time instead of starting N handshakes together.
 DIAL_CONCURRENCY = 4
+# Two peers that learn of each other at once would both dial, and both pay for a second connection: the one
+# whose PeerID sorts first dials at once, the other gives it this long before dialing itself.
+DIAL_DEFER_S = 2.0
+# A discovery dial has no caller waiting on it: it may take as long as py-libp2p's own phase timeouts
+# (TCP, then the Noise and yamux upgrade); cancelling it mid-upgrade on a loaded host threw away a
+# handshake the peer had completed (measured: ~5 per node while 32 nodes formed on 2 cores).
+DISCOVERY_DIAL_TIMEOUT_S = 20.0
 # gossipsub mesh degree (target, low, high) and heartbeat; at a membership scale > 1 (a swarm larger than
 # heartbeat_peers) the leaner degree and a heartbeat slowed alike (peer_table.py): every record reaches a
 # node about once per mesh peer, so the degree multiplies every node's inventory work.
@@ -680,10 +687,12 @@ class Node:
 
     async def _dial_discovered(self, peer_id: str, addrs: list[str]) -> None:
         try:
+            if peer_id < self.peer_id_str:
+                await trio.sleep(DIAL_DEFER_S)
             async with self._dial_slots:
                 if is_connected(self.host, parse_peer_id(peer_id)):  # it dialed us meanwhile
                     return
-                await self.nat.connect(peer_id, addrs)  # direct, else through a relay
+                await self.nat.connect(peer_id, addrs, timeout=DISCOVERY_DIAL_TIMEOUT_S)  # direct, else a relay
             self._dial_backoff.pop(peer_id, None)
             await self._on_connected(parse_peer_id(peer_id))
             log.info("connected to peer %s", peer_id)
