@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,46 @@ class BootstrapFailed(UserError):
     pass
 
 
+# A peer's signed peer record as last accepted from it, per host: (the envelope's bytes, when)
+_SENDER_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+SENDER_RECORD_RECHECK_S = 600.0  # well inside the 2-h TTL py-libp2p gives the addresses it carries
+
+
+def _consume_sender_record(consume: Callable[[Any, Any, Any], bool], msg: Any, host: Any, peer_id: Any) -> bool:
+    """py-libp2p's maybe_consume_signed_record (`consume`), skipped for the bytes last accepted from this peer."""
+    if not msg.HasField("senderRecord"):
+        return True
+    seen = _SENDER_RECORDS.setdefault(host, {})
+    key, now = peer_id.to_bytes(), time.monotonic()
+    last = seen.get(key)
+    if last is not None and last[0] == msg.senderRecord and now - last[1] < SENDER_RECORD_RECHECK_S:
+        return True
+    if not consume(msg, host, peer_id):
+        return False
+    if len(seen) >= MAX_DIAL_BACKOFF:  # peers come and go: forget all now and then
+        seen.clear()
+    seen[key] = (msg.senderRecord, now)
+    return True
+
+
+def _verify_sender_records_once() -> None:
+    """Check a peer's signed peer record once, not on every gossip RPC it sends.
+
+    py-libp2p 0.8.1 attaches the sender's signed peer record (an Ed25519-signed envelope) to every pubsub
+    RPC and the receiver parses and verifies it each time: measured, about a third of the time spent
+    reading gossip (32 nodes, py-spy).  The same bytes from the same peer verify the same way: they are
+    consumed again only when they change or every SENDER_RECORD_RECHECK_S (the TTL refresh).
+    """
+    import functools
+
+    import libp2p.pubsub.pubsub as pubsub_mod
+
+    if isinstance(pubsub_mod.maybe_consume_signed_record, functools.partial):
+        return
+    pubsub_mod.maybe_consume_signed_record = functools.partial(_consume_sender_record,
+                                                               pubsub_mod.maybe_consume_signed_record)
+
+
 def _names_peer(addr: str, peer_id: str) -> bool:
     """Does `addr` parse and end in /p2p/<peer_id>? (records and DHT answers are other peers' words)"""
     try:
@@ -172,6 +213,8 @@ class Node:
         # tools/swarm_scale.py reads them
         self.gossip_in = 0
         self.record_bytes = 0
+        # records the inventory validator accepted, by signature, until delivered: verified once, not twice
+        self._validated: dict[bytes, tuple[bytes, NodeRecord]] = {}
         self.register_handler(PING, self._on_ping, max_request=config.probe_bytes + 4096)
         self.register_handler(PEERS, self._on_peers, access="clients")
         # "clients": a newcomer's record may not have reached us yet, so its certificate comes in the
@@ -337,6 +380,7 @@ class Node:
                 # Several nodes per IP is normal here (tests, multi-daemon hosts).
                 eclipse_protection_enabled=False,
             )
+            _verify_sender_records_once()
             self.pubsub = Pubsub(self.host, self.gossipsub, strict_signing=True)
             self._replay_own_records_only()
             async with background_trio_service(self.pubsub), background_trio_service(
@@ -481,10 +525,14 @@ class Node:
 
         self.gossip_in += 1
         try:
-            self._accept_record(codec.decode(msg.data, MAX_GOSSIP_BYTES), ID(msg.from_id).to_base58())
+            signed = codec.decode(msg.data, MAX_GOSSIP_BYTES)
+            record = self._accept_record(signed, ID(msg.from_id).to_base58())
         except Exception as e:
             log.debug("rejected inventory gossip via %s: %s", forwarder, e)
             return False
+        if len(self._validated) >= MAX_DIAL_BACKOFF:  # normally delivered at once; never unbounded
+            self._validated.clear()
+        self._validated[signed["sig"]] = (signed["body"], record)
         return True
 
     async def _deliver(self, topic: str, subscription: Any, fn: GossipHandler) -> None:
@@ -503,9 +551,13 @@ class Node:
                 failures.unexpected(f"gossip {topic}", publisher, e)
 
     async def _on_inventory(self, msg: Any, publisher: str) -> None:
+        sig = msg.get("sig") if isinstance(msg, dict) else None
+        body, record = self._validated.pop(sig, (None, None)) if isinstance(sig, bytes) else (None, None)
         if publisher == self.peer_id_str:
             return
-        self._apply(self._accept_record(msg, publisher), msg)
+        if record is None or body != msg.get("body") or record.peer_id != publisher:
+            record = self._accept_record(msg, publisher)
+        self._apply(record, msg)
 
     def _replay_own_records_only(self) -> None:
         """On the inventory topic, greet a newly subscribed peer with our own latest record only.
