@@ -143,43 +143,6 @@ def test_discovery_dials_a_few_peers_at_a_time_and_the_first_peer_id_first(tmp_p
     trio.run(main)
 
 
-def test_a_peers_signed_peer_record_is_verified_once_per_change(monkeypatch):
-    from hexswarm.swarm import node as node_mod
-
-    checked = []
-
-    def consume(msg, host, peer):
-        checked.append(msg.senderRecord)
-        return msg.senderRecord != b"bad"
-
-    class Msg:
-        def __init__(self, record):
-            self.senderRecord = record
-
-        def HasField(self, name):
-            return self.senderRecord is not None
-
-    class Host:
-        pass
-
-    class Peer(bytes):
-        def to_bytes(self):
-            return bytes(self)
-
-    host, a, b = Host(), Peer(b"a"), Peer(b"b")
-
-    def once(record, peer):
-        return node_mod._consume_sender_record(consume, Msg(record), host, peer)
-
-    assert once(b"r1", a) and once(b"r1", a) and checked == [b"r1"]  # the same bytes again: not re-verified
-    assert once(b"r1", b) and checked == [b"r1", b"r1"]  # per peer
-    assert once(b"r2", a) and checked[-1] == b"r2"  # a new record is verified
-    assert not once(b"bad", a) and not once(b"bad", a) and checked.count(b"bad") == 2  # a refused one every time
-    assert once(None, a) and len(checked) == 5  # no record: nothing to check
-    monkeypatch.setattr(node_mod, "SENDER_RECORD_RECHECK_S", 0.0)
-    assert once(b"r1", b) and len(checked) == 6  # and every so often again
-
-
 def test_a_gossiped_record_is_verified_once_between_validator_and_table(tmp_path, monkeypatch):
     from libp2p.peer.id import ID
 

@@ -23,7 +23,6 @@ import hashlib
 import logging
 import math
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import ProtocolError, UserError
-from hexswarm.net import codec, failures
+from hexswarm.net import codec, failures, pubsub_fixes
 from hexswarm.net.host import (
     DIAL_TIMEOUT_S,
     Backoff,
@@ -101,46 +100,6 @@ def lookup_interval(scale: float, idle_lookups: int) -> float:
 
 class BootstrapFailed(UserError):
     pass
-
-
-# A peer's signed peer record as last accepted from it, per host: (the envelope's bytes, when)
-_SENDER_RECORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-SENDER_RECORD_RECHECK_S = 600.0  # well inside the 2-h TTL py-libp2p gives the addresses it carries
-
-
-def _consume_sender_record(consume: Callable[[Any, Any, Any], bool], msg: Any, host: Any, peer_id: Any) -> bool:
-    """py-libp2p's maybe_consume_signed_record (`consume`), skipped for the bytes last accepted from this peer."""
-    if not msg.HasField("senderRecord"):
-        return True
-    seen = _SENDER_RECORDS.setdefault(host, {})
-    key, now = peer_id.to_bytes(), time.monotonic()
-    last = seen.get(key)
-    if last is not None and last[0] == msg.senderRecord and now - last[1] < SENDER_RECORD_RECHECK_S:
-        return True
-    if not consume(msg, host, peer_id):
-        return False
-    if len(seen) >= MAX_DIAL_BACKOFF:  # peers come and go: forget all now and then
-        seen.clear()
-    seen[key] = (msg.senderRecord, now)
-    return True
-
-
-def _verify_sender_records_once() -> None:
-    """Check a peer's signed peer record once, not on every gossip RPC it sends.
-
-    py-libp2p 0.8.1 attaches the sender's signed peer record (an Ed25519-signed envelope) to every pubsub
-    RPC and the receiver parses and verifies it each time: measured, about a third of the time spent
-    reading gossip (32 nodes, py-spy).  The same bytes from the same peer verify the same way: they are
-    consumed again only when they change or every SENDER_RECORD_RECHECK_S (the TTL refresh).
-    """
-    import functools
-
-    import libp2p.pubsub.pubsub as pubsub_mod
-
-    if isinstance(pubsub_mod.maybe_consume_signed_record, functools.partial):
-        return
-    pubsub_mod.maybe_consume_signed_record = functools.partial(_consume_sender_record,
-                                                               pubsub_mod.maybe_consume_signed_record)
 
 
 def _names_peer(addr: str, peer_id: str) -> bool:
@@ -380,7 +339,7 @@ class Node:
                 # Several nodes per IP is normal here (tests, multi-daemon hosts).
                 eclipse_protection_enabled=False,
             )
-            _verify_sender_records_once()
+            pubsub_fixes.install()
             self.pubsub = Pubsub(self.host, self.gossipsub, strict_signing=True)
             self._replay_own_records_only()
             async with background_trio_service(self.pubsub), background_trio_service(
