@@ -85,3 +85,15 @@ def test_a_pipe_link_that_cannot_be_opened_is_reported_not_raised():
 
     trio.run(main)
     assert failed == [[{"kind": "start"}]] and broken == ["B"] and "B" not in pipe._out
+
+
+def test_an_unchanged_reachability_is_asked_for_less_and_less_often():
+    from hexswarm.swarm.nat import REACHABILITY_EVERY_S, REACHABILITY_MAX_EVERY_S, next_reachability_check
+
+    every, schedule = REACHABILITY_EVERY_S, []
+    for _ in range(8):
+        every = next_reachability_check(every, changed=False)
+        schedule.append(every)
+    assert schedule[:3] == [2 * REACHABILITY_EVERY_S, 4 * REACHABILITY_EVERY_S, 8 * REACHABILITY_EVERY_S]
+    assert schedule[-1] == REACHABILITY_MAX_EVERY_S
+    assert next_reachability_check(REACHABILITY_MAX_EVERY_S, changed=True) == REACHABILITY_EVERY_S  # a change: soon again

@@ -1,8 +1,9 @@
 """A node's reachability across NATs: whom to ask (AutoNAT), where to reserve (relays), how to dial.
 
 * Reachability (`reachability: auto`): every REACHABILITY_EVERY_S the node asks up to three peers it
-  is directly connected to to dial it back (AutoNAT, a fresh dialer on their side).  `public` /
-  `private` in the config skip the question.
+  is directly connected to to dial it back (AutoNAT, a fresh dialer on their side); while the answer stays
+  the same, half as often each time, down to every REACHABILITY_MAX_EVERY_S.  `public` / `private` in the
+  config skip the question.
 * Relays: while not known to be public, the node reserves a slot on every up peer whose record has
   the `relay` role, and its record then carries `<relay addr>/p2p-circuit/p2p/<self>` next to its
   direct addresses.
@@ -25,8 +26,17 @@ log = logging.getLogger("hexswarm.nat")
 
 RESERVE_EVERY_S = 2.0
 REACHABILITY_EVERY_S = 60.0
+# An answer that did not change is asked for again half as often each time, up to this (go-libp2p's AutoNAT
+# refreshes a confident answer every 15 min): every AutoNAT request makes each server dial back from a fresh
+# host (new keys, a full handshake): at 60 s, measured ~90 such connections a minute in a 32-node swarm.
+REACHABILITY_MAX_EVERY_S = 960.0
 AUTONAT_SERVERS = 3
 DIRECT_TIMEOUT_WITH_RELAYS_S = 2.0
+
+
+def next_reachability_check(every: float, changed: bool) -> float:
+    """Seconds until the next AutoNAT round, after one `every` s after the last that did (not) change the answer."""
+    return REACHABILITY_EVERY_S if changed else min(2 * every, REACHABILITY_MAX_EVERY_S)
 
 
 class NatTraversal:
@@ -42,11 +52,13 @@ class NatTraversal:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.stack.run)
             task_status.started()
-            last_check = -REACHABILITY_EVERY_S
+            last_check, every = -REACHABILITY_EVERY_S, REACHABILITY_EVERY_S
             while True:
-                if self.node.config.reachability == "auto" and trio.current_time() - last_check > REACHABILITY_EVERY_S:
+                if self.node.config.reachability == "auto" and trio.current_time() - last_check > every:
+                    before = self.reachability
                     if await self._check_reachability():
                         last_check = trio.current_time()
+                        every = next_reachability_check(every, changed=self.reachability != before)
                 if self.reachability != Reachability.PUBLIC:
                     await self._keep_reservations()
                 elif self.circuit_addrs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -642,16 +643,19 @@ class Node:
 
     async def _discovery_loop(self) -> None:
         key = swarm_key(self.config.swarm)
-        last_provide = last_lookup = -math.inf
+        # the first provide at a random point of the first interval: a swarm that starts (or restarts) at once
+        # does not send every node's provide (a DHT walk and k ADD_PROVIDER streams) in the same seconds
+        next_provide = trio.current_time() + random.uniform(0, PROVIDE_INTERVAL_S)
+        last_lookup = -math.inf
         idle_lookups = 0  # lookups in a row that named no peer missing from our table (used at scale > 1)
         while True:
             # Peers we hold records of first: no network round trip needed.
             self._dial_new({e.peer_id: e.record.addrs for e in self.table.entries()})
             now, scale = trio.current_time(), self.table.scale
-            if self.host.get_connected_peers() and now - last_provide > PROVIDE_INTERVAL_S * scale:
+            if self.host.get_connected_peers() and now >= next_provide:
                 try:
                     if await self.dht.provide(key):
-                        last_provide = now
+                        next_provide = now + PROVIDE_INTERVAL_S * scale
                 except Exception as e:
                     log.debug("DHT provide failed: %s", e)
             # at scale 1 a lookup every round (every DISCOVERY_INTERVAL_S, and when a new peer wakes us);
