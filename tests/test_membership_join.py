@@ -171,37 +171,3 @@ def test_a_gossiped_record_is_verified_once_between_validator_and_table(tmp_path
 
     trio.run(main)
 
-
-def test_the_first_dht_provide_comes_at_a_random_point_of_the_first_interval(tmp_path, monkeypatch):
-    from hexswarm.swarm import node as node_mod
-
-    asked = []
-    monkeypatch.setattr(node_mod.random, "uniform", lambda a, b: asked.append((a, b)) or 0.5)
-
-    class FakeDHT:
-        provides = 0
-
-        async def provide(self, key):
-            self.provides += 1
-            return True
-
-        async def find_providers(self, key):
-            return []
-
-    async def main():
-        node = _node(tmp_path, "n")
-        node.dht = FakeDHT()
-        node.host.get_connected_peers = lambda: ["someone"]
-        async with trio.open_nursery() as nursery:
-            node._nursery = nursery
-            nursery.start_soon(node._discovery_loop)
-            await trio.sleep(0.3)
-            assert node.dht.provides == 0  # not at once...
-            await trio.sleep(0.4)
-            node._discovery_wake.set()
-            await trio.sleep(0.1)
-            assert node.dht.provides == 1  # ...at the drawn point
-            nursery.cancel_scope.cancel()
-        assert asked == [(0, node_mod.PROVIDE_INTERVAL_S)]
-
-    trio.run(main)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -643,10 +642,7 @@ class Node:
 
     async def _discovery_loop(self) -> None:
         key = swarm_key(self.config.swarm)
-        # the first provide at a random point of the first interval: a swarm that starts (or restarts) at once
-        # does not send every node's provide (a DHT walk and k ADD_PROVIDER streams) in the same seconds
-        next_provide = trio.current_time() + random.uniform(0, PROVIDE_INTERVAL_S)
-        last_lookup = -math.inf
+        next_provide = last_lookup = -math.inf
         idle_lookups = 0  # lookups in a row that named no peer missing from our table (used at scale > 1)
         while True:
             # Peers we hold records of first: no network round trip needed.
