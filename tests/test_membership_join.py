@@ -171,3 +171,20 @@ def test_a_gossiped_record_is_verified_once_between_validator_and_table(tmp_path
 
     trio.run(main)
 
+
+
+def test_the_mesh_degree_follows_the_table_as_peers_join(tmp_path):
+    from types import SimpleNamespace
+
+    from hexswarm.swarm import node as node_mod
+
+    node = _node(tmp_path, "n")
+    node.gossipsub = SimpleNamespace(degree=0, degree_low=0, degree_high=0, heartbeat_interval=0.0)
+    node._apply(node.make_record())  # its own, as a running node's table holds
+    for i in range(node.config.heartbeat_peers - 1):  # up to heartbeat_peers in all: a small swarm
+        node._apply(_rec(f"p{i}", 1))
+    g = node.gossipsub
+    assert (g.degree, g.degree_low, g.degree_high) == node_mod.GOSSIP_DEGREE
+    node._apply(_rec("one-more", 1))  # a larger swarm at once, not at the next heartbeat
+    assert (g.degree, g.degree_low, g.degree_high) == node_mod.GOSSIP_DEGREE_AT_SCALE
+    assert g.heartbeat_interval == node_mod.GOSSIP_HEARTBEAT_S * node.table.scale > node_mod.GOSSIP_HEARTBEAT_S

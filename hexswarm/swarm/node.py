@@ -452,6 +452,11 @@ class Node:
             self._report(change)
             if change.peer_id != self.peer_id_str:
                 self._discovery_wake.set()
+            if change.old is None and self.gossipsub is not None:
+                # the mesh degree for the swarm's size before the mesh fills, not at our next heartbeat: a mesh
+                # grown at the small-swarm degree is pruned when the degree drops, and a pruned peer may not
+                # graft back for a minute (gossipsub's prune back-off)
+                self._tune_gossip()
 
     def _report(self, change: StateChange) -> None:
         if change.peer_id != self.peer_id_str:
