@@ -188,3 +188,29 @@ def test_the_mesh_degree_follows_the_table_as_peers_join(tmp_path):
     node._apply(_rec("one-more", 1))  # a larger swarm at once, not at the next heartbeat
     assert (g.degree, g.degree_low, g.degree_high) == node_mod.GOSSIP_DEGREE_AT_SCALE
     assert g.heartbeat_interval == node_mod.GOSSIP_HEARTBEAT_S * node.table.scale > node_mod.GOSSIP_HEARTBEAT_S
+
+
+def test_a_node_takes_the_table_of_a_peer_that_announces_a_larger_one(tmp_path):
+    from hexswarm.swarm.records import sign_record
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            a = _node(tmp_path, "a")
+            await nursery.start(a.run)
+            b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
+            await nursery.start(b.run)
+            c = _node(tmp_path, "c", bootstrap=[a.addrs[0]])
+            await nursery.start(c.run)
+            await _until(lambda: all(len(n.table) == 3 for n in (a, b, c)), 15)
+            # b hears of ten peers that a and c cannot hear from (they publish nothing here)
+            unheard = [_node(tmp_path, f"u{i}") for i in range(10)]
+            for u in unheard:
+                record = u.make_record()
+                b._apply(record, sign_record(record, u.identity))
+            await b._publish_record()  # its record now announces 13 peers (hb_scale 13/8)
+            await _until(lambda: all(u.peer_id_str in c.table for u in unheard), 10)
+            assert all(u.peer_id_str in a.table for u in unheard)
+            for node in (a, b, c):
+                node.stop()
+
+    trio.run(main)

@@ -59,7 +59,15 @@ from hexswarm.net.protocols import (
 from hexswarm.swarm.config import NodeConfig
 from hexswarm.swarm.inventory import Device, inventory
 from hexswarm.swarm.peer_table import PeerState, PeerTable, StateChange
-from hexswarm.swarm.records import SCALE_KEY, NodeRecord, bounded_links, new_incarnation, open_record, sign_record
+from hexswarm.swarm.records import (
+    SCALE_KEY,
+    NodeRecord,
+    announced_scale,
+    bounded_links,
+    new_incarnation,
+    open_record,
+    sign_record,
+)
 
 log = logging.getLogger("hexswarm.node")
 
@@ -77,6 +85,9 @@ PROBE_FANOUT = 8  # peers probed per probe round (all of them in small swarms)
 # Discovery dials in flight at once: a node that learns a whole table at once (joining a large swarm) dials
 # its peers a few at a time instead of starting N handshakes together.
 DIAL_CONCURRENCY = 4
+# A peer whose record announces a table this much larger than ours (at least; or 1/8 of ours) is asked for it,
+# at most once a heartbeat.
+SYNC_MARGIN = 2
 # Two peers that learn of each other at once would both dial, and both pay for a second connection: the one
 # whose PeerID sorts first dials at once, the other gives it this long before dialing itself.
 DIAL_DEFER_S = 2.0
@@ -165,6 +176,8 @@ class Node:
         self._dial_slots = trio.Semaphore(DIAL_CONCURRENCY)
         # PeerID -> the signed form of the record the table holds for it (ours too): sent to newcomers
         self._signed: dict[str, dict] = {}
+        self._caught_up_at = -math.inf  # when we last asked a peer that knows more for its table (trio clock)
+        self._catching_up = False
         # Set when a new peer enters the table: discovery dials it at once, so
         # the swarm does not hang on the bootstrap chain for a whole interval.
         self._discovery_wake = trio.Event()
@@ -522,6 +535,18 @@ class Node:
         if record is None or body != msg.get("body") or record.peer_id != publisher:
             record = self._accept_record(msg, publisher)
         self._apply(record, msg)
+        if self._knows_more(record) and not self._catching_up and trio.current_time() - self._caught_up_at >= self.heartbeat_s:
+            self._catching_up = True
+            self._nursery.start_soon(self._catch_up, parse_peer_id(record.peer_id))
+
+    def _knows_more(self, record: NodeRecord) -> bool:
+        """Does the sender of `record` know clearly more peers than our table holds?  Its announced heartbeat
+        scale says how many it knows (scale x heartbeat_peers) once that is more than heartbeat_peers."""
+        scale = announced_scale(record)
+        if self.config.heartbeat_peers <= 0 or scale <= 1:  # at 1 it says no more than that it knows <= P peers
+            return False
+        theirs, ours = scale * self.config.heartbeat_peers, len(self.table)
+        return theirs >= ours + max(SYNC_MARGIN, ours // 8)
 
     def _replay_own_records_only(self) -> None:
         """On the inventory topic, greet a newly subscribed peer with our own latest record only.
@@ -530,7 +555,7 @@ class Node:
         records) to each peer that subscribes, that is on every new connection: with every node
         connected to every other, O(N) records per connection and O(N^3) in a forming swarm, nearly
         all of them duplicates.  A newcomer asks one bootstrap peer for its table instead
-        (_sync_table); our own record still goes to each new peer at once, which forwards it to its
+        (_take_table); our own record still goes to each new peer at once, which forwards it to its
         mesh, so a node that joins is announced without waiting a heartbeat.  Other topics: as before.
         """
         router, replay = self.gossipsub, self.gossipsub.send_recent_messages
@@ -550,10 +575,20 @@ class Node:
 
         router.send_recent_messages = send_recent_messages
 
-    async def _sync_table(self, peer_id: Any) -> None:
-        """Take the table of a peer we just joined through: every record it holds up, verified here one by
-        one, each counted as heard as long ago as that peer heard it.  A newcomer knows the swarm at once
-        instead of after a heartbeat of every peer."""
+    async def _catch_up(self, peer_id: Any) -> None:
+        """Take the table of a peer whose record says it knows clearly more peers than we do (one at a time, at
+        most once a heartbeat): a node that missed peers catches up at once, e.g. in a swarm that starts all at
+        once, where the bootstrap peers' tables were nearly empty when we joined, or after a partition heals."""
+        self._caught_up_at = trio.current_time()
+        try:
+            await self._take_table(peer_id)
+        finally:
+            self._catching_up = False
+
+    async def _take_table(self, peer_id: Any) -> None:
+        """Take the table of `peer_id`: every record it holds up, verified here one by one, each counted as heard
+        as long ago as that peer heard it.  Done with each bootstrap peer on connecting: a newcomer knows the
+        swarm at once instead of after a heartbeat of every peer."""
         try:
             cert = self.extra.get("cert") if self.admission is not None else None
             reply = await self.request(peer_id, RECORDS, {} if cert is None else {"cert": cert}, timeout=10.0)
@@ -616,7 +651,7 @@ class Node:
                 await dial(self.host, info)
                 await self._on_connected(info.peer_id)
                 log.info("connected to bootstrap peer %s", info.peer_id)
-                self._nursery.start_soon(self._sync_table, info.peer_id)
+                self._nursery.start_soon(self._take_table, info.peer_id)
                 joined = True
                 continue
             except ConnectionError as e:
