@@ -20,11 +20,11 @@ from hypothesis import strategies as st
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
 from hexswarm.net.framing import read_frame
-from hexswarm.net.protocols import PEERS, PING, request
+from hexswarm.net.protocols import PEERS, PING, RECORDS, request
 from netutil import NodeProcess, wait_for, write_config
 
 pytestmark = pytest.mark.slow
-PROTOCOLS = [PING, PEERS]
+PROTOCOLS = [PING, PEERS, RECORDS]
 REPLY_TIMEOUT_S = 5.0
 
 
