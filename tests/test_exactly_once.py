@@ -298,7 +298,7 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
     head.__dict__.update(
         me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None,
         _ready={}, _proposing=True, serving_view=lambda: list(view),
-        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0),
+        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=60.0, term_s=300.0),
         node=SimpleNamespace(identity=generate()), _peer_views=lambda v: [], _learn_highest_epoch=noop,
         _publish_layout=noop, _on_layout_gossip=on_gossip)
 
@@ -710,7 +710,7 @@ def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeyp
     head.__dict__.update(
         me="A", model_id="m", cfg=None, highest_epoch=0, committed=None, _last_proposal=None, _ready={},
         _proposing=True, serving_view=lambda: ["A", "B"], node=SimpleNamespace(identity=generate()),
-        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=120.0),
+        head_settings=SimpleNamespace(serve_layout={}, plan_seed=0, ready_timeout_s=120.0, term_s=300.0),
         _peer_views=lambda v: [], _learn_highest_epoch=noop, _publish_layout=noop, _on_layout_gossip=noop)
 
     async def main():

@@ -17,9 +17,10 @@ from hexswarm.net.protocols import RemoteError
 from hexswarm.runtime import stage_host
 from hexswarm.runtime.stage_host import StageHost, StageSpec
 from hexswarm.swarm.layout import StageAssignment, SwarmLayout
-from hexswarm.swarm.peer_table import PeerTable
+from hexswarm.swarm.layout import rendezvous_rank
+from hexswarm.swarm.peer_table import PeerState, PeerTable
 from hexswarm.swarm.records import NodeRecord
-from hexswarm.swarm.serving import Server
+from hexswarm.swarm.serving import HeadSettings, Server
 
 
 def _owner_and_admission():
@@ -73,36 +74,111 @@ def test_node_protocols_refuse_clients_and_readers_need_a_certificate():
     assert trio.run(_node(None)._clients_only(status), {}, "anyone") == "status"
 
 
-def _record(peer: str, roles: list[str], model: str = "m1") -> NodeRecord:
-    return NodeRecord(peer, b"k" * 32, "s", [], [], roles, {}, 1, 1, 0.0, extra={"model": model, "serve": True})
+def _record(peer: str, roles: list[str], model: str = "m1", seq: int = 1) -> NodeRecord:
+    return NodeRecord(peer, b"k" * 32, "s", [], [], roles, {}, 1, seq, 0.0, extra={"model": model, "serve": True})
 
 
-def _server(me: str, records: list[NodeRecord], admitted: set[str]) -> Server:
-    table = PeerTable(5.0, 10.0)
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _server(me: str, records: list[NodeRecord], admitted: set[str], clock=None) -> Server:
+    table = PeerTable(5.0, 10.0, clock=clock or _Clock())
     for r in records:
         table.observe(r)
     node = SimpleNamespace(table=table, config=SimpleNamespace(roles=["head", "worker"]),
                            is_allowed=lambda p: p in admitted)
     server = object.__new__(Server)
     server.node, server.me, server.model_id, server._ready = node, me, "m1", {}
+    server.head_settings = HeadSettings(term_s=300.0)
     return server
 
 
-def _layout(head: str, peers: list[str], epoch: int = 3) -> SwarmLayout:
+def _layout(head: str, peers: list[str], epoch: int = 3, term: int | None = None) -> SwarmLayout:
     stages = tuple(StageAssignment(p, 1, i, i + 1) for i, p in enumerate(peers))
-    return SwarmLayout(epoch, head, "m1", tuple(peers), (stages,))
+    return SwarmLayout(epoch, head, "m1", tuple(peers), (stages,), term=Server.term.fget(_TERM) if term is None else term)
+
+
+_TERM = SimpleNamespace(head_settings=HeadSettings(term_s=300.0))
 
 
 def test_only_a_live_admitted_head_candidate_may_lead_a_layout():
+    clock = _Clock()
     server = _server("me", [_record("h2", ["head"]), _record("w", ["worker"]), _record("other", ["head"], "m2")],
-                     admitted={"me", "h2", "w", "other"})
-    server.check_layout_head(_layout("me", ["me", "w"]))
-    server.check_layout_head(_layout("h2", ["h2", "w"]))  # another candidate: e.g. last term's head
+                     admitted={"me", "h2", "w", "other"}, clock=clock)
+    clock.t += 60  # everyone up for a minute
+    term = server.term
+    first = rendezvous_rank(["me", "h2"], term)[0]
+    server.check_layout_head(_layout(first, [first, "w"]))  # this term's head
     for head in ("w", "other", "stranger"):  # a worker, a node of another model, nobody we know
         with pytest.raises(ProtocolError):
             server.check_layout_head(_layout(head, [head]))
     with pytest.raises(ProtocolError, match="not admitted"):
         _server("me", [_record("h2", ["head"])], admitted={"me"}).check_layout_head(_layout("h2", ["h2"]))
+
+
+def _two_heads(clock: _Clock):
+    """A server "me" (a worker) that sees head candidates h1 and h2, and the term in which h1 ranks first."""
+    server = _server("me", [_record("h1", ["head"]), _record("h2", ["head"])], admitted={"me", "h1", "h2"},
+                     clock=clock)
+    server.node.config.roles = ["worker"]
+    clock.t += 60  # both up for a minute, and just heard from
+    for peer in ("h1", "h2"):
+        server.node.table.observe(_record(peer, ["head"], seq=2))
+    term = next(t for t in range(server.term, server.term + 50) if rendezvous_rank(["h1", "h2"], t)[0] == "h1")
+    return server, term
+
+
+def test_a_layout_is_taken_only_from_the_head_of_its_term():
+    clock = _Clock()
+    server, term = _two_heads(clock)
+    if term > server.term + 1:
+        pytest.skip("no term near now where h1 ranks first")  # 2^-2 per term: does not happen in practice
+    server.check_layout_head(_layout("h1", ["h1", "me"], term=term))
+    with pytest.raises(ProtocolError, match="not the head of term"):  # h1 is up and heard: h2 does not lead
+        server.check_layout_head(_layout("h2", ["h2", "me"], term=term))
+    for stale in (server.term - 3, server.term + 2, 0):  # a term long past, or ahead of any clock skew
+        with pytest.raises(ProtocolError):
+            server.check_layout_head(_layout("h1", ["h1", "me"], term=stale))
+
+
+def test_a_head_that_skipped_a_silent_or_new_peer_is_taken():
+    clock = _Clock()
+    server, term = _two_heads(clock)
+    if term > server.term + 1:
+        pytest.skip("no term near now where h1 ranks first")
+    h2 = _layout("h2", ["h2", "me"], term=term)
+    clock.t += 3.0  # h1 silent 3 s (> half of down_after_s): the new head may have seen it down already
+    server.node.table.observe(_record("h2", ["head"], seq=3))
+    server.check_layout_head(h2)
+    # h1 back up just now (a head whose view did not have it yet skipped it rightly) ...
+    clock.t += 4.0  # h1 silent 7 s: down here too
+    server.node.table.sweep()
+    assert server.node.table.get("h1").state == PeerState.DOWN
+    server.node.table.observe(_record("h1", ["head"], seq=3))
+    server.node.table.observe(_record("h2", ["head"], seq=4))
+    server.check_layout_head(h2)
+    clock.t += 11.0  # ... but not once it has been up a while
+    server.node.table.observe(_record("h1", ["head"], seq=4))
+    server.node.table.observe(_record("h2", ["head"], seq=5))
+    with pytest.raises(ProtocolError, match="not the head of term"):
+        server.check_layout_head(h2)
+
+
+def test_an_old_commit_is_taken_when_this_terms_head_republishes_it():
+    clock = _Clock()
+    server, _ = _two_heads(clock)
+    old = _layout("h2", ["h2", "me"], term=server.term - 10)  # made by h2 long ago, served since
+    now_head, other = rendezvous_rank(["h1", "h2"], server.term)
+    server.check_layout_head(old, "commit", now_head)  # each head re-gossips the commit it serves
+    with pytest.raises(ProtocolError):  # nobody else vouches for it
+        server.check_layout_head(old, "commit", other)
+    with pytest.raises(ProtocolError):  # and only for a commit
+        server.check_layout_head(old, "propose", now_head)
 
 
 def test_ready_counts_only_for_the_pending_proposal_and_its_peers():

@@ -44,10 +44,12 @@ class SwarmLayout:
     # are kept loaded and serve on (StageSet.load_epoch), or None: loaded fresh.  () when none does.
     # The head decides it once, so every peer of a replica reuses or none does.
     continues: tuple[tuple[int, int] | None, ...] = ()
+    # the head term (wall clock // term_s) its head made it in: peers accept it only from that term's head
+    term: int = 0
 
     def to_wire(self) -> dict:
         wire = {
-            "epoch": self.epoch, "head": self.head, "model": self.model, "view": list(self.view),
+            "epoch": self.epoch, "head": self.head, "term": self.term, "model": self.model, "view": list(self.view),
             "replicas": [[s.to_wire() for s in r] for r in self.replicas], "predicted": self.predicted,
         }
         if any(c is not None for c in self.continues):  # absent otherwise: older peers' layouts read the same
@@ -66,6 +68,7 @@ class SwarmLayout:
                 replicas=tuple(tuple(StageAssignment.from_wire(s) for s in r) for r in d["replicas"]),
                 predicted=dict(d.get("predicted") or {}),
                 continues=tuple(None if c is None else (int(c[0]), int(c[1])) for c in d.get("continues") or ()),
+                term=_wire_int(d["term"]),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             raise ProtocolError(f"malformed layout: {type(e).__name__}: {e}") from None
@@ -95,6 +98,12 @@ class SwarmLayout:
     def describe(self) -> list[dict]:
         return [{"hetero_config": [s.tp for s in r], "pp_partition": [s.layer_end - s.layer_start for s in r],
                  "stages": [s.to_wire() for s in r]} for r in self.replicas]
+
+
+def _wire_int(v: Any) -> int:
+    if type(v) is not int:
+        raise TypeError(f"{v!r} is not an integer")
+    return v
 
 
 def rendezvous_rank(peers: list[str], term: int) -> list[str]:

@@ -49,7 +49,7 @@ class PeerEntry:
     record: NodeRecord
     state: PeerState
     last_seen: float  # clock time of the newest accepted record
-    first_seen: float
+    up_since: float  # clock time it last came up (joined, or came back after being down)
 
     @property
     def peer_id(self) -> str:
@@ -99,6 +99,8 @@ class PeerTable:
         if seen < entry.last_seen:  # a newer record heard earlier than the one we hold: keep the later time
             seen = entry.last_seen
         old = entry.state
+        if old != PeerState.UP:
+            entry.up_since = now
         entry.record, entry.last_seen, entry.state = record, seen, PeerState.UP
         return StateChange(record.peer_id, old, PeerState.UP) if old != PeerState.UP else None
 
@@ -139,6 +141,9 @@ class PeerTable:
 
     def seconds_since_seen(self, entry: PeerEntry) -> float:
         return self._clock() - entry.last_seen
+
+    def seconds_up(self, entry: PeerEntry) -> float:
+        return self._clock() - entry.up_since
 
     def __contains__(self, peer_id: str) -> bool:
         return peer_id in self._entries

@@ -32,6 +32,7 @@ from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm import backlog
 from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
 from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
+from hexswarm.swarm.peer_table import PeerState
 from hexswarm.swarm.pipe import MessagePipe
 from hexswarm.swarm.placement import PipeDispatch
 from hexswarm.swarm.planning import PeerView, make_layout
@@ -39,7 +40,7 @@ from hexswarm.swarm.stages import ServeSettings, StageSet
 
 log = logging.getLogger("hexswarm.serving")
 
-LAYOUT_DOMAIN = b"hexswarm/layout/1\x00"
+LAYOUT_DOMAIN = b"hexswarm/layout/2\x00"  # /2: a layout carries the term of its head
 NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
 NOT_HEAD = "not_head"
@@ -48,6 +49,11 @@ REPROPOSE_S = 5.0  # a proposal is published again this often until every assign
 DISPATCH_RECHECK_S = 0.5  # a placement waiting for a live pipeline looks again this often
 READY_ATTEMPTS = 20  # ~80 s of retries with the back-off below
 START_HISTORY = 65536  # (entry, request id) pairs whose newest attempt stage 0 remembers
+# A peer ranked above a layout's head for its term is taken to have been skipped by that head (down in the
+# head's view) when it has been silent this share of down_after_s here, or came up less than JOIN_GRACE_S ago:
+# views lag one another by a heartbeat or two around a failover, and a strict check refused the new head.
+SKIPPED_SILENCE_SHARE = 0.5
+JOIN_GRACE_S = 10.0
 
 
 def read_layout_message(msg: Any, n_layers: int, model_id: str) -> tuple[str, SwarmLayout]:
@@ -227,7 +233,7 @@ class Server:
             self.highest_epoch = epoch
             replicas = tuple(tuple(r) for r in replicas)
             layout = SwarmLayout(epoch, self.me, self.model_id, tuple(view), replicas, predicted,
-                                 self._continuations(sources, replicas))
+                                 self._continuations(sources, replicas), term=self.term)
             self._last_proposal = layout
             log.info("head: proposing epoch %d: %s", epoch, layout.describe())
             self._ready[epoch] = (layout, set())
@@ -320,7 +326,7 @@ class Server:
     # ---- layout messages (every node) ------------------------------------------------------
     async def _on_layout_gossip(self, msg: Any, publisher: str) -> None:
         kind, layout = read_layout_message(msg, self.cfg.num_hidden_layers, self.model_id)
-        self.check_layout_head(layout)
+        self.check_layout_head(layout, kind, publisher)
         self.highest_epoch = max(self.highest_epoch, layout.epoch)
         if kind == "propose":
             if self.committed is None or layout.epoch > self.committed.epoch:
@@ -337,15 +343,49 @@ class Server:
             if layout.stages_of(self.me):
                 self._nursery.start_soon(self.stages.load_epoch, layout)
 
-    def check_layout_head(self, layout: SwarmLayout) -> None:
-        """ProtocolError unless the layout's head (its verified signer) may lead: admitted as a node,
-        up, serving our model and head-capable (a head candidate).  A layout carries no term, and
-        views differ for a moment around a rotation or failover, so any candidate is accepted rather
-        than only this term's head: a commit made just before a rotation still lands."""
+    def check_layout_head(self, layout: SwarmLayout, kind: str = "commit", publisher: str | None = None) -> None:
+        """ProtocolError unless the layout's head (its verified signer) led the layout's term: admitted as a
+        node, a live head candidate, the term recent (made at most a term and a ready timeout ago, at most a
+        term ahead for clock skew), and first for that term among the candidates that may lead here (see
+        may_lead: a grace for views that lag).  A commit of an older term is taken when the head of this term
+        publishes it: each head re-gossips the commit it serves, for peers that join later."""
         if not self.node.is_allowed(layout.head):
             raise ProtocolError(f"layout from {layout.head}, which is not admitted")
         if layout.head not in self.head_candidates(self.serving_view()):
             raise ProtocolError(f"layout from {layout.head}, which is not a live head candidate")
+        if layout.head == self.me:
+            return  # our own (the check ran when we made it)
+        if self.led_term(layout.head, layout.term):
+            return
+        if kind == "commit" and publisher is not None and self.led_term(publisher, self.term):
+            return
+        raise ProtocolError(f"layout from {layout.head}, which is not the head of term {layout.term} here")
+
+    def led_term(self, peer: str, term: int) -> bool:
+        """Whether `peer` may have been the head of `term`: the term recent, and every head candidate ranked above
+        it for that term one it may have skipped (not may_lead)."""
+        s = self.head_settings
+        now = time.time()
+        if not (now - s.term_s - s.ready_timeout_s) // s.term_s <= term <= self.term + 1:
+            return False
+        for candidate in rendezvous_rank(self.head_candidates(self.serving_view(any_state=True)), term):
+            if candidate == peer:
+                return True
+            if self.may_lead(candidate):
+                return False
+        return False
+
+    def may_lead(self, peer: str) -> bool:
+        """Whether any view may have `peer` as a live head candidate: ourselves, or a peer up here that was heard
+        recently and did not (re)join just now (a head whose view had not seen it yet skipped it rightly)."""
+        if peer == self.me:
+            return True
+        table = self.node.table
+        entry = table.get(peer)
+        if entry is None or entry.state != PeerState.UP:
+            return False
+        silent = table.seconds_since_seen(entry) > SKIPPED_SILENCE_SHARE * table.down_after_s * table.scale
+        return not silent and table.seconds_up(entry) >= JOIN_GRACE_S
 
     async def _load_and_report(self, layout: SwarmLayout) -> None:
         try:
