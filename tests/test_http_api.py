@@ -59,22 +59,33 @@ class Api:
 
 
 @pytest.fixture(scope="module")
-def api(tiny_model, tmp_path_factory):
+def http_swarm(tiny_model, tmp_path_factory):
+    """One swarm, two HTTP entries: node 2 serves HTTP in its own process, node 1 from 2 worker processes."""
     sw = LocalSwarm(tmp_path_factory.mktemp("http_swarm"), tiny_model, [2, 1, 1], serve_layout=PINNED,
                     extra={"dispatch_wait_s": 5.0})
-    entry = sw.nodes[2]
-    port = free_port()
-    cfg = yaml.safe_load(entry.config.read_text())
-    entry.config.write_text(yaml.safe_dump({**cfg, "http": f"127.0.0.1:{port}", "api_token": TOKEN}))
+    entries = {}
+    for index, workers in ((2, 0), (1, 2)):
+        entry = sw.nodes[index]
+        port = free_port()
+        cfg = yaml.safe_load(entry.config.read_text())
+        entry.config.write_text(yaml.safe_dump({**cfg, "http": f"127.0.0.1:{port}", "api_token": TOKEN,
+                                                "http_workers": workers}))
+        entries[workers] = Api(f"http://127.0.0.1:{port}", Path(tiny_model).name, entry)
     sw.start()
     try:
         sw.wait_layout(90)
-        a = Api(f"http://127.0.0.1:{port}", Path(tiny_model).name, entry)
-        assert wait_for(lambda: "HTTP API listening on" in entry.log(), 30, 0.2), entry.log()[-3000:]
-        a.swarm = sw
-        yield a
+        for a in entries.values():
+            assert wait_for(lambda: "HTTP API listening on" in a.node.log(), 30, 0.2), a.node.log()[-3000:]
+            a.swarm = sw
+        yield entries
     finally:
         sw.stop()
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-process", "2-workers"])
+def api(http_swarm, request):
+    """The HTTP API of an entry that serves it in its own process (0) or from 2 worker processes."""
+    return http_swarm[request.param]
 
 
 def _error(body: bytes) -> dict:

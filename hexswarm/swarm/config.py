@@ -324,6 +324,9 @@ class NodeConfig:
                                                          "/metrics (null: off)"))
     api_token: str | None = field(default=None, metadata=_key(_optional_secret, "bearer token the HTTP API requires "
                                                               "(null: none)"))
+    http_workers: int = field(default=0, metadata=_key(_non_negative_int, "processes that serve the HTTP API, "
+                                                       "sharing its socket, so the node's event loop does no HTTP "
+                                                       "work (0: the node serves it itself)"))
     # Where the config came from; not a YAML key.
     source: Path | None = field(default=None, metadata={"internal": True})
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP API of a node, served on trio (hypercorn's trio worker) in the node's process.
+"""OpenAI-compatible HTTP API of a node, served on trio (hypercorn's trio worker) in the node's process,
+or with `http_workers: N` in N worker processes (swarm/http_worker.py) that reach the node over a channel.
 
 Routes (docs/http.md):
   GET  /v1/models             the model this node serves
@@ -8,7 +9,7 @@ Routes (docs/http.md):
   GET  /health                200 "ok" (no token needed)
 
 Every request runs through `SubmitService.serve` (the same path as `/hexswarm/submit/1`), wrapped by
-`EntryMetrics.serve` for the metrics.  With `api_token` set, every route but /health needs
+`EntryMetrics.serve` for the metrics (`LocalBackend`, in the node's process either way).  With `api_token` set, every route but /health needs
 `Authorization: Bearer <token>`.  Errors have OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -264,19 +265,70 @@ class TextStream:
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
-class HttpApi:
-    """The ASGI app.  `server` is the node's Server (None on a node that serves no model: /v1 answers 503)."""
+class LocalBackend:
+    """What HttpApi needs of the swarm, in the node's process: the model's static facts, `serve` (a request
+    through `SubmitService.serve`, measured by `EntryMetrics.serve`), `cancel` (of an abandoned request),
+    the metrics text and the HTTP response counter.  `server` is the node's Server (None on a node that
+    serves no model: /v1 answers 503).  HTTP worker processes (swarm/http_worker.py) reach the same
+    object over their channel; their `RemoteBackend` has the same interface."""
 
-    def __init__(self, node, server, metrics: EntryMetrics, token: str | None):
-        self.node = node
+    def __init__(self, server, metrics: EntryMetrics):
         self.server = server
         self.metrics = metrics
-        self.token = token
+        self.created = int(time.time())
         self.model_name = Path(server.settings.model_dir).name if server is not None else None
+        self.model_id = server.model_id if server is not None else None
+        self.max_len = min(server.cfg.max_position_embeddings, server.settings.max_seq_len) if server is not None else 0
         # a HF folder's or a GGUF's template, in jinja2's sandbox (hexswarm.runtime.chat)
         self.chat = ChatTemplate.for_model(server.settings.model_dir) if server is not None else None
-        self.created = int(time.time())
-        self.serve_fn = None  # SubmitService.serve before `instrument` wrapped it (set by serve_http)
+        # SubmitService.serve itself: `instrument` wraps only the p2p seam
+        self._serve = server.submit_service.serve if server is not None else None
+        self._strip_bos: bool | None = None
+
+    @property
+    def strip_bos(self) -> bool:
+        """The chat template may write the BOS token itself; the tokenizer adds one too: strip the template's."""
+        if self._strip_bos is None:
+            tok = self.server.tokenizer
+            self._strip_bos = bool(tok.add_bos or tok.encode("a")[:1] == [tok.bos_id])
+        return self._strip_bos
+
+    def info(self) -> dict:
+        """The static facts a worker process's RemoteBackend is built from (its channel's hello)."""
+        chat = self.chat
+        return {"created": self.created, "model_name": self.model_name, "model_id": self.model_id,
+                "max_len": self.max_len, "chat": None if chat is None else [chat.source, chat.bos, chat.eos],
+                "strip_bos": self.strip_bos if chat is not None and chat.bos else False}
+
+    async def serve(self, msg: dict, emit, kind: str) -> dict:
+        return await self.metrics.serve(self._serve, msg, emit, kind)
+
+    def cancel(self, rid: str) -> None:
+        """The client went away mid-request: stop the pipeline computing its tokens (best effort)."""
+        submit = self.server.submit_service
+        placements = getattr(submit, "history", {}).get(rid)
+        cancel = getattr(submit, "_cancel_placement", None)
+        if placements and cancel is not None:
+            try:
+                cancel(rid, placements[-1])
+            except Exception as e:
+                log.debug("cancel of %s: %s", rid, e)
+        log.info("request %s: the HTTP client went away; cancelled", rid)
+
+    async def metrics_text(self) -> str:
+        return self.metrics.render()
+
+    def count_http(self, route: str, status: int) -> None:
+        self.metrics.http.inc(route=route, status=status)
+
+
+class HttpApi:
+    """The ASGI app, over a backend: LocalBackend in the node's process, or swarm/http_worker.py's
+    RemoteBackend in an HTTP worker process."""
+
+    def __init__(self, backend, token: str | None):
+        self.backend = backend
+        self.token = token
 
     # -- ASGI plumbing
     async def __call__(self, scope, receive, send) -> None:
@@ -311,7 +363,7 @@ class HttpApi:
             except Exception:
                 pass
         finally:
-            self.metrics.http.inc(route=route, status=status[0])
+            self.backend.count_http(route, status[0])
 
     @staticmethod
     async def _json(send, status: int, obj: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
@@ -366,13 +418,13 @@ class HttpApi:
             raise ApiError(405, f"{path} takes {wants}, not {method}", "invalid_request_error", None,
                            "method_not_allowed", [(b"allow", wants.encode())])
         if path == "/metrics":
-            body = self.metrics.render().encode()
+            body = (await self.backend.metrics_text()).encode()
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", METRICS_CONTENT_TYPE.encode()),
                                     (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        if self.server is None:
+        if self.backend.model_name is None:
             raise ApiError(503, "this node serves no model (its config has no 'model')", "service_unavailable_error",
                            None, "no_model")
         if path == "/v1/models":
@@ -396,9 +448,9 @@ class HttpApi:
         await self._completion(req, chat, receive, send)
 
     def _model_card(self) -> dict:
-        s = self.server
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "hexswarm",
-                "root": s.model_id, "max_model_len": min(s.cfg.max_position_embeddings, s.settings.max_seq_len)}
+        b = self.backend
+        return {"id": b.model_name, "object": "model", "created": b.created, "owned_by": "hexswarm",
+                "root": b.model_id, "max_model_len": b.max_len}
 
     def _check_model(self, req: dict) -> str:
         model = req.get("model")
@@ -406,23 +458,22 @@ class HttpApi:
             raise bad("model", "'model' is required (see GET /v1/models)")
         if not isinstance(model, str):
             raise bad("model", f"'model' must be a string, got {model!r}")
-        if model not in (self.model_name, self.server.model_id):
-            raise ApiError(404, f"The model '{model}' does not exist; this swarm serves '{self.model_name}'",
+        name = self.backend.model_name
+        if model not in (name, self.backend.model_id):
+            raise ApiError(404, f"The model '{model}' does not exist; this swarm serves '{name}'",
                            "invalid_request_error", "model", "model_not_found")
-        return self.model_name
+        return name
 
     def _prompt(self, req: dict, chat: bool) -> str:
         if chat:
             try:
-                text = self.chat.render(parse_messages(req.get("messages")))
+                text = self.backend.chat.render(parse_messages(req.get("messages")))
             except UserError as e:
                 raise bad("messages", str(e)) from None
             # The template may write the BOS token itself; the tokenizer adds one too: keep one.
-            bos = self.chat.bos
-            if bos and text.startswith(bos):
-                tok = self.server.tokenizer
-                if tok.add_bos or tok.encode("a")[:1] == [tok.bos_id]:
-                    text = text[len(bos):]
+            bos = self.backend.chat.bos
+            if bos and text.startswith(bos) and self.backend.strip_bos:
+                text = text[len(bos):]
             if not text:
                 raise bad("messages", "the chat template rendered an empty prompt")
             for key in ("tools", "functions"):
@@ -447,24 +498,22 @@ class HttpApi:
     async def _completion(self, req: dict, chat: bool, receive, send) -> None:
         model = self._check_model(req)
         prompt = self._prompt(req, chat)
-        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
+        limit = self.backend.max_len
         keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
         opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
         rid = uuid.uuid4().hex
         msg = {"prompt": prompt, "request_id": rid, "stream": True,
                **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}}
         resp = Responder(self, send, rid, model, chat, opts)
-        submit = self.server.submit_service
         cancelled = True
         final: dict | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            final = await self.metrics.serve(self.serve_fn or submit.serve, msg, resp.on_frame,
-                                             "chat" if chat else "completions")
+            final = await self.backend.serve(msg, resp.on_frame, "chat" if chat else "completions")
             cancelled = False
             nursery.cancel_scope.cancel()
         if cancelled or final is None:
-            self._abandon(rid)
+            self.backend.cancel(rid)
             return
         if "error" in final:
             err = swarm_error(final["error"])
@@ -473,18 +522,6 @@ class HttpApi:
                 return
             raise err
         await resp.finish(final["done"])
-
-    def _abandon(self, rid: str) -> None:
-        """The client went away mid-request: stop the pipeline computing its tokens (best effort)."""
-        submit = self.server.submit_service
-        placements = getattr(submit, "history", {}).get(rid)
-        cancel = getattr(submit, "_cancel_placement", None)
-        if placements and cancel is not None:
-            try:
-                cancel(rid, placements[-1])
-            except Exception as e:
-                log.debug("cancel of %s: %s", rid, e)
-        log.info("request %s: the HTTP client went away; cancelled", rid)
 
 
 async def _cancel_on_disconnect(receive, scope: trio.CancelScope) -> None:
@@ -622,29 +659,42 @@ def instrument(server, metrics: EntryMetrics) -> None:
     service.p2p_serve = serve
 
 
-async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the HTTP API on `node.config.http` until cancelled; started() with the bound URLs."""
+def hypercorn_config(bind: str):
     from hypercorn.config import Config
-    from hypercorn.trio import serve
 
     cfg = Config()
-    cfg.bind = [node.config.http]
+    cfg.bind = [bind]
     cfg.accesslog = None
     cfg.errorlog = logging.getLogger("hexswarm.http")
     cfg.graceful_timeout = 1.0
+    return cfg
+
+
+async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the HTTP API on `node.config.http` until cancelled, here or (`http_workers`) from worker
+    processes (swarm/http_worker.py); started() with the bound URLs."""
+    from hypercorn.trio import serve
+
     metrics = EntryMetrics(node, server)
-    api = HttpApi(node, server, metrics, node.config.api_token)
+    backend = LocalBackend(server, metrics)
+    token, workers = node.config.api_token, node.config.http_workers
     async with trio.open_nursery() as nursery:
         metrics.start(nursery)
         if server is not None:
             instrument(server, metrics)
-            api.serve_fn = server.submit_service.serve
         try:
-            binds = await nursery.start(partial(serve, api, cfg, mode="asgi"))
+            if workers:
+                from hexswarm.swarm.http_worker import serve_workers
+
+                binds = await nursery.start(serve_workers, backend, token, node.config.http, workers)
+            else:
+                binds = await nursery.start(partial(serve, HttpApi(backend, token), hypercorn_config(node.config.http),
+                                                    mode="asgi"))
         except BaseException as e:  # a bind failure comes wrapped in exception groups
             leaf = first_leaf(e)
             if isinstance(leaf, OSError):
                 raise UserError(f"cannot listen on http {node.config.http}: {leaf.strerror or leaf}") from None
             raise
-        log.info("HTTP API listening on %s%s", ", ".join(binds), " (API token required)" if api.token else "")
+        log.info("HTTP API listening on %s%s%s", ", ".join(binds), f" ({workers} worker processes)" if workers else "",
+                 " (API token required)" if token else "")
         task_status.started(binds)
