@@ -106,8 +106,9 @@ def test_bench_serve_steady_state_window_and_variants():
     assert out["steady_window_s"] == 1.0 and out["steady_tokens_per_s"] == 4.0 and out["steady_requests"] == 2
     assert out["steady_ttft_p50_s"] == 0.2 and out["steady_ttft_p99_s"] == 0.4
     assert bench.steady_state(recs[:1]) == {}  # no window: one request
-    args = bench.parse_args(["--node-extra", "{}", "--node-extra", '{"gather_prompts": false}'])
-    assert args.variants == [{}, {"gather_prompts": False}] and args.node_extra == {}
+    args = bench.parse_args(["--node-extra", "{}", "--node-extra", '{"gather_prompts": false}',
+                             "--node-extra", "http_workers: 2"])
+    assert args.variants == [{}, {"gather_prompts": False}, {"http_workers": 2}] and args.node_extra == {}
 
 
 def test_exact_prompt_has_the_asked_token_count(tiny_model):

@@ -467,3 +467,46 @@ def test_peers_picture_draws_every_peer_and_link(tmp_path):
     pixels = {tuple(int(round(c * 255)) for c in px) for px in img.reshape(-1, 3)}
     # up (green) and down (red) frames, and the two device colours (tab10's first two: cpu, H100)
     assert {(44, 160, 44), (214, 39, 40), (31, 119, 180), (255, 127, 14)} <= pixels
+
+
+def _http_workers(node) -> list[int]:
+    """pids of the node's HTTP worker processes."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == node.proc.pid and b"hexswarm.swarm.http_worker" in cmdline:
+            pids.append(int(proc.name))
+    return sorted(pids)
+
+
+def test_killed_http_worker_is_restarted(http_swarm):
+    import os
+    import signal
+
+    api = http_swarm[2]
+    before = _http_workers(api.node)
+    assert len(before) == 2, before
+    sent = api.node.log()
+    os.kill(before[0], signal.SIGKILL)
+    assert wait_for(lambda: len(set(_http_workers(api.node)) - set(before)) == 1 and len(_http_workers(api.node)) == 2,
+                    60, 0.2), api.node.log()[len(sent):]
+    restarted = api.node.log()[len(sent):]
+    assert restarted.count(f"(pid {before[0]}) exited") == 1, restarted
+    for _ in range(4):  # whichever worker takes the connection
+        c = api.client().completions.create(model=api.model, prompt=PROMPT, max_tokens=2, temperature=0)
+        assert c.choices[0].finish_reason in ("stop", "length")
+    assert api.node.alive()
+
+
+def test_http_workers_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, hypercorn.trio, hexswarm.swarm.http_worker, hexswarm.swarm.http_api, hexswarm.runtime.chat; "
+            "print('torch' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "False", p.stderr

@@ -76,7 +76,8 @@ def parse_args(argv=None):
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--client-procs", type=int, default=4, help="load generator processes (at most one per request in flight)")
     ap.add_argument("--node-extra", action="append", default=None,
-                    help="JSON of node config keys added to every node (e.g. micro_batches); given several times, "
+                    help="node config keys added to every node, as YAML or JSON ('http_workers: 2', "
+                         "'{micro_batches: 1, gather_prompts: false}'); given several times, "
                          "each is a variant: its own swarm per stage count, after one engine measurement")
     ap.add_argument("--engine-steps", type=int, default=0, help="decode steps per engine measurement (default 32 on cuda, 8 on cpu)")
     ap.add_argument("--json", help="write every number here")
@@ -97,10 +98,12 @@ def parse_args(argv=None):
         a.new_tokens = min(a.new_tokens, 64)
         a.requests_per_level = a.requests_per_level or 32
     try:
-        a.variants = [json.loads(v) for v in a.node_extra or ["{}"]]
+        import yaml
+
+        a.variants = [yaml.safe_load(v) for v in a.node_extra or ["{}"]]
         assert all(isinstance(v, dict) for v in a.variants)
-    except (ValueError, AssertionError):
-        ap.error("--node-extra must be a JSON object")
+    except (yaml.YAMLError, AssertionError):
+        ap.error("--node-extra must be a YAML mapping (JSON is YAML): 'http_workers: 2' or '{\"micro_batches\": 1}'")
     a.node_extra = a.variants[0]  # the variant being run (start_swarm reads it)
     return a
 

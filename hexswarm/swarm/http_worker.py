@@ -204,7 +204,7 @@ async def supervise(backend, token: str | None, listener: socket.socket, index: 
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Keep worker `index` running; started() once the first one said hello."""
     started = False
-    delay = RESTART_S
+    delay = RESTART_S / 2
     while True:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd, env = worker_command(listener.fileno(), theirs.fileno())
@@ -232,7 +232,7 @@ async def supervise(backend, token: str | None, listener: socket.socket, index: 
         if not started:
             raise UserError(f"HTTP worker process {index} did not start (exit status {proc.returncode}; "
                             "see the lines above)")
-        young = trio.current_time() - born < 30
+        young = trio.current_time() - born < 30  # dying young again and again: wait longer each time
         delay = min(2 * delay, MAX_RESTART_S) if young else RESTART_S
         log.warning("HTTP worker %d (pid %d) exited with status %s; starting another in %.1f s", index, proc.pid,
                     proc.returncode, delay)
@@ -398,7 +398,10 @@ async def _worker(listen_fd: int, channel_fd: int, parent: int) -> None:
         nursery.start_soon(read)
         nursery.start_soon(_watch_parent, parent, nursery.cancel_scope)
         token = await backend.start()
-        await serve(HttpApi(backend, token), hypercorn_config(f"fd://{listen_fd}"), mode="asgi")
+        cfg = hypercorn_config(f"fd://{listen_fd}")
+        cfg.errorlog = logging.getLogger("hexswarm.http.worker")  # its errors; not N "Running on" lines
+        cfg.errorlog.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+        await serve(HttpApi(backend, token), cfg, mode="asgi")
 
 
 def main(argv: list[str] | None = None) -> None:
