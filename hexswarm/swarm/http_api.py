@@ -686,7 +686,8 @@ async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> N
             if workers:
                 from hexswarm.swarm.http_worker import serve_workers
 
-                binds = await nursery.start(serve_workers, backend, token, node.config.http, workers)
+                binds = await nursery.start(serve_workers, backend, token, node.config.http, workers,
+                                            lambda: node.stopping)
             else:
                 binds = await nursery.start(partial(serve, HttpApi(backend, token), hypercorn_config(node.config.http),
                                                     mode="asgi"))

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import trio
 
-from hexswarm.errors import UserError
+from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net import codec
 
 log = logging.getLogger("hexswarm.http")
@@ -82,7 +82,7 @@ class Channel:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 batch, self._out = self._out, []
-                await self.stream.send_all(codec.frame(batch, MAX_FRAME))
+                await self.stream.send_all(_frame(batch))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             self.closed.set()
 
@@ -107,8 +107,30 @@ class Channel:
                             handle(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
+        except ProtocolError as e:  # both ends are ours: a bug; this channel ends, the process goes on
+            log.warning("HTTP worker channel: %s", e)
+            return
         finally:
             self.closed.set()
+
+
+def _frame(batch: list) -> bytes:
+    """One frame of `batch`; a message that cannot be encoded is logged and, where it answers a request,
+    replaced by that request's failure (so a bug fails one request, not the channel)."""
+    try:
+        return codec.frame(batch, MAX_FRAME)
+    except ProtocolError:
+        pass
+    good = []
+    for msg in batch:
+        try:
+            codec.encode(msg)
+            good.append(msg)
+        except ProtocolError as e:
+            log.warning("HTTP worker channel: message not sent: %s", e)
+            if isinstance(msg, dict) and "rid" in msg:
+                good.append({"rid": msg["rid"], "failed": f"unencodable message: {e}"})
+    return codec.frame(good, MAX_FRAME)
 
 
 # --- the node's side ---------------------------------------------------------------------------------------
@@ -200,9 +222,10 @@ async def _stop(proc) -> None:
         await proc.wait()
 
 
-async def supervise(backend, token: str | None, listener: socket.socket, index: int, *,
+async def supervise(backend, token: str | None, listener: socket.socket, index: int, stopping=lambda: False, *,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Keep worker `index` running; started() once the first one said hello."""
+    """Keep worker `index` running; started() once the first one said hello.  No restart once `stopping()`
+    (a SIGTERM to the node's process group reaches its workers too)."""
     started = False
     delay = RESTART_S / 2
     while True:
@@ -232,6 +255,8 @@ async def supervise(backend, token: str | None, listener: socket.socket, index: 
         if not started:
             raise UserError(f"HTTP worker process {index} did not start (exit status {proc.returncode}; "
                             "see the lines above)")
+        if stopping():
+            await trio.sleep_forever()  # until the node's shutdown cancels us
         young = trio.current_time() - born < 30  # dying young again and again: wait longer each time
         delay = min(2 * delay, MAX_RESTART_S) if young else RESTART_S
         log.warning("HTTP worker %d (pid %d) exited with status %s; starting another in %.1f s", index, proc.pid,
@@ -239,7 +264,7 @@ async def supervise(backend, token: str | None, listener: socket.socket, index: 
         await trio.sleep(delay)
 
 
-async def serve_workers(backend, token: str | None, bind: str, workers: int, *,
+async def serve_workers(backend, token: str | None, bind: str, workers: int, stopping=lambda: False, *,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Bind `bind` here and serve it from `workers` worker processes until cancelled; started() with the URLs."""
     from hypercorn.utils import repr_socket_addr
@@ -251,7 +276,7 @@ async def serve_workers(backend, token: str | None, bind: str, workers: int, *,
         listener.listen(BACKLOG)  # connections wait in the kernel until a worker accepts them
         async with trio.open_nursery() as nursery:
             for i in range(workers):
-                await nursery.start(supervise, backend, token, listener, i)
+                await nursery.start(supervise, backend, token, listener, i, stopping)
             task_status.started([f"http://{repr_socket_addr(listener.family, listener.getsockname())}"])
     finally:
         listener.close()

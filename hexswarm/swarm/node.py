@@ -304,6 +304,10 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     async def stopped(self) -> None:
         """Return once stop() was called; raise the node's failure (e.g. BootstrapFailed) if it failed.
 
