@@ -432,7 +432,8 @@ def test_client_that_goes_away_cancels_its_request(api):
     assert spans and all(s["steps"] < 400 for s in spans), spans  # stopped long before its ~500 tokens
 
 
-def test_cli_submit_without_stream_keeps_stdout_clean_and_peers_png(api, tiny_model, tmp_path):
+def test_cli_submit_without_stream_keeps_stdout_clean_and_peers_png(http_swarm, tiny_model, tmp_path):
+    api = http_swarm[0]  # no HTTP here: one entry is enough
     from conftest import run_cli
 
     p = run_cli("submit", "--peer", api.node.addr, "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--json")
@@ -510,3 +511,75 @@ def test_http_workers_import_no_torch():
             "print('torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "False", p.stderr
+
+
+def test_http_worker_channel_batches_a_steps_frames_and_cancels():
+    """The node <-> worker channel without processes: the frames a request's serve emits between two of the
+    node's checkpoints reach the worker in one channel frame, and its Responder gets the tokens as one batch;
+    a request cancelled in the worker is cancelled on the node; metrics and counters cross the channel."""
+    import socket
+
+    import trio
+
+    from hexswarm.swarm.http_worker import Channel, RemoteBackend, WorkerLink
+
+    class Backend:  # what the node's LocalBackend does, without a swarm
+        def __init__(self):
+            self.cancelled, self.counts = [], []
+
+        def info(self):
+            return {"created": 7, "model_name": "m", "model_id": "f" * 16, "max_len": 64,
+                    "chat": ["{{ messages[0].content }}", "<s>", "</s>"], "strip_bos": True}
+
+        async def serve(self, msg, emit, kind):
+            if msg["prompt"] == "hang":
+                await trio.sleep_forever()
+            await emit({"accepted": {"request_id": msg["request_id"]}})
+            for i in range(5):  # one engine step's tokens: no checkpoint between them
+                await emit({"token": 100 + i, "index": i, "text": str(i)})
+            return {"done": {"tokens": list(range(100, 105)), "kind": kind}}
+
+        def cancel(self, rid):
+            self.cancelled.append(rid)
+
+        async def metrics_text(self):
+            return "m 1\n"
+
+        def count_http(self, route, status):
+            self.counts.append((route, status))
+
+    async def main():
+        node_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        backend = Backend()
+        async with trio.open_nursery() as outer:
+            async with trio.open_nursery() as node_nursery:
+                outer.start_soon(WorkerLink(backend, "tok", Channel(node_end), node_nursery).run)
+                channel = Channel(worker_end)
+                remote = RemoteBackend(channel)
+                outer.start_soon(channel.write_loop)
+                outer.start_soon(channel.read_loop, remote.deliver)
+                assert await remote.start() == "tok"
+                assert (remote.model_name, remote.max_len, remote.strip_bos) == ("m", 64, True)
+                assert remote.chat.render([{"role": "user", "content": "hi"}]) == "hi" and remote.chat.bos == "<s>"
+                got = []
+
+                async def emit(frame):
+                    got.append(frame)
+
+                final = await remote.serve({"request_id": "r1", "prompt": "p"}, emit, "chat")
+                assert final == {"done": {"tokens": [100, 101, 102, 103, 104], "kind": "chat"}}
+                assert got[0] == {"accepted": {"request_id": "r1"}} and len(got) == 2, got
+                assert [f["token"] for f in got[1]["batch"]] == [100, 101, 102, 103, 104]
+                with trio.move_on_after(0.2):
+                    await remote.serve({"request_id": "r2", "prompt": "hang"}, emit, "completions")
+                with trio.fail_after(5):
+                    while not backend.cancelled:
+                        await trio.sleep(0.01)
+                assert backend.cancelled == ["r2"] and not remote.requests
+                remote.count_http("/v1/models", 200)
+                await remote.metrics_text()
+                assert backend.counts == [("/v1/models", 200)]
+                node_nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
+
+    trio.run(main)
