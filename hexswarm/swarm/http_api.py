@@ -9,8 +9,8 @@ Routes (docs/http.md):
   GET  /health                200 "ok" (no token needed)
 
 Every request runs through `SubmitService.serve` (the same path as `/hexswarm/submit/1`), wrapped by
-`EntryMetrics.serve` for the metrics (`LocalBackend`, in the node's process either way).  With `api_token` set, every route but /health needs
-`Authorization: Bearer <token>`.  Errors have OpenAI's shape:
+`EntryMetrics.serve` for the metrics (`LocalBackend`, in the node's process either way).  With `api_token`
+set, every route but /health needs `Authorization: Bearer <token>`.  Errors have OpenAI's shape:
 `{"error": {"message", "type", "param", "code"}}`.
 """
 
