@@ -284,3 +284,46 @@ def test_a_middle_stage_that_loses_a_neighbour_tells_its_stage_0(cfg):
     stages.link_broken("A")  # stage 0 itself: its own pipe sees that link break
     stages.link_broken("Z")
     assert sent == []
+
+
+def _good_start() -> dict:
+    return {"kind": "start", "to": [1, 0, 0], "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],
+            "max_new_tokens": 4, "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3}}
+
+
+def _good_dispatch() -> dict:
+    return {"rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3], "max_new_tokens": 4,
+            "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3}, "resumed": True}
+
+
+def _with_tensors(msg: dict):
+    """`msg` with one field (or one element of a list field, or one sampling parameter) replaced by a tensor of
+    several values, each way in turn."""
+    many = torch.zeros(3)
+    for key, value in msg.items():
+        yield key, {**msg, key: many}
+        if isinstance(value, list) and value:
+            yield f"{key}[0]", {**msg, key: [many, *value[1:]]}
+        if isinstance(value, dict):
+            for sub in value:
+                yield f"{key}.{sub}", {**msg, key: {**value, sub: many}}
+
+
+def test_a_tensor_in_any_field_of_a_start_or_dispatch_is_a_protocol_error(cfg):
+    """Found by the 10-minute chaos run's hostile sender: a dispatch whose `resume_tokens` was a tensor reached
+    `resume_tokens or []` in the guard ("Boolean value of Tensor ... is ambiguous"), an unexpected error."""
+    from hexswarm.swarm.guards import read_dispatch
+
+    check_stage_message(_good_start(), "A", LAYOUT, 0, 0, cfg, 8, 128)
+    assert read_dispatch(_good_dispatch(), "E", cfg, 128)["resume_tokens"] == [5]
+    for where, msg in _with_tensors(_good_start()):
+        if where in ("kind", "to", "to[0]"):
+            continue  # routing fields: read before the guard (check_address) and by kind
+        with pytest.raises(ProtocolError):
+            check_stage_message(msg, "A", LAYOUT, 0, 0, cfg, 8, 128)
+    for where, msg in _with_tensors(_good_dispatch()):
+        if where == "resumed":
+            assert read_dispatch(msg, "E", cfg, 128)["resumed"] is False  # only `true` marks a resubmission
+            continue
+        with pytest.raises(ProtocolError):
+            read_dispatch(msg, "E", cfg, 128)

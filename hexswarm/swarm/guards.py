@@ -30,6 +30,12 @@ def _need(cond: bool, what: str) -> None:
         raise ProtocolError(what)
 
 
+def _or_default(v: Any, default: Any) -> Any:
+    """`v`, or `default` where the field is absent (None).  Not `v or default`: a truth test of a sender's value
+    runs its __bool__ (a tensor of several values raises RuntimeError; found by the chaos run's hostile sender)."""
+    return default if v is None else v
+
+
 def _is_int(v: Any, lo: int = 0, hi: int = MAX_INT) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
@@ -54,7 +60,7 @@ def _int_list(v: Any, name: str, n: int | None = None, lo: int = 0, hi: int | No
 
 def _sampling(spec: Any) -> None:
     _need(isinstance(spec, dict) and _is_int(spec.get("step")), "sample spec")
-    sampling_params(spec.get("params") or {})
+    sampling_params(_or_default(spec.get("params"), {}))
 
 
 def sampling_params(params: Any) -> dict:
@@ -112,7 +118,7 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
     elif kind == "start":
         _need(stage == 0, "start for a stage other than 0")
         ids = _int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
-        resume = _int_list(msg.get("resume_tokens") or [], "resume_tokens", None, 0, cfg.vocab_size)
+        resume = _int_list(_or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
         new = msg.get("max_new_tokens")
         _need(isinstance(new, int) and new >= 1 and 1 <= len(ids) and len(ids) + new <= max_len, "lengths")
         _need(len(resume) <= new, "resume tokens")
@@ -121,7 +127,7 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         attempt = msg.get("attempt", 0)
         _need(attempt is None or (isinstance(attempt, int) and not isinstance(attempt, bool) and 0 <= attempt < 2**31),
               "attempt")
-        stop = msg.get("stop") or []
+        stop = _or_default(msg.get("stop"), [])
         _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
         _sampling({"params": msg.get("params"), "step": 0})
     elif kind == "cancel":
@@ -172,9 +178,9 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
     ids = _int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
     new = msg.get("max_new_tokens")
     _need(_is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_len, "dispatch: lengths")
-    resume = _int_list(msg.get("resume_tokens") or [], "resume_tokens", None, 0, cfg.vocab_size)
+    resume = _int_list(_or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
     _need(len(resume) <= new, "dispatch: more resume tokens than new tokens")
-    stop = msg.get("stop") or []
+    stop = _or_default(msg.get("stop"), [])
     _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
     _need(_is_int(msg.get("attempt"), 1, 2**31), "dispatch: attempt")
     return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
