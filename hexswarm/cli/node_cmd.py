@@ -51,9 +51,12 @@ def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | 
 async def _stop_on_signals(node) -> None:
     import trio
 
+    from hexswarm.runtime.shutdown import STOPPING
+
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             logging.getLogger("hexswarm.node").info("%s: stopping", signal.Signals(signum).name)
+            STOPPING.set()
             node.stop()
             break
         # A second signal, or a stop that hangs, ends the process at once.

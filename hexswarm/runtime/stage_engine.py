@@ -39,6 +39,7 @@ from hexswarm.model.kv_cache import BLOCK, blocks_for
 from hexswarm.runtime.gpu_handoff import Handoff
 from hexswarm.runtime.local_link import LinkSpec, LocalLinks
 from hexswarm.runtime.sampling import SamplingParams, sample_on_device
+from hexswarm.runtime.shutdown import STOPPING
 from hexswarm.runtime.spans import SpanLog, waited, wire_delay
 from hexswarm.runtime.stage_host import StageHost
 from hexswarm.runtime.stopping import StopChecker
@@ -262,7 +263,11 @@ class StageEngine:
                         if forwards:
                             self._forward_downstream(forwards)
         except BaseException as e:  # report: the serving layer fails the requests over
-            log.exception("stage engine %s failed", self._thread.name)
+            if STOPPING.is_set():
+                log.info("stage engine %s ended with the process's shutdown: %s: %s", self._thread.name,
+                         type(e).__name__, e)
+            else:
+                log.exception("stage engine %s failed", self._thread.name)
             self.error = e
 
     def _drain(self, block: bool) -> list[dict]:
