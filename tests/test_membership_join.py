@@ -31,14 +31,20 @@ async def _until(predicate, timeout: float) -> None:
             await trio.sleep(0.05)
 
 
+async def _joined_pair(nursery, tmp_path) -> tuple[Node, Node]:
+    """Nodes a and b (joined through a), once each lists the other."""
+    a = _node(tmp_path, "a")
+    await nursery.start(a.run)
+    b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
+    await nursery.start(b.run)
+    await _until(lambda: a.peer_id_str in b.table and b.peer_id_str in a.table, 15)
+    return a, b
+
+
 def test_a_newcomer_takes_the_table_of_its_bootstrap_peer(tmp_path):
     async def main():
         async with trio.open_nursery() as nursery:
-            a = _node(tmp_path, "a")
-            await nursery.start(a.run)
-            b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
-            await nursery.start(b.run)
-            await _until(lambda: a.peer_id_str in b.table and b.peer_id_str in a.table, 15)
+            a, b = await _joined_pair(nursery, tmp_path)
             # a's record leaves b's recent-message cache (3 gossipsub heartbeats of 1 s): gossip would not bring
             # it to a newcomer for another 30 s heartbeat
             await trio.sleep(4.0)
@@ -75,11 +81,7 @@ class _CountingNode(Node):
 def test_a_new_connection_carries_only_each_sides_own_record(tmp_path):
     async def main():
         async with trio.open_nursery() as nursery:
-            a = _node(tmp_path, "a")
-            await nursery.start(a.run)
-            b = _node(tmp_path, "b", bootstrap=[a.addrs[0]])
-            await nursery.start(b.run)
-            await _until(lambda: a.peer_id_str in b.table and b.peer_id_str in a.table, 15)
+            a, b = await _joined_pair(nursery, tmp_path)
             # at once: a's record is still in b's recent-message cache, which py-libp2p would replay whole
             c = _CountingNode(config_from_dict({"listen": ["/ip4/127.0.0.1/tcp/0"], "data_dir": str(tmp_path / "c"),
                                                 "devices": CPU_DEVICE, "swarm": "join", "bootstrap": [b.addrs[0]],
