@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import multiaddr
+import pytest
 import trio
+import trio.testing
 
 from hexswarm.net import identity
 from hexswarm.net.host import make_host
@@ -97,3 +99,109 @@ def test_an_unchanged_reachability_is_asked_for_less_and_less_often():
     assert schedule[:3] == [2 * REACHABILITY_EVERY_S, 4 * REACHABILITY_EVERY_S, 8 * REACHABILITY_EVERY_S]
     assert schedule[-1] == REACHABILITY_MAX_EVERY_S
     assert next_reachability_check(REACHABILITY_MAX_EVERY_S, changed=True) == REACHABILITY_EVERY_S  # a change: soon again
+
+
+class _Conn:
+    """A py-libp2p connection as the direct-path decision sees it: transport addresses and a remote (ip, port)."""
+
+    def __init__(self, ip: str, relayed: bool = False):
+        from types import SimpleNamespace
+
+        self.ip, self.relayed = ip, relayed
+        self.muxed_conn = SimpleNamespace(secured_conn=SimpleNamespace(get_remote_address=lambda: (ip, 40123)))
+
+    def get_transport_addresses(self):
+        return ["/ip4/198.51.100.1/tcp/4001/p2p/QmRelay/p2p-circuit" if self.relayed else f"/ip4/{self.ip}/tcp/40123"]
+
+
+def _host(peer_id, conns):
+    from types import SimpleNamespace
+
+    network = SimpleNamespace(connections={peer_id: conns})
+    return SimpleNamespace(get_network=lambda: network)
+
+
+B_ADDRS = ["/ip4/192.168.1.5/tcp/4001/p2p/QmB", "/ip4/127.0.0.1/tcp/4001/p2p/QmB",
+           "/ip4/198.51.100.1/tcp/4001/p2p/QmRelay/p2p-circuit/p2p/QmB"]
+
+
+@pytest.mark.parametrize("conns, addrs, expected", [
+    ([_Conn("192.168.1.5")], B_ADDRS, "192.168.1.5"),  # a LAN: an address B lists
+    ([_Conn("127.0.0.1")], B_ADDRS, "127.0.0.1"),  # loopback (the test swarms)
+    ([_Conn("::ffff:192.168.1.5")], B_ADDRS, "::ffff:192.168.1.5"),  # IPv4-mapped
+    ([_Conn("203.0.113.7")], B_ADDRS, None),  # punched: B's NAT's public side
+    ([_Conn("198.51.100.1", relayed=True)], B_ADDRS, None),  # relayed: the relay's IP is no data path
+    ([], B_ADDRS, None),  # no connection
+    ([_Conn("192.168.1.5")], None, None),  # no record of B's addresses
+    ([_Conn("203.0.113.7"), _Conn("192.168.1.5")], B_ADDRS, "192.168.1.5"),  # the listed one of two
+])
+def test_the_direct_data_path_is_tried_only_at_an_ip_the_peer_lists(conns, addrs, expected):
+    from hexswarm.net.relay import direct_data_ip
+
+    ip, why = direct_data_ip(_host("B", conns), "B", addrs)
+    assert ip == expected
+    assert bool(why) == (expected is None)
+
+
+def _pipe_to(remote: str, addrs: list[str]):
+    """A MessagePipe with the direct path on, whose node reaches peer B over one connection at `remote`."""
+    from types import SimpleNamespace
+
+    from hexswarm.net.host import parse_peer_id
+    from hexswarm.swarm.pipe import MessagePipe
+
+    b = str(identity.generate().peer_id)
+    record = SimpleNamespace(addrs=addrs)
+    node = SimpleNamespace(host=_host(parse_peer_id(b), [_Conn(remote)]),
+                           table=SimpleNamespace(get=lambda p: SimpleNamespace(record=record) if p == b else None))
+    return MessagePipe(node, direct=True), b
+
+
+def test_a_punched_connection_goes_straight_to_the_libp2p_stream(monkeypatch, caplog):
+    """Over a punched connection the peer's IP is its NAT's: no punch opened the data port there, so
+    open_direct is not even tried (it would hang until its timeout)."""
+    import logging
+
+    import hexswarm.net.direct as direct
+
+    tried = []
+
+    async def open_direct(node, peer, ip, timeout=5.0):
+        tried.append(ip)
+        return "sender"
+
+    monkeypatch.setattr(direct, "open_direct", open_direct)
+    pipe, b = _pipe_to("203.0.113.7", B_ADDRS)
+    with caplog.at_level(logging.INFO, logger="hexswarm.pipe"):
+        assert trio.run(pipe._open_direct, b) is None
+    assert tried == []
+    assert "does not list" in caplog.text
+
+    pipe, b = _pipe_to("192.168.1.5", B_ADDRS)  # the same peer on a LAN: the direct path as before
+    assert trio.run(pipe._open_direct, b) == "sender" and tried == ["192.168.1.5"]
+
+
+def test_a_failed_direct_attempt_is_not_repeated_for_a_while(monkeypatch):
+    import hexswarm.net.direct as direct
+    from hexswarm.swarm.pipe import DIRECT_RETRY_S
+
+    tried = []
+
+    async def open_direct(node, peer, ip, timeout=5.0):
+        tried.append(ip)
+        if len(tried) == 1:
+            raise trio.TooSlowError
+        return "sender"
+
+    monkeypatch.setattr(direct, "open_direct", open_direct)
+    pipe, b = _pipe_to("192.168.1.5", B_ADDRS)
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main():
+        assert await pipe._open_direct(b) is None  # failed: remembered
+        assert await pipe._open_direct(b) is None and len(tried) == 1  # the next link does not wait again
+        await trio.sleep(DIRECT_RETRY_S + 1)
+        assert await pipe._open_direct(b) == "sender" and len(tried) == 2  # tried again later
+        assert b not in pipe._direct_failed
+
+    trio.run(main, clock=clock)

@@ -211,6 +211,63 @@ def remote_ip(host: Any, peer_id: Any) -> str | None:
     return None
 
 
+def listed_ips(addrs: list[str]) -> set[str]:
+    """The IPs of the direct (not relayed) addresses among `addrs` (a peer's record), normalized."""
+    out = set()
+    for a in addrs:
+        if is_circuit(a):
+            continue
+        parts = a.split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            ip = _normal_ip(parts[2])
+            if ip:
+                out.add(ip)
+    return out
+
+
+def _normal_ip(text: str) -> str | None:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(text.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def direct_data_ip(host: Any, peer_id: Any, addrs: list[str] | None) -> tuple[str | None, str]:
+    """(IP, "") where the direct data path can reach `peer_id`, else (None, why not).
+
+    The data port is one the peer opened on its own interfaces, so it is reachable only at an IP the peer
+    lists itself (`addrs`: its record's addresses): the remote IP of a live non-relayed connection counts
+    only when it is one of them (a LAN, loopback, a public host; a connection we dialed to one of its
+    addresses).  A connection that reaches the peer at another IP (its NAT's public side: a punched
+    connection, or one the peer dialed from behind a NAT) reaches no data port: a connect there hangs
+    until its timeout."""
+    seen = []
+    listed = listed_ips(addrs or [])
+    for conn in host.get_network().connections.get(peer_id, []) or []:
+        if is_relayed(conn):
+            continue
+        try:
+            address = conn.muxed_conn.secured_conn.get_remote_address()
+        except Exception:
+            address = None
+        if not address:
+            continue
+        if _normal_ip(address[0]) in listed:
+            return address[0], ""
+        seen.append(address[0])
+    if not seen:
+        return None, "no direct connection (relayed or closed)"
+    if addrs is None:
+        return None, f"connected at {', '.join(seen)}, but no record of its addresses"
+    return None, (f"connected at {', '.join(seen)}, which it does not list (its NAT's public side: "
+                  "a punched or NAT-mapped connection); its data port is not reachable there")
+
+
 class _AutoNAT(AutoNATService):
     """py-libp2p's AutoNAT, with the dial-back made from a fresh host: the stock server calls
     host.connect, which returns the requester's own open connection, so it never dials at all."""

@@ -39,6 +39,7 @@ QUEUE_DEPTH = 4096
 # live sender is never cut mid-use.
 IDLE_CLOSE_S = 120.0
 MAX_INBOUND_PER_PEER = 4  # one link per peer pair, and a new one may overlap a closing one
+DIRECT_RETRY_S = 60.0  # after a failed direct-path attempt, links to that peer use the libp2p stream this long
 
 Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
 SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
@@ -53,6 +54,7 @@ class MessagePipe:
         self._inbound = PeerSlots(MAX_INBOUND_PER_PEER)
         # pipeline frames over a direct AES-GCM TCP connection keyed over libp2p (net/direct.py)
         self.direct = direct
+        self._direct_failed: dict[str, float] = {}  # peer -> trio time of its last failed direct attempt
         self.receivers: dict[str, Receiver] = {}
         self.on_send_failed = on_send_failed
         self.on_link_broken = on_link_broken
@@ -214,22 +216,33 @@ class MessagePipe:
         if not self.direct:
             return None
         from hexswarm.net.host import parse_peer_id
-        from hexswarm.net.relay import remote_ip
+        from hexswarm.net.relay import direct_data_ip
 
-        # the address we reach the peer at now (behind a NAT: its public side), not the first one it
-        # lists; none over a relay, where only the libp2p stream gets through
-        ip = remote_ip(self.node.host, parse_peer_id(peer))
+        now = trio.current_time()
+        failed_at = self._direct_failed.get(peer)
+        if failed_at is not None and now - failed_at < DIRECT_RETRY_S:
+            log.info("pipe to %s: the direct path failed %.0f s ago; using the libp2p stream", peer, now - failed_at)
+            return None
+        # the IP a live non-relayed connection reaches the peer at, when the peer lists it itself (its data
+        # port is open there); not a NAT's public side, where a punched connection arrives: no punch opened
+        # the data port there, and a connect would hang until open_direct's timeout
+        entry = self.node.table.get(peer)
+        ip, why = direct_data_ip(self.node.host, parse_peer_id(peer), entry.record.addrs if entry else None)
         if ip is None:
-            log.info("no direct connection to %s (relayed or closed); using the libp2p stream", peer)
+            log.info("pipe to %s: no direct path (%s); using the libp2p stream", peer, why)
             return None
         from hexswarm.net.direct import open_direct
 
         try:
             sender = await open_direct(self.node, peer, ip)
             log.info("pipe to %s: direct encrypted path to %s", peer, ip)
+            self._direct_failed.pop(peer, None)
             return sender
         except (Exception, trio.TooSlowError) as e:
-            log.info("no direct path to %s (%s: %s); using the libp2p stream", peer, type(e).__name__, e)
+            # remembered: each new link to this peer would pay the same wait (up to open_direct's timeout)
+            self._direct_failed[peer] = trio.current_time()
+            log.info("no direct path to %s (%s: %s); using the libp2p stream (not tried again for %.0f s)",
+                     peer, type(e).__name__, e, DIRECT_RETRY_S)
             return None
 
     # ---- receiving ----------------------------------------------------------------------
