@@ -175,3 +175,49 @@ def test_hole_punching_upgrades_a_relayed_connection(tmp_path):
         for n in nodes:
             n.kill()
         net.delete()
+
+
+def test_a_pipeline_over_a_punched_connection_uses_the_libp2p_stream_at_once(tmp_path, tiny_model):
+    """After the punch, B's IP on A's connection is B's NAT's, which B does not list and where no punch opened
+    its data port: the pipe goes straight to the libp2p stream instead of waiting out a direct connect."""
+    net = nat_net(public_hosts=1, lans=2, drop_unsolicited=True)
+    nodes: list[NodeProcess] = []
+    serving = {"model": str(tiny_model), "roles": ["head", "worker"], "serve_layout": PINNED,
+               "dispatch_wait_s": 10.0, "local_links": False, "down_after_s": 6.0}
+    try:
+        for name, ns, ip, keys in [("R", net.public[0], net.public_ip(0), {"roles": ["relay"]}),
+                                   ("A", net.lans[0], net.lan_ip(0), serving),
+                                   ("B", net.lans[1], net.lan_ip(1), serving)]:
+            config = write_node_config(tmp_path, name, **{**FAST, "swarm": "punchpipe", **keys})
+            nodes.append(NodeProcess(config, ip=ip, port=4001, prefix=net.exec_prefix(ns)))
+        relay, a, b = nodes
+        relay.start().wait_listening(STARTUP_TIMEOUT_S)
+        for n in (a, b):
+            n.start([relay.addr])
+        for n in (a, b):
+            n.wait_listening(STARTUP_TIMEOUT_S)
+        placed = [(net.lans[0], a), (net.lans[1], b)]
+
+        def punched() -> bool:
+            v = views(net, placed)
+            return all(v.get(x.peer_id, {}).get(y.peer_id, {}).get("route") == "direct" for x, y in ((a, b), (b, a)))
+
+        assert wait_for(punched, 120, 1.0), a.log()[-3000:] + b.log()[-3000:]
+
+        def committed() -> bool:
+            st = in_ns(net, net.lans[0], "-m", "hexswarm", "status", "--peer", a.addr, "--json")
+            return st.returncode == 0 and (json.loads(st.stdout).get("layout") or {}).get("epoch") is not None
+
+        assert wait_for(committed, 120, 1.0), a.log()[-3000:] + b.log()[-3000:]
+        run = in_ns(net, net.lans[0], "-m", "hexswarm", "submit", "--peer", a.addr, "--prompt", "Hello, world!",
+                    "--max-new-tokens", str(NEW), "--json", timeout=180)
+        assert run.returncode == 0, run.stderr + a.log()[-3000:] + b.log()[-3000:]
+        assert json.loads(run.stdout)["tokens"] == reference(tiny_model, "Hello, world!", NEW)["tokens"]
+        logs = a.log() + b.log()
+        assert "which it does not list" in logs, logs[-4000:]  # the punched connection was seen and skipped
+        assert "direct encrypted path" not in logs
+        assert "no direct path to" not in logs  # open_direct was never tried (and so never timed out)
+    finally:
+        for n in nodes:
+            n.kill()
+        net.delete()
