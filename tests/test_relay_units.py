@@ -125,22 +125,22 @@ B_ADDRS = ["/ip4/192.168.1.5/tcp/4001/p2p/QmB", "/ip4/127.0.0.1/tcp/4001/p2p/QmB
            "/ip4/198.51.100.1/tcp/4001/p2p/QmRelay/p2p-circuit/p2p/QmB"]
 
 
-@pytest.mark.parametrize("conns, addrs, expected", [
-    ([_Conn("192.168.1.5")], B_ADDRS, "192.168.1.5"),  # a LAN: an address B lists
-    ([_Conn("127.0.0.1")], B_ADDRS, "127.0.0.1"),  # loopback (the test swarms)
-    ([_Conn("::ffff:192.168.1.5")], B_ADDRS, "::ffff:192.168.1.5"),  # IPv4-mapped
-    ([_Conn("203.0.113.7")], B_ADDRS, None),  # punched: B's NAT's public side
-    ([_Conn("198.51.100.1", relayed=True)], B_ADDRS, None),  # relayed: the relay's IP is no data path
-    ([], B_ADDRS, None),  # no connection
-    ([_Conn("192.168.1.5")], None, None),  # no record of B's addresses
-    ([_Conn("203.0.113.7"), _Conn("192.168.1.5")], B_ADDRS, "192.168.1.5"),  # the listed one of two
+@pytest.mark.parametrize("conns, addrs, expected, listed", [
+    ([_Conn("192.168.1.5")], B_ADDRS, "192.168.1.5", True),  # a LAN: an address B lists
+    ([_Conn("127.0.0.1")], B_ADDRS, "127.0.0.1", True),  # loopback (the test swarms)
+    ([_Conn("::ffff:192.168.1.5")], B_ADDRS, "::ffff:192.168.1.5", True),  # IPv4-mapped
+    ([_Conn("203.0.113.7")], B_ADDRS, "203.0.113.7", False),  # punched, or a 1:1 NAT: B's NAT's public side
+    ([_Conn("198.51.100.1", relayed=True)], B_ADDRS, None, False),  # relayed: the relay's IP is no data path
+    ([], B_ADDRS, None, False),  # no connection
+    ([_Conn("192.168.1.5")], None, "192.168.1.5", False),  # no record of B's addresses
+    ([_Conn("203.0.113.7"), _Conn("192.168.1.5")], B_ADDRS, "192.168.1.5", True),  # the listed one of two
 ])
-def test_the_direct_data_path_is_tried_only_at_an_ip_the_peer_lists(conns, addrs, expected):
+def test_the_direct_data_path_is_sure_only_at_an_ip_the_peer_lists(conns, addrs, expected, listed):
     from hexswarm.net.relay import direct_data_ip
 
     ip, why = direct_data_ip(_host("B", conns), "B", addrs)
     assert ip == expected
-    assert bool(why) == (expected is None)
+    assert (why == "") == listed
 
 
 def _pipe_to(remote: str, addrs: list[str]):
@@ -157,28 +157,32 @@ def _pipe_to(remote: str, addrs: list[str]):
     return MessagePipe(node, direct=True), b
 
 
-def test_a_punched_connection_goes_straight_to_the_libp2p_stream(monkeypatch, caplog):
-    """Over a punched connection the peer's IP is its NAT's: no punch opened the data port there, so
-    open_direct is not even tried (it would hang until its timeout)."""
+def test_a_punched_connection_tries_the_direct_path_only_briefly(monkeypatch, caplog):
+    """Over a punched connection the peer's IP is its NAT's: no punch opened the data port there, and open_direct
+    would hang until its 5-s timeout; a 1:1 NAT (a cloud VM's public IP) would connect at once.  So such an IP is
+    tried for UNLISTED_DIRECT_TIMEOUT_S only; an IP the peer lists gets open_direct's own timeout."""
     import logging
 
     import hexswarm.net.direct as direct
+    from hexswarm.swarm.pipe import UNLISTED_DIRECT_TIMEOUT_S
 
     tried = []
 
     async def open_direct(node, peer, ip, timeout=5.0):
-        tried.append(ip)
+        tried.append((ip, timeout))
         return "sender"
 
     monkeypatch.setattr(direct, "open_direct", open_direct)
     pipe, b = _pipe_to("203.0.113.7", B_ADDRS)
     with caplog.at_level(logging.INFO, logger="hexswarm.pipe"):
-        assert trio.run(pipe._open_direct, b) is None
-    assert tried == []
+        assert trio.run(pipe._open_direct, b) == "sender"
+    assert tried == [("203.0.113.7", UNLISTED_DIRECT_TIMEOUT_S)] and UNLISTED_DIRECT_TIMEOUT_S < 5.0
     assert "does not list" in caplog.text
 
     pipe, b = _pipe_to("192.168.1.5", B_ADDRS)  # the same peer on a LAN: the direct path as before
-    assert trio.run(pipe._open_direct, b) == "sender" and tried == ["192.168.1.5"]
+    assert trio.run(pipe._open_direct, b) == "sender" and tried[-1] == ("192.168.1.5", 5.0)
+    pipe, b = _pipe_to("198.51.100.1", [])  # a peer listing nothing at all: tried briefly too
+    assert trio.run(pipe._open_direct, b) == "sender" and tried[-1] == ("198.51.100.1", UNLISTED_DIRECT_TIMEOUT_S)
 
 
 def test_a_failed_direct_attempt_is_not_repeated_for_a_while(monkeypatch):

@@ -238,14 +238,15 @@ def _normal_ip(text: str) -> str | None:
 
 
 def direct_data_ip(host: Any, peer_id: Any, addrs: list[str] | None) -> tuple[str | None, str]:
-    """(IP, "") where the direct data path can reach `peer_id`, else (None, why not).
+    """Where the direct data path may reach `peer_id`: (IP, "") at an IP the peer lists, (IP, why) at one it
+    does not, (None, why) with no direct connection.
 
-    The data port is one the peer opened on its own interfaces, so it is reachable only at an IP the peer
-    lists itself (`addrs`: its record's addresses): the remote IP of a live non-relayed connection counts
-    only when it is one of them (a LAN, loopback, a public host; a connection we dialed to one of its
-    addresses).  A connection that reaches the peer at another IP (its NAT's public side: a punched
-    connection, or one the peer dialed from behind a NAT) reaches no data port: a connect there hangs
-    until its timeout."""
+    The data port is one the peer opened on its own interfaces, so it is surely reachable only at an IP the
+    peer lists itself (`addrs`: its record's addresses): a LAN, loopback, a public host, a connection we
+    dialed to one of its addresses.  A connection that reaches the peer at another IP arrives at a NAT's
+    public side: a punched connection, where no punch opened the data port and a connect hangs until its
+    timeout, or a host behind a 1:1 NAT (a cloud VM's public IP), where it connects at once.  The caller
+    tries such an IP only briefly."""
     seen = []
     listed = listed_ips(addrs or [])
     for conn in host.get_network().connections.get(peer_id, []) or []:
@@ -263,9 +264,9 @@ def direct_data_ip(host: Any, peer_id: Any, addrs: list[str] | None) -> tuple[st
     if not seen:
         return None, "no direct connection (relayed or closed)"
     if addrs is None:
-        return None, f"connected at {', '.join(seen)}, but no record of its addresses"
-    return None, (f"connected at {', '.join(seen)}, which it does not list (its NAT's public side: "
-                  "a punched or NAT-mapped connection); its data port is not reachable there")
+        return seen[0], f"connected at {seen[0]}, but no record of its addresses"
+    return seen[0], (f"connected at {seen[0]}, which it does not list (a NAT's public side: a punched or "
+                     "NAT-mapped connection, where its data port may not be reachable)")
 
 
 class _AutoNAT(AutoNATService):

@@ -40,6 +40,9 @@ QUEUE_DEPTH = 4096
 IDLE_CLOSE_S = 120.0
 MAX_INBOUND_PER_PEER = 4  # one link per peer pair, and a new one may overlap a closing one
 DIRECT_RETRY_S = 60.0  # after a failed direct-path attempt, links to that peer use the libp2p stream this long
+# The direct path at an IP the peer does not list (a NAT's public side): a punched connection's data port is not
+# open there (the connect hangs), a 1:1 NAT's (a cloud VM's public IP) is; tried this long, not open_direct's 5 s.
+UNLISTED_DIRECT_TIMEOUT_S = 2.0
 
 Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
 SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
@@ -223,9 +226,8 @@ class MessagePipe:
         if failed_at is not None and now - failed_at < DIRECT_RETRY_S:
             log.info("pipe to %s: the direct path failed %.0f s ago; using the libp2p stream", peer, now - failed_at)
             return None
-        # the IP a live non-relayed connection reaches the peer at, when the peer lists it itself (its data
-        # port is open there); not a NAT's public side, where a punched connection arrives: no punch opened
-        # the data port there, and a connect would hang until open_direct's timeout
+        # the IP a live non-relayed connection reaches the peer at; one the peer does not list itself is a NAT's
+        # public side (a punched connection: no punch opened the data port there), tried only briefly
         entry = self.node.table.get(peer)
         ip, why = direct_data_ip(self.node.host, parse_peer_id(peer), entry.record.addrs if entry else None)
         if ip is None:
@@ -233,8 +235,11 @@ class MessagePipe:
             return None
         from hexswarm.net.direct import open_direct
 
+        timeout = {} if not why else {"timeout": UNLISTED_DIRECT_TIMEOUT_S}
+        if why:
+            log.info("pipe to %s: %s; trying the direct path for %g s only", peer, why, UNLISTED_DIRECT_TIMEOUT_S)
         try:
-            sender = await open_direct(self.node, peer, ip)
+            sender = await open_direct(self.node, peer, ip, **timeout)
             log.info("pipe to %s: direct encrypted path to %s", peer, ip)
             self._direct_failed.pop(peer, None)
             return sender
