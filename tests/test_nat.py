@@ -100,15 +100,7 @@ def test_natted_peers_join_through_relays_and_serve_a_pipeline(natted, tiny_mode
     assert wait_for(lambda: (views(net, placed)[a.peer_id][a.peer_id]["links"] or {}).get(b.peer_id), 20), \
         views(net, placed)[a.peer_id][b.peer_id]
 
-    def committed() -> bool:
-        st = in_ns(net, net.lans[0], "-m", "hexswarm", "status", "--peer", a.addr, "--json")
-        return st.returncode == 0 and (json.loads(st.stdout).get("layout") or {}).get("epoch") is not None
-
-    assert wait_for(committed, 90, 1.0), a.log()[-3000:] + b.log()[-3000:]
-    run = in_ns(net, net.lans[0], "-m", "hexswarm", "submit", "--peer", a.addr, "--prompt", "Hello, world!",
-                "--max-new-tokens", str(NEW), "--json", timeout=180)
-    assert run.returncode == 0, run.stderr + a.log()[-3000:] + b.log()[-3000:]
-    out = json.loads(run.stdout)
+    out = _submit_once_committed(net, a, b, 90)
     ref = reference(tiny_model, "Hello, world!", NEW)
     assert out["tokens"] == ref["tokens"]
     assert out["layout"] == {"hetero_config": [1, 1], "pp_partition": [2, 2]}
@@ -147,22 +139,43 @@ def test_natted_peers_join_through_relays_and_serve_a_pipeline(natted, tiny_mode
     assert len([f for frame in frames[:before] for f in frame.get("batch", [frame]) if "token" in f]) < LONG
 
 
+def _submit_once_committed(net, a, b, wait_s: float) -> dict:
+    """Once A's status shows a committed layout (within wait_s), "Hello, world!" submitted to A from A's LAN:
+    the submit's JSON output."""
+    def committed() -> bool:
+        st = in_ns(net, net.lans[0], "-m", "hexswarm", "status", "--peer", a.addr, "--json")
+        return st.returncode == 0 and (json.loads(st.stdout).get("layout") or {}).get("epoch") is not None
+
+    assert wait_for(committed, wait_s, 1.0), a.log()[-3000:] + b.log()[-3000:]
+    run = in_ns(net, net.lans[0], "-m", "hexswarm", "submit", "--peer", a.addr, "--prompt", "Hello, world!",
+                "--max-new-tokens", str(NEW), "--json", timeout=180)
+    assert run.returncode == 0, run.stderr + a.log()[-3000:] + b.log()[-3000:]
+    return json.loads(run.stdout)
+
+
+def _relay_and_two_natted(net, tmp_path, swarm: str, keys: dict, nodes: list) -> tuple:
+    """Relay R on the public segment, A and B (with `keys`) each behind its own NAT, joined through R; each is
+    appended to `nodes` as it is made (the caller kills them)."""
+    for name, ns, ip, extra in [("R", net.public[0], net.public_ip(0), {"roles": ["relay"]}),
+                                ("A", net.lans[0], net.lan_ip(0), keys), ("B", net.lans[1], net.lan_ip(1), keys)]:
+        config = write_node_config(tmp_path, name, **{**FAST, "swarm": swarm, **extra})
+        nodes.append(NodeProcess(config, ip=ip, port=4001, prefix=net.exec_prefix(ns)))
+    relay, a, b = nodes
+    relay.start().wait_listening(STARTUP_TIMEOUT_S)
+    for n in (a, b):
+        n.start([relay.addr])
+    for n in (a, b):
+        n.wait_listening(STARTUP_TIMEOUT_S)
+    return relay, a, b
+
+
 def test_hole_punching_upgrades_a_relayed_connection(tmp_path):
     """Behind routers that drop unsolicited SYNs, A and B first meet through the relay, then DCUtR
     (py-libp2p) punches a direct connection between them."""
     net = nat_net(public_hosts=1, lans=2, drop_unsolicited=True)
     nodes: list[NodeProcess] = []
     try:
-        for name, ns, ip, keys in [("R", net.public[0], net.public_ip(0), {"roles": ["relay"]}),
-                                   ("A", net.lans[0], net.lan_ip(0), {}), ("B", net.lans[1], net.lan_ip(1), {})]:
-            config = write_node_config(tmp_path, name, **{**FAST, "swarm": "punch", **keys})
-            nodes.append(NodeProcess(config, ip=ip, port=4001, prefix=net.exec_prefix(ns)))
-        relay, a, b = nodes
-        relay.start().wait_listening(STARTUP_TIMEOUT_S)
-        for n in (a, b):
-            n.start([relay.addr])
-        for n in (a, b):
-            n.wait_listening(STARTUP_TIMEOUT_S)
+        relay, a, b = _relay_and_two_natted(net, tmp_path, "punch", {}, nodes)
         routes: list = []
 
         def direct() -> bool:
@@ -186,17 +199,7 @@ def test_a_pipeline_over_a_punched_connection_tries_the_direct_path_briefly_then
     serving = {"model": str(tiny_model), "roles": ["head", "worker"], "serve_layout": PINNED,
                "dispatch_wait_s": 10.0, "local_links": False, "down_after_s": 6.0}
     try:
-        for name, ns, ip, keys in [("R", net.public[0], net.public_ip(0), {"roles": ["relay"]}),
-                                   ("A", net.lans[0], net.lan_ip(0), serving),
-                                   ("B", net.lans[1], net.lan_ip(1), serving)]:
-            config = write_node_config(tmp_path, name, **{**FAST, "swarm": "punchpipe", **keys})
-            nodes.append(NodeProcess(config, ip=ip, port=4001, prefix=net.exec_prefix(ns)))
-        relay, a, b = nodes
-        relay.start().wait_listening(STARTUP_TIMEOUT_S)
-        for n in (a, b):
-            n.start([relay.addr])
-        for n in (a, b):
-            n.wait_listening(STARTUP_TIMEOUT_S)
+        relay, a, b = _relay_and_two_natted(net, tmp_path, "punchpipe", serving, nodes)
         placed = [(net.lans[0], a), (net.lans[1], b)]
 
         def punched() -> bool:
@@ -205,15 +208,8 @@ def test_a_pipeline_over_a_punched_connection_tries_the_direct_path_briefly_then
 
         assert wait_for(punched, 120, 1.0), a.log()[-3000:] + b.log()[-3000:]
 
-        def committed() -> bool:
-            st = in_ns(net, net.lans[0], "-m", "hexswarm", "status", "--peer", a.addr, "--json")
-            return st.returncode == 0 and (json.loads(st.stdout).get("layout") or {}).get("epoch") is not None
-
-        assert wait_for(committed, 120, 1.0), a.log()[-3000:] + b.log()[-3000:]
-        run = in_ns(net, net.lans[0], "-m", "hexswarm", "submit", "--peer", a.addr, "--prompt", "Hello, world!",
-                    "--max-new-tokens", str(NEW), "--json", timeout=180)
-        assert run.returncode == 0, run.stderr + a.log()[-3000:] + b.log()[-3000:]
-        assert json.loads(run.stdout)["tokens"] == reference(tiny_model, "Hello, world!", NEW)["tokens"]
+        out = _submit_once_committed(net, a, b, 120)
+        assert out["tokens"] == reference(tiny_model, "Hello, world!", NEW)["tokens"]
         logs = a.log() + b.log()
         assert "which it does not list" in logs, logs[-4000:]  # the punched connection was seen for what it is
         assert "trying the direct path for 2 s only" in logs  # a short try, not open_direct's 5 s

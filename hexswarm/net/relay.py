@@ -197,8 +197,8 @@ def route_of(host: Any, peer_id: Any, stream: Any) -> str:
     return "unknown"
 
 
-def remote_ip(host: Any, peer_id: Any) -> str | None:
-    """The IP we reach `peer_id` at over a direct (not relayed) connection, or None."""
+def _direct_remote_ips(host: Any, peer_id: Any):
+    """The IPs we reach `peer_id` at over its direct (not relayed) connections, in the network's order."""
     for conn in host.get_network().connections.get(peer_id, []) or []:
         if is_relayed(conn):
             continue
@@ -207,8 +207,12 @@ def remote_ip(host: Any, peer_id: Any) -> str | None:
         except Exception:
             address = None
         if address:
-            return address[0]
-    return None
+            yield address[0]
+
+
+def remote_ip(host: Any, peer_id: Any) -> str | None:
+    """The IP we reach `peer_id` at over a direct (not relayed) connection, or None."""
+    return next(_direct_remote_ips(host, peer_id), None)
 
 
 def listed_ips(addrs: list[str]) -> set[str]:
@@ -249,18 +253,10 @@ def direct_data_ip(host: Any, peer_id: Any, addrs: list[str] | None) -> tuple[st
     tries such an IP only briefly."""
     seen = []
     listed = listed_ips(addrs or [])
-    for conn in host.get_network().connections.get(peer_id, []) or []:
-        if is_relayed(conn):
-            continue
-        try:
-            address = conn.muxed_conn.secured_conn.get_remote_address()
-        except Exception:
-            address = None
-        if not address:
-            continue
-        if _normal_ip(address[0]) in listed:
-            return address[0], ""
-        seen.append(address[0])
+    for ip in _direct_remote_ips(host, peer_id):
+        if _normal_ip(ip) in listed:
+            return ip, ""
+        seen.append(ip)
     if not seen:
         return None, "no direct connection (relayed or closed)"
     if addrs is None:
