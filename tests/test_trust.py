@@ -98,12 +98,13 @@ def _server(me: str, records: list[NodeRecord], admitted: set[str], clock=None) 
     return server
 
 
+def _current_term() -> int:
+    return Server.term.fget(SimpleNamespace(head_settings=HeadSettings(term_s=300.0)))
+
+
 def _layout(head: str, peers: list[str], epoch: int = 3, term: int | None = None) -> SwarmLayout:
     stages = tuple(StageAssignment(p, 1, i, i + 1) for i, p in enumerate(peers))
-    return SwarmLayout(epoch, head, "m1", tuple(peers), (stages,), term=Server.term.fget(_TERM) if term is None else term)
-
-
-_TERM = SimpleNamespace(head_settings=HeadSettings(term_s=300.0))
+    return SwarmLayout(epoch, head, "m1", tuple(peers), (stages,), term=_current_term() if term is None else term)
 
 
 def test_only_a_live_admitted_head_candidate_may_lead_a_layout():
@@ -122,63 +123,62 @@ def test_only_a_live_admitted_head_candidate_may_lead_a_layout():
 
 
 def _two_heads(clock: _Clock):
-    """A server "me" (a worker) that sees head candidates h1 and h2, and the term in which h1 ranks first."""
+    """A server "me" (a worker) that sees head candidates h1 and h2, both up a minute and just heard from; the
+    term now, and the two in that term's order (lead, other)."""
     server = _server("me", [_record("h1", ["head"]), _record("h2", ["head"])], admitted={"me", "h1", "h2"},
                      clock=clock)
     server.node.config.roles = ["worker"]
-    clock.t += 60  # both up for a minute, and just heard from
+    clock.t += 60
     for peer in ("h1", "h2"):
         server.node.table.observe(_record(peer, ["head"], seq=2))
-    term = next(t for t in range(server.term, server.term + 50) if rendezvous_rank(["h1", "h2"], t)[0] == "h1")
-    return server, term
+    term = server.term
+    lead, other = rendezvous_rank(["h1", "h2"], term)
+    return server, term, lead, other
 
 
 def test_a_layout_is_taken_only_from_the_head_of_its_term():
     clock = _Clock()
-    server, term = _two_heads(clock)
-    if term > server.term + 1:
-        pytest.skip("no term near now where h1 ranks first")  # 2^-2 per term: does not happen in practice
-    server.check_layout_head(_layout("h1", ["h1", "me"], term=term))
-    with pytest.raises(ProtocolError, match="not the head of term"):  # h1 is up and heard: h2 does not lead
-        server.check_layout_head(_layout("h2", ["h2", "me"], term=term))
-    for stale in (server.term - 3, server.term + 2, 0):  # a term long past, or ahead of any clock skew
+    server, term, lead, other = _two_heads(clock)
+    server.check_layout_head(_layout(lead, [lead, "me"], term=term))
+    with pytest.raises(ProtocolError, match="not the head of term"):  # lead is up and heard: other does not lead
+        server.check_layout_head(_layout(other, [other, "me"], term=term))
+    for stale in (term - 3, term + 2, 0):  # a term long past, or ahead of any clock skew
         with pytest.raises(ProtocolError):
-            server.check_layout_head(_layout("h1", ["h1", "me"], term=stale))
+            server.check_layout_head(_layout(lead, [lead, "me"], term=stale))
 
 
 def test_a_head_that_skipped_a_silent_or_new_peer_is_taken():
     clock = _Clock()
-    server, term = _two_heads(clock)
-    if term > server.term + 1:
-        pytest.skip("no term near now where h1 ranks first")
-    h2 = _layout("h2", ["h2", "me"], term=term)
-    clock.t += 3.0  # h1 silent 3 s (> half of down_after_s): the new head may have seen it down already
-    server.node.table.observe(_record("h2", ["head"], seq=3))
-    server.check_layout_head(h2)
-    # h1 back up just now (a head whose view did not have it yet skipped it rightly) ...
-    clock.t += 4.0  # h1 silent 7 s: down here too
-    server.node.table.sweep()
-    assert server.node.table.get("h1").state == PeerState.DOWN
-    server.node.table.observe(_record("h1", ["head"], seq=3))
-    server.node.table.observe(_record("h2", ["head"], seq=4))
-    server.check_layout_head(h2)
+    server, term, lead, other = _two_heads(clock)
+    table = server.node.table
+    by_other = _layout(other, [other, "me"], term=term)
+    clock.t += 3.0  # lead silent 3 s (> half of down_after_s): the new head may have seen it down already
+    table.observe(_record(other, ["head"], seq=3))
+    server.check_layout_head(by_other)
+    # lead back up just now (a head whose view did not have it yet skipped it rightly) ...
+    clock.t += 4.0  # lead silent 7 s: down here too
+    table.sweep()
+    assert table.get(lead).state == PeerState.DOWN
+    table.observe(_record(lead, ["head"], seq=3))
+    table.observe(_record(other, ["head"], seq=4))
+    server.check_layout_head(by_other)
     clock.t += 11.0  # ... but not once it has been up a while
-    server.node.table.observe(_record("h1", ["head"], seq=4))
-    server.node.table.observe(_record("h2", ["head"], seq=5))
+    table.observe(_record(lead, ["head"], seq=4))
+    table.observe(_record(other, ["head"], seq=5))
     with pytest.raises(ProtocolError, match="not the head of term"):
-        server.check_layout_head(h2)
+        server.check_layout_head(by_other)
 
 
 def test_an_old_commit_is_taken_when_this_terms_head_republishes_it():
     clock = _Clock()
-    server, _ = _two_heads(clock)
-    old = _layout("h2", ["h2", "me"], term=server.term - 10)  # made by h2 long ago, served since
-    now_head, other = rendezvous_rank(["h1", "h2"], server.term)
-    server.check_layout_head(old, "commit", now_head)  # each head re-gossips the commit it serves
-    with pytest.raises(ProtocolError):  # nobody else vouches for it
-        server.check_layout_head(old, "commit", other)
-    with pytest.raises(ProtocolError):  # and only for a commit
-        server.check_layout_head(old, "propose", now_head)
+    server, term, lead, other = _two_heads(clock)
+    for maker in ("h1", "h2"):
+        old = _layout(maker, [maker, "me"], term=term - 10)  # made long ago, served since
+        server.check_layout_head(old, "commit", lead)  # each head re-gossips the commit it serves
+        with pytest.raises(ProtocolError):  # nobody else vouches for it
+            server.check_layout_head(old, "commit", other)
+        with pytest.raises(ProtocolError):  # and only for a commit
+            server.check_layout_head(old, "propose", lead)
 
 
 def test_ready_counts_only_for_the_pending_proposal_and_its_peers():
