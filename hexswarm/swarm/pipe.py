@@ -244,8 +244,11 @@ class MessagePipe:
             self._direct_failed.pop(peer, None)
             return sender
         except (Exception, trio.TooSlowError) as e:
-            # remembered: each new link to this peer would pay the same wait (up to open_direct's timeout)
-            self._direct_failed[peer] = trio.current_time()
+            # remembered: each new link to this peer would pay the same wait (up to open_direct's timeout); only
+            # failures of the last DIRECT_RETRY_S are kept (peers come and go: the table stays bounded)
+            now = trio.current_time()
+            self._direct_failed = {p: t for p, t in self._direct_failed.items() if now - t < DIRECT_RETRY_S}
+            self._direct_failed[peer] = now
             log.info("no direct path to %s (%s: %s); using the libp2p stream (not tried again for %.0f s)",
                      peer, type(e).__name__, e, DIRECT_RETRY_S)
             return None
