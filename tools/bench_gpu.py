@@ -201,7 +201,7 @@ def engine_decode_ms(model, B, P, N, clock, warmup, repeats, mode) -> float:
     kv = model.new_kv_cache(B, P + N)
     ids = _ids(B, P, model.cfg.vocab_size, model.device, 2)
     slots = list(range(B))
-    runner = model.decode_graphs(kv, use_graphs=mode == "graph")
+    runner = model.step_graphs(kv, use_graphs=mode == "graph")
     h = model(model.embed(ids), kv, slots, [0] * B)
     first = model.logits(h[:, -1]).argmax(-1)
 
@@ -217,6 +217,25 @@ def engine_decode_ms(model, B, P, N, clock, warmup, repeats, mode) -> float:
 
 
 @torch.inference_mode()
+def engine_mixed_ms(model, D: int, T: int, P: int, clock, warmup: int, repeats: int) -> dict:
+    """A served step's cost: D decode rows at context P plus T prompt tokens (prompts of up to 128),
+    replayed from a mixed CUDA graph (T > 0) or a decode graph (T == 0); ms per step."""
+    prompts = [min(128, T - i) for i in range(0, T, 128)]
+    kv = model.new_kv_cache(D + len(prompts) + 1, P + 130)
+    runner = model.step_graphs(kv)
+    if D:
+        model(model.embed(_ids(D, P, model.cfg.vocab_size, model.device, 4)), kv, list(range(D)), [0] * D)
+    rows = [(b, P, 1) for b in range(D)] + [(D + i, 0, n) for i, n in enumerate(prompts)]
+    ids = _ids(1, D + T, model.cfg.vocab_size, model.device, 5).view(-1)
+    if not T:
+        return clock.median(lambda: runner.step(ids, list(range(D)), [P] * D), warmup, repeats)
+    shape = runner.mixed_shape(rows)
+    if shape is None:
+        raise ValueError(f"no mixed graph holds {D} decode rows and {T} prompt tokens")
+    return clock.median(lambda: runner.mixed_step(ids, rows, shape), warmup, repeats)
+
+
+@torch.inference_mode()
 def engine_agreement(model, P: int, N: int) -> dict:
     """Fast path (CUDA graphs) against the plain-torch path on the same weights: prefill logits,
     then N greedy steps each fed the reference's token."""
@@ -227,7 +246,7 @@ def engine_agreement(model, P: int, N: int) -> dict:
     for mode in ("torch", "graph"):
         model.fast_kernels = mode != "torch"
         kv = model.new_kv_cache(2, P + N + 1)
-        runner = model.decode_graphs(kv, use_graphs=mode == "graph")
+        runner = model.step_graphs(kv, use_graphs=mode == "graph")
         h = model(model.embed(ids), kv, slots, [0] * B)
         outs = [model.logits(h[:, -1])]
         feed = res.get("torch_tokens")
@@ -263,7 +282,7 @@ def engine_profile(model, B: int, P: int, steps: int = 3) -> str:
     model.fast_kernels = True
     kv = model.new_kv_cache(B, P + steps + 3)
     slots = list(range(B))
-    runner = model.decode_graphs(kv, use_graphs=False)
+    runner = model.step_graphs(kv, use_graphs=False)
     model(model.embed(_ids(B, P, model.cfg.vocab_size, model.device, 4)), kv, slots, [0] * B)
     nxt = torch.full((B,), 5, dtype=torch.long, device=model.device)
     for i in range(2):
@@ -377,6 +396,8 @@ def parse_args(argv=None):
     ap.add_argument("--hf-repeats", type=int, default=3)
     ap.add_argument("--modes", default="graph,eager,torch", help="engine decode modes")
     ap.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations ('' skips)")
+    ap.add_argument("--mixed", default="", help="D:T pairs: a graph step of D decode rows and T prompt tokens "
+                    "(e.g. 32:0,32:128,64:256)")
     ap.add_argument("--copy-bytes", type=int, default=2 << 30)
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--hf-child", help=argparse.SUPPRESS)
@@ -544,6 +565,13 @@ def _measure(args, res, model_dir, device, dtype, clock, log) -> dict:
             _guard(res["decode"], f"engine-{mode}/{B}", lambda: engine_decode_ms(
                 model, B, P, N, clock, args.warmup if mode != "torch" else 1, args.repeats, mode))
             log(f"engine decode {mode} B={B}: {res['decode'].get(f'engine-{mode}/{B}')} ms/token")
+    if device.type == "cuda" and args.mixed:
+        res["mixed"] = {}
+        for pair in args.mixed.split(","):
+            D, T = (int(v) for v in pair.split(":"))
+            _guard(res["mixed"], pair, lambda: engine_mixed_ms(model, D, T, P + N // 2, clock, args.warmup,
+                                                                 args.repeats))
+            log(f"engine mixed step, {D} decode rows + {T} prompt tokens: {res['mixed'].get(pair)} ms")
     if device.type == "cuda":
         for B in _csv_ints(args.profile):
             _guard(res, f"profile/{B}", lambda: engine_profile(model, B, P))

@@ -128,7 +128,7 @@ def greedy_agreement(gguf_file, device, steps: int) -> dict:
         kv = model.new_kv_cache(1, len(ids) + steps + 1)
         h = model(model.embed(torch.tensor([ids], device=device)), kv, [0], [0])
         nxt = model.logits(h[:, -1]).argmax(-1)
-        runner = model.decode_graphs(kv)
+        runner = model.step_graphs(kv)
         got = [int(nxt)]
         for i in range(steps - 1):
             # teacher forcing: the quantized model continues from the reference's tokens

@@ -8,6 +8,7 @@ its CPU float32 path on the same random checkpoints, for several layouts; and de
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -50,7 +51,57 @@ def main() -> int:
                     ok &= same and rel < 1e-4
                 report["checks"].append(check)
                 print(json.dumps(check), flush=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        check = mixed_graph_check(work / "wide", dtype)
+        ok &= check["max_rel_err"] < (1e-4 if dtype == torch.float32 else 2e-2)
+        report["checks"].append(check)
+        print(json.dumps(check), flush=True)
     return write_report(report, ok, a.out)
+
+
+@torch.inference_mode()
+def mixed_graph_check(model_dir: Path, dtype: torch.dtype) -> dict:
+    """A step of decode rows and prompt chunks replayed from a mixed CUDA graph against the same step
+    run eagerly, then a decode step over what each wrote to the KV cache (whole stage, and the last of
+    two stages fed hidden states)."""
+    from hexswarm.model.config import LlamaConfig
+    from hexswarm.model.shard import TensorShard
+    from hexswarm.model.stage import StageModel, StagePart
+
+    cfg = LlamaConfig.from_dir(model_dir)
+    gen = torch.Generator().manual_seed(5)
+    prefill = [(0, 0, 5), (1, 0, 7), (2, 0, 9)]
+    step = [(0, 5, 1), (1, 7, 1), (2, 9, 1), (3, 0, 70), (4, 0, 3)]  # decode rows, then two prompts
+    after = [(s, p + n, 1) for s, p, n in step]
+    errs = []
+    for first in (True, False):
+        part = StagePart(0, cfg.num_hidden_layers, TensorShard.for_rank(cfg, 1, 0), with_embedding=first,
+                         with_head=True)
+        model = StageModel(cfg, part, dtype, torch.device("cuda"))
+        for prm in model.parameters():
+            prm.copy_((torch.randn(prm.shape, generator=gen) * 0.05).to(prm.dtype))
+        n_in = [sum(n for _, _, n in rows) for rows in (prefill, step, after)]
+        feeds = [torch.randint(0, cfg.vocab_size, (n,), generator=gen) if first
+                 else torch.randn(n, cfg.hidden_size, generator=gen).to(dtype) for n in n_in]
+        outs = {}
+        for mode in ("eager", "graph"):
+            kv = model.new_kv_cache(8, 256)
+            runner = model.step_graphs(kv)
+            res = []
+            for rows, feed in zip((prefill, step, after), feeds):
+                x = feed.cuda()
+                shape = runner.mixed_shape(rows) if mode == "graph" and rows is step else None
+                if shape is not None:
+                    res.append(runner.mixed_step(x, rows, shape).clone())
+                    continue
+                h = model.forward_rows(model.embed(x) if first else x, kv, rows)
+                ends = torch.tensor(list(itertools.accumulate(n for _, _, n in rows)), device="cuda") - 1
+                res.append(model.logits(h.index_select(0, ends)))
+            outs[mode] = res
+        for e, g in zip(outs["eager"], outs["graph"]):
+            errs.append(float((e - g).abs().max() / e.abs().max()))
+    return {"check": "mixed CUDA graph against eager", "dtype": str(dtype), "max_rel_err": max(errs),
+            "rel_errs": errs}
 
 
 def write_report(report: dict, ok: bool, out: str | None) -> int:

@@ -309,7 +309,7 @@ class DecoderLayerShard(nn.Module):
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
         rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q, self.n_kv)
-        if not meta.segments:
+        if not meta.segments and meta.chunk_work is None:
             attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv)
         else:
             attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)

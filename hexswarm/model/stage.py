@@ -162,11 +162,11 @@ class StageModel(nn.Module):
             h = self.norm(h)
         return F.linear(h, self.lm_head).float()
 
-    def decode_graphs(self, kv: KVCache, all_reduce: AllReduce | None = None, use_graphs: bool | None = None):
-        """A decode-step runner that captures one CUDA graph per batch size (see cuda_graphs)."""
-        from hexswarm.model.cuda_graphs import DecodeGraphRunner
+    def step_graphs(self, kv: KVCache, all_reduce: AllReduce | None = None, use_graphs: bool | None = None):
+        """A step runner that captures one CUDA graph per step shape (see cuda_graphs)."""
+        from hexswarm.model.cuda_graphs import StepGraphRunner
 
-        return DecodeGraphRunner(self, kv, all_reduce=all_reduce, use_graphs=use_graphs)
+        return StepGraphRunner(self, kv, all_reduce=all_reduce, use_graphs=use_graphs)
 
 
 def _progress(total_bytes: int, enabled: bool):

@@ -57,9 +57,10 @@ class StageExecutor:
         self.model = model
         self.kv = kv
         self.tp = tp
-        # One-token steps of a single-rank CUDA stage replay captured CUDA graphs; a TP stage
+        # Steps of a single-rank CUDA stage replay captured CUDA graphs (decode steps, and steps
+        # mixing decode rows with prompt chunks up to a token bucket); a TP stage
         # would need its all-reduce captured too, which the standalone groups here do not do.
-        self.graphs = model.decode_graphs(kv) if tp is None and torch.device(model.device).type == "cuda" else None
+        self.graphs = model.step_graphs(kv) if tp is None and torch.device(model.device).type == "cuda" else None
         if self.graphs is not None and capture_graphs:
             self.graphs.capture_all()
             self._warm_up_eager()
@@ -88,9 +89,10 @@ class StageExecutor:
         rows, ids, x = normalize_forward(op)
         free = [int(s) for s in op.get("free") or ()]
         self.kv.release(free)
-        if self.graphs is not None and all(r[2] == 1 for r in rows):
-            inp = torch.as_tensor(ids, dtype=torch.long) if ids is not None else x
-            return self.graphs.step(inp, [r[0] for r in rows], [r[1] for r in rows])
+        if self.graphs is not None:
+            out = self.graphs.run(torch.as_tensor(ids, dtype=torch.long) if ids is not None else x, rows)
+            if out is not None:
+                return out
         if ids is not None:
             x = self.model.embed(torch.as_tensor(ids, dtype=torch.long, device=self.model.device))
         if self.tp is not None:

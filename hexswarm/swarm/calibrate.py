@@ -5,12 +5,13 @@ node knows better: it runs the model's first layers (all of them when they fit
 in a share of the device memory), with the embedding and lm_head, and times
 
 * a decode step at a few batch sizes (``DECODE_BATCHES``) at ``CONTEXT``
-  tokens of context per row, through ``StageModel.decode_graphs`` (CUDA graphs
+  tokens of context per row, through ``StageModel.step_graphs`` (CUDA graphs
   on GPUs, as the engine decodes);
 * a prefill of ``PROMPT`` tokens, and one step of as many such prompts as
   fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``),
-  both through ``StageModel.forward_rows`` (the engine's ragged step): one
-  prompt is launch-bound, a full step compute-bound;
+  both as the engine runs them (a CUDA graph up to its largest prompt-token
+  bucket, else ``StageModel.forward_rows`` eagerly): one prompt is
+  launch-bound, a full step compute-bound;
 * with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
   (beyond its GPU time, and in all) and the local link's bandwidth (the runtime's
   own engines and link code).
@@ -90,16 +91,18 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
         step_tokens = step_tokens or step_tokens_for(dev.type)
         many = max(1, min(step_tokens // prompt, max(batches)))  # prompts in one full step (KV slots permitting)
         kv = model.new_kv_cache(max(batches), max(context, prompt) + 2)
-        runner = model.decode_graphs(kv)
+        runner = model.step_graphs(kv)
 
         def decode(b: int) -> None:
             ids = torch.zeros(b, dtype=torch.long, device=dev)
             runner.step(ids, list(range(b)), [context] * b)
 
-        def prefill(n: int) -> None:  # the engine's ragged path: n prompts back to back in one step
+        def prefill(n: int) -> None:  # n prompts back to back in one step, as the engine runs it
             ids = torch.zeros(n * prompt, dtype=torch.long, device=dev)
-            h = model.forward_rows(model.embed(ids), kv, [(i, 0, prompt) for i in range(n)])
-            model.logits(h[prompt - 1::prompt])
+            rows = [(i, 0, prompt) for i in range(n)]
+            if runner.run(ids, rows) is None:  # more prompt tokens than a CUDA graph holds: eager
+                h = model.forward_rows(model.embed(ids), kv, rows)
+                model.logits(h[prompt - 1::prompt])
 
         decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
         prefill_s = _median_s(lambda: prefill(1), sync, max(1, repeats // 2))
