@@ -17,8 +17,9 @@ log = logging.getLogger("hexswarm.node")
 
 def step_tokens_for(device: str) -> int:
     """max_step_tokens: auto.  On an H100 (7B, 32 and 64 streams) 2048 gave the same c=32 and 1.2x the
-    c=64 tokens/s of 512, with lower TTFT and ITL p99 (docs/BENCHMARKS.md); a CPU step of 2048
-    tokens would hold decode rows for seconds."""
+    c=64 tokens/s of 512, with lower TTFT and ITL p99 (docs/BENCHMARKS.md); with steps of up to 512
+    prompt tokens replayed from CUDA graphs (run 19a, H200) no budget of 160-512 beat 2048 at 32 or 64
+    streams either; a CPU step of 2048 tokens would hold decode rows for seconds."""
     return 2048 if device == "cuda" else 512
 
 
