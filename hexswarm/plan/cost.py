@@ -254,11 +254,10 @@ class CalibrationRatios:
     Prefill: the measured time of a step of ``n`` prompt tokens, divided by the analytic time of the
     same step.  With one point (one prompt of ``prompt`` tokens: ``one_prompt_s``) the ratio is that
     point's, whatever ``n``.  With a full step too (``full``: ``(n2, t2)``, several prompts in one
-    forward) a step of ``n`` tokens takes ``max(one_prompt_s, t2 * n / n2)``: a prompt step runs its
-    kernels eagerly (no CUDA graph), the host launching them while the GPU runs those before, so a
-    small step takes the launch time (one prompt: every kernel launched, little GPU work behind it)
-    and a large one the GPU's time, which grows with the tokens (a full step is compute-bound).  Both
-    measured points are reproduced exactly."""
+    forward) a step of ``n`` tokens takes ``max(one_prompt_s, t2 * n / n2)``: a small step costs about
+    what one prompt costs (bound by reading the weights, and by launches where it runs eagerly; up to
+    512 prompt tokens the engine replays a CUDA graph) and a large one the GPU's compute time, which
+    grows with the tokens (a full step is compute-bound).  Both measured points are reproduced exactly."""
 
     batches: tuple[float, ...]
     decode_ratio: tuple[float, ...]

@@ -10,8 +10,8 @@ in a share of the device memory), with the embedding and lm_head, and times
 * a prefill of ``PROMPT`` tokens, and one step of as many such prompts as
   fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``),
   both as the engine runs them (a CUDA graph up to its largest prompt-token
-  bucket, else ``StageModel.forward_rows`` eagerly): one prompt is
-  launch-bound, a full step compute-bound;
+  bucket, else ``StageModel.forward_rows`` eagerly): one prompt is bound
+  by reading the weights, a full step by compute;
 * with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
   (beyond its GPU time, and in all) and the local link's bandwidth (the runtime's
   own engines and link code).
