@@ -235,6 +235,32 @@ def engine_mixed_ms(model, D: int, T: int, P: int, clock, warmup: int, repeats: 
     return clock.median(lambda: runner.mixed_step(ids, rows, shape), warmup, repeats)
 
 
+def capture_seconds(model, slots: int, max_len: int) -> dict:
+    """What a server's start-up pays for CUDA graphs at `slots` KV slots: seconds to capture every
+    decode bucket, then every mixed-step bucket, and the graph pool's memory."""
+    kv = model.new_kv_cache(slots, max_len)
+    runner = model.step_graphs(kv)
+    mixed, runner.mixed_decode = runner.mixed_decode, []
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # capture empties the cache itself: start from an empty one
+    base = torch.cuda.memory_reserved()
+    t = time.perf_counter()
+    runner.capture_all()
+    torch.cuda.synchronize()
+    decode_s, decode_mem = time.perf_counter() - t, torch.cuda.memory_reserved() - base
+    runner.mixed_decode = mixed
+    t = time.perf_counter()
+    runner.capture_all()
+    torch.cuda.synchronize()
+    out = {"slots": slots, "decode_graphs": len(runner.buckets), "decode_s": round(decode_s, 2),
+           "mixed_graphs": len(runner.mixed_decode) * len(runner.mixed_tokens),
+           "mixed_s": round(time.perf_counter() - t, 2), "decode_pool_MiB": decode_mem >> 20,
+           "all_pool_MiB": (torch.cuda.memory_reserved() - base) >> 20}
+    del runner, kv
+    torch.cuda.empty_cache()
+    return out
+
+
 @torch.inference_mode()
 def engine_agreement(model, P: int, N: int) -> dict:
     """Fast path (CUDA graphs) against the plain-torch path on the same weights: prefill logits,
@@ -398,6 +424,7 @@ def parse_args(argv=None):
     ap.add_argument("--hf", default="eager,sdpa", help="transformers attention implementations ('' skips)")
     ap.add_argument("--mixed", default="", help="D:T pairs: a graph step of D decode rows and T prompt tokens "
                     "(e.g. 32:0,32:128,64:256)")
+    ap.add_argument("--capture", default="", help="slot counts: time capturing every CUDA graph a server captures")
     ap.add_argument("--copy-bytes", type=int, default=2 << 30)
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--hf-child", help=argparse.SUPPRESS)
@@ -565,6 +592,10 @@ def _measure(args, res, model_dir, device, dtype, clock, log) -> dict:
             _guard(res["decode"], f"engine-{mode}/{B}", lambda: engine_decode_ms(
                 model, B, P, N, clock, args.warmup if mode != "torch" else 1, args.repeats, mode))
             log(f"engine decode {mode} B={B}: {res['decode'].get(f'engine-{mode}/{B}')} ms/token")
+    if device.type == "cuda" and args.capture:
+        for slots in _csv_ints(args.capture):
+            _guard(res, f"capture/{slots}", lambda: capture_seconds(model, slots, 384))
+            log(f"CUDA graph capture at {slots} slots: {res.get(f'capture/{slots}')}")
     if device.type == "cuda" and args.mixed:
         res["mixed"] = {}
         for pair in args.mixed.split(","):
