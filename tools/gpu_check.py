@@ -51,8 +51,9 @@ def main() -> int:
                     ok &= same and rel < 1e-4
                 report["checks"].append(check)
                 print(json.dumps(check), flush=True)
-    for dtype in (torch.float32, torch.bfloat16):
-        check = mixed_graph_check(work / "wide", dtype)
+    for dtype, quant in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"),
+                         (torch.bfloat16, "int4")):
+        check = mixed_graph_check(work / "wide", dtype, quant)
         ok &= check["max_rel_err"] < (1e-4 if dtype == torch.float32 else 2e-2)
         report["checks"].append(check)
         print(json.dumps(check), flush=True)
@@ -60,11 +61,13 @@ def main() -> int:
 
 
 @torch.inference_mode()
-def mixed_graph_check(model_dir: Path, dtype: torch.dtype) -> dict:
+def mixed_graph_check(model_dir: Path, dtype: torch.dtype, quant: str | None = None) -> dict:
     """A step of decode rows and prompt chunks replayed from a mixed CUDA graph against the same step
     run eagerly, then a decode step over what each wrote to the KV cache (whole stage, and the last of
-    two stages fed hidden states)."""
+    two stages fed hidden states); `quant` (int8, int4): the projections quantized, as a quantized
+    stage serves them."""
     from hexswarm.model.config import LlamaConfig
+    from hexswarm.model.quant import quantize
     from hexswarm.model.shard import TensorShard
     from hexswarm.model.stage import StageModel, StagePart
 
@@ -80,6 +83,9 @@ def mixed_graph_check(model_dir: Path, dtype: torch.dtype) -> dict:
         model = StageModel(cfg, part, dtype, torch.device("cuda"))
         for prm in model.parameters():
             prm.copy_((torch.randn(prm.shape, generator=gen) * 0.05).to(prm.dtype))
+        for layer in model.layers if quant else ():
+            for name in layer.PROJECTIONS:
+                layer.set_projection(name, quantize(getattr(layer, name).data, quant))
         n_in = [sum(n for _, _, n in rows) for rows in (prefill, step, after)]
         feeds = [torch.randint(0, cfg.vocab_size, (n,), generator=gen) if first
                  else torch.randn(n, cfg.hidden_size, generator=gen).to(dtype) for n in n_in]
@@ -100,7 +106,7 @@ def mixed_graph_check(model_dir: Path, dtype: torch.dtype) -> dict:
             outs[mode] = res
         for e, g in zip(outs["eager"], outs["graph"]):
             errs.append(float((e - g).abs().max() / e.abs().max()))
-    return {"check": "mixed CUDA graph against eager", "dtype": str(dtype), "max_rel_err": max(errs),
+    return {"check": "mixed CUDA graph against eager", "dtype": str(dtype), "quantize": quant, "max_rel_err": max(errs),
             "rel_errs": errs}
 
 
