@@ -80,8 +80,8 @@ def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_
 
 
 def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = False) -> StageExecutor:
-    """Load this rank's shard and its KV cache.  capture_graphs: capture every decode batch
-    bucket now (a server), so no request waits on a capture later."""
+    """Load this rank's shard and its KV cache.  capture_graphs: capture every CUDA graph now (decode
+    and mixed-step buckets; a server), so no request waits on a capture later."""
     cfg = LlamaConfig.from_dir(spec.model_dir)
     device = spec.device_of(tp_rank)
     model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
