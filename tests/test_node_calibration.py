@@ -21,6 +21,8 @@ CAL = {"decode": [[1, 0.00568], [8, 0.0061], [32, 0.007]], "context": 128, "pref
 CAL2 = {**CAL, "prefill_batch": [2048, 0.0453], "stage_overhead": [[1, 7e-4], [8, 8e-4], [32, 1e-3]], "link_Bps": 2.5e9}
 # v3: a stage's whole host time per step too
 CAL3 = {**CAL2, "stage_host": [[1, 9e-4], [8, 1.1e-3], [32, 1.4e-3]]}
+# v4: a step of decode rows and a prompt
+CAL4 = {**CAL3, "mixed": [32, 128, 0.0086]}
 
 
 def _record(me: identity.Identity, **changes) -> NodeRecord:
@@ -33,7 +35,7 @@ def _resign(me: identity.Identity, body_map: dict) -> dict:
     return {"body": body, "sig": me.sign(SIGNING_DOMAIN + body)}
 
 
-@pytest.mark.parametrize("cal", [CAL, CAL2, CAL3])
+@pytest.mark.parametrize("cal", [CAL, CAL2, CAL3, CAL4])
 def test_calibration_round_trips_through_the_signed_record(cal):
     me = identity.generate()
     wire = codec.decode(codec.encode(sign_record(_record(me, calibration=cal), me)))
@@ -47,6 +49,7 @@ def test_calibration_round_trips_through_the_signed_record(cal):
         assert parsed.prefill_batch == (2048, 0.0453) and parsed.link_Bps == 2.5e9
         # a v2 record has no host time of its own (the planner adds its GPU time back to the overhead)
         assert parsed.host_s(1) is None if cal is CAL2 else parsed.host_s(20) == pytest.approx(1.25e-3)
+        assert parsed.mixed == ((32, 128, 0.0086) if cal is CAL4 else None)
     else:  # not measured: no overhead, the planner's analytic prefill shape
         assert parsed.overhead_s(8) == 0.0 and parsed.prefill_batch is None and parsed.link_Bps is None
 
@@ -82,6 +85,11 @@ def test_records_without_calibration_stay_valid_and_omit_the_field():
     {**CAL2, "link_Bps": 0},
     {**CAL2, "link_Bps": "2.5e9"},
     {**CAL2, "link_Bps": float("nan")},
+    {**CAL4, "mixed": [32, 128]},
+    {**CAL4, "mixed": [0, 128, 0.008]},
+    {**CAL4, "mixed": [32, 128.5, 0.008]},
+    {**CAL4, "mixed": [32, 128, -1.0]},
+    {**CAL4, "mixed": "fast"},
     "not a map",
 ])
 def test_malformed_calibration_is_refused(bad):

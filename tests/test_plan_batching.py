@@ -86,6 +86,32 @@ def test_calibration_scales_the_analytic_step_to_the_measurement():
     assert 5.68e-3 < between < 7.0e-3
 
 
+def test_a_measured_mixed_step_prices_prompt_tokens_riding_on_decode_rows():
+    cost = RooflineCostModel(LLAMA7, 32, 128, 160)
+    base = Calibration(decode=((1, 5.68e-3), (32, 7.0e-3)), context=160, prefill_tokens_per_s=20000.0, prompt=128,
+                       prefill_batch=(2048, 0.042))
+    kind = GpuKind("H100", H100.memory_bytes, H100.tflops, H100.mem_bw_Bps,
+                   calibration=replace(base, mixed=(32, 128, 8.4e-3)))
+
+    def step(k, rows, tokens):
+        shape = StepShape.decode(rows, 160) + StepShape.prefill(1, tokens) if tokens else StepShape.decode(rows, 160)
+        return cost.step_s(k, 1, 32, NO_LINK, last=True, shape=shape)
+
+    assert step(kind, 32, 128) == pytest.approx(8.4e-3, rel=1e-9)  # the measured step, reproduced
+    assert step(kind, 32, 0) == pytest.approx(7.0e-3, rel=1e-9)  # decode alone as before
+    # by hand: the decode rows' step (analytic, at the decode ratio) plus a prompt token at 1.4 ms / 128 tokens of the
+    # measurement, in analytic-compute units: doubling the prompt adds the same again, minus the larger step's extra KV
+    per_token = (8.4e-3 - 7.0e-3) / 128
+    assert step(kind, 32, 256) - step(kind, 32, 128) == pytest.approx(128 * per_token, rel=0.02)
+    for rows in (8, 32, 64):  # grows with prompt tokens, and with rows
+        ts = [step(kind, rows, t) for t in (0, 64, 128, 256, 512)]
+        assert ts == sorted(ts) and len(set(ts)) == len(ts)
+    assert step(kind, 64, 128) > step(kind, 32, 128) > step(kind, 8, 128)
+    # without the mixed point the old blend prices it, which is not monotone in prompt tokens (BENCHMARKS, run 19d)
+    old = replace(kind, calibration=base)
+    assert step(old, 32, 0) == pytest.approx(7.0e-3, rel=1e-9)
+
+
 # research notes section 1.2 (the same table as test_plan_cost.py): plan -> total seconds of one request
 REFERENCE = [([4, 2, 2], [48, 20, 12], 10.22), ([4, 2, 2], [44, 20, 16], 10.58), ([4, 2, 2], [27, 27, 26], 12.11),
              ([8], [80], 3.85), ([2, 2, 2, 2], [20] * 4, 14.53), ([1] * 8, [10] * 8, 28.99)]

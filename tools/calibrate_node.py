@@ -33,6 +33,9 @@ def summary(cal: dict) -> str:
     if c.prefill_batch:
         n, s = c.prefill_batch
         lines.append(f"prefill {n} tokens in one forward: {s * 1e3:.2f} ms ({n / s:,.0f} tokens/s)")
+    if c.mixed:
+        r, n, s = c.mixed
+        lines.append(f"{r} decode rows + a prompt of {n} tokens in one step: {s * 1e3:.2f} ms")
     if c.stage_overhead:
         lines.append("host time per stage per step " + ", ".join(f"B{r} {t * 1e3:.3f} ms" for r, t in c.stage_overhead))
     if c.stage_host:

@@ -144,6 +144,9 @@ def _format_calibration(cal: dict | None) -> str:
         if cal.get("prefill_batch"):
             n, secs = cal["prefill_batch"]
             lines[-1] += f", {float(n) / float(secs):,.0f} tok/s at {int(n)} tokens"
+        if cal.get("mixed"):
+            rows, tokens, secs = cal["mixed"]
+            lines.append(f"B{int(rows)} + {int(tokens)} prompt tokens: {float(secs) * 1e3:.2f} ms/step")
         if cal.get("stage_overhead"):
             lines.append("stage overhead " + " ".join(f"B{int(r)}:{float(t) * 1e3:.2f}" for r, t in cal["stage_overhead"])
                          + " ms/step")

@@ -28,6 +28,8 @@ Wire / dict form (what the node gossips in its record's ``calibration`` field;
      "stage_host": [[1, 9e-4], [8, 1e-3], [32, 1.2e-3]],  # [rows, seconds] (v3): a stage's whole host time per
                                      # step, GPU work included only where it is shorter (1-layer stages)
      "link_Bps": 2.5e9,              # local link: activation bytes/s, device -> socket -> device
+     "mixed": [32, 128, 0.0086],     # [decode rows, prompt tokens, seconds] of one step mixing them (chunked
+                                     # prefill: the prompt rides on the decode rows' weight reads)
      "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "model": "<fingerprint>"}   # informational
 
 The optional quantities describe the runtime, not the kernels: with several stages on
@@ -70,6 +72,7 @@ class Calibration:
     stage_overhead: tuple[tuple[int, float], ...] = ()  # (rows, host seconds a stage adds per step), rows ascending
     stage_host: tuple[tuple[int, float], ...] = ()  # (rows, a stage's host seconds per step, hidden by longer GPU work)
     link_Bps: float | None = None  # local link bytes/s for activations (device to device through a socket)
+    mixed: tuple[int, int, float] | None = None  # (decode rows, prompt tokens, seconds) of one mixed step
     device: str = ""
     dtype: str = ""
     model: str = ""
@@ -106,6 +109,8 @@ class Calibration:
             out["stage_host"] = [[r, t] for r, t in self.stage_host]
         if self.link_Bps is not None:
             out["link_Bps"] = self.link_Bps
+        if self.mixed is not None:
+            out["mixed"] = list(self.mixed)
         return out
 
 
@@ -154,6 +159,13 @@ def _pair(p: Any, what: str, upper_int: int) -> tuple[int, float]:
     return _positive_int(p[0], f"{what} count", upper_int), _positive_number(p[1], f"{what} seconds", 3600.0)
 
 
+def _mixed(v: Any) -> tuple[int, int, float]:
+    if not isinstance(v, (list, tuple)) or len(v) != 3:
+        raise CalibrationError("calibration mixed must be [decode rows, prompt tokens, seconds]")
+    return (_positive_int(v[0], "mixed decode rows", MAX_BATCH_MEASURED), _positive_int(v[1], "mixed prompt tokens", 1 << 22),
+            _positive_number(v[2], "mixed seconds", 3600.0))
+
+
 def _points(v: Any, what: str) -> tuple[tuple[int, float], ...]:
     """[[count, seconds], ...]: 1..MAX_POINTS pairs, counts strictly ascending."""
     if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= MAX_POINTS:
@@ -168,13 +180,14 @@ def parse_calibration(d: Any) -> Calibration:
     """A ``Calibration`` from its dict form; ``CalibrationError`` on any malformed value."""
     if not isinstance(d, Mapping):
         raise CalibrationError("calibration must be a map")
-    optional = {k: d.get(k) for k in ("prefill_batch", "stage_overhead", "stage_host", "link_Bps")}
+    optional = {k: d.get(k) for k in ("prefill_batch", "stage_overhead", "stage_host", "link_Bps", "mixed")}
     return Calibration(
         decode=_points(d.get("decode"), "decode"),
         prefill_batch=None if optional["prefill_batch"] is None else _pair(optional["prefill_batch"], "prefill_batch", 1 << 22),
         stage_overhead=() if optional["stage_overhead"] is None else _points(optional["stage_overhead"], "stage_overhead"),
         stage_host=() if optional["stage_host"] is None else _points(optional["stage_host"], "stage_host"),
         link_Bps=None if optional["link_Bps"] is None else _positive_number(optional["link_Bps"], "link_Bps"),
+        mixed=None if optional["mixed"] is None else _mixed(optional["mixed"]),
         context=_positive_int(d.get("context"), "calibration context", 1 << 22),
         prefill_tokens_per_s=_positive_number(d.get("prefill_tokens_per_s"), "prefill_tokens_per_s"),
         prompt=_positive_int(d.get("prompt"), "calibration prompt", 1 << 22),

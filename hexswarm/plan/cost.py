@@ -137,7 +137,8 @@ class RooflineCostModel:
         return _step_model(self.analytic_core(), kind, tp, layers, intra, last)
 
     def calibration_scale(self, kind: GpuKind, shape: StepShape) -> float:
-        """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps."""
+        """Measured / analytic on this device (1 without a calibration), mixed by token share for mixed steps
+        (used for those only when the calibration has no mixed point: see StageStepModel.seconds)."""
         if kind.calibration is None or shape.new_tokens <= 0:
             return 1.0
         ratios = calibration_ratios(self.analytic_core(), kind)
@@ -217,10 +218,24 @@ class StageStepModel:
             t += max(self.head_flops_per_row * shape.rows_out / self.flops_rate, self.head_bytes / self.bytes_rate)
         return t
 
+    def prompt_compute_s(self, shape: StepShape) -> float:
+        """The analytic compute time of the step's prompt tokens (their matmuls)."""
+        return self.flops_per_token * shape.prefill_tokens / self.flops_rate
+
     def seconds(self, shape: StepShape) -> float:
-        t = self.analytic_s(shape)
-        if self.kind.calibration is not None:
-            t *= self.cost.calibration_scale(self.kind, shape)
+        mixed = None
+        if self.kind.calibration is not None and shape.decode_rows and shape.prefill_tokens:
+            mixed = calibration_ratios(self.cost, self.kind).mixed_token_ratio
+        if mixed is not None:
+            # a mixed step: the decode rows' step, plus each prompt token at the measured cost of one riding
+            # on decode rows (CalibrationRatios.mixed_token_ratio); grows with both rows and prompt tokens
+            ratios = calibration_ratios(self.cost, self.kind)
+            t = (self.analytic_s(replace(shape, prefill_tokens=0.0)) * ratios.decode(shape.decode_rows)
+                 + self.prompt_compute_s(shape) * mixed)
+        else:
+            t = self.analytic_s(shape)
+            if self.kind.calibration is not None:
+                t *= self.cost.calibration_scale(self.kind, shape)
         fixed, per_token = self.allreduce
         return t + (fixed + per_token * shape.new_tokens if fixed or per_token else 0.0)
 
@@ -265,6 +280,10 @@ class CalibrationRatios:
     prompt: float
     full: tuple[float, float] | None
     analytic_prefill: Callable[[float], float]  # analytic seconds of a step of n prompt tokens (prompts of `prompt`)
+    # Mixed steps (decode rows + prompt tokens, with the calibration's `mixed` point): the measured seconds a prompt
+    # token adds to a decode step over its analytic compute time (StageStepModel.seconds); None: not measured, the
+    # step is priced by the token-share blend of calibration_scale
+    mixed_token_ratio: float | None = None
 
     def decode(self, rows: float) -> float:
         return interp_log(list(self.batches), list(self.decode_ratio), max(rows, 1.0))
@@ -298,11 +317,18 @@ def calibration_ratios(core: RooflineCostModel, kind: GpuKind) -> CalibrationRat
         return analytic(StepShape.prefill(tokens / cal.prompt, cal.prompt))
 
     ratios = tuple(t / analytic(StepShape.decode(b, cal.context)) for b, t in cal.decode)
+    batches = tuple(float(b) for b, _ in cal.decode)
     full = None
     if cal.prefill_batch is not None and cal.prefill_batch[0] > cal.prompt:
         full = (float(cal.prefill_batch[0]), cal.prefill_batch[1])
-    return CalibrationRatios(tuple(float(b) for b, _ in cal.decode), ratios, cal.prefill_s, float(cal.prompt), full,
-                             analytic_prefill)
+    mixed = None
+    if cal.mixed is not None:  # split as StageStepModel.seconds splits, so the measured step is reproduced
+        rows, tokens, t = cal.mixed
+        shape = StepShape.decode(rows, cal.context) + StepShape.prefill(1, tokens)
+        step = core.step_model(kind, 1, L, None, True)
+        decode_s = step.analytic_s(replace(shape, prefill_tokens=0.0)) * interp_log(list(batches), list(ratios), rows)
+        mixed = max(0.0, t - decode_s) / step.prompt_compute_s(shape)
+    return CalibrationRatios(batches, ratios, cal.prefill_s, float(cal.prompt), full, analytic_prefill, mixed)
 
 
 @dataclass(frozen=True)

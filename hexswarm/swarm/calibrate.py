@@ -12,6 +12,8 @@ in a share of the device memory), with the embedding and lm_head, and times
   both as the engine runs them (a CUDA graph up to its largest prompt-token
   bucket, else ``StageModel.forward_rows`` eagerly): one prompt is bound
   by reading the weights, a full step by compute;
+* a step of ``MIXED_ROWS`` decode rows and one such prompt (chunked prefill, as
+  the engine mixes them): what a prompt token costs riding on decode rows;
 * with ``calibrate_runtime``: the host time a stage of a pipeline adds per step
   (beyond its GPU time, and in all) and the local link's bandwidth (the runtime's
   own engines and link code).
@@ -39,12 +41,13 @@ from hexswarm.model.config import LlamaConfig
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "calibration.json"
-# v2: batched prefill, stage overhead, link bandwidth; v3: stage host time (older entries are measured again;
-# the planner still reads a v2 record that a peer gossips)
-CACHE_VERSION = 3
+# v2: batched prefill, stage overhead, link bandwidth; v3: stage host time; v4: a mixed step (older entries are
+# measured again; the planner still reads an older record that a peer gossips)
+CACHE_VERSION = 4
 DECODE_BATCHES = (1, 8, 32)
 CONTEXT = 128  # context tokens per row while timing decode steps
 PROMPT = 128  # prompt tokens of the timed prefill
+MIXED_ROWS = 32  # decode rows of the timed mixed step (at most the largest decode batch)
 MEMORY_SHARE = 0.4  # the measured layers may take this share of the device memory (the stages load beside it)
 REPEATS = 5
 
@@ -90,7 +93,7 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
             p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
         step_tokens = step_tokens or step_tokens_for(dev.type)
         many = max(1, min(step_tokens // prompt, max(batches)))  # prompts in one full step (KV slots permitting)
-        kv = model.new_kv_cache(max(batches), max(context, prompt) + 2)
+        kv = model.new_kv_cache(max(batches) + 1, max(context, prompt) + 2)  # + 1: the mixed step's prompt
         runner = model.step_graphs(kv)
 
         def decode(b: int) -> None:
@@ -104,10 +107,18 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
                 h = model.forward_rows(model.embed(ids), kv, rows)
                 model.logits(h[prompt - 1::prompt])
 
+        def mixed(rows: int) -> None:  # decode rows and one prompt in one step (chunked prefill)
+            ids = torch.zeros(rows + prompt, dtype=torch.long, device=dev)
+            step = [(b, context, 1) for b in range(rows)] + [(rows, 0, prompt)]
+            if runner.run(ids, step) is None:
+                model.logits(model.forward_rows(model.embed(ids), kv, step)[rows:])
+
         decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
+        mixed_rows = min(MIXED_ROWS, max(batches))
         prefill_s = _median_s(lambda: prefill(1), sync, max(1, repeats // 2))
         out = {"decode": decode_points, "context": context, "prefill_tokens_per_s": prompt / prefill_s,
-               "prompt": prompt, "layers": layers, "device": _device_name(device), "dtype": dtype}
+               "prompt": prompt, "layers": layers, "device": _device_name(device), "dtype": dtype,
+               "mixed": [mixed_rows, prompt, _median_s(lambda: mixed(mixed_rows), sync, repeats)]}
         if many > 1:
             out["prefill_batch"] = [many * prompt, _median_s(lambda: prefill(many), sync, max(1, repeats // 2))]
     return out
