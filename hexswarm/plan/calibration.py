@@ -9,7 +9,9 @@ measurement by what the analytic roofline predicts for the same run, and
 multiplies every analytic stage time on that device by this ratio
 (interpolated in log B between measured batch sizes, held flat outside;
 a prompt step of n tokens takes max(one prompt's time, the full step's time
-x n / its tokens), see ``cost.CalibrationRatios``).
+x n / its tokens; a step mixing decode rows and prompt tokens, with the
+``mixed`` point, the rows' decode step plus each prompt token at the measured
+cost of one riding on them), see ``cost.CalibrationRatios``).
 So the measurement corrects the analytic model's efficiencies and fixed
 overheads, and the analytic model keeps the shape (layers, TP, context).
 
