@@ -107,7 +107,7 @@ def test_a_measured_mixed_step_prices_prompt_tokens_riding_on_decode_rows():
         ts = [step(kind, rows, t) for t in (0, 64, 128, 256, 512)]
         assert ts == sorted(ts) and len(set(ts)) == len(ts)
     assert step(kind, 64, 128) > step(kind, 32, 128) > step(kind, 8, 128)
-    # without the mixed point the old blend prices it, which is not monotone in prompt tokens (BENCHMARKS, run 19d)
+    # without the mixed point a decode step is priced as before (mixed steps by the token-share blend)
     old = replace(kind, calibration=base)
     assert step(old, 32, 0) == pytest.approx(7.0e-3, rel=1e-9)
 

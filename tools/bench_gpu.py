@@ -247,15 +247,13 @@ def capture_seconds(model, slots: int, max_len: int) -> dict:
     decode bucket, then every mixed-step bucket, and the graph pool's memory."""
     kv = model.new_kv_cache(slots, max_len)
     runner = model.step_graphs(kv)
-    mixed, runner.mixed_decode = runner.mixed_decode, []
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # capture empties the cache itself: start from an empty one
     base = torch.cuda.memory_reserved()
     t = time.perf_counter()
-    runner.capture_all()
+    runner.capture_all(mixed=False)
     torch.cuda.synchronize()
     decode_s, decode_mem = time.perf_counter() - t, torch.cuda.memory_reserved() - base
-    runner.mixed_decode = mixed
     t = time.perf_counter()
     runner.capture_all()
     torch.cuda.synchronize()

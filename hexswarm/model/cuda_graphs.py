@@ -24,8 +24,8 @@ its prompt tokens apart (docs/BENCHMARKS.md, run 16), so chunked prefill could n
 Larger prompt steps still run eagerly: they are compute-bound, and launches hide behind the GPU.
 
 A server captures every shape at load (`capture_all`), so serving never stalls on a capture;
-otherwise a shape is captured on its first step, from that step's real inputs (warm-up runs
-write the same K/V the replay writes).  All graphs share one memory pool.
+otherwise a shape is captured on its first step: a decode shape from that step's real inputs (warm-up
+runs write the same K/V the replay writes), a mixed shape on padding.  All graphs share one memory pool.
 
 Off CUDA (or with use_graphs=False) the runner runs decode steps eagerly, so
 callers have one code path everywhere, and takes no mixed steps.
@@ -125,18 +125,19 @@ class StepGraphRunner:
         return sorted(self._graphs)
 
     @torch.inference_mode()
-    def capture_all(self) -> None:
-        """Capture every shape now (padding rows only: they touch the scratch slot alone)."""
+    def capture_all(self, mixed: bool = True) -> None:
+        """Capture every shape now (padding rows only: they touch the scratch slot alone); the decode
+        shapes alone with mixed=False."""
         if not self.use_graphs:
             return
         for B in self.buckets:
             if B not in self._graphs:
                 meta = torch.tensor([self.kv.scratch_slot] * B + [0] * (B % 2) + [0] * (B + B % 2), dtype=torch.long)
                 self._graphs[B] = self._capture(self._padding_input(B), meta, self._body)
-        for D in reversed(self.mixed_decode):  # the largest first: the smaller reuse its pool memory
+        for D in reversed(self.mixed_decode if mixed else []):  # the largest first: the smaller reuse its pool memory
             for T in reversed(self.mixed_tokens):
                 if (D, T) not in self._mixed:
-                    self._capture_mixed(_MixedShape(D, T), self._padding_input(D + T), [])
+                    self._capture_mixed(_MixedShape(D, T))
 
     def _body(self, inp: torch.Tensor, meta_t: torch.Tensor) -> torch.Tensor:
         m = self.model
@@ -211,9 +212,7 @@ class StepGraphRunner:
         n_dec = leading_decode_rows(rows)
         tokens = inp.shape[0] - n_dec
         meta_host = torch.tensor(shape.host_meta(rows, self.kv.scratch_slot), dtype=torch.long)
-        g = self._mixed.get((shape.D, shape.T))
-        if g is None:
-            g = self._capture_mixed(shape, self._padded(inp, shape, n_dec), rows, meta_host)
+        g = self._mixed.get((shape.D, shape.T)) or self._capture_mixed(shape)
         g.meta.copy_(meta_host.pin_memory(), non_blocking=True)
         inp = inp.reshape((inp.shape[0],) + tuple(g.inp.shape[1:]))
         if not self.takes_ids:
@@ -225,16 +224,9 @@ class StepGraphRunner:
             return g.out[:len(rows)]
         return torch.cat([g.out[:n_dec], g.out[shape.D:shape.D + tokens]])
 
-    def _padded(self, inp: torch.Tensor, shape: _MixedShape, n_dec: int) -> torch.Tensor:
-        full = self._padding_input(shape.N)
-        inp = inp.reshape((inp.shape[0],) + tuple(full.shape[1:])).to(full.device, full.dtype)
-        full[:n_dec] = inp[:n_dec]
-        full[shape.D:shape.D + inp.shape[0] - n_dec] = inp[n_dec:]
-        return full
-
-    def _capture_mixed(self, shape: _MixedShape, inp: torch.Tensor, rows, meta_host: torch.Tensor | None = None):
-        if meta_host is None:
-            meta_host = torch.tensor(shape.host_meta(rows, self.kv.scratch_slot), dtype=torch.long)
+    def _capture_mixed(self, shape: _MixedShape) -> _Captured:
+        """Captured on padding alone (its warm-up writes only the scratch slot); every replay copies its
+        own input and metadata in first."""
         m = self.model
         if self._mixed_out is None:
             rows_max = max(self.mixed_decode) + (MIXED_MAX_SEGMENTS if m.lm_head is not None else max(self.mixed_tokens))
@@ -254,7 +246,8 @@ class StepGraphRunner:
                 out.copy_(h)
             return out
 
-        g = self._capture(inp, meta_host, body)
+        meta = torch.tensor(shape.host_meta([], self.kv.scratch_slot), dtype=torch.long)
+        g = self._capture(self._padding_input(shape.N), meta, body)
         self._mixed[(shape.D, shape.T)] = g
         return g
 

@@ -223,15 +223,14 @@ class StageStepModel:
         return self.flops_per_token * shape.prefill_tokens / self.flops_rate
 
     def seconds(self, shape: StepShape) -> float:
-        mixed = None
+        ratios = None
         if self.kind.calibration is not None and shape.decode_rows and shape.prefill_tokens:
-            mixed = calibration_ratios(self.cost, self.kind).mixed_token_ratio
-        if mixed is not None:
+            ratios = calibration_ratios(self.cost, self.kind)
+        if ratios is not None and ratios.mixed_token_ratio is not None:
             # a mixed step: the decode rows' step, plus each prompt token at the measured cost of one riding
             # on decode rows (CalibrationRatios.mixed_token_ratio); grows with both rows and prompt tokens
-            ratios = calibration_ratios(self.cost, self.kind)
             t = (self.analytic_s(replace(shape, prefill_tokens=0.0)) * ratios.decode(shape.decode_rows)
-                 + self.prompt_compute_s(shape) * mixed)
+                 + self.prompt_compute_s(shape) * ratios.mixed_token_ratio)
         else:
             t = self.analytic_s(shape)
             if self.kind.calibration is not None:

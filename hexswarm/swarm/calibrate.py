@@ -5,8 +5,8 @@ node knows better: it runs the model's first layers (all of them when they fit
 in a share of the device memory), with the embedding and lm_head, and times
 
 * a decode step at a few batch sizes (``DECODE_BATCHES``) at ``CONTEXT``
-  tokens of context per row, through ``StageModel.step_graphs`` (CUDA graphs
-  on GPUs, as the engine decodes);
+  tokens of context per row, through ``StageExecutor`` as the engine runs
+  its steps (CUDA graphs on GPUs);
 * a prefill of ``PROMPT`` tokens, and one step of as many such prompts as
   fill an engine step (``step_tokens``, the runtime's ``max_step_tokens``),
   both as the engine runs them (a CUDA graph up to its largest prompt-token
@@ -76,6 +76,7 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
 
     from hexswarm.model.shard import TensorShard
     from hexswarm.model.stage import StageModel, StagePart
+    from hexswarm.runtime.executor import StageExecutor
     from hexswarm.swarm.daemon import step_tokens_for  # the runtime's max_step_tokens: auto
 
     batches, context, prompt = batches or DECODE_BATCHES, context or CONTEXT, prompt or PROMPT
@@ -94,24 +95,20 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
         step_tokens = step_tokens or step_tokens_for(dev.type)
         many = max(1, min(step_tokens // prompt, max(batches)))  # prompts in one full step (KV slots permitting)
         kv = model.new_kv_cache(max(batches) + 1, max(context, prompt) + 2)  # + 1: the mixed step's prompt
-        runner = model.step_graphs(kv)
+        executor = StageExecutor(model, kv)  # each step as the engine runs it: a CUDA graph where one holds it
+
+        def step(rows: list[tuple[int, int, int]]) -> None:
+            ids = torch.zeros(sum(n for _, _, n in rows), dtype=torch.long, device=dev)
+            executor.lead({"op": "forward", "rows": rows, "ids": ids})
 
         def decode(b: int) -> None:
-            ids = torch.zeros(b, dtype=torch.long, device=dev)
-            runner.step(ids, list(range(b)), [context] * b)
+            step([(i, context, 1) for i in range(b)])
 
-        def prefill(n: int) -> None:  # n prompts back to back in one step, as the engine runs it
-            ids = torch.zeros(n * prompt, dtype=torch.long, device=dev)
-            rows = [(i, 0, prompt) for i in range(n)]
-            if runner.run(ids, rows) is None:  # more prompt tokens than a CUDA graph holds: eager
-                h = model.forward_rows(model.embed(ids), kv, rows)
-                model.logits(h[prompt - 1::prompt])
+        def prefill(n: int) -> None:  # n prompts back to back in one step
+            step([(i, 0, prompt) for i in range(n)])
 
         def mixed(rows: int) -> None:  # decode rows and one prompt in one step (chunked prefill)
-            ids = torch.zeros(rows + prompt, dtype=torch.long, device=dev)
-            step = [(b, context, 1) for b in range(rows)] + [(rows, 0, prompt)]
-            if runner.run(ids, step) is None:
-                model.logits(model.forward_rows(model.embed(ids), kv, step)[rows:])
+            step([(b, context, 1) for b in range(rows)] + [(rows, 0, prompt)])
 
         decode_points = [[b, _median_s(lambda b=b: decode(b), sync, repeats)] for b in batches]
         mixed_rows = min(MIXED_ROWS, max(batches))
