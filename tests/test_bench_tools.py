@@ -64,7 +64,8 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
     out = tmp_path / "serve.json"
     res = bench.main(["--tiny", "--device", "cpu", "--stages", "1", "--concurrency", "1,4", "--new-tokens", "6",
                       "--requests-per-level", "4", "--client-procs", "2", "--engine-batches", "1",
-                      "--engine-steps", "3", "--frontends", "http,submit,http-whole", "--json", str(out)])
+                      "--engine-steps", "3", "--frontends", "http,submit,http-whole", "--arrival", "staggered",
+                      "--records", "--json", str(out)])
     saved = json.loads(out.read_text())
     assert saved["serve"] == res["serve"] and saved["device"].startswith("cpu")
     assert saved["model"]["tiny"] and saved["prefill_ms"] > 0
@@ -76,6 +77,12 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         assert r["stages"] == 1 and r["errors"] == 0 and r["requests"] == 4, r
         assert 0 < r["tokens"] <= 4 * 6 and r["tokens_per_request_min"] >= 1
         assert r["ratio_tokens_vs_ceiling"] > 0 and r["engine_ceiling_tokens_per_s"] > 0
+        # staggered: client j of c sent its first request no earlier than j/c of the expected request time
+        period = r["stagger_period_s"]
+        assert r["arrival"] == "staggered" and period == pytest.approx(bench.request_period_s(
+            saved, r["concurrency"], 6), abs=1e-4) and period > 0
+        firsts = sorted(rec[0] for rec in r["records"])[:r["concurrency"]]
+        assert firsts[-1] - firsts[0] >= 0.7 * period * (r["concurrency"] - 1) / r["concurrency"], (firsts, period)
         if r["frontend"] == "http-whole":  # one answer per request: counted, not timed per token
             assert r["tokens_per_s"] > 0 and r["ttft_p50_s"] is None
             continue
@@ -109,6 +116,28 @@ def test_bench_serve_steady_state_window_and_variants():
     args = bench.parse_args(["--node-extra", "{}", "--node-extra", '{"gather_prompts": false}',
                              "--node-extra", "http_workers: 2"])
     assert args.variants == [{}, {"gather_prompts": False}, {"http_workers": 2}] and args.node_extra == {}
+
+
+def test_bench_serve_deals_staggered_starts_over_its_processes():
+    """Every client's first-send time reaches one process, each process its own client count, early and
+    late ones mixed; the expected request time is prefill + new tokens x the batch-c step."""
+    bench = load_tool("bench_serve")
+    from hexswarm.plan.workload import staggered_starts
+
+    starts = staggered_starts(8, 0.8)
+    assert starts == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    hands = bench.deal(starts, [3, 3, 2])
+    assert [len(h) for h in hands] == [3, 3, 2] and sorted(t for h in hands for t in h) == starts
+    assert hands[0] == pytest.approx([0.0, 0.3, 0.6]) and hands[2] == pytest.approx([0.2, 0.5])
+    assert bench.deal([0.0] * 5, [4, 1]) == [[0.0] * 4, [0.0]]  # a burst: every client at once
+    engine = {"prefill_ms": 10.0, "engine": [{"batch": 1, "ms_per_step": 5.0}, {"batch": 8, "ms_per_step": 6.0}],
+              "engine_full": [{"batch": 1, "ms_per_step": 5.5}, {"batch": 8, "ms_per_step": 7.0}]}
+    assert bench.request_period_s(engine, 8, 100) == pytest.approx((10.0 + 700.0) / 1e3)
+    del engine["engine_full"]
+    assert bench.request_period_s(engine, 1, 100) == pytest.approx(0.51)
+    assert bench.parse_args(["--arrival", "burst,staggered"]).arrivals == ["burst", "staggered"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--arrival", "poisson"])
 
 
 def test_exact_prompt_has_the_asked_token_count(tiny_model):

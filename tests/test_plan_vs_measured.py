@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import plan_vs_measured as pvm  # noqa: E402
+from hexswarm.plan.workload import staggered_starts  # noqa: E402
 
 SYNTHETIC = {
     "device": "NVIDIA H100 80GB HBM3", "model": "llama-2-7b", "prompt_len": 32, "output_len": 64,
@@ -98,6 +99,24 @@ def test_reads_bench_serve_rows_of_one_front_end_and_names_every_source():
     flags = pvm.read_bench(SERVE, stage_overhead_ms="1:0.5,32:1.0", link_gbps=3.0, entry_ms=2.0)
     assert flags.calibration.overhead_s(32) == pytest.approx(0.001) and flags.calibration.link_Bps == 3e9
     assert flags.entry_s == pytest.approx(0.002) and flags.sources["stage_overhead"] == "--stage-overhead-ms"
+
+
+def test_staggered_rows_are_read_apart_and_simulated_with_the_clients_starts_they_had():
+    """bench_serve --arrival staggered rows: read only with arrival="staggered", their stagger period
+    kept; the simulated clients then start spread as the measured ones did, so a level's prompts do not
+    queue behind each other as a burst's do."""
+    rows = [dict(SERVE["serve"][0], arrival="burst", stagger_period_s=0.0),
+            dict(SERVE["serve"][0], arrival="staggered", stagger_period_s=0.3, ttft_p50_s=0.02)]
+    doc = dict(SERVE, serve=rows)
+    burst, spread = pvm.read_bench(doc), pvm.read_bench(doc, arrival="staggered")
+    assert [(m.ttft_p50_s, m.stagger_period_s) for m in burst.layouts] == [(0.03, 0.0)]
+    assert [(m.ttft_p50_s, m.stagger_period_s) for m in spread.layouts] == [(0.02, 0.3)]
+    assert pvm.read_bench(SERVE).layouts[0].stagger_period_s == 0.0  # rows from before --arrival: a burst
+    b = pvm.read_bench(doc, calibration=CAL_FILE, arrival="staggered")
+    (row,) = pvm.compare(b, [1], [8])
+    alone = pvm.predict(b, 1, 8, 16, client_starts=staggered_starts(8, 0.3))
+    assert row["predicted"]["ttft_p50_s"] == pytest.approx(alone.ttft_p50_s)
+    assert alone.ttft_p50_s < 0.6 * pvm.predict(b, 1, 8, 16).ttft_p50_s  # the burst's prompts wait for each other
 
 
 def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():

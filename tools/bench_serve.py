@@ -46,6 +46,8 @@ for p in (str(REPO), str(TOOLS)):  # spawned load generators import this module 
     if p not in sys.path:
         sys.path.insert(0, p)
 
+from hexswarm.plan.workload import staggered_starts  # noqa: E402
+
 PREFILL_BATCH_TOKENS = 2048  # the engine's batched prefill rate is measured at this many tokens in one forward
 CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
 PROBE_PROMPT_TOKENS = 2  # the entry probe's prompts: next to no GPU work, so their TTFT is mostly the entry's
@@ -87,6 +89,11 @@ def parse_args(argv=None):
     ap.add_argument("--no-entry-probe", dest="entry_probe", action="store_false",
                     help="skip the entry probe (per swarm and streamed front end: 2-token prompts, 1 new token, "
                     "8 alone and one burst of the highest concurrency; what tools/plan_vs_measured.py reads as the entry)")
+    ap.add_argument("--arrival", default="burst",
+                    help="how each level's clients send their first requests, one or both of: burst (all at once; "
+                    "equal-length requests then come back together, wave after wave), staggered (client j of c "
+                    "first sends at j/c of one request's expected time, prefill + new tokens x the engine's batch-c "
+                    "step, so the closed loop keeps its requests spread as independent users do)")
     ap.add_argument("--records", action="store_true",
                     help="keep every request's [start, first token, end, tokens] (s from the level's start) in the JSON")
     ap.add_argument("--cpu-target", action="store_true",
@@ -105,6 +112,9 @@ def parse_args(argv=None):
     except (yaml.YAMLError, AssertionError):
         ap.error("--node-extra must be a YAML mapping (JSON is YAML): 'http_workers: 2' or '{\"micro_batches\": 1}'")
     a.node_extra = a.variants[0]  # the variant being run (start_swarm reads it)
+    a.arrivals = [x.strip() for x in a.arrival.split(",") if x.strip()]
+    if not a.arrivals or set(a.arrivals) - {"burst", "staggered"}:
+        ap.error("--arrival takes burst, staggered or both (burst,staggered)")
     return a
 
 
@@ -284,15 +294,18 @@ async def _client_main(conn, frontend: str, target: dict) -> None:
             if await recv() != "go":
                 return
             records: list[dict] = []
-            limiter = trio.CapacityLimiter(job["concurrency"])
+            todo = iter(range(job["requests"]))
+            t_go = trio.current_time()
 
-            async def run_one(i: int) -> None:
-                async with limiter:
+            async def client_loop(first_at: float) -> None:
+                """One closed-loop client: its first request at `first_at` s after go, the next on each answer."""
+                await trio.sleep_until(t_go + first_at)
+                for i in todo:
                     records.append(await one(client, target, job, i))
 
             async with trio.open_nursery() as nursery:
-                for i in range(job["requests"]):
-                    nursery.start_soon(run_one, i)
+                for first_at in job["starts"]:
+                    nursery.start_soon(client_loop, first_at)
             conn.send(records)
 
 
@@ -346,6 +359,19 @@ async def _submit_request(client, target: dict, job: dict, i: int) -> dict:
             "engine_ttft_s": ((final.get("done") or {}).get("timings") or {}).get("ttft_s")}
 
 
+def deal(starts: list[float], counts: list[int]) -> list[list[float]]:
+    """The clients' first-send times dealt round-robin over processes holding `counts` clients each, so
+    every process gets early and late ones."""
+    hands: list[list[float]] = [[] for _ in counts]
+    k = 0
+    for t in sorted(starts)[:sum(counts)]:
+        while len(hands[k]) >= counts[k]:
+            k = (k + 1) % len(counts)
+        hands[k].append(t)
+        k = (k + 1) % len(counts)
+    return hands
+
+
 class LoadGenerator:
     """`procs` client processes for one front end, started once (spawned: no CUDA state is inherited)."""
 
@@ -359,13 +385,16 @@ class LoadGenerator:
             self.conns.append(parent)
             self.procs.append(p)
 
-    def run(self, concurrency: int, requests: int, prompt: str, new_tokens: int) -> tuple[list[dict], float]:
-        """All records of one level and its wall time (first request sent to last token)."""
+    def run(self, concurrency: int, requests: int, prompt: str, new_tokens: int,
+            starts: list[float] | None = None) -> tuple[list[dict], float]:
+        """All records of one level and its wall time (first request sent to last token).  `starts`: when
+        each of the `concurrency` clients sends its first request, in s after go (default all at once)."""
+        starts = list(starts or [0.0] * concurrency)
         n = min(len(self.conns), concurrency)
         shares = [(concurrency // n + (i < concurrency % n), requests // n + (i < requests % n)) for i in range(n)]
         used = [(c, s) for c, s in zip(self.conns, shares) if s[0] > 0 and s[1] > 0]
-        for conn, (c, r) in used:
-            conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens})
+        for conn, (c, r), first in zip([u[0] for u in used], [u[1] for u in used], deal(starts, [c for _, (c, _) in used])):
+            conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens, "starts": first})
         for conn, _ in used:
             if conn.recv() != "ready":
                 raise RuntimeError("a load generator failed to get ready")
@@ -501,6 +530,14 @@ def steady_state(ok: list[dict]) -> dict:
     return out
 
 
+def request_period_s(engine: dict, c: int, new_tokens: int) -> float:
+    """One request's expected time at concurrency c from the engine of this run: its prefill plus
+    new_tokens decode steps at batch c (over the served contexts where measured)."""
+    rows = {e["batch"]: e["ms_per_step"] for e in engine.get("engine_full") or engine.get("engine") or []}
+    step_ms = rows.get(c) or max(rows.values(), default=0.0)
+    return (engine.get("prefill_ms", 0.0) + new_tokens * step_ms) / 1e3
+
+
 def engine_ceiling(engine: dict, c: int, prompt_tokens: int, new_tokens: int, rows: str = "engine") -> float | None:
     """Tokens/s of the engine alone doing this level's work with nothing else in the way: c prompts
     prefilled at its best batched rate, then new_tokens decode steps at batch c (step time from `rows`)."""
@@ -575,14 +612,16 @@ def run(args) -> dict:
                         if args.entry_probe and frontend != "http-whole":
                             res.setdefault("entry_probe", []).append(
                                 {"stages": stages, "frontend": frontend, **entry_probe(gen, probe_prompt, max(levels))})
-                        for c in levels:
+                        for c, arrival in [(c, a) for c in levels for a in args.arrivals]:
                             n = args.requests_per_level or max(4, (args.waves or 2) * c)
+                            period = request_period_s(res, c, args.new_tokens) if arrival == "staggered" else 0.0
                             node_pids, gen_pids = [nd.proc.pid for nd in swarm.nodes], [p.pid for p in gen.procs]
                             cpu0 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
-                                records, wall = gen.run(c, n, prompt, args.new_tokens)
+                                records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period))
                             cpu1 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, "node_extra": variant,
+                                   "arrival": arrival, "stagger_period_s": round(period, 4),
                                    **summarize(records, wall),
                                    # cores busy during the level (from ready to last record; wall is first send to last token)
                                    "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2)}
@@ -596,7 +635,7 @@ def run(args) -> dict:
                             res["serve"].append(row)
                             if args.json:  # after every level: a run cut short keeps what it measured
                                 Path(args.json).write_text(json.dumps(res, indent=1))
-                            log(f"{stages} stage(s) {frontend} c={c}: {row['tokens_per_s']} tokens/s, TTFT p50 "
+                            log(f"{stages} stage(s) {frontend} c={c} {arrival}: {row['tokens_per_s']} tokens/s, TTFT p50 "
                                 f"{row['ttft_p50_s']} s, ITL p50 {row['itl_p50_s']} s, x engine {row['ratio_tokens']}; steady "
                                 f"{row.get('steady_tokens_per_s')} tokens/s (x engine {row.get('ratio_steady_tokens')}), "
                                 f"TTFT p99 {row.get('steady_ttft_p99_s')} s"
@@ -653,16 +692,18 @@ def table(res: dict) -> str:
              + ("; over the requests' contexts: " + ", ".join(f"b{e['batch']} {e['ms_per_step']:.2f} ms"
                                                           for e in res["engine_full"]) if res.get("engine_full") else ""),
              "",
-             "| stages | front end | conc | tok/s | x engine tok/s | x ceiling | x engine, full ctx | x ceiling, full ctx | "
-             "TTFT p50 ms | TTFT p99 ms | x prefill | ITL p50 ms | ITL p99 ms | ITL x engine b1 | errors | "
-             "cores busy: nodes / clients |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| stages | front end | conc | arrival | tok/s | x engine tok/s | steady x engine | x ceiling | x engine, full ctx | "
+             "x ceiling, full ctx | TTFT p50 ms | TTFT p99 ms | steady TTFT p99 ms | x prefill | ITL p50 ms | ITL p99 ms | "
+             "ITL x engine b1 | errors | cores busy: nodes / clients |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     cores = lambda r, k: f(r[k] / r["wall_s"], 2) if r.get(k) is not None and r.get("wall_s") else "—"  # noqa: E731
     for r in res["serve"]:
-        lines.append(f"| {r['stages']} | {r['frontend']} | {r['concurrency']} | {f(r['tokens_per_s'])} | "
-                     f"{f(r['ratio_tokens'], 3)} | {f(r.get('ratio_tokens_vs_ceiling'), 3)} | {f(r.get('ratio_tokens_full'), 3)} | "
+        lines.append(f"| {r['stages']} | {r['frontend']} | {r['concurrency']} | {r.get('arrival', 'burst')} | "
+                     f"{f(r['tokens_per_s'])} | {f(r['ratio_tokens'], 3)} | {f(r.get('ratio_steady_tokens'), 3)} | "
+                     f"{f(r.get('ratio_tokens_vs_ceiling'), 3)} | {f(r.get('ratio_tokens_full'), 3)} | "
                      f"{f(r.get('ratio_tokens_vs_ceiling_full'), 3)} | {f(ms(r['ttft_p50_s']))} | {f(ms(r['ttft_p99_s']))} | "
+                     f"{f(ms(r.get('steady_ttft_p99_s')))} | "
                      f"{f(r['ratio_ttft_p50_vs_prefill'], 2)} | {f(ms(r['itl_p50_s']), 2)} | {f(ms(r['itl_p99_s']), 2)} | "
                      f"{f(r['ratio_itl_p50_vs_engine_b1'], 2)} | {r['errors']} | {cores(r, 'cpu_nodes_s')} / "
                      f"{cores(r, 'cpu_clients_s')} |")

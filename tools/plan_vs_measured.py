@@ -35,7 +35,8 @@ What the prediction is made of, each printed with where it came from:
   up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
-  every client's first request is sent at once; starts due together reach stage 0 one by one, so the
+  every client's first request is sent at once, or with ``--arrival staggered`` client j's at j/c of the
+  row's ``stagger_period_s``, as bench_serve sent them; starts due together reach stage 0 one by one, so the
   first of a wave runs alone), and the entry node's event loop (batching_sim's ``_Entry``): serial work
   per arriving request (front end, tokenizer, dispatch; the starts go through the loop behind it, so a
   wave reaches stage 0 once it is all in) and per finished request, and a latency to each first token
@@ -73,7 +74,7 @@ from hexswarm.plan.cost import RooflineCostModel, StepShape  # noqa: E402
 from hexswarm.plan.model_spec import ModelSpec, load_model_spec, model_spec_from_dict  # noqa: E402
 from hexswarm.plan.replica import ReplicaPlanner  # noqa: E402
 from hexswarm.swarm.daemon import step_tokens_for  # noqa: E402  (max_step_tokens: auto, as a node sets it)
-from hexswarm.plan.workload import LengthDist, Workload  # noqa: E402
+from hexswarm.plan.workload import LengthDist, Workload, staggered_starts  # noqa: E402
 
 TARGET = 0.2  # the "every predicted median within 20% of the measured one"
 NO_HOP = Link(1e-9, 1e15)  # stages on one host: the hop is in the calibration's stage overhead and link speed
@@ -88,6 +89,7 @@ class Measured:
     ttft_p50_s: float | None
     itl_p50_s: float | None
     requests: int | None = None
+    stagger_period_s: float = 0.0  # bench_serve --arrival staggered: client j of c first sent at j/c of this
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ def _flag_overhead(text: str) -> list[list]:
     return sorted(points)
 
 
-def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http",
+def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http", arrival: str = "burst",
                calibration: dict | None = None, calibration_name: str = "--calibration",
                stage_overhead_ms: str | None = None, link_gbps: float | None = None, entry_ms: float | None = None,
                entry_latency_ms: float | None = None, entry_done_ms: float | None = None,
@@ -286,9 +288,11 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
     layout_rows = _rows(doc, "serve", "layouts", "results") or [r for r in flat if "stages" in r]
     if frontend and any("frontend" in r for r in layout_rows):
         layout_rows = [r for r in layout_rows if r.get("frontend") == frontend]
+    layout_rows = [r for r in layout_rows if r.get("arrival", "burst") == arrival]
     layouts = tuple(Measured(int(r["stages"]), int(_first(r, "concurrency", "clients", default=1)),
                              _number(_first(r, "tokens_per_s", "tok_s")), _number(_first(r, "ttft_p50_s", "ttft_s")),
-                             _number(_first(r, "itl_p50_s", "itl_s")), int(_number(r.get("requests")) or 0) or None)
+                             _number(_first(r, "itl_p50_s", "itl_s")), int(_number(r.get("requests")) or 0) or None,
+                             _number(r.get("stagger_period_s")) or 0.0)
                     for r in layout_rows if _number(r.get("stages")))
     prompt = int(_first(doc, "prompt_len", "prompt_tokens", "prompt", default=32))
     output = int(_first(doc, "output_len", "new_tokens", "max_tokens", "output_tokens", default=128))
@@ -472,7 +476,8 @@ def compare(bench: Bench, stages: list[int], concurrency: list[int], requests: i
     for s in stages:
         for c in concurrency:
             m = measured.get((s, c))
-            p = predict(bench, s, c, (m.requests if m else None) or requests)
+            starts = staggered_starts(c, m.stagger_period_s) if m and m.stagger_period_s else None
+            p = predict(bench, s, c, (m.requests if m else None) or requests, client_starts=starts)
             pred = {"tokens_per_s": p.tokens_per_s, "ttft_p50_s": p.ttft_p50_s, "itl_p50_s": p.gap_p50_s}
             meas = None if m is None else {"tokens_per_s": m.tokens_per_s, "ttft_p50_s": m.ttft_p50_s, "itl_p50_s": m.itl_p50_s}
             ratios = {k: _ratio(v, (meas or {}).get(k)) for k, v in pred.items()}
@@ -564,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bench_json", type=Path, nargs="+", help="bench files; the first one's engine rows calibrate")
     ap.add_argument("--frontend", default="http", help="which serve rows to compare (bench_serve's front end)")
+    ap.add_argument("--arrival", default="burst", choices=("burst", "staggered"),
+                    help="which serve rows to compare (bench_serve --arrival): the simulated clients send their "
+                    "first requests as the measured ones did")
     ap.add_argument("--calibration", type=Path, help="a node calibration (tools/calibrate_node.py --json, or a "
                     "node's calibration.json): its quantities come before the bench's engine rows")
     ap.add_argument("--stage-overhead-ms", help="ROWS:MS,... host time per stage per step, when nothing measured it")
@@ -585,12 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         docs = [json.loads(p.read_text()) for p in args.bench_json]
         cal = _calibration_file(args.calibration) if args.calibration else None
-        bench = read_bench(docs[0], where.name, frontend=args.frontend, calibration=cal,
+        bench = read_bench(docs[0], where.name, frontend=args.frontend, arrival=args.arrival, calibration=cal,
                            calibration_name=str(args.calibration), stage_overhead_ms=args.stage_overhead_ms,
                            link_gbps=args.link_gbps, entry_ms=args.entry_ms, entry_latency_ms=args.entry_latency_ms,
                            entry_done_ms=args.entry_done_ms,
                            shared_device=not args.separate_devices)
-        more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend).layouts]
+        more = [m for d in docs[1:] for m in read_bench(d, frontend=args.frontend, arrival=args.arrival).layouts]
         bench = estimate_entries(replace(bench, layouts=bench.layouts + tuple(more), gpu_handoff=not args.host_handoff))
         rows = compare(bench, args.stages, args.concurrency, args.requests)
     except (OSError, ValueError, KeyError, TypeError, CalibrationError) as e:

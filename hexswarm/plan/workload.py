@@ -57,3 +57,11 @@ class Workload:
 
     def with_slo(self, slo_s: float) -> "Workload":
         return Workload(self.rate, slo_s, self.prompt, self.output, self.max_batch, self.num_requests)
+
+
+def staggered_starts(clients: int, period_s: float) -> list[float]:
+    """When each of ``clients`` closed-loop clients sends its first request, spread over one request's
+    expected time: client j at j/clients of ``period_s``.  Equal-length requests then stay spread, one
+    arrival every period/clients seconds, as independent users' do (the load generator and the simulator
+    use the same rule)."""
+    return [j * period_s / clients for j in range(clients)]
