@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT  # a node's log lines, as cli/node_cmd.py
 from hexswarm.net import codec
 from hexswarm.runtime.cpus import usable_cpus
+from hexswarm.runtime.heap import freeze_heap
 from hexswarm.runtime.local_link import LinkSpec
 from hexswarm.runtime.spans import SpanLog
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, Send
@@ -47,6 +48,7 @@ class EngineJob:
     parent: int
     links: LinkSpec | None = None
     log_level: int = logging.WARNING  # the child's lines go to the node's log as the node's own do
+    freeze_heap: bool = True  # exempt the loaded heap from full collector passes (runtime/heap.py)
 
 
 class ChildLimit:
@@ -165,6 +167,8 @@ def _child_main(conn, job: EngineJob) -> None:
     except BaseException as e:
         write({"kind": "_failed", "error": f"{type(e).__name__}: {e}"})
         return
+    if job.freeze_heap:
+        freeze_heap()
     write({"kind": "_ready"})
     engine.start()
 

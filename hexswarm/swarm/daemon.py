@@ -7,6 +7,7 @@ import logging
 
 import trio
 
+from hexswarm.runtime.heap import freeze_heap
 from hexswarm.swarm.config import NodeConfig
 
 # The serving layer (and torch with it) is imported only by nodes that serve a model,
@@ -34,7 +35,7 @@ def serve_settings(config: NodeConfig, devices):
         dtype = "bfloat16" if device == "cuda" else "float32"
     return ServeSettings(model_dir=str(config.model), device=device, dtype=dtype, max_batch=config.max_batch,
                          max_seq_len=config.max_seq_len, max_step_tokens=config.max_step_tokens or step_tokens_for(device),
-                         gather_prompts=config.gather_prompts,
+                         gather_prompts=config.gather_prompts, freeze_heap=config.freeze_heap,
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
                          engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
                          quantize=config.quantize, local_links=config.local_links, kv_tokens=config.kv_tokens)
@@ -97,6 +98,8 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
             from hexswarm.swarm.http_api import serve_http  # hypercorn is imported only when asked for
 
             await nursery.start(serve_http, node, server)
+        if node.config.freeze_heap:  # started: what is alive now stays (stage loads freeze again, swarm/stages.py)
+            freeze_heap()
         task_status.started(server)
         await node.stopped()
         nursery.cancel_scope.cancel()

@@ -46,6 +46,7 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net import codec
+from hexswarm.runtime.heap import freeze_heap
 
 log = logging.getLogger("hexswarm.http")
 
@@ -423,6 +424,7 @@ async def _worker(listen_fd: int, channel_fd: int, parent: int) -> None:
         nursery.start_soon(read)
         nursery.start_soon(_watch_parent, parent, nursery.cancel_scope)
         token = await backend.start()
+        freeze_heap()  # a long-lived server: its start-up heap out of the collector's full passes (runtime/heap.py)
         cfg = hypercorn_config(f"fd://{listen_fd}")
         cfg.errorlog = logging.getLogger("hexswarm.http.worker")  # its errors; not N "Running on" lines
         cfg.errorlog.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))

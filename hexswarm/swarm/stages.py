@@ -22,6 +22,7 @@ from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import BLOCK, blocks_for
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
+from hexswarm.runtime.heap import freeze_heap
 from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec, kv_tokens_that_fit
@@ -47,6 +48,7 @@ class ServeSettings:
     retire_idle_s: float = 5.0
     max_step_tokens: int = 512
     gather_prompts: bool = True  # see EngineSettings
+    freeze_heap: bool = True  # after each load, here and in engine processes (runtime/heap.py)
     micro_batches: int = 0  # 0: one per pipeline stage
     engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
@@ -119,6 +121,8 @@ class StageSet:
                          layout.replicas[ri][si].layer_start, layout.replicas[ri][si].tp)
         finally:
             done.set()
+        if self.settings.freeze_heap:  # once per load, not per request: a collection here, then short passes
+            freeze_heap()
         return True
 
     def _continue(self, layout: SwarmLayout, ri: int, si: int) -> bool:
@@ -162,7 +166,7 @@ class StageSet:
         own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
         if own_process:
             worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links,
-                                             logging.getLogger().getEffectiveLevel()), send)
+                                             logging.getLogger().getEffectiveLevel(), s.freeze_heap), send)
         else:
             host = StageHost(spec, tag=tag)
             host.start()
