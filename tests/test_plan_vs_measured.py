@@ -119,6 +119,18 @@ def test_staggered_rows_are_read_apart_and_simulated_with_the_clients_starts_the
     assert alone.ttft_p50_s < 0.6 * pvm.predict(b, 1, 8, 16).ttft_p50_s  # the burst's prompts wait for each other
 
 
+def test_gather_prompts_is_read_from_the_node_config_and_changes_when_prompts_start():
+    """node_extra gather_prompts: false (bench_serve's serving configuration): a one-stage overlapped
+    pipeline then starts prompts in the next decided step instead of waiting for the step on the GPU."""
+    off = pvm.read_bench(dict(SERVE, node_extra={"micro_batches": 1, "gather_prompts": False}), calibration=CAL_FILE)
+    on = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    assert on.gather_prompts and not off.gather_prompts
+    starts = staggered_starts(32, 0.25)
+    a, b = pvm.predict(on, 1, 32, 128, client_starts=starts), pvm.predict(off, 1, 32, 128, client_starts=starts)
+    assert a.ttft_p50_s != pytest.approx(b.ttft_p50_s, rel=1e-2)
+    assert a.tokens_per_s != pytest.approx(b.tokens_per_s, rel=1e-2)
+
+
 def test_stages_on_one_device_pay_their_gpu_time_and_host_time_per_step():
     """micro_batches 1, two stages on one device whose hosts wait for it (no GPU handoff): a batch-1 token
     costs the whole model's GPU step plus each stage's host time (hand-computed); one stage hides its

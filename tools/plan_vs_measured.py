@@ -30,8 +30,8 @@ What the prediction is made of, each printed with where it came from:
   a quantity found nowhere is taken as not there (0 overhead, the analytic intra-host link);
 * the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
-  one-stage CUDA pipeline hides its host work behind the GPU and waits for the step on the GPU before
-  starting new prompts, and (bench_serve) every stage on the same device, so the stages' GPU time adds
+  one-stage CUDA pipeline hides its host work behind the GPU and (``gather_prompts``, node_extra, else on)
+  waits for the step on the GPU before starting new prompts, and (bench_serve) every stage on the same device, so the stages' GPU time adds
   up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
@@ -115,6 +115,7 @@ class Bench:
     layouts: tuple[Measured, ...]
     micro_batches: int | None = None  # None: one per stage (the node default)
     step_tokens: int = 2048
+    gather_prompts: bool = True  # the node setting (node_extra; default on)
     shared_device: bool = True
     entry_s: float = 0.0
     entry_latency_s: float = 0.0
@@ -338,6 +339,7 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
+                 gather_prompts=extra.get("gather_prompts", True) is not False,
                  shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
                  entry_latency_s=(entry_latency_ms or 0.0) / 1e3, entry_done_s=(entry_done_ms or 0.0) / 1e3, cuda=cuda,
                  entry_probes=probes if not flagged else ())
@@ -457,6 +459,7 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
     e = entry or _entry(bench, stages)
     return simulate_batching(cluster, cost, layouts, work, seed=seed, closed_loop=concurrency,
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
+                             gather_prompts=bench.gather_prompts,
                              shared_device=bench.shared_device, overlap=bench.cuda, entry_s=e.arrive_s,
                              entry_latency_s=e.latency_s, entry_done_s=e.done_s,
                              gpu_handoff=bench.hands_over_on_gpu, client_starts=client_starts)
@@ -550,7 +553,8 @@ def markdown(bench: Bench, rows: list[dict[str, Any]]) -> str:
         unused = "; not used: activations stay on the GPU" if bench.hands_over_on_gpu else ""
         lines.append(f"- local link: {link}({bench.sources['link_Bps']}{unused})")
     lines += [f"- micro_batches: {bench.micro_batches or 'one per stage'} ({bench.sources['micro_batches']}); "
-              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']})",
+              f"max_step_tokens {bench.step_tokens} ({bench.sources['max_step_tokens']}); gather_prompts "
+              f"{'on' if bench.gather_prompts else 'off'}",
               _entry_text(bench), "",
               "| stages | conc | tok/s pred | tok/s meas | ratio | TTFT p50 ms pred | meas | ratio | ITL p50 ms pred | meas | ratio |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

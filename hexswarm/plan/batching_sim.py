@@ -24,7 +24,8 @@ It follows the serving engine's rule, per replica:
   its activations never cross a socket;
 * a one-stage overlapped pipeline decides a step that would start new prompts
   only when the step on the GPU ends (the engine waits for it then, so that a
-  burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``);
+  burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``),
+  unless the node's ``gather_prompts`` is off;
 * stages that share one device (``shared_device``: several stage processes on
   one GPU) share its time: their GPU work runs one at a time;
 * starts due at the same moment reach stage 0 one by one: an idle engine
@@ -268,7 +269,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                       closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
                       overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
                       entry_done_s: float = 0.0, gpu_handoff: bool = False,
-                      client_starts: list[float] | None = None) -> BatchSimResult:
+                      client_starts: list[float] | None = None, gather_prompts: bool = True) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
@@ -284,7 +285,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     back out; it shifts the TTFT, and a closed-loop client's next request when positive);
     ``gpu_handoff``: the stages of a replica share one GPU and hand over on it (with
     ``shared_device``); ``client_starts``: when each closed-loop client sends its first request
-    (default: all at 0)."""
+    (default: all at 0); ``gather_prompts``: the node setting of that name (off: a one-stage
+    overlapped pipeline decides a step with new prompts as early as any other)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -364,7 +366,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         # back (its host has queued its part of k), before k ends on the GPU.
         ahead = overlap and (S == 1 or (handoff and len(rep.members) == 1))
         busy_until = rep.started_at if ahead else rep.free_at[0]
-        if ahead and S == 1 and rep.free_at[0] > now + 1e-15 and _new_prompts(rep, m):
+        if ahead and S == 1 and gather_prompts and rep.free_at[0] > now + 1e-15 and _new_prompts(rep, m):
             busy_until = rep.free_at[0]  # the engine waits for the step on the GPU before starting prompts
         if busy_until > now + 1e-15:
             order += 1
