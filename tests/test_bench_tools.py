@@ -98,6 +98,9 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
     for p in probes.values():
         assert p["stages"] == 1 and p["burst"] == 4 and len(p["alone_ttft_s"]) == 8 and len(p["burst_ttft_s"]) == 4
         assert all(t > 0 for t in p["alone_ttft_s"] + p["burst_ttft_s"])
+        # the streaming burst: every request answered, tokens counted, the entry node's own CPU taken
+        assert p["stream"]["requests"] == 4 and 4 <= p["stream"]["tokens"] <= 4 * 64
+        assert p["stream"]["entry_cpu_s"] >= 0
 
 
 def test_bench_serve_steady_state_window_and_variants():

@@ -301,6 +301,41 @@ def test_the_entry_probe_gives_each_swarm_its_entry_work_and_latency():
     assert pvm.read_bench(doc, calibration=CAL_FILE, entry_ms=1.0).entry_probes == ()  # a flag says otherwise
 
 
+def test_the_streaming_probe_gives_the_entry_work_per_token_relayed():
+    """The probe's streaming burst: the entry node's CPU seconds, less each request's arrive + done work, per
+    token relayed; without a streaming burst (older bench files) it is 0."""
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    tiny = replace(b, prompt_len=2, output_len=1)
+    known = pvm.Entry(arrive_s=0.0006, done_s=0.0003, latency_s=0.004)
+    probe = {"stages": 1, "frontend": "http", "prompt_tokens": 2, "new_tokens": 1, "burst": 32,
+             "alone_ttft_s": list(pvm.predict(tiny, 1, 1, 8, entry=known).ttft_s),
+             "burst_ttft_s": list(pvm.predict(tiny, 1, 32, 32, entry=known).ttft_s)}
+    streamed = dict(probe, stream={"requests": 32, "tokens": 2048, "entry_cpu_s": 32 * 0.0009 + 2048 * 80e-6})
+    (old,) = pvm.read_bench(dict(SERVE, entry_probe=[probe]), calibration=CAL_FILE).entry_probes
+    bench = pvm.read_bench(dict(SERVE, entry_probe=[streamed]), calibration=CAL_FILE)
+    got = pvm.estimate_entry(bench, bench.entry_probes[0])
+    assert got.token_s == pytest.approx(80e-6, rel=0.05) and pvm.estimate_entry(bench, old).token_s == 0.0
+    assert "us per token relayed" in pvm._entry_text(bench)
+
+
+def test_first_tokens_wait_behind_the_decode_rows_tokens_the_entry_relays_first():
+    """A step's tokens reach the entry in one message, decode rows first: a prompt finishing in a step with 7
+    decode rows has its first token relayed after their 7 tokens (at least 7 x token_s later than with free
+    relaying; the entry's loop itself: hand-computed)."""
+    from hexswarm.plan.batching_sim import _Entry
+
+    e = _Entry(0.0, 0.0, 0.001)
+    e.relay(1.0, 7)
+    assert e.token(1.0) == pytest.approx(1.007) and e.token(1.0) == pytest.approx(1.008)  # each first token costs too
+    assert e.start(1.0) == pytest.approx(1.009)  # a start behind the relaying
+    b = replace(pvm.read_bench(SERVE, calibration=CAL_FILE), output_len=400)  # all 8 still decoding at the end
+    starts = [0.05 * j for j in range(8)]  # one arrival per 50 ms: the 8th joins 7 decoding requests
+    free = pvm.predict(b, 1, 8, 8, client_starts=starts, entry=pvm.Entry(arrive_s=1e-9))
+    slow = pvm.predict(b, 1, 8, 8, client_starts=starts, entry=pvm.Entry(arrive_s=1e-9, token_s=1e-4))
+    assert slow.ttft_s[0] == pytest.approx(free.ttft_s[0], abs=1e-6)  # alone: nothing before its token
+    assert slow.ttft_s[7] - free.ttft_s[7] >= 7e-4 - 1e-9
+
+
 def test_a_burst_reaches_stage_0_once_the_entry_has_taken_all_of_it_in():
     """The entry's loop takes in every request of a burst (arrive_s each) before the first start gets through;
     the first tokens then go out one by one behind each finished request's done_s (1-token requests,

@@ -52,6 +52,7 @@ PREFILL_BATCH_TOKENS = 2048  # the engine's batched prefill rate is measured at 
 CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
 PROBE_PROMPT_TOKENS = 2  # the entry probe's prompts: next to no GPU work, so their TTFT is mostly the entry's
 PROBE_ALONE = 8  # probe requests one at a time
+PROBE_STREAM_TOKENS = 64  # new tokens of each streaming probe request (the entry's work per token relayed)
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -415,9 +416,10 @@ class LoadGenerator:
                 p.kill()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time (user + system, all threads) used so far by these processes and their descendants, from
-    /proc: on a machine whose cores the nodes share with the load generators, where the cores went."""
+def cpu_seconds(pids: list[int], descendants: bool = True) -> float:
+    """CPU time (user + system, all threads) used so far by these processes and (by default) their
+    descendants, from /proc: on a machine whose cores the nodes share with the load generators, where
+    the cores went."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for entry in Path("/proc").iterdir():
@@ -428,7 +430,7 @@ def cpu_seconds(pids: list[int]) -> float:
                 continue
             stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
     want = set(pids)
-    changed = True
+    changed = descendants
     while changed:  # close over descendants (an engine process, py-spy is not one: it is not our child)
         before = len(want)
         want |= {pid for pid, (ppid, _) in stats.items() if ppid in want}
@@ -467,17 +469,26 @@ class profiling:
             p.wait(30)
 
 
-def entry_probe(gen: "LoadGenerator", prompt: str, burst: int) -> dict:
+def entry_probe(gen: "LoadGenerator", prompt: str, burst: int, entry_pid: int) -> dict:
     """What the serving system adds to a request besides the model: TTFTs of tiny requests (a 2-token
     prompt, 1 new token), PROBE_ALONE one at a time (the entry's latency) and a burst of `burst` at once
-    (how the entry spreads a wave).  tools/plan_vs_measured.py turns them into its entry quantities."""
+    (how the entry spreads a wave); then a burst of `burst` streaming requests of PROBE_STREAM_TOKENS
+    tokens with the entry node's own CPU seconds over it (its engine processes and HTTP workers not
+    counted: what its event loop does per token relayed).  tools/plan_vs_measured.py turns them into its
+    entry quantities."""
     def ttfts(records: list[dict]) -> list[float]:
         return sorted(round(r["times"][0] - r["start"], 5) for r in records if "error" not in r and r.get("times"))
 
     alone, _ = gen.run(1, PROBE_ALONE, prompt, 1)
     wave, _ = gen.run(burst, burst, prompt, 1)
+    cpu0 = cpu_seconds([entry_pid], descendants=False)
+    streamed, _ = gen.run(burst, burst, prompt, PROBE_STREAM_TOKENS)
+    cpu = cpu_seconds([entry_pid], descendants=False) - cpu0
+    ok = [r for r in streamed if "error" not in r]
     return {"prompt_tokens": PROBE_PROMPT_TOKENS, "new_tokens": 1, "alone_ttft_s": ttfts(alone),
-            "burst": burst, "burst_ttft_s": ttfts(wave)}
+            "burst": burst, "burst_ttft_s": ttfts(wave),
+            "stream": {"requests": len(ok), "tokens": sum(r.get("tokens", len(r.get("times", []))) for r in ok),
+                       "entry_cpu_s": round(cpu, 3)}}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -610,8 +621,8 @@ def run(args) -> dict:
                     try:
                         gen.run(min(max(levels), 8), min(max(levels), 8), prompt, 4)  # warm-up: first allocations, connections
                         if args.entry_probe and frontend != "http-whole":
-                            res.setdefault("entry_probe", []).append(
-                                {"stages": stages, "frontend": frontend, **entry_probe(gen, probe_prompt, max(levels))})
+                            probe = entry_probe(gen, probe_prompt, max(levels), swarm.nodes[0].proc.pid)
+                            res.setdefault("entry_probe", []).append({"stages": stages, "frontend": frontend, **probe})
                         for c, arrival in [(c, a) for c in levels for a in args.arrivals]:
                             n = args.requests_per_level or max(4, (args.waves or 2) * c)
                             period = request_period_s(res, c, args.new_tokens) if arrival == "staggered" else 0.0

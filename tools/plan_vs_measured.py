@@ -101,6 +101,10 @@ class EntryProbe:
     alone_ttft_s: tuple[float, ...]
     burst: int
     burst_ttft_s: tuple[float, ...]
+    # a burst of streaming requests: the entry node's own CPU seconds over the tokens it relayed
+    stream_requests: int = 0
+    stream_tokens: int = 0
+    stream_cpu_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ class Entry:
     arrive_s: float = 0.0
     done_s: float = 0.0
     latency_s: float = 0.0
+    token_s: float = 0.0  # serial work per token relayed (the probe's streaming burst)
 
 
 def _first(d: dict, *keys: str, default: Any = None) -> Any:
@@ -352,7 +357,10 @@ def _probe(r: dict) -> EntryProbe | None:
     alone, burst = times("alone_ttft_s"), times("burst_ttft_s")
     if not (_number(r.get("stages")) and _number(r.get("burst")) and alone and burst):
         return None
-    return EntryProbe(int(r["stages"]), int(_number(r.get("prompt_tokens")) or 2), alone, int(r["burst"]), burst)
+    stream = r.get("stream") if isinstance(r.get("stream"), dict) else {}
+    return EntryProbe(int(r["stages"]), int(_number(r.get("prompt_tokens")) or 2), alone, int(r["burst"]), burst,
+                      int(_number(stream.get("requests")) or 0), int(_number(stream.get("tokens")) or 0),
+                      _number(stream.get("entry_cpu_s")) or 0.0)
 
 
 def _median(sorted_values: tuple[float, ...]) -> float:
@@ -383,7 +391,9 @@ def estimate_entry(bench: Bench, probe: EntryProbe) -> Entry:
     * the burst's median: after the first, the answers go out one by one, each request's end costing
       the loop ``done_s`` before the next token goes out: ``done_s``;
     * alone: the median TTFT less the model's own time for it (its entry work, its prompt through the
-      stages): ``latency_s``.
+      stages): ``latency_s``;
+    * the streaming burst (where probed): the entry node's own CPU seconds over it, less the requests'
+      ``arrive_s`` + ``done_s``, per token relayed: ``token_s``.
 
     Each is solved with the other two fixed, a few rounds (they hardly depend on each other)."""
     tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0,
@@ -404,6 +414,9 @@ def estimate_entry(bench: Bench, probe: EntryProbe) -> Entry:
         e = replace(e, done_s=_solve(lambda x: burst(replace(e, done_s=x)).ttft_p50_s, median_t,
                                      max(median_t, 1e-4) / probe.burst))
         e = replace(e, latency_s=e.latency_s + alone_t - alone(e))
+    if probe.stream_tokens > 0:  # the entry's CPU over the streaming burst, less its per-request work
+        e = replace(e, token_s=max(0.0, probe.stream_cpu_s - probe.stream_requests * (e.arrive_s + e.done_s))
+                    / probe.stream_tokens)
     return e
 
 
@@ -461,7 +474,7 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
                              step_tokens=bench.step_tokens, micro_batches=bench.micro_batches,
                              gather_prompts=bench.gather_prompts,
                              shared_device=bench.shared_device, overlap=bench.cuda, entry_s=e.arrive_s,
-                             entry_latency_s=e.latency_s, entry_done_s=e.done_s,
+                             entry_latency_s=e.latency_s, entry_done_s=e.done_s, entry_token_s=e.token_s,
                              gpu_handoff=bench.hands_over_on_gpu, client_starts=client_starts)
 
 
@@ -521,7 +534,8 @@ def _stage_host(bench: Bench) -> str:
 def _entry_text(bench: Bench) -> str:
     if bench.entry_probes:
         per = "; ".join(f"{s} stage(s): {e.arrive_s * 1e3:.2f} ms per request in, {e.done_s * 1e3:.2f} ms per "
-                        f"request done, {e.latency_s * 1e3:+.2f} ms to the first token"
+                        f"request done, {e.token_s * 1e6:.0f} us per token relayed, {e.latency_s * 1e3:+.2f} ms to "
+                        "the first token"
                         for s, e in (bench.entries or estimate_entries(bench).entries))
         return f"- entry ({bench.sources['entry']}): {per}"
     return (f"- entry: {bench.entry_s * 1e3:.2f} ms per request in ({bench.sources['entry']}), "

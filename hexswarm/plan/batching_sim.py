@@ -35,7 +35,8 @@ It follows the serving engine's rule, per replica:
   (front end, tokenizer, dispatch), after which its start goes through the loop
   behind the work queued meanwhile (a closed-loop wave of c requests reaches
   stage 0 together, after c x entry_s); a first token goes out once the work
-  queued before it is done, and a finished request costs ``entry_done_s``; plus
+  queued before it is done, every token relayed costs ``entry_token_s``, and a
+  finished request costs ``entry_done_s``; plus
   ``entry_latency_s`` that is not serial (the rest of the way in and the first
   token's way out), which shifts the TTFT.
 
@@ -269,7 +270,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                       closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
                       overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
                       entry_done_s: float = 0.0, gpu_handoff: bool = False,
-                      client_starts: list[float] | None = None, gather_prompts: bool = True) -> BatchSimResult:
+                      client_starts: list[float] | None = None, gather_prompts: bool = True,
+                      entry_token_s: float = 0.0) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
@@ -286,7 +288,9 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     ``gpu_handoff``: the stages of a replica share one GPU and hand over on it (with
     ``shared_device``); ``client_starts``: when each closed-loop client sends its first request
     (default: all at 0); ``gather_prompts``: the node setting of that name (off: a one-stage
-    overlapped pipeline decides a step with new prompts as early as any other)."""
+    overlapped pipeline decides a step with new prompts as early as any other); ``entry_token_s``:
+    the entry's serial work per token it relays (a step's tokens reach it in one message, in row
+    order: the decode rows' tokens first, then the first tokens of the prompts that ended)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -304,7 +308,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         times[:closed_loop] = firsts[:min(n, closed_loop)]
     # heap of (time, order, what, request or step): what the entry does (ARRIVE, START, DISPATCH, RELAY)
     pending = [(times[k], k, ARRIVE, k) for k in range(n) if times[k] < math.inf]
-    entry = _Entry(entry_s, entry_done_s)
+    entry = _Entry(entry_s, entry_done_s, entry_token_s)
     queue_order = n
     gaps: list[float] = []
     issued = len(pending)
@@ -344,10 +348,12 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             heapq.heappush(pending, (times[issued], queue_order, ARRIVE, issued))
             issued += 1
 
-    def relay(now: float, out: list[tuple[int, bool, bool]]) -> None:
-        """A step's tokens at stage 0, in row order (request, its first token, its last): each
-        first token goes out once the entry has done the work queued before it; each finished
-        request costs the entry ``entry_done_s``, then its client has the answer."""
+    def relay(now: float, tokens: int, out: list[tuple[int, bool, bool]]) -> None:
+        """A step's `tokens` tokens at stage 0, in row order; `out` (request, its first token, its
+        last) for the rows that start or end a request: each first token goes out once the entry
+        has done the work queued before it; each finished request costs the entry ``entry_done_s``,
+        then its client has the answer."""
+        entry.relay(now, tokens - sum(1 for _, is_first, _ in out if is_first))  # the decode rows' tokens
         for rid, is_first, is_last in out:
             if is_first:
                 seen[rid] = entry.token(now)
@@ -452,12 +458,13 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         for q in finished:
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
-        if out:
+        if out or entry_token_s > 0:
+            n_tokens = len(emitting) + sum(1 for _, is_first, _ in out if is_first)
             if entry.serial:  # the tokens go out through the entry's loop, at token_t
                 queue_order += 1
-                heapq.heappush(pending, (token_t, queue_order, RELAY, out))
+                heapq.heappush(pending, (token_t, queue_order, RELAY, (n_tokens, out)))
             else:
-                relay(token_t, out)
+                relay(token_t, n_tokens, out)
         if finished:
             done = {id(q) for q in finished}
             rep.members[m] = [q for q in mine if id(q) not in done]
@@ -470,7 +477,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         if pending and (not events or pending[0][0] <= events[0][0]):  # the entry first at equal times
             now, _, what, rid = heapq.heappop(pending)
             if what == RELAY:
-                relay(now, rid)
+                relay(now, *rid)
                 continue
             if what == ARRIVE and entry.serial:  # through the entry's loop: its work, then the start
                 queue_order += 1
@@ -522,7 +529,8 @@ class _Entry:
     awaits resumes behind the tasks already runnable).  A request costs it ``arrive_s`` (HTTP, tokenizer,
     dispatch); its start then goes through the loop once more, behind the work queued meanwhile (so a
     closed-loop wave's starts reach stage 0 together, once the whole wave is in); a token goes out once
-    the work queued before it is done; a finished request costs ``done_s`` (its last chunk, the
+    the work queued before it is done, and every token relayed costs ``token_s`` (a step's tokens come in
+    one message, the decode rows' first); a finished request costs ``done_s`` (its last chunk, the
     response's end).  Zero costs: nothing waits (the model without an entry).  Starts due at the same
     time reach stage 0 one by one (messages, one at a time): an idle engine launches a step on the first
     and the others wait for its next step, as the records of every closed-loop wave show (the first
@@ -530,12 +538,17 @@ class _Entry:
 
     arrive_s: float
     done_s: float
+    token_s: float = 0.0
     free: float = 0.0
     last_start: float = -math.inf
 
     @property
     def serial(self) -> bool:
-        return self.arrive_s > 0 or self.done_s > 0
+        return self.arrive_s > 0 or self.done_s > 0 or self.token_s > 0
+
+    def relay(self, now: float, tokens: int) -> None:
+        if tokens and self.token_s:
+            self.free = max(now, self.free) + tokens * self.token_s
 
     def arrive(self, now: float) -> float:
         self.free = max(now, self.free) + self.arrive_s
@@ -551,7 +564,11 @@ class _Entry:
         return at
 
     def token(self, now: float) -> float:
-        return max(now, self.free)
+        """A first token goes out once the work queued before it is done; relaying it is work too."""
+        at = max(now, self.free)
+        if self.token_s:
+            self.free = at + self.token_s
+        return at
 
     def done(self, now: float) -> float:
         self.free = max(now, self.free) + self.done_s
