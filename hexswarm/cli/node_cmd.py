@@ -21,15 +21,9 @@ def setup_logging(level: str) -> None:
     """Readable one-line logs on stderr; py-libp2p's own chatter only when debugging."""
     import libp2p  # noqa: F401  (its import resets the libp2p logger; configure after it)
 
-    from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT
+    from hexswarm.logformat import log_to_stderr
 
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=LOG_FORMAT,
-        datefmt=LOG_DATEFMT,
-        stream=sys.stderr,
-        force=True,
-    )
+    log_to_stderr(getattr(logging, level.upper()))
     libp2p_logger = logging.getLogger("libp2p")
     libp2p_logger.handlers.clear()
     libp2p_logger.propagate = True

@@ -11,3 +11,9 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # no affinity call on this platform
         return os.cpu_count() or 1
+
+
+def engine_threads() -> int:
+    """torch intra-op threads for a stage engine in its own process: half the usable CPUs (at most 8), so
+    the node's event loop and HTTP front end keep cores (more threads spin between a step's small ops)."""
+    return max(1, min(8, usable_cpus() // 2))

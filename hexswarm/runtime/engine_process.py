@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
 
-from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT  # a node's log lines, as cli/node_cmd.py
+from hexswarm.logformat import log_to_stderr  # a node's log lines, as cli/node_cmd.py
 from hexswarm.net import codec
-from hexswarm.runtime.cpus import usable_cpus
+from hexswarm.runtime.cpus import engine_threads
 from hexswarm.runtime.heap import freeze_heap
 from hexswarm.runtime.local_link import LinkSpec
 from hexswarm.runtime.spans import SpanLog
@@ -154,7 +153,7 @@ def _child_main(conn, job: EngineJob) -> None:
     from hexswarm.runtime.tp_follower import exit_with_parent
 
     exit_with_parent(job.parent)
-    logging.basicConfig(level=job.log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr, force=True)
+    log_to_stderr(job.log_level)
     lock = threading.Lock()
 
     def write(obj: dict) -> None:
@@ -202,7 +201,7 @@ def _build(job: EngineJob, send: Send):
     from hexswarm.runtime.stage_host import StageHost
     from hexswarm.runtime.tokenizer import TextTokenizer
 
-    torch.set_num_threads(max(1, min(8, usable_cpus() // 2)))
+    torch.set_num_threads(engine_threads())
     host = StageHost(job.spec, tag=job.tag)
     host.start()
     tokenizer = TextTokenizer(job.spec.model_dir, LlamaConfig.from_dir(job.spec.model_dir)) if job.with_tokenizer else None

@@ -432,7 +432,7 @@ async def _worker(listen_fd: int, channel_fd: int, parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hexswarm.logformat import LOG_DATEFMT, LOG_FORMAT
+    from hexswarm.logformat import log_to_stderr
 
     ap = argparse.ArgumentParser(description="an HTTP front-end worker of a hexswarm node (started by the node)")
     ap.add_argument("--listen-fd", type=int, required=True)
@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
-    logging.basicConfig(level=a.log_level, format=LOG_FORMAT, datefmt=LOG_DATEFMT, stream=sys.stderr, force=True)
+    log_to_stderr(a.log_level)
     try:
         trio.run(_worker, a.listen_fd, a.channel_fd, a.parent)
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ in the background after a request finishes, a few at a time (others are skipped)
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -152,12 +153,11 @@ class Histogram(_Metric):
     def observe(self, value: float, **labels: Any) -> None:
         key = self._key(labels)
         value = float(value)
+        # the first bound >= value (one observation per token: keep it cheap); NaN: the +Inf bucket
+        i = bisect.bisect_left(self.buckets, value) if value == value else len(self.buckets) - 1
         with self._lock:
             counts, total = self._series.setdefault(key, ([0] * len(self.buckets), [0.0]))
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    counts[i] += 1
-                    break
+            counts[i] += 1
             total[0] += value
 
     def count(self, **labels: Any) -> int:
