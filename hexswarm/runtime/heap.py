@@ -17,9 +17,11 @@ import time
 
 
 def freeze_heap() -> int:
-    """Collect what is garbage now, then exempt everything still alive from later passes; returns the
-    number of objects frozen.  Call it when a process has finished loading (again after each load: the
-    new objects join the frozen ones)."""
+    """Collect what is garbage now (the objects frozen before included), then exempt everything still
+    alive from later passes; returns the number of objects frozen.  Call it when a process has finished
+    loading, and again after each load or unload: a frozen object is never collected, so what an unload
+    leaves in reference cycles (a retired stage's engine) is found only by this call's collection."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

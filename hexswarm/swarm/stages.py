@@ -303,6 +303,7 @@ class StageSet:
     async def retire_older_than(self, epoch: int) -> None:
         """Close stages of older epochs once idle (their in-flight requests finish first)."""
         now = time.monotonic()
+        retired = False
         # aliases first: a worker whose aliases all go is retired under its own key in the same pass
         for key in sorted((k for k in self.workers if k[0] < epoch), key=lambda k: k not in self.home):
             worker = self.workers[key]
@@ -324,6 +325,9 @@ class StageSet:
                 continue
             await trio.to_thread.run_sync(worker.close)
             log.info("epoch %d: retired replica %d stage %d", *key)
+            retired = True
+        if retired and self.settings.freeze_heap:  # frozen objects are never collected: retired stages' cycles go now
+            freeze_heap()
 
     async def close(self) -> None:
         workers = list({id(w): w for w in self.workers.values()}.values())  # aliases name one worker
