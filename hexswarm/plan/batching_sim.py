@@ -289,8 +289,8 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     ``shared_device``); ``client_starts``: when each closed-loop client sends its first request
     (default: all at 0); ``gather_prompts``: the node setting of that name (off: a one-stage
     overlapped pipeline decides a step with new prompts as early as any other); ``entry_token_s``:
-    the entry's serial work per token it relays (a step's tokens reach it in one message, in row
-    order: the decode rows' tokens first, then the first tokens of the prompts that ended)."""
+    the entry's serial work per token it relays (a step's tokens reach it in one message: the first
+    tokens of the prompts that ended, then the decode rows' tokens)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
     n = workload.num_requests
@@ -353,11 +353,14 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         last) for the rows that start or end a request: each first token goes out once the entry
         has done the work queued before it; each finished request costs the entry ``entry_done_s``,
         then its client has the answer."""
-        entry.relay(now, tokens - sum(1 for _, is_first, _ in out if is_first))  # the decode rows' tokens
-        for rid, is_first, is_last in out:
-            if is_first:
+        for rid, is_first, is_last in out:  # first tokens go out first (StageEngine._tokens_back), each
+            if is_first:                      # request that ends with it followed by its done
                 seen[rid] = entry.token(now)
-            if is_last:
+                if is_last:
+                    send_next(entry.done(now))
+        entry.relay(now, tokens - sum(1 for _, is_first, _ in out if is_first))  # then the decode rows' tokens
+        for rid, is_first, is_last in out:
+            if is_last and not is_first:
                 send_next(entry.done(now))
 
     def launch(r: int, m: int, now: float) -> None:
@@ -530,7 +533,7 @@ class _Entry:
     dispatch); its start then goes through the loop once more, behind the work queued meanwhile (so a
     closed-loop wave's starts reach stage 0 together, once the whole wave is in); a token goes out once
     the work queued before it is done, and every token relayed costs ``token_s`` (a step's tokens come in
-    one message, the decode rows' first); a finished request costs ``done_s`` (its last chunk, the
+    one message, first tokens first); a finished request costs ``done_s`` (its last chunk, the
     response's end).  Zero costs: nothing waits (the model without an entry).  Starts due at the same
     time reach stage 0 one by one (messages, one at a time): an idle engine launches a step on the first
     and the others wait for its next step, as the records of every closed-loop wave show (the first

@@ -557,7 +557,9 @@ class StageEngine:
         requests (a request that was finished or cancelled meanwhile is not in `requests`)."""
         for req in reqs:
             req.in_flight = max(0, req.in_flight - 1)
-        for item in items:
+        # first tokens first: the entry relays a step's tokens in this order, and a first token waits for
+        # those before it (at 32 streams ~5 ms of the entry's loop, BENCHMARKS run 20f); stable otherwise
+        for item in sorted(items, key=lambda item: item.get("step") != 0):
             req = self.requests.get(item["rid"])
             if req is None or item.get("attempt") != req.attempt:
                 continue  # a token of a finished request, or of a cancelled attempt
