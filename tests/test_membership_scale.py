@@ -284,8 +284,10 @@ def test_yamux_credits_reads_back_in_batches_and_bulk_data_still_flows():
     trio.run(main)
     assert received["small_updates"] == 0  # 20 KiB read: far below half the window
     assert received["bulk"] == bytes(range(256)) * (bulk // 256) + bytes(bulk % 256)
-    assert len(updates) >= 4  # the bulk transfer was credited back, in few updates
-    assert len(updates) < 20
+    # the bulk transfer was credited back (all but at most one window: else the sender would have stalled),
+    # in few updates (how few depends on the read sizes: a large read credits several half-windows at once)
+    assert sum(updates) >= bulk - DEFAULT_WINDOW_SIZE
+    assert 1 <= len(updates) < 20
 
 
 def test_dht_lookups_slow_down_with_scale_and_while_they_find_nothing_new():
