@@ -394,7 +394,8 @@ class LoadGenerator:
         n = min(len(self.conns), concurrency)
         shares = [(concurrency // n + (i < concurrency % n), requests // n + (i < requests % n)) for i in range(n)]
         used = [(c, s) for c, s in zip(self.conns, shares) if s[0] > 0 and s[1] > 0]
-        for conn, (c, r), first in zip([u[0] for u in used], [u[1] for u in used], deal(starts, [c for _, (c, _) in used])):
+        hands = deal(starts, [c for _, (c, _) in used])
+        for (conn, (c, r)), first in zip(used, hands):
             conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens, "starts": first})
         for conn, _ in used:
             if conn.recv() != "ready":
