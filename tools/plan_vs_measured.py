@@ -31,8 +31,8 @@ What the prediction is made of, each printed with where it came from:
 * the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
   one-stage CUDA pipeline hides its host work behind the GPU and (``gather_prompts``, node_extra, else on)
-  waits for the step on the GPU before starting new prompts, and (bench_serve) every stage on the same device, so the stages' GPU time adds
-  up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
+  waits for the step on the GPU before starting new prompts, and (bench_serve) every stage on the same
+  device, so the stages' GPU time adds up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
   ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
   every client's first request is sent at once, or with ``--arrival staggered`` client j's at j/c of the

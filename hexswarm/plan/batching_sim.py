@@ -348,17 +348,18 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             heapq.heappush(pending, (times[issued], queue_order, ARRIVE, issued))
             issued += 1
 
-    def relay(now: float, tokens: int, out: list[tuple[int, bool, bool]]) -> None:
-        """A step's `tokens` tokens at stage 0, in row order; `out` (request, its first token, its
-        last) for the rows that start or end a request: each first token goes out once the entry
-        has done the work queued before it; each finished request costs the entry ``entry_done_s``,
-        then its client has the answer."""
-        for rid, is_first, is_last in out:  # first tokens go out first (StageEngine._tokens_back), each
-            if is_first:                      # request that ends with it followed by its done
+    def relay(now: float, decoded: int, out: list[tuple[int, bool, bool]]) -> None:
+        """A step's tokens at stage 0: `decoded` of its decode rows, and `out` (request, its first
+        token, its last) for the rows that start or end a request.  First tokens go out first
+        (StageEngine._tokens_back), each once the entry has done the work queued before it, a request
+        that ends with its first token followed by its done; then the decode rows' tokens; each
+        finished request costs the entry ``entry_done_s``, then its client has the answer."""
+        for rid, is_first, is_last in out:
+            if is_first:
                 seen[rid] = entry.token(now)
                 if is_last:
                     send_next(entry.done(now))
-        entry.relay(now, tokens - sum(1 for _, is_first, _ in out if is_first))  # then the decode rows' tokens
+        entry.relay(now, decoded)
         for rid, is_first, is_last in out:
             if is_last and not is_first:
                 send_next(entry.done(now))
@@ -462,12 +463,11 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
             heapq.heappush(rep.releases, token_t)
             heapq.heappush(rep.done_at, token_t)
         if out or entry_token_s > 0:
-            n_tokens = len(emitting) + sum(1 for _, is_first, _ in out if is_first)
             if entry.serial:  # the tokens go out through the entry's loop, at token_t
                 queue_order += 1
-                heapq.heappush(pending, (token_t, queue_order, RELAY, (n_tokens, out)))
+                heapq.heappush(pending, (token_t, queue_order, RELAY, (len(emitting), out)))
             else:
-                relay(token_t, n_tokens, out)
+                relay(token_t, len(emitting), out)
         if finished:
             done = {id(q) for q in finished}
             rep.members[m] = [q for q in mine if id(q) not in done]

@@ -286,9 +286,10 @@ class NodeConfig:
     gather_prompts: bool = field(default=True, metadata=_key(_bool, "a step with new prompts waits for the step on "
                                                          "the GPU so prompts arriving meanwhile join it (fewer, "
                                                          "fuller prefill steps; off: host work stays overlapped)"))
-    freeze_heap: bool = field(default=True, metadata=_key(_bool, "once started and after each stage load, exempt the "
-                                                      "heap alive then from Python's full collector passes (each one otherwise stalls "
-                                                      "serving for ~0.1 s; runtime/heap.py)"))
+    freeze_heap: bool = field(default=True, metadata=_key(_bool, "once started and after each stage load or "
+                                                      "retirement, exempt the heap alive then from Python's full "
+                                                      "collector passes (each one otherwise stalls serving for "
+                                                      "~0.1 s; runtime/heap.py)"))
     quantize: str | None = field(default=None, metadata=_key(_choice(None, "none", "int8", "int4"), "weights kept "
                                                              "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "

@@ -238,15 +238,15 @@ class EntryMetrics:
                                        STAGE_BUCKETS, ("stage",))
         self.hop_queue = r.histogram("hexswarm_stage_queue_seconds", "Time one finished request's steps waited at "
                                      "each stage (from its trace spans)", STAGE_BUCKETS, ("stage",))
-        gc = process_watch()
+        watch = process_watch()
         r.gauge("hexswarm_gc_passes", "Python collector passes in this node's process since it started, by "
                 "generation (2: full passes)", ("generation",),
-                callback=lambda: {(str(g),): float(n) for g, n in enumerate(gc.passes)})
+                callback=lambda: {(str(g),): float(n) for g, n in enumerate(watch.passes)})
         r.gauge("hexswarm_gc_pause_seconds", "Time this node's process spent in collector passes (the GIL held) "
                 "since it started, by generation", ("generation",),
-                callback=lambda: {(str(g),): s for g, s in enumerate(gc.seconds)})
+                callback=lambda: {(str(g),): s for g, s in enumerate(watch.seconds)})
         r.gauge("hexswarm_gc_longest_pause_seconds", "The longest collector pass in this node's process",
-                callback=lambda: gc.longest_s)
+                callback=lambda: watch.longest_s)
         r.gauge("hexswarm_gc_frozen_objects", "Objects exempt from collector passes (freeze_heap: the heap as "
                 "loaded)", callback=lambda: float(frozen_objects()))
         self.in_flight_entry = 0
