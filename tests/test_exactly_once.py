@@ -723,3 +723,61 @@ def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeyp
             assert not head._proposing  # given up, free to propose epoch 3
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_waiting_relay_hands_on_its_next_token_in_place_and_anything_else_in_order():
+    """RelayInbox: while the relay task waits, the current attempt's next token from its stage 0 goes to the
+    front end's `put` from the delivering call (no task switch per token); any other message (an intruder's, a
+    token out of order, the done) and everything after it go through the task, in the order they came."""
+    import math
+
+    from hexswarm.swarm.submit import RelayInbox
+
+    svc = _service(FakeEntryServer())
+    send, receive = trio.open_memory_channel(math.inf)
+    inbox = RelayInbox(send)
+    out: list[tuple[str, dict]] = []
+
+    async def emit(frame):
+        out.append(("task", frame))
+
+    def put(frame):
+        out.append(("in place", frame))
+
+    req = {"rid": "r", "stream": True, "max_new_tokens": 8, "placed": 1}
+    placement = {"epoch": 1, "replica": 0, "attempt": 1, "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
+
+    def ev(i, sender="s0"):
+        return {"kind": "event", "rid": "r", "attempt": 1, "index": i, "token": 100 + i, "_sender": sender}
+
+    async def main():
+        result = []
+
+        async def relay():
+            result.append(await svc._relay(emit, req, placement, receive, trio.current_time() + 600, False,
+                                           inbox, put))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            await trio.testing.wait_all_tasks_blocked()
+            inbox.send_nowait(ev(0))
+            inbox.send_nowait(ev(1))
+            assert out == [("in place", {"token": 100, "index": 0}), ("in place", {"token": 101, "index": 1})]
+            inbox.send_nowait(ev(2, sender="intruder"))  # not stage 0's: the task's to judge (it drops it) ...
+            assert inbox.take is None
+            inbox.send_nowait(ev(2))  # ... and the tokens after it queue behind it
+            inbox.send_nowait(ev(3))
+            assert len(out) == 2
+            await trio.testing.wait_all_tasks_blocked()
+            assert result == [] and [how for how, _ in out] == ["in place", "in place", "task"]
+            assert [f["token"] for f in out[2][1]["batch"]] == [102, 103]  # the task took both in one batch
+            assert inbox.take is not None  # waiting again
+            inbox.send_nowait(ev(4))
+            inbox.send_nowait({"kind": "done", "rid": "r", "attempt": 1, "_sender": "s0", "prompt_tokens": [1],
+                               "tokens": [100, 101, 102, 103, 104, 105], "text": "x", "finish_reason": "length",
+                               "timings": {}})
+        assert out[3] == ("in place", {"token": 104, "index": 4})
+        assert out[4] == ("task", {"token": 105, "index": 5})  # its event never came: the done's tokens go first
+        assert result[0]["done"]["tokens"] == [100, 101, 102, 103, 104, 105]
+
+    trio.run(main, clock=trio.testing.MockClock())

@@ -541,12 +541,13 @@ def test_http_worker_channel_batches_a_steps_frames_and_cancels():
             return {"created": 7, "model_name": "m", "model_id": "f" * 16, "max_len": 64,
                     "chat": ["{{ messages[0].content }}", "<s>", "</s>"], "strip_bos": True}
 
-        async def serve(self, msg, emit, kind):
+        async def serve(self, msg, emit, kind, put):
             if msg["prompt"] == "hang":
                 await trio.sleep_forever()
             await emit({"accepted": {"request_id": msg["request_id"]}})
-            for i in range(5):  # one engine step's tokens: no checkpoint between them
-                await emit({"token": 100 + i, "index": i, "text": str(i)})
+            for i in range(4):  # one engine step's tokens, as the relay hands them on: no checkpoint between them
+                put({"token": 100 + i, "index": i, "text": str(i)})
+            await emit({"token": 104, "index": 4, "text": "4"})
             return {"done": {"tokens": list(range(100, 105)), "kind": kind}}
 
         def cancel(self, rid):

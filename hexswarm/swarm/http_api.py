@@ -300,8 +300,8 @@ class LocalBackend:
                 "max_len": self.max_len, "chat": None if chat is None else [chat.source, chat.bos, chat.eos],
                 "strip_bos": self.strip_bos if chat is not None and chat.bos else False}
 
-    async def serve(self, msg: dict, emit, kind: str) -> dict:
-        return await self.metrics.serve(self._serve, msg, emit, kind)
+    async def serve(self, msg: dict, emit, kind: str, put=None) -> dict:
+        return await self.metrics.serve(self._serve, msg, emit, kind, put)
 
     def cancel(self, rid: str) -> None:
         """The client went away mid-request: stop the pipeline computing its tokens (best effort)."""
@@ -653,8 +653,8 @@ def instrument(server, metrics: EntryMetrics) -> None:
     service = server.submit_service
     original = service.serve
 
-    async def serve(msg, emit):
-        return await metrics.serve(original, msg, emit, "p2p")
+    async def serve(msg, emit, put=None):
+        return await metrics.serve(original, msg, emit, "p2p", put)
 
     service.p2p_serve = serve
 

@@ -175,13 +175,16 @@ class WorkerLink:
     async def _serve(self, rid: str, kind: str, msg: dict) -> None:
         put = self.channel.put
 
-        async def emit(frame: dict) -> None:
+        def put_frame(frame: dict) -> None:
             put({"rid": rid, "frame": frame})
+
+        async def emit(frame: dict) -> None:
+            put_frame(frame)
 
         answered = False
         with trio.CancelScope() as self.scopes[rid]:
             try:
-                final = await self.backend.serve(msg, emit, kind)
+                final = await self.backend.serve(msg, emit, kind, put_frame)
                 answered = True
                 put({"rid": rid, "final": final})
             except Exception as e:

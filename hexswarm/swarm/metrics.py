@@ -290,10 +290,12 @@ class EntryMetrics:
     def render(self) -> str:
         return self.registry.render()
 
-    async def serve(self, serve: Callable[[Any, Callable[[dict], Awaitable[None]]], Awaitable[dict]], msg: Any,
-                    emit: Callable[[dict], Awaitable[None]], api: str) -> dict:
-        """Run `serve(msg, emit)` (SubmitService.serve) and measure it.  Tokens are always asked for as a
-        stream (to time them here); the caller's `emit` gets token frames only if it asked for them."""
+    async def serve(self, serve: Callable[..., Awaitable[dict]], msg: Any,
+                    emit: Callable[[dict], Awaitable[None]], api: str,
+                    put: Callable[[dict], None] | None = None) -> dict:
+        """Run `serve(msg, emit, text=..., put=...)` (SubmitService.serve) and measure it.  Tokens are always
+        asked for as a stream (to time them here); the caller's `emit` (or `put`, its non-blocking twin for
+        token frames, if it has one) gets token frames only if it asked for them."""
         wants_tokens = bool(msg.get("stream", False)) if isinstance(msg, dict) else False
         if isinstance(msg, dict):
             msg = {**msg, "stream": True}
@@ -301,7 +303,7 @@ class EntryMetrics:
         last: list[float] = []  # time of the previous token
         n_tokens = [0]
 
-        async def measured(frame: dict) -> None:
+        def count(frame: dict) -> int:
             n = len(frame["batch"]) if "batch" in frame else int("token" in frame)  # a batch: tokens queued together
             if n:
                 now = time.monotonic()
@@ -316,14 +318,23 @@ class EntryMetrics:
                     self.tokens.inc(n)
                 except Exception:
                     log.exception("metrics: token")
-                if not wants_tokens:
-                    return
+            return n
+
+        async def measured(frame: dict) -> None:
+            if count(frame) and not wants_tokens:
+                return
             await emit(frame)
+
+        def measured_now(frame: dict) -> None:  # token frames only
+            count(frame)
+            if wants_tokens:
+                put(frame)
 
         self.in_flight_entry += 1
         outcome = "cancelled"
         try:
-            final = await serve(msg, measured, text=wants_tokens)
+            final = await serve(msg, measured, text=wants_tokens,
+                                put=measured_now if put is not None or not wants_tokens else None)
             outcome = self._finished(final, n_tokens[0])
             return final
         except Exception:

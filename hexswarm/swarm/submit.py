@@ -78,6 +78,31 @@ MAX_STOP_STRINGS = 16
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servable token is refused untokenized
 
 
+class RelayInbox:
+    """What a request's entry holds for it (`server.entries`): the messages for its relay task.  While that task
+    waits with nothing in hand it lends its `take`, and the current attempt's next token goes to the client from
+    the message that brought it: no task switch, timeout scope or channel per token (at 32 streams those were
+    about a fifth of the entry's event loop, docs/BENCHMARKS.md).  Anything else, and everything after it until
+    the task waits again, goes through the channel in order."""
+
+    __slots__ = ("send", "take")
+
+    def __init__(self, send: trio.MemorySendChannel):
+        self.send = send
+        self.take: Callable[[dict], bool] | None = None
+
+    def send_nowait(self, msg: dict) -> None:
+        take = self.take
+        if take is not None:
+            try:
+                if take(msg):
+                    return
+            except Exception as e:  # the front end's queue failed (its client is gone): the task meets it next
+                log.debug("relay: a token handed on in place failed: %s", e)
+        self.take = None  # the task has a message to handle: later ones queue behind it
+        self.send.send_nowait(msg)
+
+
 class SubmitService:
     def __init__(self, server):
         self.server = server
@@ -270,11 +295,14 @@ class SubmitService:
             now = trio.current_time()
             self._head_backoff = {h: v for h, v in self._head_backoff.items() if v[0] > now}
 
-    async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]], text: bool | None = None) -> dict:
+    async def serve(self, msg: Any, emit: Callable[[dict], Awaitable[None]], text: bool | None = None,
+                    put: Callable[[dict], None] | None = None) -> dict:
         """Run one request given as a submit message; `emit` gets the accepted and token frames
         as they happen; returns the final frame ({"done": ...} or {"error": ...}).
         Used by the libp2p submit protocol and by the HTTP API.  text=False: token frames without
-        their text (a caller that only times the tokens; no detokenizing per token)."""
+        their text (a caller that only times the tokens; no detokenizing per token).  `put`, from a
+        front end that only queues its frames: takes token frames without blocking, straight from the
+        message that brought them (RelayInbox)."""
         server = self.server
         try:
             req = await self.tokenize(self.parse(msg))
@@ -295,12 +323,13 @@ class SubmitService:
         # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
         req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
-        server.entries[wire] = send
+        inbox = server.entries[wire] = RelayInbox(send)
         self._owed[wire] = req["max_new_tokens"]
         scope, finished = self.running[rid] = (trio.CancelScope(), trio.Event())
         try:
             with scope:
-                return await self._serve_placed(req, emit, receive, req["stream"] if text is None else text)
+                return await self._serve_placed(req, emit, receive, req["stream"] if text is None else text,
+                                                inbox if put is not None else None, put)
             return error_frame("replaced", f"request {rid} was submitted again; this stream is abandoned")
         finally:
             server.entries.pop(wire, None)
@@ -308,7 +337,8 @@ class SubmitService:
             self.running.pop(rid, None)
             finished.set()
 
-    async def _serve_placed(self, req: dict, emit, receive, text: bool) -> dict:
+    async def _serve_placed(self, req: dict, emit, receive, text: bool, inbox: RelayInbox | None = None,
+                            put: Callable[[dict], None] | None = None) -> dict:
         rid = req["rid"]
         deadline = trio.current_time() + req.get("deadline_s", REQUEST_TIMEOUT_S)
         if req["resumed"]:  # accepted once already (here or through another entry): waits, never refused
@@ -322,7 +352,7 @@ class SubmitService:
                 return error_frame(e.code, e.message)
         try:
             await emit({"accepted": {"request_id": rid, **placement}})
-            final = await self._relay(emit, req, placement, receive, deadline, text)
+            final = await self._relay(emit, req, placement, receive, deadline, text, inbox, put)
             if "error" in final:
                 log.warning("request %s accepted, ended with %s", rid, final["error"])
             return final
@@ -379,19 +409,22 @@ class SubmitService:
                 last_put = [trio.current_time()]
                 finished = trio.Event()
 
-                async def emit(frame: dict) -> None:
-                    if "accepted" in frame:
-                        self._note_submitter(frame["accepted"]["request_id"], peer)
+                def put(frame: dict) -> None:
                     for one in frame.get("batch") or [frame]:  # the wire carries one frame per token
                         writer.put(one)
                     last_put[0] = trio.current_time()
+
+                async def emit(frame: dict) -> None:
+                    if "accepted" in frame:
+                        self._note_submitter(frame["accepted"]["request_id"], peer)
+                    put(frame)
 
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(writer.run)
                     if keepalive:
                         nursery.start_soon(self._keep_alive, writer, last_put, finished)
                     try:
-                        writer.put(await self.p2p_serve(msg, emit))
+                        writer.put(await self.p2p_serve(msg, emit, put=put))
                     finally:
                         finished.set()
                         writer.close()
@@ -468,11 +501,14 @@ class SubmitService:
             return "a stage reported failed"
         return None
 
-    async def _relay(self, emit, req: dict, placement: dict, receive, deadline: float, text: bool = True) -> dict:
+    async def _relay(self, emit, req: dict, placement: dict, receive, deadline: float, text: bool = True,
+                     inbox: RelayInbox | None = None, put: Callable[[dict], None] | None = None) -> dict:
         """Relay token events to the client until done; when a peer of the request's pipeline
         goes down (or the pipeline stalls), resume the request elsewhere from the tokens it
         already has: the new stage 0 re-runs prefill over prompt + tokens, and sampling step n
-        draws what it would have drawn, so the client sees one output, no token missing or repeated."""
+        draws what it would have drawn, so the client sees one output, no token missing or repeated.
+        With `inbox` and `put`: while this task waits with nothing in hand, the current attempt's next
+        token goes to `put` from the message that brings it (`take` below), without waking this task."""
         server = self.server
         wire = self.wire_id(req["rid"])
         # a client's failover may bring the tokens it has: the pipeline continues after them
@@ -507,6 +543,21 @@ class SubmitService:
             incarnations.clear()
             return None
 
+        def take(ev: dict) -> bool:
+            """The next token of the current attempt from its stage 0: handled here, in the caller's call; True
+            if so.  Anything else is the task's (RelayInbox hands it over and stops calling this)."""
+            nonlocal last_progress, fruitless
+            if not (ev.get("kind") == "event" and ev.get("attempt") == attempt
+                    and ev.get("_sender") == placement["stages"][0]["peer"] and ev["index"] == len(tokens)):
+                return False
+            last_progress, fruitless = trio.current_time(), 0
+            frame = self._push(ev["token"], tokens, req["stream"], detok)
+            if wire in self._owed:
+                self._owed[wire] = max(0, req["max_new_tokens"] - len(tokens))
+            if frame is not None:
+                put(frame)
+            return True
+
         while trio.current_time() < deadline:
             ev, held = held, None
             if ev is None:
@@ -514,7 +565,13 @@ class SubmitService:
                     ev = receive.receive_nowait()
                 except trio.WouldBlock:
                     with trio.move_on_after(HEALTH_CHECK_S):
-                        ev = await receive.receive()
+                        if inbox is not None and put is not None:
+                            inbox.take = take
+                        try:
+                            ev = await receive.receive()
+                        finally:
+                            if inbox is not None:
+                                inbox.take = None
             if (ev is not None and ev.get("attempt") == attempt
                     and ev.get("_sender") != placement["stages"][0]["peer"]):
                 continue  # only the attempt's stage 0 speaks for it: a peer that knows the id cannot inject
