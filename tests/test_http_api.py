@@ -284,6 +284,9 @@ def test_metrics_parse_and_counters_move(api):
     assert after["hexswarm_gc_frozen_objects{}"] > 10_000
     young = 'hexswarm_gc_passes{"generation": "0"}'
     assert after[young] >= before[young] > 0 and after["hexswarm_gc_longest_pause_seconds{}"] > 0
+    # the node's event loop worked on these requests (runtime/loop_watch.py)
+    busy = "hexswarm_event_loop_busy_seconds{}"
+    assert after[busy] > before[busy] > 0 and after["hexswarm_event_loop_longest_batch_seconds{}"] > 0
     # per-hop network time arrives from the request's trace spans, fetched in the background
     hop = 'hexswarm_hop_network_seconds_count{"stage": "1"}'
     assert wait_for(lambda: api.metrics().get(hop, 0) >= 1, 20, 0.3), api.request("GET", "/metrics")[2].decode()

@@ -470,26 +470,63 @@ class profiling:
             p.wait(30)
 
 
-def entry_probe(gen: "LoadGenerator", prompt: str, burst: int, entry_pid: int) -> dict:
+LOOP_METRICS = {"hexswarm_event_loop_busy_seconds": "busy_s", "hexswarm_event_loop_slow_batches": "slow_batches",
+                "hexswarm_event_loop_longest_batch_seconds": "longest_batch_s"}
+
+
+def entry_loop(url: str) -> dict[str, float]:
+    """The entry node's event-loop totals from its /metrics (hexswarm/runtime/loop_watch.py); {} where it has
+    none (an older node, or /metrics did not answer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in LOOP_METRICS:
+            out[LOOP_METRICS[name]] = float(value)
+    return out
+
+
+def loop_delta(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
+    """What the entry's event loop did between two entry_loop readings: busy seconds, the share of `wall_s` it
+    was busy, the runs of tasks of 20 ms or more, the longest run so far."""
+    if "busy_s" not in before or "busy_s" not in after:
+        return {}
+    busy = after["busy_s"] - before["busy_s"]
+    return {"entry_loop_busy_s": round(busy, 3), "entry_loop_busy_share": round(busy / wall_s, 3) if wall_s else None,
+            "entry_loop_slow_batches": int(after.get("slow_batches", 0) - before.get("slow_batches", 0)),
+            "entry_loop_longest_batch_s": round(after.get("longest_batch_s", 0.0), 4)}
+
+
+def entry_probe(gen: "LoadGenerator", prompt: str, burst: int, entry_pid: int, url: str | None = None) -> dict:
     """What the serving system adds to a request besides the model: TTFTs of tiny requests (a 2-token
     prompt, 1 new token), PROBE_ALONE one at a time (the entry's latency) and a burst of `burst` at once
     (how the entry spreads a wave); then a burst of `burst` streaming requests of PROBE_STREAM_TOKENS
     tokens with the entry node's own CPU seconds over it (its engine processes and HTTP workers not
-    counted: what its event loop does per token relayed).  tools/plan_vs_measured.py turns them into its
-    entry quantities."""
+    counted: what its event loop does per token relayed) and, from `url`'s /metrics, its event loop's busy
+    seconds (the wall time that work holds the loop, waits for the GIL and for cores included).
+    tools/plan_vs_measured.py turns them into its entry quantities."""
     def ttfts(records: list[dict]) -> list[float]:
         return sorted(round(r["times"][0] - r["start"], 5) for r in records if "error" not in r and r.get("times"))
 
     alone, _ = gen.run(1, PROBE_ALONE, prompt, 1)
     wave, _ = gen.run(burst, burst, prompt, 1)
-    cpu0 = cpu_seconds([entry_pid], descendants=False)
-    streamed, _ = gen.run(burst, burst, prompt, PROBE_STREAM_TOKENS)
-    cpu = cpu_seconds([entry_pid], descendants=False) - cpu0
+    cpu0, loop0 = cpu_seconds([entry_pid], descendants=False), entry_loop(url) if url else {}
+    streamed, wall = gen.run(burst, burst, prompt, PROBE_STREAM_TOKENS)
+    cpu, loop = cpu_seconds([entry_pid], descendants=False) - cpu0, loop_delta(loop0, entry_loop(url) if url else {},
+                                                                                wall)
     ok = [r for r in streamed if "error" not in r]
+    stream = {"requests": len(ok), "tokens": sum(r.get("tokens", len(r.get("times", []))) for r in ok),
+              "entry_cpu_s": round(cpu, 3)}
+    if loop:
+        stream["entry_loop_busy_s"] = loop["entry_loop_busy_s"]
     return {"prompt_tokens": PROBE_PROMPT_TOKENS, "new_tokens": 1, "alone_ttft_s": ttfts(alone),
-            "burst": burst, "burst_ttft_s": ttfts(wave),
-            "stream": {"requests": len(ok), "tokens": sum(r.get("tokens", len(r.get("times", []))) for r in ok),
-                       "entry_cpu_s": round(cpu, 3)}}
+            "burst": burst, "burst_ttft_s": ttfts(wave), "stream": stream}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -622,21 +659,23 @@ def run(args) -> dict:
                     try:
                         gen.run(min(max(levels), 8), min(max(levels), 8), prompt, 4)  # warm-up: first allocations, connections
                         if args.entry_probe and frontend != "http-whole":
-                            probe = entry_probe(gen, probe_prompt, max(levels), swarm.nodes[0].proc.pid)
+                            probe = entry_probe(gen, probe_prompt, max(levels), swarm.nodes[0].proc.pid,
+                                                target["url"])
                             res.setdefault("entry_probe", []).append({"stages": stages, "frontend": frontend, **probe})
                         for c, arrival in [(c, a) for c in levels for a in args.arrivals]:
                             n = args.requests_per_level or max(4, (args.waves or 2) * c)
                             period = request_period_s(res, c, args.new_tokens) if arrival == "staggered" else 0.0
                             node_pids, gen_pids = [nd.proc.pid for nd in swarm.nodes], [p.pid for p in gen.procs]
-                            cpu0 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
+                            cpu0, loop0 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
                                 records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period))
-                            cpu1 = cpu_seconds(node_pids), cpu_seconds(gen_pids)
+                            cpu1, loop1 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, "node_extra": variant,
                                    "arrival": arrival, "stagger_period_s": round(period, 4),
                                    **summarize(records, wall),
                                    # cores busy during the level (from ready to last record; wall is first send to last token)
-                                   "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2)}
+                                   "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2),
+                                   **loop_delta(loop0, loop1, wall)}
                             if args.records:
                                 t_0 = min(r["start"] for r in records)
                                 row["records"] = [[round(r["start"] - t_0, 4),
@@ -655,6 +694,10 @@ def run(args) -> dict:
                     finally:
                         gen.close()
                 logs = [node.log() for node in swarm.nodes]
+                # what held the entry's event loop for 20 ms or more (runtime/loop_watch.py logs each, <= 1/s)
+                res.setdefault("entry_loop_held", []).append(
+                    {"stages": stages, "node_extra": variant,
+                     "lines": [ln for ln in logs[0].splitlines() if "event loop held" in ln][-100:]})
                 linked = sum("local link to" in t for t in logs)
                 on_gpu = sum("(on the GPU)" in t for t in logs)
                 log(f"{stages} stage(s): {linked} of {len(swarm.nodes)} nodes sent steps over local links, "
@@ -706,8 +749,8 @@ def table(res: dict) -> str:
              "",
              "| stages | front end | conc | arrival | tok/s | x engine tok/s | steady x engine | x ceiling | x engine, full ctx | "
              "x ceiling, full ctx | TTFT p50 ms | TTFT p99 ms | steady TTFT p99 ms | x prefill | ITL p50 ms | ITL p99 ms | "
-             "ITL x engine b1 | errors | cores busy: nodes / clients |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ITL x engine b1 | errors | cores busy: nodes / clients | entry loop busy | entry loop runs >= 20 ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     cores = lambda r, k: f(r[k] / r["wall_s"], 2) if r.get(k) is not None and r.get("wall_s") else "—"  # noqa: E731
     for r in res["serve"]:
@@ -718,7 +761,8 @@ def table(res: dict) -> str:
                      f"{f(ms(r.get('steady_ttft_p99_s')))} | "
                      f"{f(r['ratio_ttft_p50_vs_prefill'], 2)} | {f(ms(r['itl_p50_s']), 2)} | {f(ms(r['itl_p99_s']), 2)} | "
                      f"{f(r['ratio_itl_p50_vs_engine_b1'], 2)} | {r['errors']} | {cores(r, 'cpu_nodes_s')} / "
-                     f"{cores(r, 'cpu_clients_s')} |")
+                     f"{cores(r, 'cpu_clients_s')} | {f(r.get('entry_loop_busy_share'), 2)} | "
+                     f"{r.get('entry_loop_slow_batches', '—')} |")
     for mode, t in (res.get("cpu_target") or {}).items():
         lines += ["", f"CPU target (tiny, {mode}, 1 node): {t['tokens_per_s_32']} tok/s at 32 / {t['tokens_per_s_1']} at 1 "
                       f"= {t['speedup']}x (target >= {t['target']:g}x: {'met' if t['met'] else 'not met'}; the engine alone "

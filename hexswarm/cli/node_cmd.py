@@ -95,10 +95,11 @@ def node_command(
 
     cfg = _load(config, bootstrap, listen, http)
     setup_logging(cfg.log_level)
+    from hexswarm.runtime.loop_watch import loop_watch
     from hexswarm.swarm.node import Node
 
     node = Node(cfg)
-    trio.run(_run_node, node)
+    trio.run(_run_node, node, instruments=[loop_watch()])
 
 
 def id_command(config: Path = typer.Option(..., "--config", "-c", help="Node YAML config.")) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from hexswarm.net import failures
 from hexswarm.runtime.heap import frozen_objects, process_watch
+from hexswarm.runtime.loop_watch import SLOW_BATCH_S, loop_watch
 
 log = logging.getLogger("hexswarm.metrics")
 
@@ -249,6 +250,14 @@ class EntryMetrics:
                 callback=lambda: watch.longest_s)
         r.gauge("hexswarm_gc_frozen_objects", "Objects exempt from collector passes (freeze_heap: the heap as "
                 "loaded)", callback=lambda: float(frozen_objects()))
+        loop = loop_watch()
+        r.gauge("hexswarm_event_loop_busy_seconds", "Wall time this node's event loop spent running tasks (not "
+                "waiting for I/O) since it started: what a start or a token waits behind",
+                callback=lambda: loop.busy_s)
+        r.gauge("hexswarm_event_loop_longest_batch_seconds", "The longest run of tasks between two of the event "
+                "loop's I/O waits since it started", callback=lambda: loop.longest_s)
+        r.gauge("hexswarm_event_loop_slow_batches", f"Runs of tasks of {SLOW_BATCH_S * 1e3:g} ms or more between "
+                "two of the event loop's I/O waits since it started", callback=lambda: float(loop.slow_batches))
         self.in_flight_entry = 0
         r.gauge("hexswarm_entry_in_flight", "Requests in flight that entered through this node",
                 callback=lambda: float(self.in_flight_entry))
