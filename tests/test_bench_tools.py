@@ -77,6 +77,7 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         assert r["stages"] == 1 and r["errors"] == 0 and r["requests"] == 4, r
         assert 0 < r["tokens"] <= 4 * 6 and r["tokens_per_request_min"] >= 1
         assert r["ratio_tokens_vs_ceiling"] > 0 and r["engine_ceiling_tokens_per_s"] > 0
+        assert 0 < r["entry_loop_busy_s"] and 0 < r["entry_loop_busy_share"] <= 1.5  # (scrapes outside the wall)
         # staggered: client j of c sent its first request no earlier than j/c of the expected request time
         period = r["stagger_period_s"]
         assert r["arrival"] == "staggered" and period == pytest.approx(bench.request_period_s(
@@ -101,6 +102,7 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         # the streaming burst: every request answered, tokens counted, the entry node's own CPU taken
         assert p["stream"]["requests"] == 4 and 4 <= p["stream"]["tokens"] <= 4 * 64
         assert p["stream"]["entry_cpu_s"] >= 0
+        assert p["stream"]["entry_loop_busy_s"] > 0  # the entry's event loop, from its /metrics
 
 
 def test_bench_serve_steady_state_window_and_variants():

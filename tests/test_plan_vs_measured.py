@@ -316,6 +316,10 @@ def test_the_streaming_probe_gives_the_entry_work_per_token_relayed():
     got = pvm.estimate_entry(bench, bench.entry_probes[0])
     assert got.token_s == pytest.approx(80e-6, rel=0.05) and pvm.estimate_entry(bench, old).token_s == 0.0
     assert "us per token relayed" in pvm._entry_text(bench)
+    # a node that reports its event loop's busy time: that, not its CPU (a loop waiting for the GIL is busy)
+    looped = dict(probe, stream=dict(streamed["stream"], entry_loop_busy_s=32 * 0.0009 + 2048 * 120e-6))
+    bench = pvm.read_bench(dict(SERVE, entry_probe=[looped]), calibration=CAL_FILE)
+    assert pvm.estimate_entry(bench, bench.entry_probes[0]).token_s == pytest.approx(120e-6, rel=0.05)
 
 
 def test_first_tokens_go_out_before_the_decode_rows_tokens_and_starts_wait_behind_both():

@@ -101,10 +101,12 @@ class EntryProbe:
     alone_ttft_s: tuple[float, ...]
     burst: int
     burst_ttft_s: tuple[float, ...]
-    # a burst of streaming requests: the entry node's own CPU seconds over the tokens it relayed
+    # a burst of streaming requests: the entry node's own CPU seconds over the tokens it relayed, and its event
+    # loop's busy seconds (wall time, where the node reports it: what a start or a token waits behind)
     stream_requests: int = 0
     stream_tokens: int = 0
     stream_cpu_s: float = 0.0
+    stream_loop_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,7 @@ def _probe(r: dict) -> EntryProbe | None:
     stream = r.get("stream") if isinstance(r.get("stream"), dict) else {}
     return EntryProbe(int(r["stages"]), int(_number(r.get("prompt_tokens")) or 2), alone, int(r["burst"]), burst,
                       int(_number(stream.get("requests")) or 0), int(_number(stream.get("tokens")) or 0),
-                      _number(stream.get("entry_cpu_s")) or 0.0)
+                      _number(stream.get("entry_cpu_s")) or 0.0, _number(stream.get("entry_loop_busy_s")) or 0.0)
 
 
 def _median(sorted_values: tuple[float, ...]) -> float:
@@ -392,8 +394,8 @@ def estimate_entry(bench: Bench, probe: EntryProbe) -> Entry:
       the loop ``done_s`` before the next token goes out: ``done_s``;
     * alone: the median TTFT less the model's own time for it (its entry work, its prompt through the
       stages): ``latency_s``;
-    * the streaming burst (where probed): the entry node's own CPU seconds over it, less the requests'
-      ``arrive_s`` + ``done_s``, per token relayed: ``token_s``.
+    * the streaming burst (where probed): the entry's event loop busy seconds over it (its CPU seconds from
+      an older node), less the requests' ``arrive_s`` + ``done_s``, per token relayed: ``token_s``.
 
     Each is solved with the other two fixed, a few rounds (they hardly depend on each other)."""
     tiny = replace(bench, prompt_len=probe.prompt_len, output_len=1, entry_s=0.0, entry_latency_s=0.0,
@@ -414,9 +416,9 @@ def estimate_entry(bench: Bench, probe: EntryProbe) -> Entry:
         e = replace(e, done_s=_solve(lambda x: burst(replace(e, done_s=x)).ttft_p50_s, median_t,
                                      max(median_t, 1e-4) / probe.burst))
         e = replace(e, latency_s=e.latency_s + alone_t - alone(e))
-    if probe.stream_tokens > 0:  # the entry's CPU over the streaming burst, less its per-request work
-        e = replace(e, token_s=max(0.0, probe.stream_cpu_s - probe.stream_requests * (e.arrive_s + e.done_s))
-                    / probe.stream_tokens)
+    if probe.stream_tokens > 0:  # the entry's loop (else its CPU) over the streaming burst, less per-request work
+        busy = probe.stream_loop_s or probe.stream_cpu_s
+        e = replace(e, token_s=max(0.0, busy - probe.stream_requests * (e.arrive_s + e.done_s)) / probe.stream_tokens)
     return e
 
 
