@@ -3,6 +3,7 @@ model, the Server (layout, head, stages, requests)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import trio
@@ -84,6 +85,9 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await nursery.start(node.run)
         server = None
         if node.config.model is not None or node.config.model_source == "swarm":
+            # torch and the serving layer take seconds to import: in a thread, so the node (already in the
+            # swarm) answers its peers meanwhile (runtime/loop_watch.py saw the loop held 2-5 s here)
+            await trio.to_thread.run_sync(importlib.import_module, "hexswarm.swarm.serving")
             from hexswarm.swarm.serving import Server
 
             weights = await _weights(node)
