@@ -82,6 +82,9 @@ def test_bench_serve_tiny_cpu_measures_engine_and_both_front_ends(tmp_path):
         period = r["stagger_period_s"]
         assert r["arrival"] == "staggered" and period == pytest.approx(bench.request_period_s(
             saved, r["concurrency"], 6), abs=1e-4) and period > 0
+        # ... and each client waited up to one engine step after an answer (phases spread: workload.think_times)
+        assert r["think_max_s"] > 0 and r["think_max_s"] == pytest.approx(bench.engine_step_s(saved, r["concurrency"]),
+                                                                          abs=1e-5)
         firsts = sorted(rec[0] for rec in r["records"])[:r["concurrency"]]
         assert firsts[-1] - firsts[0] >= 0.7 * period * (r["concurrency"] - 1) / r["concurrency"], (firsts, period)
         if r["frontend"] == "http-whole":  # one answer per request: counted, not timed per token

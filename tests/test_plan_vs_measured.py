@@ -366,3 +366,23 @@ def test_stage_0_of_gpu_handoff_stages_takes_no_prompt_that_arrives_after_it_dec
     assert at_one[1] == pytest.approx(at_one[2]) and at_one[2] == pytest.approx(at_one[3])
     assert at_two[1] == pytest.approx(at_two[2]) and at_two[2] < at_one[1] < at_two[3]
     assert two.gap_p50_s == pytest.approx(one.gap_p50_s, rel=0.05)
+
+
+def test_a_client_s_think_time_delays_its_next_request_by_the_drawn_wait():
+    """One closed-loop client with waits of up to 20 ms after each answer (workload.think_times, as bench_serve's
+    staggered clients wait): its requests' times are those without waits, each later by the waits drawn before
+    it; the TTFT of each is what it was alone (nothing else in flight)."""
+    from itertools import islice
+
+    from hexswarm.plan.workload import think_times
+
+    b = pvm.read_bench(SERVE, calibration=CAL_FILE)
+    plain = pvm.predict(b, 1, 1, 6)
+    waits = list(islice(think_times(0, 0.02), 5))
+    thinking = pvm.predict(b, 1, 1, 6, think_max_s=0.02)
+    assert all(0 <= w <= 0.02 for w in waits) and len(set(waits)) == 5
+    assert thinking.ttft_s == pytest.approx(plain.ttft_s, rel=1e-9)
+    assert thinking.num_requests / thinking.throughput_rps == pytest.approx(
+        plain.num_requests / plain.throughput_rps + sum(waits), rel=1e-9)
+    assert list(islice(think_times(3, 0.0), 2)) == [0.0, 0.0]
+    assert list(islice(think_times(3, 0.02), 3)) == list(islice(think_times(3, 0.02), 3))  # seeded by the client

@@ -46,7 +46,7 @@ for p in (str(REPO), str(TOOLS)):  # spawned load generators import this module 
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from hexswarm.plan.workload import staggered_starts  # noqa: E402
+from hexswarm.plan.workload import staggered_starts, think_times  # noqa: E402
 
 PREFILL_BATCH_TOKENS = 2048  # the engine's batched prefill rate is measured at this many tokens in one forward
 CPU_TARGET = 12.0  # the issue's CPU goal: tokens/s at 32 concurrent >= 12x tokens/s at 1
@@ -94,7 +94,9 @@ def parse_args(argv=None):
                     help="how each level's clients send their first requests, one or both of: burst (all at once; "
                     "equal-length requests then come back together, wave after wave), staggered (client j of c "
                     "first sends at j/c of one request's expected time, prefill + new tokens x the engine's batch-c "
-                    "step, so the closed loop keeps its requests spread as independent users do)")
+                    "step, so the closed loop keeps its requests spread as independent users do; and after each "
+                    "answer a client waits up to one engine batch-c step, so its arrivals do not lock onto one "
+                    "phase of the step cycle: hexswarm/plan/workload.py think_times)")
     ap.add_argument("--records", action="store_true",
                     help="keep every request's [start, first token, end, tokens] (s from the level's start) in the JSON")
     ap.add_argument("--cpu-target", action="store_true",
@@ -298,15 +300,19 @@ async def _client_main(conn, frontend: str, target: dict) -> None:
             todo = iter(range(job["requests"]))
             t_go = trio.current_time()
 
-            async def client_loop(first_at: float) -> None:
-                """One closed-loop client: its first request at `first_at` s after go, the next on each answer."""
+            async def client_loop(first_at: float, number: int) -> None:
+                """One closed-loop client: its first request at `first_at` s after go, the next on each answer
+                (after a think time of up to job["think_max_s"])."""
                 await trio.sleep_until(t_go + first_at)
-                for i in todo:
+                thinks = think_times(number, job["think_max_s"])
+                for n, i in enumerate(todo):
+                    if n and job["think_max_s"] > 0:
+                        await trio.sleep(next(thinks))
                     records.append(await one(client, target, job, i))
 
             async with trio.open_nursery() as nursery:
-                for first_at in job["starts"]:
-                    nursery.start_soon(client_loop, first_at)
+                for first_at, number in zip(job["starts"], job["numbers"]):
+                    nursery.start_soon(client_loop, first_at, number)
             conn.send(records)
 
 
@@ -387,16 +393,19 @@ class LoadGenerator:
             self.procs.append(p)
 
     def run(self, concurrency: int, requests: int, prompt: str, new_tokens: int,
-            starts: list[float] | None = None) -> tuple[list[dict], float]:
+            starts: list[float] | None = None, think_max_s: float = 0.0) -> tuple[list[dict], float]:
         """All records of one level and its wall time (first request sent to last token).  `starts`: when
-        each of the `concurrency` clients sends its first request, in s after go (default all at once)."""
+        each of the `concurrency` clients sends its first request, in s after go (default all at once);
+        `think_max_s`: each client waits up to that long (workload.think_times) after an answer."""
         starts = list(starts or [0.0] * concurrency)
         n = min(len(self.conns), concurrency)
         shares = [(concurrency // n + (i < concurrency % n), requests // n + (i < requests % n)) for i in range(n)]
         used = [(c, s) for c, s in zip(self.conns, shares) if s[0] > 0 and s[1] > 0]
         hands = deal(starts, [c for _, (c, _) in used])
-        for (conn, (c, r)), first in zip(used, hands):
-            conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens, "starts": first})
+        numbers = deal(list(range(concurrency)), [c for _, (c, _) in used])
+        for (conn, (c, r)), first, mine in zip(used, hands, numbers):
+            conn.send({"concurrency": c, "requests": r, "prompt": prompt, "new_tokens": new_tokens, "starts": first,
+                       "numbers": mine, "think_max_s": think_max_s})
         for conn, _ in used:
             if conn.recv() != "ready":
                 raise RuntimeError("a load generator failed to get ready")
@@ -579,12 +588,17 @@ def steady_state(ok: list[dict]) -> dict:
     return out
 
 
+def engine_step_s(engine: dict, c: int) -> float:
+    """The engine's decode step at batch c in this run (over the served contexts where measured; the largest
+    batch measured when c was not)."""
+    rows = {e["batch"]: e["ms_per_step"] for e in engine.get("engine_full") or engine.get("engine") or []}
+    return (rows.get(c) or max(rows.values(), default=0.0)) / 1e3
+
+
 def request_period_s(engine: dict, c: int, new_tokens: int) -> float:
     """One request's expected time at concurrency c from the engine of this run: its prefill plus
     new_tokens decode steps at batch c (over the served contexts where measured)."""
-    rows = {e["batch"]: e["ms_per_step"] for e in engine.get("engine_full") or engine.get("engine") or []}
-    step_ms = rows.get(c) or max(rows.values(), default=0.0)
-    return (engine.get("prefill_ms", 0.0) + new_tokens * step_ms) / 1e3
+    return engine.get("prefill_ms", 0.0) / 1e3 + new_tokens * engine_step_s(engine, c)
 
 
 def engine_ceiling(engine: dict, c: int, prompt_tokens: int, new_tokens: int, rows: str = "engine") -> float | None:
@@ -665,13 +679,14 @@ def run(args) -> dict:
                         for c, arrival in [(c, a) for c in levels for a in args.arrivals]:
                             n = args.requests_per_level or max(4, (args.waves or 2) * c)
                             period = request_period_s(res, c, args.new_tokens) if arrival == "staggered" else 0.0
+                            think = engine_step_s(res, c) if arrival == "staggered" else 0.0
                             node_pids, gen_pids = [nd.proc.pid for nd in swarm.nodes], [p.pid for p in gen.procs]
                             cpu0, loop0 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
-                                records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period))
+                                records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period), think)
                             cpu1, loop1 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, "node_extra": variant,
-                                   "arrival": arrival, "stagger_period_s": round(period, 4),
+                                   "arrival": arrival, "stagger_period_s": round(period, 4), "think_max_s": round(think, 5),
                                    **summarize(records, wall),
                                    # cores busy during the level (from ready to last record; wall is first send to last token)
                                    "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2),

@@ -90,6 +90,7 @@ class Measured:
     itl_p50_s: float | None
     requests: int | None = None
     stagger_period_s: float = 0.0  # bench_serve --arrival staggered: client j of c first sent at j/c of this
+    think_max_s: float = 0.0  # ... and each waited up to this after an answer (workload.think_times)
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
     layouts = tuple(Measured(int(r["stages"]), int(_first(r, "concurrency", "clients", default=1)),
                              _number(_first(r, "tokens_per_s", "tok_s")), _number(_first(r, "ttft_p50_s", "ttft_s")),
                              _number(_first(r, "itl_p50_s", "itl_s")), int(_number(r.get("requests")) or 0) or None,
-                             _number(r.get("stagger_period_s")) or 0.0)
+                             _number(r.get("stagger_period_s")) or 0.0, _number(r.get("think_max_s")) or 0.0)
                     for r in layout_rows if _number(r.get("stages")))
     prompt = int(_first(doc, "prompt_len", "prompt_tokens", "prompt", default=32))
     output = int(_first(doc, "output_len", "new_tokens", "max_tokens", "output_tokens", default=128))
@@ -464,9 +465,11 @@ def pipeline(bench: Bench, stages: int, max_batch: int) -> tuple[Cluster, Roofli
 
 
 def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = None, seed: int = 0, *,
-            entry: Entry | None = None, client_starts: list[float] | None = None) -> BatchSimResult:
+            entry: Entry | None = None, client_starts: list[float] | None = None,
+            think_max_s: float = 0.0) -> BatchSimResult:
     """One layout at one concurrency: ``requests`` requests from ``concurrency`` closed-loop clients
-    (first sent at ``client_starts``, default all at 0), the entry of that stage count (or ``entry``)."""
+    (first sent at ``client_starts``, default all at 0; waiting up to ``think_max_s`` after an answer),
+    the entry of that stage count (or ``entry``)."""
     cluster, cost, layouts = pipeline(bench, stages, concurrency)
     n = requests or 16 * concurrency
     work = Workload(1.0, 1e9, LengthDist.constant(bench.prompt_len), LengthDist.constant(bench.output_len),
@@ -477,7 +480,8 @@ def predict(bench: Bench, stages: int, concurrency: int, requests: int | None = 
                              gather_prompts=bench.gather_prompts,
                              shared_device=bench.shared_device, overlap=bench.cuda, entry_s=e.arrive_s,
                              entry_latency_s=e.latency_s, entry_done_s=e.done_s, entry_token_s=e.token_s,
-                             gpu_handoff=bench.hands_over_on_gpu, client_starts=client_starts)
+                             gpu_handoff=bench.hands_over_on_gpu, client_starts=client_starts,
+                             think_max_s=think_max_s)
 
 
 def _ratio(pred: float, meas: float | None) -> float | None:
@@ -495,7 +499,8 @@ def compare(bench: Bench, stages: list[int], concurrency: list[int], requests: i
         for c in concurrency:
             m = measured.get((s, c))
             starts = staggered_starts(c, m.stagger_period_s) if m and m.stagger_period_s else None
-            p = predict(bench, s, c, (m.requests if m else None) or requests, client_starts=starts)
+            p = predict(bench, s, c, (m.requests if m else None) or requests, client_starts=starts,
+                        think_max_s=m.think_max_s if m else 0.0)
             pred = {"tokens_per_s": p.tokens_per_s, "ttft_p50_s": p.ttft_p50_s, "itl_p50_s": p.gap_p50_s}
             meas = None if m is None else {"tokens_per_s": m.tokens_per_s, "ttft_p50_s": m.ttft_p50_s, "itl_p50_s": m.itl_p50_s}
             ratios = {k: _ratio(v, (meas or {}).get(k)) for k, v in pred.items()}

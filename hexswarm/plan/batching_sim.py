@@ -62,7 +62,7 @@ from hexswarm.plan.cluster import Cluster
 from hexswarm.plan.cost import CostModel, RooflineCostModel, StepShape
 from hexswarm.plan.replica import ReplicaLayout
 from hexswarm.plan.simulator import SimResult, highest_rate
-from hexswarm.plan.workload import Workload
+from hexswarm.plan.workload import Workload, think_times
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                       overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
                       entry_done_s: float = 0.0, gpu_handoff: bool = False,
                       client_starts: list[float] | None = None, gather_prompts: bool = True,
-                      entry_token_s: float = 0.0) -> BatchSimResult:
+                      entry_token_s: float = 0.0, think_max_s: float = 0.0) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
     Open loop (default): Poisson arrivals at ``workload.rate``. ``closed_loop=c``: ``c`` clients each
@@ -290,9 +290,11 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     (default: all at 0); ``gather_prompts``: the node setting of that name (off: a one-stage
     overlapped pipeline decides a step with new prompts as early as any other); ``entry_token_s``:
     the entry's serial work per token it relays (a step's tokens reach it in one message: the first
-    tokens of the prompts that ended, then the decode rows' tokens)."""
+    tokens of the prompts that ended, then the decode rows' tokens); ``think_max_s``: a closed-loop
+    client waits uniform [0, think_max_s] after an answer before its next request (workload.think_times)."""
     slots = max_batch or workload.max_batch
     rng = random.Random(seed)
+    thinks = think_times(seed, think_max_s)
     n = workload.num_requests
     times: list[float] = [math.inf] * n
     prompts, outputs = [], []
@@ -343,7 +345,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         """A closed-loop client has its answer at ``done_at``: it sends its next request."""
         nonlocal issued, queue_order
         if closed_loop is not None and issued < n:
-            times[issued] = done_at + max(entry_latency_s, 0.0)
+            times[issued] = done_at + max(entry_latency_s, 0.0) + next(thinks)
             queue_order += 1
             heapq.heappush(pending, (times[issued], queue_order, ARRIVE, issued))
             issued += 1
