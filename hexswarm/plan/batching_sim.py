@@ -421,6 +421,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
         shape = StepShape(rows, prompt_tokens, context + pairs, context + written, rows + len(chunks))
         timer = rep.timer
         at = now
+        gpu_ready = 0.0  # handing over on the GPU: when the stage before has finished its part there
         for i in range(S):
             gpu = timer.stage_s(i, shape)
             start = max(at, rep.free_at[i])
@@ -429,20 +430,22 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                 rep.started_at = start
             else:
                 d = rep.device_of[i]
-                gpu_start = max(start, rep.device_free_at[d])
+                gpu_start = max(start, rep.device_free_at[d], gpu_ready)
                 gpu_end = gpu_start + gpu
                 rep.device_free_at[d] = gpu_end
                 if ahead and i == 0:
                     rep.started_at = gpu_start  # stage 0 has read step k-1's tokens
                 if ahead and i == S - 1:  # ... and k's come back once the last stage has queued its part
                     rep.started_at = max(rep.started_at, start + timer.host_s(i, shape))
-                if handoff:  # the host hands on without waiting for the GPU: what the GPU hides is free
-                    end = max(gpu_end, start + timer.host_s(i, shape))
+                if handoff:  # the host queues its part and hands on without waiting for the GPU: the next
+                    # stage's host takes the step while this part still runs (its own GPU part waits for it)
+                    end = start + timer.host_s(i, shape)
+                    gpu_ready = gpu_end
                 else:  # the host waits for its GPU, then does its own work and sends the activations
                     end = gpu_end + timer.overhead_s(i, shape) + timer.link_s(i, shape)
             rep.free_at[i] = end
             at = end + (timer.hop_s(i, shape) if i < S - 1 else 0.0)
-        token_t = at
+        token_t = max(at, gpu_ready)  # handing over on the GPU: the tokens are there once the last part ends
         finished: list[_Request] = []
         out: list[tuple[int, bool, bool]] = []  # (request, first token, last token) in row order
         for q in emitting:
