@@ -81,9 +81,9 @@ MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servab
 class RelayInbox:
     """What a request's entry holds for it (`server.entries`): the messages for its relay task.  While that task
     waits with nothing in hand it lends its `take`, and the current attempt's next token goes to the client from
-    the message that brought it: no task switch, timeout scope or channel per token (at 32 streams those were
-    about a fifth of the entry's event loop, docs/BENCHMARKS.md).  Anything else, and everything after it until
-    the task waits again, goes through the channel in order."""
+    the message that brought it: no task switch, timeout scope or channel per token (~13% of the entry's event
+    loop in a CPU profile at 32 streams, docs/BENCHMARKS.md run 21).  Anything else, and everything after it
+    until the task waits again, goes through the channel in order."""
 
     __slots__ = ("send", "take")
 
