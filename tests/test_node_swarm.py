@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from netutil import FAST, JOIN_DEADLINE_S, NODE_MAIN, NodeProcess, all_see, check_chain, free_port, query, states, wait_for, write_config
+from netutil import FAST, JOIN_DEADLINE_S, NODE_MAIN, REPO, NodeProcess, all_see, check_chain, free_port, query, states, wait_for, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +130,16 @@ def test_port_in_use_exits_with_one_line(tmp_path):
             timeout=60,
         )
     assert run.returncode == 2 and run.stderr.strip().splitlines()[-1].startswith("error: cannot listen on")
+
+
+def test_status_of_a_node_that_serves_no_model_is_a_one_line_error(tmp_path, nodes):
+    """`hexswarm status` at a node without a model (it does not speak the status protocol): one line and a
+    non-zero exit, not py-libp2p's many-line "Failed to open stream" log (seen in `make demo` while a node was
+    still importing its serving layer)."""
+    node = NodeProcess(write_config(tmp_path, "R", roles=["relay"]))
+    nodes.append(node.start().wait_listening())
+    r = subprocess.run([sys.executable, "-m", "hexswarm", "status", "--peer", node.addr], capture_output=True,
+                       text=True, timeout=120, cwd=REPO)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "status" in lines[0], r.stderr

@@ -19,21 +19,10 @@ SHUTDOWN_GRACE_S = 5.0
 
 def setup_logging(level: str) -> None:
     """Readable one-line logs on stderr; py-libp2p's own chatter only when debugging."""
-    import libp2p  # noqa: F401  (its import resets the libp2p logger; configure after it)
+    from hexswarm.logformat import log_to_stderr, quiet_libp2p
 
-    from hexswarm.logformat import log_to_stderr
-
+    quiet_libp2p(level == "debug")
     log_to_stderr(getattr(logging, level.upper()))
-    libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.handlers.clear()
-    libp2p_logger.propagate = True
-    # py-libp2p logs normal stream ends as warnings and failed optional
-    # protocol probes as errors; they drown our logs unless asked for.
-    libp2p_logger.setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
-    # HEXSWARM_LIBP2P_DEBUG=libp2p.relay,...: those py-libp2p loggers only, at debug (all of them
-    # at debug slow a node down several times over)
-    for name in filter(None, os.environ.get("HEXSWARM_LIBP2P_DEBUG", "").split(",")):
-        logging.getLogger(name).setLevel(logging.DEBUG)
 
 
 def _load(config: Path, bootstrap: list[str] | None = None, listen: list[str] | None = None, http: str | None = None):
