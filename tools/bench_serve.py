@@ -525,10 +525,11 @@ def entry_probe(gen: "LoadGenerator", prompt: str, burst: int, entry_pid: int, u
 
     alone, _ = gen.run(1, PROBE_ALONE, prompt, 1)
     wave, _ = gen.run(burst, burst, prompt, 1)
-    cpu0, loop0 = cpu_seconds([entry_pid], descendants=False), entry_loop(url) if url else {}
+    read_loop = lambda: entry_loop(url) if url else {}  # noqa: E731
+    cpu0, loop0 = cpu_seconds([entry_pid], descendants=False), read_loop()
     streamed, wall = gen.run(burst, burst, prompt, PROBE_STREAM_TOKENS)
-    cpu, loop = cpu_seconds([entry_pid], descendants=False) - cpu0, loop_delta(loop0, entry_loop(url) if url else {},
-                                                                                wall)
+    cpu = cpu_seconds([entry_pid], descendants=False) - cpu0
+    loop = loop_delta(loop0, read_loop(), wall)
     ok = [r for r in streamed if "error" not in r]
     stream = {"requests": len(ok), "tokens": sum(r.get("tokens", len(r.get("times", []))) for r in ok),
               "entry_cpu_s": round(cpu, 3)}
@@ -683,14 +684,16 @@ def run(args) -> dict:
                             node_pids, gen_pids = [nd.proc.pid for nd in swarm.nodes], [p.pid for p in gen.procs]
                             cpu0, loop0 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             with profiling(args, swarm, f"{stages}:{frontend}:{c}"):
-                                records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period), think)
+                                records, wall = gen.run(c, n, prompt, args.new_tokens, staggered_starts(c, period),
+                                                        think)
                             cpu1, loop1 = (cpu_seconds(node_pids), cpu_seconds(gen_pids)), entry_loop(target["url"])
                             row = {"stages": stages, "frontend": frontend, "concurrency": c, "node_extra": variant,
-                                   "arrival": arrival, "stagger_period_s": round(period, 4), "think_max_s": round(think, 5),
+                                   "arrival": arrival, "stagger_period_s": round(period, 4),
+                                   "think_max_s": round(think, 5),
                                    **summarize(records, wall),
                                    # cores busy during the level (from ready to last record; wall is first send to last token)
-                                   "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2), "cpu_clients_s": round(cpu1[1] - cpu0[1], 2),
-                                   **loop_delta(loop0, loop1, wall)}
+                                   "cpu_nodes_s": round(cpu1[0] - cpu0[0], 2),
+                                   "cpu_clients_s": round(cpu1[1] - cpu0[1], 2), **loop_delta(loop0, loop1, wall)}
                             if args.records:
                                 t_0 = min(r["start"] for r in records)
                                 row["records"] = [[round(r["start"] - t_0, 4),

@@ -32,8 +32,9 @@ What the prediction is made of, each printed with where it came from:
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
   one-stage CUDA pipeline hides its host work behind the GPU and (``gather_prompts``, node_extra, else on)
   waits for the step on the GPU before starting new prompts, and (bench_serve) every stage on the same
-  device, so the stages' GPU time adds up, handing steps over on the GPU (a stage turns a step in max(GPU time, its host time
-  ``stage_host``); ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
+  device, so the stages' GPU time adds up, handing steps over on the GPU (a stage's host passes a step on
+  after its host time ``stage_host``, while its GPU part still runs; the next part waits for it);
+  ``--host-handoff`` for runs before that: GPU time + ``stage_overhead`` + link);
 * the load: ``concurrency`` closed-loop clients, the measured row's request count (so the same waves:
   every client's first request is sent at once, or with ``--arrival staggered`` client j's at j/c of the
   row's ``stagger_period_s``, as bench_serve sent them; starts due together reach stage 0 one by one, so the

@@ -57,7 +57,7 @@ async def _run_node(node) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, node)
         try:
-            from hexswarm.swarm.daemon import run_daemon  # imported before trio.run: here it costs nothing
+            from hexswarm.swarm.daemon import run_daemon
 
             await run_daemon(node)
         except Exception as e:
@@ -85,7 +85,6 @@ def node_command(
     cfg = _load(config, bootstrap, listen, http)
     setup_logging(cfg.log_level)
     from hexswarm.runtime.loop_watch import loop_watch
-    from hexswarm.swarm.daemon import run_daemon  # noqa: F401  (its imports, seconds of them, before the event loop)
     from hexswarm.swarm.node import Node
 
     node = Node(cfg)

@@ -62,10 +62,6 @@ def parse_peer_id(text: str, what: str = "PeerID"):
 def make_host(identity: Identity):
     """A host keyed by `identity`; start it with `async with host.run(listen_addrs)`."""
     from libp2p import new_host
-
-    from hexswarm.logformat import quiet_libp2p
-
-    quiet_libp2p(once=True)  # a client command's host too: it says what failed itself, in one line
     from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
     from libp2p.custom_types import TProtocol
     from libp2p.network.config import ConnectionConfig
@@ -74,6 +70,9 @@ def make_host(identity: Identity):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
     from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
+    from hexswarm.logformat import quiet_libp2p
+
+    quiet_libp2p(once=True)  # a client command's host too: it says what failed itself, in one line
     _shield_frame_writes(Yamux)
     _batch_window_updates(YamuxStream)
     key_pair = identity.libp2p_key_pair()

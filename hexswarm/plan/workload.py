@@ -69,11 +69,11 @@ def staggered_starts(clients: int, period_s: float) -> list[float]:
 
 def think_times(client: int, max_s: float):
     """Client ``client``'s waits after each answer before its next request: uniform on [0, ``max_s``], seeded by
-    the client's number (the simulator draws all its clients' waits from one such stream).  With equal-length requests and no
-    wait, a closed-loop client's arrivals lock onto one phase of the engine's step cycle, and its time to first
-    token is then one of two values a whole step apart, which one set by sub-millisecond latencies (bench
-    records of runs 20-21: 18.5 or 24.5 ms at 8 streams); waits of up to one step spread them over the cycle,
-    as independent users' are."""
+    the client's number (the simulator draws all its clients' waits from one such stream).  With equal-length
+    requests and no wait, a closed-loop client's arrivals lock onto one phase of the engine's step cycle, and its
+    time to first token is then one of two values a whole step apart, which one set by sub-millisecond latencies
+    (bench records of runs 20-21: 18.5 or 24.5 ms at 8 streams); waits of up to one step spread them over the
+    cycle, as independent users' are."""
     rng = random.Random(1_000_003 + client)
     while True:
         yield rng.uniform(0.0, max_s) if max_s > 0 else 0.0
