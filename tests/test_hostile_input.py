@@ -77,7 +77,8 @@ values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | s
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from(["forward", "tokens", "start", "cancel", "link_broken", "other"]),
        st.dictionaries(st.sampled_from(["x", "rids", "rows", "steps", "samples", "t", "items", "prompt_ids",
-                                        "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens", "peer"]),
+                                        "max_new_tokens", "rid", "entry", "stop", "params", "resume_tokens", "peer",
+                                        "ignore_eos"]),
                        values, max_size=10),
        st.sampled_from([0, 1]))
 def test_random_messages_raise_only_protocol_errors(cfg, kind, fields, stage):
@@ -180,7 +181,8 @@ def test_non_finite_or_huge_submit_numbers_are_a_one_line_error(field, value):
         SubmitService(server=None).parse({"prompt": "hello", field: value})
 
 
-@pytest.mark.parametrize("field", ["stop", "stream", "request_id", "timeout_s", "resumed", "seed", "prompt"])
+@pytest.mark.parametrize("field", ["stop", "stream", "request_id", "timeout_s", "resumed", "seed", "prompt",
+                                   "ignore_eos"])
 def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
     """Found by the chaos run's hostile sender: `stop`, `stream` or `request_id` holding a tensor reached a truth
     test in the submit parser ("Boolean value of Tensor ... is ambiguous"), an unexpected error on the stream."""
@@ -288,12 +290,14 @@ def test_a_middle_stage_that_loses_a_neighbour_tells_its_stage_0(cfg):
 
 def _good_start() -> dict:
     return {"kind": "start", "to": [1, 0, 0], "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],
-            "max_new_tokens": 4, "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3}}
+            "max_new_tokens": 4, "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3},
+            "ignore_eos": True}
 
 
 def _good_dispatch() -> dict:
     return {"rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3], "max_new_tokens": 4,
-            "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3}, "resumed": True}
+            "resume_tokens": [5], "stop": ["x"], "params": {"temperature": 0.5, "seed": 3}, "resumed": True,
+            "ignore_eos": True}
 
 
 def _with_tensors(msg: dict):

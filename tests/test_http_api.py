@@ -123,6 +123,22 @@ def test_openai_stream_yields_the_tokens_of_submit_and_generate(api, tiny_model)
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_ignore_eos_generates_exactly_max_tokens(api, tiny_model):
+    # greedy, this prompt ends at EOS long before 24 tokens on the tiny model (asserted: else the test proves nothing)
+    ref = reference(tiny_model, "Hello", 24)
+    assert ref["finish_reason"] == "eos" and len(ref["tokens"]) < 24, ref
+    plain = api.client().completions.create(model=api.model, prompt="Hello", max_tokens=24, temperature=0,
+                                            extra_body={"return_token_ids": True})
+    assert plain.choices[0].model_extra["token_ids"] == ref["tokens"] and plain.choices[0].finish_reason == "stop"
+    c = api.client().completions.create(model=api.model, prompt="Hello", max_tokens=24, temperature=0,
+                                        extra_body={"return_token_ids": True, "ignore_eos": True})
+    ids = c.choices[0].model_extra["token_ids"]
+    assert len(ids) == 24 == c.usage.completion_tokens and ids[:len(ref["tokens"])] == ref["tokens"]
+    assert c.choices[0].finish_reason == "length"
+    (submitted,) = submit_many([(api.node.addr, {"prompt": "Hello", "max_new_tokens": 24, "ignore_eos": True})])
+    assert submitted["done"]["tokens"] == ids and submitted["done"]["finish_reason"] == "length"
+
+
 def test_completion_without_stream_and_with_a_stop_string(api, tiny_model):
     ref = reference(tiny_model, "The quick brown fox", 12)
     c = api.client().completions.create(model=api.model, prompt="The quick brown fox", max_tokens=12, temperature=0)
@@ -218,6 +234,7 @@ def test_missing_or_wrong_token_gets_401(api, token):
     ("/v1/completions", {"model": "M", "prompt": "hi", "seed": "x"}, "seed"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "top_k": 2**64}, "top_k"),
     ("/v1/completions", {"model": "M", "prompt": "hi", "stream": "yes"}, "stream"),
+    ("/v1/completions", {"model": "M", "prompt": "hi", "ignore_eos": 1}, "ignore_eos"),
     ("/v1/completions", {"model": "M", "prompt": ""}, "prompt"),
     ("/v1/completions", {"model": "M", "prompt": [1, 2, 3]}, "prompt"),
     ("/v1/completions", {"model": "M", "prompt": "word " * 600, "max_tokens": 2}, "prompt"),

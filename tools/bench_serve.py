@@ -8,7 +8,8 @@
 3. Load on it from several client processes (started and connected before the clock runs), through the
    OpenAI HTTP API (streamed SSE with token ids: one event per token) and through `/hexswarm/submit/1`
    (SwarmClient, streamed frames), at concurrency 1, 8, 32, 64; prompts of exactly --prompt-tokens tokens,
-   --new-tokens new tokens each (the random model may emit EOS first: tokens are counted as they come).
+   exactly --new-tokens new tokens each (requests ask `ignore_eos`, as vLLM's benchmarks do: a random model
+   emits EOS early, which made a level time first tokens, not decoding; tokens are counted as they come).
 
 4. Before the levels, per swarm and streamed front end, an entry probe: TTFTs of tiny requests (a 2-token
    prompt, 1 new token) one at a time and in one burst of the highest concurrency, i.e. what the entry,
@@ -318,7 +319,7 @@ async def _client_main(conn, frontend: str, target: dict) -> None:
 
 async def _http_request(client, target: dict, job: dict, i: int) -> dict:
     body = {"model": target["model"], "prompt": job["prompt"], "max_tokens": job["new_tokens"], "temperature": 0,
-            "stream": True, "return_token_ids": True}
+            "stream": True, "return_token_ids": True, "ignore_eos": True}
     t0 = time.monotonic()
     times: list[float] = []
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -339,7 +340,7 @@ async def _http_request(client, target: dict, job: dict, i: int) -> dict:
 async def _http_whole_request(client, target: dict, job: dict, i: int) -> dict:
     """Not streamed: one JSON answer per request (tokens counted, no TTFT or ITL)."""
     body = {"model": target["model"], "prompt": job["prompt"], "max_tokens": job["new_tokens"], "temperature": 0,
-            "return_token_ids": True}
+            "return_token_ids": True, "ignore_eos": True}
     t0 = time.monotonic()
     r = await client.post("/v1/completions", json=body)
     end = time.monotonic()
@@ -357,7 +358,8 @@ async def _submit_request(client, target: dict, job: dict, i: int) -> dict:
         if "token" in frame:
             times.append(time.monotonic())
 
-    final = await client.submit({"prompt": job["prompt"], "max_new_tokens": job["new_tokens"], "stream": True},
+    final = await client.submit({"prompt": job["prompt"], "max_new_tokens": job["new_tokens"], "stream": True,
+                                 "ignore_eos": True},
                                 on_frame=on_frame)
     if "error" in final:
         return {"error": str(final["error"])[:200], "start": t0, "end": time.monotonic()}

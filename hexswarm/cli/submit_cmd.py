@@ -27,6 +27,8 @@ def submit(
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: int = typer.Option(0, "--seed"),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="stop string (repeatable)"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="generate past end-of-sequence tokens, exactly "
+                                    "--max-new-tokens (benchmarks)"),
     request_id: Optional[str] = typer.Option(None, "--request-id", help="idempotency key (default: random; "
                                              "with several prompts, ID-0, ID-1, ...)"),
     stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive (one prompt only)"),
@@ -58,6 +60,8 @@ def submit(
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     base = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
             "top_p": top_p, "seed": seed, "stop": list(stop or []), "stream": stream and not as_json}
+    if ignore_eos:
+        base["ignore_eos"] = True
     requests = [{"prompt": p, **base} for p in prompts]
     if request_id:
         for i, req in enumerate(requests):

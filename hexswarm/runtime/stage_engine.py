@@ -355,7 +355,8 @@ class StageEngine:
 
     def _admit(self, m: dict) -> ActiveRequest:
         params = SamplingParams.from_dict(m["params"])
-        stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []))
+        stopper = StopChecker(self.tokenizer, int(m["max_new_tokens"]), list(m.get("stop") or []),
+                              m.get("ignore_eos") is True)
         req = ActiveRequest(m["rid"], list(m["prompt_ids"]), params, stopper, m["entry"], self.free_slots.pop(0),
                             int(m.get("attempt") or 0), tokens=list(m.get("resume_tokens") or []))
         req.arrival = m

@@ -12,10 +12,11 @@ class StopChecker:
     tokenizer: TextTokenizer
     max_new_tokens: int
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # go on past end-of-sequence tokens (a benchmark's exact output length, as vLLM's)
 
     def finish_reason(self, tokens: list[int]) -> str | None:
         """'eos', 'stop', 'length' or None (go on), after `tokens` were generated."""
-        if tokens and tokens[-1] in self.tokenizer.eos_ids:
+        if tokens and not self.ignore_eos and tokens[-1] in self.tokenizer.eos_ids:
             return "eos"
         if self.stop and self._stop_at(self.tokenizer.decode(tokens)) is not None:
             return "stop"

@@ -130,6 +130,7 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
               "attempt")
         stop = _or_default(msg.get("stop"), [])
         _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
+        _need(isinstance(msg.get("ignore_eos", False), bool), "ignore_eos")
         _sampling({"params": msg.get("params"), "step": 0})
     elif kind == "cancel":
         _need(isinstance(msg.get("rid"), str), "cancel rid")
@@ -184,8 +185,10 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
     stop = _or_default(msg.get("stop"), [])
     _need(isinstance(stop, list) and len(stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) for s in stop), "stop")
     _need(_is_int(msg.get("attempt"), 1, 2**31), "dispatch: attempt")
+    ignore_eos = msg.get("ignore_eos", False)
+    _need(isinstance(ignore_eos, bool), "dispatch: ignore_eos")
     return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
-            "max_new_tokens": new, "stop": stop, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume,
+            "max_new_tokens": new, "stop": stop, "ignore_eos": ignore_eos, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume,
             "resumed": msg.get("resumed") is True}
 
 

@@ -157,9 +157,12 @@ def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max:
     return_ids = body.get("return_token_ids", False)
     if not isinstance(return_ids, bool):
         raise bad("return_token_ids", "'return_token_ids' must be true or false")
+    ignore_eos = body.get("ignore_eos", False)  # an extension (vLLM's): exact output lengths for benchmarks
+    if not isinstance(ignore_eos, bool):
+        raise bad("ignore_eos", f"'ignore_eos' must be true or false, got {ignore_eos!r}")
     return {"max_new_tokens": max_new or default_max, "temperature": float(temperature), "top_k": int(top_k),
             "top_p": float(top_p), "seed": int(seed) & (2**63 - 1), "stop": stop, "stream": stream,
-            "include_usage": include_usage, "return_token_ids": return_ids}
+            "include_usage": include_usage, "return_token_ids": return_ids, "ignore_eos": ignore_eos}
 
 
 def message_text(content: Any, where: str) -> str:
@@ -503,7 +506,7 @@ class HttpApi:
         opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
         rid = uuid.uuid4().hex
         msg = {"prompt": prompt, "request_id": rid, "stream": True,
-               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop")}}
+               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}}
         resp = Responder(self, send, rid, model, chat, opts)
         cancelled = True
         final: dict | None = None

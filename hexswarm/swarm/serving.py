@@ -542,6 +542,8 @@ class Server:
         replica = min(replicas, key=lambda r: ((load[r] + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
         start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}
+        if msg.get("ignore_eos"):  # absent otherwise: a stage of an older version drops no start for it
+            start["ignore_eos"] = True
         self.pipe.send(stage0, {"kind": "start", "to": [layout.epoch, replica, 0], **start,
                                 "resume_tokens": list(msg.get("resume_tokens") or [])})
         self.recent_dispatch.setdefault((layout.epoch, replica), []).append(time.monotonic())

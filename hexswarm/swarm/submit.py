@@ -3,6 +3,8 @@
 Client -> entry node, one frame:
   {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float,
    "seed": int, "stop": [str], "stream": bool, "request_id": str (optional),
+   "ignore_eos": bool (optional: generate past end-of-sequence tokens up to max_new_tokens, as vLLM's
+   option; benchmarks use it for an exact output length),
    "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
    of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout),
    "timeout_s": number (optional: how long the client waits for it; the entry ends it then, and refuses a new
@@ -195,6 +197,9 @@ class SubmitService:
         stream = msg.get("stream", False)
         if not isinstance(stream, bool):
             raise UserError("'stream' must be true or false")
+        ignore_eos = msg.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise UserError("'ignore_eos' must be true or false")
         timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
             raise UserError("'timeout_s' must be a positive number of seconds")
@@ -203,7 +208,8 @@ class SubmitService:
         if not (isinstance(have, list) and len(have) <= max_new
                 and all(type(t) is int and 0 <= t < self.server.cfg.vocab_size for t in have)):
             raise UserError("'resume_tokens' must be a list of at most max_new_tokens token ids of the model")
-        return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "max_new_tokens": max_new,
+        return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "ignore_eos": ignore_eos,
+                "max_new_tokens": max_new,
                 "client_tokens": have,
                 "stream": stream, "resumed": msg.get("resumed") is True,
                 "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
@@ -226,6 +232,8 @@ class SubmitService:
         """Ask the head (trying the next in line if it is gone) to place the request."""
         server = self.server
         msg = {k: req[k] for k in ("prompt_ids", "params", "max_new_tokens", "stop")}
+        if req.get("ignore_eos"):
+            msg["ignore_eos"] = True
         msg["rid"] = self.wire_id(req["rid"])
         msg["entry"] = server.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
