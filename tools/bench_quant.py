@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -43,7 +44,7 @@ for p in (str(REPO), str(REPO / "tools")):
 
 import bench_gpu  # noqa: E402  (the checkpoint maker, the clock, copy bandwidth, the decode loop)
 
-from hexswarm.model.quant import QuantLinear, quantize  # noqa: E402
+from hexswarm.model.quant import BACKEND_ENV, QuantLinear, quantize  # noqa: E402
 from hexswarm.model.shard import TensorShard  # noqa: E402
 from hexswarm.model.source import load_config, open_checkpoint  # noqa: E402
 from hexswarm.model.stage import StagePart, load_stage  # noqa: E402
@@ -63,6 +64,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--copy-bytes", type=int, default=2 << 30)
+    ap.add_argument("--int4-backends", default="hexswarm",
+                    help="int4 served by each of these (HEXSWARM_QUANT_BACKEND, comma-separated: hexswarm, tinygemm, "
+                         "gemlite); rows 'int4+<backend>' beside 'int4'")
     ap.add_argument("--json", help="write every number here")
     a = ap.parse_args(argv)
     if a.tiny:
@@ -80,9 +84,20 @@ def whole_model(model_dir, device, mode: str):
 
 
 def streamed_bytes(model) -> int:
-    """Bytes one decode step reads: dense weights but the embedding table, plus packed layers."""
+    """Bytes one decode step reads: dense weights but the embedding table, plus packed layers (one
+    layout each: tinygemm's, held beside ours, has as many bytes for an int4 weight with offsets)."""
     dense = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n != "embedding")
-    return dense + sum(m.nbytes for m in model.modules() if isinstance(m, QuantLinear))
+    packed = (m.nbytes - (m.tinygemm.nbytes if m.tinygemm is not None else 0)
+              for m in model.modules() if isinstance(m, QuantLinear))
+    return dense + sum(packed)
+
+
+def modes(args) -> list[tuple[str, str, str]]:
+    """(row key, weights, backend) in the order measured: bf16, int8, int4 (the backend set in the
+    environment, else ours), then int4 per further backend."""
+    base = os.environ.get(BACKEND_ENV, "") or "hexswarm"
+    extra = [b.strip() for b in args.int4_backends.split(",") if b.strip() and b.strip() != base]
+    return [(m, m, base) for m in MODES] + [(f"int4+{b}", "int4", b) for b in extra]
 
 
 @torch.inference_mode()
@@ -153,6 +168,8 @@ def run(args) -> dict:
     batches = bench_gpu._csv_ints(args.batches)
 
     work = None
+    measured = modes(args)
+    env_backend = os.environ.get(BACKEND_ENV)
     try:
         work, model_dir = scratch_model(args, device, log, "hexswarm-bench-quant-")
         cfg = load_config(model_dir)
@@ -166,9 +183,11 @@ def run(args) -> dict:
             res["kernels"] = {"error": f"{type(e).__name__}: {e}"}
             quant_kernels.disable(e)
         log(f"kernel check: {res['kernels']}")
-        for mode in MODES:
+        for key, mode, backend in measured:
             t = time.perf_counter()
+            os.environ[BACKEND_ENV] = backend  # read as each QuantLinear loads (QuantLinear.for_backend)
             model = whole_model(model_dir, device, mode)
+            mode = key
             nbytes = streamed_bytes(model)
             res["bytes"][mode] = nbytes
             log(f"{mode}: loaded in {time.perf_counter() - t:.1f} s, {nbytes / 2**30:.2f} GiB read per step")
@@ -180,6 +199,10 @@ def run(args) -> dict:
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
+        if env_backend is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = env_backend
 
     from hexswarm.errors import UserError
     from hexswarm.model.smollm2 import smollm2_path
@@ -192,13 +215,13 @@ def run(args) -> dict:
     from hexswarm.model import quant_kernels
 
     res["kernel_fallback"] = quant_kernels.FAILURE  # None: the Triton kernels ran throughout
-    res["table"] = table(res, batches)
+    res["table"] = table(res, [k for k, _, _ in measured], batches)
     return res
 
 
-def table(res: dict, batches: list[int]) -> str:
+def table(res: dict, keys: list[str], batches: list[int]) -> str:
     lines = ["| weights | batch | ms/step | floor ms | floor / measured | GiB per step |", "|---|---|---|---|---|---|"]
-    for mode in MODES:
+    for mode in keys:
         for B in batches:
             ms, floor = res["decode"][f"{mode}/{B}"], res["floor"][f"{mode}/{B}"]
             lines.append(f"| {mode} | {B} | {ms:.3f} | {floor:.3f} | {floor / ms:.2f} | {res['bytes'][mode] / 2**30:.2f} |")

@@ -16,7 +16,9 @@ kernel for decode-sized batches (quant_kernels.gemv_config: up to 64 rows, tuned
 bucket) and dequantize-then-GEMM above (prefill);
 elsewhere it dequantizes in torch (the reference every kernel is checked against).
 With HEXSWARM_QUANT_BACKEND=gemlite (`backend()`), a CUDA QuantLinear is converted once at load
-into gemlite's layout and served by gemlite's kernels instead (model/quant_gemlite.py).
+into gemlite's layout and served by gemlite's kernels instead (model/quant_gemlite.py).  With
+HEXSWARM_QUANT_BACKEND=tinygemm an int4 one also gets torch's tinygemm layout, which serves steps
+of up to quant_tinygemm.MAX_ROWS rows (model/quant_tinygemm.py: faster at batch 1, more memory).
 See docs/DECISIONS.md for why this format.
 """
 
@@ -33,12 +35,13 @@ from hexswarm.errors import UserError
 from hexswarm.model.quant_format import GGUF_KEPT_TYPES, GROUP, QUANT_MODES
 
 BACKEND_ENV = "HEXSWARM_QUANT_BACKEND"
-BACKENDS = ("hexswarm", "gemlite")
+BACKENDS = ("hexswarm", "gemlite", "tinygemm")
 
 
 def backend() -> str:
-    """The GPU kernels that serve quantized weights: "hexswarm" (quant_kernels.py, the default)
-    or "gemlite" (quant_gemlite.py; needs the gemlite package, else hexswarm's serve)."""
+    """The GPU kernels that serve quantized weights: "hexswarm" (quant_kernels.py, the default),
+    "gemlite" (quant_gemlite.py; needs the gemlite package, else hexswarm's serve) or "tinygemm"
+    (quant_tinygemm.py: torch's int4 kernel for steps of a few rows, ours for the rest)."""
     name = os.environ.get(BACKEND_ENV, "").strip().lower() or "hexswarm"
     if name not in BACKENDS:
         raise UserError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}, got {name!r}")
@@ -59,6 +62,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset)
         self.gemlite = None  # a quant_gemlite.GemliteWeight once converted (to_gemlite): ours are then None
+        self.tinygemm = None  # a quant_tinygemm.TinygemmWeight beside ours (to_tinygemm): steps of few rows
 
     @property
     def kind(self) -> str:
@@ -67,10 +71,10 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         own = sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset) if t is not None)
-        return own + (self.gemlite.nbytes if self.gemlite is not None else 0)
+        return own + sum(extra.nbytes for extra in (self.gemlite, self.tinygemm) if extra is not None)
 
     def extra_repr(self) -> str:
-        layout = ", gemlite" if self.gemlite is not None else ""
+        layout = ", gemlite" if self.gemlite is not None else ", +tinygemm" if self.tinygemm is not None else ""
         return f"{self.kind}, out={self.out_features}, in={self.in_features}, group={GROUP}{layout}"
 
     # ---- reference (torch) ----------------------------------------------------------------
@@ -91,6 +95,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.gemlite is not None:
             return self.gemlite(x, bias)
+        if self.tinygemm is not None and x.dtype == torch.bfloat16:
+            from hexswarm.model.quant_tinygemm import MAX_ROWS
+
+            if x.numel() <= MAX_ROWS * self.in_features:
+                return self.tinygemm(x, bias)
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
             from hexswarm.model import quant_kernels
 
@@ -117,9 +126,23 @@ class QuantLinear(nn.Module):
             self.qweight = self.scale = self.offset = None
         return self
 
+    def to_tinygemm(self) -> "QuantLinear":
+        """Add torch's tinygemm layout of this int4 weight (once, at load), for steps of few rows."""
+        if self.tinygemm is None:
+            from hexswarm.model.quant_tinygemm import convert
+
+            self.tinygemm = convert(self)
+        return self
+
     def for_backend(self) -> "QuantLinear":
         """This weight as `backend()` serves it: converted to gemlite's layout when that backend is
-        chosen, the weight is on a CUDA device and gemlite loads there; else as it is."""
+        chosen, the weight is on a CUDA device and gemlite loads there; with tinygemm's layout
+        added when that one is chosen and takes this weight on this device; else as it is."""
+        if self.tinygemm is None and self.qweight.is_cuda and backend() == "tinygemm":
+            from hexswarm.model import quant_tinygemm
+
+            if quant_tinygemm.fits(self) and quant_tinygemm.available(self.qweight.device):
+                return self.to_tinygemm()
         if self.gemlite is None and self.qweight.is_cuda and backend() == "gemlite":
             from hexswarm.model import quant_gemlite
 
@@ -152,8 +175,8 @@ class QuantLinear(nn.Module):
         """Row-wise concatenation (fused QKV / gate-up); None when the formats differ."""
         if len(parts) == 1:
             return parts[0]
-        if any(p.gemlite is not None for p in parts):
-            raise ValueError("concatenate QuantLinears before converting them to gemlite's layout")
+        if any(p.gemlite is not None or p.tinygemm is not None for p in parts):
+            raise ValueError("concatenate QuantLinears before converting them to another layout")
         if len({(p.bits, p.in_features, p.offset is None) for p in parts}) != 1:
             return None
         offset = None if parts[0].offset is None else torch.cat([p.offset for p in parts])
