@@ -176,6 +176,20 @@ def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
     assert json.loads(out.read_text())["table"] == res["table"]
 
 
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm")
+def test_bench_tinygemm_tiny_cpu_times_every_path(tmp_path):
+    """bench_tinygemm's code path on CPU (torch's CPU twin of tinygemm): every path timed and checked."""
+    bench = load_tool("bench_tinygemm")
+    res = bench.main(["--device", "cpu", "--tiny", "--rows", "1,8", "--json", str(tmp_path / "t.json")])
+    for m in (1, 8):
+        row = res["rows"][m]
+        assert set(row["total_us"]) == {"ours", "tinygemm/2", "tinygemm/4", "tinygemm/8", "bf16"}
+        assert all(us > 0 for us in row["total_us"].values())
+        for line in row["shapes"].values():
+            assert all(line[k]["error"] < 1e-2 for k in line if k != "bf16"), line
+    assert json.loads((tmp_path / "t.json").read_text())["rows"]["1"]["total_us"] == res["rows"][1]["total_us"]
+
+
 def test_tune_quant_table_takes_the_faster_path_and_rewrites_only_the_tuned_block(tmp_path):
     """tune_quant's decisions without a GPU: the best GEMV config per bucket, None from the
     first bucket where dequantize + cuBLAS was faster, and --apply's rewrite of the table."""

@@ -63,9 +63,9 @@ def main() -> int:
 @torch.inference_mode()
 def mixed_graph_check(model_dir: Path, dtype: torch.dtype, quant: str | None = None) -> dict:
     """A step of decode rows and prompt chunks replayed from a mixed CUDA graph against the same step
-    run eagerly, then a decode step over what each wrote to the KV cache (whole stage, and the last of
-    two stages fed hidden states); `quant` (int8, int4): the projections quantized, as a quantized
-    stage serves them."""
+    run eagerly, then a decode step (its decode graph) over what each wrote to the KV cache (whole
+    stage, and the last of two stages fed hidden states); `quant` (int8, int4): the projections
+    quantized, as a quantized stage serves them."""
     from hexswarm.model.config import LlamaConfig
     from hexswarm.model.quant import quantize
     from hexswarm.model.shard import TensorShard
@@ -85,7 +85,8 @@ def mixed_graph_check(model_dir: Path, dtype: torch.dtype, quant: str | None = N
             prm.copy_((torch.randn(prm.shape, generator=gen) * 0.05).to(prm.dtype))
         for layer in model.layers if quant else ():
             for name in layer.PROJECTIONS:
-                layer.set_projection(name, quantize(getattr(layer, name).data, quant))
+                # as a stage serves them: in the backend HEXSWARM_QUANT_BACKEND names (quant.for_backend)
+                layer.set_projection(name, quantize(getattr(layer, name).data, quant).for_backend())
         n_in = [sum(n for _, _, n in rows) for rows in (prefill, step, after)]
         feeds = [torch.randint(0, cfg.vocab_size, (n,), generator=gen) if first
                  else torch.randn(n, cfg.hidden_size, generator=gen).to(dtype) for n in n_in]
@@ -96,9 +97,9 @@ def mixed_graph_check(model_dir: Path, dtype: torch.dtype, quant: str | None = N
             res = []
             for rows, feed in zip((prefill, step, after), feeds):
                 x = feed.cuda()
-                shape = runner.mixed_shape(rows) if mode == "graph" and rows is step else None
-                if shape is not None:
-                    res.append(runner.mixed_step(x, rows, shape).clone())
+                got = runner.run(x, rows) if mode == "graph" and rows is not prefill else None
+                if got is not None:  # the mixed graph of `step`, the decode graph of `after`
+                    res.append(got.clone())
                     continue
                 h = model.forward_rows(model.embed(x) if first else x, kv, rows)
                 ends = torch.tensor(list(itertools.accumulate(n for _, _, n in rows)), device="cuda") - 1

@@ -57,7 +57,7 @@ class TinygemmWeight:
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def convert(w) -> TinygemmWeight:
+def convert(w, inner_k_tiles: int = INNER_K_TILES) -> TinygemmWeight:
     """w (an int4 QuantLinear, `fits`) in tinygemm's layout on w's device.  On a CPU it uses torch's
     CPU twin of the kernel (same formula, its own packing): the tests check the conversion there."""
     from hexswarm.model.quant import unpack_int4
@@ -65,9 +65,9 @@ def convert(w) -> TinygemmWeight:
     codes = unpack_int4(w.qweight).to(torch.int32)  # [N, K], 0..15
     if w.qweight.is_cuda:  # two codes a byte, the even column in the high nibble (checked on an H100)
         packed = torch.ops.aten._convert_weight_to_int4pack(
-            (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous(), INNER_K_TILES)
+            (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous(), inner_k_tiles)
     else:
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), INNER_K_TILES)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), inner_k_tiles)
     scale = w.scale.float()
     zero = w.offset.float() + 8.0 * scale if w.offset is not None else torch.zeros_like(scale)
     scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
