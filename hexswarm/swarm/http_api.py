@@ -505,7 +505,9 @@ class HttpApi:
         keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
         opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
         rid = uuid.uuid4().hex
-        msg = {"prompt": prompt, "request_id": rid, "stream": True,
+        # token frames only for a streamed answer: a whole one is built from `done` (its text and ids), and
+        # EntryMetrics still times every token (it asks the relay for them and keeps them from the responder)
+        msg = {"prompt": prompt, "request_id": rid, "stream": opts["stream"],
                **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}}
         resp = Responder(self, send, rid, model, chat, opts)
         cancelled = True
