@@ -137,6 +137,11 @@ def test_ignore_eos_generates_exactly_max_tokens(api, tiny_model):
     assert c.choices[0].finish_reason == "length"
     (submitted,) = submit_many([(api.node.addr, {"prompt": "Hello", "max_new_tokens": 24, "ignore_eos": True})])
     assert submitted["done"]["tokens"] == ids and submitted["done"]["finish_reason"] == "length"
+    from conftest import run_cli
+
+    p = run_cli("submit", "--peer", api.node.addr, "--prompt", "Hello", "--max-new-tokens", "24", "--ignore-eos",
+                "--json")
+    assert p.returncode == 0 and json.loads(p.stdout)["tokens"] == ids, p.stderr
 
 
 def test_completion_without_stream_and_with_a_stop_string(api, tiny_model):
