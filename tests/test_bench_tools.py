@@ -178,9 +178,16 @@ def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
 
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm")
 def test_bench_tinygemm_tiny_cpu_times_every_path(tmp_path):
-    """bench_tinygemm's code path on CPU (torch's CPU twin of tinygemm): every path timed and checked."""
+    """bench_tinygemm's code path on CPU (torch's CPU twin of tinygemm): every path timed and checked, and
+    SmolLM2's greedy agreement with its layers served by it."""
+    from hexswarm.model.smollm2 import smollm2_path
+
+    smollm2_path(install=True)
     bench = load_tool("bench_tinygemm")
-    res = bench.main(["--device", "cpu", "--tiny", "--rows", "1,8", "--json", str(tmp_path / "t.json")])
+    res = bench.main(["--device", "cpu", "--tiny", "--rows", "1,8", "--agree-steps", "4", "--json", str(tmp_path / "t.json")])
+    # SmolLM2's 120 Q4_1 projections all served by (the CPU twin of) tinygemm, teacher-forced on the dense model
+    assert res["smollm2"]["tinygemm_layers"] == res["smollm2"]["packed_layers"] == 4 * 30
+    assert res["smollm2"]["agree"] >= 3, res["smollm2"]
     for m in (1, 8):
         row = res["rows"][m]
         assert set(row["total_us"]) == {"ours", "tinygemm/2", "tinygemm/4", "tinygemm/8", "bf16"}

@@ -126,8 +126,9 @@ def kernel_check(device, shapes, dtype) -> dict:
 
 
 @torch.inference_mode()
-def greedy_agreement(gguf_file, device, steps: int) -> dict:
-    """Dense-bf16 SmolLM2 decodes greedily; the quantized one is fed the same tokens."""
+def greedy_agreement(gguf_file, device, steps: int, tinygemm: bool = False) -> dict:
+    """Dense-bf16 SmolLM2 decodes greedily; the quantized one is fed the same tokens.  `tinygemm`: the
+    quantized one's int4 layers served by tinygemm (quant_tinygemm.py; both models in bf16, on a CPU too)."""
     from hexswarm.runtime.chat import ChatTemplate
     from hexswarm.runtime.tokenizer import TextTokenizer
 
@@ -135,9 +136,15 @@ def greedy_agreement(gguf_file, device, steps: int) -> dict:
     prompt = ChatTemplate.for_model(gguf_file).render([{"role": "user", "content": "Write a short poem about GPUs."}])
     ids = TextTokenizer(gguf_file, cfg).encode(prompt)
     part = StagePart(0, cfg.num_hidden_layers, TensorShard.for_rank(cfg, 1, 0), True, True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if device.type == "cuda" or tinygemm else torch.float32
     models = {mode: load_stage(open_checkpoint(gguf_file), cfg, part, dtype, device, quantize=mode)
               for mode in ("none", "int4")}  # int4: the file's Q4_1 blocks kept packed (the default on CUDA)
+    if tinygemm:
+        from hexswarm.model import quant_tinygemm
+
+        for m in models["int4"].modules():
+            if isinstance(m, QuantLinear) and quant_tinygemm.fits(m):
+                m.to_tinygemm()
     tokens = {}
     for mode, model in models.items():
         kv = model.new_kv_cache(1, len(ids) + steps + 1)
@@ -152,7 +159,8 @@ def greedy_agreement(gguf_file, device, steps: int) -> dict:
         tokens[mode] = got
     agree = sum(a == b for a, b in zip(tokens["none"], tokens["int4"]))
     return {"steps": steps, "agree": agree, "reference_tokens": tokens["none"], "quantized_tokens": tokens["int4"],
-            "packed_layers": sum(isinstance(m, QuantLinear) for m in models["int4"].modules())}
+            "packed_layers": sum(isinstance(m, QuantLinear) for m in models["int4"].modules()),
+            "tinygemm_layers": sum(getattr(m, "tinygemm", None) is not None for m in models["int4"].modules())}
 
 
 def run(args) -> dict:

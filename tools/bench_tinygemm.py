@@ -8,6 +8,7 @@ tinygemm at each of its K tilings (2, 4, 8).  It picks MAX_ROWS and INNER_K_TILE
 
     python tools/bench_tinygemm.py --json tinygemm.json        # on the GPU
     python tools/bench_tinygemm.py --device cpu --tiny         # the code path on CPU (torch's CPU twin)
+    python tools/bench_tinygemm.py --device cpu --tiny --agree-steps 64   # + SmolLM2's greedy agreement
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def parse_args(argv=None):
     ap.add_argument("--tiny", action="store_true", help="small shapes, one repeat (the CPU test)")
     ap.add_argument("--rows", default="1,8,32")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--agree-steps", type=int, default=0,
+                    help="also: SmolLM2's Q4_1 layers served by tinygemm (bf16) teacher-forced on the dense bf16 "
+                         "model's greedy tokens for this many steps (bench_quant.greedy_agreement; `make model`)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     a.shapes = ((64, 256), (40 * 8, 256)) if a.tiny else bench_gemlite.SHAPES
@@ -83,6 +87,14 @@ def measure(args) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     res = measure(args)
+    if args.agree_steps:
+        from bench_quant import greedy_agreement
+        from hexswarm.model.smollm2 import smollm2_path
+
+        res["smollm2"] = greedy_agreement(smollm2_path(), torch.device(args.device), args.agree_steps, tinygemm=True)
+        print(f"SmolLM2 Q4_1 by tinygemm vs dense bf16: {res['smollm2']['agree']}/{args.agree_steps} greedy steps "
+              f"agree ({res['smollm2']['tinygemm_layers']} of {res['smollm2']['packed_layers']} layers by tinygemm)",
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return res
