@@ -433,6 +433,18 @@ def test_config_http_keys_and_cli_override(tmp_path):
         _load(path)
     path.write_text(yaml.safe_dump({"http": "127.0.0.1:8000", "http_workers": 2}))
     assert _load(path).http_workers == 2
+    path.write_text(yaml.safe_dump({"http": "127.0.0.1:8000", "http_workers": "auto"}))
+    assert _load(path).http_workers is None
+    path.write_text(yaml.safe_dump({"http": "127.0.0.1:8000"}))
+    assert _load(path).http_workers is None  # auto by default
+    from types import SimpleNamespace
+
+    from hexswarm.swarm.http_api import AUTO_HTTP_WORKERS, http_workers
+
+    on = {dev: SimpleNamespace(settings=SimpleNamespace(device=dev)) for dev in ("cuda", "cpu")}
+    assert http_workers(None, on["cuda"]) == AUTO_HTTP_WORKERS > 0
+    assert http_workers(None, on["cpu"]) == http_workers(None, None) == 0
+    assert http_workers(3, on["cpu"]) == 3 and http_workers(0, on["cuda"]) == 0
     for bad in (-1, "two", True):
         path.write_text(yaml.safe_dump({"http": "127.0.0.1:8000", "http_workers": bad}))
         with pytest.raises(UserError, match="key 'http_workers'"):

@@ -102,6 +102,11 @@ def _non_negative_int(raw: Any, base: Path) -> int:
     return raw
 
 
+def _non_negative_int_or_auto(raw: Any, base: Path) -> int | None:
+    """A non-negative integer, or 'auto' (stored as None)."""
+    return None if raw == "auto" else _non_negative_int(raw, base)
+
+
 def _roles(raw: Any, base: Path) -> list[str]:
     roles = _str_list("roles")(raw, base)
     bad = [r for r in roles if r not in ROLES]
@@ -328,9 +333,10 @@ class NodeConfig:
                                                          "/metrics (null: off)"))
     api_token: str | None = field(default=None, metadata=_key(_optional_secret, "bearer token the HTTP API requires "
                                                               "(null: none)"))
-    http_workers: int = field(default=0, metadata=_key(_non_negative_int, "processes that serve the HTTP API, "
-                                                       "sharing its socket, so the node's event loop does no HTTP "
-                                                       "work (0: the node serves it itself)"))
+    http_workers: int | None = field(default=None, metadata=_key(_non_negative_int_or_auto, "processes that serve "
+                                                                "the HTTP API, sharing its socket, so the node's event "
+                                                                "loop does no HTTP work (0: the node serves it itself; "
+                                                                "auto: 2 on a node serving on CUDA, else 0)"))
     # Where the config came from; not a YAML key.
     source: Path | None = field(default=None, metadata={"internal": True})
 

@@ -675,6 +675,18 @@ def hypercorn_config(bind: str):
     return cfg
 
 
+AUTO_HTTP_WORKERS = 2  # on a CUDA node: measured against in-process HTTP in docs/DECISIONS.md
+
+
+def http_workers(configured: int | None, server) -> int:
+    """The HTTP worker processes to run: as configured, or for `auto` (None) AUTO_HTTP_WORKERS on a node whose
+    stages serve on CUDA (its event loop, serving HTTP itself, was 72-88% busy at 32 streams on an H100, against
+    22-62% with workers) and 0 elsewhere (a CPU node, where they measured no better, and a node without a model)."""
+    if configured is not None:
+        return configured
+    return AUTO_HTTP_WORKERS if server is not None and server.settings.device == "cuda" else 0
+
+
 async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the HTTP API on `node.config.http` until cancelled, here or (`http_workers`) from worker
     processes (swarm/http_worker.py); started() with the bound URLs."""
@@ -682,7 +694,7 @@ async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> N
 
     metrics = EntryMetrics(node, server)
     backend = LocalBackend(server, metrics)
-    token, workers = node.config.api_token, node.config.http_workers
+    token, workers = node.config.api_token, http_workers(node.config.http_workers, server)
     async with trio.open_nursery() as nursery:
         metrics.start(nursery)
         if server is not None:
