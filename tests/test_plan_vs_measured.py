@@ -125,6 +125,8 @@ def test_gather_prompts_is_read_from_the_node_config_and_changes_when_prompts_st
     off = pvm.read_bench(dict(SERVE, node_extra={"micro_batches": 1, "gather_prompts": False}), calibration=CAL_FILE)
     on = pvm.read_bench(SERVE, calibration=CAL_FILE)
     assert on.gather_prompts and not off.gather_prompts
+    # a run that recorded the node's defaults (bench_serve since the default became off) and named none
+    assert not pvm.read_bench(dict(SERVE, node_defaults={"gather_prompts": False}), calibration=CAL_FILE).gather_prompts
     starts = staggered_starts(32, 0.25)
     a, b = pvm.predict(on, 1, 32, 128, client_starts=starts), pvm.predict(off, 1, 32, 128, client_starts=starts)
     assert a.ttft_p50_s != pytest.approx(b.ttft_p50_s, rel=1e-2)

@@ -124,6 +124,13 @@ def parse_args(argv=None):
 
 # ---- the model ---------------------------------------------------------------------------
 
+def node_defaults() -> dict:
+    """The node settings a variant runs with where its node_extra names none (tools/plan_vs_measured.py reads them)."""
+    from hexswarm.swarm.config import NodeConfig
+
+    return {"gather_prompts": NodeConfig.__dataclass_fields__["gather_prompts"].default}
+
+
 def tiny_spec(shape: str = "4,128"):
     from hexswarm.model.tiny import TinySpec
 
@@ -659,7 +666,7 @@ def run(args) -> dict:
                                "kv_heads": cfg.num_key_value_heads, "intermediate": cfg.intermediate_size,
                                "vocab": cfg.vocab_size, "tiny": bool(args.tiny)},
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-                     "node_extra": args.variants[0]}
+                     "node_extra": args.variants[0], "node_defaults": node_defaults()}
         batches = sorted(set(_csv_ints(args.engine_batches)) | set(levels))
         res.update(measure_engine(args, model_dir, batches, log))
         res["serve"] = []

@@ -30,7 +30,8 @@ What the prediction is made of, each printed with where it came from:
   a quantity found nowhere is taken as not there (0 overhead, the analytic intra-host link);
 * the runtime's rules: token budget ``max_step_tokens`` (node_extra, else the node's auto: 2048 on CUDA,
   512 on CPU), chunked prefill, ``micro_batches`` (node_extra, else one per stage as the node default), a
-  one-stage CUDA pipeline hides its host work behind the GPU and (``gather_prompts``, node_extra, else on)
+  one-stage CUDA pipeline hides its host work behind the GPU and (``gather_prompts``, node_extra, else the
+  node default the run recorded, else on: the default before 2026-11-27)
   waits for the step on the GPU before starting new prompts, and (bench_serve) every stage on the same
   device, so the stages' GPU time adds up, handing steps over on the GPU (a stage's host passes a step on
   after its host time ``stage_host``, while its GPU part still runs; the next part waits for it);
@@ -123,7 +124,7 @@ class Bench:
     layouts: tuple[Measured, ...]
     micro_batches: int | None = None  # None: one per stage (the node default)
     step_tokens: int = 2048
-    gather_prompts: bool = True  # the node setting (node_extra; default on)
+    gather_prompts: bool = False  # the node setting (node_extra, else the run's node default)
     shared_device: bool = True
     entry_s: float = 0.0
     entry_latency_s: float = 0.0
@@ -288,6 +289,16 @@ def _flag_overhead(text: str) -> list[list]:
     return sorted(points)
 
 
+# node settings a bench run without `node_defaults` (before 2026-11-27) ran with when its node_extra had none
+OLD_NODE_DEFAULTS = {"gather_prompts": True}
+
+
+def node_default(key: str, doc: dict):
+    """The node's default for `key` in the run `doc` (bench_serve records them), else the old default."""
+    recorded = doc.get("node_defaults")
+    return recorded[key] if isinstance(recorded, dict) and key in recorded else OLD_NODE_DEFAULTS[key]
+
+
 def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None = "http", arrival: str = "burst",
                calibration: dict | None = None, calibration_name: str = "--calibration",
                stage_overhead_ms: str | None = None, link_gbps: float | None = None, entry_ms: float | None = None,
@@ -348,7 +359,7 @@ def read_bench(doc: dict, where: str = "the bench file", *, frontend: str | None
                                               _number(old_link.get("bandwidth_Bps")) or 10e9)
     return Bench(model=model, device=device, prompt_len=prompt, output_len=output, link=link, calibration=cal,
                  sources=sources, layouts=layouts, micro_batches=micro, step_tokens=step_tokens,
-                 gather_prompts=extra.get("gather_prompts", True) is not False,
+                 gather_prompts=extra.get("gather_prompts", node_default("gather_prompts", doc)) is not False,
                  shared_device=shared_device and link is None, entry_s=(entry_ms or 0.0) / 1e3,
                  entry_latency_s=(entry_latency_ms or 0.0) / 1e3, entry_done_s=(entry_done_ms or 0.0) / 1e3, cuda=cuda,
                  entry_probes=probes if not flagged else ())

@@ -25,7 +25,7 @@ It follows the serving engine's rule, per replica:
 * a one-stage overlapped pipeline decides a step that would start new prompts
   only when the step on the GPU ends (the engine waits for it then, so that a
   burst is prefilled in fewer, fuller steps; ``StageEngine._new_prompts``),
-  unless the node's ``gather_prompts`` is off;
+  if the node's ``gather_prompts`` is on (off by default);
 * stages that share one device (``shared_device``: several stage processes on
   one GPU) share its time: their GPU work runs one at a time;
 * starts due at the same moment reach stage 0 one by one: an idle engine
@@ -270,7 +270,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
                       closed_loop: int | None = None, micro_batches: int | None = None, shared_device: bool = False,
                       overlap: bool = True, entry_s: float = 0.0, entry_latency_s: float = 0.0,
                       entry_done_s: float = 0.0, gpu_handoff: bool = False,
-                      client_starts: list[float] | None = None, gather_prompts: bool = True,
+                      client_starts: list[float] | None = None, gather_prompts: bool = False,
                       entry_token_s: float = 0.0, think_max_s: float = 0.0) -> BatchSimResult:
     """Serve ``workload.num_requests`` requests on the replicas; deterministic for a seed.
 
@@ -287,7 +287,7 @@ def simulate_batching(cluster: Cluster, cost: CostModel, replicas: list[ReplicaL
     back out; it shifts the TTFT, and a closed-loop client's next request when positive);
     ``gpu_handoff``: the stages of a replica share one GPU and hand over on it (with
     ``shared_device``); ``client_starts``: when each closed-loop client sends its first request
-    (default: all at 0); ``gather_prompts``: the node setting of that name (off: a one-stage
+    (default: all at 0); ``gather_prompts``: the node setting of that name (off, its default: a one-stage
     overlapped pipeline decides a step with new prompts as early as any other); ``entry_token_s``:
     the entry's serial work per token it relays (a step's tokens reach it in one message: the first
     tokens of the prompts that ended, then the decode rows' tokens); ``think_max_s``: a closed-loop

@@ -47,7 +47,7 @@ class ServeSettings:
     max_seq_len: int = 512
     retire_idle_s: float = 5.0
     max_step_tokens: int = 512
-    gather_prompts: bool = True  # see EngineSettings
+    gather_prompts: bool = False  # see EngineSettings (the node's default: off)
     freeze_heap: bool = True  # after each load, here and in engine processes (runtime/heap.py)
     micro_batches: int = 0  # 0: one per pipeline stage
     engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
