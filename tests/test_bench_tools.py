@@ -184,7 +184,8 @@ def test_bench_tinygemm_tiny_cpu_times_every_path(tmp_path):
 
     smollm2_path(install=True)
     bench = load_tool("bench_tinygemm")
-    res = bench.main(["--device", "cpu", "--tiny", "--rows", "1,8", "--agree-steps", "4", "--json", str(tmp_path / "t.json")])
+    res = bench.main(["--device", "cpu", "--tiny", "--rows", "1,8", "--agree-steps", "4",
+                      "--json", str(tmp_path / "t.json")])
     # SmolLM2's 120 Q4_1 projections all served by (the CPU twin of) tinygemm, teacher-forced on the dense model
     assert res["smollm2"]["tinygemm_layers"] == res["smollm2"]["packed_layers"] == 4 * 30
     assert res["smollm2"]["agree"] >= 3, res["smollm2"]

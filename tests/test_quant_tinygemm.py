@@ -49,7 +49,8 @@ def test_quantlinear_uses_tinygemm_for_few_rows_only(monkeypatch):
     monkeypatch.setattr(quant_tinygemm.TinygemmWeight, "__call__",
                         lambda self, x, bias: calls.append(x.shape) or real(self, x, bias))
     torch.manual_seed(1)
-    few, many = torch.randn(1, 3, 256).to(torch.bfloat16), torch.randn(quant_tinygemm.MAX_ROWS + 1, 256).to(torch.bfloat16)
+    few = torch.randn(1, 3, 256).to(torch.bfloat16)
+    many = torch.randn(quant_tinygemm.MAX_ROWS + 1, 256).to(torch.bfloat16)
     assert q(few).shape == (1, 3, 64) and calls == [(1, 3, 256)]
     assert q(many).shape == (quant_tinygemm.MAX_ROWS + 1, 64) and len(calls) == 1  # more rows: ours
     assert q(torch.randn(2, 256)).dtype == torch.float32 and len(calls) == 1  # not bf16: ours

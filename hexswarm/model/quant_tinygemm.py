@@ -1,12 +1,12 @@
 """torch's own int4 kernel ("tinygemm", `aten._weight_int4pack_mm`, as gpt-fast serves int4) for
 decode steps of a few rows: HEXSWARM_QUANT_BACKEND=tinygemm.
 
-Measured on an H100 (docs/BENCHMARKS.md, issue 14): at one row it reads an int4 weight at ~0.58
-of the copy bandwidth against 0.35 for our Triton GEMV (quant_kernels.py), so batch-1 decode is
-much faster; from ~16 rows on it is slower than ours (2.5x at 32 rows: it pads rows to its MMA
-tiles).  So an int4 QuantLinear served this way keeps its own layout too (ours serves steps of
-more than MAX_ROWS rows, and prefill) and adds tinygemm's: +0.625 bytes per weight, which
-`QuantLinear.nbytes` counts.  Latency over memory: an opt-in, not the default.
+Measured on an H100 (docs/BENCHMARKS.md run 22, issue 14): at one row it reads an int4 weight at
+0.59 of the copy bandwidth against 0.34 for our Triton GEMV (quant_kernels.py), so batch-1 decode
+is much faster (7B: 2.88 against 4.64 ms a step); from 16 rows on it is slower than ours (2.5x at
+32 rows: it pads rows to its MMA tiles).  So an int4 QuantLinear served this way keeps its own
+layout too (ours serves steps of more than MAX_ROWS rows, and prefill) and adds tinygemm's: +0.625
+bytes per weight, which `QuantLinear.nbytes` counts.  Latency over memory: an opt-in, not the default.
 
 Format: tinygemm dequantizes w = (q - 8) * scale + zero with bf16 scale and zero per group of 32
 along K, so zero = offset + 8 * scale (GGUF Q4_1 and `--quantize int4`) or 0 (Q4_0).  Scales

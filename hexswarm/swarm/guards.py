@@ -188,8 +188,8 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
     ignore_eos = msg.get("ignore_eos", False)
     _need(isinstance(ignore_eos, bool), "dispatch: ignore_eos")
     return {"rid": _rid(msg.get("rid")), "prompt_ids": ids, "params": sampling_params(msg.get("params")),
-            "max_new_tokens": new, "stop": stop, "ignore_eos": ignore_eos, "entry": entry, "attempt": msg["attempt"], "resume_tokens": resume,
-            "resumed": msg.get("resumed") is True}
+            "max_new_tokens": new, "stop": stop, "ignore_eos": ignore_eos, "entry": entry, "attempt": msg["attempt"],
+            "resume_tokens": resume, "resumed": msg.get("resumed") is True}
 
 
 def read_placed(msg: Any) -> tuple[str, int, dict | None, tuple[str, str] | None]:

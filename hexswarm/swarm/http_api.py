@@ -508,7 +508,8 @@ class HttpApi:
         # token frames only for a streamed answer: a whole one is built from `done` (its text and ids), and
         # EntryMetrics still times every token (it asks the relay for them and keeps them from the responder)
         msg = {"prompt": prompt, "request_id": rid, "stream": opts["stream"],
-               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "ignore_eos")}}
+               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
+                                       "ignore_eos")}}
         resp = Responder(self, send, rid, model, chat, opts)
         cancelled = True
         final: dict | None = None
