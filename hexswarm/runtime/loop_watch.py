@@ -14,13 +14,17 @@ log = logging.getLogger("hexswarm.loop")
 
 SLOW_BATCH_S = 0.02  # a run of tasks this long holds every other task (a start, a token) back noticeably
 LOG_EVERY_S = 1.0  # at most one line a second about a task step that held the loop
+NAME_FOR_S = 30.0  # after a slow run of tasks, time each task step this long, to name the ones that hold the loop
 
 
 class LoopWatch(trio.abc.Instrument):
     """Totals for one trio run: busy seconds, scheduler batches (runs of tasks between I/O waits), the
-    longest batch and how many took at least SLOW_BATCH_S; a task step (one task running until it awaits)
-    of SLOW_BATCH_S or more is logged with its task's name: what held the loop.  Trio calls the hooks from
-    its own thread only."""
+    longest batch and how many took at least SLOW_BATCH_S.  Its hooks run once per loop pass; after a slow
+    batch it also times every task step (one task running until it awaits) for NAME_FOR_S (a `StepNamer`
+    instrument added for that long), so that a step of SLOW_BATCH_S or more is logged with its task's name:
+    what held the loop.  Timing every step always cost ~2.5 us a step, +60% on trio's own cost of a
+    checkpoint (a micro-benchmark; 4-5% of a CPU entry's loop under 32 streams, BENCHMARKS run 22).  Trio
+    calls the hooks from its own thread only."""
 
     def __init__(self) -> None:
         self.busy_s = 0.0
@@ -28,6 +32,38 @@ class LoopWatch(trio.abc.Instrument):
         self.slow_batches = 0
         self.longest_s = 0.0
         self._since: float | None = None  # end of the last I/O wait
+        self._namer = StepNamer()
+        self._naming_until: float | None = None  # the StepNamer is installed until then
+
+    def after_io_wait(self, timeout: float) -> None:
+        self._since = time.perf_counter()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self._since is None:
+            return
+        now = time.perf_counter()
+        dt = now - self._since
+        self.busy_s += dt
+        self.batches += 1
+        if dt > self.longest_s:
+            self.longest_s = dt
+        if dt >= SLOW_BATCH_S:
+            self.slow_batches += 1
+            if self._naming_until is None:
+                trio.lowlevel.add_instrument(self._namer)
+                log.info("event loop held %.0f ms by a run of tasks; naming the task steps that hold it for the "
+                         "next %.0f s", dt * 1e3, NAME_FOR_S)
+            self._naming_until = now + NAME_FOR_S
+        elif self._naming_until is not None and now > self._naming_until:
+            trio.lowlevel.remove_instrument(self._namer)
+            self._naming_until = None
+
+
+class StepNamer(trio.abc.Instrument):
+    """Times each task step; logs (at most one line a second) the task of one that held the loop for
+    SLOW_BATCH_S or more.  Installed by LoopWatch only while the loop has been slow lately."""
+
+    def __init__(self) -> None:
         self._step_t0 = 0.0
         self._logged = -LOG_EVERY_S
 
@@ -40,20 +76,6 @@ class LoopWatch(trio.abc.Instrument):
         if dt >= SLOW_BATCH_S and now - self._logged >= LOG_EVERY_S:
             self._logged = now
             log.info("event loop held %.0f ms by one step of task %s", dt * 1e3, task.name)
-
-    def after_io_wait(self, timeout: float) -> None:
-        self._since = time.perf_counter()
-
-    def before_io_wait(self, timeout: float) -> None:
-        if self._since is None:
-            return
-        dt = time.perf_counter() - self._since
-        self.busy_s += dt
-        self.batches += 1
-        if dt >= SLOW_BATCH_S:
-            self.slow_batches += 1
-        if dt > self.longest_s:
-            self.longest_s = dt
 
 
 _WATCH: LoopWatch | None = None
