@@ -268,3 +268,9 @@ def test_bench_gemlite_picks_the_fastest_gemlite_kernel_for_batch_1():
     assert bench.best_m1(res, "best") == {4: "GEMV_SPLITK", 8: None}
     assert bench.best_m1(res, "auto") == {8: None, 4: None}
     assert bench.best_m1(res, "GEMV_SPLITK") == {8: "GEMV_SPLITK", 4: "GEMV_SPLITK"}
+
+
+def test_bench_loop_watch_runs():
+    """bench_loop_watch's code path (tiny): both timings come back, positive."""
+    out = load_tool("bench_loop_watch").main(["--tasks", "2", "--steps", "200", "--runs", "1"])
+    assert len(out) == 1 and all(us > 0 for us in out[0])
