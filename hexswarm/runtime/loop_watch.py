@@ -55,8 +55,11 @@ class LoopWatch(trio.abc.Instrument):
                          "next %.0f s", dt * 1e3, NAME_FOR_S)
             self._naming_until = now + NAME_FOR_S
         elif self._naming_until is not None and now > self._naming_until:
-            trio.lowlevel.remove_instrument(self._namer)
             self._naming_until = None
+            try:
+                trio.lowlevel.remove_instrument(self._namer)
+            except KeyError:  # trio already removed it (a hook of it raised): this hook must not raise too
+                pass
 
 
 class StepNamer(trio.abc.Instrument):
