@@ -58,3 +58,21 @@ def _instruments():
     from trio._core._run import GLOBAL_RUN_CONTEXT
 
     return GLOBAL_RUN_CONTEXT.runner.instruments
+
+
+def test_step_timing_goes_off_again_after_the_naming_window(monkeypatch):
+    from hexswarm.runtime import loop_watch
+
+    monkeypatch.setattr(loop_watch, "NAME_FOR_S", 0.05)
+    seen: list[bool] = []
+
+    async def main():
+        time.sleep(0.03)  # a slow run of tasks: step timing on
+        await trio.sleep(0)
+        seen.append("before_task_step" in _instruments())
+        await trio.sleep(0.1)  # the window passes with no slow run
+        await trio.sleep(0)
+        seen.append("before_task_step" in _instruments())
+
+    trio.run(main, instruments=[LoopWatch()])
+    assert seen == [True, False]
