@@ -95,11 +95,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.gemlite is not None:
             return self.gemlite(x, bias)
-        if self.tinygemm is not None and x.dtype == torch.bfloat16:
-            from hexswarm.model.quant_tinygemm import MAX_ROWS
-
-            if x.numel() <= MAX_ROWS * self.in_features:
-                return self.tinygemm(x, bias)
+        if self.tinygemm is not None and self.tinygemm.takes(x):
+            return self.tinygemm(x, bias)
         if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
             from hexswarm.model import quant_kernels
 
