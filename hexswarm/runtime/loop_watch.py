@@ -22,8 +22,8 @@ class LoopWatch(trio.abc.Instrument):
     longest batch and how many took at least SLOW_BATCH_S.  Its hooks run once per loop pass; after a slow
     batch it also times every task step (one task running until it awaits) for NAME_FOR_S (a `StepNamer`
     instrument added for that long), so that a step of SLOW_BATCH_S or more is logged with its task's name:
-    what held the loop.  Timing every step always cost ~2.5 us a step, +60% on trio's own cost of a
-    checkpoint (a micro-benchmark; 4-5% of a CPU entry's loop under 32 streams, BENCHMARKS run 22).  Trio
+    what held the loop.  Timing every step always cost ~1.5 us a task step, +60% on trio's own scheduling
+    (tools/bench_loop_watch.py; 4-5% of a CPU entry's loop under 32 streams, BENCHMARKS run 22).  Trio
     calls the hooks from its own thread only."""
 
     def __init__(self) -> None:
