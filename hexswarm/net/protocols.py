@@ -43,6 +43,7 @@ PEERS = protocol_id("peers", 1)
 RECORDS = protocol_id("records", 1)  # a node's table as signed records, for a newcomer (swarm/node.py)
 SUBMIT = protocol_id("submit", 1)  # client -> entry node (swarm/submit.py)
 SUBMIT2 = protocol_id("submit", 2)  # submit/1 plus keepalive frames while the entry has nothing else to send
+SUBMIT3 = protocol_id("submit", 3)  # a session: many submit/2 requests of one client on one stream (submit_session.py)
 DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)
 LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (swarm/serving.py)
 STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/serving.py)

@@ -1,19 +1,21 @@
 """`SwarmClient`: one client host, one connection per entry node, many submit requests.
 
-A request through `/hexswarm/submit/1` is one new yamux stream; dialing a node costs a TCP connect,
-multistream negotiation and a Noise handshake (several round trips and Python crypto).  A client that
-sends many requests keeps its host and connections, so time to first token pays for the stream only.
+Dialing a node costs a TCP connect, multistream negotiation and a Noise handshake (several round trips and
+Python crypto).  A client that sends many requests keeps its host and one connection per entry, and one
+`/hexswarm/submit/3` session on it (swarm/submit_session.py) that carries all its requests to that entry: a
+request costs no stream, and the tokens of all of them from one engine step arrive in one write.  An entry
+without submit/3 (an older install) gets a `/hexswarm/submit/2` stream per request instead.
 
     async with SwarmClient(addrs, identity=key, cert=cert) as client:
         final = await client.submit({"prompt": "Hi", "max_new_tokens": 16}, on_frame=print)
 
-Requests may run concurrently from several trio tasks of one client (streams multiplex on the connection).
+Requests may run concurrently from several trio tasks of one client (they multiplex on the session).
 `submit` fails over across the entry addresses as `submit_with_failover` always did; the frames are the
 submit protocol's (see swarm/submit.py).
 
-An entry that dies or freezes does not take the request with it: over `/hexswarm/submit/2` the entry sends a
-keepalive frame whenever it has nothing else to send, so a stream silent for `silent_s` is an entry that stopped
-answering; the client resets that stream and submits the same request (same id, same seed) through the next
+An entry that dies or freezes does not take the request with it: on a session (and a submit/2 stream) the entry
+sends a keepalive frame whenever it has nothing else to send, so one silent for `silent_s` is an entry that stopped
+answering; the client resets it and submits the same request (same id, same seed) through the next
 entry, marked `resumed` once any entry accepted it.  Tokens are delivered to the caller once each, by index.
 Each submission carries `timeout_s`, what is left of the caller's timeout: the entry ends the request then, and
 refuses a new one it cannot serve well within it (a `busy` error, before anything is accepted).
@@ -31,8 +33,9 @@ from hexswarm.errors import ProtocolError, UserError, first_leaf
 from hexswarm.net import identity as identities
 from hexswarm.net.framing import FrameTimeout, read_frame, write_frame
 from hexswarm.net.host import dial, is_connected, make_host, parse_peer_multiaddr
-from hexswarm.net.protocols import SUBMIT, SUBMIT2, close_quietly, reset_quietly
+from hexswarm.net.protocols import SUBMIT, SUBMIT2, SUBMIT3, close_quietly, reset_quietly
 from hexswarm.swarm.submit import MAX_SUBMIT_FRAME, REQUEST_TIMEOUT_S
+from hexswarm.swarm.submit_session import ClientSession, SessionLost
 
 DIAL_TIMEOUT_S = 10.0
 # an entry that sent nothing for this long (not even a keepalive, every 2 s: swarm/submit.py KEEPALIVE_S) is
@@ -60,6 +63,9 @@ class SwarmClient:
         self.host = None
         self._stack: AsyncExitStack | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
+        self.sessions: dict[str, ClientSession] = {}  # addr -> its submit/3 session, while it lives
+        self._no_session: set[str] = set()  # entries that do not speak submit/3: a submit/2 stream per request
+        self._nursery: trio.Nursery | None = None
 
     async def __aenter__(self) -> "SwarmClient":
         import multiaddr
@@ -68,10 +74,12 @@ class SwarmClient:
         self._stack = AsyncExitStack()
         # py-libp2p's swarm wants a listener to run: an ephemeral loopback port
         await self._stack.enter_async_context(self.host.run([multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())  # the sessions' readers
         return self
 
     async def __aexit__(self, etype, exc, tb) -> bool:
         stack, self._stack = self._stack, None
+        self._nursery.cancel_scope.cancel()
         try:
             return bool(await stack.__aexit__(etype, exc, tb))
         except Exception as e:  # the host's nursery wraps whatever passes through it in exception groups
@@ -92,34 +100,94 @@ class SwarmClient:
             except ConnectionError as e:
                 raise UserError(f"cannot reach {addr}: {e}") from None
 
-    async def submit_once(self, addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
-                          timeout: float | None = None) -> dict:
-        """One request through the node at `addr`, on a new stream of the kept connection; the final frame.
-        Raises UserError when the node cannot be reached, the stream breaks, or (submit/2) the node sends
-        nothing, not even a keepalive, for `silent_s`; keepalive frames are not passed to `on_frame`."""
+    async def _open_stream(self, addr: str, protocols: list[str]):
+        """A new stream to `addr` on the kept connection (dialed if need be); UserError if none within
+        `silent_s`.  A protocol the entry does not speak raises StreamFailure (for the caller to fall back)."""
         from libp2p.custom_types import TProtocol
 
+        await self.connect(addr)
+        peer_id = self.peers[addr].peer_id
+        # a frozen node keeps its connection but never negotiates the stream (py-libp2p waits 30 s)
+        with trio.move_on_after(self.silent_s):
+            try:
+                return await self.host.new_stream(peer_id, [TProtocol(p) for p in protocols])
+            except Exception as e:
+                if type(e).__name__ == "StreamFailure":
+                    raise  # negotiation failed: says nothing about the connection, which other streams may use
+                # the kept connection died: drop it, so the next request dials afresh
+                await self._drop(peer_id)
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}") from None
+        raise UserError(f"no stream to {addr} within {self.silent_s:g} s")  # frozen, or too busy to answer
+
+    async def _session(self, addr: str) -> ClientSession | None:
+        """The live submit/3 session with `addr`, opened if need be; None for an entry without submit/3."""
+        if addr in self._no_session:
+            return None
+        lock = self._dial_locks.setdefault(("session", addr), trio.Lock())
+        async with lock:
+            session = self.sessions.get(addr)
+            if session is not None and session.lost is None:
+                return session
+            try:
+                stream = await self._open_stream(addr, [SUBMIT3])
+            except Exception as e:
+                if type(e).__name__ != "StreamFailure":
+                    raise
+                self._no_session.add(addr)  # an older entry: submit/2 streams from now on
+                return None
+            session = self.sessions[addr] = ClientSession(stream, addr, self.silent_s)
+            self._nursery.start_soon(session.run, self._session_lost)
+            return session
+
+    def _session_lost(self, session: ClientSession) -> None:
+        if self.sessions.get(session.addr) is session:
+            del self.sessions[session.addr]
+
+    async def submit_once(self, addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
+                          timeout: float | None = None) -> dict:
+        """One request through the node at `addr` on the kept connection: on this client's submit/3 session with
+        it, or (an entry without sessions) a submit/2 stream of its own; the final frame.
+        Raises UserError when the node cannot be reached, the session or stream breaks, or the node sends
+        nothing, not even a keepalive, for `silent_s`; keepalive frames are not passed to `on_frame`."""
         if self.host is None:
             raise RuntimeError("use the client as `async with SwarmClient(...) as client`")
         if self.cert is not None:
             request = {**request, "cert": self.cert}
         deadline = trio.current_time() + (timeout or self.timeout)
-        await self.connect(addr)
-        peer_id = self.peers[addr].peer_id
-        stream = None
-        # a frozen node keeps its connection but never negotiates the stream (py-libp2p waits 30 s)
-        with trio.move_on_after(self.silent_s):
-            try:
-                stream = await self.host.new_stream(peer_id, [TProtocol(SUBMIT2), TProtocol(SUBMIT)])
-            except Exception as e:
-                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
-                if type(e).__name__ != "StreamFailure":
-                    # the kept connection died: drop it, so the next request dials afresh (a stream that could not
-                    # be negotiated says nothing about the connection, which other requests' streams may be using)
-                    await self._drop(peer_id)
-                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}") from None
-        if stream is None:  # frozen, or too busy to answer: the next entry (other requests' streams stay)
-            raise UserError(f"no stream to {addr} within {self.silent_s:g} s")
+        session = await self._session(addr)
+        if session is None:
+            return await self._submit_on_stream(addr, request, on_frame, deadline)
+        try:
+            n, frames = session.open(request)
+        except SessionLost as e:
+            raise UserError(str(e)) from None
+        finished = False
+        try:
+            while True:
+                frame = None
+                with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+                    frame = await frames.receive()
+                if frame is None:
+                    raise UserError(f"no reply from {addr} within the request's timeout")
+                if isinstance(frame, SessionLost):
+                    raise UserError(str(frame))
+                if on_frame is not None:
+                    on_frame(frame)
+                if "done" in frame or "error" in frame:
+                    finished = True
+                    return frame
+        finally:
+            session.close(n, finished)
+
+    async def _submit_on_stream(self, addr: str, request: dict, on_frame, deadline: float) -> dict:
+        """submit_once on a submit/2 (or /1) stream of its own."""
+        try:
+            stream = await self._open_stream(addr, [SUBMIT2, SUBMIT])
+        except Exception as e:
+            if type(e).__name__ != "StreamFailure":
+                raise
+            raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}") from None
         # an entry that speaks submit/2 is never silent for long while it lives
         keepalive = str(stream.get_protocol()) == SUBMIT2
         finished = False

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from functools import partial
 import uuid
 from typing import Any, Awaitable, Callable
 
@@ -50,7 +51,7 @@ from hexswarm.net import failures
 from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
-    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, SUBMIT2, TRACE, RemoteError, RequestError, close_quietly,
+    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, SUBMIT2, SUBMIT3, TRACE, RemoteError, RequestError, close_quietly,
     error_frame, remote_peer_id, reset_quietly,
 )
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
@@ -163,8 +164,12 @@ class SubmitService:
     def register(self) -> None:
         from libp2p.custom_types import TProtocol
 
+        from hexswarm.swarm.submit_session import MAX_SESSIONS_PER_PEER, on_session_stream
+
         self.server.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
         self.server.node.host.set_stream_handler(TProtocol(SUBMIT2), self._on_stream)
+        sessions = PeerSlots(MAX_SESSIONS_PER_PEER)
+        self.server.node.host.set_stream_handler(TProtocol(SUBMIT3), partial(on_session_stream, self, sessions))
 
     def parse(self, msg: Any) -> dict:
         """Check a submit request; UserError with a one-line reason."""
@@ -393,6 +398,23 @@ class SubmitService:
         if self.server.node.config.require_client_cert:
             self.server.node.admit_client(remote, msg)
 
+    async def serve_peer(self, peer: str, msg: Any, put: Callable[[dict], None]) -> dict:
+        """One request of `peer` through libp2p (its own submit stream or a session, swarm/submit_session.py):
+        the client certificate, the take-over rule, then `p2p_serve`; `put` gets the frames before the final
+        one, which is returned."""
+        try:
+            self._check_submitter(peer, msg)
+        except PermissionError as e:
+            return error_frame(FORBIDDEN, str(e))
+        msg = self._only_own_take_over(msg, peer)
+
+        async def emit(frame: dict) -> None:
+            if "accepted" in frame:
+                self._note_submitter(frame["accepted"]["request_id"], peer)
+            put(frame)
+
+        return await self.p2p_serve(msg, emit, put=put)
+
     async def _on_stream(self, stream) -> None:
         peer = str(remote_peer_id(stream))
         if not self.open_streams.acquire(peer):  # one client cannot hold more streams than the node accepts
@@ -403,13 +425,8 @@ class SubmitService:
         try:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
-                self._check_submitter(str(remote_peer_id(stream)), msg)
-                msg = self._only_own_take_over(msg, peer)
             except ProtocolError as e:
                 await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
-                return
-            except PermissionError as e:
-                await write_frame(stream, error_frame(FORBIDDEN, str(e)))
                 return
             keepalive = str(getattr(stream, "get_protocol", lambda: None)()) == SUBMIT2
             with trio.CancelScope() as work:
@@ -422,17 +439,12 @@ class SubmitService:
                         writer.put(one)
                     last_put[0] = trio.current_time()
 
-                async def emit(frame: dict) -> None:
-                    if "accepted" in frame:
-                        self._note_submitter(frame["accepted"]["request_id"], peer)
-                    put(frame)
-
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(writer.run)
                     if keepalive:
                         nursery.start_soon(self._keep_alive, writer, last_put, finished)
                     try:
-                        writer.put(await self.p2p_serve(msg, emit, put=put))
+                        writer.put(await self.serve_peer(peer, msg, put))
                     finally:
                         finished.set()
                         writer.close()
