@@ -77,7 +77,8 @@ def parse_args(argv=None):
     ap.add_argument("--waves", type=int, default=0,
                     help="requests at each level = waves x concurrency (at least 4), unless --requests-per-level")
     ap.add_argument("--prompt-tokens", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="tokens each request generates (default 128; "
+                    "64 with --cpu-target)")
     ap.add_argument("--client-procs", type=int, default=4, help="load generator processes (at most one per request in flight)")
     ap.add_argument("--node-extra", action="append", default=None,
                     help="node config keys added to every node, as YAML or JSON ('http_workers: 2', "
@@ -106,8 +107,9 @@ def parse_args(argv=None):
     if a.cpu_target:
         a.tiny, a.device, a.stages, a.frontends, a.concurrency = True, "cpu", "1", "http,http-whole", "1,32"
         a.engine_batches = "1"
-        a.new_tokens = min(a.new_tokens, 64)
+        a.new_tokens = a.new_tokens or 64  # the CPU target's length since it was first measured
         a.requests_per_level = a.requests_per_level or 32
+    a.new_tokens = a.new_tokens or 128
     try:
         import yaml
 
