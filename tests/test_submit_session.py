@@ -11,7 +11,7 @@ import trio
 from hexswarm.net import identity
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.host import make_host, parse_peer_id
-from hexswarm.net.protocols import SUBMIT2, SUBMIT3
+from hexswarm.net.protocols import SUBMIT3
 from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.swarm.submit_session import on_session_stream
 
@@ -52,6 +52,31 @@ async def _tokens(msg: dict, put, first: int = 0) -> dict:
     return {"done": {"tokens": [base + i for i in range(msg["max_new_tokens"])]}}
 
 
+def _held(stopped: trio.Event):
+    """A request that is accepted and then runs until cancelled, setting `stopped` when its work ends."""
+    async def behaviour(msg, put):
+        put({"accepted": {"request_id": msg.get("request_id")}})
+        try:
+            await trio.sleep_forever()
+        finally:
+            stopped.set()
+    return behaviour
+
+
+def _raw_session(entry: Entry, frames: list, then):
+    """Open a session to `entry` from a bare host, write `frames` on it, and return `await then(stream)`."""
+    async def main():
+        host, attacker = make_host(identity.generate()), make_host(identity.generate())
+        async with host.run(LISTEN), attacker.run(LISTEN):
+            host.set_stream_handler(SUBMIT3, entry.handler())
+            await attacker.connect(_info(host))
+            stream = await attacker.new_stream(host.get_id(), [SUBMIT3])
+            for frame in frames:
+                await write_frame(stream, frame)
+            return await then(stream)
+    return trio.run(main)
+
+
 def test_concurrent_requests_share_one_session_and_each_gets_its_own_frames_in_order():
     from hexswarm.swarm.client import SwarmClient
 
@@ -85,15 +110,10 @@ def test_a_request_its_caller_gives_up_on_stops_at_the_entry_and_the_session_goe
     from hexswarm.swarm.client import SwarmClient
 
     stopped = trio.Event()
+    held = _held(stopped)
 
     async def forever(msg, put):
-        if msg["prompt"] == "quick":
-            return await _tokens(msg, put)
-        put({"accepted": {"request_id": msg["request_id"]}})
-        try:
-            await trio.sleep_forever()
-        finally:
-            stopped.set()
+        return await (_tokens(msg, put) if msg["prompt"] == "quick" else held(msg, put))
 
     entry = Entry(forever)
 
@@ -116,21 +136,13 @@ def test_a_request_its_caller_gives_up_on_stops_at_the_entry_and_the_session_goe
 @pytest.mark.parametrize("bad", [["not", "a", "map"], {"bogus": 1}, {"submit": "one"}, {"submit": -1},
                                  {"submit": True}, {"cancel": 1.5}, {"submit": 2 ** 63}])
 def test_a_malformed_session_message_gets_one_error_and_ends_the_session(bad):
-    entry = Entry(_tokens)
+    async def then(stream):
+        reply = await read_frame(stream, timeout=5)
+        with pytest.raises(Exception):  # then the entry closes it
+            await read_frame(stream, timeout=5)
+        return reply
 
-    async def main():
-        host, attacker = make_host(identity.generate()), make_host(identity.generate())
-        async with host.run(LISTEN), attacker.run(LISTEN):
-            host.set_stream_handler(SUBMIT3, entry.handler())
-            await attacker.connect(_info(host))
-            stream = await attacker.new_stream(host.get_id(), [SUBMIT3])
-            await write_frame(stream, bad)
-            reply = await read_frame(stream, timeout=5)
-            with pytest.raises(Exception):  # then the entry closes it
-                await read_frame(stream, timeout=5)
-            return reply
-
-    reply = trio.run(main)
+    reply = _raw_session(Entry(_tokens), [bad], then)
     assert reply["error"]["code"] == "bad_request"
     assert "\n" not in reply["error"]["message"]
 
@@ -138,28 +150,16 @@ def test_a_malformed_session_message_gets_one_error_and_ends_the_session(bad):
 def test_a_request_number_already_running_ends_the_session_and_its_requests():
     stopped = trio.Event()
 
-    async def forever(msg, put):
-        try:
-            await trio.sleep_forever()
-        finally:
-            stopped.set()
-
-    entry = Entry(forever)
-
-    async def main():
-        host, attacker = make_host(identity.generate()), make_host(identity.generate())
-        async with host.run(LISTEN), attacker.run(LISTEN):
-            host.set_stream_handler(SUBMIT3, entry.handler())
-            await attacker.connect(_info(host))
-            stream = await attacker.new_stream(host.get_id(), [SUBMIT3])
-            await write_frame(stream, {"submit": 3, "msg": {"prompt": "a"}})
-            await write_frame(stream, {"submit": 3, "msg": {"prompt": "b"}})
+    async def then(stream):
+        reply = await read_frame(stream, timeout=5)
+        while "n" in reply:  # the first request's accepted frame may come first
             reply = await read_frame(stream, timeout=5)
-            with trio.fail_after(5):
-                await stopped.wait()
-            return reply
+        with trio.fail_after(5):
+            await stopped.wait()
+        return reply
 
-    reply = trio.run(main)
+    reply = _raw_session(Entry(_held(stopped)), [{"submit": 3, "msg": {"prompt": "a"}},
+                                                 {"submit": 3, "msg": {"prompt": "b"}}], then)
     assert reply["error"]["code"] == "bad_request" and "already running" in reply["error"]["message"]
 
 
@@ -222,11 +222,10 @@ def test_a_slow_request_stays_on_its_session_while_the_entry_sends_keepalives():
 
 
 def test_a_session_that_goes_silent_fails_its_requests_over_with_every_token_once():
-    """Entry A accepts on its session, sends two tokens and freezes; the client resubmits through entry B
-    (which speaks only submit/2: the fallback) marked resumed with the tokens it has, within its silence limit."""
+    """Entry A accepts on its session, sends two tokens and freezes; the client resubmits through entry B marked
+    resumed with the tokens it has, within its silence limit (an entry that speaks only submit/2, the fallback, is
+    test_entry_failover's)."""
     from hexswarm.swarm.client import SwarmClient
-
-    seen_by_b: list[dict] = []
 
     async def entry_a(stream):
         msg = await read_frame(stream)
@@ -236,19 +235,18 @@ def test_a_session_that_goes_silent_fails_its_requests_over_with_every_token_onc
             await write_frame(stream, {"n": n, "frame": {"token": 10 + i, "index": i}})
         await trio.sleep(30)  # frozen: the client's reset ends this
 
-    async def entry_b(stream):
-        msg = await read_frame(stream)
-        seen_by_b.append(msg)
-        await write_frame(stream, {"accepted": {"request_id": msg["request_id"]}})
-        for i in range(2, 4):
-            await write_frame(stream, {"token": 10 + i, "index": i})
-        await write_frame(stream, {"done": {"tokens": [10, 11, 12, 13]}})
+    async def resume(msg, put):  # B continues after the tokens the client has
+        put({"accepted": {"request_id": msg["request_id"]}})
+        put({"batch": [{"token": 10 + i, "index": i} for i in range(len(msg["resume_tokens"]), 4)]})
+        return {"done": {"tokens": [10, 11, 12, 13]}}
+
+    entry_b = Entry(resume)
 
     async def main():
         a, b = make_host(identity.generate()), make_host(identity.generate())
         async with a.run(LISTEN), b.run(LISTEN):
             a.set_stream_handler(SUBMIT3, entry_a)
-            b.set_stream_handler(SUBMIT2, entry_b)
+            b.set_stream_handler(SUBMIT3, entry_b.handler())
             frames: list[dict] = []
             async with SwarmClient([_addr(a), _addr(b)], timeout=60, silent_s=1.5) as client:
                 t0 = trio.current_time()
@@ -261,7 +259,7 @@ def test_a_session_that_goes_silent_fails_its_requests_over_with_every_token_onc
     final, took, frames = trio.run(main)
     assert final == {"done": {"tokens": [10, 11, 12, 13]}} and took < 10
     assert [(f["index"], f["token"]) for f in frames if "token" in f] == [(0, 10), (1, 11), (2, 12), (3, 13)]
-    (again,) = seen_by_b
+    (again,) = entry_b.seen
     assert again["resumed"] is True and again["resume_tokens"] == [10, 11] and again["seed"] == 7
 
 
