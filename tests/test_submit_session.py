@@ -291,3 +291,29 @@ def test_sessions_per_peer_are_bounded():
     answers = trio.run(main)
     assert [a is not None and a.get("n") == 0 for a in answers] == [True, True, False]
 
+
+
+def test_an_entry_without_sessions_gets_a_submit2_stream_per_request():
+    """An older entry refuses submit/3 at negotiation: the client serves its requests over submit/2 streams."""
+    from hexswarm.net.protocols import SUBMIT2
+    from hexswarm.swarm.client import SwarmClient
+
+    streams = []
+
+    async def old_entry(stream):
+        msg = await read_frame(stream)
+        streams.append(msg["request_id"])
+        await write_frame(stream, {"accepted": {"request_id": msg["request_id"]}})
+        await write_frame(stream, {"done": {"tokens": [len(streams)]}})
+
+    async def main():
+        host = make_host(identity.generate())
+        async with host.run(LISTEN):
+            host.set_stream_handler(SUBMIT2, old_entry)
+            async with SwarmClient([_addr(host)], timeout=30) as client:
+                finals = [await client.submit({"prompt": "p", "request_id": f"r{i}"}) for i in range(2)]
+                return finals, dict(client.sessions), set(client._no_session)
+
+    finals, sessions, refused = trio.run(main)
+    assert finals == [{"done": {"tokens": [1]}}, {"done": {"tokens": [2]}}] and streams == ["r0", "r1"]
+    assert sessions == {} and len(refused) == 1

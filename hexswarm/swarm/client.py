@@ -23,6 +23,7 @@ refuses a new one it cannot serve well within it (a `busy` error, before anythin
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -44,6 +45,7 @@ SILENT_S = 15.0
 # error codes after which an accepted request is submitted through the next entry rather than given up: that
 # entry could not take it now (full, no head, no layout), or this stream was replaced by a resubmission
 RETRY_CODES = {"busy", "no_head", "no_layout", "replaced"}
+SESSION_RETRY_S = 60.0  # an entry that refused a submit/3 session is offered one again after this long
 
 
 class SwarmClient:
@@ -64,7 +66,9 @@ class SwarmClient:
         self._stack: AsyncExitStack | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
         self.sessions: dict[str, ClientSession] = {}  # addr -> its submit/3 session, while it lives
-        self._no_session: set[str] = set()  # entries that do not speak submit/3: a submit/2 stream per request
+        # entry -> when to offer it submit/3 again: it refused a session (an older install, or a stream refused during
+        # negotiation), so its requests take a submit/2 stream each meanwhile
+        self._no_session: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
 
     async def __aenter__(self) -> "SwarmClient":
@@ -122,7 +126,7 @@ class SwarmClient:
 
     async def _session(self, addr: str) -> ClientSession | None:
         """The live submit/3 session with `addr`, opened if need be; None for an entry without submit/3."""
-        if addr in self._no_session:
+        if self._no_session.get(addr, -math.inf) > trio.current_time():
             return None
         lock = self._dial_locks.setdefault(("session", addr), trio.Lock())
         async with lock:
@@ -134,7 +138,7 @@ class SwarmClient:
             except Exception as e:
                 if type(e).__name__ != "StreamFailure":
                     raise
-                self._no_session.add(addr)  # an older entry: submit/2 streams from now on
+                self._no_session[addr] = trio.current_time() + SESSION_RETRY_S
                 return None
             session = self.sessions[addr] = ClientSession(stream, addr, self.silent_s)
             self._nursery.start_soon(session.run, self._session_lost)
