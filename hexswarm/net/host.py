@@ -6,6 +6,8 @@ noise alone so that no connection of ours is ever unencrypted.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import random
 from collections.abc import Sequence
@@ -75,6 +77,7 @@ def make_host(identity: Identity):
     quiet_libp2p(once=True)  # a client command's host too: it says what failed itself, in one line
     _shield_frame_writes(Yamux)
     _batch_window_updates(YamuxStream)
+    _read_yamux_env_once()
     key_pair = identity.libp2p_key_pair()
     host = new_host(
         key_pair=key_pair,
@@ -127,6 +130,20 @@ def _shield_frame_writes(yamux_cls) -> None:
 
     _write_frame._hexswarm_shielded = True
     yamux_cls._write_frame = _write_frame
+
+
+def _read_yamux_env_once() -> None:
+    """py-libp2p 0.8.1's yamux looks up its PY_YAMUX_* tuning variables in os.environ on every read's window
+    check: ~4 us a read for two lookups that miss, ~1 us cached (timeit, BENCHMARKS run 23), and 5% of a CPU
+    entry's loop samples at 32 submit requests.  They are set before a process starts: each is read once."""
+    from libp2p.stream_muxer.yamux import yamux
+
+    if getattr(yamux._py_yamux_env, "_hexswarm_once", False):
+        return
+    for name in ("_py_yamux_env", "_py_yamux_env_set"):
+        once = functools.lru_cache(maxsize=None)(getattr(yamux, name))
+        once._hexswarm_once = True
+        setattr(yamux, name, once)
 
 
 def _batch_window_updates(stream_cls) -> None:
