@@ -317,3 +317,30 @@ def test_an_entry_without_sessions_gets_a_submit2_stream_per_request():
     finals, sessions, refused = trio.run(main)
     assert finals == [{"done": {"tokens": [1]}}, {"done": {"tokens": [2]}}] and streams == ["r0", "r1"]
     assert sessions == {} and len(refused) == 1
+
+
+def test_the_entry_sends_keepalives_only_while_a_session_has_requests():
+    from types import SimpleNamespace
+
+    import trio.testing
+
+    from hexswarm.swarm.submit import KEEPALIVE_S
+    from hexswarm.swarm.submit_session import EntrySession
+
+    async def main():
+        session = EntrySession(None, None, "peer")
+        sent: list[float] = []
+        session.writer = SimpleNamespace(put=lambda msg: sent.append(trio.current_time()))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session._keep_alive)
+            await trio.sleep(5 * KEEPALIVE_S)  # idle: nothing
+            idle = len(sent)
+            session.scopes[0] = trio.CancelScope()
+            await trio.sleep(5 * KEEPALIVE_S)  # a request runs: one keepalive per silent interval
+            busy = list(sent)
+            nursery.cancel_scope.cancel()
+        return idle, busy
+
+    idle, busy = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert idle == 0
+    assert 4 <= len(busy) <= 6 and all(b - a >= KEEPALIVE_S - 1e-9 for a, b in zip(busy, busy[1:]))

@@ -139,9 +139,13 @@ class EntrySession:
     async def _keep_alive(self) -> None:
         """While requests run, a keepalive whenever the session was silent for KEEPALIVE_S."""
         while True:
-            await trio.sleep(max(0.05, self.last_put + KEEPALIVE_S - trio.current_time()))
-            if self.scopes and trio.current_time() - self.last_put >= KEEPALIVE_S:
+            quiet = trio.current_time() - self.last_put
+            if quiet < KEEPALIVE_S:
+                await trio.sleep(KEEPALIVE_S - quiet)
+            elif self.scopes:
                 self.put({"keepalive": True})
+            else:  # an idle session: look again in a while (no wake-up every few ms)
+                await trio.sleep(KEEPALIVE_S / 4)
 
 
 async def on_session_stream(service, sessions: PeerSlots, stream) -> None:
