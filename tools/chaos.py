@@ -311,8 +311,8 @@ class HostileSenders:
                 except self.h.Finding as e:
                     key = "internal_errors" if "internal error" in str(e) else "unanswered"
                     self.stats[key] += 1
-                    if key == "internal_errors" and len(self.stats["examples"]) < 5:
-                        self.stats["examples"].append(str(e)[:300])
+                    if len(self.stats["examples"]) < 5:
+                        self.stats["examples"].append(f"{key}: {str(e)[:300]}")
                 except Exception as e:  # the attacker's own connection trouble (a frozen or killed node)
                     log_once(f"hostile sender: {type(e).__name__}: {e}")
                 except trio.Cancelled:  # its node's loop ended under the call: revived on the next round
