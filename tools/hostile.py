@@ -9,7 +9,7 @@ after the mutation, so the receiver's checks behind the signature are reached to
 
 Two drivers share it: tests/test_fuzz_swarm.py (hypothesis draws the mutations) and tools/chaos.py
 (a seeded RNG draws them, beside the kills).  `Hostile.send` reports what came back; a reply with
-the `internal` code, or none within REPLY_TIMEOUT_S, is a finding.  Traffic stays on loopback.
+the `internal` code, or none within REPLY_TIMEOUT_S (SUBMIT1_REPLY_TIMEOUT_S on submit/1), is a finding.  Traffic stays on loopback.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ from hexswarm.net.protocols import (
 
 # longer than a node's own read timeout (10 s): silence past it is a hang, not a slow loaded machine
 REPLY_TIMEOUT_S = 20.0
+# submit/1 has no keepalives: a valid request that waits for a layout hears nothing until the node gives up on it
+# (`dispatch_wait_s`, 30 s by default: "no committed layout after 30 s"); three such waits were the only
+# unanswered messages of two five-minute chaos runs (BENCHMARKS run 23)
+SUBMIT1_REPLY_TIMEOUT_S = 45.0
 
 # values of every type the codec carries, edge numbers first; ints stay inside msgpack's range
 WRONG_VALUES: list[Any] = [
@@ -219,7 +223,8 @@ class Hostile:
         try:
             try:
                 await write_frame(stream, msg, timeout=REPLY_TIMEOUT_S)
-                reply = await read_frame(stream, timeout=REPLY_TIMEOUT_S)
+                reply = await read_frame(stream, timeout=SUBMIT1_REPLY_TIMEOUT_S if protocol == SUBMIT
+                                         else REPLY_TIMEOUT_S)
             except ProtocolError as e:
                 if "within" in str(e):
                     raise Finding(f"{protocol} to {peer}: no reply to {_short(msg)}") from None
