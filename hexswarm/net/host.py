@@ -7,7 +7,6 @@ noise alone so that no connection of ours is ever unencrypted.
 from __future__ import annotations
 
 import functools
-
 import logging
 import random
 from collections.abc import Sequence

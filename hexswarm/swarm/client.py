@@ -48,6 +48,10 @@ RETRY_CODES = {"busy", "no_head", "no_layout", "replaced"}
 SESSION_RETRY_S = 60.0  # an entry that refused a submit/3 session is offered one again after this long
 
 
+class StreamRefused(UserError):
+    """The entry negotiated none of the protocols offered (an older install, or a stream it refused)."""
+
+
 class SwarmClient:
     def __init__(self, addrs: str | Sequence[str], identity=None, cert: dict | None = None,
                  timeout: float = REQUEST_TIMEOUT_S, dial_timeout: float = DIAL_TIMEOUT_S, silent_s: float = SILENT_S):
@@ -65,6 +69,7 @@ class SwarmClient:
         self.host = None
         self._stack: AsyncExitStack | None = None
         self._dial_locks: dict[str, trio.Lock] = {}
+        self._session_locks: dict[str, trio.Lock] = {}  # one session opened at a time per entry
         self.sessions: dict[str, ClientSession] = {}  # addr -> its submit/3 session, while it lives
         # entry -> when to offer it submit/3 again: it refused a session (an older install, or a stream refused during
         # negotiation), so its requests take a submit/2 stream each meanwhile
@@ -106,7 +111,7 @@ class SwarmClient:
 
     async def _open_stream(self, addr: str, protocols: list[str]):
         """A new stream to `addr` on the kept connection (dialed if need be); UserError if none within
-        `silent_s`.  A protocol the entry does not speak raises StreamFailure (for the caller to fall back)."""
+        `silent_s`, StreamRefused if the entry negotiated none of `protocols` (for a caller to fall back)."""
         from libp2p.custom_types import TProtocol
 
         await self.connect(addr)
@@ -116,28 +121,27 @@ class SwarmClient:
             try:
                 return await self.host.new_stream(peer_id, [TProtocol(p) for p in protocols])
             except Exception as e:
+                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+                why = f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}"
                 if type(e).__name__ == "StreamFailure":
-                    raise  # negotiation failed: says nothing about the connection, which other streams may use
+                    # negotiation failed: says nothing about the connection, which other streams may use
+                    raise StreamRefused(why) from None
                 # the kept connection died: drop it, so the next request dials afresh
                 await self._drop(peer_id)
-                cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
-                raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}{cause}") from None
+                raise UserError(why) from None
         raise UserError(f"no stream to {addr} within {self.silent_s:g} s")  # frozen, or too busy to answer
 
     async def _session(self, addr: str) -> ClientSession | None:
         """The live submit/3 session with `addr`, opened if need be; None for an entry without submit/3."""
         if self._no_session.get(addr, -math.inf) > trio.current_time():
             return None
-        lock = self._dial_locks.setdefault(("session", addr), trio.Lock())
-        async with lock:
+        async with self._session_locks.setdefault(addr, trio.Lock()):
             session = self.sessions.get(addr)
             if session is not None and session.lost is None:
                 return session
             try:
                 stream = await self._open_stream(addr, [SUBMIT3])
-            except Exception as e:
-                if type(e).__name__ != "StreamFailure":
-                    raise
+            except StreamRefused:
                 self._no_session[addr] = trio.current_time() + SESSION_RETRY_S
                 return None
             session = self.sessions[addr] = ClientSession(stream, addr, self.silent_s)
@@ -168,30 +172,23 @@ class SwarmClient:
             raise UserError(str(e)) from None
         finished = False
         try:
-            while True:
-                frame = None
-                with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+            with trio.move_on_at(deadline):  # one scope for the whole request, not one per frame
+                while True:
                     frame = await frames.receive()
-                if frame is None:
-                    raise UserError(f"no reply from {addr} within the request's timeout")
-                if isinstance(frame, SessionLost):
-                    raise UserError(str(frame))
-                if on_frame is not None:
-                    on_frame(frame)
-                if "done" in frame or "error" in frame:
-                    finished = True
-                    return frame
+                    if isinstance(frame, SessionLost):
+                        raise UserError(str(frame))
+                    if on_frame is not None:
+                        on_frame(frame)
+                    if "done" in frame or "error" in frame:
+                        finished = True
+                        return frame
+            raise UserError(f"no reply from {addr} within the request's timeout")
         finally:
             session.close(n, finished)
 
     async def _submit_on_stream(self, addr: str, request: dict, on_frame, deadline: float) -> dict:
         """submit_once on a submit/2 (or /1) stream of its own."""
-        try:
-            stream = await self._open_stream(addr, [SUBMIT2, SUBMIT])
-        except Exception as e:
-            if type(e).__name__ != "StreamFailure":
-                raise
-            raise UserError(f"cannot open a stream to {addr}: {type(e).__name__}: {e}") from None
+        stream = await self._open_stream(addr, [SUBMIT2, SUBMIT])
         # an entry that speaks submit/2 is never silent for long while it lives
         keepalive = str(stream.get_protocol()) == SUBMIT2
         finished = False
