@@ -13,7 +13,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def engine_threads() -> int:
-    """torch intra-op threads for a stage engine in its own process: half the usable CPUs (at most 8), so
+def engine_threads(configured: int = 0) -> int:
+    """torch intra-op threads for a node's stage engines (`cpu_threads`; 0: half the usable CPUs, at most 8), so
     the node's event loop and HTTP front end keep cores (more threads spin between a step's small ops)."""
-    return max(1, min(8, usable_cpus() // 2))
+    return configured if configured > 0 else max(1, min(8, usable_cpus() // 2))

@@ -48,6 +48,7 @@ class EngineJob:
     links: LinkSpec | None = None
     log_level: int = logging.WARNING  # the child's lines go to the node's log as the node's own do
     freeze_heap: bool = True  # exempt the loaded heap from full collector passes (runtime/heap.py)
+    threads: int = 0  # torch intra-op threads (runtime/cpus.py engine_threads; 0: its default)
 
 
 class ChildLimit:
@@ -201,7 +202,7 @@ def _build(job: EngineJob, send: Send):
     from hexswarm.runtime.stage_host import StageHost
     from hexswarm.runtime.tokenizer import TextTokenizer
 
-    torch.set_num_threads(engine_threads())
+    torch.set_num_threads(engine_threads(job.threads))
     host = StageHost(job.spec, tag=job.tag)
     host.start()
     tokenizer = TextTokenizer(job.spec.model_dir, LlamaConfig.from_dir(job.spec.model_dir)) if job.with_tokenizer else None

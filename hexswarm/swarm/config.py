@@ -300,6 +300,9 @@ class NodeConfig:
                                                              "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "
                                                               "its own process (auto: on CUDA)"))
+    cpu_threads: int = field(default=0, metadata=_key(_non_negative_int, "torch threads of this node's stage engines "
+                                                      "(0: torch's default in the node's own process, half the usable "
+                                                      "CPUs, at most 8, in an engine process)"))
     micro_batches: int = field(default=0, metadata=_key(_non_negative_int, "steps in flight on a pipeline (0: one per "
                                                         "stage; 1 where the stages share one GPU)"))
     max_seq_len: int = field(default=2048, metadata=_key(_positive_int, "longest prompt + output served"))

@@ -39,7 +39,8 @@ def serve_settings(config: NodeConfig, devices):
                          gather_prompts=config.gather_prompts, freeze_heap=config.freeze_heap,
                          micro_batches=config.micro_batches, gpu_memory_fraction=config.gpu_memory_fraction,
                          engine_process={"auto": None, "on": True, "off": False}[config.engine_process],
-                         quantize=config.quantize, local_links=config.local_links, kv_tokens=config.kv_tokens)
+                         quantize=config.quantize, local_links=config.local_links, kv_tokens=config.kv_tokens,
+                         cpu_threads=config.cpu_threads)
 
 
 def head_settings(config: NodeConfig):

@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
+import torch
 import trio
 
 from hexswarm.errors import ProtocolError
@@ -55,6 +56,8 @@ class ServeSettings:
     gpu_memory_fraction: float = 0.9
     local_links: bool = True  # stage engines on one host hand steps to each other directly (runtime/local_link.py)
     kv_tokens: int = 0  # KV positions per stage; 0: max_batch x max_seq_len, capped by what fits (CUDA)
+    cpu_threads: int = 0  # torch intra-op threads of the stage engines (0: torch's default in the node process,
+    # runtime/cpus.py engine_threads in an engine process)
 
 
 class StageSet:
@@ -166,8 +169,12 @@ class StageSet:
         own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
         if own_process:
             worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links,
-                                             logging.getLogger().getEffectiveLevel(), s.freeze_heap), send)
+                                             logging.getLogger().getEffectiveLevel(), s.freeze_heap,
+                                             s.cpu_threads), send)
         else:
+            if s.cpu_threads:  # else torch's own (a thread per core: on 2 cores, 1.2-1.6x the tokens/s of one
+                # thread at 32 requests, though its threads spin between a small step's ops; BENCHMARKS run 24)
+                torch.set_num_threads(s.cpu_threads)
             host = StageHost(spec, tag=tag)
             host.start()
             worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine,
