@@ -193,8 +193,12 @@ def measure_engine(args, model_dir: Path, batches: list[int], log) -> dict:
 
     from bench_gpu import Clock, copy_bandwidth, engine_decode_ms, engine_prefill_ms, load_engine
 
+    from hexswarm.runtime.cpus import engine_torch_threads
+
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if (threads := engine_torch_threads(device.type)) is not None:  # the threads a node's engine runs with
+        torch.set_num_threads(threads)
     clock = Clock(device)
     cuda = device.type == "cuda"
     steps = args.engine_steps or (32 if cuda else 8)

@@ -22,6 +22,7 @@ import trio
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import BLOCK, blocks_for
+from hexswarm.runtime.cpus import engine_in_own_process
 from hexswarm.runtime.engine_process import EngineJob, EngineProcess
 from hexswarm.runtime.heap import freeze_heap
 from hexswarm.runtime.local_link import LinkSpec, default_run_dir
@@ -51,7 +52,7 @@ class ServeSettings:
     gather_prompts: bool = False  # see EngineSettings (the node's default: off)
     freeze_heap: bool = True  # after each load, here and in engine processes (runtime/heap.py)
     micro_batches: int = 0  # 0: one per pipeline stage
-    engine_process: bool | None = None  # each stage engine in its own process (None: on CUDA)
+    engine_process: bool | None = None  # each stage engine in its own process (None: runtime/cpus.py engine_in_own_process)
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
     gpu_memory_fraction: float = 0.9
     local_links: bool = True  # stage engines on one host hand steps to each other directly (runtime/local_link.py)
@@ -166,7 +167,7 @@ class StageSet:
                                 gather_prompts=s.gather_prompts)
         send = self._sender(layout.epoch, ri, si)
         links = LinkSpec(self.me, (layout.epoch, ri, si), default_run_dir()) if s.local_links else None
-        own_process = s.engine_process if s.engine_process is not None else s.device == "cuda"
+        own_process = s.engine_process if s.engine_process is not None else engine_in_own_process(s.device)
         if own_process:
             worker = EngineProcess(EngineJob(spec, tag, route, engine, name, si == 0, os.getpid(), links,
                                              logging.getLogger().getEffectiveLevel(), s.freeze_heap,
