@@ -197,7 +197,7 @@ def measure_engine(args, model_dir: Path, batches: list[int], log) -> dict:
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if (threads := engine_torch_threads(device.type)) is not None:  # the threads a node's engine runs with
+    if device.type == "cpu" and (threads := engine_torch_threads("cpu")) is not None:  # as a node's engine runs
         torch.set_num_threads(threads)
     clock = Clock(device)
     cuda = device.type == "cuda"
