@@ -26,9 +26,10 @@ import trio
 
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec
+from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.protocols import (
-    DIRECT, DISPATCH, INTERNAL, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, SUBMIT2, SUBMIT3, TRACE, WEIGHTS, reset_quietly,
+    DIRECT, DISPATCH, LAYOUT, PEERS, PING, PIPE, STATUS, SUBMIT, SUBMIT2, SUBMIT3, TRACE, WEIGHTS, reset_quietly,
 )
 
 # longer than a node's own read timeout (10 s): silence past it is a hang, not a slow loaded machine
@@ -231,7 +232,7 @@ class Hostile:
                 return None
             answer = reply.get("frame") if isinstance(reply, dict) and "n" in reply else reply  # a session's
             if isinstance(answer, dict) and isinstance(answer.get("error"), dict) \
-                    and answer["error"].get("code") == INTERNAL:
+                    and answer["error"].get("code") == ErrorCode.INTERNAL:
                 raise Finding(f"{protocol} to {peer}: internal error for {_short(msg)}: {reply}")
             return reply
         finally:

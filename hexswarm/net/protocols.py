@@ -18,6 +18,7 @@ import trio
 
 from hexswarm.errors import ProtocolError
 from hexswarm.net import codec, failures
+from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.framing import DEFAULT_READ_TIMEOUT_S, read_frame, write_frame
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,6 @@ TRACE = protocol_id("trace", 1)  # a request's spans (swarm/submit.py)
 PIPE = protocol_id("pipe", 2)  # pipeline frames over libp2p streams (swarm/pipe.py); 2: ragged rows, batched events
 DIRECT = protocol_id("direct", 2)  # opening the direct data path (net/direct.py); carries pipe/2 messages
 WEIGHTS = protocol_id("weights", 1)  # a checkpoint's manifest and blocks by content hash (swarm/weights.py)
-
-# Error codes in error frames.
-BAD_REQUEST = "bad_request"
-FORBIDDEN = "forbidden"
-BUSY = "busy"
-INTERNAL = "internal"
 
 
 class RequestError(Exception):
@@ -141,26 +136,26 @@ def make_stream_handler(
         holds = False
         try:
             if allow is not None and not allow(remote):
-                await answer(stream, error_frame(FORBIDDEN, "peer not allowed"))
+                await answer(stream, error_frame(ErrorCode.FORBIDDEN, "peer not allowed"))
                 return
             holds = per_peer_open.acquire(str(remote))
             if not holds:  # one peer cannot take the whole protocol's share of streams
-                await answer(stream, error_frame(BUSY, f"{protocol}: {per_peer_open.limit} requests of yours in flight"))
+                await answer(stream, error_frame(ErrorCode.BUSY, f"{protocol}: {per_peer_open.limit} requests of yours in flight"))
                 return
             if not per_peer.allow(str(remote)):
-                await answer(stream, error_frame(BUSY, f"rate limit: retry after {per_peer.retry_after_s(str(remote)):.2f} s"))
+                await answer(stream, error_frame(ErrorCode.BUSY, f"rate limit: retry after {per_peer.retry_after_s(str(remote)):.2f} s"))
                 return
             try:
                 limiter.acquire_nowait()
             except trio.WouldBlock:
-                await answer(stream, error_frame(BUSY, f"{protocol} has {max_concurrent} requests in flight"))
+                await answer(stream, error_frame(ErrorCode.BUSY, f"{protocol} has {max_concurrent} requests in flight"))
                 return
             try:
                 try:
                     msg = await read_frame(stream, timeout=read_timeout, max_size=max_request)
                 except ProtocolError as e:
                     log.debug("%s from %s: bad frame: %s", protocol, remote, e)
-                    await answer(stream, error_frame(BAD_REQUEST, str(e)))
+                    await answer(stream, error_frame(ErrorCode.BAD_REQUEST, str(e)))
                     return
                 try:
                     reply = await handler(msg, remote)
@@ -170,18 +165,18 @@ def make_stream_handler(
                 except (ProtocolError, TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
                     # Untrusted input of the wrong shape lands here.
                     log.debug("%s from %s: bad request: %s: %s", protocol, remote, type(e).__name__, e)
-                    await answer(stream, error_frame(BAD_REQUEST, f"{type(e).__name__}: {e}"))
+                    await answer(stream, error_frame(ErrorCode.BAD_REQUEST, f"{type(e).__name__}: {e}"))
                     return
                 except Exception as e:
                     failures.unexpected(protocol, remote, e)
-                    await answer(stream, error_frame(INTERNAL, f"{type(e).__name__}"))
+                    await answer(stream, error_frame(ErrorCode.INTERNAL, f"{type(e).__name__}"))
                     return
                 try:
                     await answer(stream, {"ok": reply})
                 except ProtocolError as e:
                     if "exceeds" in str(e) or "cannot encode" in str(e):
                         log.error("%s reply not sendable: %s", protocol, e)
-                        await answer(stream, error_frame(INTERNAL, "reply not sendable"))
+                        await answer(stream, error_frame(ErrorCode.INTERNAL, "reply not sendable"))
                     else:
                         raise
             finally:

@@ -32,6 +32,7 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError, first_leaf
 from hexswarm.net import identity as identities
+from hexswarm.net.error_codes import MEANINGS
 from hexswarm.net.framing import FrameTimeout, read_frame, write_frame
 from hexswarm.net.host import dial, is_connected, make_host, parse_peer_multiaddr
 from hexswarm.net.protocols import SUBMIT, SUBMIT2, SUBMIT3, close_quietly, reset_quietly
@@ -44,7 +45,7 @@ DIAL_TIMEOUT_S = 10.0
 SILENT_S = 15.0
 # error codes after which an accepted request is submitted through the next entry rather than given up: that
 # entry could not take it now (full, no head, no layout), or this stream was replaced by a resubmission
-RETRY_CODES = {"busy", "no_head", "no_layout", "replaced"}
+RETRY_CODES = frozenset(code for code, m in MEANINGS.items() if m.retry)
 SESSION_RETRY_S = 60.0  # an entry that refused a submit/3 session is offered one again after this long
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import trio
 
 from hexswarm.errors import UserError, first_leaf
+from hexswarm.net.error_codes import ErrorCode, meaning
 from hexswarm.runtime.chat import ChatTemplate
 from hexswarm.swarm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hexswarm.swarm.metrics import EntryMetrics
@@ -42,16 +43,6 @@ BODY_TIMEOUT_S = 30.0
 MAX_STOP = 16  # the submit protocol's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
-# swarm error code -> (HTTP status, OpenAI error type)
-SWARM_ERRORS = {
-    "bad_request": (400, "invalid_request_error"),
-    "forbidden": (403, "permission_error"),
-    "busy": (429, "rate_limit_error"),
-    "no_layout": (503, "service_unavailable_error"),
-    "no_head": (503, "service_unavailable_error"),
-    "failed": (503, "service_unavailable_error"),
-    "timeout": (504, "timeout_error"),
-}
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health")
 
 
@@ -73,7 +64,8 @@ def bad(param: str, message: str) -> ApiError:
 def swarm_error(err: dict) -> ApiError:
     """A submit error frame's {"code", "message"} as an HTTP error."""
     code, message = str(err.get("code")), str(err.get("message"))
-    status, type_ = SWARM_ERRORS.get(code, (500, "server_error"))
+    known = meaning(code)
+    status, type_ = known.http_status, known.http_type
     headers = []
     m = re.search(r"retry after (\d+(?:\.\d+)?) s", message)
     if m:
@@ -360,7 +352,7 @@ class HttpApi:
             await self._json(send_tracked, e.status, e.body(), e.headers)
         except Exception:
             log.exception("HTTP %s %s failed", scope["method"], scope["path"])
-            err = ApiError(500, "internal error (see the node's log)", "server_error", None, "internal")
+            err = ApiError(500, "internal error (see the node's log)", "server_error", None, ErrorCode.INTERNAL)
             try:
                 await self._json(send_tracked, 500, err.body())
             except Exception:

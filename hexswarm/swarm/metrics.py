@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from hexswarm.net import failures
+from hexswarm.net.error_codes import meaning
 from hexswarm.runtime.heap import frozen_objects, process_watch
 from hexswarm.runtime.loop_watch import SLOW_BATCH_S, loop_watch
 
@@ -34,9 +35,6 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# submit error codes -> request outcome label
-OUTCOMES = {"bad_request": "bad_request", "busy": "busy", "no_layout": "unavailable", "no_head": "unavailable",
-            "failed": "failed", "timeout": "timeout", "forbidden": "forbidden"}
 MAX_TRACE_FETCHES = 4  # per-hop network time: trace fetches in flight at once (more are skipped)
 
 
@@ -360,7 +358,7 @@ class EntryMetrics:
     def _finished(self, final: dict, streamed: int) -> str:
         try:
             if "error" in final:
-                return OUTCOMES.get(str(final["error"].get("code")), "error")
+                return meaning(final["error"].get("code")).outcome
             done = final.get("done") or {}
             tokens = done.get("tokens") or []
             if len(tokens) > streamed:  # tokens the relay did not stream (should not happen: counted anyway)

@@ -31,6 +31,7 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.net import codec, failures, pubsub_fixes
+from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.host import (
     DIAL_TIMEOUT_S,
     Backoff,
@@ -45,7 +46,6 @@ from hexswarm.net.host import (
 from hexswarm.net.identity import Identity, load_or_create
 from hexswarm.net.relay import connection_kind, drop_relayed
 from hexswarm.net.protocols import (
-    FORBIDDEN,
     PEERS,
     PING,
     RECORDS,
@@ -271,7 +271,7 @@ class Node:
             try:
                 self.admit_client(remote, msg)
             except PermissionError as e:
-                raise RemoteError(FORBIDDEN, str(e)) from None
+                raise RemoteError(ErrorCode.FORBIDDEN, str(e)) from None
             return await fn(msg, remote)
 
         return guarded
@@ -807,7 +807,7 @@ class Node:
         if not isinstance(msg, dict):
             raise ProtocolError("records wants a map")
         if not self.is_allowed(remote):
-            raise RemoteError(FORBIDDEN, "the table is for nodes of this swarm")
+            raise RemoteError(ErrorCode.FORBIDDEN, "the table is for nodes of this swarm")
         records = []
         for entry in self.table.up():
             signed = self._signed.get(entry.peer_id)

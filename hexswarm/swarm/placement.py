@@ -25,7 +25,8 @@ import logging
 import trio
 
 from hexswarm.net import failures
-from hexswarm.net.protocols import BUSY, DEFAULT_MAX_CONCURRENT, INTERNAL, RemoteError, RequestError
+from hexswarm.net.error_codes import ErrorCode
+from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, RemoteError, RequestError
 from hexswarm.swarm.guards import read_dispatch, read_placed
 
 log = logging.getLogger("hexswarm.placement")
@@ -90,7 +91,7 @@ class PipeDispatch:
         server = self.server
         req = read_dispatch(msg, sender, server.cfg, server.settings.max_seq_len)
         if self._working.get(sender, 0) >= MAX_PER_ENTRY:
-            self._reply(sender, req, error=(BUSY, f"busy: {MAX_PER_ENTRY} placements of yours in progress"))
+            self._reply(sender, req, error=(ErrorCode.BUSY, f"busy: {MAX_PER_ENTRY} placements of yours in progress"))
             return
         self._working[sender] = self._working.get(sender, 0) + 1
         self._nursery.start_soon(self._place_for, sender, req)
@@ -102,7 +103,7 @@ class PipeDispatch:
             self._reply(entry, req, error=(e.code, e.message))
         except Exception as e:  # a bug placing one request must not end the node
             failures.unexpected("pipe dispatch", entry, e)
-            self._reply(entry, req, error=(INTERNAL, type(e).__name__))
+            self._reply(entry, req, error=(ErrorCode.INTERNAL, type(e).__name__))
         finally:
             self._working[entry] -= 1
             if not self._working[entry]:

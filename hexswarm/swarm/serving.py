@@ -26,7 +26,8 @@ import trio
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.source import model_fingerprint
-from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, BUSY, DISPATCH, FORBIDDEN, LAYOUT, STATUS, TRACE, RemoteError, RequestError
+from hexswarm.net.error_codes import ErrorCode
+from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.swarm import backlog
@@ -41,9 +42,7 @@ from hexswarm.swarm.stages import ServeSettings, StageSet
 log = logging.getLogger("hexswarm.serving")
 
 LAYOUT_DOMAIN = b"hexswarm/layout/2\x00"  # /2: a layout carries the term of its head
-NO_LAYOUT = "no_layout"
 PENDING_PER_SLOT = 4  # the head queues at most this many requests per KV slot of a pipeline
-NOT_HEAD = "not_head"
 PROPOSAL_GRACE_S = 5.0  # how long a peer a proposal assigns may look down before the proposal is dropped
 REPROPOSE_S = 5.0  # a proposal is published again this often until every assigned peer is ready
 DISPATCH_RECHECK_S = 0.5  # a placement waiting for a live pipeline looks again this often
@@ -516,7 +515,7 @@ class Server:
         """Place one request (head only); returns where it went."""
         head = self.current_head()
         if head != self.me:
-            raise RemoteError(NOT_HEAD, head or "")
+            raise RemoteError(ErrorCode.NOT_HEAD, head or "")
         with trio.move_on_after(self.head_settings.dispatch_wait_s):
             while True:
                 layout = self.committed
@@ -528,7 +527,7 @@ class Server:
                     await self._layout_changed.wait()
         if not replicas:
             what = "no committed layout" if layout is None else f"no live pipeline in epoch {layout.epoch}"
-            raise RemoteError(NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
+            raise RemoteError(ErrorCode.NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         cap = {r: PENDING_PER_SLOT * (self.replica_slots(layout, r) or self.settings.max_batch or 8) for r in replicas}
@@ -537,7 +536,7 @@ class Server:
         resuming = int(msg.get("attempt", 1)) > 1 or msg.get("resumed") is True
         if not resuming and all(load[r] >= cap[r] for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
-            raise RemoteError(BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "
+            raise RemoteError(ErrorCode.BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "
                                     f"retry after {max(1.0, eta):.0f} s")
         replica = min(replicas, key=lambda r: ((load[r] + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
@@ -638,7 +637,7 @@ class Server:
     async def _on_trace(self, msg: Any, remote: Any) -> dict:
         rid, local = read_trace_request(msg)
         if not self.node.is_allowed(remote) and (local or self.submit_service.submitters.get(rid) != str(remote)):
-            raise RemoteError(FORBIDDEN, "a client reads only the traces of requests it submitted")
+            raise RemoteError(ErrorCode.FORBIDDEN, "a client reads only the traces of requests it submitted")
         if local:
             return {"spans": self.stages.spans(rid)}
         return await self.submit_service.trace(rid)

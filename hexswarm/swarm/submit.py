@@ -48,10 +48,11 @@ import trio
 
 from hexswarm.errors import ProtocolError, UserError, first_leaf
 from hexswarm.net import failures
+from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
-    BAD_REQUEST, BUSY, DISPATCH, FORBIDDEN, SUBMIT, SUBMIT2, SUBMIT3, TRACE, RemoteError, RequestError, close_quietly,
+    DISPATCH, SUBMIT, SUBMIT2, SUBMIT3, TRACE, RemoteError, RequestError, close_quietly,
     error_frame, remote_peer_id, reset_quietly,
 )
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
@@ -148,7 +149,7 @@ class SubmitService:
 
         placements = self.history.get(rid)
         if placements is None:
-            raise RemoteError("unknown_request", f"request {rid} did not enter through this node (or is forgotten)")
+            raise RemoteError(ErrorCode.UNKNOWN_REQUEST, f"request {rid} did not enter through this node (or is forgotten)")
         spans: list[dict] = []
         wire = self.wire_id(rid)
         for peer in sorted({st["peer"] for p in placements for st in p["stages"]}):
@@ -275,7 +276,7 @@ class SubmitService:
                 return placement
             except RemoteError as e:
                 self._head_backoff.pop(head, None)  # it answered
-                if e.code == "no_layout" or (e.code == BUSY and not req.get("resumed")):
+                if e.code == ErrorCode.NO_LAYOUT or (e.code == ErrorCode.BUSY and not req.get("resumed")):
                     raise
                 last_error = str(e)
                 tried.add(head)
@@ -286,7 +287,7 @@ class SubmitService:
             if len(tried) >= len(server.head_order()):
                 tried.clear()
                 await trio.sleep(0.5)
-        raise RemoteError("no_head", last_error)
+        raise RemoteError(ErrorCode.NO_HEAD, last_error)
 
     async def _head_backed_off(self, head: str, deadline: float) -> bool:
         """Wait until `head` may be asked again (it did not answer lately); False if not before `deadline`.
@@ -320,19 +321,19 @@ class SubmitService:
         try:
             req = await self.tokenize(self.parse(msg))
         except UserError as e:
-            return error_frame(BAD_REQUEST, str(e))
+            return error_frame(ErrorCode.BAD_REQUEST, str(e))
         rid = req["rid"]
         wire = self.wire_id(rid)
         if rid in self.running and req["resumed"]:
             await self._take_over(rid)  # its client gave up on that stream and submitted again
         if wire in server.entries:
-            return error_frame(BAD_REQUEST, f"request {rid} is already running")
+            return error_frame(ErrorCode.BAD_REQUEST, f"request {rid} is already running")
         if len(server.entries) >= server.node.config.max_queue:
-            return error_frame(BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+            return error_frame(ErrorCode.BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
         if not req["resumed"]:  # a new request joins the swarm's backlog only if it can be served in time
             busy = backlog.refusal(server, req["max_new_tokens"], req["deadline_s"])
             if busy is not None:
-                return error_frame(BUSY, busy)
+                return error_frame(ErrorCode.BUSY, busy)
         # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
         req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
@@ -343,7 +344,7 @@ class SubmitService:
             with scope:
                 return await self._serve_placed(req, emit, receive, req["stream"] if text is None else text,
                                                 inbox if put is not None else None, put)
-            return error_frame("replaced", f"request {rid} was submitted again; this stream is abandoned")
+            return error_frame(ErrorCode.REPLACED, f"request {rid} was submitted again; this stream is abandoned")
         finally:
             server.entries.pop(wire, None)
             self._owed.pop(wire, None)
@@ -405,7 +406,7 @@ class SubmitService:
         try:
             self._check_submitter(peer, msg)
         except PermissionError as e:
-            return error_frame(FORBIDDEN, str(e))
+            return error_frame(ErrorCode.FORBIDDEN, str(e))
         msg = self._only_own_take_over(msg, peer)
 
         async def emit(frame: dict) -> None:
@@ -418,7 +419,7 @@ class SubmitService:
     async def _on_stream(self, stream) -> None:
         peer = str(remote_peer_id(stream))
         if not self.open_streams.acquire(peer):  # one client cannot hold more streams than the node accepts
-            await write_frame(stream, error_frame(BUSY, f"busy: {self.open_streams.limit} submit streams of yours "
+            await write_frame(stream, error_frame(ErrorCode.BUSY, f"busy: {self.open_streams.limit} submit streams of yours "
                                                         "are open; retry after 1 s"))
             await close_quietly(stream)
             return
@@ -426,7 +427,7 @@ class SubmitService:
             try:
                 msg = await read_frame(stream, timeout=10.0, max_size=MAX_SUBMIT_FRAME)
             except ProtocolError as e:
-                await write_frame(stream, error_frame(BAD_REQUEST, str(e)))
+                await write_frame(stream, error_frame(ErrorCode.BAD_REQUEST, str(e)))
                 return
             keepalive = str(getattr(stream, "get_protocol", lambda: None)()) == SUBMIT2
             with trio.CancelScope() as work:
@@ -605,7 +606,7 @@ class SubmitService:
                 if lost is None and not stalled:
                     continue
                 if req["placed"] >= MAX_ATTEMPTS:
-                    return error_frame("failed", f"request {req['rid']} failed on {req['placed']} pipelines")
+                    return error_frame(ErrorCode.FAILED, f"request {req['rid']} failed on {req['placed']} pipelines")
                 why = lost if gap or not stalled else "stalled"
                 log.warning("request %s: pipeline of epoch %s replica %s %s after %d tokens; resuming",
                             req["rid"], placement["epoch"], placement["replica"], why, len(tokens))
@@ -632,7 +633,7 @@ class SubmitService:
                     if (end := await resume()) is not None:
                         return end
                     continue
-                return error_frame("failed", str(ev["error"]))
+                return error_frame(ErrorCode.FAILED, str(ev["error"]))
             # the done holds all of the attempt's tokens: those whose events were lost last go out before it
             frames = [self._push(t, tokens, req["stream"], detok) for t in ev["tokens"][len(tokens):]]
             if req["stream"] and frames:
@@ -647,7 +648,7 @@ class SubmitService:
                 "attempts": attempt, "timings": ev["timings"],
             }}
         self._cancel_placement(req["rid"], placement)
-        return error_frame("timeout", f"request {req['rid']} did not finish within "
+        return error_frame(ErrorCode.TIMEOUT, f"request {req['rid']} did not finish within "
                                       f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s")
 
     @staticmethod
@@ -708,7 +709,7 @@ class SubmitService:
                 return await self.place(req)
             except RemoteError as e:
                 if trio.current_time() >= deadline:  # a deadline, not a refusal: said as such
-                    return error_frame("timeout", f"request {req['rid']} was not placed again within "
+                    return error_frame(ErrorCode.TIMEOUT, f"request {req['rid']} was not placed again within "
                                                   f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
                 why = e.message

@@ -37,8 +37,9 @@ import trio
 
 from hexswarm.errors import ProtocolError, first_leaf
 from hexswarm.net import failures
+from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.framing import FrameWriter, StreamClosed, read_frame
-from hexswarm.net.protocols import BAD_REQUEST, BUSY, INTERNAL, close_quietly, error_frame, remote_peer_id, reset_quietly
+from hexswarm.net.protocols import close_quietly, error_frame, remote_peer_id, reset_quietly
 from hexswarm.net.ratelimit import PeerSlots
 from hexswarm.swarm.submit import KEEPALIVE_S, MAX_SUBMIT_FRAME
 
@@ -83,7 +84,7 @@ class EntrySession:
                         try:
                             await self._read(requests)
                         except ProtocolError as e:  # malformed: said once, then the session ends
-                            last = error_frame(BAD_REQUEST, str(e))
+                            last = error_frame(ErrorCode.BAD_REQUEST, str(e))
                         # the client is gone (or broke the protocol): its requests' work stops
                         requests.cancel_scope.cancel()
                 finally:
@@ -122,7 +123,7 @@ class EntrySession:
                 self.put({"n": n, "frame": one})
 
         if not service.open_streams.acquire(peer):  # the same bound as submit/2's streams per peer
-            put(error_frame(BUSY, f"busy: {service.open_streams.limit} submit requests of yours are open; "
+            put(error_frame(ErrorCode.BUSY, f"busy: {service.open_streams.limit} submit requests of yours are open; "
                                   "retry after 1 s"))
             self.scopes.pop(n, None)
             return
@@ -131,7 +132,7 @@ class EntrySession:
                 put(await service.serve_peer(peer, msg, put))
         except Exception as e:  # one line and this request answered; never the session or the node
             failures.unexpected("submit session", peer, first_leaf(e))
-            put(error_frame(INTERNAL, f"{type(first_leaf(e)).__name__}"))
+            put(error_frame(ErrorCode.INTERNAL, f"{type(first_leaf(e)).__name__}"))
         finally:
             service.open_streams.release(peer)
             self.scopes.pop(n, None)

@@ -33,12 +33,12 @@ from hexswarm.model.manifest import (BLOCK_SIZE, MANIFEST_DOMAIN, MAX_MANIFEST_B
                                      check_manifest, stage_tensors)
 from hexswarm.model.weight_cache import WeightCache, load_saved_manifest
 from hexswarm.net import codec
-from hexswarm.net.protocols import BAD_REQUEST, WEIGHTS, RemoteError, RequestError
+from hexswarm.net.error_codes import ErrorCode
+from hexswarm.net.protocols import WEIGHTS, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 
 log = logging.getLogger("hexswarm.weights")
 
-NOT_FOUND = "not_found"
 PER_HOLDER = 2  # block requests in flight to one holder
 MAX_FAILS = 3  # consecutive failed requests before a holder is left out of this round
 BLOCK_TIMEOUT_S = 60.0
@@ -101,14 +101,14 @@ class WeightServer:
         kind, arg = read_weights_request(msg)
         if kind == "manifest":
             if arg != self.fingerprint:
-                raise RemoteError(NOT_FOUND, "this node serves another model")
+                raise RemoteError(ErrorCode.NOT_FOUND, "this node serves another model")
             return await self._manifest()
         await self._manifest()
         wheres = [self._index.get(d) for d in arg]
         if None in wheres:
-            raise RemoteError(NOT_FOUND, "no such block")
+            raise RemoteError(ErrorCode.NOT_FOUND, "no such block")
         if sum(w.length for w in wheres) > BATCH_BYTES + self._block_size:
-            raise RemoteError(BAD_REQUEST, f"more than {BATCH_BYTES} bytes of blocks in one request")
+            raise RemoteError(ErrorCode.BAD_REQUEST, f"more than {BATCH_BYTES} bytes of blocks in one request")
         data = await trio.to_thread.run_sync(_read, wheres)
         for i, d in enumerate(arg):
             if self._corrupt_at is not None and self._served == self._corrupt_at:

@@ -1,0 +1,43 @@
+"""The error vocabulary: one table gives every code its HTTP status, metric outcome and client retry rule."""
+
+import pytest
+
+from hexswarm.net import codec
+from hexswarm.net.error_codes import MEANINGS, ErrorCode, meaning
+from hexswarm.net.protocols import error_frame
+from hexswarm.swarm.client import RETRY_CODES
+from hexswarm.swarm.http_api import swarm_error
+
+
+def test_every_code_has_a_meaning():
+    assert set(MEANINGS) == set(ErrorCode)
+
+
+@pytest.mark.parametrize("code, status, type_, outcome", [
+    ("bad_request", 400, "invalid_request_error", "bad_request"),
+    ("forbidden", 403, "permission_error", "forbidden"),
+    ("busy", 429, "rate_limit_error", "busy"),
+    ("no_layout", 503, "service_unavailable_error", "unavailable"),
+    ("no_head", 503, "service_unavailable_error", "unavailable"),
+    ("failed", 503, "service_unavailable_error", "failed"),
+    ("timeout", 504, "timeout_error", "timeout"),
+    ("internal", 500, "server_error", "error"),
+    ("replaced", 500, "server_error", "error"),
+    ("no_such_code", 500, "server_error", "error"),  # a peer's code we do not know
+    (None, 500, "server_error", "error"),
+])
+def test_a_code_off_the_wire_means_one_thing_everywhere(code, status, type_, outcome):
+    m = meaning(code)
+    assert (m.http_status, m.http_type, m.outcome) == (status, type_, outcome)
+    err = swarm_error({"code": code, "message": "x"})
+    assert (err.status, err.type) == (status, type_)
+
+
+def test_clients_submit_again_after_exactly_these():
+    assert RETRY_CODES == {"busy", "no_head", "no_layout", "replaced"}
+
+
+def test_frames_carry_plain_strings():
+    frame = codec.decode(codec.encode(error_frame(ErrorCode.BUSY, "retry after 2 s")))
+    assert frame == {"error": {"code": "busy", "message": "retry after 2 s"}}
+    assert type(frame["error"]["code"]) is str and frame["error"]["code"] == ErrorCode.BUSY
