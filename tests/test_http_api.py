@@ -403,21 +403,30 @@ def test_token_chunks_formatted_once_equal_the_whole_chunk_dumped(chat):
         assert r._token_event(delta, ids) == want
 
 
-def test_registry_renders_what_prometheus_client_parses():
-    from hexswarm.swarm.metrics import Registry
+def test_node_metrics_render_what_prometheus_client_parses():
+    """Counters, histograms and the gauges read at scrape time (one failing callback costs only its own gauge)."""
+    from types import SimpleNamespace
 
-    r = Registry()
-    c = r.counter("t_requests_total", "requests", ("outcome",))
-    c.inc(outcome='o"k')
-    r.gauge("t_gauge", "g", callback=lambda: 2.5)
-    h = r.histogram("t_latency_seconds", "lat", (0.1, 1.0))
-    for v in (0.05, 0.5, 5.0):
-        h.observe(v)
-    fams = {f.name: f for f in prom_parser.text_string_to_metric_families(r.render())}
-    assert fams["t_requests"].samples[0].labels == {"outcome": 'o"k'} and fams["t_requests"].samples[0].value == 1
-    assert fams["t_gauge"].samples[0].value == 2.5
-    buckets = {s.labels["le"]: s.value for s in fams["t_latency_seconds"].samples if s.name.endswith("_bucket")}
-    assert buckets == {"0.1": 1, "1": 2, "+Inf": 3}
+    from hexswarm.swarm.metrics import CallbackGauges, EntryMetrics
+
+    m = EntryMetrics(SimpleNamespace(table=SimpleNamespace(up=lambda: [1, 2])))
+    m.requests.labels(api="p2p", outcome='o"k').inc()
+    for v in (0.0005, 0.003, 20.0):
+        m.itl.observe(v)
+    broken = CallbackGauges()
+    broken.add("t_broken", "raises", callback=lambda: 1 / 0)
+    broken.add("t_fine", "by label", ("k",), callback=lambda: {("b",): 2.0, ("a",): 1.5})
+    m.registry.register(broken)
+    fams = {f.name: f for f in prom_parser.text_string_to_metric_families(m.render())}
+    assert fams["hexswarm_requests"].samples[0].labels == {"api": "p2p", "outcome": 'o"k'}
+    assert fams["hexswarm_requests"].samples[0].value == 1
+    buckets = {s.labels["le"]: s.value for s in fams["hexswarm_inter_token_latency_seconds"].samples
+               if s.name.endswith("_bucket")}
+    assert buckets["0.001"] == 1 and buckets["0.005"] == 2 and buckets["10.0"] == 2 and buckets["+Inf"] == 3
+    assert fams["hexswarm_peers_up"].samples[0].value == 2
+    assert [(s.labels, s.value) for s in fams["t_fine"].samples] == [({"k": "a"}, 1.5), ({"k": "b"}, 2.0)]
+    assert fams["t_broken"].samples == []
+    assert not any(s.name.endswith("_created") for f in fams.values() for s in f.samples)
 
 
 def test_config_http_keys_and_cli_override(tmp_path):

@@ -314,7 +314,7 @@ class LocalBackend:
         return self.metrics.render()
 
     def count_http(self, route: str, status: int) -> None:
-        self.metrics.http.inc(route=route, status=status)
+        self.metrics.http.labels(route=route, status=status).inc()
 
 
 class HttpApi:

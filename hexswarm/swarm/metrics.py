@@ -1,8 +1,6 @@
-"""Prometheus metrics of one node, in plain Python (no global registry, no dependency).
-
-`Registry` holds counters, gauges (set, or read from a callback at scrape time) and
-histograms, each with optional labels, and renders the text exposition format 0.0.4
-(`GET /metrics` on the HTTP API, see docs/http.md).
+"""Prometheus metrics of one node (prometheus_client, a registry of its own per node; gauges read at scrape time
+are one custom collector), rendered in the text exposition format 0.0.4 (`GET /metrics` on the HTTP API, see
+docs/http.md).
 
 `EntryMetrics` measures requests where they enter the swarm: it wraps
 `SubmitService.serve(msg, emit, text)` and sees every frame the entry relays — the
@@ -14,13 +12,14 @@ in the background after a request finishes, a few at a time (others are skipped)
 
 from __future__ import annotations
 
-import bisect
 import logging
-import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
 
 from hexswarm.net import failures
 from hexswarm.net.error_codes import meaning
@@ -38,171 +37,31 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 MAX_TRACE_FETCHES = 4  # per-hop network time: trace fetches in flight at once (more are skipped)
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+# no `_created` series beside each counter and histogram: the text stays what the node's scrapers read before
+prometheus_client.disable_created_metrics()
 
 
-def _fmt(v: float) -> str:
-    if v == math.inf:
-        return "+Inf"
-    if v == -math.inf:
-        return "-Inf"
-    if isinstance(v, float) and math.isnan(v):
-        return "NaN"
-    if float(v).is_integer() and abs(v) < 1e15:
-        return str(int(v))
-    return repr(float(v))
+class CallbackGauges:
+    """Gauges read at scrape time, as one prometheus_client collector: each a name, a doc, label names and a
+    callback returning {label values: value} (or one value).  A scrape never fails because one could not be read."""
 
-
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
-
-
-class _Metric:
-    kind = "untyped"
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()):
-        self.name = name
-        self.doc = doc
-        self.label_names = tuple(labels)
-        self._lock = threading.Lock()
-
-    def _key(self, labels: dict[str, Any]) -> tuple[str, ...]:
-        if not labels and not self.label_names:  # the per-token metrics: no sets built
-            return ()
-        if set(labels) != set(self.label_names):
-            raise ValueError(f"{self.name} takes labels {self.label_names}, got {sorted(labels)}")
-        return tuple(str(labels[n]) for n in self.label_names)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {_escape(self.doc)}", f"# TYPE {self.name} {self.kind}"]
-
-    def samples(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    """Counts up; its name ends in `_total` (the text format names the family with it)."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str] = ()):
-        super().__init__(name if name.endswith("_total") else name + "_total", doc, labels)
-        self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, **labels: Any) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: Any) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items())
-        return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in items]
-
-
-class Gauge(_Metric):
-    """A value that goes up and down: `set()`, or a `callback` returning {label values: value} read at scrape time."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, doc: str, labels: Sequence[str] = (),
-                 callback: Callable[[], dict[tuple[str, ...], float] | float] | None = None):
-        super().__init__(name, doc, labels)
-        self._values: dict[tuple[str, ...], float] = {}
-        self.callback = callback
-
-    def set(self, value: float, **labels: Any) -> None:
-        with self._lock:
-            self._values[self._key(labels)] = float(value)
-
-    def samples(self) -> list[str]:
-        if self.callback is not None:
-            try:
-                got = self.callback()
-            except Exception:  # a scrape never fails because one gauge could not be read
-                log.exception("metric %s: callback failed", self.name)
-                return []
-            values = got if isinstance(got, dict) else {(): float(got)}
-        else:
-            with self._lock:
-                values = dict(self._values)
-        return [f"{self.name}{_labels(self.label_names, k)} {_fmt(v)}" for k, v in sorted(values.items())]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-
-    def __init__(self, name: str, doc: str, buckets: Iterable[float], labels: Sequence[str] = ()):
-        super().__init__(name, doc, labels)
-        self.buckets = tuple(sorted(float(b) for b in buckets))
-        if not self.buckets or self.buckets[-1] != math.inf:
-            self.buckets += (math.inf,)
-        # label values -> ([count per bucket (not cumulative)], sum)
-        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
-
-    def observe(self, value: float, **labels: Any) -> None:
-        key = self._key(labels)
-        value = float(value)
-        # the first bound >= value (one observation per token: keep it cheap); NaN: the +Inf bucket
-        i = bisect.bisect_left(self.buckets, value) if value == value else len(self.buckets) - 1
-        with self._lock:
-            counts, total = self._series.setdefault(key, ([0] * len(self.buckets), [0.0]))
-            counts[i] += 1
-            total[0] += value
-
-    def count(self, **labels: Any) -> int:
-        series = self._series.get(self._key(labels))
-        return 0 if series is None else sum(series[0])
-
-    def samples(self) -> list[str]:
-        out = []
-        with self._lock:
-            series = sorted((k, (list(c), s[0])) for k, (c, s) in self._series.items())
-        for key, (counts, total) in series:
-            running = 0
-            for bound, n in zip(self.buckets, counts):
-                running += n
-                le = 'le="' + _fmt(bound) + '"'
-                out.append(f"{self.name}_bucket{_labels(self.label_names, key, le)} {running}")
-            out.append(f"{self.name}_sum{_labels(self.label_names, key)} {_fmt(total)}")
-            out.append(f"{self.name}_count{_labels(self.label_names, key)} {running}")
-        return out
-
-
-class Registry:
     def __init__(self) -> None:
-        self.metrics: list[_Metric] = []
+        self.gauges: list[tuple[str, str, tuple[str, ...], Callable[[], Any]]] = []
 
-    def add(self, metric: _Metric) -> Any:
-        if any(m.name == metric.name for m in self.metrics):
-            raise ValueError(f"metric {metric.name} registered twice")
-        self.metrics.append(metric)
-        return metric
+    def add(self, name: str, doc: str, labels: Sequence[str] = (), *, callback: Callable[[], Any]) -> None:
+        self.gauges.append((name, doc, tuple(labels), callback))
 
-    def counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
-        return self.add(Counter(name, doc, labels))
-
-    def gauge(self, name: str, doc: str, labels: Sequence[str] = (), callback=None) -> Gauge:
-        return self.add(Gauge(name, doc, labels, callback))
-
-    def histogram(self, name: str, doc: str, buckets: Iterable[float], labels: Sequence[str] = ()) -> Histogram:
-        return self.add(Histogram(name, doc, buckets, labels))
-
-    def render(self) -> str:
-        lines: list[str] = []
-        for m in self.metrics:
-            lines += m.header()
-            lines += m.samples()
-        return "\n".join(lines) + "\n"
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        for name, doc, labels, callback in self.gauges:
+            family = GaugeMetricFamily(name, doc, labels=labels)
+            try:
+                got = callback()
+                values = got if isinstance(got, dict) else {(): float(got)}
+                for key, value in sorted(values.items()):
+                    family.add_metric(list(key), float(value))
+            except Exception:
+                log.exception("metric %s: callback failed", name)
+            yield family
 
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -215,72 +74,76 @@ class EntryMetrics:
         self.node = node
         self.server = server
         self.started = time.time()
-        r = self.registry = Registry()
-        self.requests = r.counter("hexswarm_requests_total", "Requests that entered the swarm through this node, by "
-                                  "API (p2p submit, completions, chat) and outcome", ("api", "outcome"))
-        self.http = r.counter("hexswarm_http_responses_total", "HTTP API responses by route and status code",
-                              ("route", "status"))
-        self.tokens = r.counter("hexswarm_generated_tokens_total", "Tokens generated for requests that entered here "
-                                "(tokens/s: rate())")
-        self.prompt_tokens = r.counter("hexswarm_prompt_tokens_total", "Prompt tokens of finished requests")
-        self.ttft = r.histogram("hexswarm_time_to_first_token_seconds", "From a request's arrival at the entry to its "
-                                "first token there", TTFT_BUCKETS)
-        self.itl = r.histogram("hexswarm_inter_token_latency_seconds", "Between consecutive tokens of a request, at "
-                               "the entry", ITL_BUCKETS)
-        self.duration = r.histogram("hexswarm_request_duration_seconds", "From arrival at the entry to the final "
-                                    "frame", DURATION_BUCKETS)
-        self.stage_compute = r.histogram("hexswarm_stage_compute_seconds", "Compute time of one finished request at "
-                                         "each pipeline stage (the done object's timings.stage_compute_s)",
-                                         STAGE_BUCKETS, ("stage",))
-        self.hop_network = r.histogram("hexswarm_hop_network_seconds", "Network time of one finished request into "
-                                       "each pipeline stage (sum over its steps, from the request's trace spans)",
-                                       STAGE_BUCKETS, ("stage",))
-        self.hop_queue = r.histogram("hexswarm_stage_queue_seconds", "Time one finished request's steps waited at "
-                                     "each stage (from its trace spans)", STAGE_BUCKETS, ("stage",))
+        r = self.registry = prometheus_client.CollectorRegistry()
+        gauges = CallbackGauges()
+        r.register(gauges)
+        counter = partial(prometheus_client.Counter, registry=r)
+        histogram = partial(prometheus_client.Histogram, registry=r)
+        self.requests = counter("hexswarm_requests_total", "Requests that entered the swarm through this node, by API "
+                                "(p2p submit, completions, chat) and outcome", ("api", "outcome"))
+        self.http = counter("hexswarm_http_responses_total", "HTTP API responses by route and status code",
+                            ("route", "status"))
+        self.tokens = counter("hexswarm_generated_tokens_total", "Tokens generated for requests that entered here "
+                              "(tokens/s: rate())")
+        self.prompt_tokens = counter("hexswarm_prompt_tokens_total", "Prompt tokens of finished requests")
+        self.ttft = histogram("hexswarm_time_to_first_token_seconds", "From a request's arrival at the entry to its "
+                              "first token there", buckets=TTFT_BUCKETS)
+        self.itl = histogram("hexswarm_inter_token_latency_seconds", "Between consecutive tokens of a request, at the "
+                             "entry", buckets=ITL_BUCKETS)
+        self.duration = histogram("hexswarm_request_duration_seconds", "From arrival at the entry to the final frame",
+                                  buckets=DURATION_BUCKETS)
+        self.stage_compute = histogram("hexswarm_stage_compute_seconds", "Compute time of one finished request at each "
+                                       "pipeline stage (the done object's timings.stage_compute_s)", ("stage",),
+                                       buckets=STAGE_BUCKETS)
+        self.hop_network = histogram("hexswarm_hop_network_seconds", "Network time of one finished request into each "
+                                     "pipeline stage (sum over its steps, from the request's trace spans)", ("stage",),
+                                     buckets=STAGE_BUCKETS)
+        self.hop_queue = histogram("hexswarm_stage_queue_seconds", "Time one finished request's steps waited at each "
+                                   "stage (from its trace spans)", ("stage",), buckets=STAGE_BUCKETS)
         watch = process_watch()
-        r.gauge("hexswarm_gc_passes", "Python collector passes in this node's process since it started, by "
-                "generation (2: full passes)", ("generation",),
-                callback=lambda: {(str(g),): float(n) for g, n in enumerate(watch.passes)})
-        r.gauge("hexswarm_gc_pause_seconds", "Time this node's process spent in collector passes (the GIL held) "
-                "since it started, by generation", ("generation",),
-                callback=lambda: {(str(g),): s for g, s in enumerate(watch.seconds)})
-        r.gauge("hexswarm_gc_longest_pause_seconds", "The longest collector pass in this node's process",
-                callback=lambda: watch.longest_s)
-        r.gauge("hexswarm_gc_frozen_objects", "Objects exempt from collector passes (freeze_heap: the heap as "
-                "loaded)", callback=lambda: float(frozen_objects()))
+        gauges.add("hexswarm_gc_passes", "Python collector passes in this node's process since it started, by "
+                   "generation (2: full passes)", ("generation",),
+                   callback=lambda: {(str(g),): float(n) for g, n in enumerate(watch.passes)})
+        gauges.add("hexswarm_gc_pause_seconds", "Time this node's process spent in collector passes (the GIL held) "
+                   "since it started, by generation", ("generation",),
+                   callback=lambda: {(str(g),): s for g, s in enumerate(watch.seconds)})
+        gauges.add("hexswarm_gc_longest_pause_seconds", "The longest collector pass in this node's process",
+                   callback=lambda: watch.longest_s)
+        gauges.add("hexswarm_gc_frozen_objects", "Objects exempt from collector passes (freeze_heap: the heap as "
+                   "loaded)", callback=lambda: float(frozen_objects()))
         loop = loop_watch()
-        r.gauge("hexswarm_event_loop_busy_seconds", "Wall time this node's event loop spent running tasks (not "
-                "waiting for I/O) since it started: what a start or a token waits behind",
-                callback=lambda: loop.busy_s)
-        r.gauge("hexswarm_event_loop_longest_batch_seconds", "The longest run of tasks between two of the event "
-                "loop's I/O waits since it started", callback=lambda: loop.longest_s)
-        r.gauge("hexswarm_event_loop_slow_batches", f"Runs of tasks of {SLOW_BATCH_S * 1e3:g} ms or more between "
-                "two of the event loop's I/O waits since it started", callback=lambda: float(loop.slow_batches))
+        gauges.add("hexswarm_event_loop_busy_seconds", "Wall time this node's event loop spent running tasks (not "
+                   "waiting for I/O) since it started: what a start or a token waits behind",
+                   callback=lambda: loop.busy_s)
+        gauges.add("hexswarm_event_loop_longest_batch_seconds", "The longest run of tasks between two of the event "
+                   "loop's I/O waits since it started", callback=lambda: loop.longest_s)
+        gauges.add("hexswarm_event_loop_slow_batches", f"Runs of tasks of {SLOW_BATCH_S * 1e3:g} ms or more between "
+                   "two of the event loop's I/O waits since it started", callback=lambda: float(loop.slow_batches))
         self.in_flight_entry = 0
-        r.gauge("hexswarm_entry_in_flight", "Requests in flight that entered through this node",
-                callback=lambda: float(self.in_flight_entry))
-        r.gauge("hexswarm_queue_depth", "Requests held by the stages this node serves (sum over its stages)",
-                callback=lambda: float(sum(s["in_flight"] for s in self._stages()  # a continued stage once
-                                          if s.get("loaded_for", [s["epoch"], s["replica"], s["stage"]])
-                                          == [s["epoch"], s["replica"], s["stage"]])))
-        r.gauge("hexswarm_stage_in_flight", "Requests held by each stage this node serves",
-                ("epoch", "replica", "stage"),
-                callback=lambda: {(str(s["epoch"]), str(s["replica"]), str(s["stage"])): float(s["in_flight"])
-                                  for s in self._stages()})
-        r.gauge("hexswarm_peers_up", "Peers up in this node's table (itself included)",
-                callback=lambda: float(len(self.node.table.up())))
-        r.gauge("hexswarm_layout_epoch", "Epoch of the committed layout this node knows (0: none)",
-                callback=self._epoch)
-        r.gauge("hexswarm_serving_peers", "Live peers serving this node's model (itself included)",
-                callback=lambda: float(len(self.server.serving_view())) if self.server else 0.0)
-        r.gauge("hexswarm_start_time_seconds", "Unix time this node's metrics started",
-                callback=lambda: self.started)
-        r.gauge("hexswarm_unexpected_errors", "Unexpected exceptions while handling peers' messages, per protocol, "
-                "since start (each closed its stream; hexswarm.net.failures)", ("protocol",),
-                callback=lambda: {(k,): float(v) for k, v in failures.COUNTS.items()})
+        gauges.add("hexswarm_entry_in_flight", "Requests in flight that entered through this node",
+                   callback=lambda: float(self.in_flight_entry))
+        gauges.add("hexswarm_queue_depth", "Requests held by the stages this node serves (sum over its stages)",
+                   callback=lambda: float(sum(s["in_flight"] for s in self._stages()  # a continued stage once
+                                             if s.get("loaded_for", [s["epoch"], s["replica"], s["stage"]])
+                                             == [s["epoch"], s["replica"], s["stage"]])))
+        gauges.add("hexswarm_stage_in_flight", "Requests held by each stage this node serves",
+                   ("epoch", "replica", "stage"),
+                   callback=lambda: {(str(s["epoch"]), str(s["replica"]), str(s["stage"])): float(s["in_flight"])
+                                     for s in self._stages()})
+        gauges.add("hexswarm_peers_up", "Peers up in this node's table (itself included)",
+                   callback=lambda: float(len(self.node.table.up())))
+        gauges.add("hexswarm_layout_epoch", "Epoch of the committed layout this node knows (0: none)",
+                   callback=self._epoch)
+        gauges.add("hexswarm_serving_peers", "Live peers serving this node's model (itself included)",
+                   callback=lambda: float(len(self.server.serving_view())) if self.server else 0.0)
+        gauges.add("hexswarm_start_time_seconds", "Unix time this node's metrics started",
+                   callback=lambda: self.started)
+        gauges.add("hexswarm_unexpected_errors", "Unexpected exceptions while handling peers' messages, per protocol, "
+                   "since start (each closed its stream; hexswarm.net.failures)", ("protocol",),
+                   callback=lambda: {(k,): float(v) for k, v in failures.COUNTS.items()})
         self.trace_fetches = 0
-        self.trace_skipped = r.counter("hexswarm_trace_fetches_skipped_total", "Finished requests whose per-hop "
-                                       "times were not fetched (too many fetches in flight)")
+        self.trace_skipped = counter("hexswarm_trace_fetches_skipped_total", "Finished requests whose per-hop times "
+                                     "were not fetched (too many fetches in flight)")
         self._nursery = None  # for background trace fetches; set by start()
 
     def _stages(self) -> list[dict]:
@@ -295,7 +158,7 @@ class EntryMetrics:
         self._nursery = nursery
 
     def render(self) -> str:
-        return self.registry.render()
+        return prometheus_client.generate_latest(self.registry).decode()
 
     async def serve(self, serve: Callable[..., Awaitable[dict]], msg: Any,
                     emit: Callable[[dict], Awaitable[None]], api: str,
@@ -350,7 +213,7 @@ class EntryMetrics:
         finally:
             self.in_flight_entry -= 1
             try:
-                self.requests.inc(api=api, outcome=outcome)
+                self.requests.labels(api=api, outcome=outcome).inc()
                 self.duration.observe(time.monotonic() - t0)
             except Exception:
                 log.exception("metrics: request")
@@ -366,7 +229,7 @@ class EntryMetrics:
             prompt = done.get("prompt_tokens")
             self.prompt_tokens.inc(len(prompt) if isinstance(prompt, list) else int(prompt or 0))
             for i, t in enumerate((done.get("timings") or {}).get("stage_compute_s") or []):
-                self.stage_compute.observe(float(t), stage=i)
+                self.stage_compute.labels(stage=i).observe(float(t))
             if done.get("request_id"):
                 self._fetch_hops(str(done["request_id"]))
             return "ok"
@@ -392,8 +255,8 @@ class EntryMetrics:
                 for span in trace.get("spans") or []:
                     if "error" in span or "stage" not in span:
                         continue
-                    self.hop_network.observe(float(span.get("net_in_s", 0.0)), stage=span["stage"])
-                    self.hop_queue.observe(float(span.get("queue_s", 0.0)), stage=span["stage"])
+                    self.hop_network.labels(stage=span["stage"]).observe(float(span.get("net_in_s", 0.0)))
+                    self.hop_queue.labels(stage=span["stage"]).observe(float(span.get("queue_s", 0.0)))
         except Exception as e:  # metrics never break serving
             log.debug("metrics: trace of %s: %s", rid, e)
         finally:
