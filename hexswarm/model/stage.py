@@ -19,6 +19,9 @@ from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
 from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
 
+# the dtypes a stage serves in, by the names configs and the CLI use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 @dataclass(frozen=True)
 class StagePart:

@@ -21,7 +21,7 @@ from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.quant_format import check_mode
 from hexswarm.model.source import open_checkpoint
-from hexswarm.model.stage import load_stage
+from hexswarm.model.stage import DTYPES, load_stage
 from hexswarm.net.ports import free_port
 from hexswarm.runtime.cpus import usable_cpus
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup, normalize_forward
@@ -30,7 +30,6 @@ from hexswarm.runtime.sampling import SamplingParams, sample_token
 from hexswarm.runtime.stopping import StopChecker
 from hexswarm.runtime.tokenizer import TextTokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FAULT_ENV = "HEXSWARM_TEST_CRASH_RANK"  # test hook: that rank exits abruptly after loading
 
 

@@ -16,10 +16,9 @@ import torch
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.shard import TensorShard
 from hexswarm.model.source import open_checkpoint
-from hexswarm.model.stage import StagePart, load_stage
+from hexswarm.model.stage import DTYPES, StagePart, load_stage
 from hexswarm.net.ports import free_port
 from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
-from hexswarm.runtime.offline import DTYPES
 
 # Setting a group up (followers start, load and connect) must finish within this.
 SETUP_TIMEOUT = datetime.timedelta(minutes=10)

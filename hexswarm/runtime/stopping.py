@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from hexswarm.runtime.tokenizer import TextTokenizer
 
+MAX_STOP_STRINGS = 16  # stop strings one request may give (the submit protocols, HTTP, a stage 0)
+
 
 @dataclass
 class StopChecker:

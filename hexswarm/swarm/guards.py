@@ -17,10 +17,10 @@ import torch
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.sampling import SamplingParams
+from hexswarm.runtime.stopping import MAX_STOP_STRINGS
 from hexswarm.swarm.layout import SwarmLayout
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_STOP_STRINGS = 16
 MAX_RID = 160  # a client's id (at most 128 characters) scoped by its entry (swarm/submit.py: wire_id)
 MAX_INT = 2**63 - 1  # epochs, attempts, indices: anything a peer may send that still fits an int64
 

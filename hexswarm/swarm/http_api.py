@@ -33,6 +33,7 @@ import trio
 from hexswarm.errors import UserError, first_leaf
 from hexswarm.net.error_codes import ErrorCode, meaning
 from hexswarm.runtime.chat import ChatTemplate
+from hexswarm.runtime.stopping import MAX_STOP_STRINGS
 from hexswarm.swarm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hexswarm.swarm.metrics import EntryMetrics
 
@@ -40,7 +41,6 @@ log = logging.getLogger("hexswarm.http")
 
 MAX_BODY = 4 << 20
 BODY_TIMEOUT_S = 30.0
-MAX_STOP = 16  # the submit protocol's limit
 ROLES = ("system", "developer", "user", "assistant", "tool")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health")
@@ -129,8 +129,8 @@ def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max:
         stop = []
     elif isinstance(stop, str):
         stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
     stream = body.get("stream", False)
     if stream is None:
         stream = False

@@ -57,6 +57,7 @@ from hexswarm.net.protocols import (
 )
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
 from hexswarm.runtime.sampling import SamplingParams
+from hexswarm.runtime.stopping import MAX_STOP_STRINGS
 from hexswarm.swarm import backlog
 
 log = logging.getLogger("hexswarm.submit")
@@ -78,7 +79,6 @@ HISTORY = 10000
 KEEPALIVE_S = 2.0  # submit/2: a keepalive frame after this long without another frame
 HEAD_BACKOFF_S, MAX_HEAD_BACKOFF_S = 0.5, 8.0  # asking a head that did not answer again: doubling per failure
 
-MAX_STOP_STRINGS = 16
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servable token is refused untokenized
 
 
