@@ -276,7 +276,7 @@ class LocalBackend:
         self.max_len = min(server.cfg.max_position_embeddings, server.settings.max_seq_len) if server is not None else 0
         # a HF folder's or a GGUF's template, in jinja2's sandbox (hexswarm.runtime.chat)
         self.chat = ChatTemplate.for_model(server.settings.model_dir) if server is not None else None
-        # SubmitService.serve itself: `instrument` wraps only the p2p seam
+        # SubmitService.serve itself (the HTTP requests are measured here; the p2p ones by the service: measure_with)
         self._serve = server.submit_service.serve if server is not None else None
         self._strip_bos: bool | None = None
 
@@ -300,14 +300,10 @@ class LocalBackend:
 
     def cancel(self, rid: str) -> None:
         """The client went away mid-request: stop the pipeline computing its tokens (best effort)."""
-        submit = self.server.submit_service
-        placements = getattr(submit, "history", {}).get(rid)
-        cancel = getattr(submit, "_cancel_placement", None)
-        if placements and cancel is not None:
-            try:
-                cancel(rid, placements[-1])
-            except Exception as e:
-                log.debug("cancel of %s: %s", rid, e)
+        try:
+            self.server.submit_service.cancel(rid)
+        except Exception as e:
+            log.debug("cancel of %s: %s", rid, e)
         log.info("request %s: the HTTP client went away; cancelled", rid)
 
     async def metrics_text(self) -> str:
@@ -646,17 +642,6 @@ class Responder:
 # --- running it ------------------------------------------------------------------------------------------
 
 
-def instrument(server, metrics: EntryMetrics) -> None:
-    """Measure requests that enter through the libp2p submit protocol too (the service's `p2p_serve` seam)."""
-    service = server.submit_service
-    original = service.serve
-
-    async def serve(msg, emit, put=None):
-        return await metrics.serve(original, msg, emit, "p2p", put)
-
-    service.p2p_serve = serve
-
-
 def hypercorn_config(bind: str):
     from hypercorn.config import Config
 
@@ -691,7 +676,7 @@ async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> N
     async with trio.open_nursery() as nursery:
         metrics.start(nursery)
         if server is not None:
-            instrument(server, metrics)
+            server.submit_service.measure_with(metrics)
         try:
             if workers:
                 from hexswarm.swarm.http_worker import serve_workers

@@ -124,9 +124,8 @@ class SubmitService:
         self.asked: OrderedDict[str, int] = OrderedDict()
         # head -> (not asked again before, the next back-off): heads that did not answer a placement
         self._head_backoff: dict[str, tuple[float, float]] = {}
-        # what the libp2p submit protocol calls; a front end that measures requests (the HTTP
-        # API's metrics) wraps it, and calls `serve` itself for its own requests
-        self.p2p_serve = self.serve
+        # what measures the requests that enter through the libp2p submit protocols (measure_with)
+        self.metrics = None
 
     def wire_id(self, rid: str) -> str:
         """The id the swarm knows a request `rid` of this entry by: scoped by the entry, so two entries'
@@ -401,8 +400,8 @@ class SubmitService:
 
     async def serve_peer(self, peer: str, msg: Any, put: Callable[[dict], None]) -> dict:
         """One request of `peer` through libp2p (its own submit stream or a session, swarm/submit_session.py):
-        the client certificate, the take-over rule, then `p2p_serve`; `put` gets the frames before the final
-        one, which is returned."""
+        the client certificate, the take-over rule, then `serve` (measured, see measure_with); `put` gets the frames
+        before the final one, which is returned."""
         try:
             self._check_submitter(peer, msg)
         except PermissionError as e:
@@ -414,7 +413,21 @@ class SubmitService:
                 self._note_submitter(frame["accepted"]["request_id"], peer)
             put(frame)
 
-        return await self.p2p_serve(msg, emit, put=put)
+        if self.metrics is None:
+            return await self.serve(msg, emit, put=put)
+        return await self.metrics.serve(self.serve, msg, emit, "p2p", put)
+
+    def measure_with(self, metrics) -> None:
+        """Measure the requests that enter through the libp2p submit protocols with `metrics` (an EntryMetrics:
+        the HTTP API's, on a node that serves HTTP)."""
+        self.metrics = metrics
+
+    def cancel(self, rid: str) -> None:
+        """Stop the pipeline computing request `rid`'s tokens (its latest placement; best effort): its client
+        went away."""
+        placements = self.history.get(rid)
+        if placements:
+            self._cancel_placement(rid, placements[-1])
 
     async def _on_stream(self, stream) -> None:
         peer = str(remote_peer_id(stream))
