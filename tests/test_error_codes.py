@@ -41,3 +41,22 @@ def test_frames_carry_plain_strings():
     frame = codec.decode(codec.encode(error_frame(ErrorCode.BUSY, "retry after 2 s")))
     assert frame == {"error": {"code": "busy", "message": "retry after 2 s"}}
     assert type(frame["error"]["code"]) is str and frame["error"]["code"] == ErrorCode.BUSY
+
+
+def test_an_entry_cancels_the_latest_placement_of_a_request():
+    """What the HTTP API calls when its client goes away (SubmitService.cancel): a cancel to the stage 0 of the
+    request's newest attempt, by the request's wire id; nothing for a request it does not know."""
+    from types import SimpleNamespace
+
+    from hexswarm.swarm.submit import SubmitService
+
+    sent = []
+    server = SimpleNamespace(me="entry-peer-0123456789", pipe=SimpleNamespace(send=lambda p, m: sent.append((p, m))),
+                             node=SimpleNamespace(config=SimpleNamespace(max_queue=4)))
+    service = SubmitService(server)
+    service.cancel("r1")
+    assert sent == []
+    for attempt, peer in ((1, "S0a"), (2, "S0b")):
+        service._remember("r1", {"stages": [{"peer": peer}], "epoch": 3, "replica": 1, "attempt": attempt})
+    service.cancel("r1")
+    assert sent == [("S0b", {"kind": "cancel", "to": [3, 1, 0], "rid": service.wire_id("r1"), "attempt": 2})]

@@ -6,11 +6,17 @@ entry).  A new code is added here, once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum
 
 
-class ErrorCode(StrEnum):
-    """A str: frames carry the plain string, and a code read off the wire compares equal to its member."""
+class ErrorCode(str, Enum):
+    """A str: frames carry the plain string, and a code read off the wire compares equal to its member.  (str,
+    Enum) rather than 3.11's StrEnum: the package runs on 3.10; str() and repr() give the plain string, as logs
+    and messages want.)"""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __repr__ = str.__repr__
 
     BAD_REQUEST = "bad_request"  # the message breaks a protocol or one of its limits
     FORBIDDEN = "forbidden"  # the sender may not do this (not admitted, or not its request)

@@ -300,7 +300,7 @@ class NodeConfig:
                                                              "quantized on the GPU (null: as the checkpoint is)"))
     engine_process: str = field(default="auto", metadata=_key(_choice("auto", "on", "off"), "each stage engine in "
                                                               "its own process (auto: on CUDA, and on a CPU node that "
-                                                              "may use 4 CPUs or more)"))
+                                                              "may use 8 CPUs or more)"))
     cpu_threads: int = field(default=0, metadata=_key(_non_negative_int, "torch threads of this node's stage engines "
                                                       "(0: torch's default in the node's own process, half the usable "
                                                       "CPUs, at most 8, in an engine process)"))

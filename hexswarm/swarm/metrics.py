@@ -37,7 +37,8 @@ STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 MAX_TRACE_FETCHES = 4  # per-hop network time: trace fetches in flight at once (more are skipped)
 
 
-# no `_created` series beside each counter and histogram: the text stays what the node's scrapers read before
+# no `_created` series beside each counter and histogram: the text stays what the node's scrapers read before.
+# A process-wide switch (prometheus_client has no per-registry one): a node process has no other user of it
 prometheus_client.disable_created_metrics()
 
 
@@ -56,11 +57,12 @@ class CallbackGauges:
             family = GaugeMetricFamily(name, doc, labels=labels)
             try:
                 got = callback()
-                values = got if isinstance(got, dict) else {(): float(got)}
-                for key, value in sorted(values.items()):
-                    family.add_metric(list(key), float(value))
+                values = sorted((list(k), float(v)) for k, v in (got if isinstance(got, dict) else {(): got}).items())
             except Exception:
                 log.exception("metric %s: callback failed", name)
+                values = []  # the gauge without samples, never a partly filled one
+            for key, value in values:
+                family.add_metric(key, value)
             yield family
 
 
