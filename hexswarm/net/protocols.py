@@ -140,10 +140,12 @@ def make_stream_handler(
                 return
             holds = per_peer_open.acquire(str(remote))
             if not holds:  # one peer cannot take the whole protocol's share of streams
-                await answer(stream, error_frame(ErrorCode.BUSY, f"{protocol}: {per_peer_open.limit} requests of yours in flight"))
+                await answer(stream, error_frame(ErrorCode.BUSY,
+                                                 f"{protocol}: {per_peer_open.limit} requests of yours in flight"))
                 return
             if not per_peer.allow(str(remote)):
-                await answer(stream, error_frame(ErrorCode.BUSY, f"rate limit: retry after {per_peer.retry_after_s(str(remote)):.2f} s"))
+                retry = per_peer.retry_after_s(str(remote))
+                await answer(stream, error_frame(ErrorCode.BUSY, f"rate limit: retry after {retry:.2f} s"))
                 return
             try:
                 limiter.acquire_nowait()

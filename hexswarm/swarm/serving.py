@@ -527,7 +527,8 @@ class Server:
                     await self._layout_changed.wait()
         if not replicas:
             what = "no committed layout" if layout is None else f"no live pipeline in epoch {layout.epoch}"
-            raise RemoteError(ErrorCode.NO_LAYOUT, f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
+            raise RemoteError(ErrorCode.NO_LAYOUT,
+                              f"{what} after {self.head_settings.dispatch_wait_s:g} s; retry later")
         # earliest predicted finish: queue length times the replica's per-request time
         per_request = layout.predicted.get("replica_latency_s") or [1.0] * len(layout.replicas)
         cap = {r: PENDING_PER_SLOT * (self.replica_slots(layout, r) or self.settings.max_batch or 8) for r in replicas}
@@ -537,7 +538,7 @@ class Server:
         if not resuming and all(load[r] >= cap[r] for r in replicas):
             eta = min(per_request[r] for r in replicas) * PENDING_PER_SLOT
             raise RemoteError(ErrorCode.BUSY, f"busy: every pipeline has {min(cap.values())} requests queued; "
-                                    f"retry after {max(1.0, eta):.0f} s")
+                                              f"retry after {max(1.0, eta):.0f} s")
         replica = min(replicas, key=lambda r: ((load[r] + 1) * per_request[r], r))
         stage0 = layout.replicas[replica][0].peer
         start = {k: msg[k] for k in ("rid", "prompt_ids", "params", "max_new_tokens", "stop", "entry", "attempt")}

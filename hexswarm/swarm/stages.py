@@ -52,7 +52,7 @@ class ServeSettings:
     gather_prompts: bool = False  # see EngineSettings (the node's default: off)
     freeze_heap: bool = True  # after each load, here and in engine processes (runtime/heap.py)
     micro_batches: int = 0  # 0: one per pipeline stage
-    engine_process: bool | None = None  # each stage engine in its own process (None: runtime/cpus.py engine_in_own_process)
+    engine_process: bool | None = None  # each stage engine in its own process (None: cpus.py engine_in_own_process)
     quantize: str | None = None  # None: as the checkpoint is; "none", "int8", "int4" (see load_stage)
     gpu_memory_fraction: float = 0.9
     local_links: bool = True  # stage engines on one host hand steps to each other directly (runtime/local_link.py)

@@ -148,7 +148,8 @@ class SubmitService:
 
         placements = self.history.get(rid)
         if placements is None:
-            raise RemoteError(ErrorCode.UNKNOWN_REQUEST, f"request {rid} did not enter through this node (or is forgotten)")
+            raise RemoteError(ErrorCode.UNKNOWN_REQUEST,
+                              f"request {rid} did not enter through this node (or is forgotten)")
         spans: list[dict] = []
         wire = self.wire_id(rid)
         for peer in sorted({st["peer"] for p in placements for st in p["stages"]}):
@@ -328,7 +329,8 @@ class SubmitService:
         if wire in server.entries:
             return error_frame(ErrorCode.BAD_REQUEST, f"request {rid} is already running")
         if len(server.entries) >= server.node.config.max_queue:
-            return error_frame(ErrorCode.BUSY, f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+            return error_frame(ErrorCode.BUSY,
+                               f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
         if not req["resumed"]:  # a new request joins the swarm's backlog only if it can be served in time
             busy = backlog.refusal(server, req["max_new_tokens"], req["deadline_s"])
             if busy is not None:
@@ -432,8 +434,8 @@ class SubmitService:
     async def _on_stream(self, stream) -> None:
         peer = str(remote_peer_id(stream))
         if not self.open_streams.acquire(peer):  # one client cannot hold more streams than the node accepts
-            await write_frame(stream, error_frame(ErrorCode.BUSY, f"busy: {self.open_streams.limit} submit streams of yours "
-                                                        "are open; retry after 1 s"))
+            await write_frame(stream, error_frame(ErrorCode.BUSY, f"busy: {self.open_streams.limit} submit streams "
+                                                                  "of yours are open; retry after 1 s"))
             await close_quietly(stream)
             return
         try:
@@ -662,7 +664,7 @@ class SubmitService:
             }}
         self._cancel_placement(req["rid"], placement)
         return error_frame(ErrorCode.TIMEOUT, f"request {req['rid']} did not finish within "
-                                      f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s")
+                                              f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s")
 
     @staticmethod
     def _take_tokens(ev: dict, receive, tokens: list[int], streamed: bool, detok,
@@ -722,8 +724,9 @@ class SubmitService:
                 return await self.place(req)
             except RemoteError as e:
                 if trio.current_time() >= deadline:  # a deadline, not a refusal: said as such
-                    return error_frame(ErrorCode.TIMEOUT, f"request {req['rid']} was not placed again within "
-                                                  f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s: {e.message}")
+                    return error_frame(ErrorCode.TIMEOUT,
+                                       f"request {req['rid']} was not placed again within "
+                                       f"{req.get('deadline_s', REQUEST_TIMEOUT_S):g} s: {e.message}")
                 log.info("request %s waits for a pipeline to resume on: %s", req["rid"], e.message)
                 why = e.message
                 await trio.sleep(1.0)

@@ -124,7 +124,7 @@ class EntrySession:
 
         if not service.open_streams.acquire(peer):  # the same bound as submit/2's streams per peer
             put(error_frame(ErrorCode.BUSY, f"busy: {service.open_streams.limit} submit requests of yours are open; "
-                                  "retry after 1 s"))
+                                            "retry after 1 s"))
             self.scopes.pop(n, None)
             return
         try:
