@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hexswarm.swarm.launcher import LocalSwarm  # noqa: E402
+from hexswarm.launcher import LocalSwarm  # noqa: E402
 
 # SmolLM2-135M has 9 query heads over 3 KV heads: TP 1 or 3
 DEMO_LAYOUT = {"hetero_config": [3, 1], "pp_partition": [20, 10], "replicas": 1}
@@ -81,7 +81,7 @@ def main() -> int:
         if a.demo or not a.keep:
             import trio
 
-            from hexswarm.swarm.submit import submit_to
+            from hexswarm.api.client import submit_to
 
             entry = swarm.nodes[-1]
             text = prompt

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from hexswarm.swarm.launcher import (  # noqa: F401 (re-exported to the node tests)
+from hexswarm.launcher import (  # noqa: F401 (re-exported to the node tests)
     NODE_MAIN,
     NodeProcess,
     free_port,
@@ -42,7 +42,7 @@ def query(addrs: Sequence[str], timeout: float = 10.0) -> dict[str, Any]:
     """Each node's /hexswarm/peers/1 reply, asked in parallel from this process."""
     import trio
 
-    from hexswarm.swarm.peers_client import fetch_peers
+    from hexswarm.api.peers_client import fetch_peers
 
     return trio.run(fetch_peers, list(addrs), timeout)
 
@@ -100,7 +100,7 @@ def stream_request(addr: str, prompt: str, max_new_tokens: int) -> None:
     mid-generation from outside the client's network namespace)."""
     import trio
 
-    from hexswarm.swarm.submit import submit_to
+    from hexswarm.api.client import submit_to
 
     def show(frame: dict) -> None:
         print(json.dumps(frame, default=str), flush=True)

@@ -6,7 +6,7 @@ import trio
 
 from hexswarm.runtime.offline import GenerateJob, generate
 from hexswarm.runtime.sampling import SamplingParams
-from hexswarm.swarm.submit import submit_to
+from hexswarm.api.client import submit_to
 
 PROMPTS = ["Hello, world!", "Once upon a time", "The quick brown fox", "0123456789", "Pipeline stages pass",
            "hexswarm serves", "I am fine, thank you", "Tensor parallel ranks"]

@@ -15,11 +15,11 @@ from hexswarm.net.identity import generate, load_or_create
 from hexswarm.net.client import ask
 from hexswarm.net.protocols import LAYOUT, PING
 from hexswarm.net.signed import seal
-from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, peer_id_of, write_node_config
-from hexswarm.swarm.layout import StageAssignment, SwarmLayout
-from hexswarm.swarm.serving import LAYOUT_DOMAIN, read_layout_message
-from hexswarm.swarm.status_client import fetch_status
-from hexswarm.swarm.submit import submit_to
+from hexswarm.launcher import LocalSwarm, NodeProcess, peer_id_of, write_node_config
+from hexswarm.serve.layout import StageAssignment, SwarmLayout
+from hexswarm.serve.serving import LAYOUT_DOMAIN, read_layout_message
+from hexswarm.api.status_client import fetch_status
+from hexswarm.api.client import submit_to
 
 
 def test_certificates_bind_owner_swarm_peer_role_and_time():

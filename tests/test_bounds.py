@@ -34,9 +34,11 @@ def test_remembered_start_attempts_and_submitters_are_bounded(monkeypatch):
     from collections import OrderedDict
     from types import SimpleNamespace
 
-    from hexswarm.swarm import serving, submit
-    from hexswarm.swarm.serving import Server
-    from hexswarm.swarm.submit import SubmitService
+    from hexswarm.serve import serving
+
+    from hexswarm.serve import submit
+    from hexswarm.serve.serving import Server
+    from hexswarm.serve.submit import SubmitService
 
     monkeypatch.setattr(serving, "START_HISTORY", 8)
     server = object.__new__(Server)

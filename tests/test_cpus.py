@@ -30,8 +30,8 @@ def _build(monkeypatch, cpus_n: int, **settings):
     """StageSet._build_worker with its engines stood in: (kind of worker, EngineJob threads, torch threads set)."""
     import torch
 
-    from hexswarm.swarm import stages as stages_mod
-    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+    from hexswarm.serve import stages as stages_mod
+    from hexswarm.serve.layout import StageAssignment, SwarmLayout
 
     monkeypatch.setattr(cpus, "usable_cpus", lambda: cpus_n)
     made, threads = [], []
@@ -70,7 +70,7 @@ def test_a_cpu_node_places_its_engine_by_its_cpus(monkeypatch):
 
 def test_the_node_config_reaches_the_stage_settings(tmp_path):
     from hexswarm.swarm.config import NodeConfig
-    from hexswarm.swarm.daemon import serve_settings
+    from hexswarm.daemon import serve_settings
 
     cfg = NodeConfig(model=tmp_path, cpu_threads=3, engine_process="off", serve_device="cpu")
     s = serve_settings(cfg, [])

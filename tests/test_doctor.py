@@ -9,7 +9,7 @@ import yaml
 
 from conftest import run_cli
 from hexswarm.swarm.doctor import FAIL, OK, run_checks
-from hexswarm.swarm.launcher import NodeProcess, write_node_config
+from hexswarm.launcher import NodeProcess, write_node_config
 
 pytestmark = pytest.mark.slow
 

@@ -1,8 +1,8 @@
 """Issue 13's chaos run: 0 lost.  The three mechanisms the 10-minute run's losses asked for, each tested without a
 swarm: a client leaves an entry that stopped answering (keepalives, submit/2) and resubmits the same request
 elsewhere, which the swarm allows (requests scoped by entry); an entry refuses what the swarm cannot serve in
-time (swarm/backlog.py); placement goes over the pipe, and a head that does not answer is asked again after a
-back-off shared by every request of the entry (swarm/placement.py)."""
+time (serve/backlog.py); placement goes over the pipe, and a head that does not answer is asked again after a
+back-off shared by every request of the entry (serve/placement.py)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from hexswarm.net import identity
 from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.host import make_host
 from hexswarm.net.protocols import SUBMIT2, RemoteError, RequestError
-from hexswarm.swarm import backlog
-from hexswarm.swarm.submit import SubmitService
+from hexswarm.serve import backlog
+from hexswarm.serve.submit import SubmitService
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -34,7 +34,7 @@ def test_a_client_leaves_an_entry_that_froze_and_gets_every_token_once():
     frozen: the client waited for a frame for its whole timeout.  Entry A accepts, sends two tokens and freezes
     (no frame, no keepalive); the client resubmits the same request (id, seed) marked resumed to entry B within
     its silence limit, and sees tokens 0..3 once each; A's stream is reset (A stops the request when it wakes)."""
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     seen_by_b: list[dict] = []
     a_ended = trio.Event()
@@ -84,7 +84,7 @@ def test_a_client_leaves_an_entry_that_froze_and_gets_every_token_once():
 
 
 def test_a_client_stays_with_a_slow_entry_that_sends_keepalives():
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     calls = []
 
@@ -110,7 +110,7 @@ def test_a_client_stays_with_a_slow_entry_that_sends_keepalives():
 
 
 def test_the_entry_sends_a_keepalive_whenever_it_had_nothing_to_send():
-    from hexswarm.swarm.submit import KEEPALIVE_S
+    from hexswarm.serve.submit import KEEPALIVE_S
 
     put: list[tuple[float, dict]] = []
     writer = SimpleNamespace(put=lambda f: put.append((trio.current_time(), f)))
@@ -252,7 +252,7 @@ class _PipeServer:
 
 
 def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot_come():
-    from hexswarm.swarm.placement import PipeDispatch
+    from hexswarm.serve.placement import PipeDispatch
 
     server = _PipeServer()
     pd = PipeDispatch(server)
@@ -297,7 +297,7 @@ def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot
 
 
 def test_the_head_answers_a_dispatch_frame_with_a_placed_frame():
-    from hexswarm.swarm.placement import PipeDispatch
+    from hexswarm.serve.placement import PipeDispatch
 
     placement = {"epoch": 1, "replica": 0, "head": "H", "attempt": 2, "stages": []}
     server = _PipeServer()
@@ -370,7 +370,7 @@ def test_a_request_queued_behind_others_at_a_busy_stage_0_is_not_taken_for_stall
     (`emitted` in its record) the request waits (up to QUEUED_STALL_S); a stage 0 that emits nothing is stalled."""
     from test_exactly_once import FakeEntryServer
 
-    from hexswarm.swarm.submit import STALL_TIMEOUT_S
+    from hexswarm.serve.submit import STALL_TIMEOUT_S
 
     def run(stage0_busy: bool) -> int:
         server = FakeEntryServer(silent=1)  # the first placement gets no token from its stage 0 ...

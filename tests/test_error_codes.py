@@ -5,8 +5,8 @@ import pytest
 from hexswarm.net import codec
 from hexswarm.net.error_codes import MEANINGS, ErrorCode, meaning
 from hexswarm.net.protocols import error_frame
-from hexswarm.swarm.client import RETRY_CODES
-from hexswarm.swarm.http_api import swarm_error
+from hexswarm.api.client import RETRY_CODES
+from hexswarm.api.http_api import swarm_error
 
 
 def test_every_code_has_a_meaning():
@@ -48,7 +48,7 @@ def test_an_entry_cancels_the_latest_placement_of_a_request():
     request's newest attempt, by the request's wire id; nothing for a request it does not know."""
     from types import SimpleNamespace
 
-    from hexswarm.swarm.submit import SubmitService
+    from hexswarm.serve.submit import SubmitService
 
     sent = []
     server = SimpleNamespace(me="entry-peer-0123456789", pipe=SimpleNamespace(send=lambda p, m: sent.append((p, m))),

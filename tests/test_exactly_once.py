@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import trio
 import trio.testing
 
-from hexswarm.swarm.submit import SubmitService
+from hexswarm.serve.submit import SubmitService
 
 
 class FakeHeadServer:
@@ -56,7 +56,7 @@ def test_tries_the_head_refuses_do_not_use_up_a_request_s_pipelines():
     number, and a request that then lost one more pipeline ended "failed on 17 pipelines" having run on 3
     (chaos run, 2026-11-25): only placements count towards MAX_ATTEMPTS."""
     from hexswarm.net.protocols import RemoteError
-    from hexswarm.swarm.submit import MAX_ATTEMPTS
+    from hexswarm.serve.submit import MAX_ATTEMPTS
 
     server = FakeHeadServer()
     server.serving_view = lambda: ["s0"]
@@ -193,7 +193,7 @@ def test_a_stage_0_that_refuses_for_a_while_does_not_use_up_the_request():
 
 
 def test_token_events_lost_on_the_way_still_reach_the_client_once_each_in_order():
-    """A pipe link that breaks loses the frames written to it just before (swarm/pipe.py); stage 0's next
+    """A pipe link that breaks loses the frames written to it just before (serve/pipe.py); stage 0's next
     `events` go over a new link.  The entry took every later token for one it already had (index ahead of its
     count) and relayed the `done`: the client got accepted, then done with 24 tokens, and was streamed none of
     them ("duplicated", chaos0-200, chaos run 2026-11-26).  Attempt 1 loses the events of token 2: the entry
@@ -244,8 +244,8 @@ def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_
     """Token events that cannot be sent to an entry stop their requests at stage 0 (the entry may be gone).  When
     only the link broke, the entry heard nothing and waited for its stall timer (60 to 240 s) before resuming:
     it is told (a `done` error, which a new link carries), once per request; a notice that fails too only cancels."""
-    from hexswarm.swarm import serving
-    from hexswarm.swarm.guards import check_done
+    from hexswarm.serve import serving
+    from hexswarm.serve.guards import check_done
 
     server = object.__new__(serving.Server)
     routed, sent = [], []
@@ -280,8 +280,8 @@ def test_a_peer_coming_up_or_missing_a_heartbeat_while_a_proposal_loads_does_not
     at every change of the view, no epoch after the first committed, and every request waited (chaos run).
     A proposal is dropped only when a peer it assigns stays down (PROPOSAL_GRACE_S)."""
     from hexswarm.net.identity import generate
-    from hexswarm.swarm import serving
-    from hexswarm.swarm.layout import StageAssignment
+    from hexswarm.serve import serving
+    from hexswarm.serve.layout import StageAssignment
 
     replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
     monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
@@ -325,7 +325,7 @@ def test_a_client_keeps_failing_over_an_accepted_request_until_its_timeout():
     tries in about a minute on entries that were down or restarting, and the request was lost (chaos run)."""
     from hexswarm.errors import UserError
     from hexswarm.net.identity import generate
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     addr = f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"
     client = SwarmClient([addr], timeout=240)
@@ -349,7 +349,7 @@ def test_a_client_keeps_failing_over_an_accepted_request_until_its_timeout():
 def test_a_client_gives_up_an_unaccepted_request_after_its_tries():
     from hexswarm.errors import UserError
     from hexswarm.net.identity import generate
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     client = SwarmClient([f"/ip4/127.0.0.1/tcp/1/p2p/{generate().peer_id.to_base58()}"], timeout=240)
     calls = []
@@ -371,7 +371,7 @@ def _stage_set(built: list):
     """A StageSet whose workers are stand-ins; `built` collects each (epoch, replica, stage) it loads."""
     import time
 
-    from hexswarm.swarm.stages import ServeSettings, StageSet
+    from hexswarm.serve.stages import ServeSettings, StageSet
 
     class Worker:
         def __init__(self, key):
@@ -398,7 +398,7 @@ def _stage_set(built: list):
 
 
 def _layouts():
-    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+    from hexswarm.serve.layout import StageAssignment, SwarmLayout
 
     r0 = (StageAssignment("A", 2, 0, 2), StageAssignment("B", 1, 2, 4))
     r1 = (StageAssignment("C", 2, 0, 2), StageAssignment("A", 1, 2, 4))
@@ -412,7 +412,7 @@ def test_a_new_epoch_serves_on_with_the_stages_it_continues():
     """Every epoch loaded every stage again: a TP-2 stage took 25-55 s on the loaded chaos machine, and under a
     fault every 8 s no epoch after the first committed.  A replica the new layout continues keeps its worker;
     the old epoch's requests (same worker) finish on it; it closes once, after both epochs let it go."""
-    from hexswarm.swarm.layout import SwarmLayout
+    from hexswarm.serve.layout import SwarmLayout
 
     one, two = _layouts()
     assert SwarmLayout.from_wire(two.to_wire(), 4) == two  # continues goes over the wire
@@ -460,7 +460,7 @@ def test_a_stage_not_loaded_here_any_more_is_loaded_again_instead_of_continued()
     # minutes, the head placing on it over and over)
     assert "2:1:0" in stages.failed()
     # a replica whose every stage is on this peer, all loaded afresh, is whole: not reported
-    from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+    from hexswarm.serve.layout import StageAssignment, SwarmLayout
 
     solo1 = SwarmLayout(3, "A", "m", ("A",), ((StageAssignment("A", 1, 0, 4),),))
     solo2 = SwarmLayout(4, "A", "m", ("A",), ((StageAssignment("A", 1, 0, 4),),), continues=((3, 0),))
@@ -487,7 +487,7 @@ def test_a_superseded_proposal_is_not_loaded_but_its_commit_is():
 def test_the_head_places_only_on_replicas_whose_stages_are_loaded():
     """A peer that restarted after the commit is up before it has loaded its stages again: the head placed
     requests there and stage 0 refused them "not served" (24 times in a 2-minute chaos run, a placement each)."""
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
 
     one, _ = _layouts()
     head = object.__new__(serving.Server)
@@ -507,7 +507,7 @@ def test_the_pinned_planner_keeps_the_replicas_that_survived():
     that lost nothing was loaded again; it is kept as it was, and the head marks it continued."""
     from hexswarm.model.config import LlamaConfig
     from hexswarm.model.tiny import make_tiny_llama
-    from hexswarm.swarm.planning import PeerView, pinned_layout
+    from hexswarm.serve.planning import PeerView, pinned_layout
 
     import tempfile
     from pathlib import Path
@@ -525,7 +525,7 @@ def test_the_pinned_planner_keeps_the_replicas_that_survived():
 
 
 def test_the_head_marks_continued_only_replicas_whose_stages_every_peer_has_loaded():
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
 
     one, two = _layouts()
     head = object.__new__(serving.Server)
@@ -546,7 +546,7 @@ def test_a_pipeline_peer_missing_heartbeats_for_a_moment_is_not_lost_but_a_resta
     2026-11-26).  A peer counts as lost once silent PEER_LOST_GRACE_S past down_after_s, or at once when it
     restarted (a new incarnation: its stages, and the request's state on them, are gone)."""
     from hexswarm.swarm.peer_table import PeerTable
-    from hexswarm.swarm.submit import PEER_LOST_GRACE_S
+    from hexswarm.serve.submit import PEER_LOST_GRACE_S
 
     now = [0.0]
     table = PeerTable(2.0, 60.0, clock=lambda: now[0])
@@ -577,7 +577,7 @@ def test_the_head_re_plans_a_peer_out_only_once_it_stayed_down(monkeypatch):
     """Each missed heartbeat of a busy peer made the head plan its replicas out after settle_s (1 s), and load
     them again when it came back a second later (chaos run, load ~16): a view that lost a peer holds
     PROPOSAL_GRACE_S first (requests meanwhile go to the committed layout's healthy replicas)."""
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
 
     import time
 
@@ -617,7 +617,7 @@ def test_a_placement_waiting_for_a_pipeline_takes_it_when_its_peer_is_back_up():
     """The head's dispatch waited for a live pipeline only on a new commit: a replica whose peer missed heartbeats
     for a moment stayed unused until the 30-s wait ran out ("no live pipeline in epoch N after 30 s", the most
     common refusal of the chaos runs) although it was back up within seconds."""
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
 
     one, _ = _layouts()
     head = object.__new__(serving.Server)
@@ -676,7 +676,7 @@ def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
     import pytest
 
     from hexswarm.errors import ProtocolError
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
     from hexswarm.swarm.peer_table import PeerTable
 
     now = [0.0]
@@ -697,8 +697,8 @@ def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeyp
     """A restarted head that could not ask its view for the newest epoch (load) proposed epoch 1 while the others
     were at 2: they ignored it, and it waited the 120-s ready timeout with no new epoch possible (chaos run)."""
     from hexswarm.net.identity import generate
-    from hexswarm.swarm import serving
-    from hexswarm.swarm.layout import StageAssignment
+    from hexswarm.serve import serving
+    from hexswarm.serve.layout import StageAssignment
 
     replicas = [[StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)]]
     monkeypatch.setattr(serving, "make_layout", lambda cfg, peers, pinned, seed, keep=(): (replicas, {}))
@@ -731,7 +731,7 @@ def test_a_waiting_relay_hands_on_its_next_token_in_place_and_anything_else_in_o
     token out of order, the done) and everything after it go through the task, in the order they came."""
     import math
 
-    from hexswarm.swarm.submit import RelayInbox
+    from hexswarm.serve.submit import RelayInbox
 
     svc = _service(FakeEntryServer())
     send, receive = trio.open_memory_channel(math.inf)

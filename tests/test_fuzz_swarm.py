@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from hexswarm.net.identity import generate
-from hexswarm.swarm.launcher import LocalSwarm, peer_id_of
+from hexswarm.launcher import LocalSwarm, peer_id_of
 from conftest import load_tool
 from swarmutil import reference, submit_many
 
@@ -162,7 +162,7 @@ async def _closed_within(stream, seconds: float) -> bool:
 
 
 def test_inbound_pipe_streams_are_bounded_per_peer_and_closed_when_idle(fx):
-    from hexswarm.swarm.pipe import MAX_INBOUND_PER_PEER
+    from hexswarm.serve.pipe import MAX_INBOUND_PER_PEER
 
     a, node = fx.insider, fx.sw.nodes[1]
 
@@ -209,7 +209,7 @@ def test_a_client_reads_its_own_traces_and_nothing_else(fx):
     from hexswarm.errors import UserError
     from hexswarm.net.client import ask
     from hexswarm.net.protocols import DISPATCH, TRACE
-    from hexswarm.swarm.submit import submit_to
+    from hexswarm.api.client import submit_to
 
     client, cert = fx.sw.client
     entry = fx.sw.nodes[0].addr

@@ -168,7 +168,7 @@ def test_folder_with_one_gguf_is_a_model(gguf_file, tmp_path):
 def _swarm_serves_gguf(gguf_file) -> bool:
     """Whether the serving layer fingerprints GGUF models (serving.py must call
     hexswarm.model.source.model_fingerprint; until then a GGUF node cannot start serving)."""
-    from hexswarm.swarm import serving
+    from hexswarm.serve import serving
 
     try:
         serving.model_fingerprint(gguf_file)
@@ -180,8 +180,8 @@ def _swarm_serves_gguf(gguf_file) -> bool:
 @pytest.mark.slow
 def test_two_node_swarm_submit_equals_transformers(gguf_file, chat_prompt, reference, tmp_path):
     if not _swarm_serves_gguf(gguf_file):
-        pytest.skip("swarm/serving.py still fingerprints config.json: switch it to hexswarm.model.source.model_fingerprint")
-    from hexswarm.swarm.launcher import LocalSwarm
+        pytest.skip("serve/serving.py still fingerprints config.json: switch it to hexswarm.model.source.model_fingerprint")
+    from hexswarm.launcher import LocalSwarm
 
     sw = LocalSwarm(tmp_path / "swarm", gguf_file, [1, 1],
                     serve_layout={"hetero_config": [1, 1], "pp_partition": [12, 18], "replicas": 1},

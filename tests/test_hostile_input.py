@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.net.ratelimit import PeerRateLimiter
-from hexswarm.swarm.guards import check_stage_message
-from hexswarm.swarm.launcher import LocalSwarm
-from hexswarm.swarm.layout import StageAssignment, SwarmLayout
+from hexswarm.serve.guards import check_stage_message
+from hexswarm.launcher import LocalSwarm
+from hexswarm.serve.layout import StageAssignment, SwarmLayout
 from swarmutil import reference, submit_many
 
 LAYOUT = SwarmLayout(1, "A", "m", ("A", "B"), ((StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)),))
@@ -156,7 +156,7 @@ def test_garbage_on_the_pipe_and_a_flood_leave_the_swarm_serving(tiny_model, tmp
 
 
 def test_pinned_layout_fits_as_many_replicas_as_the_peers_allow(cfg):
-    from hexswarm.swarm.planning import PeerView, pinned_layout
+    from hexswarm.serve.planning import PeerView, pinned_layout
 
     dev = {"kind": "cpu", "name": "cpu", "memory_gib": 4, "tflops": 1, "mem_bw_gbs": 5}
     # ids chosen so that id order alone would give a TP-1 stage to a two-device peer
@@ -175,7 +175,7 @@ def test_non_finite_or_huge_submit_numbers_are_a_one_line_error(field, value):
 
     if field in ("temperature", "max_new_tokens") and value == 2**70:
         return  # valid: a near-uniform draw; a budget the node clamps to its context
-    from hexswarm.swarm.submit import SubmitService
+    from hexswarm.serve.submit import SubmitService
 
     with pytest.raises(UserError):
         SubmitService(server=None).parse({"prompt": "hello", field: value})
@@ -189,7 +189,7 @@ def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
     import torch
 
     from hexswarm.errors import UserError
-    from hexswarm.swarm.submit import SubmitService
+    from hexswarm.serve.submit import SubmitService
 
     svc = SubmitService(server=None)
     svc.server = SimpleNamespace(cfg=SimpleNamespace(max_position_embeddings=64), settings=SimpleNamespace(max_seq_len=64))
@@ -203,7 +203,7 @@ def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
 @pytest.mark.parametrize("to", [[math.inf, 0, 0], [1, 0], "x", [1, 0, -1], [True, 0, 0], None])
 def test_a_malformed_stage_address_is_a_protocol_error(cfg, to):
     """Red-team finding 2 (issue 13): a direct-path frame {"kind": "cancel", "to": [inf, 0, 0]} ended the node."""
-    from hexswarm.swarm.stages import ServeSettings, StageSet
+    from hexswarm.serve.stages import ServeSettings, StageSet
 
     stages = StageSet("A", cfg, None, ServeSettings(model_dir="unused"), pipe=None)
     with pytest.raises(ProtocolError):
@@ -217,7 +217,7 @@ def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, t
     import time as clock
 
     from hexswarm.net import codec
-    from hexswarm.swarm.submit import submit_to
+    from hexswarm.api.client import submit_to
 
     sw = LocalSwarm(tmp_path, tiny_model, [1, 1], serve_layout={"hetero_config": [1, 1], "pp_partition": [2, 2]})
     sw.start()
@@ -273,7 +273,7 @@ def test_a_middle_stage_that_loses_a_neighbour_tells_its_stage_0(cfg):
     pipeline, and only for a neighbour's link (a far peer's link breaking loses none of its steps)."""
     from types import SimpleNamespace
 
-    from hexswarm.swarm.stages import ServeSettings, StageSet
+    from hexswarm.serve.stages import ServeSettings, StageSet
 
     sent = []
     stages = StageSet("B", cfg, None, ServeSettings(model_dir="unused"), pipe=SimpleNamespace(
@@ -316,7 +316,7 @@ def _with_tensors(msg: dict):
 def test_a_tensor_in_any_field_of_a_start_or_dispatch_is_a_protocol_error(cfg):
     """Found by the 10-minute chaos run's hostile sender: a dispatch whose `resume_tokens` was a tensor reached
     `resume_tokens or []` in the guard ("Boolean value of Tensor ... is ambiguous"), an unexpected error."""
-    from hexswarm.swarm.guards import read_dispatch
+    from hexswarm.serve.guards import read_dispatch
 
     check_stage_message(_good_start(), "A", LAYOUT, 0, 0, cfg, 8, 128)
     assert read_dispatch(_good_dispatch(), "E", cfg, 128)["resume_tokens"] == [5]

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API and /metrics of a node (hexswarm/swarm/http_api.py, metrics.py):
+"""The OpenAI-compatible HTTP API and /metrics of a node (hexswarm/api/http_api.py, metrics.py):
 a 3-node local swarm on a tiny model, one node with `http` and `api_token` set; driven with the
 `openai` client, curl and plain HTTP; outputs equal `generate` and `hexswarm submit`."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hexswarm.swarm.launcher import LocalSwarm, free_port, wait_for
+from hexswarm.launcher import LocalSwarm, free_port, wait_for
 from swarmutil import reference, submit_many
 
 openai = pytest.importorskip("openai")
@@ -318,7 +318,7 @@ def test_metrics_parse_and_counters_move(api):
 
 
 def test_swarm_errors_map_to_http_statuses():
-    from hexswarm.swarm.http_api import swarm_error
+    from hexswarm.api.http_api import swarm_error
 
     busy = swarm_error({"code": "busy", "message": "busy: every pipeline has 32 requests queued; retry after 3 s"})
     assert busy.status == 429 and (b"retry-after", b"3") in busy.headers and "busy" in busy.message
@@ -330,7 +330,7 @@ def test_swarm_errors_map_to_http_statuses():
 
 
 def test_text_stream_holds_back_stop_string_prefixes():
-    from hexswarm.swarm.http_api import TextStream
+    from hexswarm.api.http_api import TextStream
 
     ts = TextStream(["STOP"])
     out = [ts.push(c) for c in "abSTxSTOPyz"]
@@ -352,8 +352,8 @@ def test_tokens_queued_together_go_out_in_one_chunk_and_each_index_once():
     go (SubmitService._take_tokens) and HTTP writes them as one chunk: one write per batch, not per token."""
     import trio
 
-    from hexswarm.swarm.http_api import Responder
-    from hexswarm.swarm.submit import SubmitService
+    from hexswarm.api.http_api import Responder
+    from hexswarm.serve.submit import SubmitService
 
     class Text:
         def push(self, t):
@@ -394,7 +394,7 @@ def test_tokens_queued_together_go_out_in_one_chunk_and_each_index_once():
 @pytest.mark.parametrize("chat", [False, True])
 def test_token_chunks_formatted_once_equal_the_whole_chunk_dumped(chat):
     """The token chunk's fast path writes the same characters json.dumps gives for the full chunk."""
-    from hexswarm.swarm.http_api import Responder
+    from hexswarm.api.http_api import Responder
 
     opts = {"stream": True, "stop": [], "return_token_ids": True, "include_usage": False}
     r = Responder(None, None, 'r"1\u00e9', 'model "x"', chat, opts)
@@ -407,7 +407,7 @@ def test_node_metrics_render_what_prometheus_client_parses():
     """Counters, histograms and the gauges read at scrape time (one failing callback costs only its own gauge)."""
     from types import SimpleNamespace
 
-    from hexswarm.swarm.metrics import CallbackGauges, EntryMetrics
+    from hexswarm.api.metrics import CallbackGauges, EntryMetrics
 
     m = EntryMetrics(SimpleNamespace(table=SimpleNamespace(up=lambda: [1, 2])))
     m.requests.labels(api="p2p", outcome='o"k').inc()
@@ -448,7 +448,7 @@ def test_config_http_keys_and_cli_override(tmp_path):
     assert _load(path).http_workers is None  # auto by default
     from types import SimpleNamespace
 
-    from hexswarm.swarm.http_api import AUTO_HTTP_WORKERS, http_workers
+    from hexswarm.api.http_api import AUTO_HTTP_WORKERS, http_workers
 
     on = {dev: SimpleNamespace(settings=SimpleNamespace(device=dev)) for dev in ("cuda", "cpu")}
     assert http_workers(None, on["cuda"]) == AUTO_HTTP_WORKERS > 0
@@ -505,7 +505,7 @@ def test_cli_submit_without_stream_keeps_stdout_clean_and_peers_png(http_swarm, 
 def test_peers_picture_draws_every_peer_and_link(tmp_path):
     from matplotlib.image import imread
 
-    from hexswarm.swarm.peers_render import links, render_peers_png
+    from hexswarm.api.peers_render import links, render_peers_png
 
     cpu = {"kind": "cpu", "name": "cpu", "memory_gib": 4}
     gpu = {"kind": "cuda", "name": "H100", "memory_gib": 80}
@@ -535,7 +535,7 @@ def _http_workers(node) -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(stat[1]) == node.proc.pid and b"hexswarm.swarm.http_worker" in cmdline:
+        if int(stat[1]) == node.proc.pid and b"hexswarm.api.http_worker" in cmdline:
             pids.append(int(proc.name))
     return sorted(pids)
 
@@ -563,7 +563,7 @@ def test_http_workers_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, hypercorn.trio, hexswarm.swarm.http_worker, hexswarm.swarm.http_api, hexswarm.runtime.chat; "
+    code = ("import sys, hypercorn.trio, hexswarm.api.http_worker, hexswarm.api.http_api, hexswarm.runtime.chat; "
             "print('torch' in sys.modules)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "False", p.stderr
@@ -577,7 +577,7 @@ def test_http_worker_channel_batches_a_steps_frames_and_cancels():
 
     import trio
 
-    from hexswarm.swarm.http_worker import Channel, RemoteBackend, WorkerLink
+    from hexswarm.api.http_worker import Channel, RemoteBackend, WorkerLink
 
     class Backend:  # what the node's LocalBackend does, without a swarm
         def __init__(self):

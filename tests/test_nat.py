@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from hexswarm.swarm.launcher import NodeProcess, wait_for, write_node_config
+from hexswarm.launcher import NodeProcess, wait_for, write_node_config
 from natnet import nat_net
 from netutil import FAST, REPO, STARTUP_TIMEOUT_S
 from swarmutil import reference

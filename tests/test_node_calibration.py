@@ -12,7 +12,7 @@ from hexswarm.plan.calibration import parse_calibration
 from hexswarm.plan.cluster import cluster_from_peer_table
 from hexswarm.swarm import calibrate
 from hexswarm.swarm.config import config_from_dict
-from hexswarm.swarm.planning import PeerView
+from hexswarm.serve.planning import PeerView
 from hexswarm.swarm.records import SIGNING_DOMAIN, NodeRecord, open_record, sign_record
 
 CAL = {"decode": [[1, 0.00568], [8, 0.0061], [32, 0.007]], "context": 128, "prefill_tokens_per_s": 21000.0,
@@ -151,7 +151,7 @@ def test_calibrate_key_is_on_by_default_and_can_be_switched_off(tmp_path):
 
 
 def test_planner_cluster_takes_the_peers_calibration():
-    from hexswarm.swarm.plan_bridge import _device
+    from hexswarm.serve.plan_bridge import _device
 
     dev = {"kind": "cuda", "name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1, "tflops": 700.0, "mem_bw_gbs": 3000.0}
     other = {**dev, "name": "NVIDIA A100-SXM4-80GB"}

@@ -68,7 +68,7 @@ def test_a_relayed_circuit_ending_leaves_the_other_circuits_of_its_peer_alone():
 def test_a_pipe_link_that_cannot_be_opened_is_reported_not_raised():
     """A peer reached only through a relay that just died: opening the link fails.  The writer reports the
     undelivered messages and the broken link; nothing escapes into the node (a KeyError here once ended it)."""
-    from hexswarm.swarm.pipe import MessagePipe
+    from hexswarm.serve.pipe import MessagePipe
 
     failed, broken = [], []
     pipe = MessagePipe(node=None, on_send_failed=lambda peer, msgs: failed.append(msgs),
@@ -148,7 +148,7 @@ def _pipe_to(remote: str, addrs: list[str]):
     from types import SimpleNamespace
 
     from hexswarm.net.host import parse_peer_id
-    from hexswarm.swarm.pipe import MessagePipe
+    from hexswarm.serve.pipe import MessagePipe
 
     b = str(identity.generate().peer_id)
     record = SimpleNamespace(addrs=addrs)
@@ -164,7 +164,7 @@ def test_a_punched_connection_tries_the_direct_path_only_briefly(monkeypatch, ca
     import logging
 
     import hexswarm.net.direct as direct
-    from hexswarm.swarm.pipe import UNLISTED_DIRECT_TIMEOUT_S
+    from hexswarm.serve.pipe import UNLISTED_DIRECT_TIMEOUT_S
 
     tried = []
 
@@ -187,7 +187,7 @@ def test_a_punched_connection_tries_the_direct_path_only_briefly(monkeypatch, ca
 
 def test_a_failed_direct_attempt_is_not_repeated_for_a_while(monkeypatch):
     import hexswarm.net.direct as direct
-    from hexswarm.swarm.pipe import DIRECT_RETRY_S
+    from hexswarm.serve.pipe import DIRECT_RETRY_S
 
     tried = []
 

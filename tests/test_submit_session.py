@@ -1,4 +1,4 @@
-"""`/hexswarm/submit/3` (swarm/submit_session.py): one stream per client and entry carries all the client's
+"""`/hexswarm/submit/3` (serve/submit_session.py): one stream per client and entry carries all the client's
 requests.  Real libp2p hosts on 127.0.0.1 in one process; the entry's serving is a stand-in `serve_peer` (the node's
 own is SubmitService's, run by the swarm tests), so each test controls what a request does."""
 
@@ -13,7 +13,7 @@ from hexswarm.net.framing import read_frame, write_frame
 from hexswarm.net.host import make_host, parse_peer_id
 from hexswarm.net.protocols import SUBMIT3
 from hexswarm.net.ratelimit import PeerSlots
-from hexswarm.swarm.submit_session import on_session_stream
+from hexswarm.serve.submit_session import on_session_stream
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -78,7 +78,7 @@ def _raw_session(entry: Entry, frames: list, then):
 
 
 def test_concurrent_requests_share_one_session_and_each_gets_its_own_frames_in_order():
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     entry = Entry(_tokens)
 
@@ -107,7 +107,7 @@ def test_concurrent_requests_share_one_session_and_each_gets_its_own_frames_in_o
 
 
 def test_a_request_its_caller_gives_up_on_stops_at_the_entry_and_the_session_goes_on():
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     stopped = trio.Event()
     held = _held(stopped)
@@ -164,7 +164,7 @@ def test_a_request_number_already_running_ends_the_session_and_its_requests():
 
 
 def test_the_per_peer_bound_on_open_requests_holds_on_a_session():
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     release = trio.Event()
 
@@ -199,7 +199,7 @@ def test_the_per_peer_bound_on_open_requests_holds_on_a_session():
 
 def test_a_slow_request_stays_on_its_session_while_the_entry_sends_keepalives():
     """Nothing but keepalives for 5 s (more than the client's silence limit of 3 s): no failover."""
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     async def slow(msg, put):
         await trio.sleep(5)
@@ -225,7 +225,7 @@ def test_a_session_that_goes_silent_fails_its_requests_over_with_every_token_onc
     """Entry A accepts on its session, sends two tokens and freezes; the client resubmits through entry B marked
     resumed with the tokens it has, within its silence limit (an entry that speaks only submit/2, the fallback, is
     test_entry_failover's)."""
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     async def entry_a(stream):
         msg = await read_frame(stream)
@@ -296,7 +296,7 @@ def test_sessions_per_peer_are_bounded():
 def test_an_entry_without_sessions_gets_a_submit2_stream_per_request():
     """An older entry refuses submit/3 at negotiation: the client serves its requests over submit/2 streams."""
     from hexswarm.net.protocols import SUBMIT2
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     streams = []
 
@@ -324,8 +324,8 @@ def test_the_entry_sends_keepalives_only_while_a_session_has_requests():
 
     import trio.testing
 
-    from hexswarm.swarm.submit import KEEPALIVE_S
-    from hexswarm.swarm.submit_session import EntrySession
+    from hexswarm.serve.submit import KEEPALIVE_S
+    from hexswarm.serve.submit_session import EntrySession
 
     async def main():
         session = EntrySession(None, None, "peer")

@@ -9,8 +9,8 @@ import time
 
 import trio
 
-from hexswarm.swarm.launcher import LocalSwarm
-from hexswarm.swarm.submit import submit_to
+from hexswarm.launcher import LocalSwarm
+from hexswarm.api.client import submit_to
 from swarmutil import PROMPTS, reference
 
 TWO_REPLICAS = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 2}

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import run_cli
-from hexswarm.swarm.launcher import FAST_TIMINGS, LocalSwarm, wait_for
+from hexswarm.launcher import FAST_TIMINGS, LocalSwarm, wait_for
 from swarmutil import PROMPTS, reference, submit_many
 
 PINNED = {"hetero_config": [2, 1], "pp_partition": [2, 2], "replicas": 1}
@@ -201,8 +201,8 @@ def test_swarm_client_reuses_one_connection_for_many_requests(swarm3, tiny_model
     streamed text pieces add up to the final text."""
     import trio
 
-    import hexswarm.swarm.client as client_mod
-    from hexswarm.swarm.client import SwarmClient
+    import hexswarm.api.client as client_mod
+    from hexswarm.api.client import SwarmClient
 
     dials = []
     real_dial = client_mod.dial
@@ -247,7 +247,7 @@ def test_swarm_client_fails_over_to_the_next_entry(swarm3, tiny_model):
 
     from hexswarm.net.identity import generate
     from hexswarm.net.ports import free_port
-    from hexswarm.swarm.client import SwarmClient
+    from hexswarm.api.client import SwarmClient
 
     nobody = f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{generate().peer_id.to_base58()}"
 

@@ -16,11 +16,11 @@ from hexswarm.net.identity import generate
 from hexswarm.net.protocols import RemoteError
 from hexswarm.runtime import stage_host
 from hexswarm.runtime.stage_host import StageHost, StageSpec
-from hexswarm.swarm.layout import StageAssignment, SwarmLayout
-from hexswarm.swarm.layout import rendezvous_rank
+from hexswarm.serve.layout import StageAssignment, SwarmLayout
+from hexswarm.serve.layout import rendezvous_rank
 from hexswarm.swarm.peer_table import PeerState, PeerTable
 from hexswarm.swarm.records import NodeRecord
-from hexswarm.swarm.serving import HeadSettings, Server
+from hexswarm.serve.serving import HeadSettings, Server
 
 
 def _owner_and_admission():

@@ -106,7 +106,7 @@ def test_cache_keeps_verified_blocks_across_restarts_and_writes_a_checkpoint(man
 
 @pytest.mark.slow
 def test_a_node_without_the_checkpoint_fetches_its_stage_from_peers_and_serves(tiny_model, tmp_path, monkeypatch):
-    from hexswarm.swarm.launcher import LocalSwarm, NodeProcess, free_port, write_node_config
+    from hexswarm.launcher import LocalSwarm, NodeProcess, free_port, write_node_config
     from swarmutil import reference, submit_many
 
     fp = model_fingerprint(tiny_model)

@@ -241,7 +241,7 @@ def start_swarm(args, work: Path, model_dir: Path, stages: int, layers: int, max
     import yaml
 
     from hexswarm.net.ports import free_port
-    from hexswarm.swarm.launcher import LocalSwarm
+    from hexswarm.launcher import LocalSwarm
 
     split = [layers // stages + (1 if i < layers % stages else 0) for i in range(stages)]
     cuda = args.device == "cuda"
@@ -261,7 +261,7 @@ def start_swarm(args, work: Path, model_dir: Path, stages: int, layers: int, max
     swarm.start()
     try:
         swarm.wait_layout(600 if cuda else 180)
-        from hexswarm.swarm.launcher import wait_for
+        from hexswarm.launcher import wait_for
 
         if not wait_for(lambda: "HTTP API listening on" in entry.log(), 60, 0.2):
             raise RuntimeError(f"the entry's HTTP API did not start:\n{entry.log()[-3000:]}")
@@ -292,7 +292,7 @@ async def _client_main(conn, frontend: str, target: dict) -> None:
                                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=256))
         one = _http_request if frontend == "http" else _http_whole_request
     else:
-        from hexswarm.swarm.client import SwarmClient
+        from hexswarm.api.client import SwarmClient
 
         client = SwarmClient([target["addr"]])
         one = _submit_request

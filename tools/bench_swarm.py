@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import trio  # noqa: E402
 
 from hexswarm.model.tiny import TinySpec, make_tiny_llama  # noqa: E402
-from hexswarm.swarm.launcher import LocalSwarm  # noqa: E402
-from hexswarm.swarm.submit import submit_to  # noqa: E402
+from hexswarm.launcher import LocalSwarm  # noqa: E402
+from hexswarm.api.client import submit_to  # noqa: E402
 
 
 async def run_batch(addrs: list[str], prompts: list[str], new_tokens: int, concurrency: int) -> tuple[float, int]:

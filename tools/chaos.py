@@ -17,7 +17,7 @@ counts those of them that ended only on a deadline (slowness of a loaded machine
 
 All requests go through one client (`SwarmClient`: one libp2p host, one kept connection per entry, each request
 a task of its trio loop in a thread of its own), with each request's entries in an order of its own; an entry
-that dies or goes silent is left for the next, the same request id resubmitted (see swarm/client.py).  Before
+that dies or goes silent is left for the next, the same request id resubmitted (see api/client.py).  Before
 2026-11-26 every request ran its own client host in a thread, ~480 hosts at 2 requests/s, which loaded this
 process more than the swarm.
 
@@ -53,8 +53,8 @@ from hexswarm.net import codec  # noqa: E402
 from hexswarm.net.identity import generate as generate_identity  # noqa: E402
 from hexswarm.model.tiny import make_tiny_llama  # noqa: E402
 from hexswarm.runtime.offline import GenerateJob, generate  # noqa: E402
-from hexswarm.swarm.launcher import LocalSwarm, peer_id_of  # noqa: E402
-from hexswarm.swarm.client import SwarmClient  # noqa: E402
+from hexswarm.launcher import LocalSwarm, peer_id_of  # noqa: E402
+from hexswarm.api.client import SwarmClient  # noqa: E402
 
 PROMPTS = ["Hello, world!", "Once upon a time", "The quick brown fox", "0123456789", "Pipeline stages"]
 

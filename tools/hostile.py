@@ -295,7 +295,7 @@ class Hostile:
     async def gossip_layout(self, ops: list, head: str) -> None:
         """A layout message with its content mutated, sealed by our key."""
         from hexswarm.net.signed import seal
-        from hexswarm.swarm.serving import LAYOUT_DOMAIN
+        from hexswarm.serve.serving import LAYOUT_DOMAIN
 
         try:
             sealed = seal(mutate(layout_template(self.target, head), ops), self.node.identity, LAYOUT_DOMAIN)
@@ -341,7 +341,7 @@ def attacker_config(folder: Path, name: str, swarm: str, owner: str | None = Non
                     **keys: Any) -> Path:
     """A node config for an in-process attacker (not serving); with `owner` and `cert` it is
     admitted (a node certificate of the swarm's owner) or not (one of another owner)."""
-    from hexswarm.swarm.launcher import write_node_config
+    from hexswarm.launcher import write_node_config
 
     extra = {"swarm_owner": owner, "admission_cert": str(cert)} if owner else {}
     return write_node_config(folder, name, swarm=swarm, log_level="warning", **extra, **keys)

@@ -75,7 +75,7 @@ from hexswarm.plan.cluster import (DEFAULT_INTRA_HOST, GIB, GPU_CATALOG, Cluster
 from hexswarm.plan.cost import RooflineCostModel, StepShape  # noqa: E402
 from hexswarm.plan.model_spec import ModelSpec, load_model_spec, model_spec_from_dict  # noqa: E402
 from hexswarm.plan.replica import ReplicaPlanner  # noqa: E402
-from hexswarm.swarm.daemon import step_tokens_for  # noqa: E402  (max_step_tokens: auto, as a node sets it)
+from hexswarm.daemon import step_tokens_for  # noqa: E402  (max_step_tokens: auto, as a node sets it)
 from hexswarm.plan.workload import LengthDist, Workload, staggered_starts  # noqa: E402
 
 TARGET = 0.2  # the "every predicted median within 20% of the measured one"

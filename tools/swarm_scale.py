@@ -39,7 +39,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ
 
 import trio  # noqa: E402
 
-from hexswarm.swarm.launcher import NodeProcess, free_port, write_node_config  # noqa: E402
+from hexswarm.launcher import NodeProcess, free_port, write_node_config  # noqa: E402
 
 LOG_READ_S = 0.25
 POLL_BUDGET_S = 20.0  # one round of counter requests to every node

@@ -57,7 +57,7 @@ async def _run_node(node) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_stop_on_signals, node)
         try:
-            from hexswarm.swarm.daemon import run_daemon
+            from hexswarm.daemon import run_daemon
 
             await run_daemon(node)
         except Exception as e:
@@ -180,7 +180,7 @@ def peers_command(
     """Show a running node's peer table (PeerID, addresses, GPUs, measured engine speed, state, last seen, latency)."""
     setup_logging("error")
     from hexswarm.cli.submit_cmd import client_credentials
-    from hexswarm.swarm.peers_client import peers_of
+    from hexswarm.api.peers_client import peers_of
 
     reply = peers_of(peer, timeout, *client_credentials(key, cert))
     if not isinstance(reply.get("peers"), list):
@@ -190,7 +190,7 @@ def peers_command(
     else:
         _print_table(reply)
     if png is not None:
-        from hexswarm.swarm.peers_render import render_peers_png
+        from hexswarm.api.peers_render import render_peers_png
 
         try:
             render_peers_png(reply, png)

@@ -137,7 +137,7 @@ class _Run:
     async def all(self) -> list[dict]:
         import trio
 
-        from hexswarm.swarm.client import SwarmClient
+        from hexswarm.api.client import SwarmClient
 
         finals: list[dict] = [{}] * len(self.requests)
         limiter = trio.CapacityLimiter(self.concurrency)
@@ -194,7 +194,7 @@ def status(
     """Show a node's view of the head and the committed layout."""
     import trio
 
-    from hexswarm.swarm.status_client import fetch_status
+    from hexswarm.api.status_client import fetch_status
 
     st = trio.run(fetch_status, peer, 10.0, *client_credentials(key, cert))
     if as_json:

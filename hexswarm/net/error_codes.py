@@ -37,7 +37,7 @@ class Meaning:
     http_status: int
     http_type: str  # the OpenAI error type
     outcome: str  # the `outcome` label of hexswarm_requests_total
-    retry: bool = False  # an accepted request that met it goes to the next entry (swarm/client.py)
+    retry: bool = False  # an accepted request that met it goes to the next entry (api/client.py)
 
 
 UNAVAILABLE = (503, "service_unavailable_error")

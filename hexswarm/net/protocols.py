@@ -42,14 +42,14 @@ def protocol_id(name: str, version: int) -> str:
 PING = protocol_id("ping", 1)
 PEERS = protocol_id("peers", 1)
 RECORDS = protocol_id("records", 1)  # a node's table as signed records, for a newcomer (swarm/node.py)
-SUBMIT = protocol_id("submit", 1)  # client -> entry node (swarm/submit.py)
+SUBMIT = protocol_id("submit", 1)  # client -> entry node (serve/submit.py)
 SUBMIT2 = protocol_id("submit", 2)  # submit/1 plus keepalive frames while the entry has nothing else to send
 SUBMIT3 = protocol_id("submit", 3)  # a session: many submit/2 requests of one client on one stream (submit_session.py)
-DISPATCH = protocol_id("dispatch", 1)  # entry -> head (swarm/serving.py)
-LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (swarm/serving.py)
-STATUS = protocol_id("status", 1)  # a node's view of head and layout (swarm/serving.py)
-TRACE = protocol_id("trace", 1)  # a request's spans (swarm/submit.py)
-PIPE = protocol_id("pipe", 2)  # pipeline frames over libp2p streams (swarm/pipe.py); 2: ragged rows, batched events
+DISPATCH = protocol_id("dispatch", 1)  # entry -> head (serve/serving.py)
+LAYOUT = protocol_id("layout", 1)  # ready reports and epoch queries (serve/serving.py)
+STATUS = protocol_id("status", 1)  # a node's view of head and layout (serve/serving.py)
+TRACE = protocol_id("trace", 1)  # a request's spans (serve/submit.py)
+PIPE = protocol_id("pipe", 2)  # pipeline frames over libp2p streams (serve/pipe.py); 2: ragged rows, batched events
 DIRECT = protocol_id("direct", 2)  # opening the direct data path (net/direct.py); carries pipe/2 messages
 WEIGHTS = protocol_id("weights", 1)  # a checkpoint's manifest and blocks by content hash (swarm/weights.py)
 

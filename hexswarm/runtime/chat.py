@@ -3,7 +3,7 @@ renders it (`apply_chat_template(..., add_generation_prompt=True)`).
 
 The template comes from a GGUF's `tokenizer.chat_template` metadata or a HF folder's
 tokenizer_config.json (`chat_template`), chat_template.jinja or chat_template.json.
-Used by `hexswarm submit --chat`; swarm/http_api.py renders the same way for
+Used by `hexswarm submit --chat`; api/http_api.py renders the same way for
 /v1/chat/completions (its `ChatTemplate` reads HF folders only)."""
 
 from __future__ import annotations

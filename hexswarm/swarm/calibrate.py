@@ -77,7 +77,7 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
     from hexswarm.model.shard import TensorShard
     from hexswarm.model.stage import StageModel, StagePart
     from hexswarm.runtime.executor import StageExecutor
-    from hexswarm.swarm.daemon import step_tokens_for  # the runtime's max_step_tokens: auto
+    from hexswarm.daemon import step_tokens_for  # the runtime's max_step_tokens: auto
 
     batches, context, prompt = batches or DECODE_BATCHES, context or CONTEXT, prompt or PROMPT
     dev = torch.device(device)

@@ -273,7 +273,7 @@ class NodeConfig:
     probe_s: float = field(default=5.0, metadata=_key(_positive, "latency probe interval"))
     probe_bytes: int = field(default=256 * 1024, metadata=_key(_non_negative_int, "throughput probe size (0: off)"))
     log_level: str = field(default="info", metadata=_key(_log_level, "debug, info, warning or error"))
-    # --- serving (hexswarm.swarm.serving) ---
+    # --- serving (hexswarm.serve.serving) ---
     serve_device: str = field(default="auto", metadata=_key(_choice("auto", "cpu", "cuda"), "where stages run"))
     serve_dtype: str = field(
         default="auto", metadata=_key(_choice("auto", "float32", "bfloat16", "float16"), "weights dtype (auto: bf16 on cuda)")

@@ -3,7 +3,7 @@
 At 32 streaming requests on an H200 the node's trio thread was ~85% busy, ~40% of it in hypercorn's
 send path (h11 and ASGI per SSE chunk), while the engine process waited for work (issue 12).  With
 `http_workers: N` the node binds the `http` socket and hands it to N child processes
-(`python -m hexswarm.swarm.http_worker`); each accepts connections on it and runs the same ASGI app
+(`python -m hexswarm.api.http_worker`); each accepts connections on it and runs the same ASGI app
 (`HttpApi`: parsing, validation, chat template, token check, SSE formatting), over a `RemoteBackend`
 instead of the node's `LocalBackend`.  The node's event loop does no HTTP work.
 
@@ -210,7 +210,7 @@ class WorkerLink:
 def worker_command(listen_fd: int, channel_fd: int) -> tuple[list[str], dict]:
     root = str(Path(__file__).resolve().parents[2])  # the hexswarm this node runs, whatever the cwd
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "hexswarm.swarm.http_worker", "--listen-fd", str(listen_fd),
+    cmd = [sys.executable, "-m", "hexswarm.api.http_worker", "--listen-fd", str(listen_fd),
            "--channel-fd", str(channel_fd), "--parent", str(os.getpid()),
            "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
     return cmd, env
@@ -273,7 +273,7 @@ async def serve_workers(backend, token: str | None, bind: str, workers: int, sto
     """Bind `bind` here and serve it from `workers` worker processes until cancelled; started() with the URLs."""
     from hypercorn.utils import repr_socket_addr
 
-    from hexswarm.swarm.http_api import hypercorn_config
+    from hexswarm.api.http_api import hypercorn_config
 
     (listener,) = hypercorn_config(bind).create_sockets().insecure_sockets
     try:
@@ -412,7 +412,7 @@ async def _watch_parent(parent: int, scope: trio.CancelScope) -> None:
 async def _worker(listen_fd: int, channel_fd: int, parent: int) -> None:
     from hypercorn.trio import serve
 
-    from hexswarm.swarm.http_api import HttpApi, hypercorn_config
+    from hexswarm.api.http_api import HttpApi, hypercorn_config
 
     channel = Channel(socket.socket(fileno=channel_fd))
     backend = RemoteBackend(channel)

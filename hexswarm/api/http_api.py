@@ -1,11 +1,11 @@
 """OpenAI-compatible HTTP API of a node, served on trio (hypercorn's trio worker) in the node's process,
-or with `http_workers: N` in N worker processes (swarm/http_worker.py) that reach the node over a channel.
+or with `http_workers: N` in N worker processes (api/http_worker.py) that reach the node over a channel.
 
 Routes (docs/http.md):
   GET  /v1/models             the model this node serves
   POST /v1/completions        text completion (`stream: true`: server-sent events)
   POST /v1/chat/completions   chat, rendered with the checkpoint's chat template (sandboxed jinja2)
-  GET  /metrics               Prometheus text format (hexswarm/swarm/metrics.py)
+  GET  /metrics               Prometheus text format (hexswarm/api/metrics.py)
   GET  /health                200 "ok" (no token needed)
 
 Every request runs through `SubmitService.serve` (the same path as `/hexswarm/submit/1`), wrapped by
@@ -34,8 +34,8 @@ from hexswarm.errors import UserError, first_leaf
 from hexswarm.net.error_codes import ErrorCode, meaning
 from hexswarm.runtime.chat import ChatTemplate
 from hexswarm.runtime.stopping import MAX_STOP_STRINGS
-from hexswarm.swarm.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from hexswarm.swarm.metrics import EntryMetrics
+from hexswarm.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from hexswarm.api.metrics import EntryMetrics
 
 log = logging.getLogger("hexswarm.http")
 
@@ -264,7 +264,7 @@ class LocalBackend:
     """What HttpApi needs of the swarm, in the node's process: the model's static facts, `serve` (a request
     through `SubmitService.serve`, measured by `EntryMetrics.serve`), `cancel` (of an abandoned request),
     the metrics text and the HTTP response counter.  `server` is the node's Server (None on a node that
-    serves no model: /v1 answers 503).  HTTP worker processes (swarm/http_worker.py) reach the same
+    serves no model: /v1 answers 503).  HTTP worker processes (api/http_worker.py) reach the same
     object over their channel; their `RemoteBackend` has the same interface."""
 
     def __init__(self, server, metrics: EntryMetrics):
@@ -314,7 +314,7 @@ class LocalBackend:
 
 
 class HttpApi:
-    """The ASGI app, over a backend: LocalBackend in the node's process, or swarm/http_worker.py's
+    """The ASGI app, over a backend: LocalBackend in the node's process, or api/http_worker.py's
     RemoteBackend in an HTTP worker process."""
 
     def __init__(self, backend, token: str | None):
@@ -667,7 +667,7 @@ def http_workers(configured: int | None, server) -> int:
 
 async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the HTTP API on `node.config.http` until cancelled, here or (`http_workers`) from worker
-    processes (swarm/http_worker.py); started() with the bound URLs."""
+    processes (api/http_worker.py); started() with the bound URLs."""
     from hypercorn.trio import serve
 
     metrics = EntryMetrics(node, server)
@@ -679,7 +679,7 @@ async def serve_http(node, server, *, task_status=trio.TASK_STATUS_IGNORED) -> N
             server.submit_service.measure_with(metrics)
         try:
             if workers:
-                from hexswarm.swarm.http_worker import serve_workers
+                from hexswarm.api.http_worker import serve_workers
 
                 binds = await nursery.start(serve_workers, backend, token, node.config.http, workers,
                                             lambda: node.stopping)

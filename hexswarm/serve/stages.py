@@ -29,8 +29,8 @@ from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec, kv_tokens_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
-from hexswarm.swarm.guards import check_stage_message
-from hexswarm.swarm.layout import SwarmLayout
+from hexswarm.serve.guards import check_stage_message
+from hexswarm.serve.layout import SwarmLayout
 
 log = logging.getLogger("hexswarm.stages")
 
@@ -75,7 +75,7 @@ class StageSet:
         self.last_used: dict[StageKey, float] = {}
         self.home: dict[StageKey, StageKey] = {}  # alias -> the key its worker was built for
         self._loading: dict[int, trio.Event] = {}
-        self.tokens_out = 0  # tokens the stage 0s here sent their entries (swarm/backlog.py measures a rate)
+        self.tokens_out = 0  # tokens the stage 0s here sent their entries (serve/backlog.py measures a rate)
         # stages whose chain cannot work: built afresh where the layout says the replica continues (this peer
         # restarted, its neighbours serve on with workers built for an older epoch), or whose neighbour sends steps
         # to one of their aliases; reported as failed, so the head re-plans and entries resume at once

@@ -13,7 +13,7 @@ from hexswarm.model.config import LlamaConfig
 from hexswarm.plan.cluster import GIB, cluster_from_peer_table
 from hexswarm.plan.model_spec import ModelSpec
 from hexswarm.plan.planner import PlanOptions, plan_cluster
-from hexswarm.swarm.layout import StageAssignment
+from hexswarm.serve.layout import StageAssignment
 
 DEFAULT_LINK = {"rtt_s": 2e-3, "bandwidth_Bps": 1e9}
 # The swarm re-plans on every view change: a short search is enough for a few peers.

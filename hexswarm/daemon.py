@@ -26,7 +26,7 @@ def step_tokens_for(device: str) -> int:
 
 
 def serve_settings(config: NodeConfig, devices):
-    from hexswarm.swarm.stages import ServeSettings
+    from hexswarm.serve.stages import ServeSettings
 
     device = config.serve_device
     if device == "auto":
@@ -44,7 +44,7 @@ def serve_settings(config: NodeConfig, devices):
 
 
 def head_settings(config: NodeConfig):
-    from hexswarm.swarm.serving import HeadSettings
+    from hexswarm.serve.serving import HeadSettings
 
     return HeadSettings(term_s=config.term_s, serve_layout=config.serve_layout, dispatch_wait_s=config.dispatch_wait_s)
 
@@ -88,8 +88,8 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if node.config.model is not None or node.config.model_source == "swarm":
             # torch and the serving layer take seconds to import: in a thread, so the node (already in the
             # swarm) answers its peers meanwhile (runtime/loop_watch.py saw the loop held 2-5 s here)
-            await trio.to_thread.run_sync(importlib.import_module, "hexswarm.swarm.serving")
-            from hexswarm.swarm.serving import Server
+            await trio.to_thread.run_sync(importlib.import_module, "hexswarm.serve.serving")
+            from hexswarm.serve.serving import Server
 
             weights = await _weights(node)
             settings = serve_settings(node.config, node.devices)
@@ -100,10 +100,10 @@ async def run_daemon(node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         else:
             log.info("no model configured: this node relays but serves no stages")
         if node.config.http is not None:
-            from hexswarm.swarm.http_api import serve_http  # hypercorn is imported only when asked for
+            from hexswarm.api.http_api import serve_http  # hypercorn is imported only when asked for
 
             await nursery.start(serve_http, node, server)
-        if node.config.freeze_heap:  # started: what is alive now stays (stage loads freeze again, swarm/stages.py)
+        if node.config.freeze_heap:  # started: what is alive now stays (stage loads freeze again, serve/stages.py)
             freeze_heap()
         task_status.started(server)
         await node.stopped()

@@ -6,7 +6,7 @@ Two numbers travel in every serving node's record (`extra`):
 - `owed`: the tokens this node, as an entry, still owes its clients (each request's `max_new_tokens` less
   what it delivered, placed or still waiting to be placed);
 - `emitted`: the running count of tokens its stage 0s emitted (an entry whose request waits in that stage 0's
-  queue sees the count grow, and does not take the wait for a stalled pipeline: swarm/submit.py).
+  queue sees the count grow, and does not take the wait for a stalled pipeline: serve/submit.py).
 
 An entry adds up `owed` over the live serving peers (itself included, counted now) and `rate` over the stage
 0s of the committed layout's healthy replicas, and accepts a new request only when that backlog plus the

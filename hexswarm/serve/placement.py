@@ -27,7 +27,7 @@ import trio
 from hexswarm.net import failures
 from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, RemoteError, RequestError
-from hexswarm.swarm.guards import read_dispatch, read_placed
+from hexswarm.serve.guards import read_dispatch, read_placed
 
 log = logging.getLogger("hexswarm.placement")
 

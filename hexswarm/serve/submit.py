@@ -8,7 +8,7 @@ Client -> entry node, one frame:
    "resumed": bool (optional: a client's failover of a request another entry accepted, or a resubmission
    of one it gave up on here; placed like an entry's resume: never refused as busy, waits for a layout),
    "timeout_s": number (optional: how long the client waits for it; the entry ends it then, and refuses a new
-   request the swarm cannot serve well within it: swarm/backlog.py),
+   request the swarm cannot serve well within it: serve/backlog.py),
    "resume_tokens": [int] (optional, with "resumed" only: the tokens the client already has, in order; the new
    entry's pipeline continues after them instead of generating them again, and its token frames start at
    their count)}
@@ -58,7 +58,7 @@ from hexswarm.net.protocols import (
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
 from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stopping import MAX_STOP_STRINGS
-from hexswarm.swarm import backlog
+from hexswarm.serve import backlog
 
 log = logging.getLogger("hexswarm.submit")
 
@@ -133,7 +133,7 @@ class SubmitService:
         return f"{rid}@{self.server.me[-10:]}"
 
     def owed(self) -> int:
-        """Tokens this entry still owes its clients (gossiped as `owed`: swarm/backlog.py)."""
+        """Tokens this entry still owes its clients (gossiped as `owed`: serve/backlog.py)."""
         return sum(self._owed.values())
 
     def _remember(self, rid: str, placement: dict) -> None:
@@ -165,7 +165,7 @@ class SubmitService:
     def register(self) -> None:
         from libp2p.custom_types import TProtocol
 
-        from hexswarm.swarm.submit_session import MAX_SESSIONS_PER_PEER, on_session_stream
+        from hexswarm.serve.submit_session import MAX_SESSIONS_PER_PEER, on_session_stream
 
         self.server.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
         self.server.node.host.set_stream_handler(TProtocol(SUBMIT2), self._on_stream)
@@ -401,7 +401,7 @@ class SubmitService:
             self.server.node.admit_client(remote, msg)
 
     async def serve_peer(self, peer: str, msg: Any, put: Callable[[dict], None]) -> dict:
-        """One request of `peer` through libp2p (its own submit stream or a session, swarm/submit_session.py):
+        """One request of `peer` through libp2p (its own submit stream or a session, serve/submit_session.py):
         the client certificate, the take-over rule, then `serve` (measured, see measure_with); `put` gets the frames
         before the final one, which is returned."""
         try:
@@ -489,7 +489,7 @@ class SubmitService:
 
     def _stalled(self, placement: dict, last_progress: float, seen: list) -> bool:
         """No token for STALL_TIMEOUT_S while the attempt's stage 0 emitted none either (its `emitted` count,
-        gossiped: swarm/backlog.py; `seen`: [count, when it last changed, stage 0]), or none for QUEUED_STALL_S
+        gossiped: serve/backlog.py; `seen`: [count, when it last changed, stage 0]), or none for QUEUED_STALL_S
         however busy stage 0 is."""
         now = trio.current_time()
         stage0 = placement["stages"][0]["peer"]
@@ -691,7 +691,7 @@ class SubmitService:
     @staticmethod
     def _events_lost(ev: dict, tokens: list[int]) -> str | None:
         """Why the current attempt's `ev` shows that some of its token events never came, or None.  A pipe link
-        that breaks loses the frames written to it just before, and the next go over a new link (swarm/pipe.py):
+        that breaks loses the frames written to it just before, and the next go over a new link (serve/pipe.py):
         a token ahead of the next one, or a done whose tokens do not continue those relayed.  The attempt's
         later tokens could not be streamed in order; the request goes on from the tokens the client has."""
         if ev.get("kind") == "event" and int(ev["index"]) > len(tokens):
@@ -741,24 +741,3 @@ class SubmitService:
             self.server.pipe.send(sender, {"kind": "cancel", "to": ev["to_stage0"], "rid": ev["rid"],
                                            "attempt": ev.get("attempt")})
 
-
-async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
-                    timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None) -> dict:
-    """Client side: send one request to the node at `addr` over a connection of its own; returns the
-    final frame.  For many requests keep one `SwarmClient` (swarm/client.py): no dial per request.
-    Raises UserError when the node cannot be reached or the connection breaks."""
-    from hexswarm.swarm.client import SwarmClient
-
-    async with SwarmClient([addr], identity=client_identity, cert=cert, timeout=timeout) as client:
-        return await client.submit_once(addr, request, on_frame)
-
-
-async def submit_with_failover(addrs: list[str], request: dict, on_frame: Callable[[dict], None] | None = None,
-                               timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None,
-                               max_tries: int = 6) -> dict:
-    """One request through the first entry node that answers, failing over to the next ones
-    (`SwarmClient.submit`), on a client of its own."""
-    from hexswarm.swarm.client import SwarmClient
-
-    async with SwarmClient(addrs, identity=client_identity, cert=cert, timeout=timeout) as client:
-        return await client.submit(request, on_frame, max_tries=max_tries)

@@ -5,7 +5,7 @@ each request's stream: at 64 concurrent requests an entry's event loop was 89-93
 streams and another quarter one yamux frame, one Noise encryption and one socket send per stream per step
 (docs/BENCHMARKS.md run 22).  A session carries all of one client connection's requests: the token frames of all
 of them that one step produced go out as one write, and a request costs no stream.  It is the libp2p twin of the
-HTTP worker channel (swarm/http_worker.py), and the request's messages and frames are submit/2's.
+HTTP worker channel (api/http_worker.py), and the request's messages and frames are submit/2's.
 
 Client -> entry, codec frames on the session's stream, each one message:
   {"submit": N, "msg": <a submit/2 request message>}     (N: the client's number for it on this session, an int)
@@ -41,7 +41,7 @@ from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.framing import FrameWriter, StreamClosed, read_frame
 from hexswarm.net.protocols import close_quietly, error_frame, remote_peer_id, reset_quietly
 from hexswarm.net.ratelimit import PeerSlots
-from hexswarm.swarm.submit import KEEPALIVE_S, MAX_SUBMIT_FRAME
+from hexswarm.serve.submit import KEEPALIVE_S, MAX_SUBMIT_FRAME
 
 log = logging.getLogger("hexswarm.submit")
 

@@ -2,7 +2,7 @@
 
 Dialing a node costs a TCP connect, multistream negotiation and a Noise handshake (several round trips and
 Python crypto).  A client that sends many requests keeps its host and one connection per entry, and one
-`/hexswarm/submit/3` session on it (swarm/submit_session.py) that carries all its requests to that entry: a
+`/hexswarm/submit/3` session on it (serve/submit_session.py) that carries all its requests to that entry: a
 request costs no stream, and the tokens of all of them from one engine step arrive in one write.  An entry
 without submit/3 (an older install) gets a `/hexswarm/submit/2` stream per request instead.
 
@@ -11,7 +11,7 @@ without submit/3 (an older install) gets a `/hexswarm/submit/2` stream per reque
 
 Requests may run concurrently from several trio tasks of one client (they multiplex on the session).
 `submit` fails over across the entry addresses as `submit_with_failover` always did; the frames are the
-submit protocol's (see swarm/submit.py).
+submit protocol's (see serve/submit.py).
 
 An entry that dies or freezes does not take the request with it: on a session (and a submit/2 stream) the entry
 sends a keepalive frame whenever it has nothing else to send, so one silent for `silent_s` is an entry that stopped
@@ -36,11 +36,11 @@ from hexswarm.net.error_codes import MEANINGS
 from hexswarm.net.framing import FrameTimeout, read_frame, write_frame
 from hexswarm.net.host import dial, is_connected, make_host, parse_peer_multiaddr
 from hexswarm.net.protocols import SUBMIT, SUBMIT2, SUBMIT3, close_quietly, reset_quietly
-from hexswarm.swarm.submit import MAX_SUBMIT_FRAME, REQUEST_TIMEOUT_S
-from hexswarm.swarm.submit_session import ClientSession, SessionLost
+from hexswarm.serve.submit import MAX_SUBMIT_FRAME, REQUEST_TIMEOUT_S
+from hexswarm.serve.submit_session import ClientSession, SessionLost
 
 DIAL_TIMEOUT_S = 10.0
-# an entry that sent nothing for this long (not even a keepalive, every 2 s: swarm/submit.py KEEPALIVE_S) is
+# an entry that sent nothing for this long (not even a keepalive, every 2 s: serve/submit.py KEEPALIVE_S) is
 # dead or frozen; long enough that an entry whose event loop stalls for seconds under load is not left
 SILENT_S = 15.0
 # error codes after which an accepted request is submitted through the next entry rather than given up: that
@@ -277,3 +277,21 @@ class SwarmClient:
             await self.host.disconnect(peer_id)
         except Exception:  # noqa: BLE001 - already gone
             pass
+
+
+async def submit_to(addr: str, request: dict, on_frame: Callable[[dict], None] | None = None,
+                    timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None) -> dict:
+    """Client side: send one request to the node at `addr` over a connection of its own; returns the
+    final frame.  For many requests keep one `SwarmClient`: no dial per request.
+    Raises UserError when the node cannot be reached or the connection breaks."""
+    async with SwarmClient([addr], identity=client_identity, cert=cert, timeout=timeout) as client:
+        return await client.submit_once(addr, request, on_frame)
+
+
+async def submit_with_failover(addrs: list[str], request: dict, on_frame: Callable[[dict], None] | None = None,
+                               timeout: float = REQUEST_TIMEOUT_S, client_identity=None, cert: dict | None = None,
+                               max_tries: int = 6) -> dict:
+    """One request through the first entry node that answers, failing over to the next ones
+    (`SwarmClient.submit`), on a client of its own."""
+    async with SwarmClient(addrs, identity=client_identity, cert=cert, timeout=timeout) as client:
+        return await client.submit(request, on_frame, max_tries=max_tries)

@@ -18,10 +18,10 @@ from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stopping import MAX_STOP_STRINGS
-from hexswarm.swarm.layout import SwarmLayout
+from hexswarm.serve.layout import SwarmLayout
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MAX_RID = 160  # a client's id (at most 128 characters) scoped by its entry (swarm/submit.py: wire_id)
+MAX_RID = 160  # a client's id (at most 128 characters) scoped by its entry (serve/submit.py: wire_id)
 MAX_INT = 2**63 - 1  # epochs, attempts, indices: anything a peer may send that still fits an int64
 
 
@@ -193,7 +193,7 @@ def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
 
 
 def read_placed(msg: Any) -> tuple[str, int, dict | None, tuple[str, str] | None]:
-    """A head's answer to a `dispatch` frame (swarm/placement.py): (rid, attempt, placement or None,
+    """A head's answer to a `dispatch` frame (serve/placement.py): (rid, attempt, placement or None,
     (code, message) or None)."""
     _need(isinstance(msg, dict), "placed: a map")
     rid, attempt = _rid(msg.get("rid")), msg.get("attempt")

@@ -30,14 +30,14 @@ from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, DISPATCH, LAYOUT, STATUS, TRACE, RemoteError, RequestError
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
-from hexswarm.swarm import backlog
-from hexswarm.swarm.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
-from hexswarm.swarm.layout import SwarmLayout, head_for, rendezvous_rank
+from hexswarm.serve import backlog
+from hexswarm.serve.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
+from hexswarm.serve.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.peer_table import PeerState
-from hexswarm.swarm.pipe import MessagePipe
-from hexswarm.swarm.placement import PipeDispatch
-from hexswarm.swarm.planning import PeerView, make_layout
-from hexswarm.swarm.stages import ServeSettings, StageSet
+from hexswarm.serve.pipe import MessagePipe
+from hexswarm.serve.placement import PipeDispatch
+from hexswarm.serve.planning import PeerView, make_layout
+from hexswarm.serve.stages import ServeSettings, StageSet
 
 log = logging.getLogger("hexswarm.serving")
 
@@ -122,7 +122,7 @@ class Server:
         self.service_rate = backlog.ServiceRate()  # tokens/s of the stage 0s here, in the records (backlog.py)
         self.placement = PipeDispatch(self)  # dispatch/placed frames over the pipe (placement.py)
         node.extra.update({"model": self.model_id, "serve": True})
-        from hexswarm.swarm.submit import SubmitService
+        from hexswarm.serve.submit import SubmitService
 
         self.submit_service = SubmitService(self)
 

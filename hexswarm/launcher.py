@@ -193,7 +193,7 @@ class LocalSwarm:
     def status(self, node: NodeProcess, timeout: float = 5.0) -> dict:
         import trio
 
-        from hexswarm.swarm.status_client import fetch_status
+        from hexswarm.api.status_client import fetch_status
 
         return trio.run(fetch_status, node.addr, timeout, *(self.client or (None, None)))
 

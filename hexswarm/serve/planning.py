@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.shard import check_tp_degree
-from hexswarm.swarm.layout import StageAssignment
+from hexswarm.serve.layout import StageAssignment
 
 log = logging.getLogger("hexswarm.planning")
 
@@ -115,7 +115,7 @@ def proportional_layout(cfg: LlamaConfig, peers: list[PeerView]) -> list[list[St
 
 def scheduler_layout(cfg: LlamaConfig, peers: list[PeerView], seed: int = 0) -> tuple[list[list[StageAssignment]], dict]:
     """The HexGen scheduler's plan on the live view; raises UserError when it finds none."""
-    from hexswarm.swarm import plan_bridge
+    from hexswarm.serve import plan_bridge
 
     return plan_bridge.plan_from_view(cfg, peers, seed)
 
