@@ -376,7 +376,7 @@ def _stage_set(built: list):
     class Worker:
         def __init__(self, key):
             self.key, self.error, self.in_flight, self.msgs, self.closed = key, None, 0, [], 0
-            self.spec = SimpleNamespace(n_slots=4)
+            self.spec = SimpleNamespace(max_batch=4)
             self.last_message_at = time.monotonic()
             self.spans = {}
 
@@ -650,7 +650,7 @@ def test_a_step_that_never_came_back_hands_its_requests_back_to_their_entries():
     from hexswarm.runtime import stage_engine as se
 
     sent = []
-    spec = SimpleNamespace(n_slots=2, max_len=64, device="cpu", device_of=lambda i: "cpu")
+    spec = SimpleNamespace(max_batch=2, max_seq_len=64, device="cpu", device_of=lambda i: "cpu")
     host = SimpleNamespace(spec=spec, executor=SimpleNamespace(kv=SimpleNamespace(n_blocks=8)))
     engine = se.StageEngine(host, se.PipelineRoute(0, 2, "B", "A"), lambda peer, msg: sent.append((peer, msg)))
     engine._start({"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2, 3],

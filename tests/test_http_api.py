@@ -584,7 +584,7 @@ def test_http_worker_channel_batches_a_steps_frames_and_cancels():
             self.cancelled, self.counts = [], []
 
         def info(self):
-            return {"created": 7, "model_name": "m", "model_id": "f" * 16, "max_len": 64,
+            return {"created": 7, "model_name": "m", "model_id": "f" * 16, "max_seq_len": 64,
                     "chat": ["{{ messages[0].content }}", "<s>", "</s>"], "strip_bos": True}
 
         async def serve(self, msg, emit, kind, put):
@@ -616,7 +616,7 @@ def test_http_worker_channel_batches_a_steps_frames_and_cancels():
                 outer.start_soon(channel.write_loop)
                 outer.start_soon(channel.read_loop, remote.deliver)
                 assert await remote.start() == "tok"
-                assert (remote.model_name, remote.max_len, remote.strip_bos) == ("m", 64, True)
+                assert (remote.model_name, remote.max_seq_len, remote.strip_bos) == ("m", 64, True)
                 assert remote.chat.render([{"role": "user", "content": "hi"}]) == "hi" and remote.chat.bos == "<s>"
                 got = []
 

@@ -1,5 +1,5 @@
 """The paged KV cache: block bookkeeping, and served tokens equal to `generate` when requests
-must wait for blocks (a pool smaller than slots x max_len)."""
+must wait for blocks (a pool smaller than slots x max_seq_len)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stage_engine import EngineSettings
 
 
-def small_cache(n_tokens: int, n_slots: int = 4, max_len: int = 128) -> KVCache:
-    return KVCache(n_layers=1, n_slots=n_slots, max_len=max_len, n_kv_heads=2, head_dim=4, dtype=torch.float32,
+def small_cache(n_tokens: int, max_batch: int = 4, max_seq_len: int = 128) -> KVCache:
+    return KVCache(n_layers=1, max_batch=max_batch, max_seq_len=max_seq_len,
+                   n_kv_heads=2, head_dim=4, dtype=torch.float32,
                    device="cpu", n_tokens=n_tokens)
 
 
@@ -79,7 +80,7 @@ def test_requests_wait_for_blocks_and_decode_as_generate(tiny_model, layout, set
     params = [SamplingParams(), SamplingParams(temperature=0.8, top_k=20, seed=3)]
     refs = {f"r{i}": generate(GenerateJob(str(tiny_model), p, max_new_tokens=12, sampling=params[i % 2]))["tokens"]
             for i, p in enumerate(PROMPTS)}
-    pipe = LocalPipeline(tiny_model, layout, n_slots=8, max_len=128, settings=settings, kv_tokens=96)
+    pipe = LocalPipeline(tiny_model, layout, max_batch=8, max_seq_len=128, settings=settings, kv_tokens=96)
     try:
         needs = [blocks_for(len(pipe.tokenizer.encode(p)) + 12) for p in PROMPTS]
         assert sum(needs) > 96 // BLOCK >= max(needs)  # not all at once, each alone
@@ -90,13 +91,13 @@ def test_requests_wait_for_blocks_and_decode_as_generate(tiny_model, layout, set
         # no stage ever held more than its pool: every block is free or held by the last requests
         for engine in pipe.engines.values():
             kv = engine.host.executor.kv
-            assert kv.free_blocks() + sum(kv.held_blocks(s) for s in range(kv.n_slots)) == kv.n_blocks
+            assert kv.free_blocks() + sum(kv.held_blocks(s) for s in range(kv.max_batch)) == kv.n_blocks
     finally:
         pipe.close()
 
 
 def test_a_request_larger_than_the_pool_is_refused(tiny_model):
-    pipe = LocalPipeline(tiny_model, [(1, 4)], n_slots=4, max_len=128, kv_tokens=32)
+    pipe = LocalPipeline(tiny_model, [(1, 4)], max_batch=4, max_seq_len=128, kv_tokens=32)
     try:
         pipe.start("big", "a prompt of more than thirty-two tokens, surely, with all these words", 40)
         pipe.start("small", "Hi", 4)

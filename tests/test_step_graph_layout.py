@@ -14,11 +14,11 @@ from hexswarm.model.tiny import TinySpec, make_tiny_llama
 from hexswarm.model.config import LlamaConfig
 
 
-def _runner(tmp_path, n_slots: int = 40) -> StepGraphRunner:
+def _runner(tmp_path, max_batch: int = 40) -> StepGraphRunner:
     cfg = LlamaConfig.from_dir(make_tiny_llama(tmp_path / "m", TinySpec(layers=2)))
     part = StagePart(0, 2, TensorShard.for_rank(cfg, 1, 0), with_embedding=True, with_head=True)
     model = StageModel(cfg, part, torch.float32, torch.device("cpu"))
-    runner = model.step_graphs(model.new_kv_cache(n_slots, 256))
+    runner = model.step_graphs(model.new_kv_cache(max_batch, 256))
     assert runner.mixed_shape([(0, 5, 1), (1, 0, 9)]) is None  # no graphs off CUDA: every mixed step runs eagerly
     runner.use_graphs = True  # the shape choice alone (nothing is captured here)
     return runner

@@ -242,10 +242,10 @@ def engine_mixed_ms(model, D: int, T: int, P: int, clock, warmup: int, repeats: 
     return clock.median(lambda: runner.mixed_step(ids, rows, shape), warmup, repeats)
 
 
-def capture_seconds(model, slots: int, max_len: int) -> dict:
+def capture_seconds(model, slots: int, max_seq_len: int) -> dict:
     """What a server's start-up pays for CUDA graphs at `slots` KV slots: seconds to capture every
     decode bucket, then every mixed-step bucket, and the graph pool's memory."""
-    kv = model.new_kv_cache(slots, max_len)
+    kv = model.new_kv_cache(slots, max_seq_len)
     runner = model.step_graphs(kv)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # capture empties the cache itself: start from an empty one

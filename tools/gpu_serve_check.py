@@ -50,8 +50,8 @@ def chunk_attention_check(dtype: torch.dtype) -> dict:
     from hexswarm.model.kv_cache import KVCache
 
     torch.manual_seed(0)
-    n_q, n_kv, D, max_len = 32, 8, 128, 512
-    kv = KVCache(1, 4, max_len, n_kv, D, dtype, "cuda")
+    n_q, n_kv, D, max_seq_len = 32, 8, 128, 512
+    kv = KVCache(1, 4, max_seq_len, n_kv, D, dtype, "cuda")
     for pos in range(0, 400, 16):  # grow the slots in turn: each slot's blocks are scattered over the pool
         kv.prepare([(s, pos, 16) for s in range(4)])
     kv.k.normal_()
@@ -82,8 +82,8 @@ def decode_attention_check(dtype: torch.dtype) -> dict:
     from hexswarm.model.kv_cache import KVCache
 
     torch.manual_seed(1)
-    n_q, n_kv, D, max_len = 32, 8, 128, 512
-    kv = KVCache(1, 64, max_len, n_kv, D, dtype, "cuda")
+    n_q, n_kv, D, max_seq_len = 32, 8, 128, 512
+    kv = KVCache(1, 64, max_seq_len, n_kv, D, dtype, "cuda")
     for pos in range(0, 400, 16):
         kv.prepare([(s, pos, 16) for s in range(64)])
     kv.k.normal_()
@@ -106,7 +106,7 @@ def served(model: Path, layout, settings: EngineSettings, dtype: str, gpus=None,
            kv_tokens: int = 0) -> dict[str, list[int]]:
     """linked: each engine in its own process, steps over local links (what CUDA nodes on one host do);
     kv_tokens: each stage's KV pool (0: 8 slots x 256 positions)."""
-    pipe = LocalPipeline(model, layout, n_slots=8, max_len=256, settings=settings, device="cuda", dtype=dtype,
+    pipe = LocalPipeline(model, layout, max_batch=8, max_seq_len=256, settings=settings, device="cuda", dtype=dtype,
                          gpus=gpus, processes=linked, links_dir=tempfile.mkdtemp() if linked else None,
                          kv_tokens=kv_tokens)
     try:

@@ -273,7 +273,8 @@ class LocalBackend:
         self.created = int(time.time())
         self.model_name = Path(server.settings.model_dir).name if server is not None else None
         self.model_id = server.model_id if server is not None else None
-        self.max_len = min(server.cfg.max_position_embeddings, server.settings.max_seq_len) if server is not None else 0
+        self.max_seq_len = (min(server.cfg.max_position_embeddings, server.settings.max_seq_len)
+                            if server is not None else 0)
         # a HF folder's or a GGUF's template, in jinja2's sandbox (hexswarm.runtime.chat)
         self.chat = ChatTemplate.for_model(server.settings.model_dir) if server is not None else None
         # SubmitService.serve itself (the HTTP requests are measured here; the p2p ones by the service: measure_with)
@@ -292,7 +293,7 @@ class LocalBackend:
         """The static facts a worker process's RemoteBackend is built from (its channel's hello)."""
         chat = self.chat
         return {"created": self.created, "model_name": self.model_name, "model_id": self.model_id,
-                "max_len": self.max_len, "chat": None if chat is None else [chat.source, chat.bos, chat.eos],
+                "max_seq_len": self.max_seq_len, "chat": None if chat is None else [chat.source, chat.bos, chat.eos],
                 "strip_bos": self.strip_bos if chat is not None and chat.bos else False}
 
     async def serve(self, msg: dict, emit, kind: str, put=None) -> dict:
@@ -441,7 +442,7 @@ class HttpApi:
     def _model_card(self) -> dict:
         b = self.backend
         return {"id": b.model_name, "object": "model", "created": b.created, "owned_by": "hexswarm",
-                "root": b.model_id, "max_model_len": b.max_len}
+                "root": b.model_id, "max_model_len": b.max_seq_len}
 
     def _check_model(self, req: dict) -> str:
         model = req.get("model")
@@ -489,7 +490,7 @@ class HttpApi:
     async def _completion(self, req: dict, chat: bool, receive, send) -> None:
         model = self._check_model(req)
         prompt = self._prompt(req, chat)
-        limit = self.backend.max_len
+        limit = self.backend.max_seq_len
         keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
         opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
         rid = uuid.uuid4().hex

@@ -310,7 +310,7 @@ class RemoteBackend:
         self.created = info["created"]
         self.model_name = info["model_name"]
         self.model_id = info["model_id"]
-        self.max_len = info["max_len"]
+        self.max_seq_len = info["max_seq_len"]
         self.chat = ChatTemplate(*info["chat"]) if info["chat"] is not None else None
         self.strip_bos = info["strip_bos"]
         return reply["token"]

@@ -149,7 +149,7 @@ if HAVE_TRITON:
         tl.store(out_ptr + b * (NQ * D) + h * D + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
-def _splits(B: int, n_q: int, max_len: int) -> int:
+def _splits(B: int, n_q: int, max_seq_len: int) -> int:
     """Key splits per (row, head).  A decode step's attention is latency-bound at small batch
     (batch 1: 32 programs, each a chain of dependent memory round trips), so split the keys
     until there are ~4 programs per SM (H100: 132) or a split would hold < 16 cache positions;
@@ -159,7 +159,7 @@ def _splits(B: int, n_q: int, max_len: int) -> int:
     B = 1 << (B - 1).bit_length() if B <= 4 else -(-B // 8) * 8
     programs = B * n_q
     splits = 1
-    while programs * splits < 528 and splits < 32 and splits * 16 < max_len:
+    while programs * splits < 528 and splits < 32 and splits * 16 < max_seq_len:
         splits *= 2
     return splits
 

@@ -115,8 +115,8 @@ class StepGraphRunner:
         self._graphs: dict[int, _Captured] = {}
         self._mixed: dict[tuple[int, int], _Captured] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        self.buckets = batch_buckets(kv.n_slots)
-        self.mixed_decode = [b for b in MIXED_DECODE_BUCKETS if b < kv.n_slots] + [kv.n_slots]
+        self.buckets = batch_buckets(kv.max_batch)
+        self.mixed_decode = [b for b in MIXED_DECODE_BUCKETS if b < kv.max_batch] + [kv.max_batch]
         self.mixed_tokens = list(MIXED_TOKEN_BUCKETS)
         self._mixed_out: torch.Tensor | None = None  # shared by every mixed graph (see module doc)
 
@@ -264,7 +264,7 @@ class StepGraphRunner:
         g.inp = self._padding_input(B)
         g.inp.copy_(inp.reshape(g.inp.shape))
         g.meta = meta_host.to(dev)
-        m.rope_tables(self.kv.max_len)  # allocate outside the graph
+        m.rope_tables(self.kv.max_seq_len)  # allocate outside the graph
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):  # warm-up: compiles the kernels, sizes cuBLAS workspaces

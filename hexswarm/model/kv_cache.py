@@ -5,8 +5,8 @@ on the device) maps a slot's position p to block table[slot, p // BLOCK], offset
 kernels (rotary_store here, decode and chunk attention in attention.py) read the table on the
 device, so CUDA graphs replay against whatever blocks the slots hold at the time.
 
-Why paged: a contiguous cache gives every slot max_len positions, so a GPU holds
-memory / (max_len x bytes per token) requests however short they are; with blocks a slot holds
+Why paged: a contiguous cache gives every slot max_seq_len positions, so a GPU holds
+memory / (max_seq_len x bytes per token) requests however short they are; with blocks a slot holds
 only what it uses and `n_tokens` (the pool) is shared.  An MHA 7B at 2k context needs 128 GiB for
 128 contiguous slots; 128 requests of 256 tokens need 16 GiB of blocks.
 
@@ -61,8 +61,8 @@ class KVCache:
     def __init__(
         self,
         n_layers: int,
-        n_slots: int,
-        max_len: int,
+        max_batch: int,
+        max_seq_len: int,
         n_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
@@ -70,19 +70,19 @@ class KVCache:
         n_tokens: int | None = None,
     ):
         """n_tokens: the pool's capacity in positions (rounded up to whole blocks); default
-        n_slots x max_len in whole blocks per slot, what a contiguous cache would hold."""
-        self.n_slots = n_slots
-        self.scratch_slot = n_slots
-        self.max_len = max_len
-        self.max_blocks = blocks_for(max_len)
-        n_blocks = 1 + (blocks_for(n_tokens) if n_tokens is not None else n_slots * self.max_blocks)
+        max_batch x max_seq_len in whole blocks per slot, what a contiguous cache would hold."""
+        self.max_batch = max_batch
+        self.scratch_slot = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_blocks = blocks_for(max_seq_len)
+        n_blocks = 1 + (blocks_for(n_tokens) if n_tokens is not None else max_batch * self.max_blocks)
         shape = (n_layers, n_blocks, BLOCK, n_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.table = torch.zeros((n_slots + 1, self.max_blocks), dtype=torch.int32, device=device)
+        self.table = torch.zeros((max_batch + 1, self.max_blocks), dtype=torch.int32, device=device)
         self.device = torch.device(device)
         self._free = list(range(n_blocks - 1, 0, -1))  # popped from the end: low blocks first
-        self._held: list[list[int]] = [[] for _ in range(n_slots + 1)]
+        self._held: list[list[int]] = [[] for _ in range(max_batch + 1)]
 
     @property
     def n_blocks(self) -> int:

@@ -68,9 +68,9 @@ class StageModel(nn.Module):
     # CUDA path (Triton kernels, graph-capturable decode); False forces the plain-torch path
     fast_kernels: bool = True
 
-    def new_kv_cache(self, n_slots: int, max_len: int, n_tokens: int | None = None) -> KVCache:
-        """n_tokens: the paged pool's capacity (default n_slots x max_len)."""
-        return KVCache(self.part.n_layers, n_slots, max_len, self.part.shard.n_kv_heads, self.cfg.head_dim,
+    def new_kv_cache(self, max_batch: int, max_seq_len: int, n_tokens: int | None = None) -> KVCache:
+        """n_tokens: the paged pool's capacity (default max_batch x max_seq_len)."""
+        return KVCache(self.part.n_layers, max_batch, max_seq_len, self.part.shard.n_kv_heads, self.cfg.head_dim,
                        self.dtype, self.device, n_tokens=n_tokens)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class StageModel(nn.Module):
     def forward_fast(self, x: torch.Tensor, kv: KVCache, meta: StepMeta, all_reduce: AllReduce | None = None):
         """The CUDA path on per-step device tensors: no host reads, no per-layer set-up,
         so a decode step can be captured in a CUDA graph.  x: [N, H] -> [N, H]."""
-        rope = self.rope_tables(kv.max_len)
+        rope = self.rope_tables(kv.max_seq_len)
         resid = x.clone()  # updated in place, layer by layer
         if not len(self.layers):
             return resid

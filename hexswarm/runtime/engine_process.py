@@ -75,7 +75,7 @@ class EngineProcess:
         self._send = send
         self._in_flight = 0
         self.last_message_at = time.monotonic()  # the child's, reported (CLOCK_MONOTONIC is system-wide)
-        self._limits = {"admit_limit": job.spec.n_slots, "kv_limit": 0}  # as the child's engine starts
+        self._limits = {"admit_limit": job.spec.max_batch, "kv_limit": 0}  # as the child's engine starts
         ctx = mp.get_context("spawn")  # no CUDA state or trio loop is inherited
         self._conn, child = ctx.Pipe(duplex=True)
         self._lock = threading.Lock()

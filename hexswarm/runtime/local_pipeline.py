@@ -23,10 +23,10 @@ ENTRY = "entry"
 class LocalPipeline:
     """layout: [(tp, layers), ...]; gpus: per stage, the CUDA ordinal of each TP rank (CUDA only);
     processes: each engine in its own process (EngineProcess), as a CUDA node runs them;
-    kv_tokens: each stage's KV pool (0: n_slots x max_len);
+    kv_tokens: each stage's KV pool (0: max_batch x max_seq_len);
     links_dir: the engines hand steps to each other over local links there (runtime/local_link.py)."""
 
-    def __init__(self, model_dir, layout: Sequence[tuple[int, int]], n_slots: int = 8, max_len: int = 128,
+    def __init__(self, model_dir, layout: Sequence[tuple[int, int]], max_batch: int = 8, max_seq_len: int = 128,
                  settings: EngineSettings = EngineSettings(), device: str = "cpu", dtype: str = "float32",
                  gpus: Sequence[tuple[int, ...]] | None = None, processes: bool = False,
                  links_dir: str | None = None, kv_tokens: int = 0):
@@ -44,7 +44,7 @@ class LocalPipeline:
         try:
             for i, (tp, n) in enumerate(layout):
                 spec = StageSpec(str(model_dir), start, start + n, tp, i == 0, i == len(layout) - 1, device, dtype,
-                                 n_slots, max_len, tuple(gpus[i]) if gpus else (), kv_tokens=kv_tokens)
+                                 max_batch, max_seq_len, tuple(gpus[i]) if gpus else (), kv_tokens=kv_tokens)
                 route = PipelineRoute(i, len(layout), names[i + 1] if i + 1 < len(layout) else None, names[0])
                 links = LinkSpec(names[i], (0, 0, i), links_dir) if links_dir else None
                 if processes:

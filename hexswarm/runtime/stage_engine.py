@@ -172,14 +172,14 @@ class StageEngine:
         self.inbox: queue.Queue = queue.Queue()
         self.requests: dict[str, ActiveRequest] = {}
         self.waiting: list[dict] = []  # started requests without a free KV slot yet
-        self.free_slots = list(range(host.spec.n_slots))
+        self.free_slots = list(range(host.spec.max_batch))
         # KV blocks promised to admitted requests (stage 0): a request is admitted only when its
         # prompt + max_new_tokens fit beside the others', so no step ever finds the pool full
         self.kv_committed = 0
         self._freed: list[int] = []  # slots released since the last step: their blocks go back with it
         # requests admitted at once: the smallest KV slot count of the pipeline's stages (set by
         # the serving layer once it knows them; slots of different stages are sized apart)
-        self.admit_limit = host.spec.n_slots
+        self.admit_limit = host.spec.max_batch
         self.kv_limit = 0  # KV blocks: the smallest cache of the pipeline (serving layer); 0: this stage's own
         self.spans = SpanLog()
         # in flight: id -> (sent, the requests of its rows).  The request objects, not their ids: an id taken
@@ -334,7 +334,7 @@ class StageEngine:
     def _kv_need(self, m: dict) -> int:
         """KV blocks a request can come to hold: its prompt, resumed tokens and new tokens."""
         n = len(m["prompt_ids"]) + int(m["max_new_tokens"])
-        return blocks_for(min(n, self.host.spec.max_len))
+        return blocks_for(min(n, self.host.spec.max_seq_len))
 
     def _fits(self, m: dict) -> bool:
         """Whether the first waiting request (`m`) has its blocks free now; those at the front that

@@ -40,11 +40,11 @@ class StageSpec:
     is_last: bool
     device: str = "cpu"
     dtype: str = "float32"
-    n_slots: int = 8
-    max_len: int = 512
+    max_batch: int = 8
+    max_seq_len: int = 512
     gpus: tuple[int, ...] = ()  # CUDA ordinal of each TP rank; () means 0..tp-1
     quantize: str | None = None  # None, "none", "int8", "int4" (see load_stage)
-    kv_tokens: int = 0  # the paged KV cache's capacity in positions; 0: n_slots x max_len
+    kv_tokens: int = 0  # the paged KV cache's capacity in positions; 0: max_batch x max_seq_len
 
     def device_of(self, tp_rank: int) -> torch.device:
         if self.device == "cuda":
@@ -59,7 +59,8 @@ class StageSpec:
     def to_args(self) -> list[str]:
         return [
             "--model", self.model_dir, "--layers", str(self.layer_start), str(self.layer_end), "--tp", str(self.tp),
-            "--device", self.device, "--dtype", self.dtype, "--slots", str(self.n_slots), "--max-len", str(self.max_len),
+            "--device", self.device, "--dtype", self.dtype, "--max-batch", str(self.max_batch),
+            "--max-seq-len", str(self.max_seq_len),
         ] + (["--first"] if self.is_first else []) + (["--last"] if self.is_last else []) + (
             ["--gpus", *map(str, self.gpus)] if self.gpus else []) + (
             ["--quantize", self.quantize] if self.quantize else []) + (
@@ -85,7 +86,7 @@ def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = Fal
     device = spec.device_of(tp_rank)
     model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
                        quantize=spec.quantize)
-    kv = model.new_kv_cache(spec.n_slots, spec.max_len, spec.kv_tokens or None)
+    kv = model.new_kv_cache(spec.max_batch, spec.max_seq_len, spec.kv_tokens or None)
     tp = TensorParallelGroup(pg, device) if pg is not None else None
     return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)
 

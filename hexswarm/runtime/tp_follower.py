@@ -32,8 +32,8 @@ def main() -> None:
     ap.add_argument("--tp", type=int, required=True)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--slots", type=int, default=8)
-    ap.add_argument("--max-len", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--first", action="store_true")
     ap.add_argument("--last", action="store_true")
     ap.add_argument("--gpus", nargs="*", type=int, default=[])
@@ -48,7 +48,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    spec = StageSpec(a.model, a.layers[0], a.layers[1], a.tp, a.first, a.last, a.device, a.dtype, a.slots, a.max_len, tuple(a.gpus),
+    spec = StageSpec(a.model, a.layers[0], a.layers[1], a.tp, a.first, a.last, a.device, a.dtype,
+                     a.max_batch, a.max_seq_len, tuple(a.gpus),
                      a.quantize, a.kv_tokens)
     pg, _store = make_group(a.device, a.store_port, a.tag, a.rank, a.tp, False)
     build_executor(spec, a.rank, pg).follow()

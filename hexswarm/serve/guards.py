@@ -73,23 +73,23 @@ def sampling_params(params: Any) -> dict:
         raise ProtocolError(f"sampling params: {e}") from None
 
 
-def _rows(v: Any, n_slots: int, max_len: int) -> list[list[int]]:
+def _rows(v: Any, max_batch: int, max_seq_len: int) -> list[list[int]]:
     """[slot, start, length] rows: at most one per KV slot and none past the cache."""
-    _need(isinstance(v, list) and 1 <= len(v) <= n_slots, "rows")
+    _need(isinstance(v, list) and 1 <= len(v) <= max_batch, "rows")
     for row in v:
         slot, start, length = _int_list(row, "row", 3)
-        _need(slot < n_slots and length >= 1 and start + length <= max_len, "row out of range")
+        _need(slot < max_batch and length >= 1 and start + length <= max_seq_len, "row out of range")
     return v
 
 
 def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: int, stage: int,
-                        cfg: LlamaConfig, n_slots: int, max_len: int) -> None:
+                        cfg: LlamaConfig, max_batch: int, max_seq_len: int) -> None:
     """Raise ProtocolError unless `msg` is a well-formed message for this stage from the right peer."""
     stages = layout.replicas[replica]
     kind = msg.get("kind")
     if kind == "forward":
         _need(stage > 0 and sender == stages[stage - 1].peer, "activations from a peer that is not the previous stage")
-        rows = _rows(msg.get("rows"), n_slots, max_len)
+        rows = _rows(msg.get("rows"), max_batch, max_seq_len)
         n = len(rows)
         x = msg.get("x")
         _need(isinstance(x, torch.Tensor) and x.dtype in ACTIVATION_DTYPES and x.dim() == 2, "activations: [N,H] float")
@@ -103,13 +103,13 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
                 _sampling(spec)
         _need(isinstance(msg.get("t"), list) and all(isinstance(t, (int, float)) for t in msg["t"]), "stage times")
         if msg.get("free") is not None:  # slots whose requests ended: their KV blocks go back to the pool
-            _need(len(_int_list(msg["free"], "free", None, 0, n_slots)) <= n_slots, "free: too many slots")
+            _need(len(_int_list(msg["free"], "free", None, 0, max_batch)) <= max_batch, "free: too many slots")
         # finiteness is checked by the stage engine on its device: on the node's event loop a scan of a
         # bf16 prefill chunk cost ~1 ms of CPU per MB (the busiest frame of a 2-stage profile on an H100)
     elif kind == "tokens":
         _need(stage == 0 and sender == stages[-1].peer, "tokens from a peer that is not the last stage")
         items = msg.get("items")
-        _need(isinstance(items, list) and len(items) <= n_slots, "token items")
+        _need(isinstance(items, list) and len(items) <= max_batch, "token items")
         _int_list(msg.get("steps"), "steps", None, 0)
         for it in items:
             _need(isinstance(it, dict) and isinstance(it.get("rid"), str), "token item")
@@ -121,7 +121,7 @@ def check_stage_message(msg: dict, sender: str, layout: SwarmLayout, replica: in
         ids = _int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
         resume = _int_list(_or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
         new = msg.get("max_new_tokens")
-        _need(isinstance(new, int) and new >= 1 and 1 <= len(ids) and len(ids) + new <= max_len, "lengths")
+        _need(isinstance(new, int) and new >= 1 and 1 <= len(ids) and len(ids) + new <= max_seq_len, "lengths")
         _need(len(resume) <= new, "resume tokens")
         _need(isinstance(msg.get("rid"), str) and len(msg["rid"]) <= MAX_RID and isinstance(msg.get("entry"), str),
               "rid / entry")
@@ -173,13 +173,13 @@ def check_done(msg: dict) -> dict:
 
 
 # ---- control requests ------------------------------------------------------------------------
-def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_len: int) -> dict:
+def read_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_seq_len: int) -> dict:
     """A request to place, from its entry node (the sender: a peer places only its own requests)."""
     _need(isinstance(msg, dict), "dispatch: a map")
     _need(msg.get("entry") == entry, "dispatch: the entry must be the sender")
     ids = _int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
     new = msg.get("max_new_tokens")
-    _need(_is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_len, "dispatch: lengths")
+    _need(_is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_seq_len, "dispatch: lengths")
     resume = _int_list(_or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
     _need(len(resume) <= new, "dispatch: more resume tokens than new tokens")
     stop = _or_default(msg.get("stop"), [])

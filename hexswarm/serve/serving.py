@@ -476,7 +476,7 @@ class Server:
                 continue
             known = self.replica_slots(layout, r)
             # fixed max_batch: every stage has the same count; "auto": wait for the others' counts
-            fallback = worker.spec.n_slots if self.settings.max_batch else 1
+            fallback = worker.spec.max_batch if self.settings.max_batch else 1
             worker.admit_limit = known if known is not None else fallback
             # a stage with a smaller cache than stage 0's (memory-capped sizes differ by GPU) caps what
             # stage 0 promises; until its size is known, stage 0's own

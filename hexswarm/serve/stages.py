@@ -158,7 +158,7 @@ class StageSet:
         spec = StageSpec(s.model_dir, st.layer_start, st.layer_end, st.tp, si == 0, si == len(replica) - 1,
                          s.device, s.dtype, s.max_batch, s.max_seq_len, st.gpus, quantize=s.quantize)
         slots, kv_tokens = self.kv_size(spec)
-        spec = dataclasses.replace(spec, n_slots=slots, kv_tokens=kv_tokens)
+        spec = dataclasses.replace(spec, max_batch=slots, kv_tokens=kv_tokens)
         log.info("epoch %d: stage %d holds %d requests in a KV cache of %d positions on %s", layout.epoch, si, slots,
                  kv_tokens, spec.device_of(0))
         tag, name = f"e{layout.epoch}r{ri}s{si}", f"stage-e{layout.epoch}-r{ri}-s{si}"
@@ -235,7 +235,7 @@ class StageSet:
         if worker is None:
             return False
         check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
-                            worker.spec.n_slots, self.settings.max_seq_len)
+                            worker.spec.max_batch, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
         worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
         return True
@@ -297,7 +297,7 @@ class StageSet:
     def slot_counts(self) -> dict[str, int]:
         """"epoch:replica:stage" -> KV slots of each stage this node serves (gossiped: a pipeline
         admits at most the smallest count of its stages)."""
-        return {f"{e}:{r}:{s}": w.spec.n_slots for (e, r, s), w in self.workers.items()}
+        return {f"{e}:{r}:{s}": w.spec.max_batch for (e, r, s), w in self.workers.items()}
 
     def kv_counts(self) -> dict[str, int]:
         """"epoch:replica:stage" -> KV blocks of each stage this node serves (gossiped: stage 0 admits

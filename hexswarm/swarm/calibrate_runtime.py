@@ -81,7 +81,7 @@ def measure_stage_times(model_dir: Path, device: str, dtype: str, gpu_step_s: Ca
     from hexswarm.runtime.stage_engine import EngineSettings
 
     links = tempfile.mkdtemp(prefix="hexswarm-cal-")  # private (0700): the link's trust rule
-    pipe = LocalPipeline(model_dir, [(1, 1), (1, 1)], n_slots=max(rows), max_len=LONG + 64,
+    pipe = LocalPipeline(model_dir, [(1, 1), (1, 1)], max_batch=max(rows), max_seq_len=LONG + 64,
                          settings=EngineSettings(micro_batches=1), device=device, dtype=dtype,
                          processes=device == "cuda", links_dir=links)
     counter = iter(range(1 << 30))
