@@ -6,6 +6,7 @@ import trio
 
 from hexswarm.net.direct import MAX_PER_PEER, DirectReceiver
 from hexswarm.net.ratelimit import PeerSlots
+from entry_port_fake import port_of
 
 
 def test_peer_slots_hold_a_peer_to_its_limit_and_forget_idle_peers():
@@ -44,11 +45,11 @@ def test_remembered_start_attempts_and_submitters_are_bounded(monkeypatch):
     server = object.__new__(Server)
     server.me, server._start_attempts = "head", OrderedDict()
     for i in range(20):
-        server._check_start({"entry": "e", "rid": f"r{i}", "attempt": 1}, "head")
+        server._check_start("e", f"r{i}", 1, "head")
     assert len(server._start_attempts) == 8
 
     monkeypatch.setattr(submit, "HISTORY", 8)
-    service = SubmitService(SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(max_queue=4))))
+    service = SubmitService(port_of(SimpleNamespace(node=SimpleNamespace(config=SimpleNamespace(max_queue=4)))))
     for i in range(20):
         service._note_submitter(f"r{i}", "client")
     assert len(service.submitters) == 8 and "r19" in service.submitters

@@ -19,6 +19,7 @@ from hexswarm.net.host import make_host
 from hexswarm.net.protocols import SUBMIT2, RemoteError, RequestError
 from hexswarm.serve import backlog
 from hexswarm.serve.submit import SubmitService
+from entry_port_fake import port_of
 
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
@@ -150,8 +151,9 @@ def test_a_resubmission_through_another_entry_is_not_refused_at_stage_0():
     """Stage 0 refuses a request id already live from another entry (a peer that knows an id must not take a
     request over); a client's failover through another entry while the first entry's copy still ran met that
     refusal until the copy ended.  Entries scope the ids they place (wire_id): two entries, two requests."""
-    a, b = SubmitService(server=None), SubmitService(server=None)
-    a.server, b.server = SimpleNamespace(me="12D3KooWentryAAAAAAAAAA"), SimpleNamespace(me="12D3KooWentryBBBBBBBBBB")
+    a, b = SubmitService(None), SubmitService(None)
+    a.port = port_of(SimpleNamespace(me="12D3KooWentryAAAAAAAAAA"))
+    b.port = port_of(SimpleNamespace(me="12D3KooWentryBBBBBBBBBB"))
     engine, sent = _engine_start()
     engine._start(_start(a.wire_id("r"), "A"))
     engine._start(_start(b.wire_id("r"), "B"))
@@ -221,8 +223,8 @@ def test_the_entry_refuses_a_new_request_up_front_but_never_a_resumed_one():
     server.service_rate = backlog.ServiceRate()
     server.serving_view = lambda: ["s0", "entry"]
     server.node.table = SimpleNamespace(get=lambda p: _Peer(rate=1.0, owed=1000), seconds_since_seen=lambda e: 0.0)
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     server.submit_service = svc
     frames = []
 
@@ -252,6 +254,7 @@ class _PipeServer:
 
 
 def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot_come():
+    from hexswarm.serve.pipeline_messages import decode_placed
     from hexswarm.serve.placement import PipeDispatch
 
     server = _PipeServer()
@@ -270,13 +273,14 @@ def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, "placed", msg)
             await trio.sleep(1)
-            pd._on_placed({"kind": "placed", "rid": "r@E", "attempt": 3, "placement": placement}, "X")  # not the head
-            pd._on_placed({"kind": "placed", "rid": "r@E", "attempt": 3, "placement": placement}, "H")
+            answer = decode_placed({"kind": "placed", "rid": "r@E", "attempt": 3, "placement": placement})
+            pd._on_placed(answer, "X")  # not the head
+            pd._on_placed(answer, "H")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, "refused", {**msg, "attempt": 4})
             await trio.sleep(1)
-            pd._on_placed({"kind": "placed", "rid": "r@E", "attempt": 4,
-                           "error": {"code": "no_layout", "message": "no live pipeline"}}, "H")
+            pd._on_placed(decode_placed({"kind": "placed", "rid": "r@E", "attempt": 4,
+                                         "error": {"code": "no_layout", "message": "no live pipeline"}}), "H")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, "unreachable", {**msg, "attempt": 5})
             await trio.sleep(1)
@@ -297,6 +301,7 @@ def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot
 
 
 def test_the_head_answers_a_dispatch_frame_with_a_placed_frame():
+    from hexswarm.serve.pipeline_messages import decode_dispatch
     from hexswarm.serve.placement import PipeDispatch
 
     placement = {"epoch": 1, "replica": 0, "head": "H", "attempt": 2, "stages": []}
@@ -317,13 +322,13 @@ def test_the_head_answers_a_dispatch_frame_with_a_placed_frame():
     async def main():
         async with trio.open_nursery() as nursery:
             pd._nursery = nursery
-            pd._on_dispatch(frame, "E")
-            pd._on_dispatch({**frame, "rid": "bad@E"}, "E")
+            pd._on_dispatch(decode_dispatch(frame, "E", server.cfg, 64), "E")
+            pd._on_dispatch(decode_dispatch({**frame, "rid": "bad@E"}, "E", server.cfg, 64), "E")
     trio.run(main)
     replies = {m["rid"]: m for peer, m in server.sent if peer == "E"}
     assert replies["r@E"]["placement"]["attempt"] == 2 and replies["bad@E"]["error"]["code"] == "busy"
     with pytest.raises(Exception):  # a dispatch naming another entry than its sender is dropped
-        pd._on_dispatch(frame, "M")
+        decode_dispatch(frame, "M", server.cfg, 64)
 
 
 def test_waiting_requests_do_not_storm_a_head_that_does_not_answer():
@@ -345,8 +350,8 @@ def test_waiting_requests_do_not_storm_a_head_that_does_not_answer():
                 "stages": [{"peer": "s0", "tp": 1, "layers": [0, 4]}]}
 
     server.placement = SimpleNamespace(ask=ask)
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     server.head_settings = SimpleNamespace(dispatch_wait_s=30.0)
 
     async def main():
@@ -414,8 +419,8 @@ async def _noop(frame):
 
 
 def _svc(server) -> SubmitService:
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     return svc
 
 

@@ -7,6 +7,7 @@ from hexswarm.net.error_codes import MEANINGS, ErrorCode, meaning
 from hexswarm.net.protocols import error_frame
 from hexswarm.api.client import RETRY_CODES
 from hexswarm.api.http_api import swarm_error
+from entry_port_fake import port_of
 
 
 def test_every_code_has_a_meaning():
@@ -53,7 +54,7 @@ def test_an_entry_cancels_the_latest_placement_of_a_request():
     sent = []
     server = SimpleNamespace(me="entry-peer-0123456789", pipe=SimpleNamespace(send=lambda p, m: sent.append((p, m))),
                              node=SimpleNamespace(config=SimpleNamespace(max_queue=4)))
-    service = SubmitService(server)
+    service = SubmitService(port_of(server))
     service.cancel("r1")
     assert sent == []
     for attempt, peer in ((1, "S0a"), (2, "S0b")):

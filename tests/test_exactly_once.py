@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from hexswarm.serve.submit import SubmitService
+from entry_port_fake import port_of
 
 
 class FakeHeadServer:
@@ -36,8 +37,8 @@ def test_every_resume_of_a_request_takes_a_newer_attempt():
     """Stage 0 refuses a start whose attempt is not newer than the last it saw for (entry, rid); resumes that
     all carried attempt 2 were refused there, stalled 60 s each and were lost (chaos run, 2026-11-25)."""
     server = FakeHeadServer()
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     req = {"rid": "r", "prompt_ids": [1, 2], "params": {}, "max_new_tokens": 8, "stop": []}
 
     async def main():
@@ -62,8 +63,8 @@ def test_tries_the_head_refuses_do_not_use_up_a_request_s_pipelines():
     server.serving_view = lambda: ["s0"]
     server.committed = None
     send, receive = trio.open_memory_channel(100)
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     placed = []
     refusals = MAX_ATTEMPTS + 4
 
@@ -125,8 +126,8 @@ class FakeEntryServer(FakeHeadServer):
 
 
 def _service(server) -> SubmitService:
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     return svc
 
 
@@ -245,7 +246,7 @@ def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_
     only the link broke, the entry heard nothing and waited for its stall timer (60 to 240 s) before resuming:
     it is told (a `done` error, which a new link carries), once per request; a notice that fails too only cancels."""
     from hexswarm.serve import serving
-    from hexswarm.serve.guards import check_done
+    from hexswarm.serve.pipeline_messages import decode_done
 
     server = object.__new__(serving.Server)
     routed, sent = [], []
@@ -256,10 +257,10 @@ def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_
                                                           {"rid": "b@E", "attempt": 1, "index": 0, "token": 5}]}
     behind = {"kind": "events", "to_stage0": to, "items": [{"rid": "a@E", "attempt": 2, "index": 5, "token": 8}]}
     server._on_send_failed("E", [first, behind])
-    assert [(m["kind"], m["to"], m["rid"], m["attempt"]) for m in routed] == [
+    assert [(m.kind, list(m.to), m.rid, m.attempt) for m in routed] == [
         ("cancel", to, "a@E", 2), ("cancel", to, "b@E", 1), ("cancel", to, "a@E", 2)]
     assert [(peer, m["rid"], m["attempt"]) for peer, m in sent] == [("E", "a@E", 2), ("E", "b@E", 1)]
-    assert all(check_done(m)["error"] for _, m in sent)  # what the entry's guard takes: its relay resumes at once
+    assert all(decode_done(m).error for _, m in sent)  # what the entry's guard takes: its relay resumes at once
     notices = [m for _, m in sent]
     sent.clear()
     server._on_send_failed("E", notices)  # the entry is gone after all: nothing more is sent
@@ -267,7 +268,7 @@ def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_
 
 
 def test_only_its_own_submitter_takes_a_running_request_over():
-    svc = SubmitService(server=None)
+    svc = SubmitService(None)
     svc.running["r"] = (trio.CancelScope(), trio.Event())
     svc.submitters["r"] = "alice"
     msg = {"prompt": "hi", "request_id": "r", "resumed": True}
@@ -397,6 +398,14 @@ def _stage_set(built: list):
     return stages
 
 
+def _route(stages, msg: dict, sender: str) -> bool:
+    """`msg` as the pipe hands it on: decoded (checked against the stage it goes to), then routed."""
+    from hexswarm.serve.pipeline_messages import PipelineDecoder
+
+    decoder = PipelineDecoder(stages.cfg, stages.settings.max_seq_len, stages.stage_facts)
+    return stages.route(decoder.decode(msg, sender), sender)
+
+
 def _layouts():
     from hexswarm.serve.layout import StageAssignment, SwarmLayout
 
@@ -425,16 +434,16 @@ def test_a_new_epoch_serves_on_with_the_stages_it_continues():
     assert shared is stages.workers[(1, 0, 0)]
     start = {"kind": "start", "rid": "r", "entry": "E", "attempt": 1, "prompt_ids": [1, 2], "max_new_tokens": 2,
              "params": {}, "to": [2, 1, 0]}
-    assert stages.route(start, "A") and shared.msgs[-1]["rid"] == "r"
+    assert _route(stages, start, "A") and shared.msgs[-1]["rid"] == "r"
     # steps go to the key the worker was built for (its neighbours' workers send there), never to an alias
     tokens = {"kind": "tokens", "to": [1, 0, 0], "steps": [0], "items": []}
-    assert stages.route(tokens, "B")
+    assert _route(stages, tokens, "B")
     assert stages.spans("r") == [] and stages.failed() == []
     # a step to the alias comes from a neighbour whose worker was built for epoch 2 (it loaded afresh): dropped,
     # and the worker reported failed under every key (the chain cannot work; the head re-plans it); a stranger's
     # step to the alias changes nothing
-    assert not stages.route({**tokens, "to": [2, 1, 0]}, "C") and stages.failed() == []
-    assert not stages.route({**tokens, "to": [2, 1, 0]}, "B")
+    assert not _route(stages, {**tokens, "to": [2, 1, 0]}, "C") and stages.failed() == []
+    assert not _route(stages, {**tokens, "to": [2, 1, 0]}, "B")
     assert stages.failed() == ["1:0:0", "2:1:0"]
     assert sorted(stages.slot_counts()) == ["1:0:0", "1:1:1", "2:1:0"]
     trio.run(stages.retire_older_than, 2)
@@ -557,8 +566,8 @@ def test_a_pipeline_peer_missing_heartbeats_for_a_moment_is_not_lost_but_a_resta
     table.observe(record(1))
     server = SimpleNamespace(me="s0", node=SimpleNamespace(table=table, config=SimpleNamespace(down_after_s=2.0)),
                              committed=None)
-    svc = SubmitService(server=None)
-    svc.server = server
+    svc = SubmitService(None)
+    svc.port = port_of(server)
     placement = {"epoch": 1, "replica": 0, "stages": [{"peer": "s0"}, {"peer": "s1"}]}
     seen: dict = {}
     assert svc._pipeline_alive(placement, seen)
@@ -688,9 +697,9 @@ def test_stage_0_takes_a_start_from_a_head_that_missed_heartbeats_here():
     stage0 = object.__new__(serving.Server)
     stage0.__dict__.update(me="S", model_id="m", _start_attempts=OrderedDict(),
                            node=SimpleNamespace(table=table, config=SimpleNamespace(roles=[])))
-    stage0._check_start({"entry": "E", "rid": "r", "attempt": 1}, "H")
+    stage0._check_start("E", "r", 1, "H")
     with pytest.raises(ProtocolError):
-        stage0._check_start({"entry": "E", "rid": "r2", "attempt": 1}, "W")
+        stage0._check_start("E", "r2", 1, "W")
 
 
 def test_a_head_gives_up_a_proposal_whose_epoch_the_swarm_already_passed(monkeypatch):

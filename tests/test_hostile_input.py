@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.net.ratelimit import PeerRateLimiter
-from hexswarm.serve.guards import check_stage_message
 from hexswarm.launcher import LocalSwarm
 from hexswarm.serve.layout import StageAssignment, SwarmLayout
+from hexswarm.serve.pipeline_messages import StageAddress, StageFacts, decode_stage_message
 from swarmutil import reference, submit_many
+from entry_port_fake import port_of
 
 LAYOUT = SwarmLayout(1, "A", "m", ("A", "B"), ((StageAssignment("A", 1, 0, 2), StageAssignment("B", 1, 2, 4)),))
 
@@ -27,6 +28,12 @@ LAYOUT = SwarmLayout(1, "A", "m", ("A", "B"), ((StageAssignment("A", 1, 0, 2), S
 @pytest.fixture(scope="module")
 def cfg(tiny_model):
     return LlamaConfig.from_dir(tiny_model)
+
+
+def check_stage_message(msg, sender, layout, replica, stage, cfg, max_batch, max_seq_len):
+    """The pipe's decoder's checks of `msg` to stage `stage` of `replica` in `layout`, with max_batch KV slots."""
+    return decode_stage_message(msg, sender, StageAddress(layout.epoch, replica, stage),
+                                StageFacts(layout.replicas[replica], max_batch), cfg, max_seq_len)
 
 
 def good_forward(B=2, T=1, H=64):
@@ -178,7 +185,7 @@ def test_non_finite_or_huge_submit_numbers_are_a_one_line_error(field, value):
     from hexswarm.serve.submit import SubmitService
 
     with pytest.raises(UserError):
-        SubmitService(server=None).parse({"prompt": "hello", field: value})
+        SubmitService(None).parse({"prompt": "hello", field: value})
 
 
 @pytest.mark.parametrize("field", ["stop", "stream", "request_id", "timeout_s", "resumed", "seed", "prompt",
@@ -191,8 +198,9 @@ def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
     from hexswarm.errors import UserError
     from hexswarm.serve.submit import SubmitService
 
-    svc = SubmitService(server=None)
-    svc.server = SimpleNamespace(cfg=SimpleNamespace(max_position_embeddings=64), settings=SimpleNamespace(max_seq_len=64))
+    svc = SubmitService(None)
+    svc.port = port_of(SimpleNamespace(cfg=SimpleNamespace(max_position_embeddings=64),
+                                       settings=SimpleNamespace(max_seq_len=64)))
     try:
         req = svc.parse({"prompt": "hello", field: torch.zeros(3)})
     except UserError:
@@ -203,11 +211,12 @@ def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
 @pytest.mark.parametrize("to", [[math.inf, 0, 0], [1, 0], "x", [1, 0, -1], [True, 0, 0], None])
 def test_a_malformed_stage_address_is_a_protocol_error(cfg, to):
     """Red-team finding 2 (issue 13): a direct-path frame {"kind": "cancel", "to": [inf, 0, 0]} ended the node."""
+    from hexswarm.serve.pipeline_messages import PipelineDecoder
     from hexswarm.serve.stages import ServeSettings, StageSet
 
     stages = StageSet("A", cfg, None, ServeSettings(model_dir="unused"), pipe=None)
     with pytest.raises(ProtocolError):
-        stages.route({"kind": "cancel", "to": to, "rid": "x"}, "B")
+        PipelineDecoder(cfg, 128, stages.stage_facts).decode({"kind": "cancel", "to": to, "rid": "x"}, "B")
 
 
 def test_tokens_injected_by_a_peer_that_is_not_stage_0_are_ignored(tiny_model, tmp_path):
@@ -316,18 +325,18 @@ def _with_tensors(msg: dict):
 def test_a_tensor_in_any_field_of_a_start_or_dispatch_is_a_protocol_error(cfg):
     """Found by the 10-minute chaos run's hostile sender: a dispatch whose `resume_tokens` was a tensor reached
     `resume_tokens or []` in the guard ("Boolean value of Tensor ... is ambiguous"), an unexpected error."""
-    from hexswarm.serve.guards import read_dispatch
+    from hexswarm.serve.pipeline_messages import decode_dispatch
 
     check_stage_message(_good_start(), "A", LAYOUT, 0, 0, cfg, 8, 128)
-    assert read_dispatch(_good_dispatch(), "E", cfg, 128)["resume_tokens"] == [5]
+    assert decode_dispatch(_good_dispatch(), "E", cfg, 128).resume_tokens == [5]
     for where, msg in _with_tensors(_good_start()):
         if where in ("kind", "to", "to[0]"):
-            continue  # routing fields: read before the guard (check_address) and by kind
+            continue  # routing fields: read before the checks (stage_address) and by kind
         with pytest.raises(ProtocolError):
             check_stage_message(msg, "A", LAYOUT, 0, 0, cfg, 8, 128)
     for where, msg in _with_tensors(_good_dispatch()):
         if where == "resumed":
-            assert read_dispatch(msg, "E", cfg, 128)["resumed"] is False  # only `true` marks a resubmission
+            assert decode_dispatch(msg, "E", cfg, 128).resumed is False  # only `true` marks a resubmission
             continue
         with pytest.raises(ProtocolError):
-            read_dispatch(msg, "E", cfg, 128)
+            decode_dispatch(msg, "E", cfg, 128)

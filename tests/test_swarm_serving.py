@@ -82,7 +82,7 @@ def test_cli_submit_stream_and_json(swarm3, tiny_model):
 @pytest.mark.parametrize("request_,needle", [
     ({"prompt": "word " * 600, "max_new_tokens": 4}, "prompt has"),
     ({"prompt": "x" * 1_000_000, "max_new_tokens": 4}, "characters"),  # refused before it is tokenized
-    ({"prompt": "hi", "top_p": 5.0}, "top-p"),
+    ({"prompt": "hi", "top_p": 5.0}, "top_p"),
     ({"prompt": "", "max_new_tokens": 4}, "prompt"),
     ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
 ])

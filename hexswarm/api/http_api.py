@@ -24,6 +24,7 @@ import re
 import secrets
 import time
 import uuid
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ import trio
 
 from hexswarm.errors import UserError, first_leaf
 from hexswarm.net.error_codes import ErrorCode, meaning
+from hexswarm.net.submit_request import FieldError, SubmitRequest
 from hexswarm.runtime.chat import ChatTemplate
-from hexswarm.runtime.stopping import MAX_STOP_STRINGS
 from hexswarm.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hexswarm.api.metrics import EntryMetrics
 
@@ -87,55 +88,14 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
-def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max: int) -> dict:
-    """The fields /v1/completions and /v1/chat/completions share -> submit-message fields (and options)."""
+def parse_options(body: dict) -> dict:
+    """The fields only this API has: checked, and the response options among them."""
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise bad("n", f"'n' must be 1 (this server returns one choice per request), got {n!r}")
     best_of = body.get("best_of")
     if best_of is not None and (not _is_int(best_of) or best_of != 1):
         raise bad("best_of", "'best_of' must be 1")
-    max_new = None
-    for key in max_tokens_keys:
-        v = body.get(key)
-        if v is None:
-            continue
-        if not _is_int(v) or v < 1:
-            raise bad(key, f"'{key}' must be an integer >= 1, got {v!r}")
-        max_new = v
-        break
-    temperature = body.get("temperature")
-    if temperature is None:
-        temperature = 1.0
-    elif not _is_number(temperature) or not 0 <= temperature <= 2:
-        raise bad("temperature", f"'temperature' must be a number in [0, 2], got {temperature!r}")
-    top_p = body.get("top_p")
-    if top_p is None:
-        top_p = 1.0
-    elif not _is_number(top_p) or not 0 < top_p <= 1:
-        raise bad("top_p", f"'top_p' must be a number in (0, 1], got {top_p!r}")
-    top_k = body.get("top_k")  # an extension (vLLM's): -1 or 0 means no cut
-    if top_k is None or top_k == -1:
-        top_k = 0
-    elif not _is_int(top_k) or not 0 <= top_k < 2**31:
-        raise bad("top_k", f"'top_k' must be an integer in [-1, 2^31), got {top_k!r}")
-    seed = body.get("seed")
-    if seed is None:
-        seed = secrets.randbits(62) if temperature > 0 else 0
-    elif not _is_int(seed):
-        raise bad("seed", f"'seed' must be an integer, got {seed!r}")
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them")
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad("stream", f"'stream' must be true or false, got {stream!r}")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("stream_options", "'stream_options' must be an object")
@@ -146,15 +106,35 @@ def parse_sampling(body: dict, *, max_tokens_keys: tuple[str, ...], default_max:
             raise bad(key, f"'{key}' is not supported (only 0)")
     if body.get("logit_bias"):
         raise bad("logit_bias", "'logit_bias' is not supported")
-    return_ids = body.get("return_token_ids", False)
+    return_ids = body.get("return_token_ids")
+    return_ids = False if return_ids is None else return_ids
     if not isinstance(return_ids, bool):
         raise bad("return_token_ids", "'return_token_ids' must be true or false")
-    ignore_eos = body.get("ignore_eos", False)  # an extension (vLLM's): exact output lengths for benchmarks
-    if not isinstance(ignore_eos, bool):
-        raise bad("ignore_eos", f"'ignore_eos' must be true or false, got {ignore_eos!r}")
-    return {"max_new_tokens": max_new or default_max, "temperature": float(temperature), "top_k": int(top_k),
-            "top_p": float(top_p), "seed": int(seed) & (2**63 - 1), "stop": stop, "stream": stream,
-            "include_usage": include_usage, "return_token_ids": return_ids, "ignore_eos": ignore_eos}
+    return {"include_usage": include_usage, "return_token_ids": return_ids}
+
+
+def parse_request(body: dict, prompt: Any, rid: str, *, max_tokens_keys: tuple[str, ...],
+                  default_max: int) -> SubmitRequest:
+    """The fields every front end shares, from OpenAI's names and defaults, checked as a submit request is."""
+    msg = {"prompt": prompt, "request_id": rid, "max_new_tokens": default_max, "temperature": 1.0}
+    max_key = "max_tokens"
+    for key in max_tokens_keys:  # the first one given counts (chat: max_completion_tokens, then max_tokens)
+        if body.get(key) is not None:
+            msg["max_new_tokens"], max_key = body[key], key
+            break
+    for key in ("temperature", "top_k", "top_p", "seed", "stream", "ignore_eos"):  # ignore_eos, top_k: vLLM's
+        if body.get(key) is not None:
+            msg[key] = body[key]
+    stop = body.get("stop")
+    msg["stop"] = [stop] if isinstance(stop, str) else stop  # OpenAI's one stop string
+    try:
+        req = SubmitRequest.from_map(msg)
+    except FieldError as e:
+        e = e.renamed(max_key) if e.field == "max_new_tokens" else e
+        raise bad(e.field, str(e)) from None
+    if body.get("seed") is None and req.temperature > 0:  # OpenAI's: a sampled answer differs each time
+        req = replace(req, seed=secrets.randbits(62))
+    return req
 
 
 def message_text(content: Any, where: str) -> str:
@@ -456,7 +436,8 @@ class HttpApi:
                            "invalid_request_error", "model", "model_not_found")
         return name
 
-    def _prompt(self, req: dict, chat: bool) -> str:
+    def _prompt(self, req: dict, chat: bool) -> Any:
+        """The prompt: the chat rendered, or the completion's (checked with the other shared fields)."""
         if chat:
             try:
                 text = self.backend.chat.render(parse_messages(req.get("messages")))
@@ -480,8 +461,6 @@ class HttpApi:
             prompt = prompt[0]
         if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
             raise bad("prompt", "'prompt' as token ids is not supported; send text")
-        if not isinstance(prompt, str) or not prompt:
-            raise bad("prompt", "'prompt' must be a non-empty string (or a list of exactly one)")
         for key, ok in (("echo", (None, False)), ("suffix", (None, "")), ("logprobs", (None, 0))):
             if req.get(key) not in ok:
                 raise bad(key, f"'{key}' is not supported")
@@ -492,14 +471,14 @@ class HttpApi:
         prompt = self._prompt(req, chat)
         limit = self.backend.max_seq_len
         keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-        opts = parse_sampling(req, max_tokens_keys=keys, default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
+        options = parse_options(req)
         rid = uuid.uuid4().hex
+        submit = parse_request(req, prompt, rid, max_tokens_keys=keys,
+                               default_max=limit if chat else DEFAULT_COMPLETION_TOKENS)
         # token frames only for a streamed answer: a whole one is built from `done` (its text and ids), and
         # EntryMetrics still times every token (it asks the relay for them and keeps them from the responder)
-        msg = {"prompt": prompt, "request_id": rid, "stream": opts["stream"],
-               **{k: opts[k] for k in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop",
-                                       "ignore_eos")}}
-        resp = Responder(self, send, rid, model, chat, opts)
+        msg = submit.to_map()
+        resp = Responder(self, send, rid, model, chat, {**options, "stream": submit.stream, "stop": list(submit.stop)})
         cancelled = True
         final: dict | None = None
         async with trio.open_nursery() as nursery:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from typing import List, Optional
 
 import typer
@@ -44,7 +45,7 @@ def submit(
     after another; results are printed in the order of the prompts."""
     import trio
 
-    from hexswarm.runtime.sampling import SamplingParams
+    from hexswarm.net.submit_request import SubmitRequest
 
     prompts = list(prompt or []) + _read_prompts(prompts_file)
     if not prompts:
@@ -53,19 +54,18 @@ def submit(
         raise UserError("--stream prints one answer as it comes: give one prompt")
     if concurrency < 1:
         raise UserError(f"--concurrency must be >= 1, got {concurrency}")
-    SamplingParams(temperature, top_k, top_p, seed).validate()
-    if chat:
-        prompts = [_chat_prompt(model, p) for p in prompts]
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    base = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-            "top_p": top_p, "seed": seed, "stop": list(stop or []), "stream": stream and not as_json}
-    if ignore_eos:
-        base["ignore_eos"] = True
-    requests = [{"prompt": p, **base} for p in prompts]
+    base = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+            "seed": seed, "stop": list(stop or []), "ignore_eos": ignore_eos, "stream": stream and not as_json,
+            "timeout_s": timeout}
+    maps = [{"prompt": p, **base} for p in prompts]
     if request_id:
-        for i, req in enumerate(requests):
-            req["request_id"] = request_id if len(requests) == 1 else f"{request_id}-{i}"
+        for i, msg in enumerate(maps):
+            msg["request_id"] = request_id if len(maps) == 1 else f"{request_id}-{i}"
+    # the entry's own checks, with its messages, before anything is sent
+    checked = [SubmitRequest.from_map(msg) for msg in maps]
+    if chat:
+        checked = [replace(req, prompt=_chat_prompt(model, req.prompt)) for req in checked]
+    requests = [req.to_map() for req in checked]
     identity, certificate = client_credentials(key, cert)
     run = _Run(list(peer), requests, concurrency, timeout, identity, certificate)
     if base["stream"]:

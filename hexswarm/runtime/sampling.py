@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from hexswarm.errors import UserError
 from hexswarm.model.host_copy import to_device
+from hexswarm.net.submit_request import check_sampling
 
 
 @dataclass(frozen=True)
@@ -26,15 +26,11 @@ class SamplingParams:
     seed: int = 0
 
     def validate(self) -> "SamplingParams":
-        if not (0.0 <= self.temperature < float("inf")):  # NaN and inf fail too
-            raise UserError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if not (0 <= self.top_k < 2**31):  # bounded: it travels in msgpack (no ints past 64 bits)
-            raise UserError(f"--top-k must be in [0, 2^31), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.seed < 2**63):
-            raise UserError(f"--seed must be in [0, 2^63), got {self.seed}")
-        return self
+        """These values checked by the submit request's rules (a FieldError naming the bad one), as those keep
+        them: top_k -1 as 0, a negative seed mod 2^63."""
+        values = (self.temperature, self.top_k, self.top_p, self.seed)
+        checked = check_sampling(*values)
+        return self if checked == values else SamplingParams(*checked)  # a stage checks every row's every step
 
     def to_dict(self) -> dict:
         return asdict(self)

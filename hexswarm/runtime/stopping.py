@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hexswarm.net.submit_request import MAX_STOP_STRINGS  # a stage 0 bounds stop strings too (serve/guards.py)
 from hexswarm.runtime.tokenizer import TextTokenizer
-
-MAX_STOP_STRINGS = 16  # stop strings one request may give (the submit protocols, HTTP, a stage 0)
 
 
 @dataclass

@@ -5,7 +5,8 @@ messages per second between the same few peers, so each sender keeps one
 stream per destination open and writes length-prefixed codec frames to it in
 order; opening a stream per message would add a multistream negotiation round
 trip to every decode step.  Messages are dicts with a "kind"; the receiver
-hands each to the callback registered for that kind.
+decodes each into its typed value (serve/pipeline_messages.py: every kind checked there, in one place)
+and hands that to the callback registered for its class.
 
 `send` may be called from worker threads: it only queues the message.
 
@@ -28,6 +29,7 @@ from hexswarm.net import codec, failures
 from hexswarm.net.framing import read_exactly, write_frame
 from hexswarm.net.protocols import PIPE, close_quietly, remote_peer_id, reset_quietly
 from hexswarm.net.ratelimit import PeerSlots
+from hexswarm.serve.pipeline_messages import UnknownKind
 
 log = logging.getLogger("hexswarm.pipe")
 
@@ -44,21 +46,24 @@ DIRECT_RETRY_S = 60.0  # after a failed direct-path attempt, links to that peer 
 # open there (the connect hangs), a 1:1 NAT's (a cloud VM's public IP) is; tried this long, not open_direct's 5 s.
 UNLISTED_DIRECT_TIMEOUT_S = 2.0
 
-Receiver = Callable[[dict, str], None]  # (message, sender PeerID text); must not block
+Decode = Callable[[dict, str], object]  # (message, sender) -> its typed value; ProtocolError when malformed
+Receiver = Callable[[object, str], object]  # (typed message, sender PeerID text); must not block
 SendFailed = Callable[[str, list[dict]], None]  # (peer, undelivered messages)
 LinkBroken = Callable[[str], None]  # (peer): a link to or from it broke; messages on it may be lost
 
 
 class MessagePipe:
     def __init__(self, node, on_send_failed: SendFailed | None = None, direct: bool = False,
-                 idle_close_s: float = IDLE_CLOSE_S, on_link_broken: LinkBroken | None = None):
+                 idle_close_s: float = IDLE_CLOSE_S, on_link_broken: LinkBroken | None = None,
+                 decode: Decode | None = None):
         self.node = node
+        self.decode = decode  # PipelineDecoder.decode; set before the pipe runs
         self.idle_close_s = idle_close_s
         self._inbound = PeerSlots(MAX_INBOUND_PER_PEER)
         # pipeline frames over a direct AES-GCM TCP connection keyed over libp2p (net/direct.py)
         self.direct = direct
         self._direct_failed: dict[str, float] = {}  # peer -> trio time of its last failed direct attempt
-        self.receivers: dict[str, Receiver] = {}
+        self.receivers: dict[type, Receiver] = {}  # typed message class -> its consumer
         self.on_send_failed = on_send_failed
         self.on_link_broken = on_link_broken
         self._out: dict[str, trio.MemorySendChannel] = {}
@@ -68,8 +73,8 @@ class MessagePipe:
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
-    def on(self, kind: str, fn: Receiver) -> None:
-        self.receivers[kind] = fn
+    def on(self, message_class: type, fn: Receiver) -> None:
+        self.receivers[message_class] = fn
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         from libp2p.custom_types import TProtocol
@@ -305,13 +310,16 @@ class MessagePipe:
                 failures.unexpected("pipe link-broken handler", peer, e)
 
     def _deliver(self, msg: dict, sender: str) -> None:
-        """Hand a message to its receiver (from the libp2p stream, the direct path, or ourselves)."""
-        fn = self.receivers.get(msg.get("kind"))
-        if fn is None:
-            log.debug("pipe message of unknown kind %r from %s dropped", msg.get("kind"), sender)
-            return
+        """Decode a message (from the libp2p stream, the direct path, or ourselves) and hand its typed value to
+        the receiver of its class."""
         try:
-            fn(msg, sender)
+            value = self.decode(msg, sender)
+            fn = self.receivers.get(type(value))
+            if fn is None:
+                raise UnknownKind(f"no receiver for {type(value).__name__}")
+            fn(value, sender)
+        except UnknownKind as e:  # a kind a newer peer sends: not an attack, not worth a warning
+            log.debug("pipe message of unknown kind %r from %s dropped: %s", msg.get("kind"), sender, e)
         except ProtocolError as e:  # a malformed message costs one log line, never the connection or the node
             log.warning("bad %s message from %s: %s", msg.get("kind"), sender, e)
         except Exception as e:

@@ -12,10 +12,10 @@ stream), so a placement costs two frames on it.
   node's head order (it went down or the term turned), or after `timeout`.  A head that places the request
   after the entry gave up costs nothing: every ask takes a new attempt number, and the entry cancels the
   work of attempts it is not waiting for.
-- Head: each `dispatch` frame (checked as the stream protocol checks it; the sender must be the entry) is
-  placed in a task of its own (`Server.dispatch`, which may wait for a live pipeline), at most
-  MAX_PER_ENTRY at once per entry, and answered `{"kind": "placed", "rid", "attempt", "placement"}` or
-  `{..., "error": {"code", "message"}}`.
+- Head: each `dispatch` frame (decoded by the pipe as the stream protocol decodes it, serve/pipeline_messages.py;
+  the sender must be the entry) is placed in a task of its own (`Server.dispatch`, which may wait for a live
+  pipeline), at most MAX_PER_ENTRY at once per entry, and answered `{"kind": "placed", "rid", "attempt",
+  "placement"}` or `{..., "error": {"code", "message"}}`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import trio
 from hexswarm.net import failures
 from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, RemoteError, RequestError
-from hexswarm.serve.guards import read_dispatch, read_placed
+from hexswarm.serve.pipeline_messages import DispatchRequest, PlacementAnswer
 
 log = logging.getLogger("hexswarm.placement")
 
@@ -46,8 +46,8 @@ class PipeDispatch:
 
     def register(self, pipe, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        pipe.on("dispatch", self._on_dispatch)
-        pipe.on("placed", self._on_placed)
+        pipe.on(DispatchRequest, self._on_dispatch)
+        pipe.on(PlacementAnswer, self._on_placed)
 
     # ---- entry side ------------------------------------------------------------------------
     async def ask(self, head: str, msg: dict, timeout: float) -> dict:
@@ -71,12 +71,11 @@ class PipeDispatch:
             raise answer
         return answer
 
-    def _on_placed(self, msg: dict, sender: str) -> None:
-        rid, attempt, placement, error = read_placed(msg)
-        waiter = self._waiting.get((rid, attempt))
+    def _on_placed(self, answer: PlacementAnswer, sender: str) -> None:
+        waiter = self._waiting.get((answer.rid, answer.attempt))
         if waiter is None or waiter[0] != sender or waiter[2].is_set():
             return  # given up on, or not from the head asked
-        waiter[1] = placement if error is None else RemoteError(*error)
+        waiter[1] = answer.placement if answer.error is None else RemoteError(*answer.error)
         waiter[2].set()
 
     def send_failed(self, peer: str, msg: dict) -> None:
@@ -87,18 +86,16 @@ class PipeDispatch:
             waiter[2].set()
 
     # ---- head side -------------------------------------------------------------------------
-    def _on_dispatch(self, msg: dict, sender: str) -> None:
-        server = self.server
-        req = read_dispatch(msg, sender, server.cfg, server.settings.max_seq_len)
+    def _on_dispatch(self, req: DispatchRequest, sender: str) -> None:
         if self._working.get(sender, 0) >= MAX_PER_ENTRY:
             self._reply(sender, req, error=(ErrorCode.BUSY, f"busy: {MAX_PER_ENTRY} placements of yours in progress"))
             return
         self._working[sender] = self._working.get(sender, 0) + 1
         self._nursery.start_soon(self._place_for, sender, req)
 
-    async def _place_for(self, entry: str, req: dict) -> None:
+    async def _place_for(self, entry: str, req: DispatchRequest) -> None:
         try:
-            self._reply(entry, req, placement=await self.server.dispatch(req))
+            self._reply(entry, req, placement=await self.server.dispatch(req.to_dict()))
         except RemoteError as e:
             self._reply(entry, req, error=(e.code, e.message))
         except Exception as e:  # a bug placing one request must not end the node
@@ -109,9 +106,9 @@ class PipeDispatch:
             if not self._working[entry]:
                 del self._working[entry]
 
-    def _reply(self, entry: str, req: dict, placement: dict | None = None,
+    def _reply(self, entry: str, req: DispatchRequest, placement: dict | None = None,
                error: tuple[str, str] | None = None) -> None:
-        msg = {"kind": "placed", "rid": req["rid"], "attempt": req["attempt"]}
+        msg = {"kind": "placed", "rid": req.rid, "attempt": req.attempt}
         if error is not None:
             msg["error"] = {"code": error[0], "message": error[1][:500]}
         else:

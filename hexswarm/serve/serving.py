@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,10 +32,13 @@ from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, DISPATCH, LAYOUT, STA
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.serve import backlog
-from hexswarm.serve.guards import check_done, check_events, read_dispatch, read_layout_request, read_trace_request
+from hexswarm.serve.guards import read_layout_request, read_trace_request
 from hexswarm.serve.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.peer_table import PeerState
 from hexswarm.serve.pipe import MessagePipe
+from hexswarm.serve.pipeline_messages import (CancelRequest, ForwardStep, LinkBrokenNotice, NoStageHere,
+                                              PipelineDecoder, RequestDone, SampledTokens, StageAddress,
+                                              StartRequest, TokenEvents, decode_dispatch)
 from hexswarm.serve.placement import PipeDispatch
 from hexswarm.serve.planning import PeerView, make_layout
 from hexswarm.serve.stages import ServeSettings, StageSet
@@ -102,6 +106,7 @@ class Server:
                                 idle_close_s=node.config.pipe_idle_s,
                                 on_link_broken=lambda peer: self.stages.link_broken(peer))
         self.stages = StageSet(self.me, self.cfg, self.tokenizer, settings, self.pipe, weights)
+        self.pipe.decode = PipelineDecoder(self.cfg, settings.max_seq_len, self.stages.stage_facts).decode
         self.committed: SwarmLayout | None = None
         self._commit_msg: dict | None = None  # the sealed commit, re-gossiped as it is
         self.highest_epoch = 0
@@ -122,19 +127,26 @@ class Server:
         self.service_rate = backlog.ServiceRate()  # tokens/s of the stage 0s here, in the records (backlog.py)
         self.placement = PipeDispatch(self)  # dispatch/placed frames over the pipe (placement.py)
         node.extra.update({"model": self.model_id, "serve": True})
-        from hexswarm.serve.submit import SubmitService
+        from hexswarm.serve.submit import EntryPort, SubmitService
 
-        self.submit_service = SubmitService(self)
+        self.submit_service = SubmitService(EntryPort(
+            me=self.me, node=node, cfg=self.cfg, tokenizer=self.tokenizer, max_seq_len=self.settings.max_seq_len,
+            dispatch_wait_s=self.head_settings.dispatch_wait_s, entries=self.entries, head_order=self.head_order,
+            dispatch=self.dispatch, ask_head=self.placement.ask, send=self.pipe.send, local_spans=self.stages.spans,
+            tokens_out=lambda: self.stages.tokens_out, committed=lambda: self.committed,
+            failed_replicas=self.failed_replicas, refusal=partial(backlog.refusal, self)))
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.pipe.run)
-            for kind in ("start", "forward", "tokens", "cancel", "link_broken"):
-                self.pipe.on(kind, self._to_stage)
-            self.pipe.on("events", self._events_to_entry)
-            self.pipe.on("done", self._to_entry)
+            # each decoded message straight to its consumer (serve/pipeline_messages.py lists them)
+            self.pipe.on(StartRequest, self._start_here)
+            for step_or_notice in (ForwardStep, SampledTokens, CancelRequest, LinkBrokenNotice, NoStageHere):
+                self.pipe.on(step_or_notice, self.stages.route)
+            self.pipe.on(TokenEvents, self._events_to_entry)
+            self.pipe.on(RequestDone, self._done_to_entry)
             self.placement.register(self.pipe, nursery)
             # an entry waits on many placements at once (up to its max_queue): no per-peer share here
             self.node.register_handler(DISPATCH, self._on_dispatch, max_per_peer=DEFAULT_MAX_CONCURRENT)
@@ -509,7 +521,7 @@ class Server:
         return out
 
     async def _on_dispatch(self, msg: Any, remote: Any) -> dict:
-        return await self.dispatch(read_dispatch(msg, str(remote), self.cfg, self.settings.max_seq_len))
+        return await self.dispatch(decode_dispatch(msg, str(remote), self.cfg, self.settings.max_seq_len).to_dict())
 
     async def dispatch(self, msg: dict) -> dict:
         """Place one request (head only); returns where it went."""
@@ -566,46 +578,40 @@ class Server:
         self.recent_dispatch[(layout.epoch, replica)] = recent
         return reported + len(recent)
 
-    # ---- pipe routing ------------------------------------------------------------------------
-    def _to_stage(self, msg: dict, sender: str) -> None:
-        if msg["kind"] == "start":
-            self._check_start(msg, sender)
-        if not self.stages.route(msg, sender):
-            log.warning("no stage %s here for a %s message from %s", msg.get("to"), msg["kind"], sender)
-            if msg["kind"] == "start":
-                self.pipe.send(msg["entry"], {"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
-                                              "error": f"stage {msg['to']} is not served by {self.me}"})
+    # ---- pipe routing (the consumers of decoded messages that are not a stage's alone) ---------------
+    def _start_here(self, start: StartRequest, sender: str) -> None:
+        self._check_start(start.entry, start.rid, start.attempt, sender)
+        if not self.stages.route(start, sender):
+            self.pipe.send(start.entry, {"kind": "done", "rid": start.rid, "attempt": start.attempt,
+                                         "error": f"stage {list(start.to)} is not served by {self.me}"})
 
-    def _check_start(self, msg: dict, sender: str) -> None:
+    def _check_start(self, entry: str, rid: str, attempt: int, sender: str) -> None:
         """A start comes from a head, and each (entry, request id) moves to a newer attempt: a replayed
         attempt would meet the tokens of the one it replaces at stage 0 (seen killing the engine)."""
         # head-capable among the peers in the table, up or not: a head that missed a heartbeat or two here (a
         # busy host) still places requests, and its starts dropped here stalled them 60 s each (chaos run)
         if sender != self.me and sender not in self.head_candidates(self.serving_view(any_state=True)):
             raise ProtocolError(f"start from {sender}, which is not a head candidate")
-        key, attempt = (msg.get("entry"), msg.get("rid")), msg.get("attempt")
-        if not (isinstance(key[0], str) and isinstance(key[1], str) and type(attempt) is int):
-            raise ProtocolError("start: entry, rid and attempt")
+        key = (entry, rid)
         newest = self._start_attempts.get(key, 0)
         if attempt <= newest:  # also a late start of an ask its entry gave up on (a head that answered late)
-            raise ProtocolError(f"start of request {key[1]} attempt {attempt} is not newer than attempt {newest} "
+            raise ProtocolError(f"start of request {rid} attempt {attempt} is not newer than attempt {newest} "
                                 "started here")
         self._start_attempts[key] = attempt
         self._start_attempts.move_to_end(key)
         while len(self._start_attempts) > START_HISTORY:
             self._start_attempts.popitem(last=False)
 
-    def _events_to_entry(self, msg: dict, sender: str) -> None:
+    def _events_to_entry(self, events: TokenEvents, sender: str) -> None:
         """One stage-0 step's new tokens for requests that entered here: to each request's relay."""
-        for item in check_events(msg):
-            self._deliver_to_entry({"kind": "event", "to_stage0": msg.get("to_stage0"), **item}, sender)
+        for event in events.relay_messages(sender):
+            self._deliver_to_entry(event)
 
-    def _to_entry(self, msg: dict, sender: str) -> None:
-        self._deliver_to_entry(check_done(msg), sender)
+    def _done_to_entry(self, done: RequestDone, sender: str) -> None:
+        self._deliver_to_entry(done.relay_message(sender))
 
-    def _deliver_to_entry(self, msg: dict, sender: str) -> None:
-        msg["_sender"] = sender
-        channel = self.entries.get(str(msg["rid"]))
+    def _deliver_to_entry(self, msg: dict) -> None:
+        channel = self.entries.get(msg["rid"])
         if channel is not None:
             try:
                 channel.send_nowait(msg)
@@ -616,15 +622,15 @@ class Server:
         told: set[tuple] = set()  # (rid, attempt) whose entry is told, once however many events failed
         for msg in msgs:
             if msg.get("kind") == "start":
-                self._deliver_to_entry({"kind": "done", "rid": msg["rid"], "attempt": msg.get("attempt"),
-                                        "error": f"stage 0 peer {peer} unreachable"}, self.me)
+                self._done_to_entry(RequestDone(msg["rid"], msg.get("attempt"), None,
+                                                error=f"stage 0 peer {peer} unreachable"), self.me)
             elif msg.get("kind") == "dispatch":  # the head is unreachable: its entry asks again
                 self.placement.send_failed(peer, msg)
             elif msg.get("kind") in ("events", "done") and "to_stage0" in msg:
                 # the entry is gone: nobody will read these requests' tokens; stop computing them
                 for item in msg.get("items") or [msg]:
-                    self.stages.route({"kind": "cancel", "to": msg["to_stage0"], "rid": item["rid"],
-                                       "attempt": item.get("attempt")}, self.me)
+                    self.stages.route(CancelRequest(StageAddress(*msg["to_stage0"]), item["rid"], item.get("attempt")),
+                                      self.me)
                     if msg["kind"] == "events" and (item["rid"], item.get("attempt")) not in told:
                         # ... or only its link broke, and a live entry would wait for these tokens until its stall
                         # timer (up to 240 s): told over a new link, it resumes the request at once.  A done that

@@ -1,5 +1,5 @@
-"""The stages this node serves, per layout epoch: load on proposal, route pipe
-messages to them, retire them once a newer epoch is committed and they are idle.
+"""The stages this node serves, per layout epoch: load on proposal, route the pipe's decoded messages
+(serve/pipeline_messages.py) to their workers, retire them once a newer epoch is committed and they are idle.
 
 A replica that a new layout continues (`SwarmLayout.continues`: the same stages on the same peers
 as in the committed layout) is not loaded again: its workers serve the new epoch too, under a
@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import trio
 
-from hexswarm.errors import ProtocolError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import BLOCK, blocks_for
 from hexswarm.runtime.cpus import engine_in_own_process
@@ -29,8 +28,8 @@ from hexswarm.runtime.local_link import LinkSpec, default_run_dir
 from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEngine
 from hexswarm.runtime.stage_host import StageHost, StageSpec, kv_tokens_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
-from hexswarm.serve.guards import check_stage_message
 from hexswarm.serve.layout import SwarmLayout
+from hexswarm.serve.pipeline_messages import NoStageHere, StageAddress, StageFacts, StageMessage
 
 log = logging.getLogger("hexswarm.stages")
 
@@ -38,6 +37,7 @@ AUTO_CONTEXT = 512  # positions a request is assumed to hold when max_batch is a
 AUTO_MAX_BATCH = 256  # vLLM's default max_num_seqs
 
 StageKey = tuple[int, int, int]  # (epoch, replica, stage index)
+STEP_KINDS = ("forward", "tokens")  # taken only under the key their worker was built for (module docstring)
 
 
 @dataclass(frozen=True)
@@ -220,24 +220,25 @@ class StageSet:
 
         return send
 
-    def route(self, msg: dict, sender: str) -> bool:
-        """Check a pipe message and hand it to its stage worker; False when this node has no
-        such stage; ProtocolError when the message is malformed or from the wrong peer."""
-        to = msg.get("to")
-        if not (isinstance(to, list) and len(to) == 3
-                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in to)):
-            raise ProtocolError("'to' must be [epoch, replica, stage]")
-        key = tuple(to)
+    def stage_facts(self, to: StageAddress, kind: str) -> StageFacts | None:
+        """What a `kind` message to stage `to` is checked against (the pipe's decoder asks); None where no worker
+        here takes it: none loaded under that key, or a step to an alias (module docstring)."""
+        worker = self.workers.get(to)
+        if worker is None or (kind in STEP_KINDS and to in self.home):
+            return None
+        return StageFacts(self.layouts[to.epoch].replicas[to.replica], worker.spec.max_batch)
+
+    def route(self, msg: StageMessage, sender: str) -> bool:
+        """Hand a decoded message to its stage's worker; False (and a log line) when no worker here takes it."""
+        key = msg.to
         worker = self.workers.get(key)
-        if worker is not None and key in self.home and msg.get("kind") in ("forward", "tokens"):
-            self._step_to_alias(key, msg["kind"], sender)
-            return False  # steps go only to the key their worker was built for (module docstring)
-        if worker is None:
+        if worker is None or isinstance(msg, NoStageHere):
+            if worker is not None and msg.kind in STEP_KINDS and key in self.home:
+                self._step_to_alias(key, msg.kind, sender)
+            log.warning("no stage %s here for a %s message from %s", list(key), msg.kind, sender)
             return False
-        check_stage_message(msg, sender, self.layouts[key[0]], key[1], key[2], self.cfg,
-                            worker.spec.max_batch, self.settings.max_seq_len)
         self.last_used[key] = time.monotonic()
-        worker.submit({**msg, "_sender": sender, "_recv_at": time.time()})
+        worker.submit(msg.engine_message(sender, time.time()))
         return True
 
     def _step_to_alias(self, key: StageKey, kind: str, sender: str) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 import uuid
 from typing import Any, Awaitable, Callable
@@ -50,15 +51,13 @@ from hexswarm.errors import ProtocolError, UserError, first_leaf
 from hexswarm.net import failures
 from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.ratelimit import PeerSlots
+from hexswarm.net.submit_request import RESUME_TOKENS, SubmitRequest
 from hexswarm.net.framing import FrameWriter, read_frame, write_frame
 from hexswarm.net.protocols import (
-    DISPATCH, SUBMIT, SUBMIT2, SUBMIT3, TRACE, RemoteError, RequestError, close_quietly,
+    SUBMIT, SUBMIT2, SUBMIT3, TRACE, RemoteError, RequestError, close_quietly,
     error_frame, remote_peer_id, reset_quietly,
 )
 from hexswarm.runtime.detokenize import IncrementalDetokenizer
-from hexswarm.runtime.sampling import SamplingParams
-from hexswarm.runtime.stopping import MAX_STOP_STRINGS
-from hexswarm.serve import backlog
 
 log = logging.getLogger("hexswarm.submit")
 
@@ -82,8 +81,32 @@ HEAD_BACKOFF_S, MAX_HEAD_BACKOFF_S = 0.5, 8.0  # asking a head that did not answ
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per servable token is refused untokenized
 
 
+@dataclass(frozen=True)
+class EntryPort:
+    """All an entry (SubmitService) uses of its node's serving layer (serving.py builds it): the node's
+    membership for peers' state and its host, the model's facts, and the serving calls named below."""
+
+    me: str  # this node's PeerID
+    node: Any  # swarm/node.py Node: peer table, requests to peers, the libp2p host, config, admission
+    cfg: Any  # the served model's LlamaConfig
+    tokenizer: Any
+    max_seq_len: int
+    dispatch_wait_s: float  # how long a head waits for a layout before refusing a placement
+    # wire id -> RelayInbox of each request this entry relays: the serving layer delivers its token events there
+    entries: dict
+    head_order: Callable[[], list[str]]  # heads to ask, best first
+    dispatch: Callable[[dict], Awaitable[dict]]  # place a request with this node as the head
+    ask_head: Callable[..., Awaitable[dict]]  # ask_head(head, msg, timeout=): a placement over the pipe
+    send: Callable[[str, dict], None]  # a message to a peer over the pipe (cancels)
+    local_spans: Callable[[str], list]  # a request's spans at the stages here (trace)
+    tokens_out: Callable[[], int]  # tokens the stage 0s here have emitted (stall check)
+    committed: Callable[[], Any]  # the committed SwarmLayout or None
+    failed_replicas: Callable[[Any], set]  # replicas of a layout with a stage reported failed
+    refusal: Callable[[int, float], str | None]  # why the swarm's backlog refuses a new request (backlog.py)
+
+
 class RelayInbox:
-    """What a request's entry holds for it (`server.entries`): the messages for its relay task.  While that task
+    """What a request's entry holds for it (`EntryPort.entries`): the messages for its relay task.  While that task
     waits with nothing in hand it lends its `take`, and the current attempt's next token goes to the client from
     the message that brought it: no task switch, timeout scope or channel per token (~13% of the entry's event
     loop in a CPU profile at 32 streams, docs/BENCHMARKS.md run 21).  Anything else, and everything after it
@@ -108,15 +131,15 @@ class RelayInbox:
 
 
 class SubmitService:
-    def __init__(self, server):
-        self.server = server
+    def __init__(self, port: EntryPort | None):
+        self.port = port
         # rid -> where its attempts ran (for `hexswarm trace`); the oldest are forgotten first
         self.history: OrderedDict[str, list[dict]] = OrderedDict()
         # rid -> the peer that submitted it over libp2p (a client may read its own traces), as long as history
         self.submitters: OrderedDict[str, str] = OrderedDict()
         # rid -> (cancel scope, finished) of the request running here: a resubmission takes it over
         self.running: dict[str, tuple[trio.CancelScope, trio.Event]] = {}
-        self.open_streams = PeerSlots(server.node.config.max_queue if server is not None else 1)
+        self.open_streams = PeerSlots(port.node.config.max_queue if port is not None else 1)
         # wire id -> tokens still owed to the client, for every request this entry holds (backlog.py)
         self._owed: dict[str, int] = {}
         # rid -> the newest attempt number this entry asked a head to place (placed or not: an ask the entry gave up
@@ -130,7 +153,7 @@ class SubmitService:
     def wire_id(self, rid: str) -> str:
         """The id the swarm knows a request `rid` of this entry by: scoped by the entry, so two entries'
         requests of one id (a client failing over) are two requests at a stage 0, never one."""
-        return f"{rid}@{self.server.me[-10:]}"
+        return f"{rid}@{self.port.me[-10:]}"
 
     def owed(self) -> int:
         """Tokens this entry still owes its clients (gossiped as `owed`: serve/backlog.py)."""
@@ -153,11 +176,11 @@ class SubmitService:
         spans: list[dict] = []
         wire = self.wire_id(rid)
         for peer in sorted({st["peer"] for p in placements for st in p["stages"]}):
-            if peer == self.server.me:
-                spans += self.server.stages.spans(wire)
+            if peer == self.port.me:
+                spans += self.port.local_spans(wire)
                 continue
             try:
-                spans += (await self.server.node.request(peer, TRACE, {"rid": wire, "local": True}, timeout=5))["spans"]
+                spans += (await self.port.node.request(peer, TRACE, {"rid": wire, "local": True}, timeout=5))["spans"]
             except RequestError as e:
                 spans.append({"peer": peer, "error": str(e)})
         return {"request_id": rid, "attempts": placements, "spans": spans}
@@ -167,66 +190,34 @@ class SubmitService:
 
         from hexswarm.serve.submit_session import MAX_SESSIONS_PER_PEER, on_session_stream
 
-        self.server.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
-        self.server.node.host.set_stream_handler(TProtocol(SUBMIT2), self._on_stream)
+        self.port.node.host.set_stream_handler(TProtocol(SUBMIT), self._on_stream)
+        self.port.node.host.set_stream_handler(TProtocol(SUBMIT2), self._on_stream)
         sessions = PeerSlots(MAX_SESSIONS_PER_PEER)
-        self.server.node.host.set_stream_handler(TProtocol(SUBMIT3), partial(on_session_stream, self, sessions))
+        self.port.node.host.set_stream_handler(TProtocol(SUBMIT3), partial(on_session_stream, self, sessions))
 
     def parse(self, msg: Any) -> dict:
-        """Check a submit request; UserError with a one-line reason."""
-        if not isinstance(msg, dict):
-            raise UserError("a submit request is a map")
-        prompt = msg.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise UserError("'prompt' must be a non-empty string")
-        # no truth test on what a peer sent: a tensor in any field raised past this check (a chaos run's fuzzer)
-        stop = msg.get("stop")
-        stop = [] if stop is None else stop
-        if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
-            raise UserError(f"'stop' must be a list of at most {MAX_STOP_STRINGS} strings")
-        try:
-            params = SamplingParams(float(msg.get("temperature", 0.0)), int(msg.get("top_k", 0)),
-                                    float(msg.get("top_p", 1.0)), int(msg.get("seed", 0))).validate()
-            max_new = int(msg.get("max_new_tokens", 64))
-        except (TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
-            raise UserError(f"bad sampling values: {e}") from None
-        if max_new < 1:
-            raise UserError(f"max_new_tokens must be >= 1, got {max_new}")
-        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
-        if len(prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
-            raise UserError(f"the prompt has {len(prompt)} characters; this swarm serves sequences of at most "
+        """Check a submit request: its fields as every front end checks them (SubmitRequest), then what depends
+        on the model; UserError with a one-line reason."""
+        req = SubmitRequest.from_map(msg)
+        limit = min(self.port.cfg.max_position_embeddings, self.port.max_seq_len)
+        if len(req.prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
+            raise UserError(f"the prompt has {len(req.prompt)} characters; this swarm serves sequences of at most "
                             f"{limit} tokens")
-        rid = msg.get("request_id")
-        rid = uuid.uuid4().hex if rid is None or (isinstance(rid, str) and not rid) else rid
-        if not isinstance(rid, str) or len(rid) > 128:
-            raise UserError("'request_id' must be a string of at most 128 characters")
-        stream = msg.get("stream", False)
-        if not isinstance(stream, bool):
-            raise UserError("'stream' must be true or false")
-        ignore_eos = msg.get("ignore_eos", False)
-        if not isinstance(ignore_eos, bool):
-            raise UserError("'ignore_eos' must be true or false")
-        timeout = msg.get("timeout_s", REQUEST_TIMEOUT_S)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:  # NaN too
-            raise UserError("'timeout_s' must be a positive number of seconds")
-        have = msg.get("resume_tokens")
-        have = [] if have is None or msg.get("resumed") is not True else have
-        if not (isinstance(have, list) and len(have) <= max_new
-                and all(type(t) is int and 0 <= t < self.server.cfg.vocab_size for t in have)):
-            raise UserError("'resume_tokens' must be a list of at most max_new_tokens token ids of the model")
-        return {"rid": rid, "prompt": prompt, "params": params.to_dict(), "stop": stop, "ignore_eos": ignore_eos,
-                "max_new_tokens": max_new,
-                "client_tokens": have,
-                "stream": stream, "resumed": msg.get("resumed") is True,
-                "deadline_s": min(float(timeout), REQUEST_TIMEOUT_S)}
+        if req.resume_tokens and max(req.resume_tokens) >= self.port.cfg.vocab_size:
+            raise RESUME_TOKENS.error(list(req.resume_tokens))
+        timeout = REQUEST_TIMEOUT_S if req.timeout_s is None else req.timeout_s
+        return {"rid": req.request_id or uuid.uuid4().hex, "prompt": req.prompt, "params": req.sampling_params(),
+                "stop": list(req.stop), "ignore_eos": req.ignore_eos, "max_new_tokens": req.max_new_tokens,
+                "client_tokens": list(req.resume_tokens), "stream": req.stream, "resumed": req.resumed,
+                "deadline_s": min(timeout, REQUEST_TIMEOUT_S)}
 
     async def tokenize(self, req: dict) -> dict:
         """The parsed request with its prompt ids and its budget cut to the context; a long prompt is
         tokenized in a worker thread (a 4 MiB prompt took ~3 s, which the event loop must not spend)."""
-        tok = self.server.tokenizer
+        tok = self.port.tokenizer
         prompt = req.pop("prompt")
         ids = tok.encode(prompt) if len(prompt) < 8192 else await trio.to_thread.run_sync(tok.encode, prompt)
-        limit = min(self.server.cfg.max_position_embeddings, self.server.settings.max_seq_len)
+        limit = min(self.port.cfg.max_position_embeddings, self.port.max_seq_len)
         if len(ids) >= limit:
             raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
         max_new = min(req["max_new_tokens"], limit - len(ids))
@@ -236,21 +227,21 @@ class SubmitService:
 
     async def place(self, req: dict) -> dict:
         """Ask the head (trying the next in line if it is gone) to place the request."""
-        server = self.server
+        port = self.port
         msg = {k: req[k] for k in ("prompt_ids", "params", "max_new_tokens", "stop")}
         if req.get("ignore_eos"):
             msg["ignore_eos"] = True
         msg["rid"] = self.wire_id(req["rid"])
-        msg["entry"] = server.me
+        msg["entry"] = port.me
         msg["resume_tokens"] = req.get("resume_tokens") or []
         msg["resumed"] = bool(req.get("resumed"))
         tried: set[str] = set()
-        deadline = trio.current_time() + server.head_settings.dispatch_wait_s + 10
+        deadline = trio.current_time() + port.dispatch_wait_s + 10
         last_error = "no head reachable"
         while trio.current_time() < deadline:
-            order = [h for h in server.head_order() if h not in tried] or server.head_order()
+            order = [h for h in port.head_order() if h not in tried] or port.head_order()
             head = order[0]
-            if head != server.me and not await self._head_backed_off(head, deadline):
+            if head != port.me and not await self._head_backed_off(head, deadline):
                 break
             # every ask takes a new attempt number: a head that places an attempt after this entry gave up on
             # it (no answer in time) cannot start it beside the next one; its tokens are cancelled as stale
@@ -260,13 +251,10 @@ class SubmitService:
             while len(self.asked) > HISTORY:
                 self.asked.popitem(last=False)
             try:
-                if head == server.me:
-                    placement = await server.dispatch(msg)
-                elif getattr(server, "placement", None) is not None:
-                    placement = await server.placement.ask(head, msg, timeout=server.head_settings.dispatch_wait_s + 5)
+                if head == port.me:
+                    placement = await port.dispatch(msg)
                 else:
-                    placement = await server.node.request(head, DISPATCH, msg,
-                                                          timeout=server.head_settings.dispatch_wait_s + 5)
+                    placement = await port.ask_head(head, msg, timeout=port.dispatch_wait_s + 5)
                 self._head_backoff.pop(head, None)
                 self._remember(req["rid"], placement)
                 req["placed"] = req.get("placed", 0) + 1
@@ -284,7 +272,7 @@ class SubmitService:
                 last_error = str(e)
                 tried.add(head)
                 self._head_failed(head)
-            if len(tried) >= len(server.head_order()):
+            if len(tried) >= len(port.head_order()):
                 tried.clear()
                 await trio.sleep(0.5)
         raise RemoteError(ErrorCode.NO_HEAD, last_error)
@@ -317,7 +305,7 @@ class SubmitService:
         their text (a caller that only times the tokens; no detokenizing per token).  `put`, from a
         front end that only queues its frames: takes token frames without blocking, straight from the
         message that brought them (RelayInbox)."""
-        server = self.server
+        port = self.port
         try:
             req = await self.tokenize(self.parse(msg))
         except UserError as e:
@@ -326,19 +314,19 @@ class SubmitService:
         wire = self.wire_id(rid)
         if rid in self.running and req["resumed"]:
             await self._take_over(rid)  # its client gave up on that stream and submitted again
-        if wire in server.entries:
+        if wire in port.entries:
             return error_frame(ErrorCode.BAD_REQUEST, f"request {rid} is already running")
-        if len(server.entries) >= server.node.config.max_queue:
+        if len(port.entries) >= port.node.config.max_queue:
             return error_frame(ErrorCode.BUSY,
-                               f"busy: {len(server.entries)} requests in flight on this node; retry after 1 s")
+                               f"busy: {len(port.entries)} requests in flight on this node; retry after 1 s")
         if not req["resumed"]:  # a new request joins the swarm's backlog only if it can be served in time
-            busy = backlog.refusal(server, req["max_new_tokens"], req["deadline_s"])
+            busy = port.refusal(req["max_new_tokens"], req["deadline_s"])
             if busy is not None:
                 return error_frame(ErrorCode.BUSY, busy)
         # attempts go on from this entry's earlier ones for the id: stage 0 refuses a repeated attempt
         req["attempts"] = max([p["attempt"] for p in self.history.get(rid, [])], default=0)
         send, receive = trio.open_memory_channel(math.inf)
-        inbox = server.entries[wire] = RelayInbox(send)
+        inbox = port.entries[wire] = RelayInbox(send)
         self._owed[wire] = req["max_new_tokens"]
         scope, finished = self.running[rid] = (trio.CancelScope(), trio.Event())
         try:
@@ -347,7 +335,7 @@ class SubmitService:
                                                 inbox if put is not None else None, put)
             return error_frame(ErrorCode.REPLACED, f"request {rid} was submitted again; this stream is abandoned")
         finally:
-            server.entries.pop(wire, None)
+            port.entries.pop(wire, None)
             self._owed.pop(wire, None)
             self.running.pop(rid, None)
             finished.set()
@@ -397,8 +385,8 @@ class SubmitService:
 
     def _check_submitter(self, remote: str, msg: Any) -> None:
         """With require_client_cert, only admitted nodes and holders of a client certificate may submit."""
-        if self.server.node.config.require_client_cert:
-            self.server.node.admit_client(remote, msg)
+        if self.port.node.config.require_client_cert:
+            self.port.node.admit_client(remote, msg)
 
     async def serve_peer(self, peer: str, msg: Any, put: Callable[[dict], None]) -> dict:
         """One request of `peer` through libp2p (its own submit stream or a session, serve/submit_session.py):
@@ -493,10 +481,10 @@ class SubmitService:
         however busy stage 0 is."""
         now = trio.current_time()
         stage0 = placement["stages"][0]["peer"]
-        if stage0 == self.server.me:
-            count = self.server.stages.tokens_out
+        if stage0 == self.port.me:
+            count = self.port.tokens_out()
         else:
-            entry = self.server.node.table.get(stage0)
+            entry = self.port.node.table.get(stage0)
             count = (getattr(entry.record, "extra", None) or {}).get("emitted") if entry is not None else None
         if count != seen[0] or stage0 != seen[2]:
             seen[:] = [count, now, stage0]
@@ -515,9 +503,9 @@ class SubmitService:
         first checked (`incarnations`: its stages, and the request with them, are gone) or silent past the grace
         while the request too has had nothing for that long (`quiet_s`: a token within the grace shows every stage
         alive, whatever the heartbeats of a starved host say), or a stage of it reported failed."""
-        node = self.server.node
+        node = self.port.node
         for st in placement["stages"]:
-            if st["peer"] == self.server.me:
+            if st["peer"] == self.port.me:
                 continue
             entry = node.table.get(st["peer"])
             if entry is None:
@@ -530,10 +518,10 @@ class SubmitService:
             if incarnations is not None and incarnations.setdefault(st["peer"], entry.record.incarnation) != \
                     entry.record.incarnation:
                 return f"lost peer {st['peer'][:16]} (restarted)"
-        layout = self.server.committed
+        layout = self.port.committed()
         if layout is None or layout.epoch != placement["epoch"]:
             return None  # an older epoch: its stages report under it, checked when its layout is known
-        if placement["replica"] in self.server.failed_replicas(layout):
+        if placement["replica"] in self.port.failed_replicas(layout):
             return "a stage reported failed"
         return None
 
@@ -545,13 +533,13 @@ class SubmitService:
         draws what it would have drawn, so the client sees one output, no token missing or repeated.
         With `inbox` and `put`: while this task waits with nothing in hand, the current attempt's next
         token goes to `put` from the message that brings it (`take` below), without waking this task."""
-        server = self.server
+        port = self.port
         wire = self.wire_id(req["rid"])
         # a client's failover may bring the tokens it has: the pipeline continues after them
         tokens: list[int] = list(req.get("client_tokens") or []) if req.get("resumed") else []
         # one incremental decode per token (not the whole output again per token); tokens are
         # deduplicated by index below, so a resumed attempt feeds it each token once
-        detok = IncrementalDetokenizer(server.tokenizer) if req["stream"] and text else None
+        detok = IncrementalDetokenizer(port.tokenizer) if req["stream"] and text else None
         if detok is not None:
             for t in tokens:  # the client has their text: the next frames' text continues after it
                 detok.push(t)
@@ -733,11 +721,11 @@ class SubmitService:
 
     def _cancel_placement(self, rid: str, placement: dict) -> None:
         stage0 = placement["stages"][0]["peer"]
-        self.server.pipe.send(stage0, {"kind": "cancel", "to": [placement["epoch"], placement["replica"], 0],
+        self.port.send(stage0, {"kind": "cancel", "to": [placement["epoch"], placement["replica"], 0],
                                        "rid": self.wire_id(rid), "attempt": placement["attempt"]})
 
     def _cancel(self, ev: dict, sender: str | None) -> None:
         if sender and "to_stage0" in ev:
-            self.server.pipe.send(sender, {"kind": "cancel", "to": ev["to_stage0"], "rid": ev["rid"],
+            self.port.send(sender, {"kind": "cancel", "to": ev["to_stage0"], "rid": ev["rid"],
                                            "attempt": ev.get("attempt")})
 
