@@ -254,7 +254,7 @@ class _PipeServer:
 
 
 def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot_come():
-    from hexswarm.serve.pipeline_messages import decode_placed
+    from hexswarm.serve.messages import decode_placed
     from hexswarm.serve.placement import PipeDispatch
 
     server = _PipeServer()
@@ -301,7 +301,7 @@ def test_a_placement_over_the_pipe_ends_with_the_head_s_answer_or_when_it_cannot
 
 
 def test_the_head_answers_a_dispatch_frame_with_a_placed_frame():
-    from hexswarm.serve.pipeline_messages import decode_dispatch
+    from hexswarm.serve.messages import decode_dispatch
     from hexswarm.serve.placement import PipeDispatch
 
     placement = {"epoch": 1, "replica": 0, "head": "H", "attempt": 2, "stages": []}

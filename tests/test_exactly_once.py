@@ -246,7 +246,7 @@ def test_a_stage_0_whose_token_events_cannot_be_sent_tells_the_entry_over_a_new_
     only the link broke, the entry heard nothing and waited for its stall timer (60 to 240 s) before resuming:
     it is told (a `done` error, which a new link carries), once per request; a notice that fails too only cancels."""
     from hexswarm.serve import serving
-    from hexswarm.serve.pipeline_messages import decode_done
+    from hexswarm.serve.messages import decode_done
 
     server = object.__new__(serving.Server)
     routed, sent = [], []
@@ -400,7 +400,7 @@ def _stage_set(built: list):
 
 def _route(stages, msg: dict, sender: str) -> bool:
     """`msg` as the pipe hands it on: decoded (checked against the stage it goes to), then routed."""
-    from hexswarm.serve.pipeline_messages import PipelineDecoder
+    from hexswarm.serve.messages import PipelineDecoder
 
     decoder = PipelineDecoder(stages.cfg, stages.settings.max_seq_len, stages.stage_facts)
     return stages.route(decoder.decode(msg, sender), sender)

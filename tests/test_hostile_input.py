@@ -18,7 +18,7 @@ from hexswarm.model.config import LlamaConfig
 from hexswarm.net.ratelimit import PeerRateLimiter
 from hexswarm.launcher import LocalSwarm
 from hexswarm.serve.layout import StageAssignment, SwarmLayout
-from hexswarm.serve.pipeline_messages import StageAddress, StageFacts, decode_stage_message
+from hexswarm.serve.messages import StageAddress, StageFacts, decode_stage_message
 from swarmutil import reference, submit_many
 from entry_port_fake import port_of
 
@@ -211,7 +211,7 @@ def test_a_tensor_in_any_submit_field_is_a_one_line_error(field):
 @pytest.mark.parametrize("to", [[math.inf, 0, 0], [1, 0], "x", [1, 0, -1], [True, 0, 0], None])
 def test_a_malformed_stage_address_is_a_protocol_error(cfg, to):
     """Red-team finding 2 (issue 13): a direct-path frame {"kind": "cancel", "to": [inf, 0, 0]} ended the node."""
-    from hexswarm.serve.pipeline_messages import PipelineDecoder
+    from hexswarm.serve.messages import PipelineDecoder
     from hexswarm.serve.stages import ServeSettings, StageSet
 
     stages = StageSet("A", cfg, None, ServeSettings(model_dir="unused"), pipe=None)
@@ -325,7 +325,7 @@ def _with_tensors(msg: dict):
 def test_a_tensor_in_any_field_of_a_start_or_dispatch_is_a_protocol_error(cfg):
     """Found by the 10-minute chaos run's hostile sender: a dispatch whose `resume_tokens` was a tensor reached
     `resume_tokens or []` in the guard ("Boolean value of Tensor ... is ambiguous"), an unexpected error."""
-    from hexswarm.serve.pipeline_messages import decode_dispatch
+    from hexswarm.serve.messages import decode_dispatch
 
     check_stage_message(_good_start(), "A", LAYOUT, 0, 0, cfg, 8, 128)
     assert decode_dispatch(_good_dispatch(), "E", cfg, 128).resume_tokens == [5]

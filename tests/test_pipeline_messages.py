@@ -1,4 +1,4 @@
-"""The pipe's message kinds decoded in one place (serve/pipeline_messages.py): each kind into its typed value,
+"""The pipe's message kinds decoded in one place (serve/messages.py): each kind into its typed value,
 each bad field refused with a ProtocolError that names it, and nothing but ProtocolError out of any map."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from hexswarm.errors import ProtocolError
 from hexswarm.serve.layout import StageAssignment
-from hexswarm.serve.pipeline_messages import (CancelRequest, DispatchRequest, ForwardStep, LinkBrokenNotice,
+from hexswarm.serve.messages import (CancelRequest, DispatchRequest, ForwardStep, LinkBrokenNotice,
                                               NoStageHere, PipelineDecoder, PlacementAnswer, RequestDone,
                                               SampledTokens, StageAddress, StageFacts, StartRequest, TokenEvents,
                                               UnknownKind)

@@ -5,7 +5,7 @@ messages per second between the same few peers, so each sender keeps one
 stream per destination open and writes length-prefixed codec frames to it in
 order; opening a stream per message would add a multistream negotiation round
 trip to every decode step.  Messages are dicts with a "kind"; the receiver
-decodes each into its typed value (serve/pipeline_messages.py: every kind checked there, in one place)
+decodes each into its typed value (serve/messages.py: every kind checked there, in one place)
 and hands that to the callback registered for its class.
 
 `send` may be called from worker threads: it only queues the message.
@@ -29,7 +29,7 @@ from hexswarm.net import codec, failures
 from hexswarm.net.framing import read_exactly, write_frame
 from hexswarm.net.protocols import PIPE, close_quietly, remote_peer_id, reset_quietly
 from hexswarm.net.ratelimit import PeerSlots
-from hexswarm.serve.pipeline_messages import UnknownKind
+from hexswarm.serve.messages import UnknownKind
 
 log = logging.getLogger("hexswarm.pipe")
 

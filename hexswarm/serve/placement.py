@@ -12,7 +12,7 @@ stream), so a placement costs two frames on it.
   node's head order (it went down or the term turned), or after `timeout`.  A head that places the request
   after the entry gave up costs nothing: every ask takes a new attempt number, and the entry cancels the
   work of attempts it is not waiting for.
-- Head: each `dispatch` frame (decoded by the pipe as the stream protocol decodes it, serve/pipeline_messages.py;
+- Head: each `dispatch` frame (decoded by the pipe as the stream protocol decodes it, serve/messages.py;
   the sender must be the entry) is placed in a task of its own (`Server.dispatch`, which may wait for a live
   pipeline), at most MAX_PER_ENTRY at once per entry, and answered `{"kind": "placed", "rid", "attempt",
   "placement"}` or `{..., "error": {"code", "message"}}`.
@@ -27,7 +27,7 @@ import trio
 from hexswarm.net import failures
 from hexswarm.net.error_codes import ErrorCode
 from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, RemoteError, RequestError
-from hexswarm.serve.pipeline_messages import DispatchRequest, PlacementAnswer
+from hexswarm.serve.messages import DispatchRequest, PlacementAnswer
 
 log = logging.getLogger("hexswarm.placement")
 

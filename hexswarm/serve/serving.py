@@ -32,11 +32,11 @@ from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, DISPATCH, LAYOUT, STA
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.serve import backlog
-from hexswarm.serve.guards import read_layout_request, read_trace_request
+from hexswarm.serve.messages import read_layout_request, read_trace_request
 from hexswarm.serve.layout import SwarmLayout, head_for, rendezvous_rank
 from hexswarm.swarm.peer_table import PeerState
 from hexswarm.serve.pipe import MessagePipe
-from hexswarm.serve.pipeline_messages import (CancelRequest, ForwardStep, LinkBrokenNotice, NoStageHere,
+from hexswarm.serve.messages import (CancelRequest, ForwardStep, LinkBrokenNotice, NoStageHere,
                                               PipelineDecoder, RequestDone, SampledTokens, StageAddress,
                                               StartRequest, TokenEvents, decode_dispatch)
 from hexswarm.serve.placement import PipeDispatch
@@ -141,7 +141,7 @@ class Server:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.pipe.run)
-            # each decoded message straight to its consumer (serve/pipeline_messages.py lists them)
+            # each decoded message straight to its consumer (serve/messages.py lists them)
             self.pipe.on(StartRequest, self._start_here)
             for step_or_notice in (ForwardStep, SampledTokens, CancelRequest, LinkBrokenNotice, NoStageHere):
                 self.pipe.on(step_or_notice, self.stages.route)

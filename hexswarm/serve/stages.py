@@ -1,5 +1,5 @@
 """The stages this node serves, per layout epoch: load on proposal, route the pipe's decoded messages
-(serve/pipeline_messages.py) to their workers, retire them once a newer epoch is committed and they are idle.
+(serve/messages.py) to their workers, retire them once a newer epoch is committed and they are idle.
 
 A replica that a new layout continues (`SwarmLayout.continues`: the same stages on the same peers
 as in the committed layout) is not loaded again: its workers serve the new epoch too, under a
@@ -29,7 +29,7 @@ from hexswarm.runtime.stage_engine import EngineSettings, PipelineRoute, StageEn
 from hexswarm.runtime.stage_host import StageHost, StageSpec, kv_tokens_that_fit
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.serve.layout import SwarmLayout
-from hexswarm.serve.pipeline_messages import NoStageHere, StageAddress, StageFacts, StageMessage
+from hexswarm.serve.messages import NoStageHere, StageAddress, StageFacts, StageMessage
 
 log = logging.getLogger("hexswarm.stages")
 
