@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
 import pytest
 
 from conftest import run_cli
+from hexswarm.errors import UserError
 
 
 def assert_one_line_error(proc, *needles):
@@ -106,3 +108,43 @@ def test_crashed_rank_is_named_and_nothing_hangs(tiny_model):
                 "--pp-partition", "2", "2", env={"HEXSWARM_TEST_CRASH_RANK": "2"}, timeout=90)
     assert_one_line_error(p, "rank 2 (stage 1, TP rank 1)")
     assert time.monotonic() - t0 < 60
+
+
+def test_plain_output_is_the_text_then_one_summary_line(tiny_model):
+    args = ["generate", "--model", str(tiny_model), "--prompt", "Hello", "--hetero-config", "1", "2",
+            "--pp-partition", "3", "1", "--max-new-tokens", "6", "--temperature", "0.8", "--seed", "3"]
+    plain, as_json = run_cli(*args), run_cli(*args, "--json")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == json.loads(as_json.stdout)["text"] + "\n"
+    lines = [line for line in plain.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, plain.stderr
+    assert re.fullmatch(r"\[6 tokens, finish=length, layout TP \[1, 2\] / layers \[3, 1\], "
+                        r"prefill \d+\.\d{3}s, decode \d+\.\d{3}s\]", lines[0]), lines[0]
+
+
+def test_timings_add_up(tiny_model):
+    p = run_cli("generate", "--model", str(tiny_model), "--prompt", "Hello", "--hetero-config", "2",
+                "--max-new-tokens", "8", "--json")
+    t = json.loads(p.stdout)["timings"]
+    assert set(t) == {"load_s", "prefill_s", "decode_s", "decode_ms_per_token", "total_s"}
+    assert t["load_s"] > 0 and t["prefill_s"] > 0 and t["decode_s"] > 0
+    assert abs(t["prefill_s"] + t["decode_s"] - t["total_s"]) <= 2e-4
+    assert abs(t["decode_ms_per_token"] - 1000 * t["decode_s"] / 7) <= 0.1
+
+
+def test_failed_stage_leader_is_named(tiny_model, monkeypatch):
+    from hexswarm.runtime.offline import GenerateJob, generate
+    from hexswarm.runtime.stage_host import StageHost
+
+    run = StageHost.run
+
+    def failing_last_stage(self, op):
+        if self.spec.is_last:
+            raise RuntimeError("boom")
+        return run(self, op)
+
+    monkeypatch.setattr(StageHost, "run", failing_last_stage)
+    t0 = time.monotonic()
+    with pytest.raises(UserError, match=r"^rank 1 \(stage 1, TP rank 0\) failed: RuntimeError: boom"):
+        generate(GenerateJob(str(tiny_model), "Hi", [1, 1], [2, 2], max_new_tokens=4))
+    assert time.monotonic() - t0 < 30

@@ -1,8 +1,10 @@
-"""`hexswarm generate`: run the engine offline on one host (HexGen's llama_inference.py)."""
+"""`hexswarm generate`: one prompt through the served engine on one host (HexGen's llama_inference.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from typing import List, Optional
 
 import typer
@@ -31,6 +33,9 @@ def generate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Generate text from a prompt on one host, over an asymmetric TP x PP layout."""
+    if not os.environ.get("HEXSWARM_DEBUG"):
+        # a failed stage is reported as one line naming its rank; the engine's own log line would add a traceback
+        logging.getLogger("hexswarm.runtime.stage_engine").addHandler(logging.NullHandler())
     from hexswarm.runtime.offline import GenerateJob
     from hexswarm.runtime.offline import generate as run
     from hexswarm.runtime.sampling import SamplingParams

@@ -272,6 +272,8 @@ class StepGraphRunner:
                 body(g.inp, g.meta)
         torch.cuda.current_stream(dev).wait_stream(side)
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph, pool=self._pool):
+        # captured on the stage's own stream: torch's default capture stream is made once, on the device of
+        # the first capture, and a process with stages on several GPUs (`hexswarm generate`) would capture there
+        with torch.cuda.graph(g.graph, pool=self._pool, stream=side):
             g.out = body(g.inp, g.meta)
         return g

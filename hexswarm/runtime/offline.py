@@ -1,19 +1,18 @@
-"""`hexswarm generate`: one host, one process per rank, HexGen-style layouts.
+"""`hexswarm generate`: one prompt through a HexGen-style layout on this host, on the served engine.
 
-Ranks are stage-major (stage 0's TP group first).  The stage-0 leader drives
-generation; stage leaders pass activations to the next leader; the last
-stage's leader samples and sends the token straight back to stage 0 (no
-broadcast to every rank).  The parent process watches the ranks: a rank that
-fails or dies ends the run with an error naming it.
+The layout's stages are built as a LocalPipeline: each stage leader's engine in this process,
+its TP followers as child processes (gloo on CPU, NCCL on CUDA; rank r on GPU r mod the GPUs).
+The prompt goes to stage 0 as a swarm's stage 0 gets it, and the tokens come back in the
+entry's `done` message: sampling and stopping are the engine's.  A stage that fails ends the
+run with an error naming its rank (ranks are stage-major); a follower that exited is the cause.
 """
 
 from __future__ import annotations
 
 import os
-import queue as queue_mod
+import queue
 import time
-from dataclasses import dataclass, field
-from datetime import timedelta
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,16 +20,17 @@ from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.quant_format import check_mode
 from hexswarm.model.source import open_checkpoint
-from hexswarm.model.stage import DTYPES, load_stage
-from hexswarm.net.ports import free_port
-from hexswarm.runtime.cpus import usable_cpus
-from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup, normalize_forward
+from hexswarm.model.stage import DTYPES
+from hexswarm.net.submit_request import MAX_NEW_TOKENS, FieldError
 from hexswarm.runtime.layout import Layout
-from hexswarm.runtime.sampling import SamplingParams, sample_token
-from hexswarm.runtime.stopping import StopChecker
+from hexswarm.runtime.local_pipeline import LocalPipeline, StageFailure
+from hexswarm.runtime.sampling import SamplingParams
+from hexswarm.runtime.stage_engine import EngineSettings
 from hexswarm.runtime.tokenizer import TextTokenizer
 
-FAULT_ENV = "HEXSWARM_TEST_CRASH_RANK"  # test hook: that rank exits abruptly after loading
+# test hook: that rank crashes once loaded (a TP follower's process is killed; a stage leader runs in this process)
+FAULT_ENV = "HEXSWARM_TEST_CRASH_RANK"
+REQUEST_ID = "generate"
 
 
 @dataclass
@@ -81,9 +81,10 @@ def prepare(job: GenerateJob) -> _Prepared:
     open_checkpoint(job.model_dir)  # files present and headers readable
     check_mode(job.quantize)
     tok = TextTokenizer(job.model_dir, cfg)
-    job.sampling.validate()
-    if job.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {job.max_new_tokens}")
+    try:  # a submitted request's rules, said of `hexswarm generate`'s flags
+        job = replace(job, sampling=job.sampling.validate(), max_new_tokens=MAX_NEW_TOKENS.check(job.max_new_tokens))
+    except FieldError as e:
+        raise e.renamed("--" + e.field.replace("_", "-")) from None
     device = resolve_device(job.device)
     dtype = resolve_dtype(job.dtype, device)
     ids = tok.encode(job.prompt)
@@ -95,236 +96,100 @@ def prepare(job: GenerateJob) -> _Prepared:
     return _Prepared(job, layout, ids, min(job.max_new_tokens, ctx - len(ids)), dtype)
 
 
-# ---- the ranks -------------------------------------------------------------------------
-
-def _sample_spec(job: GenerateJob, step: int) -> dict:
-    return {"params": job.sampling.to_dict(), "step": step, "logits": job.return_logits and step == 0}
-
-
-def _sample(logits: torch.Tensor, spec: dict) -> dict:
-    token = sample_token(logits[0], SamplingParams.from_dict(spec["params"]), spec["step"])
-    reply = {"token": token}
-    if spec.get("logits"):
-        reply["logits"] = logits[0].float().cpu()
-    return reply
-
-
-class _Pipeline:
-    """The stage-0 leader's view of the pipeline: one call per generation step."""
-
-    def __init__(self, executor: StageExecutor, layout: Layout):
-        self.ex = executor
-        self.stages = layout.stages
-
-    def step(self, op: dict, sample: dict) -> dict:
-        from hexswarm.runtime.transport import recv_obj, send_obj
-
-        out = self.ex.lead(op)
-        if len(self.stages) == 1:
-            return _sample(out, sample)
-        rows, _, _ = normalize_forward(op)
-        send_obj({"op": "forward", "rows": rows, "x": out.cpu(), "sample": sample}, self.stages[1].first_rank)
-        return recv_obj(self.stages[-1].first_rank)
-
-    def stop(self) -> None:
-        from hexswarm.runtime.transport import send_obj
-
-        self.ex.lead({"op": "stop"})
-        if len(self.stages) > 1:
-            send_obj({"op": "stop"}, self.stages[1].first_rank)
-
-
-def _drive(pipe: _Pipeline, prep: _Prepared, tok: TextTokenizer, load_s: float) -> dict:
-    job = prep.job
-    ids = prep.prompt_ids
-    stopper = StopChecker(tok, prep.max_new_tokens, list(job.stop))
-    t0 = time.perf_counter()
-    reply = pipe.step({"op": "forward", "ids": [ids], "slots": [0], "start": [0]}, _sample_spec(job, 0))
-    t_first = time.perf_counter()
-    first_logits = reply.get("logits")
-    tokens = [reply["token"]]
-    while (reason := stopper.finish_reason(tokens)) is None:
-        step = len(tokens)
-        reply = pipe.step(
-            {"op": "forward", "ids": [[tokens[-1]]], "slots": [0], "start": [len(ids) + step - 1]},
-            _sample_spec(job, step),
-        )
-        tokens.append(reply["token"])
-    t_end = time.perf_counter()
-    pipe.stop()
-    decode_steps = len(tokens) - 1
-    result = {
-        "prompt_tokens": ids,
-        "tokens": tokens,
-        "text": stopper.text(tokens),
-        "finish_reason": reason,
-        "layout": prep.layout.to_json(),
-        "timings": {
-            "load_s": round(load_s, 4),
-            "prefill_s": round(t_first - t0, 4),
-            "decode_s": round(t_end - t_first, 4),
-            "decode_ms_per_token": round(1000 * (t_end - t_first) / decode_steps, 3) if decode_steps else None,
-            "total_s": round(t_end - t0, 4),
-        },
-    }
-    if first_logits is not None:
-        result["logits"] = first_logits
-    return result
-
-
-def _serve_stage(ex: StageExecutor, layout: Layout, index: int) -> None:
-    from hexswarm.runtime.transport import recv_obj, send_obj
-
-    stages = layout.stages
-    last = index == len(stages) - 1
-    prev = stages[index - 1].first_rank
-    while True:
-        msg = recv_obj(prev)
-        if msg["op"] == "stop":
-            ex.lead(msg)
-            if not last:
-                send_obj(msg, stages[index + 1].first_rank)
-            return
-        sample = msg.pop("sample")
-        out = ex.lead(msg)
-        if last:
-            send_obj(_sample(out, sample), stages[0].first_rank)
-        else:
-            msg["x"] = out.cpu()
-            msg["sample"] = sample
-            send_obj(msg, stages[index + 1].first_rank)
-
-
-def _rank_device(device: str, rank: int) -> torch.device:
-    if device == "cuda":
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
-def _run_rank(rank: int, prep: _Prepared, port: int | None) -> dict | None:
-    import torch.distributed as dist
-
-    job, layout = prep.job, prep.layout
-    world = layout.world_size
-    device = _rank_device(job.device, rank)
-    if world > 1:
-        torch.set_num_threads(max(1, usable_cpus() // world))
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(minutes=30))
-    try:
-        # every rank creates every TP group, in the same order (torch.distributed requires it)
-        groups = {st.index: dist.new_group(list(st.ranks)) for st in layout.stages if st.tp > 1} if world > 1 else {}
-        stage, tp_rank = layout.stage_of_rank(rank)
-        cfg = LlamaConfig.from_dir(job.model_dir)
-        t0 = time.perf_counter()
-        model = load_stage(open_checkpoint(job.model_dir), cfg, layout.part(cfg, stage, tp_rank),
-                           DTYPES[prep.dtype], device, show_progress=job.show_progress and rank == 0,
-                           quantize=job.quantize)
-        load_s = time.perf_counter() - t0
-        if os.environ.get(FAULT_ENV) == str(rank):
-            os._exit(3)
-        kv = model.new_kv_cache(1, len(prep.prompt_ids) + prep.max_new_tokens)
-        tp = TensorParallelGroup(groups[stage.index], device) if stage.tp > 1 else None
-        ex = StageExecutor(model, kv, tp)
-        if tp_rank != 0:
-            ex.follow()
-            return None
-        if stage.index != 0:
-            _serve_stage(ex, layout, stage.index)
-            return None
-        return _drive(_Pipeline(ex, layout), prep, TextTokenizer(job.model_dir, cfg), load_s)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-
-
-def _rank_main(rank: int, prep: _Prepared, port: int, results) -> None:
-    try:
-        out = _run_rank(rank, prep, port)
-        if out is not None:
-            # plain lists: a tensor would travel as a shared-memory handle that dies with this process
-            if "logits" in out:
-                out["logits"] = out["logits"].tolist()
-            results.put(("result", rank, out))
-    except UserError as e:
-        results.put(("error", rank, str(e)))
-    except BaseException as e:  # report, then die: the parent stops the other ranks
-        results.put(("error", rank, f"{type(e).__name__}: {e}"))
-        raise SystemExit(1)
-
-
-def _describe_rank(layout: Layout, rank: int) -> str:
-    stage, tp_rank = layout.stage_of_rank(rank)
-    return f"rank {rank} (stage {stage.index}, TP rank {tp_rank})"
-
-
-def _failure_report(layout: Layout, procs, results, first_error: tuple[int, str] | None) -> str:
-    """Name the rank that caused a failure.
-
-    When one rank dies, its peers fail too (connection closed); a rank that
-    died without reporting anything is the cause, else the first reporter.
-    """
-    time.sleep(0.5)  # let every rank's report and exit status arrive
-    reports = dict([first_error]) if first_error else {}
-    while True:
-        try:
-            kind, rank, payload = results.get_nowait()
-        except queue_mod.Empty:
-            break
-        if kind == "error":
-            reports.setdefault(rank, payload)
-    silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reports]
-    if silent:
-        code = procs[silent[0]].exitcode
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return f"{_describe_rank(layout, silent[0])} {how}; the run was stopped"
-    rank = first_error[0] if first_error else min(reports)
-    return f"{_describe_rank(layout, rank)} failed: {reports[rank]}"
-
+# ---- the run ----------------------------------------------------------------------------
 
 def generate(job: GenerateJob) -> dict:
     """Run one generation; returns the `generate --json` object."""
     prep = prepare(job)
-    if prep.layout.world_size == 1:
-        result = _run_rank(0, prep, None)
-    else:
-        result = _run_multiprocess(prep)
-        if "logits" in result:
-            result["logits"] = torch.tensor(result["logits"], dtype=torch.float32)
+    job = prep.job  # its values as checked
+    t0 = time.perf_counter()
+    try:
+        pipe = _open_pipeline(prep)
+    except UserError:
+        raise
+    except Exception as e:  # a stage that cannot load (out of memory, say): one line, as a bad flag
+        raise UserError(f"the stages did not load: {type(e).__name__}: {e}") from e
+    load_s = time.perf_counter() - t0
+    try:
+        _crash_for_test(pipe, prep.layout)
+        pipe.start(REQUEST_ID, prep.prompt_ids, prep.max_new_tokens, job.sampling, job.stop)
+        done = _wait_done(pipe, prep.layout)
+        first_logits = pipe.first_logits
+    finally:
+        pipe.close()
+    result = _result(prep, done, load_s)
+    if job.return_logits:
+        result["logits"] = first_logits
     result["device"] = job.device
     result["dtype"] = prep.dtype
     return result
 
 
-def _run_multiprocess(prep: _Prepared) -> dict:
-    import torch.multiprocessing as mp
+def _open_pipeline(prep: _Prepared) -> LocalPipeline:
+    """The layout's stages as served engines, sized for this one request; the whole prompt is one
+    step (one forward, as a swarm runs a prompt within its step budget), so the last stage's first
+    logits are the prompt's."""
+    job, stages = prep.job, prep.layout.stages
+    gpus = None
+    if job.device == "cuda":
+        count = torch.cuda.device_count()
+        gpus = [tuple(rank % count for rank in st.ranks) for st in stages]
+    settings = EngineSettings(max_step_tokens=max(EngineSettings().max_step_tokens, len(prep.prompt_ids)))
+    return LocalPipeline(job.model_dir, [(st.tp, st.layer_end - st.layer_start) for st in stages], max_batch=1,
+                         max_seq_len=len(prep.prompt_ids) + prep.max_new_tokens, settings=settings,
+                         device=job.device, dtype=prep.dtype, gpus=gpus, quantize=job.quantize,
+                         show_progress=job.show_progress, keep_first_logits=job.return_logits)
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    world = prep.layout.world_size
-    procs = [ctx.Process(target=_rank_main, args=(r, prep, port, results), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        while True:
-            try:
-                kind, rank, payload = results.get(timeout=0.2)
-            except queue_mod.Empty:
-                if all(p.exitcode in (None, 0) for p in procs):
-                    continue
-                kind, rank, payload = "died", None, None
-            if kind == "result":
-                for p in procs:
-                    p.join(timeout=30)
-                return payload
-            raise UserError(_failure_report(prep.layout, procs, results, (rank, payload) if kind == "error" else None))
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(timeout=5)
+
+def _crash_for_test(pipe: LocalPipeline, layout: Layout) -> None:
+    rank = os.environ.get(FAULT_ENV)
+    if rank is None:
+        return
+    stage, tp_rank = layout.stage_of_rank(int(rank))
+    if tp_rank:
+        follower = pipe.hosts[stage.index].followers[tp_rank - 1]
+        follower.kill()
+        follower.wait()
+
+
+def _wait_done(pipe: LocalPipeline, layout: Layout) -> dict:
+    """The request's `done` message; a stage that fails before it ends the run with its rank named."""
+    while True:
+        try:
+            done = pipe.done.get(timeout=0.1)
+        except queue.Empty:
+            if pipe.failure() is None:
+                continue
+            time.sleep(0.5)  # a follower's exit, the cause of its leader's failed step, may show a moment later
+            raise UserError(_failure_report(layout, pipe.failure())) from None
+        if "error" in done:
+            raise UserError(f"stage 0 ended the request: {done['error']}")
+        return done
+
+
+def _failure_report(layout: Layout, failure: StageFailure) -> str:
+    rank = layout.stages[failure.stage].first_rank + failure.tp_rank
+    return f"rank {rank} (stage {failure.stage}, TP rank {failure.tp_rank}) {failure.what}; the run was stopped"
+
+
+def _result(prep: _Prepared, done: dict, load_s: float) -> dict:
+    """The `generate --json` object from the request's `done` message: the engine times it from the
+    request's admission (prefill: to its first token; decode: the rest)."""
+    tokens = done["tokens"]
+    ttft_s, total_s = done["timings"]["ttft_s"], done["timings"]["total_s"]
+    decode_s = total_s - ttft_s
+    decode_steps = len(tokens) - 1
+    return {
+        "prompt_tokens": done["prompt_tokens"],
+        "tokens": tokens,
+        "text": done["text"],
+        "finish_reason": done["finish_reason"],
+        "layout": prep.layout.to_json(),
+        "timings": {
+            "load_s": round(load_s, 4),
+            "prefill_s": round(ttft_s, 4),
+            "decode_s": round(decode_s, 4),
+            "decode_ms_per_token": round(1000 * decode_s / decode_steps, 3) if decode_steps else None,
+            "total_s": round(total_s, 4),
+        },
+    }

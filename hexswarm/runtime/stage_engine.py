@@ -236,6 +236,8 @@ class StageEngine:
     # ---- the worker thread -------------------------------------------------------------
     def _loop(self) -> None:
         try:
+            if self.spec.device == "cuda":  # this thread's kernels run on the leader's GPU (Triton: the current one)
+                torch.cuda.set_device(self.spec.device_of(0))
             with torch.inference_mode():
                 while True:
                     if self.route.is_first:

@@ -5,6 +5,7 @@ process group (several stages can live in one process, e.g. during a layout chan
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import subprocess
@@ -79,16 +80,27 @@ def make_group(device: str, store_port: int, tag: str, rank: int, size: int, is_
     return dist.ProcessGroupGloo(prefixed, rank, size, OP_TIMEOUT), store
 
 
-def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = False) -> StageExecutor:
+def build_executor(spec: StageSpec, tp_rank: int, pg, capture_graphs: bool = False,
+                   show_progress: bool = False) -> StageExecutor:
     """Load this rank's shard and its KV cache.  capture_graphs: capture every CUDA graph now (decode
-    and mixed-step buckets; a server), so no request waits on a capture later."""
+    and mixed-step buckets; a server), so no request waits on a capture later.  show_progress: a
+    progress bar while the shard loads."""
     cfg = LlamaConfig.from_dir(spec.model_dir)
     device = spec.device_of(tp_rank)
-    model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
-                       quantize=spec.quantize)
-    kv = model.new_kv_cache(spec.max_batch, spec.max_seq_len, spec.kv_tokens or None)
-    tp = TensorParallelGroup(pg, device) if pg is not None else None
-    return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)
+    on_device = contextlib.nullcontext()
+    if device.type == "cuda":
+        # Triton kernels and CUDA graph captures run on the current device, not their tensors'.  A follower's
+        # process does all its work on this thread: its GPU becomes the current device.  A leader loads and
+        # captures here within its GPU (the caller's thread keeps its own); its steps run on its engine's thread
+        if tp_rank:
+            torch.cuda.set_device(device)
+        on_device = torch.cuda.device(device)
+    with on_device:
+        model = load_stage(open_checkpoint(spec.model_dir), cfg, spec.part(cfg, tp_rank), DTYPES[spec.dtype], device,
+                           show_progress=show_progress, quantize=spec.quantize)
+        kv = model.new_kv_cache(spec.max_batch, spec.max_seq_len, spec.kv_tokens or None)
+        tp = TensorParallelGroup(pg, device) if pg is not None else None
+        return StageExecutor(model, kv, tp, capture_graphs=capture_graphs)
 
 
 def kv_tokens_that_fit(cfg: LlamaConfig, layers: int, tp: int, dtype: str, device: torch.device,
@@ -113,11 +125,13 @@ def kv_tokens_that_fit(cfg: LlamaConfig, layers: int, tp: int, dtype: str, devic
 class StageHost:
     """Load and run one stage; `run(op)` is blocking and must be called from one thread."""
 
-    def __init__(self, spec: StageSpec, tag: str):
+    def __init__(self, spec: StageSpec, tag: str, show_progress: bool = False):
         self.spec = spec
         self.tag = tag
+        self.show_progress = show_progress  # a progress bar while the leader's shard loads
         self.followers: list[subprocess.Popen] = []
         self._store = None
+        self._group = None  # the TP group's process group (tp > 1)
         self.executor: StageExecutor | None = None
 
     def start(self) -> None:
@@ -133,7 +147,8 @@ class StageHost:
                     env=env, stdin=subprocess.DEVNULL,
                 ))
             pg, self._store = make_group(self.spec.device, port, self.tag, 0, self.spec.tp, True)
-        self.executor = build_executor(self.spec, 0, pg, capture_graphs=True)
+            self._group = pg
+        self.executor = build_executor(self.spec, 0, pg, capture_graphs=True, show_progress=self.show_progress)
 
     @property
     def model(self):
@@ -143,13 +158,22 @@ class StageHost:
         """Forward one step (see StageExecutor.lead); the result may be a view of a CUDA-graph
         buffer that the next call overwrites.  Raises when a follower has exited: the collective
         would otherwise wait for it (OP_TIMEOUT), and the engine fails the stage over on the error."""
-        if not self.followers_alive():
-            codes = [p.returncode for p in self.followers if p.poll() is not None]
-            raise RuntimeError(f"stage {self.tag}: a tensor-parallel follower exited (code {codes[0]})")
+        exited = self.exited_follower()
+        if exited is not None:
+            raise RuntimeError(f"stage {self.tag}: a tensor-parallel follower exited (TP rank {exited[0]}, "
+                               f"code {exited[1]})")
         return self.executor.lead(op)
 
     def followers_alive(self) -> bool:
-        return all(p.poll() is None for p in self.followers)
+        return self.exited_follower() is None
+
+    def exited_follower(self) -> tuple[int, int] | None:
+        """(TP rank, exit status) of the first follower process that has exited (a negative status: the
+        signal that killed it), or None."""
+        for tp_rank, p in enumerate(self.followers, start=1):
+            if p.poll() is not None:
+                return tp_rank, p.returncode
+        return None
 
     def close(self) -> None:
         if self.executor is not None and self.followers and self.followers_alive():
@@ -163,4 +187,9 @@ class StageHost:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.followers.clear()
+        if self._group is not None and self.spec.device == "cuda":
+            # the followers are gone: NCCL's communicators go now (a group left to its destructor prints
+            # torch's "destroy_process_group() was not called" warning)
+            self._group.abort()
+        self._group = None
         self.executor = None
