@@ -7,8 +7,7 @@ from dataclasses import dataclass
 
 from hexswarm.errors import UserError
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model.shard import TensorShard, check_tp_degree
-from hexswarm.model.stage import StagePart
+from hexswarm.model.shard import check_tp_degree
 
 
 @dataclass(frozen=True)
@@ -75,16 +74,6 @@ class Layout:
             if rank in st.ranks:
                 return st, rank - st.first_rank
         raise ValueError(f"rank {rank} outside world of {self.world_size}")
-
-    def part(self, cfg: LlamaConfig, stage: Stage, tp_rank: int) -> StagePart:
-        leader = tp_rank == 0
-        return StagePart(
-            stage.layer_start,
-            stage.layer_end,
-            TensorShard.for_rank(cfg, stage.tp, tp_rank),
-            with_embedding=leader and stage.index == 0,
-            with_head=leader and stage.index == len(self.hetero_config) - 1,
-        )
 
     def to_json(self) -> dict:
         return {"hetero_config": list(self.hetero_config), "pp_partition": list(self.pp_partition)}

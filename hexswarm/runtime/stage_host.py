@@ -1,6 +1,13 @@
-"""One stage of a served pipeline on this host: the leader shard in this process and,
-for TP > 1, one follower process per extra rank, joined by a standalone gloo/NCCL
-process group (several stages can live in one process, e.g. during a layout change).
+"""One stage of a served pipeline on this host, across its TP ranks: the leader shard in this process
+and, for TP > 1, one follower process per extra rank, joined by a standalone gloo/NCCL process group
+(several stages can live in one process, e.g. during a layout change).
+
+Every rank runs a `StageExecutor`.  An op is a dict: {"op": "forward", "rows": [[slot, start, length], ...],
+"x": hidden [N, H], "free": [slot, ...]} where the rows' new tokens lie back to back in x (the first stage's
+leader may pass "ids", N token ids, instead of "x") and "free" (optional) names slots whose requests ended:
+their KV blocks go back to the pool before the rows get theirs; or {"op": "stop"}.  The leader broadcasts each
+op to its TP group (its header in the wire codec, no pickle; activations as tensors), so followers run the
+same op in the same order; activations never go to ranks that do not need them.
 """
 
 from __future__ import annotations
@@ -15,11 +22,13 @@ from dataclasses import dataclass
 import torch
 
 from hexswarm.model.config import LlamaConfig
+from hexswarm.model.host_copy import to_device
+from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.shard import TensorShard
 from hexswarm.model.source import open_checkpoint
-from hexswarm.model.stage import DTYPES, StagePart, load_stage
+from hexswarm.model.stage import DTYPES, StageModel, StagePart, load_stage
+from hexswarm.net import codec
 from hexswarm.net.ports import free_port
-from hexswarm.runtime.executor import StageExecutor, TensorParallelGroup
 
 # Setting a group up (followers start, load and connect) must finish within this.
 SETUP_TIMEOUT = datetime.timedelta(minutes=10)
@@ -28,6 +37,145 @@ SETUP_TIMEOUT = datetime.timedelta(minutes=10)
 # followers_alive before every op instead (and a closed gloo socket fails a pending collective).
 OP_TIMEOUT = datetime.timedelta(days=365)
 
+
+
+# ---- one rank: its ops, and the leader's broadcast of them to the group ----------------------------
+
+Rows = list[tuple[int, int, int]]
+
+
+class TensorParallelGroup:
+    """The ranks of one stage; local rank 0 is the leader.  `pg` is a torch ProcessGroup.
+
+    `device` is where the group's messages live: NCCL only moves CUDA tensors, so a group on
+    CUDA sends its op headers and activations as CUDA tensors (gloo takes either)."""
+
+    def __init__(self, pg, device: torch.device | str = "cpu"):
+        self.pg = pg
+        self.device = torch.device(device)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        self.pg.allreduce([t]).wait()
+        return t
+
+    def broadcast_op(self, op: dict | None, x: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        """Leader: send (op, x); followers (op=None) get them.  x travels as a tensor of `dtype`
+        on the group's device, not through the codec."""
+        header = None if op is None else {**op, "x_shape": None if x is None else list(x.shape)}
+        header = broadcast_obj(header, self.pg, self.device)
+        shape = header.pop("x_shape")
+        if shape is None:
+            return header, None
+        if x is None:
+            x = torch.empty(shape, dtype=dtype, device=self.device)
+        else:
+            x = x.to(self.device, dtype).contiguous()
+        self.pg.broadcast(x, 0).wait()
+        return header, x
+
+
+class StageExecutor:
+    def __init__(self, model: StageModel, kv: KVCache, tp: TensorParallelGroup | None = None,
+                 capture_graphs: bool = False):
+        self.model = model
+        self.kv = kv
+        self.tp = tp
+        # Steps of a single-rank CUDA stage replay captured CUDA graphs (decode steps, and steps
+        # mixing decode rows with prompt chunks up to a token bucket); a TP stage
+        # would need its all-reduce captured too, which the standalone groups here do not do.
+        self.graphs = model.step_graphs(kv) if tp is None and torch.device(model.device).type == "cuda" else None
+        if self.graphs is not None and capture_graphs:
+            self.graphs.capture_all()
+            self._warm_up_eager()
+
+    def _warm_up_eager(self) -> None:
+        """One eager mixed step on the scratch slot (a decode row and a prompt chunk), so the
+        kernels of eager steps are compiled at load, not while a request waits."""
+        kv = self.kv
+        rows = [(kv.scratch_slot, 0, 1), (kv.scratch_slot, 1, 3)]
+        with torch.inference_mode():
+            if self.model.embedding is not None:
+                x = self.model.embed(torch.zeros(4, dtype=torch.long, device=self.model.device))
+            else:
+                x = torch.zeros(4, self.model.cfg.hidden_size, dtype=self.model.dtype, device=self.model.device)
+            self._forward(rows, x)
+            torch.cuda.synchronize(self.model.device)
+
+    @torch.inference_mode()
+    def lead(self, op: dict) -> torch.Tensor | None:
+        """Leader: run op on the whole TP group.  Returns hidden [N, H], or on the last stage
+        float32 logits [R, V] of every row's last token."""
+        if op["op"] == "stop":
+            if self.tp is not None:
+                self.tp.broadcast_op({"op": "stop"})
+            return None
+        rows, ids, x = forward_rows(op)
+        free = [int(s) for s in op.get("free") or ()]
+        self.kv.release(free)
+        if self.graphs is not None:
+            out = self.graphs.run(torch.as_tensor(ids, dtype=torch.long) if ids is not None else x, rows)
+            if out is not None:
+                return out
+        if ids is not None:
+            x = self.model.embed(torch.as_tensor(ids, dtype=torch.long, device=self.model.device))
+        if self.tp is not None:
+            _, x = self.tp.broadcast_op({"op": "forward", "rows": rows, "free": free}, x, self.model.dtype)
+        return self._forward(rows, x)
+
+    @torch.inference_mode()
+    def follow(self) -> None:
+        """Follower: run the leader's ops until it says stop."""
+        while True:
+            op, x = self.tp.broadcast_op(None, dtype=self.model.dtype)
+            if op["op"] == "stop":
+                return
+            self.kv.release(op.get("free") or ())  # the leader's frees, so every rank's blocks stay alike
+            self._forward([tuple(r) for r in op["rows"]], x)
+
+    def _forward(self, rows: Rows, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.model.device, self.model.dtype)
+        h = self.model.forward_rows(x, self.kv, rows, self.tp.all_reduce if self.tp else None)
+        if self.model.lm_head is None:
+            return h
+        last = [0] * len(rows)
+        end = 0
+        for i, r in enumerate(rows):
+            end += r[2]
+            last[i] = end - 1
+        if end != len(rows):  # some row has several tokens: keep each row's last
+            h = h.index_select(0, to_device(last, torch.long, h.device))
+        return self.model.logits(h)
+
+
+def forward_rows(op: dict) -> tuple[Rows, list[int] | torch.Tensor | None, torch.Tensor | None]:
+    """(rows, flat ids (a list, or a long tensor already on the device) or None, flat hidden [N, H] or None)."""
+    ids = op.get("ids")
+    if ids is not None and not isinstance(ids, torch.Tensor):
+        ids = list(ids)
+    return [(int(s), int(p), int(n)) for s, p, n in op["rows"]], ids, op.get("x")
+
+
+def broadcast_obj(obj: Any, pg, device: torch.device | str = "cpu") -> Any:
+    """Broadcast from the group's local rank 0 (the stage leader) over process group `pg`.
+
+    The leader passes obj; the others pass None and get it.  `pg` is a ProcessGroup: from
+    dist.new_group, or built standalone from a store.  The bytes travel as tensors on
+    `device`: a CUDA device for an NCCL group (NCCL moves no CPU tensors), CPU for gloo.
+    """
+    device = torch.device(device)
+    if pg.rank() == 0:
+        data = codec.encode(obj)
+        pg.broadcast(torch.tensor([len(data)], dtype=torch.int64, device=device), 0).wait()
+        pg.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device), 0).wait()
+        return obj
+    n = torch.empty(1, dtype=torch.int64, device=device)
+    pg.broadcast(n, 0).wait()
+    buf = torch.empty(int(n[0]), dtype=torch.uint8, device=device)
+    pg.broadcast(buf, 0).wait()
+    return codec.decode(buf.cpu().numpy().tobytes(), max_size=1 << 40, tensors=True)
+
+
+# ---- the stage on this host: spec, group, followers ------------------------------------------------
 
 @dataclass(frozen=True)
 class StageSpec:

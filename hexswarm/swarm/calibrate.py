@@ -76,7 +76,7 @@ def measure(cfg: LlamaConfig, device: str, dtype: str, *, layers: int | None = N
 
     from hexswarm.model.shard import TensorShard
     from hexswarm.model.stage import StageModel, StagePart
-    from hexswarm.runtime.executor import StageExecutor
+    from hexswarm.runtime.stage_host import StageExecutor
     from hexswarm.daemon import step_tokens_for  # the runtime's max_step_tokens: auto
 
     batches, context, prompt = batches or DECODE_BATCHES, context or CONTEXT, prompt or PROMPT
