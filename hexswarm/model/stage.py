@@ -12,11 +12,10 @@ from torch import nn
 
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache
-from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, fast_kernels_for,
-                                   leading_decode_rows)
+from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, cos_sin,
+                                   fast_kernels_for, inverse_frequencies, leading_decode_rows)
 from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
 from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
-from hexswarm.model.rope import cos_sin, inverse_frequencies
 from hexswarm.model.shard import TensorShard
 
 # the dtypes a stage serves in, by the names configs and the CLI use
