@@ -42,7 +42,8 @@ if os.environ.get("HEXSWARM_PATH_TRACE"):
     _seen, _on = set(), [os.environ.get("HEXSWARM_PATH_TRACE_NOW") == "1"]
 
     def _profile(frame, event, arg):
-        if _on[0] and event == "call" and frame.f_code.co_name != "<module>":  # an import is not a call
+        # functions only (CO_OPTIMIZED): a module's or a class's body runs on import, which is not the path
+        if _on[0] and event == "call" and frame.f_code.co_flags & 1:
             code = frame.f_code
             if code.co_filename.startswith(_src):
                 _seen.add(f"hexswarm/{code.co_filename[len(_src):]}:{code.co_firstlineno}:{code.co_name}")

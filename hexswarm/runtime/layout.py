@@ -11,7 +11,8 @@ from hexswarm.model.shard import check_tp_degree
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageRanks:
+    """One stage of a HeteroLayout: its TP degree, its layers and the global ranks that run it."""
     index: int
     tp: int
     layer_start: int
@@ -24,12 +25,15 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Layout:
+class HeteroLayout:
+    """`hexswarm generate`'s layout as its flags give it (the swarm's agreed one is serve/layout.py SwarmLayout,
+    the planner's plan/replica.py ReplicaLayout)."""
     hetero_config: tuple[int, ...]
     pp_partition: tuple[int, ...]
 
     @classmethod
-    def build(cls, cfg: LlamaConfig, hetero_config: list[int] | None, pp_partition: list[int] | None) -> "Layout":
+    def build(cls, cfg: LlamaConfig, hetero_config: list[int] | None,
+              pp_partition: list[int] | None) -> "HeteroLayout":
         n = cfg.num_hidden_layers
         if not hetero_config and not pp_partition:
             return cls((1,), (n,))
@@ -60,15 +64,15 @@ class Layout:
         return sum(self.hetero_config)
 
     @property
-    def stages(self) -> list[Stage]:
+    def stages(self) -> list[StageRanks]:
         out, layer, rank = [], 0, 0
         for i, (tp, n) in enumerate(zip(self.hetero_config, self.pp_partition)):
-            out.append(Stage(i, tp, layer, layer + n, rank))
+            out.append(StageRanks(i, tp, layer, layer + n, rank))
             layer += n
             rank += tp
         return out
 
-    def stage_of_rank(self, rank: int) -> tuple[Stage, int]:
+    def stage_of_rank(self, rank: int) -> tuple[StageRanks, int]:
         """The stage a global rank belongs to and its TP rank inside it."""
         for st in self.stages:
             if rank in st.ranks:

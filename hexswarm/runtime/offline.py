@@ -22,7 +22,7 @@ from hexswarm.model.quant_format import check_mode
 from hexswarm.model.source import open_checkpoint
 from hexswarm.model.stage import DTYPES
 from hexswarm.net.submit_request import MAX_NEW_TOKENS, FieldError
-from hexswarm.runtime.layout import Layout
+from hexswarm.runtime.layout import HeteroLayout
 from hexswarm.runtime.local_pipeline import LocalPipeline, StageFailure
 from hexswarm.runtime.sampling import SamplingParams
 from hexswarm.runtime.stage_engine import EngineSettings
@@ -52,7 +52,7 @@ class GenerateJob:
 @dataclass
 class _Prepared:
     job: GenerateJob
-    layout: Layout
+    layout: HeteroLayout
     prompt_ids: list[int]
     max_new_tokens: int
     dtype: str
@@ -77,7 +77,7 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
 def prepare(job: GenerateJob) -> _Prepared:
     """Check everything that can be checked before any rank starts."""
     cfg = LlamaConfig.from_dir(job.model_dir)
-    layout = Layout.build(cfg, job.hetero_config, job.pp_partition)
+    layout = HeteroLayout.build(cfg, job.hetero_config, job.pp_partition)
     open_checkpoint(job.model_dir)  # files present and headers readable
     check_mode(job.quantize)
     tok = TextTokenizer(job.model_dir, cfg)
@@ -141,7 +141,7 @@ def _open_pipeline(prep: _Prepared) -> LocalPipeline:
                          show_progress=job.show_progress, keep_first_logits=job.return_logits)
 
 
-def _crash_for_test(pipe: LocalPipeline, layout: Layout) -> None:
+def _crash_for_test(pipe: LocalPipeline, layout: HeteroLayout) -> None:
     rank = os.environ.get(FAULT_ENV)
     if rank is None:
         return
@@ -152,7 +152,7 @@ def _crash_for_test(pipe: LocalPipeline, layout: Layout) -> None:
         follower.wait()
 
 
-def _wait_done(pipe: LocalPipeline, layout: Layout) -> dict:
+def _wait_done(pipe: LocalPipeline, layout: HeteroLayout) -> dict:
     """The request's `done` message; a stage that fails before it ends the run with its rank named."""
     while True:
         try:
@@ -167,7 +167,7 @@ def _wait_done(pipe: LocalPipeline, layout: Layout) -> dict:
         return done
 
 
-def _failure_report(layout: Layout, failure: StageFailure) -> str:
+def _failure_report(layout: HeteroLayout, failure: StageFailure) -> str:
     rank = layout.stages[failure.stage].first_rank + failure.tp_rank
     return f"rank {rank} (stage {failure.stage}, TP rank {failure.tp_rank}) {failure.what}; the run was stopped"
 
