@@ -78,7 +78,9 @@ class Rule:
 
 PROMPT = Rule("prompt", "a non-empty string", lambda v: type(v) is str and v != "")
 MAX_NEW_TOKENS = Rule("max_new_tokens", "an integer >= 1", lambda v: _is_int(v) and v >= 1)
-TEMPERATURE = Rule("temperature", "a number in [0, 2]", lambda v: _is_number(v) and 0 <= v <= 2, float)
+# no upper bound (vLLM's rule, not OpenAI's 2): a request any earlier install took stays valid, and a stage must take
+# what any entry of the swarm accepted
+TEMPERATURE = Rule("temperature", "a finite number >= 0", lambda v: _is_number(v) and v >= 0, float)
 # -1 (vLLM's) and 0 both mean no cut; bounded: it travels in msgpack (no ints past 64 bits)
 TOP_K = Rule("top_k", "an integer in [-1, 2^31) (-1 or 0: no cut)", lambda v: _is_int(v) and -1 <= v < 2**31,
              lambda v: max(v, 0))
@@ -130,12 +132,12 @@ class SubmitRequest:
         values = {}
         for rule in _RULES:
             raw = msg.get(rule.field)
+            if rule is RESUME_TOKENS and values.get("resumed") is not True:
+                continue  # resume tokens mean nothing outside a resubmission: not even checked
             if raw is not None:  # no truth test on what a peer sent: a tensor in a field must not reach one
                 values[rule.field] = rule.check(raw)
         if "prompt" not in values:
             raise PROMPT.error()
-        if not values.get("resumed"):  # resume tokens mean nothing outside a resubmission
-            values.pop("resume_tokens", None)
         req = cls(**values)
         if len(req.resume_tokens) > req.max_new_tokens:
             raise RESUME_TOKENS.error(list(req.resume_tokens))

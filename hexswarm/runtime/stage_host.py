@@ -278,6 +278,7 @@ class StageHost:
         self.tag = tag
         self.show_progress = show_progress  # a progress bar while the leader's shard loads
         self.followers: list[subprocess.Popen] = []
+        self._step_failed = False  # a step raised part-way (see run)
         self._store = None
         self._group = None  # the TP group's process group (tp > 1)
         self.executor: StageExecutor | None = None
@@ -310,7 +311,13 @@ class StageHost:
         if exited is not None:
             raise RuntimeError(f"stage {self.tag}: a tensor-parallel follower exited (TP rank {exited[0]}, "
                                f"code {exited[1]})")
-        return self.executor.lead(op)
+        try:
+            return self.executor.lead(op)
+        except BaseException:
+            # a step that failed part-way may leave a follower inside a collective: a `stop` sent now would
+            # wait for it forever (OP_TIMEOUT), so close() ends the followers instead
+            self._step_failed = True
+            raise
 
     def followers_alive(self) -> bool:
         return self.exited_follower() is None
@@ -324,12 +331,14 @@ class StageHost:
         return None
 
     def close(self) -> None:
-        if self.executor is not None and self.followers and self.followers_alive():
+        if self.executor is not None and self.followers and self.followers_alive() and not self._step_failed:
             try:
                 self.executor.lead({"op": "stop"})
             except Exception:
                 pass
         for p in self.followers:
+            if self._step_failed:
+                p.kill()
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:

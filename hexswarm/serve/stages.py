@@ -229,13 +229,15 @@ class StageSet:
         return StageFacts(self.layouts[to.epoch].replicas[to.replica], worker.spec.max_batch)
 
     def route(self, msg: StageMessage, sender: str) -> bool:
-        """Hand a decoded message to its stage's worker; False (and a log line) when no worker here takes it."""
+        """Hand a decoded message to its stage's worker; False (and a log line, but not for this node's own
+        cancel of a stage it may have retired since) when no worker here takes it."""
         key = msg.to
         worker = self.workers.get(key)
         if worker is None or isinstance(msg, NoStageHere):
             if worker is not None and msg.kind in STEP_KINDS and key in self.home:
                 self._step_to_alias(key, msg.kind, sender)
-            log.warning("no stage %s here for a %s message from %s", list(key), msg.kind, sender)
+            if not (msg.kind == "cancel" and sender == self.me):
+                log.warning("no stage %s here for a %s message from %s", list(key), msg.kind, sender)
             return False
         self.last_used[key] = time.monotonic()
         worker.submit(msg.engine_message(sender, time.time()))
