@@ -67,36 +67,23 @@ if os.environ.get("HEXSWARM_PATH_TRACE"):
 '''
 
 
-def pids_of(swarm: LocalSwarm) -> list[int]:
-    """The node processes and their children (engine processes, TP followers)."""
-    roots = {n.proc.pid for n in swarm.nodes}
-    out = set(roots)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(stat[1]) in out or int(stat[2]) in roots:  # parent, or process group
-                out.add(int(entry.name))
-    return sorted(out)
-
-
-def signal_all(pids: list[int], sig: int) -> None:
-    for pid in pids:
+def signal_all(groups: list[int], sig: int) -> None:
+    """Every process of the swarm: each node runs in a process group of its own with its engine processes
+    and TP followers (hexswarm/launcher.py)."""
+    for group in groups:
         try:
-            os.kill(pid, sig)
+            os.killpg(group, sig)
         except ProcessLookupError:
             pass
 
 
-def window(out: Path, pids: list[int], tag: str, during) -> None:
+def window(out: Path, groups: list[int], tag: str, during) -> None:
     (out / "window").write_text(tag)
-    signal_all(pids, signal.SIGUSR1)
+    signal_all(groups, signal.SIGUSR1)
     time.sleep(0.2)
     during()
     time.sleep(0.2)
-    signal_all(pids, signal.SIGUSR2)
+    signal_all(groups, signal.SIGUSR2)
     time.sleep(1.0)  # the dumps
 
 
@@ -141,11 +128,11 @@ def main() -> int:
             return time.monotonic() - t0
 
         submit(False)  # warm: connections, lazy imports, first steps
-        pids = pids_of(swarm)
+        groups = [n.proc.pid for n in swarm.nodes]
         took = []
         for i in range(a.rounds):
-            window(out, pids, f"idle{i}", lambda: time.sleep(max(took or [3.0])))
-            window(out, pids, f"request{i}", lambda: took.append(submit(True)))
+            window(out, groups, f"idle{i}", lambda: time.sleep(max(took or [3.0])))
+            window(out, groups, f"request{i}", lambda: took.append(submit(True)))
         idle = files_of(out, "idle")
         request = files_of(out, "request") - idle  # functions that ran only for the request
         client = files_of(out, "cli")

@@ -161,11 +161,8 @@ def _rows(v: Any, max_batch: int, max_seq_len: int) -> list[list[int]]:
 
 # ---- messages to a stage ----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class StartRequest:
-    """A request placed on this pipeline by the head: stage 0 prefills the prompt (and any tokens a resumed
-    request already has) and generates up to `max_new_tokens`."""
-    kind: ClassVar[str] = "start"
-    to: StageAddress
+class RequestToRun:
+    """What a pipeline needs of a request, as the entry asks the head to place it and the head starts it."""
     rid: str  # the id scoped by its entry (serve/submit.py wire_id)
     entry: str  # the node that relays its tokens to the client
     attempt: int
@@ -174,7 +171,15 @@ class StartRequest:
     params: dict  # sampling parameters, checked and as SamplingParams.to_dict writes them
     stop: list[str]
     ignore_eos: bool
-    resume_tokens: list[int]
+    resume_tokens: list[int]  # tokens a resumed request already has: prefilled after the prompt
+
+
+@dataclass(frozen=True, slots=True)
+class StartRequest(RequestToRun):
+    """A request placed on this pipeline by the head: stage 0 prefills the prompt (and any tokens a resumed
+    request already has) and generates up to `max_new_tokens`."""
+    kind: ClassVar[str] = "start"
+    to: StageAddress
     sent_at: float | None
 
     def engine_message(self, sender: str, received_at: float) -> dict:
@@ -270,8 +275,8 @@ def _decode_start(msg: dict, sender: str, to: StageAddress, facts: StageFacts | 
     ignore_eos = msg.get("ignore_eos", False)
     need(isinstance(ignore_eos, bool), "ignore_eos")
     params = sampling_params(or_default(msg.get("params"), {}))
-    return StartRequest(to, rid, entry, attempt, ids, new, params, stop, ignore_eos, resume,
-                        _sent_at(msg.get("sent_at")))
+    return StartRequest(rid, entry, attempt, ids, new, params, stop, ignore_eos, resume, to=to,
+                        sent_at=_sent_at(msg.get("sent_at")))
 
 
 def _decode_forward(msg: dict, sender: str, to: StageAddress, facts: StageFacts, cfg: LlamaConfig,
@@ -419,18 +424,10 @@ def decode_done(msg: dict) -> RequestDone:
 
 # ---- placing a request (serve/placement.py) ----------------------------------------------------
 @dataclass(frozen=True, slots=True)
-class DispatchRequest:
-    """A request its entry asks the head to place (the pipe's `dispatch` frame, or `/hexswarm/dispatch/1`)."""
+class DispatchRequest(RequestToRun):
+    """A request its entry (the sender: a peer places only its own requests) asks the head to place (the pipe's
+    `dispatch` frame, or `/hexswarm/dispatch/1`)."""
     kind: ClassVar[str] = "dispatch"
-    rid: str
-    entry: str  # the sender: a peer places only its own requests
-    attempt: int
-    prompt_ids: list[int]
-    max_new_tokens: int
-    params: dict  # sampling parameters, checked and as SamplingParams.to_dict writes them
-    stop: list[str]
-    ignore_eos: bool
-    resume_tokens: list[int]
     resumed: bool  # a client's resubmission: already accepted, never refused as busy
 
     def to_dict(self) -> dict:
