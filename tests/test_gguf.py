@@ -180,7 +180,8 @@ def _swarm_serves_gguf(gguf_file) -> bool:
 @pytest.mark.slow
 def test_two_node_swarm_submit_equals_transformers(gguf_file, chat_prompt, reference, tmp_path):
     if not _swarm_serves_gguf(gguf_file):
-        pytest.skip("serve/serving.py still fingerprints config.json: switch it to hexswarm.model.source.model_fingerprint")
+        pytest.skip("serve/serving.py still fingerprints config.json: "
+                    "switch it to hexswarm.model.source.model_fingerprint")
     from hexswarm.launcher import LocalSwarm
 
     sw = LocalSwarm(tmp_path / "swarm", gguf_file, [1, 1],

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hexswarm.net.submit_request import MAX_STOP_STRINGS  # a stage 0 bounds stop strings too (serve/messages.py)
 from hexswarm.runtime.tokenizer import TextTokenizer
 
 

@@ -41,8 +41,8 @@ import torch
 
 from hexswarm.errors import ProtocolError, UserError
 from hexswarm.model.config import LlamaConfig
+from hexswarm.net.submit_request import MAX_STOP_STRINGS
 from hexswarm.runtime.sampling import SamplingParams
-from hexswarm.runtime.stopping import MAX_STOP_STRINGS
 from hexswarm.serve.layout import StageAssignment
 
 MAX_RID = 160  # a client's id (at most 128 characters) scoped by its entry (serve/submit.py: wire_id)
