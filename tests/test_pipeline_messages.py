@@ -14,10 +14,9 @@ from hypothesis import strategies as st
 
 from hexswarm.errors import ProtocolError
 from hexswarm.serve.layout import StageAssignment
-from hexswarm.serve.messages import (CancelRequest, DispatchRequest, ForwardStep, LinkBrokenNotice,
-                                              NoStageHere, PipelineDecoder, PlacementAnswer, RequestDone,
-                                              SampledTokens, StageAddress, StageFacts, StartRequest, TokenEvents,
-                                              UnknownKind)
+from hexswarm.serve.messages import (CancelRequest, DispatchRequest, ForwardStep, LinkBrokenNotice, NoStageHere,
+                                     PipelineDecoder, PlacementAnswer, RequestDone, SampledTokens, StageAddress,
+                                     StageFacts, StartRequest, TokenEvents, UnknownKind)
 
 CFG = SimpleNamespace(vocab_size=100, hidden_size=8)
 MAX_SEQ_LEN = 64

@@ -23,10 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import trio  # noqa: E402
 
-from hexswarm.model.tiny import TinySpec, make_tiny_llama  # noqa: E402
-from hexswarm.api.client import SwarmClient  # noqa: E402
+from hexswarm.api.client import SwarmClient, submit_to  # noqa: E402
 from hexswarm.launcher import LocalSwarm  # noqa: E402
-from hexswarm.api.client import submit_to  # noqa: E402
+from hexswarm.model.tiny import TinySpec, make_tiny_llama  # noqa: E402
 
 
 def _request(new_tokens: int, i: int) -> dict:

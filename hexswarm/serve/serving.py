@@ -32,16 +32,15 @@ from hexswarm.net.protocols import DEFAULT_MAX_CONCURRENT, DISPATCH, LAYOUT, STA
 from hexswarm.net.signed import open_sealed, seal
 from hexswarm.runtime.tokenizer import TextTokenizer
 from hexswarm.serve import backlog
-from hexswarm.serve.messages import read_layout_request, read_trace_request
 from hexswarm.serve.layout import SwarmLayout, head_for, rendezvous_rank
-from hexswarm.swarm.peer_table import PeerState
+from hexswarm.serve.messages import (CancelRequest, ForwardStep, LinkBrokenNotice, NoStageHere, PipelineDecoder,
+                                     RequestDone, SampledTokens, StageAddress, StartRequest, TokenEvents,
+                                     decode_dispatch, read_layout_request, read_trace_request)
 from hexswarm.serve.pipe import MessagePipe
-from hexswarm.serve.messages import (CancelRequest, ForwardStep, LinkBrokenNotice, NoStageHere,
-                                              PipelineDecoder, RequestDone, SampledTokens, StageAddress,
-                                              StartRequest, TokenEvents, decode_dispatch)
 from hexswarm.serve.placement import PipeDispatch
 from hexswarm.serve.planning import PeerView, make_layout
 from hexswarm.serve.stages import ServeSettings, StageSet
+from hexswarm.swarm.peer_table import PeerState
 
 log = logging.getLogger("hexswarm.serving")
 
