@@ -259,21 +259,29 @@ class NoStageHere:
     to: StageAddress
 
 
+def _generation_fields(msg: dict, cfg: LlamaConfig, max_seq_len: int,
+                       prefix: str = "") -> tuple[list[int], int, list[int], list[str], bool]:
+    """(prompt ids, max new tokens, resume tokens, stop strings, ignore_eos): the fields a `start` and a `dispatch`
+    share, checked alike (`prefix` opens each error's text)."""
+    ids = int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
+    new = msg.get("max_new_tokens")
+    need(is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_seq_len, f"{prefix}lengths")
+    resume = int_list(or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
+    need(len(resume) <= new, f"{prefix}more resume tokens than new tokens")
+    stop = stop_strings(msg.get("stop"))
+    ignore_eos = msg.get("ignore_eos", False)
+    need(isinstance(ignore_eos, bool), f"{prefix}ignore_eos")
+    return ids, new, resume, stop, ignore_eos
+
+
 def _decode_start(msg: dict, sender: str, to: StageAddress, facts: StageFacts | None, cfg: LlamaConfig,
                   max_seq_len: int) -> StartRequest:
     need(to.stage == 0, "start for a stage other than 0")
-    ids = int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
-    resume = int_list(or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
-    new = msg.get("max_new_tokens")
-    need(is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_seq_len, "lengths")
-    need(len(resume) <= new, "resume tokens")
+    ids, new, resume, stop, ignore_eos = _generation_fields(msg, cfg, max_seq_len)
     rid, entry = msg.get("rid"), msg.get("entry")
     need(isinstance(rid, str) and len(rid) <= MAX_RID and isinstance(entry, str), "rid / entry")
     attempt = msg.get("attempt")
     need(is_int(attempt, 0, MAX_ATTEMPT - 1), "attempt")
-    stop = stop_strings(msg.get("stop"))
-    ignore_eos = msg.get("ignore_eos", False)
-    need(isinstance(ignore_eos, bool), "ignore_eos")
     params = sampling_params(or_default(msg.get("params"), {}))
     return StartRequest(rid, entry, attempt, ids, new, params, stop, ignore_eos, resume, to=to,
                         sent_at=_sent_at(msg.get("sent_at")))
@@ -452,16 +460,9 @@ def decode_dispatch(msg: Any, entry: str, cfg: LlamaConfig, max_seq_len: int) ->
     """A request to place, from its entry node (the sender: a peer places only its own requests)."""
     need(isinstance(msg, dict), "dispatch: a map")
     need(msg.get("entry") == entry, "dispatch: the entry must be the sender")
-    ids = int_list(msg.get("prompt_ids"), "prompt_ids", None, 0, cfg.vocab_size)
-    new = msg.get("max_new_tokens")
-    need(is_int(new, 1) and 1 <= len(ids) and len(ids) + new <= max_seq_len, "dispatch: lengths")
-    resume = int_list(or_default(msg.get("resume_tokens"), []), "resume_tokens", None, 0, cfg.vocab_size)
-    need(len(resume) <= new, "dispatch: more resume tokens than new tokens")
-    stop = stop_strings(msg.get("stop"))
+    ids, new, resume, stop, ignore_eos = _generation_fields(msg, cfg, max_seq_len, "dispatch: ")
     attempt = msg.get("attempt")
     need(is_int(attempt, 1, MAX_ATTEMPT), "dispatch: attempt")
-    ignore_eos = msg.get("ignore_eos", False)
-    need(isinstance(ignore_eos, bool), "dispatch: ignore_eos")
     rid = request_id(msg.get("rid"))
     return DispatchRequest(rid, entry, attempt, ids, new, sampling_params(msg.get("params")), stop, ignore_eos,
                            resume, msg.get("resumed") is True)
