@@ -33,7 +33,7 @@ import trio
 
 from hexswarm.errors import UserError, first_leaf
 from hexswarm.net.error_codes import ErrorCode, meaning
-from hexswarm.net.submit_request import FieldError, SubmitRequest
+from hexswarm.net.submit_request import FieldError, SubmitRequest, is_int, is_number
 from hexswarm.runtime.chat import ChatTemplate
 from hexswarm.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from hexswarm.api.metrics import EntryMetrics
@@ -80,21 +80,13 @@ def swarm_error(err: dict) -> ApiError:
 # --- request bodies ------------------------------------------------------------------------------------
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
-
-
 def parse_options(body: dict) -> dict:
     """The fields only this API has: checked, and the response options among them."""
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
+    if n is not None and (not is_int(n) or n != 1):
         raise bad("n", f"'n' must be 1 (this server returns one choice per request), got {n!r}")
     best_of = body.get("best_of")
-    if best_of is not None and (not _is_int(best_of) or best_of != 1):
+    if best_of is not None and (not is_int(best_of) or best_of != 1):
         raise bad("best_of", "'best_of' must be 1")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -102,7 +94,7 @@ def parse_options(body: dict) -> dict:
     include_usage = bool((options or {}).get("include_usage", False))
     for key in ("presence_penalty", "frequency_penalty"):
         v = body.get(key)
-        if v is not None and (not _is_number(v) or v != 0):
+        if v is not None and (not is_number(v) or v != 0):
             raise bad(key, f"'{key}' is not supported (only 0)")
     if body.get("logit_bias"):
         raise bad("logit_bias", "'logit_bias' is not supported")
@@ -459,7 +451,7 @@ class HttpApi:
         prompt = req.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
-        if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
             raise bad("prompt", "'prompt' as token ids is not supported; send text")
         for key, ok in (("echo", (None, False)), ("suffix", (None, "")), ("logprobs", (None, 0))):
             if req.get(key) not in ok:

@@ -43,18 +43,18 @@ class FieldError(UserError):
         return FieldError(name, self.rule, self.value)
 
 
-def _is_int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
     return type(v) is int  # not bool (type(True) is bool), not a float that happens to be whole
 
 
-def _is_number(v: Any, finite: bool = True) -> bool:
+def is_number(v: Any, finite: bool = True) -> bool:
     if type(v) is float:
         return math.isfinite(v) or not finite
     return type(v) is int and -2**1023 < v < 2**1023  # within a float's range: float(v) must not overflow
 
 
 def _is_token_ids(v: Any) -> bool:
-    return type(v) is list and all(_is_int(t) and t >= 0 for t in v)
+    return type(v) is list and all(is_int(t) and t >= 0 for t in v)
 
 
 @dataclass(frozen=True)
@@ -77,16 +77,16 @@ class Rule:
 
 
 PROMPT = Rule("prompt", "a non-empty string", lambda v: type(v) is str and v != "")
-MAX_NEW_TOKENS = Rule("max_new_tokens", "an integer >= 1", lambda v: _is_int(v) and v >= 1)
+MAX_NEW_TOKENS = Rule("max_new_tokens", "an integer >= 1", lambda v: is_int(v) and v >= 1)
 # no upper bound (vLLM's rule, not OpenAI's 2): a request any earlier install took stays valid, and a stage must take
 # what any entry of the swarm accepted
-TEMPERATURE = Rule("temperature", "a finite number >= 0", lambda v: _is_number(v) and v >= 0, float)
+TEMPERATURE = Rule("temperature", "a finite number >= 0", lambda v: is_number(v) and v >= 0, float)
 # -1 (vLLM's) and 0 both mean no cut; bounded: it travels in msgpack (no ints past 64 bits)
-TOP_K = Rule("top_k", "an integer in [-1, 2^31) (-1 or 0: no cut)", lambda v: _is_int(v) and -1 <= v < 2**31,
+TOP_K = Rule("top_k", "an integer in [-1, 2^31) (-1 or 0: no cut)", lambda v: is_int(v) and -1 <= v < 2**31,
              lambda v: max(v, 0))
-TOP_P = Rule("top_p", "a number in (0, 1]", lambda v: _is_number(v) and 0 < v <= 1, float)
+TOP_P = Rule("top_p", "a number in (0, 1]", lambda v: is_number(v) and 0 < v <= 1, float)
 # OpenAI's seeds are int64; the counter-based draw takes 63 bits, so a negative seed is kept mod 2^63
-SEED = Rule("seed", "an integer in [-2^63, 2^63)", lambda v: _is_int(v) and -2**63 <= v < 2**63,
+SEED = Rule("seed", "an integer in [-2^63, 2^63)", lambda v: is_int(v) and -2**63 <= v < 2**63,
             lambda v: v & (2**63 - 1))
 STOP = Rule("stop", f"a list of at most {MAX_STOP_STRINGS} non-empty strings",
             lambda v: type(v) is list and len(v) <= MAX_STOP_STRINGS and all(type(s) is str and s for s in v), tuple)
@@ -94,7 +94,7 @@ IGNORE_EOS = Rule("ignore_eos", "true or false", lambda v: type(v) is bool)
 STREAM = Rule("stream", "true or false", lambda v: type(v) is bool)
 REQUEST_ID = Rule("request_id", f"a string of at most {MAX_REQUEST_ID} characters",
                   lambda v: type(v) is str and len(v) <= MAX_REQUEST_ID, lambda v: v or None)  # "": none given
-TIMEOUT_S = Rule("timeout_s", "a positive number of seconds", lambda v: _is_number(v, finite=False) and v > 0, float)
+TIMEOUT_S = Rule("timeout_s", "a positive number of seconds", lambda v: is_number(v, finite=False) and v > 0, float)
 RESUMED = Rule("resumed", "true or false", lambda v: type(v) is bool)
 RESUME_TOKENS = Rule("resume_tokens", "a list of at most max_new_tokens token ids of the model", _is_token_ids, tuple)
 
