@@ -12,7 +12,9 @@ class _ServerAsPort:
     node = property(lambda self: self._server.node)
     cfg = property(lambda self: self._server.cfg)
     tokenizer = property(lambda self: self._server.tokenizer)
-    max_seq_len = property(lambda self: self._server.settings.max_seq_len)
+    # as serving.py builds it: the model's context or the node's bound, the smaller
+    max_seq_len = property(lambda self: min(self._server.cfg.max_position_embeddings,
+                                            self._server.settings.max_seq_len))
     dispatch_wait_s = property(lambda self: self._server.head_settings.dispatch_wait_s)
     entries = property(lambda self: self._server.entries)
 

@@ -245,8 +245,7 @@ class LocalBackend:
         self.created = int(time.time())
         self.model_name = Path(server.settings.model_dir).name if server is not None else None
         self.model_id = server.model_id if server is not None else None
-        self.max_seq_len = (min(server.cfg.max_position_embeddings, server.settings.max_seq_len)
-                            if server is not None else 0)
+        self.max_seq_len = server.submit_service.port.max_seq_len if server is not None else 0
         # a HF folder's or a GGUF's template, in jinja2's sandbox (hexswarm.runtime.chat)
         self.chat = ChatTemplate.for_model(server.settings.model_dir) if server is not None else None
         # SubmitService.serve itself (the HTTP requests are measured here; the p2p ones by the service: measure_with)

@@ -129,7 +129,8 @@ class Server:
         from hexswarm.serve.submit import EntryPort, SubmitService
 
         self.submit_service = SubmitService(EntryPort(
-            me=self.me, node=node, cfg=self.cfg, tokenizer=self.tokenizer, max_seq_len=self.settings.max_seq_len,
+            me=self.me, node=node, cfg=self.cfg, tokenizer=self.tokenizer,
+            max_seq_len=min(self.cfg.max_position_embeddings, self.settings.max_seq_len),
             dispatch_wait_s=self.head_settings.dispatch_wait_s, entries=self.entries, head_order=self.head_order,
             dispatch=self.dispatch, ask_head=self.placement.ask, send=self.pipe.send, local_spans=self.stages.spans,
             tokens_out=lambda: self.stages.tokens_out, committed=lambda: self.committed,

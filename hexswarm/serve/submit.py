@@ -90,7 +90,7 @@ class EntryPort:
     node: Any  # swarm/node.py Node: peer table, requests to peers, the libp2p host, config, admission
     cfg: Any  # the served model's LlamaConfig
     tokenizer: Any
-    max_seq_len: int
+    max_seq_len: int  # the longest sequence a request may reach here: the model's context or the node's bound
     dispatch_wait_s: float  # how long a head waits for a layout before refusing a placement
     # wire id -> RelayInbox of each request this entry relays: the serving layer delivers its token events there
     entries: dict
@@ -199,7 +199,7 @@ class SubmitService:
         """Check a submit request: its fields as every front end checks them (SubmitRequest), then what depends
         on the model; UserError with a one-line reason."""
         req = SubmitRequest.from_map(msg)
-        limit = min(self.port.cfg.max_position_embeddings, self.port.max_seq_len)
+        limit = self.port.max_seq_len
         if len(req.prompt) > MAX_CHARS_PER_TOKEN * limit:  # more text than any tokenization of it could serve
             raise UserError(f"the prompt has {len(req.prompt)} characters; this swarm serves sequences of at most "
                             f"{limit} tokens")
@@ -217,7 +217,7 @@ class SubmitService:
         tok = self.port.tokenizer
         prompt = req.pop("prompt")
         ids = tok.encode(prompt) if len(prompt) < 8192 else await trio.to_thread.run_sync(tok.encode, prompt)
-        limit = min(self.port.cfg.max_position_embeddings, self.port.max_seq_len)
+        limit = self.port.max_seq_len
         if len(ids) >= limit:
             raise UserError(f"the prompt has {len(ids)} tokens; this swarm serves sequences of at most {limit}")
         max_new = min(req["max_new_tokens"], limit - len(ids))
