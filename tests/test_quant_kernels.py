@@ -1,6 +1,7 @@
 """The quantized Triton kernels (model/quant_kernels.py) on CPU through Triton's interpreter:
 GEMV on both reduction paths of the "deq" kernel (FMA at M = 1, tl.dot above) and the "fact"
-kernel (scales factored out of the loop; one program per row, so M = 3 too), with and without
+kernel (scales factored out of the loop; one program per row, so M = 3 too) and its "stream" tiles (groups
+summed after the loop), with and without
 split-K, bias, ragged N / K / M tails, int8, int4 with offset (Q4_1) and without (Q4_0), fp16
 and (fact) bf16 activations; the dequantize kernel bit for bit against quant.py's reference.  CI has no GPU; the GPU run is
 tools/tune_quant.py, which checks every config it times the same way."""
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [(1, 16, 4, 0, 4, 1), (1, 32, 2, 3, 4, 1), (16, 16, 4, 0, 4, 1), (16, 32, 2, 2, 4, 1)]
 # the "fact" kernel: no split-K (a partial row block and a partial group block when ragged), split-K
 FACT = [(1, 16, 4, 0, 1, 1, "fact"), (1, 32, 2, 3, 2, 1, "fact")]  # the second at M = 1 only
+# the same kernel summing across groups after the loop ("stream": few rows, many groups)
+STREAM = [(1, 2, 4, 0, 1, 1, "stream"), (1, 4, 8, 3, 2, 1, "stream")]
 # (N, K): ragged (a partial row block; 7 groups, a partial group block for BLOCK_G 2 and 4: the
 # masked path) and even (the unmasked EVEN path, its prefetch clamped to the last block)
 SHAPES = [(40, 32 * 7), (32, 32 * 8)]
@@ -41,7 +44,7 @@ def _check() -> dict:
         bias = torch.randn(N).to(torch.float16)
         ref_w = q.dequantize(torch.float16)
         out["dequant"][f"{name}/{N}x{K}"] = bool(torch.equal(quant_kernels.dequantize(q, torch.float16), ref_w))
-        for config in (CONFIGS if K % 64 else CONFIGS[1:3]) + FACT:
+        for config in (CONFIGS if K % 64 else CONFIGS[1:3]) + FACT + STREAM:
             for m in ((1, 3) if config[0] == 1 else (3, 17))[: 1 if config == FACT[1] else 2]:
                 x = torch.randn(m, K).to(torch.float16)
                 # the contract: weights rounded to x's dtype, products summed in fp32 (here fp64);
@@ -54,8 +57,9 @@ def _check() -> dict:
         # bf16 activations (the served dtype; its output rounding is 2^-9)
         x = torch.randn(1, K).to(torch.bfloat16)
         ref = F.linear(x.double(), q.dequantize(torch.float64), bias.double())
-        got = quant_kernels.gemv(x, q, bias.to(torch.bfloat16), FACT[1]).double()
-        out["bf16"][f"{name}/{N}x{K}"] = ((got - ref).abs().max() / ref.abs().max()).item()
+        for config in (FACT[1], STREAM[1]):
+            got = quant_kernels.gemv(x, q, bias.to(torch.bfloat16), config).double()
+            out["bf16"][f"{name}/{N}x{K}/{config[6]}"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return out
 
 
@@ -78,10 +82,11 @@ def test_kernels_match_reference_in_triton_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(res["dequant"]) == 3 * len(SHAPES) and all(res["dequant"].values()), res["dequant"]
-    assert len(res["gemv"]) == 3 * (len(CONFIGS) + 2 + 2 * len(FACT)) * 2 - 3 * 2  # FACT[1]: M = 1 only
+    assert len(res["gemv"]) == 3 * (len(CONFIGS) + 2 + 2 * len(FACT) + 2 * len(STREAM)) * 2 - 3 * 2  # FACT[1]: M = 1
+    assert any("stream" in k for k in res["gemv"])
     bad = {k: v for k, v in res["gemv"].items() if not v < 2e-3}  # fp16 output rounding is ~5e-4
     assert not bad, bad
-    assert len(res["bf16"]) == 3
+    assert len(res["bf16"]) == 3 * 2
     bad = {k: v for k, v in res["bf16"].items() if not v < 1e-2}
     assert not bad, bad
 

@@ -64,6 +64,16 @@ FACT_TILES = [(256, 2, 2), (128, 2, 1), (512, 2, 4), (256, 4, 2), (128, 4, 2), (
               (128, 4, 1)]  # (128, 4, 1) spills registers for int8
 
 
+# "stream" tiles at M = 1 (BLOCK_N, BLOCK_G, num_warps, WAVES, num_stages): few rows, many groups,
+# partial sums across groups added after the loop: a warp streams its rows' bytes as a plain reader
+# does, over a grid of N / BLOCK_N programs (no split-K: no zeroed buffer, no atomics, no cast).
+# H100 (BENCHMARKS run 26): one warp per program and one to four rows beat every wider tile.
+STREAM_TILES = [(1, 32, 1, 0, 1), (2, 32, 1, 0, 1), (4, 32, 1, 0, 1), (1, 64, 1, 0, 1), (2, 16, 1, 0, 1),
+                (4, 16, 1, 0, 1), (1, 16, 1, 0, 1), (8, 16, 1, 0, 1), (4, 8, 1, 0, 1), (2, 64, 1, 0, 1),
+                (1, 128, 2, 0, 1), (1, 32, 1, 0, 2), (2, 32, 1, 0, 2), (1, 32, 1, 0, 3), (4, 32, 1, 0, 2),
+                (1, 64, 2, 0, 1), (2, 32, 2, 0, 1), (8, 8, 1, 0, 1), (1, 128, 4, 0, 1), (2, 128, 2, 0, 1)]
+
+
 def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages[, variant]), best guesses first:
     each tile with split-K to 2 waves, then without, then 4 and 1 waves (those share the first's
@@ -92,7 +102,8 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     if bucket == 1:  # the variants alternate, the new one first; "deq" M = 1 was tuned already:
         deq = deq[:7]  # its best tiles, (1, 32, 8, 2, 4, 3) the last of them
         out = [c for pair in zip(fact, deq) for c in pair] + fact[len(deq):] + deq[len(fact):]
-        return out
+        stream = [(1, n, g, v, w, st, "stream") for n, g, w, v, st in STREAM_TILES] if "stream" in variants else []
+        return stream + out
     return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
@@ -274,7 +285,7 @@ def tune(args) -> dict:
         if tried:
             best = min(tried, key=lambda c: sum(tried[c]))
             entry.update(summary(bits, m, best, tried[best]))
-            entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:5]
+            entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:40]
             entry["variants"] = {}
             for v in quant_kernels.VARIANTS:
                 mine = {c: t for c, t in tried.items() if quant_kernels.variant(c) == v}

@@ -325,10 +325,13 @@ if AVAILABLE:
     def _qgemv_fact_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K, groups_per_split, magic,
                            BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ATOMIC: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, LATE_SUM: tl.constexpr):
         """The "fact" variant of _qgemv_kernel at M = 1 (one program per row of x, as there):
         per (row, group) sum_j w_j x_j = scale * (A - C) + offset * X (see _fact_partial), so
-        the inner loop has no per-weight scale, offset, subtraction or rounding."""
+        the inner loop has no per-weight scale, offset, subtraction or rounding.
+        LATE_SUM (variant "stream"): partial sums kept per (row, group) and added across groups
+        once after the loop, for tiles of few rows and many groups whose groups lie in different
+        threads (a reader's layout: a warp streams one row's bytes); else per block, in-thread."""
         WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -339,7 +342,7 @@ if AVAILABLE:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
         x_row = x_ptr + pid_m * K
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_G if LATE_SUM else 1), dtype=tl.float32)
         gr = tl.arange(0, BLOCK_G)
         words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, g_start + gr, nmask, g_start + gr < g_end, K, WORDS,
                                   HAS_OFFSET, GROUP_SIZE, not EVEN)
@@ -354,9 +357,12 @@ if AVAILABLE:
             part = s * (a - c)
             if HAS_OFFSET:
                 part += o * xs
-            acc += tl.sum(tl.sum(part, axis=2), axis=1)  # in-thread: a thread holds its rows' groups
+            if LATE_SUM:
+                acc += tl.sum(part, axis=2)
+            else:
+                acc += tl.sum(tl.sum(part, axis=2), axis=1, keep_dims=True)  # in-thread: a thread holds its rows' groups
             words, s, o = nwords, ns, no
-        out = acc
+        out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
             out += tl.where(pid_k == 0, bias, 0.0)
@@ -372,15 +378,15 @@ if AVAILABLE:
 M_BUCKETS = (1, 8, 16, 32, 64)
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
-# Measured by tools/tune_quant.py on NVIDIA H200, 132 SMs, 2026-11-26 05:59 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
+# Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 11:09 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
 # summed over 7B layer shapes; None: dequantize + cuBLAS was faster).
 GEMV_CONFIGS = {
-    (4, 1): (1, 128, 4, 2, 2, 1, 'fact'),
+    (4, 1): (1, 1, 32, 0, 1, 1, 'stream'),
     (4, 8): (16, 64, 4, 2, 4, 3),
     (4, 16): (16, 64, 4, 2, 4, 3),
     (4, 32): (32, 64, 4, 2, 4, 1),
     (4, 64): (64, 64, 4, 2, 4, 1),
-    (8, 1): (1, 256, 2, 4, 2, 1, 'fact'),
+    (8, 1): (1, 1, 32, 0, 1, 1, 'stream'),
     (8, 8): (16, 64, 4, 2, 4, 3),
     (8, 16): (16, 64, 4, 2, 4, 3),
     (8, 32): (32, 64, 4, 2, 4, 1),
@@ -410,7 +416,8 @@ def _sm_count(device: torch.device) -> int:
 # the bits of 2^7 (the "fact" kernel's float magic), passed as an argument: a value the compiler
 # cannot see, so that mask-and-magic compiles to one LOP3 (two immediates would take two)
 MAGIC = (127 + 7) << 23
-VARIANTS = ("deq", "fact")  # a config's 7th field; a 6-field config is "deq"
+VARIANTS = ("deq", "fact", "stream")  # a config's 7th field; a 6-field config is "deq"
+FACTORED = ("fact", "stream")  # variants served by _qgemv_fact_kernel
 
 
 def variant(config) -> str:
@@ -442,7 +449,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     M = x2.shape[0]
     config = config or gemv_config(w, M)
     block_m, block_n, block_g, waves, warps, stages = config[:6]
-    fact = variant(config) == "fact" and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    fact = variant(config) in FACTORED and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
     words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
@@ -457,7 +464,7 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
                   GROUP_SIZE=GROUP, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=warps, num_stages=stages)
     if words is not None:
         _qgemv_fact_kernel[grid](x2, words, w.scale, offset, bias if bias is not None else x2, y, N, K,
-                                 per_split * block_g, MAGIC, **common)
+                                 per_split * block_g, MAGIC, LATE_SUM=variant(config) == "stream", **common)
     else:
         _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
                             per_split * block_g, ROUND_W=round_w, BLOCK_M=block_m, **common)
