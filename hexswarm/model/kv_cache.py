@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from hexswarm.model import pdl
 from hexswarm.model.host_copy import to_device
 
 try:
@@ -182,8 +183,10 @@ if HAVE_TRITON:
         qkv_ptr, cos_ptr, sin_ptr, slot_ptr, pos_ptr, kc_ptr, vc_ptr, table_ptr,
         stride_row, stride_blk, stride_cl, stride_tab,
         NQ: tl.constexpr, NKV: tl.constexpr, HALF: tl.constexpr,
-        BQ: tl.constexpr, BKV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BQ: tl.constexpr, BKV: tl.constexpr, BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl.release(PDL)
+        pdl.wait(PDL)  # everything it reads was written by earlier kernels (model/pdl.py)
         tok = tl.program_id(0).to(tl.int64)
         part = tl.program_id(1)  # 0: q heads, 1: k heads, 2: v heads
         D: tl.constexpr = 2 * HALF
@@ -233,5 +236,5 @@ def rotary_store(qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, t
         qkv, cos_half, sin_half, tok_slot, tok_pos, k_cache, v_cache, table,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0),
         NQ=n_q, NKV=n_kv, HALF=half, BQ=triton.next_power_of_2(n_q), BKV=triton.next_power_of_2(n_kv),
-        BLOCK_SIZE=BLOCK, num_warps=4,
+        BLOCK_SIZE=BLOCK, num_warps=4, **pdl.launch_kwargs(qkv.device),
     )

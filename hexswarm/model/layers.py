@@ -25,6 +25,7 @@ from torch import nn
 from hexswarm.model.attention import (cached_attention, chunk_attention, chunk_work, decode_attention,
                                       prefill_attention)
 from hexswarm.model.config import LlamaConfig
+from hexswarm.model import pdl
 from hexswarm.model.kv_cache import KVCache, rotary_store
 from hexswarm.model.quant import QuantLinear, linear
 from hexswarm.model.shard import TensorShard
@@ -111,11 +112,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         # row-wise: x += delta (stored back, rounded as torch rounds); out = w * norm(x)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
+        pdl.release(PDL)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: before the wait (model/pdl.py)
+        pdl.wait(PDL)
         x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0)
         if HAS_DELTA:
             d = tl.load(d_ptr + row * N + cols, mask=mask, other=0.0)
@@ -124,15 +128,16 @@ if HAVE_TRITON:
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
         h = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, F_SIZE, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, F_SIZE, BLOCK: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < F_SIZE
+        pdl.release(PDL)
+        pdl.wait(PDL)
         g = tl.load(gu_ptr + row * 2 * F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + row * 2 * F_SIZE + F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu, rounded as torch
@@ -148,7 +153,8 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         delta = delta.contiguous()
     block = triton.next_power_of_2(N)
     _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, N, eps,
-                                 HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                 HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+                                 **pdl.launch_kwargs(x.device))
     return out
 
 
@@ -158,7 +164,8 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     rows = gu.numel() // F2
     out = torch.empty(*gu.shape[:-1], F2 // 2, dtype=gu.dtype, device=gu.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(F2 // 2, block))](gu, out, F2 // 2, BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(rows, triton.cdiv(F2 // 2, block))](gu, out, F2 // 2, BLOCK=block, num_warps=4,
+                                                          **pdl.launch_kwargs(gu.device))
     return out
 
 

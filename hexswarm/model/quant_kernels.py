@@ -45,6 +45,7 @@ import logging
 
 import torch
 
+from hexswarm.model import pdl
 from hexswarm.model.quant import GROUP
 
 log = logging.getLogger("hexswarm.quant")
@@ -325,10 +326,13 @@ if AVAILABLE:
     def _qgemv_fact_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K, groups_per_split, magic,
                            BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                            ATOMIC: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, LATE_SUM: tl.constexpr):
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, LATE_SUM: tl.constexpr,
+                           PDL: tl.constexpr):
         """The "fact" variant of _qgemv_kernel at M = 1 (one program per row of x, as there):
         per (row, group) sum_j w_j x_j = scale * (A - C) + offset * X (see _fact_partial), so
         the inner loop has no per-weight scale, offset, subtraction or rounding.
+        PDL (model/pdl.py): the first block of weights is loaded before waiting for the kernel
+        before, whose output x is read only after.
         LATE_SUM (variant "stream"): partial sums kept per (row, group) and added across groups
         once after the loop, for tiles of few rows and many groups whose groups lie in different
         threads (a reader's layout: a warp streams one row's bytes); else per block, in-thread."""
@@ -344,8 +348,10 @@ if AVAILABLE:
         x_row = x_ptr + pid_m * K
         acc = tl.zeros((BLOCK_N, BLOCK_G if LATE_SUM else 1), dtype=tl.float32)
         gr = tl.arange(0, BLOCK_G)
+        pdl.release(PDL)
         words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, g_start + gr, nmask, g_start + gr < g_end, K, WORDS,
                                   HAS_OFFSET, GROUP_SIZE, not EVEN)
+        pdl.wait(PDL)
         for g0 in range(g_start, g_end, BLOCK_G):
             g = g0 + gr
             gmask = g < g_end
@@ -464,7 +470,8 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
                   GROUP_SIZE=GROUP, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=warps, num_stages=stages)
     if words is not None:
         _qgemv_fact_kernel[grid](x2, words, w.scale, offset, bias if bias is not None else x2, y, N, K,
-                                 per_split * block_g, MAGIC, LATE_SUM=variant(config) == "stream", **common)
+                                 per_split * block_g, MAGIC, LATE_SUM=variant(config) == "stream",
+                                 **pdl.launch_kwargs(x.device), **common)
     else:
         _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
                             per_split * block_g, ROUND_W=round_w, BLOCK_M=block_m, **common)
