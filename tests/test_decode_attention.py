@@ -1,10 +1,8 @@
 """The Triton decode attention (model/attention.py) on CPU through Triton's interpreter, against a
-float64 torch reference: several batch sizes, key-split counts (the split-K combine runs inside the
-attention kernel, the last split of a (row, head) to finish merging the others), contexts shorter
-than one split, at and just past split boundaries and the full cache, GQA and MHA, fp32 and fp16.
-Each case runs twice in a row: the per-(row, head) arrival counters must be back at 0 after a
-launch, or the next one would pick the wrong last program.  CI has no GPU; tools/gpu_serve_check.py
-checks the kernel on one."""
+float64 torch reference: several batch sizes, key-split counts (flash-decoding: the splits' partials
+combined by a second kernel), contexts shorter than one split, at and just past split boundaries
+and the full cache, GQA and MHA, fp32 and fp16; each launch twice (nothing may carry over).  CI has
+no GPU; tools/gpu_serve_check.py checks the kernel on one."""
 
 from __future__ import annotations
 
@@ -88,8 +86,7 @@ def _check() -> dict:
                     err = ((got - ref).abs().max() / ref.abs().max()).item()
                     key = (f"B{B}/q{n_q}kv{n_kv}/D{D}/L{max_len}/s{splits}/{str(dtype)[6:]}"
                            f"/{shift}:pos{pos.tolist()}/call{call}")
-                    counters = list(attention._COUNTERS.values())
-                    res[key] = {"err": err, "counters_zero": bool(counters) and all(not c.any() for c in counters)}
+                    res[key] = {"err": err}
         attention._splits = engine_splits
     return res
 
@@ -105,8 +102,6 @@ def test_decode_attention_matches_reference_in_triton_interpreter():
     tol = {"float32": 1e-5, "float16": 2e-3}  # fp16: the output's rounding (2^-11) plus the inputs'
     bad = {k: v for k, v in res.items() if not v["err"] < tol[k.split("/")[5]]}
     assert not bad, bad
-    stuck = [k for k, v in res.items() if not v["counters_zero"]]
-    assert not stuck, stuck
 
 
 if __name__ == "__main__":

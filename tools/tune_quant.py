@@ -104,9 +104,7 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
         out = [c for pair in zip(fact, deq) for c in pair] + fact[len(deq):] + deq[len(fact):]
         stream = [(1, n, g, v, w, st, "stream") for n, g, w, v, st in STREAM_TILES] if "stream" in variants else []
         return stream + out
-    stream = [(1, n, g, v, w, st, "stream") for n, g, w, v, st in STREAM_TILES[:8]] \
-        if "stream" in variants and bucket <= 8 else []  # one pass per row of x: the few-row buckets only
-    return stream + deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
+    return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
 def graph_us(calls, repeats: int) -> float:

@@ -87,7 +87,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr, cnt_ptr,
+        q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr,
         stride_qrow, stride_blk, stride_cl, stride_tab, sm_scale,
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
@@ -95,95 +95,65 @@ if HAVE_TRITON:
         pdl.release(PDL)
         pdl.wait(PDL)  # before any read of the step's q / cache and any write (model/pdl.py)
         # one program per (row, query head, key split); online softmax over the split's share of
-        # keys [0, pos] of the row's slot, found through its block table.  Splits past the row's
-        # keys exit at once.  A lone split writes the output; else each writes (max, sum,
-        # unnormalised acc) to the workspace and the last of the row's splits to finish merges
-        # them (no second kernel: at batch 1 its launch cost as much as the merge).
+        # keys [0, pos] of the row's slot, found through its block table.  SPLITS == 1 writes the output; else it writes
+        # (max, sum, unnormalised acc) to the workspace for _decode_reduce_kernel.
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         sp = tl.program_id(2)
+        kvh = h // GROUP
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qrow + h * D + d).to(tl.float32) * sm_scale
         slot = tl.load(slot_ptr + b)
         n_keys = tl.load(pos_ptr + b) + 1
         chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
-        n_split = tl.cdiv(n_keys, chunk)  # splits holding keys: the same in every program of the row
-        if sp < n_split:
-            kvh = h // GROUP
-            d = tl.arange(0, D)
-            q = tl.load(q_ptr + b * stride_qrow + h * D + d).to(tl.float32) * sm_scale
-            lo = sp * chunk
-            hi = tl.minimum(lo + chunk, n_keys)
-            tab = table_ptr + slot * stride_tab
-            m_i = -float("inf")
-            l_i = 0.0
-            acc = tl.zeros([D], dtype=tl.float32)
-            for start in range(lo, hi, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                valid = n < hi
-                blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-                offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
-                # both loads issued before any use: one memory round trip per block, not two
-                k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-                s = tl.sum(k * q[None, :], axis=1)
-                s = tl.where(valid, s, -float("inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=0))
-                alpha = tl.exp(m_i - m_new)
-                p = tl.exp(s - m_new)
-                acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-                l_i = l_i * alpha + tl.sum(p, axis=0)
-                m_i = m_new
-            o = out_ptr + b * (NQ * D) + h * D + d
-            if SPLITS == 1:
-                tl.store(o, (acc / l_i).to(out_ptr.dtype.element_ty))
-            elif n_split == 1:
-                tl.store(o, (acc / l_i).to(out_ptr.dtype.element_ty))
-            else:
-                row = b * NQ + h
-                w = ws_ptr + (row * SPLITS + sp) * (D + 2)
-                tl.store(w + d, acc)
-                tl.store(w + D, m_i)
-                tl.store(w + D + 1, l_i)
-                # all of this program's threads have stored before its one thread's release below
-                # (the atomic runs on one thread; CUTLASS's semaphore pattern)
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_ptr + row, 1, sem="acq_rel")  # gpu scope
-                if arrived == n_split - 1:
-                    # last to finish: the acquire saw every other split's release.  .cg reads L2, not
-                    # this SM's L1, which may hold the workspace lines of an earlier launch.
-                    sps = tl.arange(0, SPLITS)
-                    have = sps < n_split
-                    ws = ws_ptr + (row * SPLITS + sps) * (D + 2)
-                    m = tl.load(ws + D, mask=have, other=-float("inf"), cache_modifier=".cg")
-                    l = tl.load(ws + D + 1, mask=have, other=0.0, cache_modifier=".cg")
-                    part = tl.load(ws[:, None] + d[None, :], mask=have[:, None], other=0.0, cache_modifier=".cg")
-                    mx = tl.max(m, axis=0)
-                    scale = tl.exp(m - mx)
-                    num = tl.sum(part * scale[:, None], axis=0)
-                    den = tl.sum(l * scale, axis=0)
-                    tl.store(o, (num / den).to(out_ptr.dtype.element_ty))
-                    tl.store(cnt_ptr + row, 0)  # zero again for the next launch (no memset kernel)
+        lo = sp * chunk
+        hi = tl.minimum(lo + chunk, n_keys)
+        tab = table_ptr + slot * stride_tab
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            valid = n < hi
+            blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
+            # both loads issued before any use: one memory round trip per block, not two
+            k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(valid, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        if SPLITS == 1:
+            tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
+        else:
+            w = ws_ptr + ((b * NQ + h) * SPLITS + sp) * (D + 2)
+            tl.store(w + d, acc)
+            tl.store(w + D, m_i)
+            tl.store(w + D + 1, l_i)
 
-
-# Per-(row, head) arrival counters of the split decode attention: int32 zeros, one buffer per KV cache
-# (keyed by its block table, made once with the cache), allocated on first use and kept.  Every
-# launch leaves its counters at 0.  A cache's steps run one after another, so launches sharing a
-# buffer never overlap, while stages on one GPU (threads of one process, a stage capturing on a side
-# stream while another replays) have their own.  A CUDA graph keeps the buffer its capture's warm-up made.
-_COUNTERS: dict[tuple, torch.Tensor] = {}
-_OUTGROWN: list[torch.Tensor] = []  # replaced by larger ones; captured graphs may still use them
-
-
-def _split_counters(table: torch.Tensor, n: int) -> torch.Tensor:
-    key = (table.device, table.untyped_storage().data_ptr())
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if table.is_cuda and torch.cuda.is_current_stream_capturing():
-            # one made inside the capture would be zeroed only when the graph replays
-            raise RuntimeError("decode_attention: run it once on this KV cache before capturing a CUDA graph")
-        if buf is not None:
-            _OUTGROWN.append(buf)
-        buf = _COUNTERS[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=table.device)
-    return buf
+    @triton.jit
+    def _decode_reduce_kernel(ws_ptr, out_ptr, NQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                              PDL: tl.constexpr):
+        pdl.release(PDL)
+        pdl.wait(PDL)
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        sp = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        w = ws_ptr + ((b * NQ + h) * SPLITS + sp) * (D + 2)
+        m = tl.load(w + D)  # -inf for an empty split
+        l = tl.load(w + D + 1)
+        mx = tl.max(m, axis=0)
+        scale = tl.exp(m - mx)
+        acc = tl.load(w[:, None] + d[None, :])
+        num = tl.sum(acc * scale[:, None], axis=0)
+        den = tl.sum(l * scale, axis=0)
+        tl.store(out_ptr + b * (NQ * D) + h * D + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
 def _splits(B: int, n_q: int, max_seq_len: int) -> int:
@@ -209,8 +179,7 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
     count comes from `pos` inside the kernel, so the launch is the same every step
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
-    split across programs (flash-decoding) and the last split of each (row, head) to finish
-    combines the parts, in the same launch.
+    split across programs (flash-decoding) and a second kernel combines the parts.
     `out`, when given, is a contiguous [B, n_q * D] buffer to write into."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
@@ -220,17 +189,16 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
         out = torch.empty(B, n_q * D, dtype=qkv.dtype, device=qkv.device)
     assert out.is_contiguous()
     splits = _splits(B, n_q, table.shape[1] * k_cache.shape[1])
-    if splits > 1:
-        ws = torch.empty(B * n_q * splits * (D + 2), dtype=torch.float32, device=qkv.device)
-        cnt = _split_counters(table, B * n_q)
-    else:
-        ws = cnt = out  # unused
+    ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
     _decode_attention_kernel[(B, n_q, splits)](
-        qkv, k_cache, v_cache, table, slot, pos, out, ws, cnt,
+        qkv, k_cache, v_cache, table, slot, pos, out, ws,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0), 1.0 / math.sqrt(D),
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
         BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2, **pdl.launch_kwargs(qkv.device),
     )
+    if splits > 1:
+        _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4,
+                                        **pdl.launch_kwargs(qkv.device))
     return out
 
 
