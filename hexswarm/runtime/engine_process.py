@@ -164,13 +164,14 @@ def _child_main(conn, job: EngineJob) -> None:
 
     try:
         engine = _build(job, lambda peer, msg: write({"peer": peer, "msg": msg}))
+        engine.start()
+        engine.wait_loaded()  # loaded in the engine's own thread (StageEngine._load)
     except BaseException as e:
         write({"kind": "_failed", "error": f"{type(e).__name__}: {e}"})
         return
     if job.freeze_heap:
         freeze_heap()
     write({"kind": "_ready"})
-    engine.start()
 
     def report() -> None:
         while True:
@@ -203,7 +204,6 @@ def _build(job: EngineJob, send: Send):
     from hexswarm.runtime.tokenizer import TextTokenizer
 
     torch.set_num_threads(engine_threads(job.threads))
-    host = StageHost(job.spec, tag=job.tag)
-    host.start()
+    host = StageHost(job.spec, tag=job.tag)  # loaded by the engine's thread
     tokenizer = TextTokenizer(job.spec.model_dir, LlamaConfig.from_dir(job.spec.model_dir)) if job.with_tokenizer else None
     return StageEngine(host, job.route, send, tokenizer, job.name, job.settings, job.links)

@@ -82,11 +82,12 @@ class LocalPipeline:
                     host_type = _FirstLogitsHost if keep_first_logits and last else StageHost
                     host = host_type(spec, tag=f"local{i}", show_progress=show_progress)
                     self.hosts.append(host)
-                    host.start()
                     engine = StageEngine(host, route, self.send, self.tokenizer if i == 0 else None, names[i], settings,
-                                         links)
+                                         links)  # it loads the host in its own thread
                 self.engines[names[i]] = engine
                 engine.start()
+                if isinstance(engine, StageEngine):
+                    engine.wait_loaded()
                 start += n
         except BaseException:
             self.close()

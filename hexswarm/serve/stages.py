@@ -177,10 +177,15 @@ class StageSet:
                 # thread at 32 requests, though its threads spin between a small step's ops; BENCHMARKS run 24)
                 torch.set_num_threads(s.cpu_threads)
             host = StageHost(spec, tag=tag)
-            host.start()
             worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine,
-                                 links=links)
+                                 links=links)  # it loads the host in its own thread
         worker.start()
+        if isinstance(worker, StageEngine):
+            try:
+                worker.wait_loaded()
+            except BaseException:
+                worker.close()
+                raise
         return worker
 
     def kv_size(self, spec: StageSpec) -> tuple[int, int]:
