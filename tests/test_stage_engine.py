@@ -165,3 +165,49 @@ def test_a_broken_link_hands_the_requests_in_flight_back_to_their_entries(tiny_m
     ref = generate(GenerateJob(model_dir=str(tiny_model), prompt=PROMPTS[3], max_new_tokens=16))
     assert done["tokens"] == ref["tokens"]
     assert pipe.first.error is None
+
+
+def test_a_stage_is_loaded_by_the_thread_that_steps_it(tiny_model, monkeypatch):
+    """One thread loads and steps a stage (two OpenMP teams made CPU decoding 1.2-1.4x slower, BENCHMARKS
+    run 26f); the threads are recorded by the real StageHost's start and run."""
+    import threading
+
+    from hexswarm.runtime.stage_host import StageHost
+
+    seen: dict[str, set] = {"start": set(), "run": set()}
+    start, run = StageHost.start, StageHost.run
+
+    def spy_start(self):
+        seen["start"].add(threading.current_thread().name)
+        return start(self)
+
+    def spy_run(self, op):
+        seen["run"].add(threading.current_thread().name)
+        return run(self, op)
+
+    monkeypatch.setattr(StageHost, "start", spy_start)
+    monkeypatch.setattr(StageHost, "run", spy_run)
+    pipe = LocalPipeline(tiny_model, [(1, 2), (1, 2)])
+    try:
+        pipe.start("r0", PROMPTS[0], 4)
+        assert len(pipe.wait(1, timeout=60)["r0"]["tokens"]) == 4
+    finally:
+        pipe.close()
+    assert len(seen["start"]) == 2 and seen["start"] == seen["run"], seen
+    assert threading.main_thread().name not in seen["start"]
+
+
+def test_a_stage_that_fails_to_load_raises_in_the_caller(tiny_model):
+    """The engine's thread loads; the error reaches whoever waits for the load, as it did when the
+    caller loaded, and the engine's thread is gone."""
+    from hexswarm.errors import UserError
+    from hexswarm.runtime.stage_engine import PipelineRoute, StageEngine
+    from hexswarm.runtime.stage_host import StageHost, StageSpec
+
+    spec = StageSpec(str(tiny_model), 0, 99, 1, True, True, "cpu", "float32", 2, 64)  # layers past the model's
+    engine = StageEngine(StageHost(spec, tag="bad"), PipelineRoute(0, 1, None, "s0"), lambda peer, msg: None)
+    engine.start()
+    with pytest.raises(UserError, match="lacks tensor model.layers"):
+        engine.wait_loaded()
+    engine.close()
+    assert not engine._thread.is_alive()
