@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from triton_child import run_check
 
 # (B, n_q, n_kv, D, max_blocks, forced splits or None for the engine's own choice)
 CASES = [
@@ -93,11 +89,7 @@ def _check() -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
 def test_decode_attention_matches_reference_in_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_check(__file__, timeout=600)
     assert len(res) == sum(-(-9 // c[0]) for c in CASES) * 2 * 2
     tol = {"float32": 1e-5, "float16": 2e-3}  # fp16: the output's rounding (2^-11) plus the inputs'
     bad = {k: v for k, v in res.items() if not v["err"] < tol[k.split("/")[5]]}

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from triton_child import run_check
 
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages): both paths, split-K off (WAVES 0)
 # and on (the interpreter counts 4 "SMs": WAVES 3 / 2 split these small grids 4 ways)
@@ -76,11 +72,7 @@ def _weights():
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
 def test_kernels_match_reference_in_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_check(__file__, timeout=300)
     assert len(res["dequant"]) == 3 * len(SHAPES) and all(res["dequant"].values()), res["dequant"]
     assert len(res["gemv"]) == 3 * (len(CONFIGS) + 2 + 2 * len(FACT) + 2 * len(STREAM)) * 2 - 3 * 2  # FACT[1]: M = 1
     assert any("stream" in k for k in res["gemv"])
