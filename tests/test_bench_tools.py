@@ -176,6 +176,22 @@ def test_bench_quant_tiny_cpu_runs_every_measurement(tmp_path, capsys):
     assert json.loads(out.read_text())["table"] == res["table"]
 
 
+def test_decode_profile_tiny_cpu_sums_a_steps_kernels_by_kind(tmp_path):
+    """decode_profile's code path on CPU (eager steps, CPU ops as the "kernels"): every weight format timed
+    against its floor, the step's time split by kind, the kinds adding up to the busy time."""
+    tool = load_tool("decode_profile")
+    out = tmp_path / "prof.json"
+    res = tool.main(["--device", "cpu", "--tiny", "--int4-backends", "hexswarm", "--profile-steps", "2",
+                     "--json", str(out)])
+    assert set(res["modes"]) == {"bf16", "int8", "int4/hexswarm"}
+    for entry in res["modes"].values():
+        assert entry["ms"] > 0 and entry["floor_ms"] > 0 and entry["kernels"] > 0
+        assert "attention" in entry["kinds"] and "skeleton" not in entry  # no read-only skeleton off CUDA
+        assert sum(k["us"] for k in entry["kinds"].values()) == pytest.approx(entry["busy_us"], rel=0.01, abs=1)
+    assert res["pdl"] is False
+    assert json.loads(out.read_text())["modes"].keys() == res["modes"].keys()
+
+
 @pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm")
 def test_bench_tinygemm_tiny_cpu_times_every_path(tmp_path):
     """bench_tinygemm's code path on CPU (torch's CPU twin of tinygemm): every path timed and checked, and

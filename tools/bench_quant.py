@@ -169,7 +169,10 @@ def run(args) -> dict:
         raise SystemExit("no CUDA device")
     clock = bench_gpu.Clock(device)
     log = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
-    res: dict = {"env": bench_gpu._env(device), "args": vars(args), "decode": {}, "floor": {}, "bytes": {}}
+    from hexswarm.model import pdl
+
+    res: dict = {"env": bench_gpu._env(device), "args": vars(args), "decode": {}, "floor": {}, "bytes": {},
+                 "pdl": pdl.enabled(device)}  # programmatic dependent launch (HEXSWARM_PDL)
     bw = bench_gpu.copy_bandwidth(device, clock, args.copy_bytes)
     res["copy_GBps"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")

@@ -13,6 +13,10 @@ In one run, on one GPU, for each weight format (bf16, int8, int4 with each --int
   if every projection read its weights as fast as a kernel that does nothing else, and the
   same skeleton as one kernel over all the bytes (the floor's own achievable rate).
 
+With programmatic dependent launch (model/pdl.py, on by default on Hopper) a kernel starts while the one
+before finishes and waits inside: its duration then includes that wait, kinds overlap and the busy time
+exceeds the step.  HEXSWARM_PDL=0 gives the plain breakdown.
+
     python tools/decode_profile.py --json prof.json        # the GPU run
     python tools/decode_profile.py --device cpu --tiny     # the code path on CPU
 """
@@ -200,7 +204,9 @@ def main(argv=None) -> dict:
     device = torch.device(a.device)
     clock = bench_gpu.Clock(device)
     log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
-    res: dict = {"env": bench_gpu._env(device), "args": vars(a), "modes": {}}
+    from hexswarm.model import pdl
+
+    res: dict = {"env": bench_gpu._env(device), "args": vars(a), "modes": {}, "pdl": pdl.enabled(device)}
     bw = bench_gpu.copy_bandwidth(device, clock, qa.copy_bytes)
     res["copy_GBps"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
