@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hexswarm.model import pdl
 from hexswarm.model.attention import (cached_attention, chunk_attention, chunk_work, decode_attention,
                                       prefill_attention)
 from hexswarm.model.config import LlamaConfig
-from hexswarm.model import pdl
 from hexswarm.model.kv_cache import KVCache, rotary_store
 from hexswarm.model.quant import QuantLinear, linear
 from hexswarm.model.shard import TensorShard

@@ -366,7 +366,8 @@ if AVAILABLE:
             if LATE_SUM:
                 acc += tl.sum(part, axis=2)
             else:
-                acc += tl.sum(tl.sum(part, axis=2), axis=1, keep_dims=True)  # in-thread: a thread holds its rows' groups
+                # in-thread: a thread holds its rows' groups
+                acc += tl.sum(tl.sum(part, axis=2), axis=1, keep_dims=True)
             words, s, o = nwords, ns, no
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
