@@ -244,10 +244,12 @@ class StageEngine:
 
     # ---- the worker thread -------------------------------------------------------------
     def _load(self) -> bool:
-        """Load the host here unless the caller did: the thread that steps a stage also loads it, so
-        the process has one OpenMP thread team at work, not two spinning against each other (CPU
-        `generate` with one stage 1.2-1.4x slower when another thread had loaded it; BENCHMARKS run 26)."""
+        """Load the host here unless the caller did: the thread that steps a stage also loads it (CPU
+        `generate` with one stage decoded 1.2-1.4x slower on 16 cores when another thread had loaded
+        it, BENCHMARKS run 26f; likely two OpenMP thread teams at work instead of one)."""
         try:
+            if self.spec.device == "cuda":  # this thread's kernels run on the leader's GPU (Triton: the current one)
+                torch.cuda.set_device(self.spec.device_of(0))
             if self.host.executor is None:
                 self.host.start()
             return True
@@ -259,8 +261,6 @@ class StageEngine:
 
     def _loop(self) -> None:
         try:
-            if self.spec.device == "cuda":  # this thread's kernels run on the leader's GPU (Triton: the current one)
-                torch.cuda.set_device(self.spec.device_of(0))
             if not self._load():
                 return
             with torch.inference_mode():
