@@ -33,6 +33,12 @@ a shift shared by several codes, one LOP3 and one FFMA (~3.6-4.6 SASS instructio
 including loads and reductions, against ~10 for "deq", whose weights also go through shared
 memory; sm_90, Triton 3.6).  Numerics: fp32 products of unrounded weights (no rounding to the
 activation dtype), fp32 sums; within the same tolerance of the reference.
+Its "stream" tiles (variant "stream", the served batch-1 config on the H100): one weight row and one
+warp per program, the whole K, no split-K (so no zeroed buffer, atomics or cast: one kernel per
+projection), group partial sums added after the loop; the wide tiles' instruction count does not
+hold there (~9 SASS instructions per int4 weight, ~12 per int8: the activations are unpacked per
+row, and Triton moves them between the weights' and their own layout), but a warp streams a row
+as a plain read does (BENCHMARKS run 26).  On Hopper it launches with PDL (model/pdl.py).
 
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
