@@ -2,7 +2,8 @@
 """Tune the quantized GEMV (hexswarm/model/quant_kernels.py) on one GPU: for int8 and int4,
 each M bucket (1, 8, 16, 32, 64 rows), a compact grid of kernel configs of every kernel variant
 ("deq": dequantize each weight, round it to bf16, multiply; "fact", M = 1 rows: scales factored
-out of the loop) on the 7B layer shapes; every config's output checked against the torch
+out of the loop; "stream", M = 1: the same kernel with one weight row and one warp per program, no
+split-K) on the 7B layer shapes; every config's output checked against the torch
 reference; each timed as the sum over the shapes of a CUDA-graph replay (median of repeats) over
 enough weight copies that every call reads its weights from HBM, not L2.  Also times dequantize
 + cuBLAS (the prefill path) per bucket: a bucket where that wins gets no GEMV config (the
