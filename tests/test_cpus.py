@@ -44,6 +44,9 @@ def _build(monkeypatch, cpus_n: int, **settings):
         def start(self):
             pass
 
+        def wait_loaded(self):
+            pass
+
     class FakeProcess(Fake):
         pass
 

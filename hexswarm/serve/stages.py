@@ -180,7 +180,7 @@ class StageSet:
             worker = StageEngine(host, route, send, self.tokenizer if si == 0 else None, name=name, settings=engine,
                                  links=links)  # it loads the host in its own thread
         worker.start()
-        if isinstance(worker, StageEngine):
+        if not own_process:
             try:
                 worker.wait_loaded()
             except BaseException:
