@@ -68,7 +68,7 @@ FACT_TILES = [(256, 2, 2), (128, 2, 1), (512, 2, 4), (256, 4, 2), (128, 4, 2), (
 # "stream" tiles at M = 1 (BLOCK_N, BLOCK_G, num_warps, WAVES, num_stages): few rows, many groups,
 # partial sums across groups added after the loop: a warp streams its rows' bytes as a plain reader
 # does, over a grid of N / BLOCK_N programs (no split-K: no zeroed buffer, no atomics, no cast).
-# H100 (BENCHMARKS run 26): one warp per program and one to four rows beat every wider tile.
+# H100 (BENCHMARKS run 26b): one row and one warp per program measured best, every stream tile beat the wide ones.
 STREAM_TILES = [(1, 32, 1, 0, 1), (2, 32, 1, 0, 1), (4, 32, 1, 0, 1), (1, 64, 1, 0, 1), (2, 16, 1, 0, 1),
                 (4, 16, 1, 0, 1), (1, 16, 1, 0, 1), (8, 16, 1, 0, 1), (4, 8, 1, 0, 1), (2, 64, 1, 0, 1),
                 (1, 128, 2, 0, 1), (1, 32, 1, 0, 2), (2, 32, 1, 0, 2), (1, 32, 1, 0, 3), (4, 32, 1, 0, 2),
