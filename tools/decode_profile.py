@@ -181,7 +181,6 @@ def skeleton(layer_bytes: list[list[int]], device, clock, progs_per_sm: int, blo
             fn()
         res[key] = clock.median(g.replay, 2, 5)
         del g
-    del bufs, flat
     res["bytes"] = total
     return res
 

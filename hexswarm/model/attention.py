@@ -190,15 +190,15 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     assert out.is_contiguous()
     splits = _splits(B, n_q, table.shape[1] * k_cache.shape[1])
     ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
+    launch = pdl.launch_kwargs(qkv.device)  # both kernels (model/pdl.py)
     _decode_attention_kernel[(B, n_q, splits)](
         qkv, k_cache, v_cache, table, slot, pos, out, ws,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0), 1.0 / math.sqrt(D),
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2, **pdl.launch_kwargs(qkv.device),
+        BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2, **launch,
     )
     if splits > 1:
-        _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4,
-                                        **pdl.launch_kwargs(qkv.device))
+        _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4, **launch)
     return out
 
 

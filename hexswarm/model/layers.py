@@ -88,7 +88,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-
 def fast_kernels_for(x: torch.Tensor) -> bool:
     """Whether the Triton path can run on this tensor's device."""
     return HAVE_TRITON and (x.is_cuda or TRITON_ON_CPU)

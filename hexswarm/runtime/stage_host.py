@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -36,7 +37,6 @@ SETUP_TIMEOUT = datetime.timedelta(minutes=10)
 # idle stage must not hit it: effectively unbounded.  A follower that exits is caught by
 # followers_alive before every op instead (and a closed gloo socket fails a pending collective).
 OP_TIMEOUT = datetime.timedelta(days=365)
-
 
 
 # ---- one rank: its ops, and the leader's broadcast of them to the group ----------------------------
