@@ -75,6 +75,13 @@ STREAM_TILES = [(1, 32, 1, 0, 1), (2, 32, 1, 0, 1), (4, 32, 1, 0, 1), (1, 64, 1,
                 (1, 64, 2, 0, 1), (2, 32, 2, 0, 1), (8, 8, 1, 0, 1), (1, 128, 4, 0, 1), (2, 128, 2, 0, 1)]
 
 
+# "dp4a" tiles at M = 1 (BLOCK_N, BLOCK_G, num_warps, num_stages): the activations quantized to int8
+# per group (one small kernel), then stream-like tiles whose inner loop is a dp4a per 4 weights;
+# rows per thread share each activation load.
+DP4A_TILES = [(1, 32, 1, 1), (2, 32, 1, 1), (4, 32, 1, 1), (1, 64, 1, 1), (2, 16, 1, 1), (4, 16, 1, 1),
+              (8, 16, 1, 1), (8, 32, 2, 1), (4, 32, 1, 2), (1, 32, 1, 2), (2, 64, 2, 1), (1, 128, 4, 1)]
+
+
 def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages[, variant]), best guesses first:
     each tile with split-K to 2 waves, then without, then 4 and 1 waves (those share the first's
@@ -104,7 +111,8 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
         deq = deq[:7]  # its best tiles, (1, 32, 8, 2, 4, 3) the last of them
         out = [c for pair in zip(fact, deq) for c in pair] + fact[len(deq):] + deq[len(fact):]
         stream = [(1, n, g, v, w, st, "stream") for n, g, w, v, st in STREAM_TILES] if "stream" in variants else []
-        return stream + out
+        dp4a = [(1, n, g, 0, w, st, "dp4a") for n, g, w, st in DP4A_TILES] if "dp4a" in variants else []
+        return dp4a + stream + out
     return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hexswarm.model import pdl
+from hexswarm.model.quant_format import GROUP
 
 try:  # optional: only on CUDA hosts that installed it
     from flash_attn import flash_attn_func, flash_attn_with_kvcache  # type: ignore
@@ -24,6 +25,8 @@ except Exception:  # pragma: no cover - depends on the host
 try:
     import triton
     import triton.language as tl
+
+    from hexswarm.model.quant_kernels import quantize_rows, store_int8_groups
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - depends on the host
@@ -137,8 +140,8 @@ if HAVE_TRITON:
             tl.store(w + D + 1, l_i)
 
     @triton.jit
-    def _decode_reduce_kernel(ws_ptr, out_ptr, NQ: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                              PDL: tl.constexpr):
+    def _decode_reduce_kernel(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, NQ: tl.constexpr, D: tl.constexpr,
+                              SPLITS: tl.constexpr, Q8: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr):
         pdl.release(PDL)
         pdl.wait(PDL)
         b = tl.program_id(0).to(tl.int64)
@@ -153,7 +156,10 @@ if HAVE_TRITON:
         acc = tl.load(w[:, None] + d[None, :])
         num = tl.sum(acc * scale[:, None], axis=0)
         den = tl.sum(l * scale, axis=0)
-        tl.store(out_ptr + b * (NQ * D) + h * D + d, (num / den).to(out_ptr.dtype.element_ty))
+        out = (num / den).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * (NQ * D) + h * D + d, out)
+        if Q8:  # the output's int8 rows, for a "dp4a" o-projection (quant_kernels.store_int8_groups)
+            store_int8_groups(out.to(tl.float32), qc_ptr, qs_ptr, qsum_ptr, b, h * D, NQ * D, D, GROUP_SIZE)
 
 
 def _splits(B: int, n_q: int, max_seq_len: int) -> int:
@@ -172,7 +178,7 @@ def _splits(B: int, n_q: int, max_seq_len: int) -> int:
 
 
 def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: int,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, q8=None) -> torch.Tensor:
     """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
     k_cache/v_cache: [blocks, BLOCK, n_kv, D] holding keys [0, pos[b]] for slot[b] in the blocks
     `table` [slots, max_blocks] maps;
@@ -180,7 +186,8 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     count comes from `pos` inside the kernel, so the launch is the same every step
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
     split across programs (flash-decoding) and a second kernel combines the parts.
-    `out`, when given, is a contiguous [B, n_q * D] buffer to write into."""
+    `out`, when given, is a contiguous [B, n_q * D] buffer to write into; `q8`, when given, the
+    quant_kernels.Int8Rows to fill with the output's int8 rows (quant.int8_rows_for)."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -198,7 +205,10 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
         BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2, **launch,
     )
     if splits > 1:
-        _decode_reduce_kernel[(B, n_q)](ws, out, NQ=n_q, D=D, SPLITS=splits, num_warps=4, **launch)
+        _decode_reduce_kernel[(B, n_q)](ws, out, *(q8 or (out, out, out)), NQ=n_q, D=D, SPLITS=splits,
+                                        Q8=q8 is not None and D % GROUP == 0, GROUP_SIZE=GROUP, num_warps=4, **launch)
+    if q8 is not None and (splits == 1 or D % GROUP):  # the output came from the attention kernel itself
+        quantize_rows(out, q8)
     return out
 
 

@@ -27,7 +27,9 @@ from hexswarm.model.attention import (cached_attention, chunk_attention, chunk_w
                                       prefill_attention)
 from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache, rotary_store
-from hexswarm.model.quant import QuantLinear, linear
+from hexswarm.model.quant import QuantLinear, int8_rows_for, linear
+from hexswarm.model.quant_format import GROUP
+from hexswarm.model.quant_kernels import Int8Rows
 from hexswarm.model.shard import TensorShard
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -35,6 +37,8 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 try:  # Triton ships with CUDA builds of torch; absent on CPU-only hosts
     import triton
     import triton.language as tl
+
+    from hexswarm.model.quant_kernels import store_int8_groups
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - depends on the host
@@ -110,9 +114,11 @@ class RMSNorm(nn.Module):
 if HAVE_TRITON:
 
     @triton.jit
-    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        # row-wise: x += delta (stored back, rounded as torch rounds); out = w * norm(x)
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, N, eps,
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, Q8: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                            PDL: tl.constexpr):
+        # row-wise: x += delta (stored back, rounded as torch rounds); out = w * norm(x), and with Q8
+        # its int8 rows too (quant_kernels.store_int8_groups: the input of a "dp4a" GEMV)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -127,11 +133,14 @@ if HAVE_TRITON:
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
         h = (xf * (1.0 / tl.sqrt(var + eps))).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + row * N + cols, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty),
-                 mask=mask)
+        out = (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * N + cols, out, mask=mask)
+        if Q8:
+            store_int8_groups(out.to(tl.float32), qc_ptr, qs_ptr, qsum_ptr, row, 0, N, BLOCK, GROUP_SIZE)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, F_SIZE, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, F_SIZE, BLOCK: tl.constexpr, Q8: tl.constexpr,
+                         GROUP_SIZE: tl.constexpr, PDL: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < F_SIZE
@@ -140,30 +149,37 @@ if HAVE_TRITON:
         g = tl.load(gu_ptr + row * 2 * F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(gu_ptr + row * 2 * F_SIZE + F_SIZE + offs, mask=mask, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)  # silu, rounded as torch
-        tl.store(out_ptr + row * F_SIZE + offs, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
+        out = (s * u).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * F_SIZE + offs, out, mask=mask)
+        if Q8:
+            store_int8_groups(out.to(tl.float32), qc_ptr, qs_ptr, qsum_ptr, row, tl.program_id(1) * BLOCK, F_SIZE,
+                              BLOCK, GROUP_SIZE)
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """In place x += delta (when given); returns weight * rmsnorm(x).  x: contiguous [..., N]."""
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                q8: Int8Rows | None = None) -> torch.Tensor:
+    """In place x += delta (when given); returns weight * rmsnorm(x).  x: contiguous [..., N].
+    q8: filled with the result's int8 rows (quant.int8_rows_for)."""
     N = x.shape[-1]
     rows = x.numel() // N
     out = torch.empty_like(x)
     if delta is not None and not delta.is_contiguous():
         delta = delta.contiguous()
     block = triton.next_power_of_2(N)
-    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, N, eps,
-                                 HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
-                                 **pdl.launch_kwargs(x.device))
+    _add_rmsnorm_kernel[(rows,)](x, delta if delta is not None else x, weight, out, *(q8 or (x, x, x)), N, eps,
+                                 HAS_DELTA=delta is not None, BLOCK=block, Q8=q8 is not None, GROUP_SIZE=GROUP,
+                                 num_warps=min(16, max(1, block // 256)), **pdl.launch_kwargs(x.device))
     return out
 
 
-def silu_mul(gu: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gu = [..., 2F] (gate first); returns [..., F]."""
+def silu_mul(gu: torch.Tensor, q8: Int8Rows | None = None) -> torch.Tensor:
+    """silu(gate) * up for gu = [..., 2F] (gate first); returns [..., F].  q8: as add_rmsnorm's."""
     F2 = gu.shape[-1]
     rows = gu.numel() // F2
     out = torch.empty(*gu.shape[:-1], F2 // 2, dtype=gu.dtype, device=gu.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(F2 // 2, block))](gu, out, F2 // 2, BLOCK=block, num_warps=4,
+    _silu_mul_kernel[(rows, triton.cdiv(F2 // 2, block))](gu, out, *(q8 or (gu, gu, gu)), F2 // 2, BLOCK=block,
+                                                          Q8=q8 is not None, GROUP_SIZE=GROUP, num_warps=4,
                                                           **pdl.launch_kwargs(gu.device))
     return out
 
@@ -352,17 +368,25 @@ class DecoderLayerShard(nn.Module):
         meta: StepMeta,
         all_reduce: AllReduce | None,
         next_norm: RMSNorm | None,
+        h_q8: Int8Rows | None = None,
+        next_q8: Int8Rows | None = None,
     ) -> torch.Tensor:
         """The CUDA path.  resid: [N, H] residual stream (updated in place); h: this
         layer's input_norm(resid).  Returns next_norm(resid) after this layer, or None
-        when next_norm is None (the caller then has the final residual in resid)."""
+        when next_norm is None (the caller then has the final residual in resid).
+        h_q8: h's int8 rows, when the QKV projection takes them (quant.int8_rows_for); next_q8:
+        buffers for the returned tensor's, filled by the kernel that makes it.  The other
+        projections' int8 rows are made here the same way, by their inputs' producers."""
         N = resid.shape[0]
-        qkv = linear(h, self.qkv_weight, self.qkv_bias)  # [N, q + 2kv]
+        qkv = linear(h, self.qkv_weight, self.qkv_bias, h_q8)  # [N, q + 2kv]
         k_cache, v_cache = kv.k[layer], kv.v[layer]
         # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
         rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q, self.n_kv)
+        attn_q8 = None
         if not meta.segments and meta.chunk_work is None:
-            attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv)
+            attn_q8 = int8_rows_for(self.o_weight, N, qkv.dtype)
+            attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv,
+                                    q8=attn_q8)
         else:
             attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)
             if meta.n_decode:
@@ -375,13 +399,16 @@ class DecoderLayerShard(nn.Module):
             else:
                 for seg in meta.segments:
                     attn[seg.offset : seg.offset + seg.length] = self._segment_attention(qkv, kv, layer, seg)
-        out = linear(attn, self.o_weight)
+        out = linear(attn, self.o_weight, xq=attn_q8)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.o_bias is not None:
             out = out + self.o_bias
-        h = add_rmsnorm(resid, out, self.post_norm.weight, self.post_norm.eps)
-        out = linear(silu_mul(linear(h, self.gate_up_weight, self.gate_up_bias)), self.down_weight)
+        h_q8 = int8_rows_for(self.gate_up_weight, N, resid.dtype)
+        h = add_rmsnorm(resid, out, self.post_norm.weight, self.post_norm.eps, h_q8)
+        gu = linear(h, self.gate_up_weight, self.gate_up_bias, h_q8)
+        mid_q8 = int8_rows_for(self.down_weight, N, gu.dtype)
+        out = linear(silu_mul(gu, mid_q8), self.down_weight, xq=mid_q8)
         if all_reduce is not None:
             out = all_reduce(out)
         if self.down_bias is not None:
@@ -389,7 +416,7 @@ class DecoderLayerShard(nn.Module):
         if next_norm is None:
             resid.add_(out)
             return None
-        return add_rmsnorm(resid, out, next_norm.weight, next_norm.eps)
+        return add_rmsnorm(resid, out, next_norm.weight, next_norm.eps, next_q8)
 
     def _segment_attention(self, qkv: torch.Tensor, kv: KVCache, layer: int, seg: Segment) -> torch.Tensor:
         """Causal attention of one prompt chunk: over its own keys when it starts the sequence,

@@ -92,7 +92,9 @@ class QuantLinear(nn.Module):
             w = w + self.offset.float()[..., None]
         return w.view(N, K).to(dtype)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, xq=None) -> torch.Tensor:
+        """x @ W.T (+ bias); xq: x's quant_kernels.Int8Rows when its producer wrote them
+        (int8_rows_for), used where the "dp4a" GEMV serves this step."""
         if self.gemlite is not None:
             return self.gemlite(x, bias)
         if self.tinygemm is not None and self.tinygemm.takes(x):
@@ -104,7 +106,7 @@ class QuantLinear(nn.Module):
                 config = quant_kernels.gemv_config(self, x.numel() // self.in_features)
                 try:
                     if config is not None:
-                        return quant_kernels.gemv(x, self, bias, config)
+                        return quant_kernels.gemv(x, self, bias, config, xq=xq)
                     return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
                 except torch.cuda.OutOfMemoryError:
                     raise
@@ -211,8 +213,35 @@ def quantize(weight: torch.Tensor, mode: str) -> QuantLinear:
     return QuantLinear(4, packed.reshape(n, k // 2).contiguous(), scale, offset)
 
 
-def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for a dense weight or a QuantLinear: the one linear op of the layers."""
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 codes, fp32 scales, fp32 sums) per group of 32 along K, as the "dp4a"
+    GEMV takes activations (llama.cpp's Q8_1): scale = amax / 127, code = round(x * 127 / amax)
+    (ties to even), sum = the group's exact sum.  The reference of quant_kernels.quantize_rows."""
+    m, k = x.shape
+    v = x.float().view(m, k // GROUP, GROUP)
+    amax = v.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(v * inv[..., None]).to(torch.int8)
+    return q.view(m, k), amax / 127.0, v.sum(-1)
+
+
+def int8_rows_for(weight, rows: int, x_dtype: torch.dtype):
+    """Empty quant_kernels.Int8Rows for the input of `linear(x, weight)` over `rows` rows of x, where
+    the "dp4a" GEMV will serve it, for x's producer kernel to fill (layers.add_rmsnorm, silu_mul,
+    attention.decode_attention); else None (a dense weight, another backend, another kernel)."""
+    if (not isinstance(weight, QuantLinear) or weight.gemlite is not None or weight.tinygemm is not None
+            or not weight.qweight.is_cuda or x_dtype not in (torch.bfloat16, torch.float16)):
+        return None
+    from hexswarm.model import quant_kernels
+
+    if not quant_kernels.AVAILABLE or not quant_kernels.takes_int8_rows(weight, rows):
+        return None
+    return quant_kernels.Int8Rows.empty(rows, weight.in_features, weight.qweight.device)
+
+
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None, xq=None) -> torch.Tensor:
+    """F.linear for a dense weight or a QuantLinear: the one linear op of the layers.  xq: see
+    int8_rows_for."""
     if isinstance(weight, QuantLinear):
-        return weight(x, bias)
+        return weight(x, bias, xq)
     return F.linear(x, weight, bias)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import NamedTuple
 
 import torch
 
@@ -386,20 +387,133 @@ if AVAILABLE:
             tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=nmask)
 
 
+    # ---- the int8-activation GEMV (variant "dp4a"): four multiply-adds per instruction ------------
+    @triton.jit
+    def _dp4a(a, b, c, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
+        """c + the dot product of the four bytes of int32 words a and b (b signed; a signed or not).
+        ASM: the dp4a instruction (sm_61+); else the same sum in plain integer ops (Triton's
+        interpreter, which runs no PTX)."""
+        if ASM:
+            if A_SIGNED:
+                return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+            else:
+                return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                                 dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            for i in tl.static_range(4):
+                if A_SIGNED:
+                    ai = (a << (24 - 8 * i)) >> 24
+                else:
+                    ai = (a >> (8 * i)) & 0xFF
+                c += ai * ((b << (24 - 8 * i)) >> 24)
+            return c
+
+    @triton.jit
+    def store_int8_groups(v, codes_ptr, scales_ptr, sums_ptr, row, col0, K, SIZE: tl.constexpr,
+                          GROUP_SIZE: tl.constexpr):
+        """Row `row`'s values v [SIZE] (fp32) at columns col0.. (col0 and SIZE multiples of GROUP_SIZE;
+        columns >= K dropped) as int8 rows [M, K] per group of GROUP_SIZE: scale = amax / 127,
+        code = round-half-even(v * 127 / amax), sum = the group's exact fp32 sum (llama.cpp's Q8_1
+        activations; quant.quantize_activations is the reference).  Producer kernels (add+RMSNorm,
+        SiLU*up, the attention's combine) call it on what they store, for a "dp4a" GEMV after them."""
+        NG: tl.constexpr = SIZE // GROUP_SIZE
+        vg = tl.reshape(v, (NG, GROUP_SIZE))
+        amax = tl.max(tl.abs(vg), axis=1)
+        inv = tl.where(amax > 0, 127.0 / amax, 0.0)
+        r = vg * inv[:, None]
+        r = (r + 12582912.0) - 12582912.0  # 1.5 * 2^23: rounds to the nearest integer, ties to even
+        cols = col0 + tl.arange(0, NG)[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+        tl.store(codes_ptr + row * K + cols, r.to(tl.int8), mask=cols < K)
+        g = col0 // GROUP_SIZE + tl.arange(0, NG)
+        gmask = g < K // GROUP_SIZE
+        tl.store(scales_ptr + row * (K // GROUP_SIZE) + g, amax / 127.0, mask=gmask)
+        tl.store(sums_ptr + row * (K // GROUP_SIZE) + g, tl.sum(vg, axis=1), mask=gmask)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, sum_ptr, K, GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+                              PDL: tl.constexpr):
+        """x [M, K] -> its int8 rows (store_int8_groups), BLOCK_G groups a program: for an x whose
+        producer did not write them."""
+        pid_m = tl.program_id(0)
+        cols = tl.program_id(1) * (BLOCK_G * GROUP_SIZE) + tl.arange(0, BLOCK_G * GROUP_SIZE)
+        pdl.release(PDL)
+        pdl.wait(PDL)
+        x = tl.load(x_ptr + pid_m * K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        store_int8_groups(x, q_ptr, s_ptr, sum_ptr, pid_m, tl.program_id(1) * (BLOCK_G * GROUP_SIZE), K,
+                          BLOCK_G * GROUP_SIZE, GROUP_SIZE)
+
+    @triton.jit
+    def _qgemv_dp4a_kernel(xq_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K,
+                           BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_G: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+        """y = x @ W.T with x given as _quantize_rows_kernel's int8 codes, scales and sums (one
+        program per row of x and BLOCK_N weight rows, the whole K, no split-K): per (row, group)
+        sum_j w_j x_j = scale * xs * D (- 8 scale * X for Q4_0) (+ offset * X for an offset),
+        D = sum_j code_j xq_j in int32 by dp4a: four codes a word, so per weight a quarter of a
+        dp4a (int4: and half a shift-and-mask; an int4 word's low nibbles are its group's
+        elements 4i..4i+3, its high nibbles 16 + 4i.., quant.py's layout, so the activations'
+        bytes are read in their order).  X: the exact sum of the group's activations."""
+        WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
+        XWORDS: tl.constexpr = GROUP_SIZE // 4
+        pid_m = tl.program_id(0)
+        groups = K // GROUP_SIZE
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = rn < N
+        xw_ptr = xq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pid_m * (K // 4)
+        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        gr = tl.arange(0, BLOCK_G)
+        pdl.release(PDL)
+        words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, gr, nmask, gr < groups, K, WORDS, HAS_OFFSET,
+                                  GROUP_SIZE, not EVEN)
+        pdl.wait(PDL)
+        for g0 in range(0, groups, BLOCK_G):
+            g = g0 + gr
+            gmask = g < groups
+            gn = _next_groups(g0, groups, gr, BLOCK_G, EVEN)
+            nwords, ns, no = _load_words(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < groups, K, WORDS, HAS_OFFSET,
+                                         GROUP_SIZE, not EVEN)
+            m3 = gmask[None, :, None]
+            g3 = g[None, :, None]
+            if BITS == 4:
+                xw = xw_ptr + g3 * XWORDS + tl.arange(0, 4)[None, None, :]
+                d = _dp4a(words & 0x0F0F0F0F, _load(xw, m3, not EVEN), tl.zeros_like(words), False, ASM)
+                d = _dp4a((words >> 4) & 0x0F0F0F0F, _load(xw + 4, m3, not EVEN), d, False, ASM)
+            else:
+                xw = xw_ptr + g3 * XWORDS + tl.arange(0, XWORDS)[None, None, :]
+                d = _dp4a(words, _load(xw, m3, not EVEN), tl.zeros_like(words), True, ASM)
+            dot = tl.sum(d, axis=2, keep_dims=True).to(tl.float32)
+            xs = _load(xs_ptr + pid_m * groups + g3, m3, not EVEN)
+            part = s * (xs * dot)
+            if HAS_OFFSET or BITS == 4:
+                xsum = _load(xsum_ptr + pid_m * groups + g3, m3, not EVEN)
+                if HAS_OFFSET:
+                    part += o * xsum
+                else:  # Q4_0: w = scale * (code - 8)
+                    part -= 8.0 * s * xsum
+            acc += tl.sum(part, axis=2)
+            words, s, o = nwords, ns, no
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + pid_m * N + rn, out.to(y_ptr.dtype.element_ty), mask=nmask)
+
+
 # Rows of x per GEMV bucket: a call with M rows uses the smallest bucket >= M; above the last
 # bucket (or where a bucket's config is None) the weight is dequantized and cuBLAS multiplies.
 M_BUCKETS = (1, 8, 16, 32, 64)
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
-# Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 11:17 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
+# Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 13:15 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
 # summed over 7B layer shapes; None: dequantize + cuBLAS was faster).
 GEMV_CONFIGS = {
-    (4, 1): (1, 1, 32, 0, 1, 2, 'stream'),
+    (4, 1): (1, 2, 32, 0, 1, 1, 'dp4a'),
     (4, 8): (16, 64, 4, 2, 4, 3),
     (4, 16): (16, 64, 4, 2, 4, 3),
     (4, 32): (32, 64, 4, 2, 4, 1),
     (4, 64): (64, 64, 4, 2, 4, 1),
-    (8, 1): (1, 1, 32, 0, 1, 2, 'stream'),
+    (8, 1): (1, 2, 32, 0, 1, 1, 'dp4a'),
     (8, 8): (16, 64, 4, 2, 4, 3),
     (8, 16): (16, 64, 4, 2, 4, 3),
     (8, 32): (32, 64, 4, 2, 4, 1),
@@ -419,6 +533,13 @@ def gemv_config(w, rows: int):
     return None
 
 
+def takes_int8_rows(w, rows: int) -> bool:
+    """Whether `gemv` over `rows` rows with w runs the "dp4a" variant, so that x's producer may write
+    x's Int8Rows for it (else gemv makes them itself, one kernel more)."""
+    config = gemv_config(w, rows)
+    return config is not None and variant(config) == "dp4a" and config[0] == 1 and _words(w) is not None
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
@@ -429,8 +550,9 @@ def _sm_count(device: torch.device) -> int:
 # the bits of 2^7 (the "fact" kernel's float magic), passed as an argument: a value the compiler
 # cannot see, so that mask-and-magic compiles to one LOP3 (two immediates would take two)
 MAGIC = (127 + 7) << 23
-VARIANTS = ("deq", "fact", "stream")  # a config's 7th field; a 6-field config is "deq"
+VARIANTS = ("deq", "fact", "stream", "dp4a")  # a config's 7th field; a 6-field config is "deq"
 FACTORED = ("fact", "stream")  # variants served by _qgemv_fact_kernel
+WORD_VARIANTS = (*FACTORED, "dp4a")  # variants that read the weights as int32 words (M = 1 tiles)
 
 
 def variant(config) -> str:
@@ -448,13 +570,15 @@ def _words(w):
     return q.view(torch.int32)
 
 
-def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bool = True) -> torch.Tensor:
+def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bool = True,
+         xq: Int8Rows | None = None) -> torch.Tensor:
     """x [..., K] @ dequant(w).T (+ bias) -> [..., N] in x's dtype.  `config` overrides the
     table (tools/tune_quant.py); its 7th field picks the kernel (`variant`; a "fact" config with
     BLOCK_M > 1, for x not bf16 / fp16 or for storage it cannot read as words runs "deq" with its
     tile: the same result within the tolerances).
     round_w=False skips rounding w to x's dtype on the "deq" M = 1 path (measured by the tuner
-    only, not served: it would break that kernel's numerics contract)."""
+    only, not served: it would break that kernel's numerics contract).
+    xq: x's Int8Rows when its producer wrote them (used by the "dp4a" variant, else ignored)."""
     K, N = w.in_features, w.out_features
     x2 = x.reshape(-1, K)
     if not x2.is_contiguous():
@@ -462,8 +586,10 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     M = x2.shape[0]
     config = config or gemv_config(w, M)
     block_m, block_n, block_g, waves, warps, stages = config[:6]
-    fact = variant(config) in FACTORED and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    fact = variant(config) in WORD_VARIANTS and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
     words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
+    if words is not None and variant(config) == "dp4a":
+        return _gemv_dp4a(x2, xq, words, w, bias, block_n, block_g, warps, stages).view(*x.shape[:-1], N)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
@@ -485,6 +611,46 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     if atomic:
         y = y.to(x.dtype)
     return y.view(*x.shape[:-1], N)
+
+
+class Int8Rows(NamedTuple):
+    """Activations [M, K] as the "dp4a" GEMV reads them (store_int8_groups): int8 codes [M, K], fp32
+    scales and sums [M, K / 32]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    sums: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, k: int, device) -> "Int8Rows":
+        scales = torch.empty(rows, k // GROUP, dtype=torch.float32, device=device)
+        return cls(torch.empty(rows, k, dtype=torch.int8, device=device), scales, torch.empty_like(scales))
+
+
+def quantize_rows(x: torch.Tensor, out: Int8Rows | None = None) -> Int8Rows:
+    """Contiguous x [M, K] -> its Int8Rows (one kernel; quant.quantize_activations is the reference)."""
+    M, K = x.shape
+    out = out if out is not None else Int8Rows.empty(M, K, x.device)
+    block_g = min(32, triton.next_power_of_2(K // GROUP))
+    _quantize_rows_kernel[(M, triton.cdiv(K // GROUP, block_g))](x, *out, K, GROUP_SIZE=GROUP, BLOCK_G=block_g,
+                                                                num_warps=4, **pdl.launch_kwargs(x.device))
+    return out
+
+
+def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_n, block_g, warps, stages) -> torch.Tensor:
+    """The "dp4a" variant: x's int8 rows (xq, written by x's producer, or made here: one small
+    kernel), then the GEMV."""
+    M, K = x2.shape
+    N = w.out_features
+    xq, xs, xsum = xq if xq is not None else quantize_rows(x2)
+    y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    offset = w.offset if w.offset is not None else w.scale
+    even = N % block_n == 0 and (K // GROUP) % block_g == 0
+    _qgemv_dp4a_kernel[(M, triton.cdiv(N, block_n))](
+        xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, N, K, BITS=w.bits,
+        HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_N=block_n,
+        BLOCK_G=block_g, ASM=x2.is_cuda, num_warps=warps, num_stages=stages, **pdl.launch_kwargs(x2.device))
+    return y
 
 
 def dequantize(w, dtype: torch.dtype) -> torch.Tensor:

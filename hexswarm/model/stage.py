@@ -14,7 +14,7 @@ from hexswarm.model.config import LlamaConfig
 from hexswarm.model.kv_cache import KVCache
 from hexswarm.model.layers import (AllReduce, DecoderLayerShard, RMSNorm, StepMeta, add_rmsnorm, cos_sin,
                                    fast_kernels_for, inverse_frequencies, leading_decode_rows)
-from hexswarm.model.quant import QuantLinear, quantize as quantize_weight
+from hexswarm.model.quant import QuantLinear, int8_rows_for, quantize as quantize_weight
 from hexswarm.model.quant_format import GROUP, QUANT_MODES, check_mode
 from hexswarm.model.shard import TensorShard
 
@@ -149,11 +149,15 @@ class StageModel(nn.Module):
         if not len(self.layers):
             return resid
         first = self.layers[0].input_norm
-        h = add_rmsnorm(resid, None, first.weight, first.eps)
+        rows = resid.shape[0]
+        q8 = int8_rows_for(self.layers[0].qkv_weight, rows, resid.dtype)  # for a "dp4a" QKV projection
+        h = add_rmsnorm(resid, None, first.weight, first.eps, q8)
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].input_norm if i + 1 < n else None
-            h = layer.forward_fast(resid, h, rope, kv, i, meta, all_reduce, nxt)
+            next_q8 = int8_rows_for(self.layers[i + 1].qkv_weight, rows, resid.dtype) if nxt is not None else None
+            h = layer.forward_fast(resid, h, rope, kv, i, meta, all_reduce, nxt, q8, next_q8)
+            q8 = next_q8
         return resid
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
