@@ -1,7 +1,8 @@
 """The Triton decode attention (model/attention.py) on CPU through Triton's interpreter, against a
 float64 torch reference: several batch sizes, key-split counts (flash-decoding: the splits' partials
 combined by a second kernel), contexts shorter than one split, at and just past split boundaries
-and the full cache, GQA and MHA, fp32 and fp16; each launch twice (nothing may carry over).  CI has
+and the full cache, GQA and MHA, fp32 and fp16; each launch twice (nothing may carry over).  Its
+fused decode path (rotary and the KV store inside: rope=) bit for bit as rotary_store then the kernel.  CI has
 no GPU; tools/gpu_serve_check.py checks the kernel on one."""
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _positions(B, shift, max_len, block_n, splits):
 def _check() -> dict:
     """Runs in a child process with TRITON_INTERPRET=1 (set before triton is imported)."""
     from hexswarm.model import attention
-    from hexswarm.model.kv_cache import BLOCK
+    from hexswarm.model.kv_cache import BLOCK, rotary_store
 
     torch.manual_seed(0)
     engine_splits = attention._splits
@@ -83,16 +84,33 @@ def _check() -> dict:
                     key = (f"B{B}/q{n_q}kv{n_kv}/D{D}/L{max_len}/s{splits}/{str(dtype)[6:]}"
                            f"/{shift}:pos{pos.tolist()}/call{call}")
                     res[key] = {"err": err}
+                # a decode-only step's fused path (rope=): q and k rotated and this step's k, v stored by
+                # the attention kernel itself, bit for bit as rotary_store followed by the plain kernel
+                half = D // 2
+                ang = torch.arange(max_len)[:, None] * torch.rand(half)[None, :]
+                cos, sin = ang.cos().to(dtype).float().contiguous(), ang.sin().to(dtype).float().contiguous()
+                kp, vp, rotated = k_pool.clone(), v_pool.clone(), qkv.clone()
+                rotary_store(rotated, cos, sin, slot, pos, kp, vp, table, n_q, n_kv)
+                want = attention.decode_attention(rotated, kp, vp, table, slot, pos, n_q, n_kv)
+                kf, vf = k_pool.clone(), v_pool.clone()
+                got = attention.decode_attention(qkv, kf, vf, table, slot, pos, n_q, n_kv, rope=(cos, sin))
+                res[f"rope/B{B}/q{n_q}kv{n_kv}/D{D}/s{splits}/{str(dtype)[6:]}/{shift}"] = {
+                    "out": bool(torch.equal(got, want)), "k": bool(torch.equal(kf, kp)), "v": bool(torch.equal(vf, vp))}
         attention._splits = engine_splits
     return res
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (its CPU interpreter)")
 def test_decode_attention_matches_reference_in_triton_interpreter():
-    res = run_check(__file__, timeout=600)
-    assert len(res) == sum(-(-9 // c[0]) for c in CASES) * 2 * 2
+    res = run_check(__file__, timeout=900)
+    fused = {k: v for k, v in res.items() if k.startswith("rope/")}
+    plain = {k: v for k, v in res.items() if not k.startswith("rope/")}
+    assert len(plain) == sum(-(-9 // c[0]) for c in CASES) * 2 * 2
     tol = {"float32": 1e-5, "float16": 2e-3}  # fp16: the output's rounding (2^-11) plus the inputs'
-    bad = {k: v for k, v in res.items() if not v["err"] < tol[k.split("/")[5]]}
+    bad = {k: v for k, v in plain.items() if not v["err"] < tol[k.split("/")[5]]}
+    assert not bad, bad
+    assert len(fused) == len(plain) // 2
+    bad = {k: v for k, v in fused.items() if not all(v.values())}
     assert not bad, bad
 
 

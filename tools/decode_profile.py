@@ -47,9 +47,10 @@ from hexswarm.model.quant import BACKEND_ENV, QuantLinear  # noqa: E402
 # kernel name -> kind (first match wins)
 KINDS = (
     ("quant gemv", r"_qgemv|qgemv_fact"),
+    ("act quantize", r"_quantize_rows"),
     ("tinygemm", r"tinygemm|int4pack|_weight_int4"),
     ("dequant", r"_dequant_kernel"),
-    ("attention", r"decode_attention|_attn|attention|flash"),
+    ("attention", r"decode_attention|_decode_reduce|_attn|attention|flash"),
     ("rope+kv write", r"rotary"),
     ("add+rmsnorm", r"rmsnorm"),
     ("silu*mul", r"silu"),

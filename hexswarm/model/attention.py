@@ -90,10 +90,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-        q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr,
+        q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr, cos_ptr, sin_ptr,
         stride_qrow, stride_blk, stride_cl, stride_tab, sm_scale,
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl.release(PDL)
         pdl.wait(PDL)  # before any read of the step's q / cache and any write (model/pdl.py)
@@ -105,13 +105,28 @@ if HAVE_TRITON:
         sp = tl.program_id(2)
         kvh = h // GROUP
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + b * stride_qrow + h * D + d).to(tl.float32) * sm_scale
         slot = tl.load(slot_ptr + b)
         n_keys = tl.load(pos_ptr + b) + 1
         chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
         lo = sp * chunk
         hi = tl.minimum(lo + chunk, n_keys)
         tab = table_ptr + slot * stride_tab
+        row = q_ptr + b * stride_qrow
+        if ROPE:  # qkv as the projection left it: rotate q here, and k where this split holds the new key
+            HALF: tl.constexpr = D // 2
+            cos_d = tl.load(cos_ptr + (n_keys - 1) * HALF + d % HALF)
+            sin_d = tl.load(sin_ptr + (n_keys - 1) * HALF + d % HALF)
+            q = _rotate_head(row + h * D, d, HALF, D, cos_d, sin_d).to(tl.float32) * sm_scale
+            if lo < hi and hi == n_keys:
+                # this step's key and value into the cache (every query head of the KV head writes the
+                # same bytes), visible to the whole program before its loop reads them
+                new_blk = tl.load(tab + (n_keys - 1) // BLOCK_SIZE).to(tl.int64)
+                dest = new_blk * stride_blk + ((n_keys - 1) % BLOCK_SIZE) * stride_cl + kvh * D + d
+                tl.store(kc_ptr + dest, _rotate_head(row + (NQ + kvh) * D, d, HALF, D, cos_d, sin_d))
+                tl.store(vc_ptr + dest, tl.load(row + (NQ + NQ // GROUP + kvh) * D + d))
+                tl.debug_barrier()
+        else:
+            q = tl.load(row + h * D + d).to(tl.float32) * sm_scale
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
@@ -138,6 +153,16 @@ if HAVE_TRITON:
             tl.store(w + d, acc)
             tl.store(w + D, m_i)
             tl.store(w + D + 1, l_i)
+
+    @triton.jit
+    def _rotate_head(x_ptr, d, HALF: tl.constexpr, D: tl.constexpr, c, s):
+        """One head [D] of x*cos + rotate_half(x)*sin, rounded as kv_cache.rotary_store rounds (each
+        product and the sum to x's dtype); c, s: [D] (cos / sin of frequency d % HALF)."""
+        x = tl.load(x_ptr + d)
+        dt = x.dtype
+        xp = tl.load(x_ptr + (d + HALF) % D).to(tl.float32)
+        rot = tl.where(d < HALF, -xp, xp)
+        return ((x.to(tl.float32) * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt)
 
     @triton.jit
     def _decode_reduce_kernel(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, NQ: tl.constexpr, D: tl.constexpr,
@@ -178,7 +203,7 @@ def _splits(B: int, n_q: int, max_seq_len: int) -> int:
 
 
 def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: int,
-                     out: torch.Tensor | None = None, q8=None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, q8=None, rope=None) -> torch.Tensor:
     """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
     k_cache/v_cache: [blocks, BLOCK, n_kv, D] holding keys [0, pos[b]] for slot[b] in the blocks
     `table` [slots, max_blocks] maps;
@@ -187,7 +212,10 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
     split across programs (flash-decoding) and a second kernel combines the parts.
     `out`, when given, is a contiguous [B, n_q * D] buffer to write into; `q8`, when given, the
-    quant_kernels.Int8Rows to fill with the output's int8 rows (quant.int8_rows_for)."""
+    quant_kernels.Int8Rows to fill with the output's int8 rows (quant.int8_rows_for).
+    rope: (cos_half, sin_half) as kv_cache.rotary_store takes them, for a decode-only step whose qkv
+    is not rotated yet: q and k are rotated here and this step's k and v stored into the cache (at
+    position pos of each row's slot) as rotary_store would, one kernel less a layer."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -198,11 +226,12 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     splits = _splits(B, n_q, table.shape[1] * k_cache.shape[1])
     ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
     launch = pdl.launch_kwargs(qkv.device)  # both kernels (model/pdl.py)
+    cos, sin = rope if rope is not None else (ws, ws)
     _decode_attention_kernel[(B, n_q, splits)](
-        qkv, k_cache, v_cache, table, slot, pos, out, ws,
+        qkv, k_cache, v_cache, table, slot, pos, out, ws, cos, sin,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0), 1.0 / math.sqrt(D),
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
-        BLOCK_SIZE=k_cache.shape[1], num_warps=4, num_stages=2, **launch,
+        BLOCK_SIZE=k_cache.shape[1], ROPE=rope is not None, num_warps=4, num_stages=2, **launch,
     )
     if splits > 1:
         _decode_reduce_kernel[(B, n_q)](ws, out, *(q8 or (out, out, out)), NQ=n_q, D=D, SPLITS=splits,

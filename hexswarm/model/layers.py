@@ -380,14 +380,16 @@ class DecoderLayerShard(nn.Module):
         N = resid.shape[0]
         qkv = linear(h, self.qkv_weight, self.qkv_bias, h_q8)  # [N, q + 2kv]
         k_cache, v_cache = kv.k[layer], kv.v[layer]
-        # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
-        rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q, self.n_kv)
         attn_q8 = None
         if not meta.segments and meta.chunk_work is None:
+            # decode only: the attention kernel rotates q and k and stores k and v itself
             attn_q8 = int8_rows_for(self.o_weight, N, qkv.dtype)
             attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv,
-                                    q8=attn_q8)
+                                    q8=attn_q8, rope=rope)
         else:
+            # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
+            rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q,
+                         self.n_kv)
             attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)
             if meta.n_decode:
                 decode_attention(qkv[: meta.n_decode], k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos,
