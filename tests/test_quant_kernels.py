@@ -3,7 +3,9 @@ GEMV on both reduction paths of the "deq" kernel (FMA at M = 1, tl.dot above) an
 kernel (scales factored out of the loop; one program per row, so M = 3 too) and its "stream" tiles (groups
 summed after the loop), with and without
 split-K, bias, ragged N / K / M tails, int8, int4 with offset (Q4_1) and without (Q4_0), fp16
-and (fact) bf16 activations; the dequantize kernel bit for bit against quant.py's reference.  CI has no GPU; the GPU run is
+and (fact) bf16 activations; the dequantize kernel bit for bit against quant.py's reference; the
+int8-activation ("dp4a") kernel against the same integer arithmetic in float64, the activations'
+quantization against its torch reference, and the producer kernels that write it.  CI has no GPU; the GPU run is
 tools/tune_quant.py, which checks every config it times the same way."""
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ CONFIGS = [(1, 16, 4, 0, 4, 1), (1, 32, 2, 3, 4, 1), (16, 16, 4, 0, 4, 1), (16, 
 FACT = [(1, 16, 4, 0, 1, 1, "fact"), (1, 32, 2, 3, 2, 1, "fact")]  # the second at M = 1 only
 # the same kernel summing across groups after the loop ("stream": few rows, many groups)
 STREAM = [(1, 2, 4, 0, 1, 1, "stream"), (1, 4, 8, 3, 2, 1, "stream")]
+# the int8-activation kernel ("dp4a"; no asm in the interpreter: the same sums in integer ops): one x row
+# per program and rows of x sharing each weight load (BLOCK_M 4: a partial block at M = 3)
+DP4A = [(1, 1, 4, 0, 1, 1, "dp4a"), (1, 4, 8, 0, 1, 1, "dp4a"), (4, 2, 4, 0, 1, 1, "dp4a"), (2, 4, 8, 0, 2, 1, "dp4a")]
 # (N, K): ragged (a partial row block; 7 groups, a partial group block for BLOCK_G 2 and 4: the
 # masked path) and even (the unmasked EVEN path, its prefetch clamped to the last block)
 SHAPES = [(40, 32 * 7), (32, 32 * 8)]
@@ -35,7 +40,7 @@ def _check() -> dict:
     from hexswarm.model import quant_kernels
 
     torch.manual_seed(0)
-    out = {"gemv": {}, "dequant": {}, "bf16": {}}
+    out = {"gemv": {}, "dequant": {}, "bf16": {}, "dp4a": {}, "rows": _int8_rows_check()}
     for (N, K), name, q in _weights():
         bias = torch.randn(N).to(torch.float16)
         ref_w = q.dequantize(torch.float16)
@@ -48,6 +53,12 @@ def _check() -> dict:
                 ref = F.linear(x.double(), ref_w.double(), bias.double())
                 got = quant_kernels.gemv(x, q, bias, config).double()
                 out["gemv"][f"{name}/{N}x{K}/{config}/m{m}"] = ((got - ref).abs().max() / ref.abs().max()).item()
+        for config in DP4A:
+            for m in (1, 3):
+                x = torch.randn(m, K).to(torch.float16)
+                ref = _int8_reference(x, q, bias)
+                got = quant_kernels.gemv(x, q, bias, config).double()
+                out["dp4a"][f"{name}/{N}x{K}/{config}/m{m}"] = ((got - ref).abs().max() / ref.abs().max()).item()
         if not K % 64:
             continue
         # bf16 activations (the served dtype; its output rounding is 2^-9)
@@ -57,6 +68,57 @@ def _check() -> dict:
             got = quant_kernels.gemv(x, q, bias.to(torch.bfloat16), config).double()
             out["bf16"][f"{name}/{N}x{K}/{config[6]}"] = ((got - ref).abs().max() / ref.abs().max()).item()
     return out
+
+
+def _int8_reference(x, q, bias):
+    """The "dp4a" kernel's sum in float64 from the same int8 rows of x (quant_kernels.quantize_rows):
+    per (row, group) scale * xs * D + offset * X (Q4_0: - 8 scale * X), D the codes' integer dot."""
+    from hexswarm.model import quant_kernels
+    from hexswarm.model.quant import unpack_int4
+
+    codes, xs, xsum = quant_kernels.quantize_rows(x)
+    m, k = x.shape
+    wq = (unpack_int4(q.qweight) if q.bits == 4 else q.qweight).double().view(q.out_features, k // 32, 32)
+    d = torch.einsum("mgj,ngj->mng", codes.double().view(m, k // 32, 32), wq)
+    scale = q.scale.double()[None]
+    out = scale * xs.double()[:, None] * d
+    if q.offset is not None:
+        out += q.offset.double()[None] * xsum.double()[:, None]
+    elif q.bits == 4:
+        out -= 8 * scale * xsum.double()[:, None]
+    return out.sum(-1) + bias.double()
+
+
+def _int8_rows_check() -> dict:
+    """quantize_rows against quant.quantize_activations (the interpreter may round a code the other way
+    where x * 127 / amax is within an ulp of a half: it computes some float32 steps in float64), and
+    the producers that write int8 rows beside their output (add+RMSNorm, SiLU*up) bit for bit as
+    quantize_rows of that output."""
+    from hexswarm.model import quant_kernels
+    from hexswarm.model.layers import add_rmsnorm, silu_mul
+    from hexswarm.model.quant import quantize_activations
+
+    res = {}
+    x = torch.randn(5, 32 * 37).to(torch.float16)
+    x[1, 32:64] = 0  # an all-zero group: scale 0, codes 0
+    got, want = quant_kernels.quantize_rows(x), quant_kernels.Int8Rows(*quantize_activations(x))
+    res["codes_off_by_more_than_1"] = int(((got.codes.int() - want.codes.int()).abs() > 1).sum())
+    res["codes_equal_fraction"] = float((got.codes == want.codes).float().mean())
+    res["scales_equal"] = bool(torch.equal(got.scales, want.scales))
+    res["sums_err"] = float((got.sums - want.sums).abs().max())
+    res["zero_group"] = bool(got.scales[1, 1] == 0 and not got.codes[1, 32:64].any())
+    for n in (64, 576):
+        h, d, w = (torch.randn(2, n).to(torch.float16), torch.randn(2, n).to(torch.float16),
+                   torch.randn(n).to(torch.float16))
+        q8 = quant_kernels.Int8Rows.empty(2, n, "cpu")
+        out = add_rmsnorm(h, d, w, 1e-5, q8)
+        res[f"add_rmsnorm/{n}"] = all(torch.equal(a, b) for a, b in zip(q8, quant_kernels.quantize_rows(out)))
+    for f in (64, 1056):  # 1056: a partial last block of the SiLU kernel
+        gu = torch.randn(3, 2 * f).to(torch.float16)
+        q8 = quant_kernels.Int8Rows.empty(3, f, "cpu")
+        out = silu_mul(gu, q8)
+        res[f"silu_mul/{f}"] = all(torch.equal(a, b) for a, b in zip(q8, quant_kernels.quantize_rows(out)))
+    return res
 
 
 def _weights():
@@ -81,6 +143,14 @@ def test_kernels_match_reference_in_triton_interpreter():
     assert len(res["bf16"]) == 3 * 2
     bad = {k: v for k, v in res["bf16"].items() if not v < 1e-2}
     assert not bad, bad
+    # dp4a against the same int8 arithmetic in float64: fp16 output rounding only
+    assert len(res["dp4a"]) == 3 * len(SHAPES) * len(DP4A) * 2
+    bad = {k: v for k, v in res["dp4a"].items() if not v < 2e-3}
+    assert not bad, bad
+    rows = res["rows"]
+    assert rows["codes_off_by_more_than_1"] == 0 and rows["codes_equal_fraction"] > 0.99, rows
+    assert rows["scales_equal"] and rows["sums_err"] < 1e-5 and rows["zero_group"], rows
+    assert all(v for k, v in rows.items() if "/" in k) and len([k for k in rows if "/" in k]) == 4, rows
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ DP4A_TILES = [(1, 32, 1, 1), (2, 32, 1, 1), (4, 32, 1, 1), (1, 64, 1, 1), (2, 16
               (16, 32, 4, 1), (2, 128, 4, 1), (2, 32, 1, 3), (4, 16, 2, 1)]
 
 
+# "dp4a" tiles for a few rows (BLOCK_N, BLOCK_G, num_warps, num_stages; BLOCK_M = the bucket): each
+# weight word, loaded once, meets every row's activations
+DP4A_ROWS_TILES = [(2, 32, 1, 1), (1, 32, 1, 1), (4, 32, 2, 1), (2, 16, 1, 1), (4, 16, 1, 1), (2, 32, 2, 1),
+                   (8, 16, 2, 1), (2, 64, 2, 1), (4, 32, 1, 1), (1, 64, 2, 1)]
+
+
 def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     """(BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages[, variant]), best guesses first:
     each tile with split-K to 2 waves, then without, then 4 and 1 waves (those share the first's
@@ -115,7 +121,9 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
         stream = [(1, n, g, v, w, st, "stream") for n, g, w, v, st in STREAM_TILES] if "stream" in variants else []
         dp4a = [(1, n, g, 0, w, st, "dp4a") for n, g, w, st in DP4A_TILES] if "dp4a" in variants else []
         return dp4a + stream + out
-    return deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
+    dp4a = ([(bucket, n, g, 0, w, st, "dp4a") for n, g, w, st in DP4A_ROWS_TILES]
+            if "dp4a" in variants and bucket <= 16 else [])
+    return dp4a + deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
 def graph_us(calls, repeats: int) -> float:

@@ -444,25 +444,29 @@ if AVAILABLE:
                           BLOCK_G * GROUP_SIZE, GROUP_SIZE)
 
     @triton.jit
-    def _qgemv_dp4a_kernel(xq_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K,
+    def _qgemv_dp4a_kernel(xq_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
                            BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                           EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_G: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-        """y = x @ W.T with x given as _quantize_rows_kernel's int8 codes, scales and sums (one
-        program per row of x and BLOCK_N weight rows, the whole K, no split-K): per (row, group)
+        """y = x @ W.T with x given as its Int8Rows (codes, scales, sums; store_int8_groups): one
+        program per BLOCK_M rows of x and BLOCK_N weight rows, the whole K, no split-K; each weight
+        word, loaded once, meets the BLOCK_M rows' activation words.  Per (row, group)
         sum_j w_j x_j = scale * xs * D (- 8 scale * X for Q4_0) (+ offset * X for an offset),
-        D = sum_j code_j xq_j in int32 by dp4a: four codes a word, so per weight a quarter of a
-        dp4a (int4: and half a shift-and-mask; an int4 word's low nibbles are its group's
-        elements 4i..4i+3, its high nibbles 16 + 4i.., quant.py's layout, so the activations'
-        bytes are read in their order).  X: the exact sum of the group's activations."""
+        D = sum_j code_j xq_j in int32 by dp4a: four codes a word, so per weight and row of x a
+        quarter of a dp4a (int4: and half a shift-and-mask per weight; an int4 word's low nibbles
+        are its group's elements 4i..4i+3, its high nibbles 16 + 4i.., quant.py's layout, so the
+        activations' bytes are read in their order).  X: the exact sum of the group's activations.
+        Tensors are [rows of x, weight rows, groups, words]."""
         WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
         XWORDS: tl.constexpr = GROUP_SIZE // 4
-        pid_m = tl.program_id(0)
+        XMASKED: tl.constexpr = (not EVEN) or BLOCK_M > 1  # x rows past M exist only for BLOCK_M > 1
         groups = K // GROUP_SIZE
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < N
-        xw_ptr = xq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + pid_m * (K // 4)
-        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        m4 = rm[:, None, None, None]
+        xrow = xq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + m4 * (K // 4)
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
         gr = tl.arange(0, BLOCK_G)
         pdl.release(PDL)
         words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, gr, nmask, gr < groups, K, WORDS, HAS_OFFSET,
@@ -470,34 +474,37 @@ if AVAILABLE:
         pdl.wait(PDL)
         for g0 in range(0, groups, BLOCK_G):
             g = g0 + gr
-            gmask = g < groups
             gn = _next_groups(g0, groups, gr, BLOCK_G, EVEN)
             nwords, ns, no = _load_words(q_ptr, s_ptr, o_ptr, rn, gn, nmask, gn < groups, K, WORDS, HAS_OFFSET,
                                          GROUP_SIZE, not EVEN)
-            m3 = gmask[None, :, None]
-            g3 = g[None, :, None]
+            g4 = g[None, None, :, None]
+            xm = (rm < M)[:, None, None, None] & (g < groups)[None, None, :, None]
+            w4 = words[None, :, :, :]
             if BITS == 4:
-                xw = xw_ptr + g3 * XWORDS + tl.arange(0, 4)[None, None, :]
-                d = _dp4a(words & 0x0F0F0F0F, _load(xw, m3, not EVEN), tl.zeros_like(words), False, ASM)
-                d = _dp4a((words >> 4) & 0x0F0F0F0F, _load(xw + 4, m3, not EVEN), d, False, ASM)
+                xw = xrow + g4 * XWORDS + tl.arange(0, 4)[None, None, None, :]
+                lo, xlo = tl.broadcast(w4 & 0x0F0F0F0F, _load(xw, xm, XMASKED))
+                hi, xhi = tl.broadcast((w4 >> 4) & 0x0F0F0F0F, _load(xw + 4, xm, XMASKED))
+                d = _dp4a(hi, xhi, _dp4a(lo, xlo, tl.zeros_like(lo), False, ASM), False, ASM)
             else:
-                xw = xw_ptr + g3 * XWORDS + tl.arange(0, XWORDS)[None, None, :]
-                d = _dp4a(words, _load(xw, m3, not EVEN), tl.zeros_like(words), True, ASM)
-            dot = tl.sum(d, axis=2, keep_dims=True).to(tl.float32)
-            xs = _load(xs_ptr + pid_m * groups + g3, m3, not EVEN)
-            part = s * (xs * dot)
+                xw = xrow + g4 * XWORDS + tl.arange(0, XWORDS)[None, None, None, :]
+                wb, xb = tl.broadcast(w4, _load(xw, xm, XMASKED))
+                d = _dp4a(wb, xb, tl.zeros_like(wb), True, ASM)
+            dot = tl.sum(d, axis=3, keep_dims=True).to(tl.float32)
+            s4 = s[None, :, :, :]
+            part = s4 * (_load(xs_ptr + m4 * groups + g4, xm, XMASKED) * dot)
             if HAS_OFFSET or BITS == 4:
-                xsum = _load(xsum_ptr + pid_m * groups + g3, m3, not EVEN)
+                xsum = _load(xsum_ptr + m4 * groups + g4, xm, XMASKED)
                 if HAS_OFFSET:
-                    part += o * xsum
+                    part += o[None, :, :, :] * xsum
                 else:  # Q4_0: w = scale * (code - 8)
-                    part -= 8.0 * s * xsum
-            acc += tl.sum(part, axis=2)
+                    part -= 8.0 * s4 * xsum
+            acc += tl.sum(part, axis=3)
             words, s, o = nwords, ns, no
-        out = tl.sum(acc, axis=1)
+        out = tl.sum(acc, axis=2)
         if HAS_BIAS:
-            out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + pid_m * N + rn, out.to(y_ptr.dtype.element_ty), mask=nmask)
+            out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None] & nmask[None, :])
 
 
 # Rows of x per GEMV bucket: a call with M rows uses the smallest bucket >= M; above the last
@@ -537,7 +544,7 @@ def takes_int8_rows(w, rows: int) -> bool:
     """Whether `gemv` over `rows` rows with w runs the "dp4a" variant, so that x's producer may write
     x's Int8Rows for it (else gemv makes them itself, one kernel more)."""
     config = gemv_config(w, rows)
-    return config is not None and variant(config) == "dp4a" and config[0] == 1 and _words(w) is not None
+    return config is not None and variant(config) == "dp4a" and _words(w) is not None
 
 
 @functools.cache
@@ -552,7 +559,7 @@ def _sm_count(device: torch.device) -> int:
 MAGIC = (127 + 7) << 23
 VARIANTS = ("deq", "fact", "stream", "dp4a")  # a config's 7th field; a 6-field config is "deq"
 FACTORED = ("fact", "stream")  # variants served by _qgemv_fact_kernel
-WORD_VARIANTS = (*FACTORED, "dp4a")  # variants that read the weights as int32 words (M = 1 tiles)
+WORD_VARIANTS = (*FACTORED, "dp4a")  # variants that read the weights as int32 words
 
 
 def variant(config) -> str:
@@ -586,10 +593,13 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     M = x2.shape[0]
     config = config or gemv_config(w, M)
     block_m, block_n, block_g, waves, warps, stages = config[:6]
-    fact = variant(config) in WORD_VARIANTS and block_m == 1 and x.dtype in (torch.bfloat16, torch.float16)
+    fact = ((block_m == 1 or variant(config) == "dp4a") and variant(config) in WORD_VARIANTS
+            and x.dtype in (torch.bfloat16, torch.float16))
     words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
-    if words is not None and variant(config) == "dp4a":
-        return _gemv_dp4a(x2, xq, words, w, bias, block_n, block_g, warps, stages).view(*x.shape[:-1], N)
+    if words is None and variant(config) == "dp4a":
+        block_m = 1  # the "deq" kernel's M = 1 path with the tile (its tl.dot path wants 16+ rows)
+    elif words is not None and variant(config) == "dp4a":
+        return _gemv_dp4a(x2, xq, words, w, bias, block_m, block_n, block_g, warps, stages).view(*x.shape[:-1], N)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
@@ -637,7 +647,7 @@ def quantize_rows(x: torch.Tensor, out: Int8Rows | None = None) -> Int8Rows:
     return out
 
 
-def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_n, block_g, warps, stages) -> torch.Tensor:
+def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_g, warps, stages) -> torch.Tensor:
     """The "dp4a" variant: x's int8 rows (xq, written by x's producer, or made here: one small
     kernel), then the GEMV."""
     M, K = x2.shape
@@ -646,10 +656,11 @@ def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_n, block_g, warps,
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     offset = w.offset if w.offset is not None else w.scale
     even = N % block_n == 0 and (K // GROUP) % block_g == 0
-    _qgemv_dp4a_kernel[(M, triton.cdiv(N, block_n))](
-        xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, N, K, BITS=w.bits,
-        HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_N=block_n,
-        BLOCK_G=block_g, ASM=x2.is_cuda, num_warps=warps, num_stages=stages, **pdl.launch_kwargs(x2.device))
+    _qgemv_dp4a_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+        xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, M, N, K, BITS=w.bits,
+        HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda, num_warps=warps, num_stages=stages,
+        **pdl.launch_kwargs(x2.device))
     return y
 
 
