@@ -155,3 +155,37 @@ def test_kernels_match_reference_in_triton_interpreter():
 
 if __name__ == "__main__":
     print(json.dumps(_check()))
+
+
+def test_int8_activations_switch_picks_exact_kernels(monkeypatch):
+    """HEXSWARM_INT8_ACTIVATIONS=0 serves the kernels that keep activations as they are wherever the
+    table names "dp4a"; on (the default) the table's own config."""
+    from hexswarm.model import quant_kernels
+    from hexswarm.model.quant import quantize
+
+    q = quantize(torch.randn(64, 128) * 0.05, "int4")
+    monkeypatch.setitem(quant_kernels.GEMV_CONFIGS, (4, 1), (1, 2, 64, 0, 2, 1, "dp4a"))
+    monkeypatch.setitem(quant_kernels.GEMV_CONFIGS, (4, 8), (16, 64, 4, 2, 4, 1))
+    monkeypatch.delenv(quant_kernels.INT8_ACTIVATIONS_ENV, raising=False)
+    assert quant_kernels.gemv_config(q, 1) == (1, 2, 64, 0, 2, 1, "dp4a")
+    monkeypatch.setenv(quant_kernels.INT8_ACTIVATIONS_ENV, "0")
+    assert quant_kernels.gemv_config(q, 1) == quant_kernels.EXACT_CONFIGS[(4, 1)]
+    assert quant_kernels.variant(quant_kernels.gemv_config(q, 1)) == "stream"
+    assert quant_kernels.gemv_config(q, 5) == (16, 64, 4, 2, 4, 1)  # not a dp4a entry: as it is
+
+
+def test_int8_rows_only_for_a_dp4a_cuda_projection():
+    """Producers write int8 rows only where the "dp4a" GEMV will read them: never for a dense weight
+    or a CPU one (which dequantizes in torch)."""
+    from hexswarm.model.quant import int8_rows_for, quantize, quantize_activations
+
+    q = quantize(torch.randn(64, 128) * 0.05, "int8")
+    assert int8_rows_for(q, 1, torch.bfloat16) is None  # on CPU
+    assert int8_rows_for(torch.randn(64, 128), 1, torch.bfloat16) is None
+    # the torch reference of the activations' quantization: |code| <= 127, within half a step
+    x = torch.randn(3, 128) * 4
+    codes, scales, sums = quantize_activations(x)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127
+    back = codes.float().view(3, 4, 32) * scales[..., None]
+    assert bool(((back - x.view(3, 4, 32)).abs() <= scales[..., None] / 2 + 1e-6).all())
+    assert torch.allclose(sums, x.view(3, 4, 32).sum(-1))

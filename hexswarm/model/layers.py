@@ -6,10 +6,13 @@ Two paths compute the same function:
 * ``DecoderLayerShard.forward``: plain torch ops, bit-for-bit the arithmetic of
   transformers' Llama (the CPU path; tests compare it with transformers).
 * ``DecoderLayerShard.forward_fast``: the CUDA path.  Every elementwise stage is
-  one Triton kernel (residual add + RMSNorm, rotary + KV-cache store, SiLU*up),
+  one Triton kernel (residual add + RMSNorm, rotary + KV-cache store, SiLU*up; in a
+  decode-only step the rotary and the KV store run inside the decode attention kernel),
   decode attention reads the cache through slot indices (no gather), and nothing
   in it waits on the host, so a whole decode step can be captured in a CUDA graph
-  (see ``hexswarm.model.cuda_graphs``).  It rounds where transformers rounds.
+  (see ``hexswarm.model.cuda_graphs``).  It rounds where transformers rounds.  Where a
+  quantized projection runs the int8-activation GEMV ("dp4a"), the kernel that makes
+  its input also writes that input's int8 rows (quant.int8_rows_for).
 """
 
 from __future__ import annotations

@@ -33,12 +33,24 @@ a shift shared by several codes, one LOP3 and one FFMA (~3.6-4.6 SASS instructio
 including loads and reductions, against ~10 for "deq", whose weights also go through shared
 memory; sm_90, Triton 3.6).  Numerics: fp32 products of unrounded weights (no rounding to the
 activation dtype), fp32 sums; within the same tolerance of the reference.
-Its "stream" tiles (variant "stream", the served batch-1 config on the H100): one weight row and one
+Its "stream" tiles (variant "stream"; the exact batch-1 config on the H100): one weight row and one
 warp per program, the whole K, no split-K (so no zeroed buffer, atomics or cast: one kernel per
 projection), group partial sums added after the loop; the wide tiles' instruction count does not
 hold there (~9 SASS instructions per int4 weight, ~12 per int8: the activations are unpacked per
 row, and Triton moves them between the weights' and their own layout), but a warp streams a row
 as a plain read does (BENCHMARKS run 26).  On Hopper it launches with PDL (model/pdl.py).
+
+A third kernel, "dp4a" (_qgemv_dp4a_kernel; the served config at M = 1 for int4 and int8 and at M = 8
+for int8 on the H100, BENCHMARKS run 27): the activations are rounded to int8 per group of 32 with
+an fp32 scale and the group's exact sum (llama.cpp's Q8_1; `Int8Rows`), and each 4-byte word of codes
+meets a word of activations in one dp4a instruction: per weight a quarter instruction (int4: plus
+half a shift-and-mask), against ~9 for "stream", so the loop is bound by memory again.  The kernels
+that produce a projection's input write its int8 rows beside it (store_int8_groups: add+RMSNorm,
+SiLU*up, the decode attention's combine; quant.int8_rows_for says where), else `quantize_rows` does
+(one small kernel).  Numerics: not the reference's: each activation is off by up to half its
+group's step (amax / 254), a relative error of ~1e-2 of a projection's output at worst on random
+data; SmolLM2's greedy tokens agree with the dequantized model on 61 of 64 steps (64 of 64 for the
+exact kernels).  HEXSWARM_INT8_ACTIVATIONS=0 serves the exact kernels instead (EXACT_CONFIGS).
 
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
@@ -48,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -529,6 +542,19 @@ GEMV_CONFIGS = {
 # END TUNED
 
 
+# HEXSWARM_INT8_ACTIVATIONS=0: no "dp4a" (whose activations are rounded to int8 per group of 32); these
+# keep them as they are (BENCHMARKS run 26's tuned table on the H100: exact up to fp32 summation order)
+INT8_ACTIVATIONS_ENV = "HEXSWARM_INT8_ACTIVATIONS"
+EXACT_CONFIGS = {(4, 1): (1, 1, 32, 0, 1, 2, "stream"), (8, 1): (1, 1, 32, 0, 1, 2, "stream"),
+                 (4, 8): (16, 64, 4, 2, 4, 3), (8, 8): (16, 64, 4, 2, 4, 3), (4, 16): (16, 64, 4, 2, 4, 3),
+                 (8, 16): (16, 64, 4, 2, 4, 3)}
+
+
+def int8_activations() -> bool:
+    """Whether the "dp4a" kernel may serve (the default; HEXSWARM_INT8_ACTIVATIONS=0 turns it off)."""
+    return os.environ.get(INT8_ACTIVATIONS_ENV, "1").strip() != "0"
+
+
 def gemv_config(w, rows: int):
     """The GEMV config for `rows` rows of x times QuantLinear w, or None: dequantize and GEMM
     instead (also for a weight of 2^31+ elements: the GEMV's indices are int32, for speed)."""
@@ -536,7 +562,10 @@ def gemv_config(w, rows: int):
         return None
     for b in M_BUCKETS:
         if rows <= b:
-            return GEMV_CONFIGS.get((w.bits, b))
+            config = GEMV_CONFIGS.get((w.bits, b))
+            if config is not None and variant(config) == "dp4a" and not int8_activations():
+                return EXACT_CONFIGS.get((w.bits, b))
+            return config
     return None
 
 
