@@ -128,6 +128,11 @@ def candidates(bucket: int, variants=("fact", "deq")) -> list[tuple]:
     return dp4a + deq[:3] + fact[:2] + deq[3:] + fact[2:]  # M = 8: two "fact" tiles early (an L2-bound guess)
 
 
+def tolerance(args, config) -> float:
+    """The largest relative error a config may show against the reference (a config or its text)."""
+    return args.dp4a_tolerance if "dp4a" in str(config) else args.tolerance
+
+
 def graph_us(calls, repeats: int) -> float:
     """Microseconds per call: all calls captured in one CUDA graph (launch gaps as served,
     each call's weights cold in L2 as the copies cycle), replayed `repeats` times."""
@@ -235,13 +240,13 @@ def check_only(args) -> dict:
                         worst[v] = max(worst.get(v, 0.0), res["checks"][key])
                     except Exception as e:
                         res["failed"].append({"check": key, "error": _first_line(e)})
-    bad = {k: v for k, v in res["checks"].items() if not v <= args.tolerance}
+    bad = {k: v for k, v in res["checks"].items() if not v <= tolerance(args, k.rsplit("/", 1)[1])}
     res["max_error"] = worst
     res["ok"] = not bad and not res["failed"]
     res["bad"] = bad
     res["seconds"] = time.perf_counter() - t0
     print(f"checked {len(res['checks'])} (variant, config, shape, M) against the reference: max error "
-          f"{res['max_error']}, {len(bad)} over {args.tolerance}, {len(res['failed'])} failed")
+          f"{res['max_error']}, {len(bad)} over their tolerance ({args.tolerance}; dp4a {args.dp4a_tolerance}), {len(res['failed'])} failed")
     return res
 
 
@@ -265,8 +270,8 @@ def tune(args) -> dict:
     def measure(bits, m, config):
         errs = [layer.error(m, config) for layer in layers[bits]]
         errors[(bits, m)][config] = max(errs)
-        if max(errs) > args.tolerance:
-            raise AssertionError(f"max relative error {max(errs):.2e} > {args.tolerance}")
+        if max(errs) > tolerance(args, config):
+            raise AssertionError(f"max relative error {max(errs):.2e} > {tolerance(args, config)}")
         return [layer.gemv_us(m, config, args.repeats) for layer in layers[bits]]
 
     def attempt(bits, m, config):
@@ -397,6 +402,8 @@ def parse_args(argv=None):
     ap.add_argument("--dense-from", type=int, default=16, help="time dequantize+cuBLAS from this bucket up")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--tolerance", type=float, default=1e-2, help="max relative error against the reference")
+    ap.add_argument("--dp4a-tolerance", type=float, default=3e-2,
+                    help="the same for the dp4a kernel, whose activations are rounded to int8 (DECISIONS.md)")
     ap.add_argument("--decode", action="store_true",
                     help="then run tools/bench_quant.py with the tuned table (decode against the floors)")
     ap.add_argument("--decode-args", default="", help="extra bench_quant.py arguments, e.g. '--batches 1'")
