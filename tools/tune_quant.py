@@ -246,7 +246,8 @@ def check_only(args) -> dict:
     res["bad"] = bad
     res["seconds"] = time.perf_counter() - t0
     print(f"checked {len(res['checks'])} (variant, config, shape, M) against the reference: max error "
-          f"{res['max_error']}, {len(bad)} over their tolerance ({args.tolerance}; dp4a {args.dp4a_tolerance}), {len(res['failed'])} failed")
+          f"{res['max_error']}, {len(bad)} over their tolerance ({args.tolerance}; dp4a {args.dp4a_tolerance}), "
+          f"{len(res['failed'])} failed")
     return res
 
 
