@@ -242,6 +242,29 @@ def test_tune_quant_table_takes_the_faster_path_and_rewrites_only_the_tuned_bloc
     assert new.startswith(head) and new.endswith(tail)
 
 
+def test_tune_quant_shape_table(tmp_path):
+    """A shape whose own best config beats its bucket's on it by more than 3% gets an entry (others
+    do not); a base's entries for buckets not measured stay; apply writes the table gemv_config reads."""
+    import ast
+
+    tune = load_tool("tune_quant")
+    best, own = [1, 2, 64, 0, 2, 1, "dp4a"], [1, 2, 32, 0, 1, 1, "dp4a"]
+    res = {"env": {"gpu": "GPU X", "date": "today", "torch": "t", "triton": "tr"},
+           "results": {"int4/1": {"config": best, "us": 30.0,
+                                  "shapes": {"4096x4096": {"us": 8.0}, "4096x11008": {"us": 14.0},
+                                             "12288x4096": {"us": 8.0}},
+                                  "by_shape": {"4096x4096": {"config": own, "us": 7.0},      # 12.5% better
+                                               "4096x11008": {"config": best, "us": 14.0},   # the bucket's own
+                                               "12288x4096": {"config": own, "us": 7.9}}}}}  # 1.25%: not enough
+    shapes = tune.shape_table_from(res, {(4, 8, 64, 64): (16, 64, 4, 2, 4, 1), (4, 1, 9, 9): (1,)})
+    assert shapes == {(4, 1, 4096, 4096): tuple(own), (4, 8, 64, 64): (16, 64, 4, 2, 4, 1)}
+    path = tmp_path / "quant_kernels.py"
+    path.write_text((REPO / "hexswarm" / "model" / "quant_kernels.py").read_text())
+    tune.apply(tune.table_from(res), res, path, shapes=shapes)
+    body = path.read_text().split("GEMV_SHAPE_CONFIGS = ", 1)[1].split("\n}\n", 1)[0] + "\n}"
+    assert ast.literal_eval(body) == shapes
+
+
 def test_tune_quant_keeps_untuned_buckets_and_tries_both_variants():
     """A sweep of some buckets keeps the table's other entries (None above a measured crossover);
     the M = 1 candidates alternate the "fact" and "deq" kernels, the new one first."""

@@ -189,3 +189,15 @@ def test_int8_rows_only_for_a_dp4a_cuda_projection():
     back = codes.float().view(3, 4, 32) * scales[..., None]
     assert bool(((back - x.view(3, 4, 32)).abs() <= scales[..., None] / 2 + 1e-6).all())
     assert torch.allclose(sums, x.view(3, 4, 32).sum(-1))
+
+
+def test_shape_entry_overrides_its_bucket(monkeypatch):
+    """gemv_config: a weight whose (bits, bucket, N, K) has an entry of its own gets it; others the bucket's."""
+    from hexswarm.model import quant_kernels
+    from hexswarm.model.quant import quantize
+
+    q, other = quantize(torch.randn(64, 128) * 0.05, "int4"), quantize(torch.randn(32, 128) * 0.05, "int4")
+    monkeypatch.setitem(quant_kernels.GEMV_CONFIGS, (4, 1), (1, 2, 64, 0, 2, 1, "dp4a"))
+    monkeypatch.setitem(quant_kernels.GEMV_SHAPE_CONFIGS, (4, 1, 64, 128), (1, 2, 32, 0, 1, 1, "dp4a"))
+    assert quant_kernels.gemv_config(q, 1) == (1, 2, 32, 0, 1, 1, "dp4a")
+    assert quant_kernels.gemv_config(other, 1) == (1, 2, 64, 0, 2, 1, "dp4a")

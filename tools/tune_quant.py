@@ -313,6 +313,10 @@ def tune(args) -> dict:
             best = min(tried, key=lambda c: sum(tried[c]))
             entry.update(summary(bits, m, best, tried[best]))
             entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:40]
+            entry["by_shape"] = {}  # each shape's own best config (GEMV_SHAPE_CONFIGS)
+            for i, layer in enumerate(layers[bits]):
+                own = min(tried, key=lambda c: tried[c][i])
+                entry["by_shape"][f"{layer.n}x{layer.k}"] = {"config": list(own), "us": tried[own][i]}
             entry["variants"] = {}
             for v in quant_kernels.VARIANTS:
                 mine = {c: t for c, t in tried.items() if quant_kernels.variant(c) == v}
@@ -359,13 +363,29 @@ def table_from(res: dict, base: dict | None = None) -> dict:
     return dict(sorted(table.items()))
 
 
-def apply(table: dict, res: dict, path: Path = KERNELS) -> None:
-    """Rewrite GEMV_CONFIGS between quant_kernels.py's BEGIN/END TUNED markers."""
+def shape_table_from(res: dict, base: dict | None = None, gain: float = 0.03) -> dict:
+    """{(bits, bucket, N, K): config} for the shapes whose own best config beats their bucket's
+    (summed-over-shapes) best on them by more than `gain`; the bucket's config serves the rest.
+    `base`'s entries for buckets this result did not measure are kept."""
+    out = {key: cfg for key, cfg in (base or {}).items() if f"int{key[0]}/{key[1]}" not in res["results"]}
+    for key, e in sorted(res["results"].items()):
+        bits, m = int(key.split("/")[0][3:]), int(key.split("/")[1])
+        for shape, own in e.get("by_shape", {}).items():
+            n, k = (int(v) for v in shape.split("x"))
+            if own["config"] != e["config"] and own["us"] < (1 - gain) * e["shapes"][shape]["us"]:
+                out[(bits, m, n, k)] = tuple(own["config"])
+    return out
+
+
+def apply(table: dict, res: dict, path: Path = KERNELS, shapes: dict | None = None) -> None:
+    """Rewrite GEMV_CONFIGS (and GEMV_SHAPE_CONFIGS) between quant_kernels.py's BEGIN/END TUNED markers."""
     src = path.read_text()
     lines = [f"# Measured by tools/tune_quant.py on {res['env']['gpu']}, {res['env']['date']}, torch "
              f"{res['env']['torch']}, Triton {res['env']['triton']} (best of the grid per bucket,",
              "# summed over 7B layer shapes; None: dequantize + cuBLAS was faster).", "GEMV_CONFIGS = {"]
     lines += [f"    {key!r}: {cfg!r}," for key, cfg in table.items()] + ["}"]
+    lines += ["# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+", "GEMV_SHAPE_CONFIGS = {"]
+    lines += [f"    {key!r}: {cfg!r}," for key, cfg in (shapes or {}).items()] + ["}"]
     new, n = re.subn(r"(# BEGIN TUNED[^\n]*\n).*?(# END TUNED)", lambda mt: mt.group(1) + "\n".join(lines) + "\n"
                      + mt.group(2), src, flags=re.S)
     if n != 1:
@@ -373,11 +393,13 @@ def apply(table: dict, res: dict, path: Path = KERNELS) -> None:
     path.write_text(new)
 
 
-def decode(args, table: dict) -> dict:
-    """tools/bench_quant.py's run with `table` served (the GEMV configs just tuned)."""
+def decode(args, table: dict, shapes: dict) -> dict:
+    """tools/bench_quant.py's run with `table` and `shapes` served (the GEMV configs just tuned)."""
     import bench_quant
 
     quant_kernels.GEMV_CONFIGS.update(table)
+    quant_kernels.GEMV_SHAPE_CONFIGS.clear()
+    quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
     bargs = args.decode_args.split()
     res = bench_quant.run(bench_quant.parse_args(bargs))
     print(res["table"])
@@ -425,6 +447,7 @@ def main(argv=None) -> dict:
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
+        shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
     elif args.cpu:
         if not quant_kernels.AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("no CUDA GPU: run under TRITON_INTERPRET=1 (Triton's CPU interpreter) to check the "
@@ -443,20 +466,23 @@ def main(argv=None) -> dict:
             raise SystemExit("needs Triton")
         res = tune(args)
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
+        shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
         res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
+        res["shape_table"] = {f"int{b}/{m}/{n}x{k}": list(c) for (b, m, n, k), c in shapes.items()}
         if args.json:  # written now and again after --decode: a decode that dies keeps the sweep
             Path(args.json).write_text(json.dumps(res, indent=1, default=str))
         if args.decode:
             try:
-                res["decode"] = decode(args, table)
+                res["decode"] = decode(args, table, shapes)
             except Exception as e:
                 res["decode"] = {"error": _first_line(e)}
                 print(f"decode FAILED: {_first_line(e)}")
             if args.json:
                 Path(args.json).write_text(json.dumps(res, indent=1, default=str))
     print("GEMV_CONFIGS = {" + "".join(f"\n    {k!r}: {v!r}," for k, v in table.items()) + "\n}")
+    print("GEMV_SHAPE_CONFIGS = {" + "".join(f"\n    {k!r}: {v!r}," for k, v in shapes.items()) + "\n}")
     if args.apply:
-        apply(table, res)
+        apply(table, res, shapes=shapes)
         print(f"wrote {KERNELS.relative_to(REPO)}")
     return res
 

@@ -539,6 +539,9 @@ GEMV_CONFIGS = {
     (8, 32): (32, 64, 4, 2, 4, 1),
     (8, 64): (64, 64, 4, 2, 4, 3),
 }
+# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+
+GEMV_SHAPE_CONFIGS = {
+}
 # END TUNED
 
 
@@ -556,13 +559,14 @@ def int8_activations() -> bool:
 
 
 def gemv_config(w, rows: int):
-    """The GEMV config for `rows` rows of x times QuantLinear w, or None: dequantize and GEMM
-    instead (also for a weight of 2^31+ elements: the GEMV's indices are int32, for speed)."""
+    """The GEMV config for `rows` rows of x times QuantLinear w (its shape's own entry where the
+    tuner found one, else its bucket's), or None: dequantize and GEMM instead (also for a weight
+    of 2^31+ elements: the GEMV's indices are int32, for speed)."""
     if w.qweight.numel() >= 2**31:
         return None
     for b in M_BUCKETS:
         if rows <= b:
-            config = GEMV_CONFIGS.get((w.bits, b))
+            config = GEMV_SHAPE_CONFIGS.get((w.bits, b, w.out_features, w.in_features), GEMV_CONFIGS.get((w.bits, b)))
             if config is not None and variant(config) == "dp4a" and not int8_activations():
                 return EXACT_CONFIGS.get((w.bits, b))
             return config
