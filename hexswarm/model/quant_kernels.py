@@ -404,8 +404,8 @@ if AVAILABLE:
     @triton.jit
     def _dp4a(a, b, c, A_SIGNED: tl.constexpr, ASM: tl.constexpr):
         """c + the dot product of the four bytes of int32 words a and b (b signed; a signed or not).
-        ASM: the dp4a instruction (sm_61+); else the same sum in plain integer ops (Triton's
-        interpreter, which runs no PTX)."""
+        ASM: the dp4a instruction (NVIDIA, sm_61+); else the same sum in plain integer ops (Triton's
+        interpreter, which runs no PTX, and ROCm)."""
         if ASM:
             if A_SIGNED:
                 return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
@@ -692,7 +692,7 @@ def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_
     _qgemv_dp4a_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, M, N, K, BITS=w.bits,
         HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda, num_warps=warps, num_stages=stages,
+        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda and torch.version.hip is None, num_warps=warps, num_stages=stages,
         **pdl.launch_kwargs(x2.device))
     return y
 
