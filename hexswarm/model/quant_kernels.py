@@ -692,8 +692,8 @@ def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_
     _qgemv_dp4a_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, M, N, K, BITS=w.bits,
         HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda and torch.version.hip is None, num_warps=warps, num_stages=stages,
-        **pdl.launch_kwargs(x2.device))
+        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda and torch.version.hip is None, num_warps=warps,
+        num_stages=stages, **pdl.launch_kwargs(x2.device))
     return y
 
 
