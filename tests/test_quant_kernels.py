@@ -27,7 +27,9 @@ FACT = [(1, 16, 4, 0, 1, 1, "fact"), (1, 32, 2, 3, 2, 1, "fact")]  # the second 
 STREAM = [(1, 2, 4, 0, 1, 1, "stream"), (1, 4, 8, 3, 2, 1, "stream")]
 # the int8-activation kernel ("dp4a"; no asm in the interpreter: the same sums in integer ops): one x row
 # per program and rows of x sharing each weight load (BLOCK_M 4: a partial block at M = 3)
-DP4A = [(1, 1, 4, 0, 1, 1, "dp4a"), (1, 4, 8, 0, 1, 1, "dp4a"), (4, 2, 4, 0, 1, 1, "dp4a"), (2, 4, 8, 0, 2, 1, "dp4a")]
+# and "dp4a_late" (each word's dp4a scaled, the words summed after the loop)
+DP4A = [(1, 1, 4, 0, 1, 1, "dp4a"), (1, 4, 8, 0, 1, 1, "dp4a"), (4, 2, 4, 0, 1, 1, "dp4a"), (2, 4, 8, 0, 2, 1, "dp4a"),
+        (4, 2, 4, 0, 1, 1, "dp4a_late"), (1, 4, 8, 0, 1, 1, "dp4a_late")]
 # (N, K): ragged (a partial row block; 7 groups, a partial group block for BLOCK_G 2 and 4: the
 # masked path) and even (the unmasked EVEN path, its prefetch clamped to the last block)
 SHAPES = [(40, 32 * 7), (32, 32 * 8)]

@@ -51,6 +51,8 @@ SiLU*up, the decode attention's combine; quant.int8_rows_for says where), else `
 group's step (amax / 254), a relative error of ~1e-2 of a projection's output at worst on random
 data; SmolLM2's greedy tokens agree with the dequantized model on 61 of 64 steps (64 of 64 for the
 exact kernels).  HEXSWARM_INT8_ACTIVATIONS=0 serves the exact kernels instead (EXACT_CONFIGS).
+"dp4a_late" (LATE_WORDS): the same kernel summing a group's words after the loop, for several rows of x
+(a tuner candidate; see its docstring).
 
 Every kernel argument is a pointer or a shape fixed for a given batch size, so calls are
 captured in CUDA graphs as they are (see cuda_graphs.py).
@@ -460,7 +462,7 @@ if AVAILABLE:
     def _qgemv_dp4a_kernel(xq_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
                            BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                            EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_G: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                           BLOCK_G: tl.constexpr, LATE_WORDS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
         """y = x @ W.T with x given as its Int8Rows (codes, scales, sums; store_int8_groups): one
         program per BLOCK_M rows of x and BLOCK_N weight rows, the whole K, no split-K; each weight
         word, loaded once, meets the BLOCK_M rows' activation words.  Per (row, group)
@@ -469,7 +471,10 @@ if AVAILABLE:
         quarter of a dp4a (int4: and half a shift-and-mask per weight; an int4 word's low nibbles
         are its group's elements 4i..4i+3, its high nibbles 16 + 4i.., quant.py's layout, so the
         activations' bytes are read in their order).  X: the exact sum of the group's activations.
-        Tensors are [rows of x, weight rows, groups, words]."""
+        Tensors are [rows of x, weight rows, groups, words].
+        LATE_WORDS (variant "dp4a_late", for several rows of x): each word's dp4a is scaled as it is and
+        the words are summed once after the loop, not per group (where Triton spreads a group's words
+        over lanes, that per-group sum is a cross-lane shuffle reduction every iteration)."""
         WORDS: tl.constexpr = GROUP_SIZE * BITS // 32
         XWORDS: tl.constexpr = GROUP_SIZE // 4
         XMASKED: tl.constexpr = (not EVEN) or BLOCK_M > 1  # x rows past M exist only for BLOCK_M > 1
@@ -480,6 +485,9 @@ if AVAILABLE:
         m4 = rm[:, None, None, None]
         xrow = xq_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + m4 * (K // 4)
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+        WL: tl.constexpr = (4 if BITS == 4 else XWORDS) if LATE_WORDS else 1
+        acc_w = tl.zeros((BLOCK_M if LATE_WORDS else 1, BLOCK_N if LATE_WORDS else 1,
+                          BLOCK_G if LATE_WORDS else 1, WL), dtype=tl.float32)
         gr = tl.arange(0, BLOCK_G)
         pdl.release(PDL)
         words, s, o = _load_words(q_ptr, s_ptr, o_ptr, rn, gr, nmask, gr < groups, K, WORDS, HAS_OFFSET,
@@ -502,9 +510,15 @@ if AVAILABLE:
                 xw = xrow + g4 * XWORDS + tl.arange(0, XWORDS)[None, None, None, :]
                 wb, xb = tl.broadcast(w4, _load(xw, xm, XMASKED))
                 d = _dp4a(wb, xb, tl.zeros_like(wb), True, ASM)
-            dot = tl.sum(d, axis=3, keep_dims=True).to(tl.float32)
-            s4 = s[None, :, :, :]
-            part = s4 * (_load(xs_ptr + m4 * groups + g4, xm, XMASKED) * dot)
+            if LATE_WORDS:  # |d| < 2^22: to float exactly by the exponent bits of 1.5 * 2^23
+                s4 = s[None, :, :, :]
+                sx = s4 * _load(xs_ptr + m4 * groups + g4, xm, XMASKED)
+                acc_w += ((d + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * sx
+                part = tl.zeros_like(sx)
+            else:
+                dot = tl.sum(d, axis=3, keep_dims=True).to(tl.float32)
+                s4 = s[None, :, :, :]
+                part = s4 * (_load(xs_ptr + m4 * groups + g4, xm, XMASKED) * dot)
             if HAS_OFFSET or BITS == 4:
                 xsum = _load(xsum_ptr + m4 * groups + g4, xm, XMASKED)
                 if HAS_OFFSET:
@@ -514,6 +528,8 @@ if AVAILABLE:
             acc += tl.sum(part, axis=3)
             words, s, o = nwords, ns, no
         out = tl.sum(acc, axis=2)
+        if LATE_WORDS:
+            out += tl.sum(tl.sum(acc_w, axis=3), axis=2)
         if HAS_BIAS:
             out += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], out.to(y_ptr.dtype.element_ty),
@@ -567,7 +583,7 @@ def gemv_config(w, rows: int):
     for b in M_BUCKETS:
         if rows <= b:
             config = GEMV_SHAPE_CONFIGS.get((w.bits, b, w.out_features, w.in_features), GEMV_CONFIGS.get((w.bits, b)))
-            if config is not None and variant(config) == "dp4a" and not int8_activations():
+            if config is not None and variant(config) in DP4A and not int8_activations():
                 return EXACT_CONFIGS.get((w.bits, b))
             return config
     return None
@@ -577,7 +593,7 @@ def takes_int8_rows(w, rows: int) -> bool:
     """Whether `gemv` over `rows` rows with w runs the "dp4a" variant, so that x's producer may write
     x's Int8Rows for it (else gemv makes them itself, one kernel more)."""
     config = gemv_config(w, rows)
-    return config is not None and variant(config) == "dp4a" and _words(w) is not None
+    return config is not None and variant(config) in DP4A and _words(w) is not None
 
 
 @functools.cache
@@ -590,9 +606,10 @@ def _sm_count(device: torch.device) -> int:
 # the bits of 2^7 (the "fact" kernel's float magic), passed as an argument: a value the compiler
 # cannot see, so that mask-and-magic compiles to one LOP3 (two immediates would take two)
 MAGIC = (127 + 7) << 23
-VARIANTS = ("deq", "fact", "stream", "dp4a")  # a config's 7th field; a 6-field config is "deq"
+VARIANTS = ("deq", "fact", "stream", "dp4a", "dp4a_late")  # a config's 7th field; a 6-field config is "deq"
 FACTORED = ("fact", "stream")  # variants served by _qgemv_fact_kernel
-WORD_VARIANTS = (*FACTORED, "dp4a")  # variants that read the weights as int32 words
+DP4A = ("dp4a", "dp4a_late")  # variants served by _qgemv_dp4a_kernel (int8 activations)
+WORD_VARIANTS = (*FACTORED, *DP4A)  # variants that read the weights as int32 words
 
 
 def variant(config) -> str:
@@ -626,13 +643,14 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     M = x2.shape[0]
     config = config or gemv_config(w, M)
     block_m, block_n, block_g, waves, warps, stages = config[:6]
-    fact = ((block_m == 1 or variant(config) == "dp4a") and variant(config) in WORD_VARIANTS
+    fact = ((block_m == 1 or variant(config) in DP4A) and variant(config) in WORD_VARIANTS
             and x.dtype in (torch.bfloat16, torch.float16))
     words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
-    if words is None and variant(config) == "dp4a":
+    if words is None and variant(config) in DP4A:
         block_m = 1  # the "deq" kernel's M = 1 path with the tile (its tl.dot path wants 16+ rows)
-    elif words is not None and variant(config) == "dp4a":
-        return _gemv_dp4a(x2, xq, words, w, bias, block_m, block_n, block_g, warps, stages).view(*x.shape[:-1], N)
+    elif words is not None and variant(config) in DP4A:
+        return _gemv_dp4a(x2, xq, words, w, bias, block_m, block_n, block_g, warps, stages,
+                          variant(config) == "dp4a_late").view(*x.shape[:-1], N)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
@@ -680,9 +698,10 @@ def quantize_rows(x: torch.Tensor, out: Int8Rows | None = None) -> Int8Rows:
     return out
 
 
-def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_g, warps, stages) -> torch.Tensor:
-    """The "dp4a" variant: x's int8 rows (xq, written by x's producer, or made here: one small
-    kernel), then the GEMV."""
+def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_g, warps, stages,
+               late_words: bool = False) -> torch.Tensor:
+    """The "dp4a" variants: x's int8 rows (xq, written by x's producer, or made here: one small
+    kernel), then the GEMV ("dp4a_late": LATE_WORDS)."""
     M, K = x2.shape
     N = w.out_features
     xq, xs, xsum = xq if xq is not None else quantize_rows(x2)
@@ -692,8 +711,8 @@ def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_
     _qgemv_dp4a_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, M, N, K, BITS=w.bits,
         HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_G=block_g, ASM=x2.is_cuda and torch.version.hip is None, num_warps=warps,
-        num_stages=stages, **pdl.launch_kwargs(x2.device))
+        BLOCK_N=block_n, BLOCK_G=block_g, LATE_WORDS=late_words, ASM=x2.is_cuda and torch.version.hip is None,
+        num_warps=warps, num_stages=stages, **pdl.launch_kwargs(x2.device))
     return y
 
 
