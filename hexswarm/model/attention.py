@@ -26,6 +26,7 @@ try:
     import triton
     import triton.language as tl
 
+    from hexswarm.model.kv_cache import rotary_mix
     from hexswarm.model.quant_kernels import quantize_rows, store_int8_groups
 
     HAVE_TRITON = True
@@ -156,13 +157,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rotate_head(x_ptr, d, HALF: tl.constexpr, D: tl.constexpr, c, s):
-        """One head [D] of x*cos + rotate_half(x)*sin, rounded as kv_cache.rotary_store rounds (each
-        product and the sum to x's dtype); c, s: [D] (cos / sin of frequency d % HALF)."""
+        """One head [D] of x*cos + rotate_half(x)*sin, rounded as kv_cache.rotary_store rounds
+        (kv_cache.rotary_mix); c, s: [D] (cos / sin of frequency d % HALF)."""
         x = tl.load(x_ptr + d)
-        dt = x.dtype
         xp = tl.load(x_ptr + (d + HALF) % D).to(tl.float32)
-        rot = tl.where(d < HALF, -xp, xp)
-        return ((x.to(tl.float32) * c).to(dt).to(tl.float32) + (rot * s).to(dt).to(tl.float32)).to(dt)
+        return rotary_mix(x.to(tl.float32), tl.where(d < HALF, -xp, xp), c, s, x.dtype)
 
     @triton.jit
     def _decode_reduce_kernel(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, NQ: tl.constexpr, D: tl.constexpr,

@@ -168,15 +168,19 @@ class KVCache:
 if HAVE_TRITON:
 
     @triton.jit
+    def rotary_mix(f, partner, c, s, dt: tl.constexpr):
+        """One rotated value in dtype dt: f * cos + partner * sin (f, partner in fp32; partner = -x2 for
+        the first half of a head, x1 for the second: rotate_half), each product and the sum rounded to
+        dt as torch rounds them.  The one rounding rule of the rotary, here and in the decode attention."""
+        return ((f * c).to(dt).to(tl.float32) + (partner * s).to(dt).to(tl.float32)).to(dt)
+
+    @triton.jit
     def _rotate(x_ptr, offs_h, d, HALF: tl.constexpr, c, s, mask):
-        # x*cos + rotate_half(x)*sin, each product and the sum rounded to x's dtype (as torch)
+        # x*cos + rotate_half(x)*sin for heads offs_h, as halves
         x1 = tl.load(x_ptr + offs_h[:, None] + d[None, :], mask=mask, other=0.0)
         x2 = tl.load(x_ptr + offs_h[:, None] + HALF + d[None, :], mask=mask, other=0.0)
-        dt = x1.dtype
         f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-        o1 = ((f1 * c).to(dt).to(tl.float32) + (-f2 * s).to(dt).to(tl.float32)).to(dt)
-        o2 = ((f2 * c).to(dt).to(tl.float32) + (f1 * s).to(dt).to(tl.float32)).to(dt)
-        return o1, o2
+        return rotary_mix(f1, -f2, c, s, x1.dtype), rotary_mix(f2, f1, c, s, x1.dtype)
 
     @triton.jit
     def _rotary_store_kernel(

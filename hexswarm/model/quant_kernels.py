@@ -646,17 +646,17 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     fact = ((block_m == 1 or variant(config) in DP4A) and variant(config) in WORD_VARIANTS
             and x.dtype in (torch.bfloat16, torch.float16))
     words = _words(w) if fact and x2.data_ptr() % 16 == 0 else None
+    even = N % block_n == 0 and (K // GROUP) % block_g == 0  # no partial tile: the kernels' unmasked path
     if words is None and variant(config) in DP4A:
         block_m = 1  # the "deq" kernel's M = 1 path with the tile (its tl.dot path wants 16+ rows)
     elif words is not None and variant(config) in DP4A:
-        return _gemv_dp4a(x2, xq, words, w, bias, block_m, block_n, block_g, warps, stages,
+        return _gemv_dp4a(x2, xq, words, w, bias, block_m, block_n, block_g, warps, stages, even,
                           variant(config) == "dp4a_late").view(*x.shape[:-1], N)
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
     splits = triton.cdiv(steps, per_split)  # no program without groups
     atomic = splits > 1
-    even = N % block_n == 0 and (K // GROUP) % block_g == 0
     y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     offset = w.offset if w.offset is not None else w.scale
@@ -698,7 +698,7 @@ def quantize_rows(x: torch.Tensor, out: Int8Rows | None = None) -> Int8Rows:
     return out
 
 
-def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_g, warps, stages,
+def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_g, warps, stages, even: bool,
                late_words: bool = False) -> torch.Tensor:
     """The "dp4a" variants: x's int8 rows (xq, written by x's producer, or made here: one small
     kernel), then the GEMV ("dp4a_late": LATE_WORDS)."""
@@ -707,7 +707,6 @@ def _gemv_dp4a(x2, xq: Int8Rows | None, words, w, bias, block_m, block_n, block_
     xq, xs, xsum = xq if xq is not None else quantize_rows(x2)
     y = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     offset = w.offset if w.offset is not None else w.scale
-    even = N % block_n == 0 and (K // GROUP) % block_g == 0
     _qgemv_dp4a_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
         xq, xs, xsum, words, w.scale, offset, bias if bias is not None else x2, y, M, N, K, BITS=w.bits,
         HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, EVEN=even, GROUP_SIZE=GROUP, BLOCK_M=block_m,
