@@ -96,56 +96,69 @@ if HAVE_TRITON:
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):
-        pdl.release(PDL)
-        pdl.wait(PDL)  # before any read of the step's q / cache and any write (model/pdl.py)
         # one program per (row, query head, key split); online softmax over the split's share of
         # keys [0, pos] of the row's slot, found through its block table.  SPLITS == 1 writes the output; else it writes
         # (max, sum, unnormalised acc) to the workspace for _decode_reduce_kernel.
+        # Before the PDL wait (model/pdl.py) it reads what no kernel of this step writes: the step's
+        # slot / pos / block table (copied in before the step), the rotary tables, and the keys and
+        # values of the earlier positions [0, pos) (written by earlier steps); so after the wait
+        # only q (and this step's key and value) are a memory round trip away, not the chain
+        # pos -> block table -> cache.
+        pdl.release(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         sp = tl.program_id(2)
         kvh = h // GROUP
         d = tl.arange(0, D)
         slot = tl.load(slot_ptr + b)
-        n_keys = tl.load(pos_ptr + b) + 1
-        chunk = tl.cdiv(tl.cdiv(n_keys, SPLITS), BLOCK_N) * BLOCK_N
+        new = tl.load(pos_ptr + b)  # this step's position: keys [0, new] after it
+        chunk = tl.cdiv(tl.cdiv(new + 1, SPLITS), BLOCK_N) * BLOCK_N
         lo = sp * chunk
-        hi = tl.minimum(lo + chunk, n_keys)
+        hi = tl.minimum(lo + chunk, new + 1)
+        old_hi = tl.minimum(hi, new)  # the split's earlier keys [lo, old_hi)
         tab = table_ptr + slot * stride_tab
+        k, v, valid = _load_keys(kc_ptr, vc_ptr, tab, lo, old_hi, kvh, d, stride_blk, stride_cl, D, BLOCK_N, BLOCK_SIZE)
+        HALF: tl.constexpr = D // 2
+        if ROPE:
+            cos_d = tl.load(cos_ptr + new * HALF + d % HALF)
+            sin_d = tl.load(sin_ptr + new * HALF + d % HALF)
+        pdl.wait(PDL)  # before any read of the step's q / new key and any write
         row = q_ptr + b * stride_qrow
-        if ROPE:  # qkv as the projection left it: rotate q here, and k where this split holds the new key
-            HALF: tl.constexpr = D // 2
-            cos_d = tl.load(cos_ptr + (n_keys - 1) * HALF + d % HALF)
-            sin_d = tl.load(sin_ptr + (n_keys - 1) * HALF + d % HALF)
+        if ROPE:  # qkv as the projection left it: rotate q here (k below)
             q = _rotate_head(row + h * D, d, HALF, D, cos_d, sin_d).to(tl.float32) * sm_scale
-            if lo < hi and hi == n_keys:
-                # this step's key and value into the cache (every query head of the KV head writes the
-                # same bytes), visible to the whole program before its loop reads them
-                new_blk = tl.load(tab + (n_keys - 1) // BLOCK_SIZE).to(tl.int64)
-                dest = new_blk * stride_blk + ((n_keys - 1) % BLOCK_SIZE) * stride_cl + kvh * D + d
-                tl.store(kc_ptr + dest, _rotate_head(row + (NQ + kvh) * D, d, HALF, D, cos_d, sin_d))
-                tl.store(vc_ptr + dest, tl.load(row + (NQ + NQ // GROUP + kvh) * D + d))
-                tl.debug_barrier()
         else:
             q = tl.load(row + h * D + d).to(tl.float32) * sm_scale
         m_i = -float("inf")
         l_i = 0.0
         acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            valid = n < hi
-            blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
-            offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
-            # both loads issued before any use: one memory round trip per block, not two
-            k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1)
+        for start in range(lo, old_hi, BLOCK_N):
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             s = tl.where(valid, s, -float("inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+            k, v, valid = _load_keys(kc_ptr, vc_ptr, tab, start + BLOCK_N, old_hi, kvh, d, stride_blk, stride_cl, D,
+                                     BLOCK_N, BLOCK_SIZE)
+        if lo < hi and hi == new + 1:  # this split holds the new key: the last step of its softmax
+            new_blk = tl.load(tab + new // BLOCK_SIZE).to(tl.int64)
+            dest = new_blk * stride_blk + (new % BLOCK_SIZE) * stride_cl + kvh * D + d
+            if ROPE:  # this step's key and value into the cache (every query head of the KV head writes the same bytes)
+                kn = _rotate_head(row + (NQ + kvh) * D, d, HALF, D, cos_d, sin_d)
+                vn = tl.load(row + (NQ + NQ // GROUP + kvh) * D + d)
+                tl.store(kc_ptr + dest, kn)
+                tl.store(vc_ptr + dest, vn)
+            else:  # stored by rotary_store, a kernel before this one
+                kn = tl.load(kc_ptr + dest)
+                vn = tl.load(vc_ptr + dest)
+            s_n = tl.sum(kn.to(tl.float32) * q, axis=0)
+            m_new = tl.maximum(m_i, s_n)
+            alpha = tl.exp(m_i - m_new)
+            p_n = tl.exp(s_n - m_new)
+            acc = acc * alpha + p_n * vn.to(tl.float32)
+            l_i = l_i * alpha + p_n
             m_i = m_new
         if SPLITS == 1:
             tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
@@ -154,6 +167,19 @@ if HAVE_TRITON:
             tl.store(w + d, acc)
             tl.store(w + D, m_i)
             tl.store(w + D + 1, l_i)
+
+    @triton.jit
+    def _load_keys(kc_ptr, vc_ptr, tab, start, end, kvh, d, stride_blk, stride_cl, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """Keys and values [BLOCK_N, D] of positions start.. (those below `end` valid, zeros past it)
+        through the slot's block table `tab`; both loads issued before any use, one round trip."""
+        n = start + tl.arange(0, BLOCK_N)
+        valid = n < end
+        blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
+        k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
+        v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
+        return k, v, valid
 
     @triton.jit
     def _rotate_head(x_ptr, d, HALF: tl.constexpr, D: tl.constexpr, c, s):
