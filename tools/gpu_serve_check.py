@@ -77,8 +77,7 @@ def chunk_attention_check(dtype: torch.dtype) -> dict:
 
 def decode_attention_check(dtype: torch.dtype) -> dict:
     """The decode kernel (split and unsplit) over a paged cache whose slots hold interleaved blocks,
-    against float64 SDPA over the gathered keys; the splits combined by the attention kernel's last
-    split (counts=) bit for bit as by the second kernel, 20 launches each, the counters back at zero."""
+    against float64 SDPA over the gathered keys."""
     from hexswarm.model.attention import cached_attention, decode_attention
     from hexswarm.model.kv_cache import KVCache
 
@@ -89,7 +88,7 @@ def decode_attention_check(dtype: torch.dtype) -> dict:
         kv.prepare([(s, pos, 16) for s in range(64)])
     kv.k.normal_()
     kv.v.normal_()
-    worst, combined_equal = 0.0, 0
+    worst = 0.0
     for B in (1, 4, 64):  # 1 and 4 split the keys (flash-decoding), 64 does not
         slots = torch.arange(B, device="cuda")
         pos = torch.tensor([(399 - 37 * i) % 400 for i in range(B)], device="cuda")
@@ -100,11 +99,7 @@ def decode_attention_check(dtype: torch.dtype) -> dict:
         q = qkv[:, :n_q * D].view(B, 1, n_q, D).double()
         ref = cached_attention(q, k_all.double(), v_all.double(), pos, pos + 1).reshape(B, n_q * D)
         worst = max(worst, float((out.double() - ref).norm() / ref.norm()))
-        for _ in range(20):
-            one = decode_attention(qkv, kv.k[0], kv.v[0], kv.table, slots, pos, n_q, n_kv, counts=kv.split_counts)
-            combined_equal += int(torch.equal(one, out))
-    return {"check": "decode attention vs float64 SDPA (paged)", "dtype": str(dtype), "rel_err": worst,
-            "combined_equal_of_60": combined_equal, "counts_zero": not kv.split_counts.any().item()}
+    return {"check": "decode attention vs float64 SDPA (paged)", "dtype": str(dtype), "rel_err": worst}
 
 
 def served(model: Path, layout, settings: EngineSettings, dtype: str, gpus=None, linked: bool = False,
@@ -135,8 +130,7 @@ def main() -> int:
     print(json.dumps(report["checks"][0]), flush=True)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         for c in (chunk_attention_check(dtype), decode_attention_check(dtype)):
-            ok &= (c["rel_err"] < tol and c.get("all_written", True) and c.get("combined_equal_of_60", 60) == 60
-                   and c.get("counts_zero", True))
+            ok &= c["rel_err"] < tol and c.get("all_written", True)
             report["checks"].append(c)
             print(json.dumps(c), flush=True)
     refs = {f"r{i}": generate(GenerateJob(str(model), p, max_new_tokens=24, sampling=PARAMS[i % 2]))["tokens"]

@@ -92,17 +92,13 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_attention_kernel(
         q_ptr, kc_ptr, vc_ptr, table_ptr, slot_ptr, pos_ptr, out_ptr, ws_ptr, cos_ptr, sin_ptr,
-        qc_ptr, qs_ptr, qsum_ptr, count_ptr,
         stride_qrow, stride_blk, stride_cl, stride_tab, sm_scale,
         NQ: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, ROPE: tl.constexpr, COMBINE: tl.constexpr, Q8: tl.constexpr,
-        GROUP_SIZE: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr,
     ):
         # one program per (row, query head, key split); online softmax over the split's share of
         # keys [0, pos] of the row's slot, found through its block table.  SPLITS == 1 writes the output; else it writes
-        # (max, sum, unnormalised acc) to the workspace, combined by _decode_reduce_kernel or, when
-        # COMBINE, by the split that finishes last (counted in count_ptr, which it sets back to 0):
-        # one kernel a layer less.
+        # (max, sum, unnormalised acc) to the workspace for _decode_reduce_kernel.
         # Before the PDL wait (model/pdl.py) it reads what no kernel of this step writes: the step's
         # slot / pos / block table (copied in before the step), the rotary tables, and the keys and
         # values of the earlier positions [0, pos) (written by earlier steps); so after the wait
@@ -171,14 +167,6 @@ if HAVE_TRITON:
             tl.store(w + d, acc)
             tl.store(w + D, m_i)
             tl.store(w + D + 1, l_i)
-            if COMBINE:
-                # every thread's stores issued, then one release-acquire count at GPU scope (the
-                # last-block pattern of CUDA's threadFenceReduction sample)
-                tl.debug_barrier()
-                done = tl.atomic_add(count_ptr + b * NQ + h, 1, sem="acq_rel", scope="gpu")
-                if done == SPLITS - 1:
-                    tl.store(count_ptr + b * NQ + h, 0)  # for the next launch, which runs after this kernel ends
-                    _combine_splits(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, b, h, NQ, D, SPLITS, Q8, GROUP_SIZE)
 
     @triton.jit
     def _load_keys(kc_ptr, vc_ptr, tab, start, end, kvh, d, stride_blk, stride_cl, D: tl.constexpr,
@@ -206,22 +194,16 @@ if HAVE_TRITON:
                               SPLITS: tl.constexpr, Q8: tl.constexpr, GROUP_SIZE: tl.constexpr, PDL: tl.constexpr):
         pdl.release(PDL)
         pdl.wait(PDL)
-        _combine_splits(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, tl.program_id(0).to(tl.int64), tl.program_id(1),
-                        NQ, D, SPLITS, Q8, GROUP_SIZE)
-
-    @triton.jit
-    def _combine_splits(ws_ptr, out_ptr, qc_ptr, qs_ptr, qsum_ptr, b, h, NQ: tl.constexpr, D: tl.constexpr,
-                        SPLITS: tl.constexpr, Q8: tl.constexpr, GROUP_SIZE: tl.constexpr):
-        """Row b, head h: the splits' (acc, max, sum) in the workspace into the output (and its int8
-        rows when Q8).  Loads bypass L1 (.cg): other programs of the same kernel may have written them."""
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
         sp = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
         w = ws_ptr + ((b * NQ + h) * SPLITS + sp) * (D + 2)
-        m = tl.load(w + D, cache_modifier=".cg")  # -inf for an empty split
-        l = tl.load(w + D + 1, cache_modifier=".cg")
+        m = tl.load(w + D)  # -inf for an empty split
+        l = tl.load(w + D + 1)
         mx = tl.max(m, axis=0)
         scale = tl.exp(m - mx)
-        acc = tl.load(w[:, None] + d[None, :], cache_modifier=".cg")
+        acc = tl.load(w[:, None] + d[None, :])
         num = tl.sum(acc * scale[:, None], axis=0)
         den = tl.sum(l * scale, axis=0)
         out = (num / den).to(out_ptr.dtype.element_ty)
@@ -246,22 +228,19 @@ def _splits(B: int, n_q: int, max_seq_len: int) -> int:
 
 
 def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: int,
-                     out: torch.Tensor | None = None, q8=None, rope=None, counts=None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, q8=None, rope=None) -> torch.Tensor:
     """One new query per row.  qkv: [B, (n_q + 2 n_kv) * D] (q first, already rotated);
     k_cache/v_cache: [blocks, BLOCK, n_kv, D] holding keys [0, pos[b]] for slot[b] in the blocks
     `table` [slots, max_blocks] maps;
     slot, pos: [B] long on the device.  Returns [B, n_q * D].  No host reads: the key
     count comes from `pos` inside the kernel, so the launch is the same every step
     (CUDA-graph safe) and each row reads only its own keys.  At small batch the keys are
-    split across programs (flash-decoding) and the parts combined (see counts).
+    split across programs (flash-decoding) and a second kernel combines the parts.
     `out`, when given, is a contiguous [B, n_q * D] buffer to write into; `q8`, when given, the
     quant_kernels.Int8Rows to fill with the output's int8 rows (quant.int8_rows_for).
     rope: (cos_half, sin_half) as kv_cache.rotary_store takes them, for a decode-only step whose qkv
     is not rotated yet: q and k are rotated here and this step's k and v stored into the cache (at
-    position pos of each row's slot) as rotary_store would, one kernel less a layer.
-    counts: a zeroed int32 buffer this call may use, and leaves zeroed, to combine the key splits in
-    the attention kernel itself (KVCache.split_counts: one per cache, as a cache's steps never run
-    at once); without it, or when it holds fewer than B x n_q counters, a second kernel combines them."""
+    position pos of each row's slot) as rotary_store would, one kernel less a layer."""
     B = qkv.shape[0]
     D = k_cache.shape[-1]
     assert qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
@@ -273,19 +252,15 @@ def decode_attention(qkv, k_cache, v_cache, table, slot, pos, n_q: int, n_kv: in
     ws = torch.empty(B * n_q * splits * (D + 2) if splits > 1 else 1, dtype=torch.float32, device=qkv.device)
     launch = pdl.launch_kwargs(qkv.device)  # both kernels (model/pdl.py)
     cos, sin = rope if rope is not None else (ws, ws)
-    combine = splits > 1 and counts is not None and counts.numel() >= B * n_q
-    q8_ptrs = q8 or (out, out, out)
-    q8_split = q8 is not None and D % GROUP == 0  # the combining kernel writes the int8 rows
     _decode_attention_kernel[(B, n_q, splits)](
-        qkv, k_cache, v_cache, table, slot, pos, out, ws, cos, sin, *q8_ptrs, counts if combine else ws,
+        qkv, k_cache, v_cache, table, slot, pos, out, ws, cos, sin,
         qkv.stride(0), k_cache.stride(0), k_cache.stride(1), table.stride(0), 1.0 / math.sqrt(D),
         NQ=n_q, GROUP=n_q // n_kv, D=D, BLOCK_N=16 if splits >= 8 else (32 if splits > 1 else 64), SPLITS=splits,
-        BLOCK_SIZE=k_cache.shape[1], ROPE=rope is not None, COMBINE=combine, Q8=q8_split, GROUP_SIZE=GROUP,
-        num_warps=4, num_stages=2, **launch,
+        BLOCK_SIZE=k_cache.shape[1], ROPE=rope is not None, num_warps=4, num_stages=2, **launch,
     )
-    if splits > 1 and not combine:
-        _decode_reduce_kernel[(B, n_q)](ws, out, *q8_ptrs, NQ=n_q, D=D, SPLITS=splits, Q8=q8_split, GROUP_SIZE=GROUP,
-                                        num_warps=4, **launch)
+    if splits > 1:
+        _decode_reduce_kernel[(B, n_q)](ws, out, *(q8 or (out, out, out)), NQ=n_q, D=D, SPLITS=splits,
+                                        Q8=q8 is not None and D % GROUP == 0, GROUP_SIZE=GROUP, num_warps=4, **launch)
     if q8 is not None and (splits == 1 or D % GROUP):  # the output came from the attention kernel itself
         quantize_rows(out, q8)
     return out

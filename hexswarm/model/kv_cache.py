@@ -81,9 +81,6 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = torch.zeros((max_batch + 1, self.max_blocks), dtype=torch.int32, device=device)
-        # the decode attention's per-(row, head) counters of finished key splits (attention.decode_attention's
-        # `counts`; it splits keys only below ~528 rows x heads); zero between kernels
-        self.split_counts = torch.zeros(1024, dtype=torch.int32, device=device)
         self.device = torch.device(device)
         self._free = list(range(n_blocks - 1, 0, -1))  # popped from the end: low blocks first
         self._held: list[list[int]] = [[] for _ in range(max_batch + 1)]

@@ -388,7 +388,7 @@ class DecoderLayerShard(nn.Module):
             # decode only: the attention kernel rotates q and k and stores k and v itself
             attn_q8 = int8_rows_for(self.o_weight, N, qkv.dtype)
             attn = decode_attention(qkv, k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos, self.n_q, self.n_kv,
-                                    q8=attn_q8, rope=rope, counts=kv.split_counts)
+                                    q8=attn_q8, rope=rope)
         else:
             # rotates q and k in place in qkv, writes k and v to the cache at (slot, pos)
             rotary_store(qkv, rope[0], rope[1], meta.tok_slot, meta.tok_pos, k_cache, v_cache, kv.table, self.n_q,
@@ -396,7 +396,7 @@ class DecoderLayerShard(nn.Module):
             attn = torch.empty(N, self.q_size, dtype=qkv.dtype, device=qkv.device)
             if meta.n_decode:
                 decode_attention(qkv[: meta.n_decode], k_cache, v_cache, kv.table, meta.dec_slot, meta.dec_pos,
-                                 self.n_q, self.n_kv, out=attn[: meta.n_decode], counts=kv.split_counts)
+                                 self.n_q, self.n_kv, out=attn[: meta.n_decode])
             if HAVE_TRITON and qkv.is_cuda and meta.chunk_work is not None:
                 # every prompt chunk of the step in one kernel (one SDPA call per chunk per layer
                 # cost more host time than the GPU spends on the whole step)
