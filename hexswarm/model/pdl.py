@@ -4,9 +4,13 @@ behind that kernel's tail (a batch-1 decode step is ~300 short kernels; BENCHMAR
 
 The contract, for every kernel launched with `launch_kwargs`: call `release` early (the next
 kernel may then launch), and `wait` before reading anything an earlier kernel wrote or writing
-anything at all; only constant inputs (weights) may be read before it.  `wait` returns once the
-kernel before has finished, which had itself waited for its own predecessor, so everything an
-earlier kernel wrote is visible.  Without the launch attribute both calls do nothing.
+anything at all.  Before it a kernel may read only what no kernel of the step writes: weights, and
+the step's inputs copied in before its first kernel (the decode attention reads its rows' slots,
+positions, block tables and the cache below this step's positions there).  A chain of PDL kernels
+may run several deep at once (each releases its successor before waiting), so "the kernel just
+before has not written it" is not enough.  `wait` returns once the kernel before has finished, which
+had itself waited for its own predecessor, so everything an earlier kernel wrote is visible.
+Without the launch attribute both calls do nothing.
 HEXSWARM_PDL=0 turns it off.
 """
 
