@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -407,6 +408,54 @@ def decode(args, table: dict, shapes: dict) -> dict:
     return res
 
 
+def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
+    """--step-top N: the N fastest M = 1 configs of each format judged again by what they serve, the
+    whole batch-1 decode step of the 7B-shaped model (bench_quant's, CUDA graphs, PDL as served), in
+    --step-rounds rounds of alternating order; the bucket takes the fastest step (median over rounds).
+    Why: timed alone a GEMV waits for nothing, while in the step each kernel starts under the one
+    before (PDL) with its first weights already loaded, so the tile that wins alone need not win there.
+    Updates `table` (and drops `shapes`' M = 1 entries of a format it ranked)."""
+    import bench_gpu
+    import bench_quant
+
+    bargs = bench_quant.parse_args(["--batches", "1"])
+    device = torch.device("cuda")
+    out: dict = {}
+    work, model_dir = bench_quant.scratch_model(bargs, device, print, "hexswarm-tune-step-")
+    try:
+        for bits in args.bits:
+            entry = res["results"].get(f"int{bits}/1", {})
+            configs = [tuple(c) for c, _ in entry.get("ranking", [])[:args.step_top]]
+            if len(configs) < 2:
+                continue
+            for key in [k for k in shapes if k[:2] == (bits, 1)]:
+                del shapes[key]
+            quant_kernels.GEMV_SHAPE_CONFIGS.clear()
+            quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
+            model = bench_quant.whole_model(model_dir, device, f"int{bits}")
+            times: dict = {c: [] for c in configs}
+            for r in range(args.step_rounds):
+                for config in configs if r % 2 == 0 else configs[::-1]:
+                    quant_kernels.GEMV_CONFIGS[(bits, 1)] = config
+                    times[config].append(bench_gpu.engine_decode_ms(model, 1, bargs.decode_prompt, bargs.decode_steps,
+                                                                    CLOCK, bargs.warmup, bargs.repeats, "graph"))
+            med = {c: sorted(t)[len(t) // 2] for c, t in times.items()}
+            best = min(med, key=med.get)
+            table[(bits, 1)] = best
+            quant_kernels.GEMV_CONFIGS[(bits, 1)] = best
+            out[f"int{bits}"] = {"best": list(best), "configs": [
+                {"config": list(c), "alone_us": next(u for cc, u in entry["ranking"] if tuple(cc) == c),
+                 "step_ms": times[c], "median_ms": med[c]}
+                for c in configs]}
+            print(f"int{bits} M=1, step ms (median of {args.step_rounds}): "
+                  + "; ".join(f"{list(c)} {med[c]:.3f}" for c in configs) + f" -> {list(best)}", flush=True)
+            del model
+            bench_quant.release(device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in sh.split("x")) for sh in text.split(",")]
 
@@ -428,6 +477,9 @@ def parse_args(argv=None):
     ap.add_argument("--tolerance", type=float, default=1e-2, help="max relative error against the reference")
     ap.add_argument("--dp4a-tolerance", type=float, default=3e-2,
                     help="the same for the dp4a kernel, whose activations are rounded to int8 (DECISIONS.md)")
+    ap.add_argument("--step-top", type=int, default=0,
+                    help="judge the N fastest M = 1 configs of each format by the whole decode step (step_rank)")
+    ap.add_argument("--step-rounds", type=int, default=3)
     ap.add_argument("--decode", action="store_true",
                     help="then run tools/bench_quant.py with the tuned table (decode against the floors)")
     ap.add_argument("--decode-args", default="", help="extra bench_quant.py arguments, e.g. '--batches 1'")
@@ -468,6 +520,8 @@ def main(argv=None) -> dict:
         res = tune(args)
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
+        if args.step_top and 1 in args.ms:
+            res["step"] = step_rank(args, res, table, shapes)
         res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
         res["shape_table"] = {f"int{b}/{m}/{n}x{k}": list(c) for (b, m, n, k), c in shapes.items()}
         if args.json:  # written now and again after --decode: a decode that dies keeps the sweep
