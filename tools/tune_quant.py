@@ -317,8 +317,10 @@ def tune(args) -> dict:
             entry["ranking"] = sorted(([list(c), sum(t)] for c, t in tried.items()), key=lambda r: r[1])[:40]
             entry["by_shape"] = {}  # each shape's own best config (GEMV_SHAPE_CONFIGS)
             for i, layer in enumerate(layers[bits]):
-                own = min(tried, key=lambda c: tried[c][i])
-                entry["by_shape"][f"{layer.n}x{layer.k}"] = {"config": list(own), "us": tried[own][i]}
+                ranked = sorted(tried, key=lambda c: tried[c][i])
+                entry["by_shape"][f"{layer.n}x{layer.k}"] = {
+                    "config": list(ranked[0]), "us": tried[ranked[0]][i],
+                    "ranking": [[list(c), tried[c][i]] for c in ranked[:10]]}
             entry["variants"] = {}
             for v in quant_kernels.VARIANTS:
                 mine = {c: t for c, t in tried.items() if quant_kernels.variant(c) == v}
@@ -412,15 +414,36 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     """--step-top N: the N fastest M = 1 configs of each format judged again by what they serve, the
     whole batch-1 decode step of the 7B-shaped model (bench_quant's, CUDA graphs, PDL as served), in
     --step-rounds rounds of alternating order; the bucket takes the fastest step (median over rounds).
+    Then, with --step-shape-top K, each shape in turn: its K fastest configs alone against the bucket's,
+    in the step; one that shortens the step by 0.25%+ becomes the shape's GEMV_SHAPE_CONFIGS entry.
     Why: timed alone a GEMV waits for nothing, while in the step each kernel starts under the one
     before (PDL) with its first weights already loaded, so the tile that wins alone need not win there.
-    Updates `table` (and drops `shapes`' M = 1 entries of a format it ranked)."""
+    Updates `table` and `shapes` (their M = 1 entries of a format it ranked)."""
     import bench_gpu
     import bench_quant
 
     bargs = bench_quant.parse_args(["--batches", "1"])
     device = torch.device("cuda")
     out: dict = {}
+
+    def medians(model, choices, serve) -> dict:
+        times: dict = {c: [] for c in choices}
+        for r in range(args.step_rounds):
+            for c in choices if r % 2 == 0 else choices[::-1]:
+                serve(c)
+                times[c].append(bench_gpu.engine_decode_ms(model, 1, bargs.decode_prompt, bargs.decode_steps, CLOCK,
+                                                           bargs.warmup, bargs.repeats, "graph"))
+        return {c: {"step_ms": t, "median_ms": sorted(t)[len(t) // 2]} for c, t in times.items()}
+
+    def set_bucket(bits, config):
+        quant_kernels.GEMV_CONFIGS[(bits, 1)] = config
+
+    def set_shape(key, config):
+        if config is None:
+            quant_kernels.GEMV_SHAPE_CONFIGS.pop(key, None)
+        else:
+            quant_kernels.GEMV_SHAPE_CONFIGS[key] = config
+
     work, model_dir = bench_quant.scratch_model(bargs, device, print, "hexswarm-tune-step-")
     try:
         for bits in args.bits:
@@ -433,22 +456,33 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
             quant_kernels.GEMV_SHAPE_CONFIGS.clear()
             quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
             model = bench_quant.whole_model(model_dir, device, f"int{bits}")
-            times: dict = {c: [] for c in configs}
-            for r in range(args.step_rounds):
-                for config in configs if r % 2 == 0 else configs[::-1]:
-                    quant_kernels.GEMV_CONFIGS[(bits, 1)] = config
-                    times[config].append(bench_gpu.engine_decode_ms(model, 1, bargs.decode_prompt, bargs.decode_steps,
-                                                                    CLOCK, bargs.warmup, bargs.repeats, "graph"))
-            med = {c: sorted(t)[len(t) // 2] for c, t in times.items()}
-            best = min(med, key=med.get)
+            med = medians(model, configs, lambda c: set_bucket(bits, c))
+            best = min(med, key=lambda c: med[c]["median_ms"])
             table[(bits, 1)] = best
-            quant_kernels.GEMV_CONFIGS[(bits, 1)] = best
-            out[f"int{bits}"] = {"best": list(best), "configs": [
-                {"config": list(c), "alone_us": next(u for cc, u in entry["ranking"] if tuple(cc) == c),
-                 "step_ms": times[c], "median_ms": med[c]}
-                for c in configs]}
+            set_bucket(bits, best)
+            alone = {tuple(c): u for c, u in entry["ranking"]}
+            out[f"int{bits}"] = {"best": list(best), "configs": [dict(config=list(c), alone_us=alone[c], **med[c])
+                                                                 for c in configs], "shapes": {}}
             print(f"int{bits} M=1, step ms (median of {args.step_rounds}): "
-                  + "; ".join(f"{list(c)} {med[c]:.3f}" for c in configs) + f" -> {list(best)}", flush=True)
+                  + "; ".join(f"{list(c)} {med[c]['median_ms']:.3f}" for c in configs) + f" -> {list(best)}",
+                  flush=True)
+            for shape, own in entry.get("by_shape", {}).items() if args.step_shape_top else ():
+                n, k = (int(v) for v in shape.split("x"))
+                key = (bits, 1, n, k)
+                choices = [None] + [tuple(c) for c, _ in own.get("ranking", []) if tuple(c) != best][
+                    :args.step_shape_top]
+                sm = medians(model, choices, lambda c: set_shape(key, c))
+                pick = min(choices, key=lambda c: sm[c]["median_ms"])
+                if pick is not None and sm[pick]["median_ms"] > (1 - 0.0025) * sm[None]["median_ms"]:
+                    pick = None
+                set_shape(key, pick)
+                if pick is not None:
+                    shapes[key] = pick
+                out[f"int{bits}"]["shapes"][shape] = {"pick": list(pick) if pick else None, "configs": [
+                    dict(config=list(c) if c else "bucket", **sm[c]) for c in choices]}
+                print(f"int{bits} M=1 {shape}: " + "; ".join(f"{list(c) if c else 'bucket'} "
+                                                            f"{sm[c]['median_ms']:.3f}" for c in choices)
+                      + f" -> {list(pick) if pick else 'bucket'}", flush=True)
             del model
             bench_quant.release(device)
     finally:
@@ -480,6 +514,8 @@ def parse_args(argv=None):
     ap.add_argument("--step-top", type=int, default=0,
                     help="judge the N fastest M = 1 configs of each format by the whole decode step (step_rank)")
     ap.add_argument("--step-rounds", type=int, default=3)
+    ap.add_argument("--step-shape-top", type=int, default=0,
+                    help="then each shape's K fastest configs alone, judged by the step (GEMV_SHAPE_CONFIGS)")
     ap.add_argument("--decode", action="store_true",
                     help="then run tools/bench_quant.py with the tuned table (decode against the floors)")
     ap.add_argument("--decode-args", default="", help="extra bench_quant.py arguments, e.g. '--batches 1'")
