@@ -386,9 +386,13 @@ def apply(table: dict, res: dict, path: Path = KERNELS, shapes: dict | None = No
     src = path.read_text()
     lines = [f"# Measured by tools/tune_quant.py on {res['env']['gpu']}, {res['env']['date']}, torch "
              f"{res['env']['torch']}, Triton {res['env']['triton']} (best of the grid per bucket,",
-             "# summed over 7B layer shapes; None: dequantize + cuBLAS was faster).", "GEMV_CONFIGS = {"]
+             "# summed over 7B layer shapes; None: dequantize + cuBLAS was faster" + (
+                 "; M = 1 of " + ", ".join(res["step"]) + ": the fastest whole decode step of the best "
+                 "alone, step_rank)." if res.get("step") else ")."), "GEMV_CONFIGS = {"]
     lines += [f"    {key!r}: {cfg!r}," for key, cfg in table.items()] + ["}"]
-    lines += ["# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+", "GEMV_SHAPE_CONFIGS = {"]
+    lines += ["# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+" + (
+        " (M = 1 where step_rank ran: shortened the decode step by 0.25%+)" if res.get("step") else ""),
+        "GEMV_SHAPE_CONFIGS = {"]
     lines += [f"    {key!r}: {cfg!r}," for key, cfg in (shapes or {}).items()] + ["}"]
     new, n = re.subn(r"(# BEGIN TUNED[^\n]*\n).*?(# END TUNED)", lambda mt: mt.group(1) + "\n".join(lines) + "\n"
                      + mt.group(2), src, flags=re.S)
@@ -537,6 +541,14 @@ def main(argv=None) -> dict:
         res = json.loads(Path(args.from_json).read_text())
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
+        for fmt, st in res.get("step", {}).items():  # step_rank's picks override the kernels-alone ones
+            bits = int(fmt[3:])
+            table[(bits, 1)] = tuple(st["best"])
+            for key in [k for k in shapes if k[:2] == (bits, 1)]:
+                del shapes[key]
+            for shape, e in st.get("shapes", {}).items():
+                if e["pick"]:
+                    shapes[(bits, 1, *(int(v) for v in shape.split("x")))] = tuple(e["pick"])
     elif args.cpu:
         if not quant_kernels.AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("no CUDA GPU: run under TRITON_INTERPRET=1 (Triton's CPU interpreter) to check the "
