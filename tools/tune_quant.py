@@ -387,11 +387,11 @@ def apply(table: dict, res: dict, path: Path = KERNELS, shapes: dict | None = No
     lines = [f"# Measured by tools/tune_quant.py on {res['env']['gpu']}, {res['env']['date']}, torch "
              f"{res['env']['torch']}, Triton {res['env']['triton']} (best of the grid per bucket,",
              "# summed over 7B layer shapes; None: dequantize + cuBLAS was faster" + (
-                 "; M = 1 of " + ", ".join(res["step"]) + ": the fastest whole decode step of the best "
-                 "alone, step_rank)." if res.get("step") else ")."), "GEMV_CONFIGS = {"]
+                 "; " + ", ".join(res["step"]) + ": the fastest whole decode step of the best alone, "
+                 "step_rank)." if res.get("step") else ")."), "GEMV_CONFIGS = {"]
     lines += [f"    {key!r}: {cfg!r}," for key, cfg in table.items()] + ["}"]
     lines += ["# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+" + (
-        " (M = 1 where step_rank ran: shortened the decode step by 0.25%+)" if res.get("step") else ""),
+        " (where step_rank ran: shortened the decode step by 0.25%+)" if res.get("step") else ""),
         "GEMV_SHAPE_CONFIGS = {"]
     lines += [f"    {key!r}: {cfg!r}," for key, cfg in (shapes or {}).items()] + ["}"]
     new, n = re.subn(r"(# BEGIN TUNED[^\n]*\n).*?(# END TUNED)", lambda mt: mt.group(1) + "\n".join(lines) + "\n"
@@ -415,14 +415,15 @@ def decode(args, table: dict, shapes: dict) -> dict:
 
 
 def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
-    """--step-top N: the N fastest M = 1 configs of each format judged again by what they serve, the
-    whole batch-1 decode step of the 7B-shaped model (bench_quant's, CUDA graphs, PDL as served), in
+    """--step-top N: each format's and bucket's N fastest configs (buckets up to 8 rows) judged again by
+    what they serve, the whole decode step of that many rows on the 7B-shaped model (bench_quant's, CUDA
+    graphs, PDL as served), in
     --step-rounds rounds of alternating order; the bucket takes the fastest step (median over rounds).
     Then, with --step-shape-top K, each shape in turn: its K fastest configs alone against the bucket's,
     in the step; one that shortens the step by 0.25%+ becomes the shape's GEMV_SHAPE_CONFIGS entry.
     Why: timed alone a GEMV waits for nothing, while in the step each kernel starts under the one
     before (PDL) with its first weights already loaded, so the tile that wins alone need not win there.
-    Updates `table` and `shapes` (their M = 1 entries of a format it ranked)."""
+    Updates `table` and `shapes` (their entries of a bucket it ranked)."""
     import bench_gpu
     import bench_quant
 
@@ -430,17 +431,17 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     device = torch.device("cuda")
     out: dict = {}
 
-    def medians(model, choices, serve) -> dict:
+    def medians(model, m, choices, serve) -> dict:
         times: dict = {c: [] for c in choices}
         for r in range(args.step_rounds):
             for c in choices if r % 2 == 0 else choices[::-1]:
                 serve(c)
-                times[c].append(bench_gpu.engine_decode_ms(model, 1, bargs.decode_prompt, bargs.decode_steps, CLOCK,
+                times[c].append(bench_gpu.engine_decode_ms(model, m, bargs.decode_prompt, bargs.decode_steps, CLOCK,
                                                            bargs.warmup, bargs.repeats, "graph"))
         return {c: {"step_ms": t, "median_ms": sorted(t)[len(t) // 2]} for c, t in times.items()}
 
-    def set_bucket(bits, config):
-        quant_kernels.GEMV_CONFIGS[(bits, 1)] = config
+    def set_bucket(bits, m, config):
+        quant_kernels.GEMV_CONFIGS[(bits, m)] = config
 
     def set_shape(key, config):
         if config is None:
@@ -451,46 +452,54 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     work, model_dir = bench_quant.scratch_model(bargs, device, print, "hexswarm-tune-step-")
     try:
         for bits in args.bits:
-            entry = res["results"].get(f"int{bits}/1", {})
-            configs = [tuple(c) for c, _ in entry.get("ranking", [])[:args.step_top]]
-            if len(configs) < 2:
-                continue
-            for key in [k for k in shapes if k[:2] == (bits, 1)]:
-                del shapes[key]
-            quant_kernels.GEMV_SHAPE_CONFIGS.clear()
-            quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
-            model = bench_quant.whole_model(model_dir, device, f"int{bits}")
-            med = medians(model, configs, lambda c: set_bucket(bits, c))
-            best = min(med, key=lambda c: med[c]["median_ms"])
-            table[(bits, 1)] = best
-            set_bucket(bits, best)
-            alone = {tuple(c): u for c, u in entry["ranking"]}
-            out[f"int{bits}"] = {"best": list(best), "configs": [dict(config=list(c), alone_us=alone[c], **med[c])
-                                                                 for c in configs], "shapes": {}}
-            print(f"int{bits} M=1, step ms (median of {args.step_rounds}): "
-                  + "; ".join(f"{list(c)} {med[c]['median_ms']:.3f}" for c in configs) + f" -> {list(best)}",
-                  flush=True)
-            for shape, own in entry.get("by_shape", {}).items() if args.step_shape_top else ():
-                n, k = (int(v) for v in shape.split("x"))
-                key = (bits, 1, n, k)
-                choices = [None] + [tuple(c) for c, _ in own.get("ranking", []) if tuple(c) != best][
-                    :args.step_shape_top]
-                sm = medians(model, choices, lambda c: set_shape(key, c))
-                pick = min(choices, key=lambda c: sm[c]["median_ms"])
-                if pick is not None and sm[pick]["median_ms"] > (1 - 0.0025) * sm[None]["median_ms"]:
-                    pick = None
-                set_shape(key, pick)
-                if pick is not None:
-                    shapes[key] = pick
-                out[f"int{bits}"]["shapes"][shape] = {"pick": list(pick) if pick else None, "configs": [
-                    dict(config=list(c) if c else "bucket", **sm[c]) for c in choices]}
-                print(f"int{bits} M=1 {shape}: " + "; ".join(f"{list(c) if c else 'bucket'} "
-                                                            f"{sm[c]['median_ms']:.3f}" for c in choices)
-                      + f" -> {list(pick) if pick else 'bucket'}", flush=True)
+            model = None
+            for m in [m for m in args.ms if m <= 8]:
+                entry = res["results"].get(f"int{bits}/{m}", {})
+                configs = [tuple(c) for c, _ in entry.get("ranking", [])[:args.step_top]]
+                if len(configs) < 2:
+                    continue
+                for key in [k for k in shapes if k[:2] == (bits, m)]:
+                    del shapes[key]
+                quant_kernels.GEMV_SHAPE_CONFIGS.clear()
+                quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
+                model = model or bench_quant.whole_model(model_dir, device, f"int{bits}")
+                out[f"int{bits}/{m}"] = step_rank_bucket(args, model, bits, m, entry, configs, table, shapes, medians,
+                                                         set_bucket, set_shape)
             del model
             bench_quant.release(device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def step_rank_bucket(args, model, bits: int, m: int, entry: dict, configs: list, table: dict, shapes: dict,
+                     medians, set_bucket, set_shape) -> dict:
+    """step_rank for one format and bucket: its configs, then (--step-shape-top) each shape's."""
+    med = medians(model, m, configs, lambda c: set_bucket(bits, m, c))
+    best = min(med, key=lambda c: med[c]["median_ms"])
+    table[(bits, m)] = best
+    set_bucket(bits, m, best)
+    alone = {tuple(c): u for c, u in entry["ranking"]}
+    out = {"best": list(best), "configs": [dict(config=list(c), alone_us=alone[c], **med[c]) for c in configs],
+           "shapes": {}}
+    print(f"int{bits} M={m}, step ms (median of {args.step_rounds}): "
+          + "; ".join(f"{list(c)} {med[c]['median_ms']:.3f}" for c in configs) + f" -> {list(best)}", flush=True)
+    for shape, own in entry.get("by_shape", {}).items() if args.step_shape_top else ():
+        n, k = (int(v) for v in shape.split("x"))
+        key = (bits, m, n, k)
+        choices = [None] + [tuple(c) for c, _ in own.get("ranking", []) if tuple(c) != best][:args.step_shape_top]
+        sm = medians(model, m, choices, lambda c: set_shape(key, c))
+        pick = min(choices, key=lambda c: sm[c]["median_ms"])
+        if pick is not None and sm[pick]["median_ms"] > (1 - 0.0025) * sm[None]["median_ms"]:
+            pick = None
+        set_shape(key, pick)
+        if pick is not None:
+            shapes[key] = pick
+        out["shapes"][shape] = {"pick": list(pick) if pick else None, "configs": [
+            dict(config=list(c) if c else "bucket", **sm[c]) for c in choices]}
+        print(f"int{bits} M={m} {shape}: " + "; ".join(f"{list(c) if c else 'bucket'} {sm[c]['median_ms']:.3f}"
+                                                      for c in choices)
+              + f" -> {list(pick) if pick else 'bucket'}", flush=True)
     return out
 
 
@@ -516,7 +525,8 @@ def parse_args(argv=None):
     ap.add_argument("--dp4a-tolerance", type=float, default=3e-2,
                     help="the same for the dp4a kernel, whose activations are rounded to int8 (DECISIONS.md)")
     ap.add_argument("--step-top", type=int, default=0,
-                    help="judge the N fastest M = 1 configs of each format by the whole decode step (step_rank)")
+                    help="judge the N fastest configs of each format and bucket (up to 8 rows) by the whole decode step "
+                         "(step_rank)")
     ap.add_argument("--step-rounds", type=int, default=3)
     ap.add_argument("--step-shape-top", type=int, default=0,
                     help="then each shape's K fastest configs alone, judged by the step (GEMV_SHAPE_CONFIGS)")
@@ -542,13 +552,13 @@ def main(argv=None) -> dict:
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
         for fmt, st in res.get("step", {}).items():  # step_rank's picks override the kernels-alone ones
-            bits = int(fmt[3:])
-            table[(bits, 1)] = tuple(st["best"])
-            for key in [k for k in shapes if k[:2] == (bits, 1)]:
+            bits, m = int(fmt.split("/")[0][3:]), int((fmt.split("/") + ["1"])[1])  # "int4/8"; run 28d: "int4"
+            table[(bits, m)] = tuple(st["best"])
+            for key in [k for k in shapes if k[:2] == (bits, m)]:
                 del shapes[key]
             for shape, e in st.get("shapes", {}).items():
                 if e["pick"]:
-                    shapes[(bits, 1, *(int(v) for v in shape.split("x")))] = tuple(e["pick"])
+                    shapes[(bits, m, *(int(v) for v in shape.split("x")))] = tuple(e["pick"])
     elif args.cpu:
         if not quant_kernels.AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("no CUDA GPU: run under TRITON_INTERPRET=1 (Triton's CPU interpreter) to check the "
@@ -568,7 +578,7 @@ def main(argv=None) -> dict:
         res = tune(args)
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
-        if args.step_top and 1 in args.ms:
+        if args.step_top and min(args.ms) <= 8:
             res["step"] = step_rank(args, res, table, shapes)
         res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
         res["shape_table"] = {f"int{b}/{m}/{n}x{k}": list(c) for (b, m, n, k), c in shapes.items()}

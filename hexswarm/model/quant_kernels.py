@@ -542,7 +542,7 @@ M_BUCKETS = (1, 8, 16, 32, 64)
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
 # Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 16:02 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
-# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; M = 1 of int4, int8: the fastest whole decode step of the best alone, step_rank).
+# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; int4, int8: the fastest whole decode step of the best alone, step_rank).
 GEMV_CONFIGS = {
     (4, 1): (1, 2, 64, 0, 2, 3, 'dp4a'),
     (4, 8): (16, 64, 4, 2, 4, 1),
@@ -555,7 +555,7 @@ GEMV_CONFIGS = {
     (8, 32): (32, 64, 4, 2, 4, 1),
     (8, 64): (64, 64, 4, 2, 4, 3),
 }
-# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+ (M = 1 where step_rank ran: shortened the decode step by 0.25%+)
+# (bits, bucket, N, K): a shape whose own best beat its bucket's on it by 3%+ (where step_rank ran: shortened the decode step by 0.25%+)
 GEMV_SHAPE_CONFIGS = {
     (4, 1, 12288, 4096): (1, 4, 32, 0, 1, 1, 'dp4a'),
     (8, 1, 4096, 11008): (1, 2, 64, 0, 1, 2, 'dp4a'),
