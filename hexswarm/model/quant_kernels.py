@@ -541,11 +541,11 @@ if AVAILABLE:
 M_BUCKETS = (1, 8, 16, 32, 64)
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
-# Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 16:02 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
-# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; int4, int8: the fastest whole decode step of the best alone, step_rank).
+# Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 16:09 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
+# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; int4/8, int8/8: the fastest whole decode step of the best alone, step_rank).
 GEMV_CONFIGS = {
     (4, 1): (1, 2, 64, 0, 2, 3, 'dp4a'),
-    (4, 8): (16, 64, 4, 2, 4, 1),
+    (4, 8): (16, 64, 4, 2, 4, 3),
     (4, 16): (16, 64, 4, 2, 4, 1),
     (4, 32): (32, 64, 4, 2, 4, 1),
     (4, 64): (64, 64, 4, 2, 4, 1),
