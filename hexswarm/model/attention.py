@@ -117,7 +117,7 @@ if HAVE_TRITON:
         hi = tl.minimum(lo + chunk, new + 1)
         old_hi = tl.minimum(hi, new)  # the split's earlier keys [lo, old_hi)
         tab = table_ptr + slot * stride_tab
-        k, v, valid = _load_keys(kc_ptr, vc_ptr, tab, lo, old_hi, kvh, d, stride_blk, stride_cl, D, BLOCK_N, BLOCK_SIZE)
+        k, v = _load_keys(kc_ptr, vc_ptr, tab, lo, old_hi, kvh, d, stride_blk, stride_cl, D, BLOCK_N, BLOCK_SIZE)
         HALF: tl.constexpr = D // 2
         if ROPE:
             cos_d = tl.load(cos_ptr + new * HALF + d % HALF)
@@ -128,38 +128,39 @@ if HAVE_TRITON:
             q = _rotate_head(row + h * D, d, HALF, D, cos_d, sin_d).to(tl.float32) * sm_scale
         else:
             q = tl.load(row + h * D + d).to(tl.float32) * sm_scale
-        m_i = -float("inf")
-        l_i = 0.0
-        acc = tl.zeros([D], dtype=tl.float32)
-        for start in range(lo, old_hi, BLOCK_N):
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            s = tl.where(valid, s, -float("inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-            k, v, valid = _load_keys(kc_ptr, vc_ptr, tab, start + BLOCK_N, old_hi, kvh, d, stride_blk, stride_cl, D,
-                                     BLOCK_N, BLOCK_SIZE)
-        if lo < hi and hi == new + 1:  # this split holds the new key: the last step of its softmax
+        kn = tl.zeros([D], dtype=kc_ptr.dtype.element_ty)
+        vn = tl.zeros([D], dtype=vc_ptr.dtype.element_ty)
+        if lo < hi and hi == new + 1:  # this split holds the new key
             new_blk = tl.load(tab + new // BLOCK_SIZE).to(tl.int64)
             dest = new_blk * stride_blk + (new % BLOCK_SIZE) * stride_cl + kvh * D + d
             if ROPE:  # this step's key and value into the cache (every query head of the KV head writes the same bytes)
-                kn = _rotate_head(row + (NQ + kvh) * D, d, HALF, D, cos_d, sin_d)
-                vn = tl.load(row + (NQ + NQ // GROUP + kvh) * D + d)
+                kn = _rotate_head(row + (NQ + kvh) * D, d, HALF, D, cos_d, sin_d).to(kc_ptr.dtype.element_ty)
+                vn = tl.load(row + (NQ + NQ // GROUP + kvh) * D + d).to(vc_ptr.dtype.element_ty)
                 tl.store(kc_ptr + dest, kn)
                 tl.store(vc_ptr + dest, vn)
             else:  # stored by rotary_store, a kernel before this one
                 kn = tl.load(kc_ptr + dest)
                 vn = tl.load(vc_ptr + dest)
-            s_n = tl.sum(kn.to(tl.float32) * q, axis=0)
-            m_new = tl.maximum(m_i, s_n)
+        m_i = -float("inf")
+        l_i = 0.0
+        acc = tl.zeros([D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            # the tile loaded before the wait, with the new key (if it falls here) in its row: the same
+            # sums in the same order as a tile read whole from the cache
+            n = start + tl.arange(0, BLOCK_N)
+            is_new = (n == new)[:, None]
+            kt = tl.where(is_new, kn[None, :], k).to(tl.float32)
+            vt = tl.where(is_new, vn[None, :], v).to(tl.float32)
+            s = tl.sum(kt * q[None, :], axis=1)
+            s = tl.where(n < hi, s, -float("inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
             alpha = tl.exp(m_i - m_new)
-            p_n = tl.exp(s_n - m_new)
-            acc = acc * alpha + p_n * vn.to(tl.float32)
-            l_i = l_i * alpha + p_n
+            p = tl.exp(s - m_new)
+            acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
+            k, v = _load_keys(kc_ptr, vc_ptr, tab, start + BLOCK_N, old_hi, kvh, d, stride_blk, stride_cl, D, BLOCK_N,
+                              BLOCK_SIZE)
         if SPLITS == 1:
             tl.store(out_ptr + b * (NQ * D) + h * D + d, (acc / l_i).to(out_ptr.dtype.element_ty))
         else:
@@ -171,15 +172,15 @@ if HAVE_TRITON:
     @triton.jit
     def _load_keys(kc_ptr, vc_ptr, tab, start, end, kvh, d, stride_blk, stride_cl, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        """Keys and values [BLOCK_N, D] of positions start.. (those below `end` valid, zeros past it)
-        through the slot's block table `tab`; both loads issued before any use, one round trip."""
+        """Keys and values [BLOCK_N, D] of positions start.. below `end` (zeros past it) through the
+        slot's block table `tab`; both loads issued before any use, one round trip."""
         n = start + tl.arange(0, BLOCK_N)
         valid = n < end
         blk = tl.load(tab + n // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         offs = (blk * stride_blk + (n % BLOCK_SIZE) * stride_cl + kvh * D)[:, None] + d[None, :]
         k = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
         v = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
-        return k, v, valid
+        return k, v
 
     @triton.jit
     def _rotate_head(x_ptr, d, HALF: tl.constexpr, D: tl.constexpr, c, s):
