@@ -9,8 +9,9 @@ a group, whose low nibbles are the group's columns 0..15 and high nibbles column
 16-byte halves.  Scales (and offsets) are loaded once per (row, group).  The next block's
 bytes are loaded before the current one is computed (a manual prefetch: the loads are not
 dot operands, so Triton's pipeliner would not overlap them).  Split-K (several programs per
-output tile, fp32 atomics into a zeroed buffer, then one cast) gives small N enough
-programs to keep every SM streaming: a config names WAVES, and K is split until the grid
+output tile, each writing its fp32 partial sums to its own plane of a workspace, summed in
+split order by one torch reduction and cast: no atomics, so a step gives the same bits every
+time) gives small N enough programs to keep every SM streaming: a config names WAVES, and K is split until the grid
 has WAVES programs per SM, so one config serves N = 4096 and N = 22016 alike.
 
 Two reduction paths, picked by BLOCK_M:
@@ -22,7 +23,7 @@ Two reduction paths, picked by BLOCK_M:
 Numerics, both paths: the weight is dequantized in fp32 exactly as quant.py's reference
 (q * scale [+ offset]; int -> float via exponent bits, exact for these ranges), rounded to
 the activation dtype, and multiplied with fp32 accumulation: "dequantize to bf16, then
-F.linear" up to summation order (split-K adds its partial sums in any order).
+F.linear" up to summation order (split-K adds its partial sums in split order, after the kernel).
 
 A second M = 1 kernel, the "fact" variant (_qgemv_fact_kernel; a config's 7th field picks it,
 6-field configs are the kernel above, "deq"): per (row, group) sum_j w_j x_j =
@@ -154,11 +155,12 @@ if AVAILABLE:
 
     @triton.jit
     def _qgemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K, groups_per_split,
-                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                      BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,
                       ROUND_W: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """y[m, n] (+)= sum_k x[m, k] * w[n, k] over this program's groups
-        [pid_k * groups_per_split, +groups_per_split); ATOMIC: y is a zeroed fp32 buffer.
+        [pid_k * groups_per_split, +groups_per_split); PARTIAL: y is an fp32 [splits, M, N] workspace,
+        this program's sums go to plane pid_k.
         EVEN: N a multiple of BLOCK_N and every program's groups a multiple of BLOCK_G."""
         HALF: tl.constexpr = GROUP_SIZE // 2
         pid_m = tl.program_id(0)  # fastest: the programs sharing a weight tile run together (L2)
@@ -220,8 +222,8 @@ if AVAILABLE:
                 out += tl.where(pid_k == 0, bias, 0.0)[:, None]
             yp = y_ptr + rm[None, :] * N + rn[:, None]
             ymask = nmask[:, None] & mmask[None, :]
-        if ATOMIC:
-            tl.atomic_add(yp, out, mask=ymask)
+        if PARTIAL:
+            tl.store(yp + pid_k.to(tl.int64) * M * N, out, mask=ymask)
         else:
             tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=ymask)
 
@@ -347,7 +349,7 @@ if AVAILABLE:
     @triton.jit
     def _qgemv_fact_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, N, K, groups_per_split, magic,
                            BITS: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           ATOMIC: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                           PARTIAL: tl.constexpr, EVEN: tl.constexpr, GROUP_SIZE: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, LATE_SUM: tl.constexpr,
                            PDL: tl.constexpr):
         """The "fact" variant of _qgemv_kernel at M = 1 (one program per row of x, as there):
@@ -396,8 +398,8 @@ if AVAILABLE:
             bias = tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
             out += tl.where(pid_k == 0, bias, 0.0)
         yp = y_ptr + pid_m * N + rn
-        if ATOMIC:
-            tl.atomic_add(yp, out, mask=nmask)
+        if PARTIAL:  # plane pid_k of an fp32 [splits, M, N] workspace (one program per row of x: M of them)
+            tl.store(yp + pid_k.to(tl.int64) * tl.num_programs(0) * N, out, mask=nmask)
         else:
             tl.store(yp, out.to(y_ptr.dtype.element_ty), mask=nmask)
 
@@ -658,11 +660,11 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     steps = triton.cdiv(K // GROUP, block_g)
     per_split = triton.cdiv(steps, min(steps, max(1, triton.cdiv(waves * _sm_count(x.device), tiles))))
     splits = triton.cdiv(steps, per_split)  # no program without groups
-    atomic = splits > 1
-    y = (torch.zeros if atomic else torch.empty)(M, N, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+    partial = splits > 1
+    y = torch.empty((splits, M, N) if partial else (M, N), dtype=torch.float32 if partial else x.dtype, device=x.device)
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), splits)
     offset = w.offset if w.offset is not None else w.scale
-    common = dict(BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, ATOMIC=atomic, EVEN=even,
+    common = dict(BITS=w.bits, HAS_OFFSET=w.offset is not None, HAS_BIAS=bias is not None, PARTIAL=partial, EVEN=even,
                   GROUP_SIZE=GROUP, BLOCK_N=block_n, BLOCK_G=block_g, num_warps=warps, num_stages=stages)
     if words is not None:
         _qgemv_fact_kernel[grid](x2, words, w.scale, offset, bias if bias is not None else x2, y, N, K,
@@ -671,8 +673,8 @@ def gemv(x: torch.Tensor, w, bias: torch.Tensor | None, config=None, round_w: bo
     else:
         _qgemv_kernel[grid](x2, w.qweight, w.scale, offset, bias if bias is not None else x2, y, M, N, K,
                             per_split * block_g, ROUND_W=round_w, BLOCK_M=block_m, **common)
-    if atomic:
-        y = y.to(x.dtype)
+    if partial:  # the splits' partial sums added in split order (deterministic, unlike atomics)
+        y = y.sum(0).to(x.dtype)
     return y.view(*x.shape[:-1], N)
 
 
