@@ -417,8 +417,8 @@ def decode(args, table: dict, shapes: dict) -> dict:
 def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     """--step-top N: each format's and bucket's N fastest configs (buckets up to 8 rows) judged again by
     what they serve, the whole decode step of that many rows on the 7B-shaped model (bench_quant's, CUDA
-    graphs, PDL as served), in
-    --step-rounds rounds of alternating order; the bucket takes the fastest step (median over rounds).
+    graphs, PDL as served), in --step-rounds rounds of alternating order; the bucket takes the fastest
+    step (median over rounds).
     Then, with --step-shape-top K, each shape in turn: its K fastest configs alone against the bucket's,
     in the step; one that shortens the step by 0.25%+ becomes the shape's GEMV_SHAPE_CONFIGS entry.
     Why: timed alone a GEMV waits for nothing, while in the step each kernel starts under the one
@@ -462,7 +462,8 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
                     del shapes[key]
                 quant_kernels.GEMV_SHAPE_CONFIGS.clear()
                 quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
-                model = model or bench_quant.whole_model(model_dir, device, f"int{bits}")
+                if model is None:
+                    model = bench_quant.whole_model(model_dir, device, f"int{bits}")
                 out[f"int{bits}/{m}"] = step_rank_bucket(args, model, bits, m, entry, configs, table, shapes, medians,
                                                          set_bucket, set_shape)
             del model

@@ -544,7 +544,8 @@ M_BUCKETS = (1, 8, 16, 32, 64)
 # (BLOCK_M, BLOCK_N, BLOCK_G, WAVES, num_warps, num_stages) per (bits, M bucket); WAVES 0: no split-K.
 # BEGIN TUNED (tools/tune_quant.py --apply rewrites this block)
 # Measured by tools/tune_quant.py on NVIDIA H100 80GB HBM3, 132 SMs, 2026-11-27 16:09 UTC, torch 2.11.0+cu130, Triton 3.6.0 (best of the grid per bucket,
-# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; int4/8, int8/8: the fastest whole decode step of the best alone, step_rank).
+# summed over 7B layer shapes; None: dequantize + cuBLAS was faster; int4 and int8 at 1 and 8 rows: the fastest whole decode step of the best alone,
+# step_rank, BENCHMARKS runs 28d / 28e).
 GEMV_CONFIGS = {
     (4, 1): (1, 2, 64, 0, 2, 3, 'dp4a'),
     (4, 8): (16, 64, 4, 2, 4, 3),
