@@ -265,6 +265,24 @@ def test_tune_quant_shape_table(tmp_path):
     assert ast.literal_eval(body) == shapes
 
 
+def test_tune_quant_step_picks_override_the_kernels_alone():
+    """A result with step_rank's picks (--step-top): each ranked bucket takes the config whose whole step
+    was fastest, not the fastest alone; its shape entries are the step's (a stale one goes), other
+    buckets' stay; both key spellings (run 28d's "int4", later "int4/8") read."""
+    tune = load_tool("tune_quant")
+    alone, stepped = [1, 2, 32, 0, 1, 3, "dp4a"], [1, 1, 128, 0, 4, 1, "dp4a"]
+    res = {"results": {"int8/1": {"config": alone, "us": 87.6}, "int4/8": {"config": [16, 64, 4, 2, 4, 1], "us": 9.0}},
+           "step": {"int8": {"best": stepped, "shapes": {"4096x11008": {"pick": [1, 2, 64, 0, 1, 2, "dp4a"]},
+                                                        "4096x4096": {"pick": None}}},
+                    "int4/8": {"best": [16, 64, 4, 2, 4, 3], "shapes": {}}}}
+    table = tune.table_from(res)
+    assert table[(8, 1)] == tuple(alone)
+    shapes = {(8, 1, 12288, 4096): (1,), (4, 1, 9, 9): (2,)}
+    tune.step_picks(res, table, shapes)
+    assert table == {(8, 1): tuple(stepped), (4, 8): (16, 64, 4, 2, 4, 3)}
+    assert shapes == {(8, 1, 4096, 11008): (1, 2, 64, 0, 1, 2, "dp4a"), (4, 1, 9, 9): (2,)}
+
+
 def test_tune_quant_keeps_untuned_buckets_and_tries_both_variants():
     """A sweep of some buckets keeps the table's other entries (None above a measured crossover);
     the M = 1 candidates alternate the "fact" and "deq" kernels, the new one first."""

@@ -504,6 +504,19 @@ def step_rank_bucket(args, model, bits: int, m: int, entry: dict, configs: list,
     return out
 
 
+def step_picks(res: dict, table: dict, shapes: dict) -> None:
+    """A saved result's step_rank picks into `table` and `shapes` (over the kernels-alone ones): each
+    ranked bucket's config, and its shapes' entries replaced by the step's."""
+    for fmt, st in res.get("step", {}).items():
+        bits, m = int(fmt.split("/")[0][3:]), int((fmt.split("/") + ["1"])[1])  # "int4/8"; run 28d: "int4"
+        table[(bits, m)] = tuple(st["best"])
+        for key in [k for k in shapes if k[:2] == (bits, m)]:
+            del shapes[key]
+        for shape, e in st.get("shapes", {}).items():
+            if e["pick"]:
+                shapes[(bits, m, *(int(v) for v in shape.split("x")))] = tuple(e["pick"])
+
+
 def _parse_shapes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in sh.split("x")) for sh in text.split(",")]
 
@@ -526,8 +539,8 @@ def parse_args(argv=None):
     ap.add_argument("--dp4a-tolerance", type=float, default=3e-2,
                     help="the same for the dp4a kernel, whose activations are rounded to int8 (DECISIONS.md)")
     ap.add_argument("--step-top", type=int, default=0,
-                    help="judge the N fastest configs of each format and bucket (up to 8 rows) by the whole decode step "
-                         "(step_rank)")
+                    help="judge the N fastest configs of each format and bucket (up to 8 rows) by the whole "
+                         "decode step (step_rank)")
     ap.add_argument("--step-rounds", type=int, default=3)
     ap.add_argument("--step-shape-top", type=int, default=0,
                     help="then each shape's K fastest configs alone, judged by the step (GEMV_SHAPE_CONFIGS)")
@@ -552,14 +565,7 @@ def main(argv=None) -> dict:
         res = json.loads(Path(args.from_json).read_text())
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
-        for fmt, st in res.get("step", {}).items():  # step_rank's picks override the kernels-alone ones
-            bits, m = int(fmt.split("/")[0][3:]), int((fmt.split("/") + ["1"])[1])  # "int4/8"; run 28d: "int4"
-            table[(bits, m)] = tuple(st["best"])
-            for key in [k for k in shapes if k[:2] == (bits, m)]:
-                del shapes[key]
-            for shape, e in st.get("shapes", {}).items():
-                if e["pick"]:
-                    shapes[(bits, m, *(int(v) for v in shape.split("x")))] = tuple(e["pick"])
+        step_picks(res, table, shapes)
     elif args.cpu:
         if not quant_kernels.AVAILABLE or os.environ.get("TRITON_INTERPRET") != "1":
             raise SystemExit("no CUDA GPU: run under TRITON_INTERPRET=1 (Triton's CPU interpreter) to check the "
