@@ -267,19 +267,22 @@ def test_tune_quant_shape_table(tmp_path):
 
 def test_tune_quant_step_picks_override_the_kernels_alone():
     """A result with step_rank's picks (--step-top): each ranked bucket takes the config whose whole step
-    was fastest, not the fastest alone; its shape entries are the step's (a stale one goes), other
-    buckets' stay; both key spellings (run 28d's "int4", later "int4/8") read."""
+    was fastest, not the fastest alone (dequantize + cuBLAS, None, included); its shape entries are the
+    step's (a stale one goes), other buckets' stay; both key spellings (run 28d's "int4", later "int4/8")
+    read."""
     tune = load_tool("tune_quant")
     alone, stepped = [1, 2, 32, 0, 1, 3, "dp4a"], [1, 1, 128, 0, 4, 1, "dp4a"]
     res = {"results": {"int8/1": {"config": alone, "us": 87.6}, "int4/8": {"config": [16, 64, 4, 2, 4, 1], "us": 9.0}},
            "step": {"int8": {"best": stepped, "shapes": {"4096x11008": {"pick": [1, 2, 64, 0, 1, 2, "dp4a"]},
                                                         "4096x4096": {"pick": None}}},
-                    "int4/8": {"best": [16, 64, 4, 2, 4, 3], "shapes": {}}}}
+                    "int4/8": {"best": [16, 64, 4, 2, 4, 3], "shapes": {}},
+                    "int4/16": {"best": None}}}  # dequantize + cuBLAS made the fastest 16-row step
+    res["results"]["int4/16"] = {"config": [16, 64, 4, 2, 4, 1], "us": 12.0, "dense_us": 13.0}
     table = tune.table_from(res)
-    assert table[(8, 1)] == tuple(alone)
+    assert table[(8, 1)] == tuple(alone) and table[(4, 16)] == (16, 64, 4, 2, 4, 1)
     shapes = {(8, 1, 12288, 4096): (1,), (4, 1, 9, 9): (2,)}
     tune.step_picks(res, table, shapes)
-    assert table == {(8, 1): tuple(stepped), (4, 8): (16, 64, 4, 2, 4, 3)}
+    assert table == {(8, 1): tuple(stepped), (4, 8): (16, 64, 4, 2, 4, 3), (4, 16): None}
     assert shapes == {(8, 1, 4096, 11008): (1, 2, 64, 0, 1, 2, "dp4a"), (4, 1, 9, 9): (2,)}
 
 

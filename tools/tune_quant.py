@@ -415,10 +415,11 @@ def decode(args, table: dict, shapes: dict) -> dict:
 
 
 def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
-    """--step-top N: each format's and bucket's N fastest configs (buckets up to 8 rows) judged again by
-    what they serve, the whole decode step of that many rows on the 7B-shaped model (bench_quant's, CUDA
-    graphs, PDL as served), in --step-rounds rounds of alternating order; the bucket takes the fastest
-    step (median over rounds).
+    """--step-top N: each format's and bucket's N fastest configs judged again by what they serve, the
+    whole decode step of that many rows on the 7B-shaped model (bench_quant's, CUDA graphs, PDL as
+    served), in --step-rounds rounds of alternating order; the bucket takes the fastest step (median
+    over rounds).  Where the sweep timed dequantize + cuBLAS (--dense-from), that is a candidate too
+    (None in the table).
     Then, with --step-shape-top K, each shape in turn: its K fastest configs alone against the bucket's,
     in the step; one that shortens the step by 0.25%+ becomes the shape's GEMV_SHAPE_CONFIGS entry.
     Why: timed alone a GEMV waits for nothing, while in the step each kernel starts under the one
@@ -453,9 +454,10 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     try:
         for bits in args.bits:
             model = None
-            for m in [m for m in args.ms if m <= 8]:
+            for m in args.ms:
                 entry = res["results"].get(f"int{bits}/{m}", {})
                 configs = [tuple(c) for c, _ in entry.get("ranking", [])[:args.step_top]]
+                configs += [None] if "dense_us" in entry else []
                 if len(configs) < 2:
                     continue
                 for key in [k for k in shapes if k[:2] == (bits, m)]:
@@ -481,10 +483,14 @@ def step_rank_bucket(args, model, bits: int, m: int, entry: dict, configs: list,
     table[(bits, m)] = best
     set_bucket(bits, m, best)
     alone = {tuple(c): u for c, u in entry["ranking"]}
-    out = {"best": list(best), "configs": [dict(config=list(c), alone_us=alone[c], **med[c]) for c in configs],
-           "shapes": {}}
+    alone[None] = entry.get("dense_us")
+    name = lambda c: list(c) if c else "dequantize+cuBLAS"  # noqa: E731
+    out = {"best": list(best) if best else None, "shapes": {},
+           "configs": [dict(config=name(c), alone_us=alone[c], **med[c]) for c in configs]}
     print(f"int{bits} M={m}, step ms (median of {args.step_rounds}): "
-          + "; ".join(f"{list(c)} {med[c]['median_ms']:.3f}" for c in configs) + f" -> {list(best)}", flush=True)
+          + "; ".join(f"{name(c)} {med[c]['median_ms']:.3f}" for c in configs) + f" -> {name(best)}", flush=True)
+    if best is None:  # no GEMV serves this bucket: no shape entries either
+        return out
     for shape, own in entry.get("by_shape", {}).items() if args.step_shape_top else ():
         n, k = (int(v) for v in shape.split("x"))
         key = (bits, m, n, k)
@@ -509,7 +515,7 @@ def step_picks(res: dict, table: dict, shapes: dict) -> None:
     ranked bucket's config, and its shapes' entries replaced by the step's."""
     for fmt, st in res.get("step", {}).items():
         bits, m = int(fmt.split("/")[0][3:]), int((fmt.split("/") + ["1"])[1])  # "int4/8"; run 28d: "int4"
-        table[(bits, m)] = tuple(st["best"])
+        table[(bits, m)] = tuple(st["best"]) if st["best"] else None
         for key in [k for k in shapes if k[:2] == (bits, m)]:
             del shapes[key]
         for shape, e in st.get("shapes", {}).items():
@@ -539,8 +545,8 @@ def parse_args(argv=None):
     ap.add_argument("--dp4a-tolerance", type=float, default=3e-2,
                     help="the same for the dp4a kernel, whose activations are rounded to int8 (DECISIONS.md)")
     ap.add_argument("--step-top", type=int, default=0,
-                    help="judge the N fastest configs of each format and bucket (up to 8 rows) by the whole "
-                         "decode step (step_rank)")
+                    help="judge the N fastest configs of each format and bucket by the whole decode step "
+                         "(step_rank)")
     ap.add_argument("--step-rounds", type=int, default=3)
     ap.add_argument("--step-shape-top", type=int, default=0,
                     help="then each shape's K fastest configs alone, judged by the step (GEMV_SHAPE_CONFIGS)")
@@ -585,7 +591,7 @@ def main(argv=None) -> dict:
         res = tune(args)
         table = table_from(res, quant_kernels.GEMV_CONFIGS)
         shapes = shape_table_from(res, quant_kernels.GEMV_SHAPE_CONFIGS)
-        if args.step_top and min(args.ms) <= 8:
+        if args.step_top:
             res["step"] = step_rank(args, res, table, shapes)
         res["table"] = {f"int{b}/{m}": (list(c) if c else None) for (b, m), c in table.items()}
         res["shape_table"] = {f"int{b}/{m}/{n}x{k}": list(c) for (b, m, n, k), c in shapes.items()}
