@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from hexswarm.model import quant_tinygemm
-from hexswarm.model.quant import BACKEND_ENV, QuantLinear, backend, quantize
+from hexswarm.model.quant import BACKEND_ENV, QuantLinear, backend, int8_rows_for, quantize
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"),
                                 reason="this torch has no CPU tinygemm")
@@ -54,6 +54,10 @@ def test_quantlinear_uses_tinygemm_for_few_rows_only(monkeypatch):
     assert q(few).shape == (1, 3, 64) and calls == [(1, 3, 256)]
     assert q(many).shape == (quant_tinygemm.MAX_ROWS + 1, 64) and len(calls) == 1  # more rows: ours
     assert q(torch.randn(2, 256)).dtype == torch.float32 and len(calls) == 1  # not bf16: ours
+    # the one routing decision forward takes, which int8_rows_for asks too (ours on a CPU: torch)
+    assert q.route(3, torch.bfloat16) == "tinygemm"
+    assert q.route(quant_tinygemm.MAX_ROWS + 1, torch.bfloat16) == q.route(2, torch.float32) == "torch"
+    assert int8_rows_for(q, 1, torch.bfloat16) is None
     assert plain.shape == (2, 64)
 
 

@@ -92,26 +92,43 @@ class QuantLinear(nn.Module):
             w = w + self.offset.float()[..., None]
         return w.view(N, K).to(dtype)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, xq=None) -> torch.Tensor:
-        """x @ W.T (+ bias); xq: x's quant_kernels.Int8Rows when its producer wrote them
-        (int8_rows_for), used where the "dp4a" GEMV serves this step."""
+    def route(self, rows: int, dtype: torch.dtype) -> str:
+        """The path `forward` takes for `rows` rows of x in `dtype` (x on this weight's device):
+        "gemlite", "tinygemm", "triton" (quant_kernels: its GEMV, or dequantize + cuBLAS where its
+        table names none) or "torch" (dequantize in torch: the CPU, or kernels turned off).  One
+        decision, also asked by int8_rows_for."""
         if self.gemlite is not None:
-            return self.gemlite(x, bias)
-        if self.tinygemm is not None and self.tinygemm.takes(x):
-            return self.tinygemm(x, bias)
-        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            return "gemlite"
+        if self.tinygemm is not None and self.tinygemm.takes(rows, dtype):
+            return "tinygemm"
+        if self.qweight.is_cuda and dtype in (torch.bfloat16, torch.float16):
             from hexswarm.model import quant_kernels
 
             if quant_kernels.AVAILABLE:
-                config = quant_kernels.gemv_config(self, x.numel() // self.in_features)
-                try:
-                    if config is not None:
-                        return quant_kernels.gemv(x, self, bias, config, xq=xq)
-                    return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception as e:  # a Triton build that cannot compile them: serve slower, not fail
-                    quant_kernels.disable(e)
+                return "triton"
+        return "torch"
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None, xq=None) -> torch.Tensor:
+        """x @ W.T (+ bias); xq: x's quant_kernels.Int8Rows when its producer wrote them
+        (int8_rows_for), used where the "dp4a" GEMV serves this step."""
+        rows = x.numel() // self.in_features
+        route = self.route(rows, x.dtype)
+        if route == "gemlite":
+            return self.gemlite(x, bias)
+        if route == "tinygemm":
+            return self.tinygemm(x, bias)
+        if route == "triton":
+            from hexswarm.model import quant_kernels
+
+            config = quant_kernels.gemv_config(self, rows)
+            try:
+                if config is not None:
+                    return quant_kernels.gemv(x, self, bias, config, xq=xq)
+                return F.linear(x, quant_kernels.dequantize(self, x.dtype), bias)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as e:  # a Triton build that cannot compile them: serve slower, not fail
+                quant_kernels.disable(e)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
     # ---- backends ---------------------------------------------------------------------------
@@ -229,12 +246,11 @@ def int8_rows_for(weight, rows: int, x_dtype: torch.dtype):
     """Empty quant_kernels.Int8Rows for the input of `linear(x, weight)` over `rows` rows of x, where
     the "dp4a" GEMV will serve it, for x's producer kernel to fill (layers.add_rmsnorm, silu_mul,
     attention.decode_attention); else None (a dense weight, another backend, another kernel)."""
-    if (not isinstance(weight, QuantLinear) or weight.gemlite is not None or weight.tinygemm is not None
-            or not weight.qweight.is_cuda or x_dtype not in (torch.bfloat16, torch.float16)):
+    if not isinstance(weight, QuantLinear) or weight.route(rows, x_dtype) != "triton":
         return None
     from hexswarm.model import quant_kernels
 
-    if not quant_kernels.AVAILABLE or not quant_kernels.takes_int8_rows(weight, rows):
+    if not quant_kernels.takes_int8_rows(weight, rows):
         return None
     return quant_kernels.Int8Rows.empty(rows, weight.in_features, weight.qweight.device)
 

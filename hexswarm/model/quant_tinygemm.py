@@ -44,9 +44,10 @@ class TinygemmWeight:
         self.packed, self.scales_zeros = packed, scales_zeros
         self.in_features, self.out_features = in_features, out_features
 
-    def takes(self, x: torch.Tensor) -> bool:
-        """Whether this layout serves x: bf16 (tinygemm's only activation dtype), at most MAX_ROWS rows."""
-        return x.dtype == torch.bfloat16 and x.numel() <= MAX_ROWS * self.in_features
+    def takes(self, rows: int, dtype: torch.dtype) -> bool:
+        """Whether this layout serves `rows` rows of x in `dtype`: bf16 (tinygemm's only activation
+        dtype), at most MAX_ROWS rows."""
+        return dtype == torch.bfloat16 and rows <= MAX_ROWS
 
     @property
     def nbytes(self) -> int:
