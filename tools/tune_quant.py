@@ -441,15 +441,6 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
                                                            bargs.warmup, bargs.repeats, "graph"))
         return {c: {"step_ms": t, "median_ms": sorted(t)[len(t) // 2]} for c, t in times.items()}
 
-    def set_bucket(bits, m, config):
-        quant_kernels.GEMV_CONFIGS[(bits, m)] = config
-
-    def set_shape(key, config):
-        if config is None:
-            quant_kernels.GEMV_SHAPE_CONFIGS.pop(key, None)
-        else:
-            quant_kernels.GEMV_SHAPE_CONFIGS[key] = config
-
     work, model_dir = bench_quant.scratch_model(bargs, device, print, "hexswarm-tune-step-")
     try:
         for bits in args.bits:
@@ -466,8 +457,7 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
                 quant_kernels.GEMV_SHAPE_CONFIGS.update(shapes)
                 if model is None:
                     model = bench_quant.whole_model(model_dir, device, f"int{bits}")
-                out[f"int{bits}/{m}"] = step_rank_bucket(args, model, bits, m, entry, configs, table, shapes, medians,
-                                                         set_bucket, set_shape)
+                out[f"int{bits}/{m}"] = step_rank_bucket(args, model, bits, m, entry, configs, table, shapes, medians)
             del model
             bench_quant.release(device)
     finally:
@@ -475,13 +465,27 @@ def step_rank(args, res: dict, table: dict, shapes: dict) -> dict:
     return out
 
 
+def _set_bucket(bits: int, m: int, config) -> None:
+    """Serve `config` (None: dequantize + cuBLAS) for (bits, m) in this process."""
+    quant_kernels.GEMV_CONFIGS[(bits, m)] = config
+
+
+def _set_shape(key: tuple, config) -> None:
+    """Serve `config` for the (bits, bucket, N, K) shape in this process; None: the bucket's."""
+    if config is None:
+        quant_kernels.GEMV_SHAPE_CONFIGS.pop(key, None)
+    else:
+        quant_kernels.GEMV_SHAPE_CONFIGS[key] = config
+
+
 def step_rank_bucket(args, model, bits: int, m: int, entry: dict, configs: list, table: dict, shapes: dict,
-                     medians, set_bucket, set_shape) -> dict:
-    """step_rank for one format and bucket: its configs, then (--step-shape-top) each shape's."""
-    med = medians(model, m, configs, lambda c: set_bucket(bits, m, c))
+                     medians) -> dict:
+    """step_rank for one format and bucket: its configs, then (--step-shape-top) each shape's.
+    medians(model, m, choices, serve): step times of each choice, served by serve(choice)."""
+    med = medians(model, m, configs, lambda c: _set_bucket(bits, m, c))
     best = min(med, key=lambda c: med[c]["median_ms"])
     table[(bits, m)] = best
-    set_bucket(bits, m, best)
+    _set_bucket(bits, m, best)
     alone = {tuple(c): u for c, u in entry["ranking"]}
     alone[None] = entry.get("dense_us")
     name = lambda c: list(c) if c else "dequantize+cuBLAS"  # noqa: E731
@@ -495,11 +499,11 @@ def step_rank_bucket(args, model, bits: int, m: int, entry: dict, configs: list,
         n, k = (int(v) for v in shape.split("x"))
         key = (bits, m, n, k)
         choices = [None] + [tuple(c) for c, _ in own.get("ranking", []) if tuple(c) != best][:args.step_shape_top]
-        sm = medians(model, m, choices, lambda c: set_shape(key, c))
+        sm = medians(model, m, choices, lambda c: _set_shape(key, c))
         pick = min(choices, key=lambda c: sm[c]["median_ms"])
         if pick is not None and sm[pick]["median_ms"] > (1 - 0.0025) * sm[None]["median_ms"]:
             pick = None
-        set_shape(key, pick)
+        _set_shape(key, pick)
         if pick is not None:
             shapes[key] = pick
         out["shapes"][shape] = {"pick": list(pick) if pick else None, "configs": [
